@@ -1,0 +1,70 @@
+//! Stable error codes of the public API. The server maps each to an HTTP status in one place.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Unauthorized,
+    Forbidden,
+    PlanRequired,
+    NotFound,
+    UnknownProvider,
+    InvalidKeyFormat,
+    ValidationError,
+    InvalidJson,
+    NoKeySaved,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    MethodNotAllowed,
+    SharedQuotaExhausted,
+    RateLimited,
+    ProviderError,
+    WorkerUnavailable,
+    DatabaseUnavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::PlanRequired => "plan_required",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::UnknownProvider => "unknown_provider",
+            ErrorCode::InvalidKeyFormat => "invalid_key_format",
+            ErrorCode::ValidationError => "validation_error",
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::NoKeySaved => "no_key_saved",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::SharedQuotaExhausted => "shared_quota_exhausted",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ProviderError => "provider_error",
+            ErrorCode::WorkerUnavailable => "worker_unavailable",
+            ErrorCode::DatabaseUnavailable => "database_unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status each code is always answered with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::InvalidJson => 400,
+            ErrorCode::Forbidden | ErrorCode::PlanRequired => 403,
+            ErrorCode::NotFound | ErrorCode::UnknownProvider => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::NoKeySaved => 409,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::InvalidKeyFormat | ErrorCode::ValidationError => 422,
+            ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => 429,
+            ErrorCode::Internal => 500,
+            ErrorCode::ProviderError => 502,
+            ErrorCode::WorkerUnavailable | ErrorCode::DatabaseUnavailable => 503,
+        }
+    }
+}

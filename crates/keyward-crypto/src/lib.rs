@@ -1,0 +1,76 @@
+//! keyward envelope encryption.
+//!
+//! # What this crate owns
+//! - The sealed-key blob format (below) and the two halves of envelope encryption:
+//!   [`Sealer`] (KEK public key: can seal, cannot open) and [`Opener`] (KEK private key).
+//! - The KEK backends: today [`local`], an X25519 key pair in files under the data directory.
+//! - [`SecretBytes`], the zeroize-on-drop, redacted holder of an opened key.
+//! - [`AuditChainKey`], the HMAC key that chains audit events (kept in a file, never in the
+//!   database).
+//!
+//! # What it must never do
+//! - Never log. This crate has no logging dependency and prints nothing; errors carry no key,
+//!   DEK or plaintext bytes, only lengths, kek ids, versions and paths.
+//! - Never hand plaintext to anyone but the caller of [`Opener::open`], and never cache
+//!   plaintext keys or DEKs: each open unwraps the DEK into a zeroizing buffer and drops it
+//!   before returning.
+//! - The gateway must only ever hold a [`Sealer`] (built by [`local::load_sealer`], which reads
+//!   only the public key file). Only the isolated worker loads an [`Opener`].
+//!
+//! # Blob format, version 1
+//! ```text
+//! offset   size   field
+//! 0        3      magic b"KWB"
+//! 3        1      version = 1
+//! 4        1      n = length of the kek id (1..=255)
+//! 5        n      kek id, printable ASCII (e.g. "local-1")
+//! 5+n      32     HPKE encapsulated key
+//! 37+n     48     HPKE-wrapped DEK: 32-byte DEK ciphertext + 16-byte tag
+//! 85+n     12     ChaCha20Poly1305 nonce
+//! 97+n     m+16   ChaCha20Poly1305 ciphertext of the m-byte plaintext + 16-byte tag
+//! ```
+//! The blob is `113 + n + m` bytes: 220 bytes for a 100-byte plaintext under `local-1`.
+//! Plaintexts are limited to [`MAX_PLAINTEXT_LEN`] bytes.
+//!
+//! - Every seal draws a fresh random 256-bit DEK and a fresh random nonce from the OS RNG.
+//! - The DEK is wrapped with HPKE (RFC 9180) base mode, single shot, suite
+//!   DHKEM(X25519, HKDF-SHA256) + HKDF-SHA256 + ChaCha20Poly1305, to the KEK public key,
+//!   with `info = b"keyward dek v1"` and `aad = binding`.
+//! - The plaintext is sealed with ChaCha20Poly1305 under the DEK with
+//!   `aad = header (magic through kek id) || binding`.
+//! - `binding` is [`Binding::canonical_bytes`]: account id, provider, key id, each as a
+//!   big-endian `u64` length followed by its UTF-8 bytes.
+//!
+//! Opening checks, in order: magic and header lengths ([`CryptoError::Malformed`]), version
+//! ([`CryptoError::UnsupportedVersion`]), kek id equal to the opener's
+//! ([`CryptoError::KekMismatch`]), body lengths ([`CryptoError::Malformed`]), then the DEK
+//! unwrap and the plaintext open ([`CryptoError::OpenFailed`], one message whatever failed).
+//! Bytes appended to a blob lengthen the ciphertext field, so they surface as `OpenFailed`.
+
+#![deny(clippy::indexing_slicing)]
+
+mod audit;
+mod envelope;
+mod error;
+mod fsutil;
+pub mod local;
+mod secret;
+
+pub use audit::{AuditChainKey, AUDIT_KEY_FILE, GENESIS_MAC};
+pub use envelope::{
+    Binding, Opener, SealedKey, Sealer, BLOB_MAGIC, BLOB_VERSION, HPKE_INFO, MAX_PLAINTEXT_LEN,
+};
+pub use error::CryptoError;
+pub use secret::SecretBytes;
+
+#[cfg(test)]
+mod tests {
+    /// The KEK private key inside [`crate::Opener`] is an `x25519_dalek::StaticSecret`; this
+    /// fails to compile if x25519-dalek's `zeroize` feature (which derives both `Zeroize` and a
+    /// zeroizing `Drop` for it) ever gets lost.
+    #[test]
+    fn kek_private_key_is_zeroized_on_drop() {
+        fn assert_zeroize<T: zeroize::Zeroize>() {}
+        assert_zeroize::<x25519_dalek::StaticSecret>();
+    }
+}

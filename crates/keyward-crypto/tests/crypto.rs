@@ -1,0 +1,724 @@
+//! keyward-crypto tests: envelope round trips and tampering, the local KEK backend, redaction,
+//! the audit chain MAC. One integration test binary for the crate.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use keyward_crypto::{
+    local, AuditChainKey, Binding, CryptoError, Opener, SealedKey, Sealer, SecretBytes, GENESIS_MAC,
+};
+use proptest::prelude::*;
+use tempfile::TempDir;
+
+const BINDING: Binding<'static> = Binding {
+    account_id: "acct_123",
+    provider: "anthropic",
+    key_id: "key_456",
+};
+
+/// Test helpers. In a `#[cfg(test)]` module so clippy's allow-unwrap/panic-in-tests applies
+/// to them as it does to the `#[test]` functions.
+#[cfg(test)]
+mod support {
+    use super::*;
+
+    pub fn keypair() -> (TempDir, Sealer, Opener) {
+        let dir = TempDir::new().unwrap();
+        local::ensure_kek(dir.path()).unwrap();
+        let sealer = local::load_sealer(dir.path()).unwrap();
+        let opener = local::load_opener(dir.path()).unwrap();
+        (dir, sealer, opener)
+    }
+
+    pub fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    pub fn set_mode(path: &Path, mode: u32) {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Asserts `text` shows none of `secret`: not as lower or upper hex, not as a byte list.
+    pub fn assert_no_bytes(text: &str, secret: &[u8]) {
+        let lower = hex(secret);
+        assert!(!text.contains(&lower), "{text} contains hex of secret");
+        assert!(
+            !text.contains(&lower.to_uppercase()),
+            "{text} contains HEX of secret"
+        );
+        assert!(
+            !text.contains(&format!("{secret:?}")),
+            "{text} contains byte list"
+        );
+        if let Ok(s) = std::str::from_utf8(secret) {
+            assert!(!text.contains(s), "{text} contains secret text");
+        }
+    }
+
+    /// Opening must fail with one of the expected "bad blob" errors.
+    pub fn assert_rejected(result: Result<SecretBytes, CryptoError>, what: &str) {
+        match result {
+            Err(
+                CryptoError::Malformed
+                | CryptoError::UnsupportedVersion(_)
+                | CryptoError::KekMismatch { .. }
+                | CryptoError::OpenFailed,
+            ) => {}
+            Err(other) => panic!("{what}: unexpected error {other:?}"),
+            Ok(_) => panic!("{what}: tampered blob opened"),
+        }
+    }
+}
+use support::*;
+
+// ---------------------------------------------------------------- envelope
+
+#[test]
+fn round_trips() {
+    let (_dir, sealer, opener) = keypair();
+    for plaintext in [
+        vec![],
+        vec![0x42],
+        (0..=255u8).collect::<Vec<_>>(),
+        vec![7; 100],
+    ] {
+        let blob = sealer.seal(&BINDING, &plaintext).unwrap();
+        assert_eq!(blob.kek_id().unwrap(), "local-1");
+        let opened = opener.open(&BINDING, &blob).unwrap();
+        assert_eq!(opened.expose(), plaintext.as_slice());
+        // Through storage and back.
+        let stored = SealedKey::from_bytes(blob.as_bytes().to_vec());
+        assert_eq!(stored, blob);
+        assert_eq!(opener.open(&BINDING, &stored).unwrap().expose(), plaintext);
+    }
+}
+
+#[test]
+fn blob_size_is_documented_size() {
+    let (_dir, sealer, _opener) = keypair();
+    for len in [0usize, 1, 100, 256] {
+        let blob = sealer.seal(&BINDING, &vec![1; len]).unwrap();
+        // 3 magic + 1 version + 1 + 7 "local-1" + 32 enc + 48 wrapped DEK + 12 nonce + 16 tag.
+        assert_eq!(blob.as_bytes().len(), 120 + len);
+    }
+    assert_eq!(
+        sealer.seal(&BINDING, &[1; 100]).unwrap().as_bytes().len(),
+        220
+    );
+}
+
+#[test]
+fn two_seals_differ() {
+    let (_dir, sealer, opener) = keypair();
+    let a = sealer.seal(&BINDING, b"sk-ant-same").unwrap();
+    let b = sealer.seal(&BINDING, b"sk-ant-same").unwrap();
+    assert_ne!(a, b);
+    // Encapsulated key, wrapped DEK, nonce and ciphertext all differ (fresh DEK and nonce).
+    let (ha, hb) = (&a.as_bytes()[12..], &b.as_bytes()[12..]);
+    assert_ne!(ha[..32], hb[..32], "encapsulated key");
+    assert_ne!(ha[32..80], hb[32..80], "wrapped DEK");
+    assert_ne!(ha[80..92], hb[80..92], "nonce");
+    assert_ne!(ha[92..], hb[92..], "ciphertext");
+    assert_eq!(opener.open(&BINDING, &a).unwrap().expose(), b"sk-ant-same");
+    assert_eq!(opener.open(&BINDING, &b).unwrap().expose(), b"sk-ant-same");
+}
+
+#[test]
+fn every_bit_flip_fails() {
+    let (_dir, sealer, opener) = keypair();
+    let blob = sealer.seal(&BINDING, b"sk-proj-flipme").unwrap();
+    let bytes = blob.as_bytes();
+    for pos in 0..bytes.len() {
+        for bit in 0..8 {
+            let mut tampered = bytes.to_vec();
+            tampered[pos] ^= 1 << bit;
+            let result = opener.open(&BINDING, &SealedKey::from_bytes(tampered));
+            assert_rejected(result, &format!("byte {pos} bit {bit}"));
+        }
+    }
+    // The authenticated part gives one answer, whatever byte was hit.
+    for pos in 12..bytes.len() {
+        let mut tampered = bytes.to_vec();
+        tampered[pos] ^= 0x80;
+        let err = opener
+            .open(&BINDING, &SealedKey::from_bytes(tampered))
+            .unwrap_err();
+        assert!(
+            matches!(err, CryptoError::OpenFailed),
+            "byte {pos}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn every_truncation_and_extension_fails() {
+    let (_dir, sealer, opener) = keypair();
+    let blob = sealer.seal(&BINDING, b"AIzaSyTruncateMe").unwrap();
+    let bytes = blob.as_bytes();
+    for len in 0..bytes.len() {
+        let result = opener.open(&BINDING, &SealedKey::from_bytes(bytes[..len].to_vec()));
+        assert_rejected(result, &format!("truncated to {len}"));
+    }
+    // Short of the fixed-size fields: Malformed.
+    for len in 0..120 {
+        let err = opener
+            .open(&BINDING, &SealedKey::from_bytes(bytes[..len].to_vec()))
+            .unwrap_err();
+        assert!(matches!(err, CryptoError::Malformed), "len {len}: {err:?}");
+    }
+    for extra in [1usize, 16, 1000] {
+        let mut long = bytes.to_vec();
+        long.extend(std::iter::repeat_n(0u8, extra));
+        assert_rejected(
+            opener.open(&BINDING, &SealedKey::from_bytes(long)),
+            &format!("{extra} bytes appended"),
+        );
+    }
+    // Longer than any blob the format allows: Malformed before any crypto.
+    let mut huge = bytes.to_vec();
+    huge.resize(bytes.len() + keyward_crypto::MAX_PLAINTEXT_LEN, 0);
+    assert!(matches!(
+        opener.open(&BINDING, &SealedKey::from_bytes(huge)),
+        Err(CryptoError::Malformed)
+    ));
+}
+
+#[test]
+fn other_binding_fails_with_open_failed() {
+    let (_dir, sealer, opener) = keypair();
+    let blob = sealer.seal(&BINDING, b"sk-ant-bound").unwrap();
+    let others = [
+        Binding {
+            account_id: "acct_999",
+            ..BINDING
+        },
+        Binding {
+            provider: "openai",
+            ..BINDING
+        },
+        Binding {
+            key_id: "key_457",
+            ..BINDING
+        },
+        // Same bytes, different split between fields.
+        Binding {
+            account_id: "acct_12",
+            provider: "3anthropic",
+            key_id: "key_456",
+        },
+        Binding {
+            account_id: "",
+            provider: "",
+            key_id: "",
+        },
+    ];
+    for other in others {
+        let err = opener.open(&other, &blob).unwrap_err();
+        assert!(matches!(err, CryptoError::OpenFailed), "{other:?}: {err:?}");
+        assert!(!err.to_string().contains("sk-ant-bound"));
+    }
+}
+
+#[test]
+fn unknown_version_is_unsupported() {
+    let (_dir, sealer, opener) = keypair();
+    let blob = sealer.seal(&BINDING, b"x").unwrap();
+    for version in [0u8, 2, 255] {
+        let mut bytes = blob.as_bytes().to_vec();
+        bytes[3] = version;
+        let blob = SealedKey::from_bytes(bytes);
+        assert!(matches!(
+            opener.open(&BINDING, &blob),
+            Err(CryptoError::UnsupportedVersion(v)) if v == version
+        ));
+        assert!(matches!(
+            blob.kek_id(),
+            Err(CryptoError::UnsupportedVersion(v)) if v == version
+        ));
+    }
+    // Even with nothing after the version byte.
+    assert!(matches!(
+        opener.open(&BINDING, &SealedKey::from_bytes(b"KWB\x02".to_vec())),
+        Err(CryptoError::UnsupportedVersion(2))
+    ));
+}
+
+#[test]
+fn blob_from_another_kek_fails() {
+    let (_dir_a, sealer_a, opener_a) = keypair();
+    let (_dir_b, sealer_b, opener_b) = keypair();
+    let blob = sealer_a.seal(&BINDING, b"sk-ant-a").unwrap();
+    // Same kek id, different key pair.
+    assert!(matches!(
+        opener_b.open(&BINDING, &blob),
+        Err(CryptoError::OpenFailed)
+    ));
+    assert!(matches!(
+        opener_a.open(&BINDING, &sealer_b.seal(&BINDING, b"b").unwrap()),
+        Err(CryptoError::OpenFailed)
+    ));
+
+    // Another KEK version: the kek id differs, so the opener says so before any crypto.
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    local::ensure_kek_version(dir.path(), 2).unwrap();
+    let sealer2 = local::load_sealer_version(dir.path(), 2).unwrap();
+    let opener1 = local::load_opener(dir.path()).unwrap();
+    assert_eq!(sealer2.kek_id(), "local-2");
+    let blob2 = sealer2.seal(&BINDING, b"sk").unwrap();
+    assert_eq!(blob2.kek_id().unwrap(), "local-2");
+    match opener1.open(&BINDING, &blob2) {
+        Err(CryptoError::KekMismatch { expected, found }) => {
+            assert_eq!(expected, "local-1");
+            assert_eq!(found, "local-2");
+        }
+        other => panic!("expected KekMismatch, got {other:?}"),
+    }
+    let opener2 = local::load_opener_version(dir.path(), 2).unwrap();
+    assert_eq!(opener2.open(&BINDING, &blob2).unwrap().expose(), b"sk");
+}
+
+#[test]
+fn kek_id_of_garbage_is_malformed() {
+    for bytes in [
+        &b""[..],
+        b"KW",
+        b"KWA\x01",
+        b"KWB",
+        b"KWB\x01",
+        b"KWB\x01\x00",
+        b"KWB\x01\x07local-",
+        b"KWB\x01\x02a\xff",
+        b"KWB\x01\x03a b",
+    ] {
+        let blob = SealedKey::from_bytes(bytes.to_vec());
+        assert!(
+            matches!(blob.kek_id(), Err(CryptoError::Malformed)),
+            "{bytes:?}"
+        );
+        assert!(format!("{blob:?}").contains("malformed"));
+    }
+    let ok = SealedKey::from_bytes(b"KWB\x01\x07local-1".to_vec());
+    assert_eq!(ok.kek_id().unwrap(), "local-1");
+}
+
+#[test]
+fn plaintext_size_limit() {
+    let (_dir, sealer, opener) = keypair();
+    let max = keyward_crypto::MAX_PLAINTEXT_LEN;
+    let blob = sealer.seal(&BINDING, &vec![3; max]).unwrap();
+    assert_eq!(opener.open(&BINDING, &blob).unwrap().len(), max);
+    assert!(matches!(
+        sealer.seal(&BINDING, &vec![3; max + 1]),
+        Err(CryptoError::PlaintextTooLarge { len, max: m }) if len == max + 1 && m == max
+    ));
+}
+
+#[test]
+fn sealer_and_opener_are_thread_safe_and_sealer_clones() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Sealer>();
+    assert_send_sync::<Opener>();
+    assert_send_sync::<SealedKey>();
+    let (_dir, sealer, opener) = keypair();
+    let clone = sealer.clone();
+    let blob = std::thread::spawn(move || clone.seal(&BINDING, b"threaded").unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(opener.open(&BINDING, &blob).unwrap().expose(), b"threaded");
+}
+
+fn binding_strings() -> impl Strategy<Value = (String, String, String)> {
+    (any::<String>(), "[a-z]{0,12}", "\\PC{0,24}")
+}
+
+proptest! {
+    #[test]
+    fn prop_round_trip(
+        plaintext in proptest::collection::vec(any::<u8>(), 0..512),
+        (account, provider, key) in binding_strings(),
+    ) {
+        let (_dir, sealer, opener) = keypair();
+        let binding = Binding { account_id: &account, provider: &provider, key_id: &key };
+        let blob = sealer.seal(&binding, &plaintext).unwrap();
+        prop_assert_eq!(blob.as_bytes().len(), 120 + plaintext.len());
+        let opened = opener.open(&binding, &blob).unwrap();
+        prop_assert_eq!(opened.expose(), plaintext.as_slice());
+    }
+
+    #[test]
+    fn prop_garbage_never_opens(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let (_dir, _sealer, opener) = keypair();
+        prop_assert!(opener.open(&BINDING, &SealedKey::from_bytes(bytes.clone())).is_err());
+        // The same bytes behind a valid header, so they reach the length checks and the crypto.
+        let mut framed = b"KWB\x01\x07local-1".to_vec();
+        framed.extend_from_slice(&bytes);
+        assert_rejected(opener.open(&BINDING, &SealedKey::from_bytes(framed)), "framed garbage");
+    }
+
+    #[test]
+    fn prop_mutated_blob_never_opens(
+        plaintext in proptest::collection::vec(any::<u8>(), 0..64),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..6),
+    ) {
+        let (_dir, sealer, opener) = keypair();
+        let blob = sealer.seal(&BINDING, &plaintext).unwrap();
+        let mut bytes = blob.as_bytes().to_vec();
+        for (index, xor) in &edits {
+            let i = index.index(bytes.len());
+            bytes[i] ^= xor;
+        }
+        // Several XORs on the same byte could cancel out; only a changed blob must fail.
+        if bytes != blob.as_bytes() {
+            assert_rejected(opener.open(&BINDING, &SealedKey::from_bytes(bytes)), "mutated");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- local KEK backend
+
+#[test]
+fn ensure_kek_creates_files_with_owner_only_modes() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let kek_dir = dir.path().join("kek");
+    let private = kek_dir.join("local-1.key");
+    let public = kek_dir.join("local-1.pub");
+    assert_eq!(local::private_key_path(dir.path(), 1), private);
+    assert_eq!(local::public_key_path(dir.path(), 1), public);
+    assert_eq!(mode(&kek_dir), 0o700);
+    assert_eq!(mode(&private), 0o600);
+    assert_eq!(fs::read(&private).unwrap().len(), 32);
+    assert_eq!(fs::read(&public).unwrap().len(), 32);
+    assert_eq!(mode(&public) & 0o022, 0, "public key writable by others");
+    // No temp files left behind.
+    let mut names: Vec<_> = fs::read_dir(&kek_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["local-1.key", "local-1.pub"]);
+}
+
+#[test]
+fn ensure_kek_creates_a_missing_data_dir() {
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("nested").join("data");
+    local::ensure_kek(&data).unwrap();
+    assert!(local::load_opener(&data).is_ok());
+}
+
+#[test]
+fn ensure_kek_twice_keeps_the_key() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let private = fs::read(local::private_key_path(dir.path(), 1)).unwrap();
+    let public = fs::read(local::public_key_path(dir.path(), 1)).unwrap();
+    let blob = local::load_sealer(dir.path())
+        .unwrap()
+        .seal(&BINDING, b"kept")
+        .unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    assert_eq!(
+        fs::read(local::private_key_path(dir.path(), 1)).unwrap(),
+        private
+    );
+    assert_eq!(
+        fs::read(local::public_key_path(dir.path(), 1)).unwrap(),
+        public
+    );
+    let opener = local::load_opener(dir.path()).unwrap();
+    assert_eq!(opener.open(&BINDING, &blob).unwrap().expose(), b"kept");
+}
+
+#[test]
+fn concurrent_ensure_kek_agrees_on_one_pair() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().to_path_buf();
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || local::ensure_kek(&path))
+        })
+        .collect();
+    for handle in handles {
+        handle.join().unwrap().unwrap();
+    }
+    let blob = local::load_sealer(&path)
+        .unwrap()
+        .seal(&BINDING, b"race")
+        .unwrap();
+    let opener = local::load_opener(&path).unwrap();
+    assert_eq!(opener.open(&BINDING, &blob).unwrap().expose(), b"race");
+    assert_eq!(fs::read_dir(path.join("kek")).unwrap().count(), 2);
+}
+
+#[test]
+fn load_sealer_never_reads_the_private_key() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let private = local::private_key_path(dir.path(), 1);
+    let saved = fs::read(&private).unwrap();
+    fs::remove_file(&private).unwrap();
+    let sealer = local::load_sealer(dir.path()).unwrap();
+    assert_eq!(sealer.kek_id(), "local-1");
+    let blob = sealer
+        .seal(&BINDING, b"sealed without the private key")
+        .unwrap();
+    // Without the private key nothing opens, and ensure_kek refuses to make a new pair.
+    assert!(matches!(
+        local::load_opener(dir.path()),
+        Err(CryptoError::KekFile { .. })
+    ));
+    assert!(matches!(
+        local::ensure_kek(dir.path()),
+        Err(CryptoError::KekFile { .. })
+    ));
+    // Put it back: the blob opens.
+    fs::write(&private, saved).unwrap();
+    set_mode(&private, 0o600);
+    let opener = local::load_opener(dir.path()).unwrap();
+    assert_eq!(
+        opener.open(&BINDING, &blob).unwrap().expose(),
+        b"sealed without the private key"
+    );
+}
+
+#[test]
+fn loose_permissions_are_refused() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let private = local::private_key_path(dir.path(), 1);
+    for loose in [0o644, 0o640, 0o604, 0o660] {
+        set_mode(&private, loose);
+        match local::load_opener(dir.path()) {
+            Err(CryptoError::Permissions { path }) => assert_eq!(path, private),
+            other => panic!("mode {loose:o}: expected Permissions, got {other:?}"),
+        }
+        assert!(matches!(
+            local::ensure_kek(dir.path()),
+            Err(CryptoError::Permissions { .. })
+        ));
+    }
+    set_mode(&private, 0o400);
+    assert!(local::load_opener(dir.path()).is_ok());
+    set_mode(&private, 0o600);
+
+    let kek_dir = dir.path().join("kek");
+    set_mode(&kek_dir, 0o755);
+    assert!(matches!(
+        local::ensure_kek(dir.path()),
+        Err(CryptoError::Permissions { path }) if path == kek_dir
+    ));
+    set_mode(&kek_dir, 0o700);
+    local::ensure_kek(dir.path()).unwrap();
+}
+
+#[test]
+fn mismatched_pair_is_refused() {
+    let dir_a = TempDir::new().unwrap();
+    let dir_b = TempDir::new().unwrap();
+    local::ensure_kek(dir_a.path()).unwrap();
+    local::ensure_kek(dir_b.path()).unwrap();
+    let public_a = local::public_key_path(dir_a.path(), 1);
+    fs::copy(local::public_key_path(dir_b.path(), 1), &public_a).unwrap();
+    assert!(matches!(
+        local::load_opener(dir_a.path()),
+        Err(CryptoError::KekFile { path, .. }) if path == public_a
+    ));
+    assert!(matches!(
+        local::ensure_kek(dir_a.path()),
+        Err(CryptoError::KekFile { path, .. }) if path == public_a
+    ));
+}
+
+#[test]
+fn damaged_key_files_are_refused() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let private = local::private_key_path(dir.path(), 1);
+    let public = local::public_key_path(dir.path(), 1);
+    let saved = fs::read(&public).unwrap();
+    fs::write(&public, &saved[..31]).unwrap();
+    assert!(matches!(
+        local::load_sealer(dir.path()),
+        Err(CryptoError::KekFile { .. })
+    ));
+    fs::write(&public, saved).unwrap();
+    fs::write(&private, [1u8; 33]).unwrap();
+    let err = local::load_opener(dir.path()).unwrap_err();
+    assert!(matches!(err, CryptoError::KekFile { .. }), "{err:?}");
+    assert!(!err.to_string().contains(&hex(&[1u8; 33])));
+    assert!(matches!(
+        local::ensure_kek_version(dir.path(), 0),
+        Err(CryptoError::KekFile { .. })
+    ));
+    let empty = TempDir::new().unwrap();
+    assert!(matches!(
+        local::load_sealer(empty.path()),
+        Err(CryptoError::KekFile { .. })
+    ));
+}
+
+// ---------------------------------------------------------------- redaction
+
+#[test]
+fn debug_output_shows_no_key_bytes() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let private = fs::read(local::private_key_path(dir.path(), 1)).unwrap();
+    let opener = local::load_opener(dir.path()).unwrap();
+    let sealer = local::load_sealer(dir.path()).unwrap();
+
+    let text = format!("{opener:?} {opener:#?}");
+    assert!(text.contains("REDACTED"), "{text}");
+    assert!(text.contains("local-1"), "{text}");
+    assert_no_bytes(&text, &private);
+
+    let public = fs::read(local::public_key_path(dir.path(), 1)).unwrap();
+    let text = format!("{sealer:?}");
+    assert!(text.contains("local-1"), "{text}");
+    assert_no_bytes(&text, &public);
+
+    let canary = b"sk-ant-api03-CANARY-0123456789abcdef";
+    let secret = SecretBytes::new(canary.to_vec());
+    let text = format!("{secret:?} {secret:#?} {secret}");
+    assert!(text.contains("REDACTED"), "{text}");
+    assert_no_bytes(&text, canary);
+
+    let audit_bytes = [0xA5; 32];
+    let audit = AuditChainKey::from_bytes_for_tests(audit_bytes);
+    let text = format!("{audit:?} {audit:#?}");
+    assert!(text.contains("REDACTED"), "{text}");
+    assert_no_bytes(&text, &audit_bytes);
+
+    let blob = sealer.seal(&BINDING, canary).unwrap();
+    let text = format!("{blob:?}");
+    assert!(text.contains(&blob.as_bytes().len().to_string()), "{text}");
+    assert!(text.contains("local-1"), "{text}");
+    assert_no_bytes(&text, &blob.as_bytes()[12..]);
+    assert_no_bytes(&text, canary);
+}
+
+#[test]
+fn secret_bytes_exposes_through_secrecy() {
+    use secrecy::ExposeSecret;
+    let secret = SecretBytes::new(b"abc".to_vec());
+    assert_eq!(secret.expose_secret(), b"abc");
+    assert_eq!(secret.len(), 3);
+    assert!(!secret.is_empty());
+}
+
+// ---------------------------------------------------------------- audit chain
+
+#[test]
+fn audit_chain_mac() {
+    let key = AuditChainKey::from_bytes_for_tests([9; 32]);
+    let first = key.chain(&GENESIS_MAC, b"event one");
+    assert_eq!(
+        first,
+        key.chain(&GENESIS_MAC, b"event one"),
+        "deterministic"
+    );
+    assert_ne!(first, key.chain(&GENESIS_MAC, b"event two"), "other event");
+    assert_ne!(first, key.chain(&[1; 32], b"event one"), "other prev");
+    let other_key = AuditChainKey::from_bytes_for_tests([8; 32]);
+    assert_ne!(
+        first,
+        other_key.chain(&GENESIS_MAC, b"event one"),
+        "other key"
+    );
+    let second = key.chain(&first, b"event two");
+
+    assert!(key.verify(&GENESIS_MAC, b"event one", &first));
+    assert!(key.verify(&first, b"event two", &second));
+    assert!(!key.verify(&GENESIS_MAC, b"event two", &first));
+    assert!(!key.verify(&second, b"event two", &second));
+    assert!(!other_key.verify(&GENESIS_MAC, b"event one", &first));
+    assert!(!key.verify(&GENESIS_MAC, b"event one", &first[..31]));
+    assert!(!key.verify(&GENESIS_MAC, b"event one", &[]));
+    let mut long = first.to_vec();
+    long.push(0);
+    assert!(!key.verify(&GENESIS_MAC, b"event one", &long));
+    for pos in 0..32 {
+        let mut bad = first;
+        bad[pos] ^= 1;
+        assert!(!key.verify(&GENESIS_MAC, b"event one", &bad));
+    }
+}
+
+#[test]
+fn audit_key_file() {
+    let dir = TempDir::new().unwrap();
+    assert!(matches!(
+        AuditChainKey::load(dir.path()),
+        Err(CryptoError::AuditKeyFile { .. })
+    ));
+    AuditChainKey::ensure(dir.path()).unwrap();
+    let path = dir.path().join("audit-chain.key");
+    assert_eq!(AuditChainKey::path(dir.path()), path);
+    assert_eq!(mode(&path), 0o600);
+    let bytes = fs::read(&path).unwrap();
+    assert_eq!(bytes.len(), 32);
+    assert_ne!(bytes, [0u8; 32]);
+
+    let mac = AuditChainKey::load(dir.path())
+        .unwrap()
+        .chain(&GENESIS_MAC, b"e");
+    AuditChainKey::ensure(dir.path()).unwrap();
+    assert_eq!(fs::read(&path).unwrap(), bytes, "ensure keeps the key");
+    let reloaded = AuditChainKey::load(dir.path()).unwrap();
+    assert_eq!(reloaded.chain(&GENESIS_MAC, b"e"), mac);
+    let fixed = AuditChainKey::from_bytes_for_tests(bytes.clone().try_into().unwrap());
+    assert_eq!(fixed.chain(&GENESIS_MAC, b"e"), mac);
+
+    set_mode(&path, 0o644);
+    assert!(matches!(
+        AuditChainKey::load(dir.path()),
+        Err(CryptoError::Permissions { .. })
+    ));
+    assert!(matches!(
+        AuditChainKey::ensure(dir.path()),
+        Err(CryptoError::Permissions { .. })
+    ));
+    set_mode(&path, 0o600);
+    fs::write(&path, [0u8; 16]).unwrap();
+    let err = AuditChainKey::load(dir.path()).unwrap_err();
+    assert!(matches!(err, CryptoError::AuditKeyFile { .. }), "{err:?}");
+}
+
+// ---------------------------------------------------------------- timing
+
+/// `cargo test --release -p keyward-crypto --test crypto -- --ignored --nocapture timing`
+#[test]
+#[ignore = "measurement, not a check"]
+fn timing() {
+    use std::time::Instant;
+    let (_dir, sealer, opener) = keypair();
+    let plaintext = [b'k'; 100];
+    let n = 2000u32;
+
+    let start = Instant::now();
+    let mut blob = None;
+    for _ in 0..n {
+        blob = Some(sealer.seal(&BINDING, &plaintext).unwrap());
+    }
+    let seal = start.elapsed() / n;
+    let blob = blob.unwrap();
+
+    let start = Instant::now();
+    for _ in 0..n {
+        let opened = opener.open(&BINDING, &blob).unwrap();
+        assert_eq!(opened.len(), 100);
+    }
+    let open = start.elapsed() / n;
+    println!(
+        "blob for 100-byte plaintext: {} bytes; seal {seal:?}/op; open {open:?}/op",
+        blob.as_bytes().len()
+    );
+}

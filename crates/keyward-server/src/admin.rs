@@ -1,0 +1,89 @@
+//! Administrative operations behind `keyward admin …` and the first start of `serve`.
+//! Each returns the JSON the CLI prints.
+
+use keyward_core::{AccountId, Email, Plan, Role, UserId};
+use keyward_store::Store;
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use crate::auth::{new_token, random_id_bytes};
+use crate::clock::Clock;
+use crate::runtime::RuntimeError;
+
+fn bad(what: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Other(what.to_string())
+}
+
+/// Creates a user with a fresh token. The token is returned once and only its hash kept.
+pub async fn create_user(store: &dyn Store, clock: &dyn Clock, email: &str) -> Result<(UserId, Zeroizing<String>), RuntimeError> {
+    let email = Email::parse(email).map_err(|e| bad(format!("--email: {e}")))?;
+    let id = UserId::from_random(random_id_bytes());
+    let (token, hash) = new_token();
+    store.create_user(&id, &email, &hash, clock.now()).await?;
+    Ok((id, token))
+}
+
+pub async fn create_account(store: &dyn Store, clock: &dyn Clock, name: &str, plan: &str, owner: &str) -> Result<AccountId, RuntimeError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(bad("--name: expected 1 to 200 printable characters"));
+    }
+    let plan: Plan = plan.parse().map_err(|e| bad(format!("--plan: {e}")))?;
+    let owner = user_by_email(store, owner).await?;
+    let id = AccountId::from_random(random_id_bytes());
+    store.create_account(&id, name, plan, &owner, clock.now()).await?;
+    Ok(id)
+}
+
+async fn user_by_email(store: &dyn Store, email: &str) -> Result<UserId, RuntimeError> {
+    let email = Email::parse(email).map_err(|e| bad(format!("--email: {e}")))?;
+    let user = store.user_by_email(&email).await?.ok_or_else(|| bad(format!("no user with email {email}")))?;
+    Ok(user.id)
+}
+
+fn account_id(raw: &str) -> Result<AccountId, RuntimeError> {
+    AccountId::parse(raw).map_err(|_| bad("--account: expected an account id (acc_…)"))
+}
+
+pub async fn add_member(store: &dyn Store, clock: &dyn Clock, account: &str, email: &str, role: &str) -> Result<Value, RuntimeError> {
+    let account = account_id(account)?;
+    let role: Role = role.parse().map_err(|e| bad(format!("--role: {e}")))?;
+    store.account(&account).await?.ok_or_else(|| bad(format!("no account {account}")))?;
+    let user = user_by_email(store, email).await?;
+    store.set_membership(&account, &user, role, clock.now()).await?;
+    Ok(json!({ "account_id": account, "user_id": user, "role": role }))
+}
+
+pub async fn set_plan(store: &dyn Store, account: &str, plan: &str, limit: Option<i64>) -> Result<Value, RuntimeError> {
+    let account = account_id(account)?;
+    let plan: Plan = plan.parse().map_err(|e| bad(format!("--plan: {e}")))?;
+    if limit.is_some_and(|n| n < 0) {
+        return Err(bad("--shared-credit-limit: must be 0 or more"));
+    }
+    store.set_plan(&account, plan, limit).await.map_err(|e| match e {
+        keyward_store::StoreError::NotFound => bad(format!("no account {account}")),
+        other => other.into(),
+    })?;
+    let after = store.account(&account).await?.ok_or_else(|| bad(format!("no account {account}")))?;
+    Ok(json!({ "account_id": account, "plan": after.plan, "shared_credit_limit": after.shared_credit_limit }))
+}
+
+/// What the first start of `serve` created.
+#[derive(Debug)]
+pub struct FirstStart {
+    pub user_id: UserId,
+    pub token: Zeroizing<String>,
+    pub account_id: AccountId,
+}
+
+pub const FIRST_OWNER_EMAIL: &str = "owner@localhost";
+
+/// On an empty database: the owner user and a `Personal` account on plan pro.
+pub async fn first_start(store: &dyn Store, clock: &dyn Clock) -> Result<Option<FirstStart>, RuntimeError> {
+    if store.count_users().await? > 0 {
+        return Ok(None);
+    }
+    let (user_id, token) = create_user(store, clock, FIRST_OWNER_EMAIL).await?;
+    let account_id = create_account(store, clock, "Personal", "pro", FIRST_OWNER_EMAIL).await?;
+    Ok(Some(FirstStart { user_id, token, account_id }))
+}

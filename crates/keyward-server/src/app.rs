@@ -1,0 +1,86 @@
+//! The gateway's shared state and its router.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header::{CACHE_CONTROL, X_CONTENT_TYPE_OPTIONS};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, put};
+use axum::Router;
+use keyward_core::{Catalogue, ErrorCode};
+use keyward_crypto::Sealer;
+use keyward_store::Store;
+
+use crate::clock::SharedClock;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::purge::PurgeHandle;
+use crate::routes;
+
+/// Everything a handler may use. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    /// The gateway can seal keys; it holds no way to open one.
+    pub sealer: Arc<Sealer>,
+    pub clock: SharedClock,
+    pub catalogue: Arc<Catalogue>,
+    pub metrics: Arc<Metrics>,
+    pub purge: PurgeHandle,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").field("sealer", &self.sealer).finish_non_exhaustive()
+    }
+}
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let accounts = Router::new()
+        .route("/model-keys", get(routes::model_keys::list))
+        .route("/model-keys/{provider}", put(routes::model_keys::save).delete(routes::model_keys::remove))
+        .route("/model-keys/{provider}/source", put(routes::model_keys::set_source))
+        .route("/audit", get(routes::audit::list));
+    Router::new()
+        .route("/healthz", get(routes::ops::healthz))
+        .route("/readyz", get(routes::ops::readyz))
+        .route("/metrics", get(routes::ops::metrics))
+        .route("/v1/me", get(routes::me::me))
+        .nest("/v1/accounts/{account_id}", accounts)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take that method")
+}
+
+/// Times and counts each request by route template (never the raw path, which holds
+/// ids), logs one line at debug, and sets headers every API answer carries.
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let mut res = next.run(req).await;
+    let headers = res.headers_mut();
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let status = res.status().as_u16();
+    state.metrics.record_http(&method, &route, status, micros);
+    tracing::debug!(%method, %route, status, micros, "request");
+    res
+}

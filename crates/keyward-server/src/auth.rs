@@ -1,0 +1,100 @@
+//! Tokens and the caller behind a request.
+//!
+//! A token is `kw_` + 32 random bytes (base64url). Only its SHA-256 is stored: tokens are
+//! high-entropy, so a fast hash suffices and lookups stay one indexed read.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::header::AUTHORIZATION;
+use base64::Engine;
+use keyward_core::{AccountId, Role};
+use keyward_store::{Membership, User};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+
+pub const TOKEN_PREFIX: &str = "kw_";
+
+/// A fresh token (shown once) and the hash to store.
+pub fn new_token() -> (Zeroizing<String>, String) {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+    let token = Zeroizing::new(format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref())
+    ));
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// 16 random bytes for an id.
+pub fn random_id_bytes() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b
+}
+
+/// An authenticated user (from `Authorization: Bearer kw_…`).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: User,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Caller> {
+        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(ApiError::unauthorized)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .filter(|t| t.starts_with(TOKEN_PREFIX) && t.len() <= 128)
+            .ok_or_else(ApiError::unauthorized)?;
+        let user = state.store.user_by_token(&hash_token(token)).await?.ok_or_else(ApiError::unauthorized)?;
+        Ok(Caller { user })
+    }
+}
+
+impl Caller {
+    /// The caller's membership of `account`, or 404 (never 403) when they are not a
+    /// member, so account ids cannot be probed.
+    pub async fn member_of(&self, state: &AppState, account: &str) -> ApiResult<Membership> {
+        let account = AccountId::parse(account).map_err(|_| ApiError::not_found())?;
+        state.store.membership(&account, &self.user.id).await?.ok_or_else(ApiError::not_found)
+    }
+
+    pub async fn manager_of(&self, state: &AppState, account: &str, what: &str) -> ApiResult<Membership> {
+        let m = self.member_of(state, account).await?;
+        if !m.role.can_manage_keys() {
+            return Err(ApiError::forbidden(what));
+        }
+        Ok(m)
+    }
+}
+
+pub fn role_allows_management(role: Role) -> bool {
+    role.can_manage_keys()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_prefixed_random_and_hashed() {
+        let (a, ha) = new_token();
+        let (b, hb) = new_token();
+        assert!(a.starts_with("kw_") && a.len() == 3 + 43);
+        assert_ne!(*a, *b);
+        assert_ne!(ha, hb);
+        assert_eq!(ha, hash_token(&a));
+        assert!(!ha.contains(&a[3..]));
+    }
+}

@@ -1,0 +1,289 @@
+//! Configuration: one typed struct, read once at start-up.
+//!
+//! Sources, lowest to highest precedence: built-in defaults, a TOML file (`--config`;
+//! keys are the variable names without `KEYWARD_`, lower case, e.g. `listen = "…"`),
+//! then `KEYWARD_*` environment variables. A bad value is an error that names the
+//! variable; an unknown key in the file is an error too (a typo must not pass silently).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Every setting, by its environment name. The file uses the same names, lower case,
+/// without the prefix.
+const KNOWN: &[&str] = &[
+    "KEYWARD_DATA_DIR",
+    "KEYWARD_DATABASE_URL",
+    "KEYWARD_LISTEN",
+    "KEYWARD_KEK",
+    "KEYWARD_WORKERS",
+    "KEYWARD_ANTHROPIC_BASE_URL",
+    "KEYWARD_OPENAI_BASE_URL",
+    "KEYWARD_GOOGLE_BASE_URL",
+    "KEYWARD_LOG",
+    "KEYWARD_LOG_FORMAT",
+    "KEYWARD_TLS_CERT",
+    "KEYWARD_TLS_KEY",
+    "KEYWARD_MAX_BODY_BYTES",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{var}: {reason}")]
+    Invalid { var: &'static str, reason: String },
+    #[error("config file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KekConfig {
+    /// An X25519 key pair in `<data_dir>/kek/`.
+    Local,
+}
+
+/// A database URL. Its `Debug` hides any password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn is_sqlite(&self) -> bool {
+        self.0.starts_with("sqlite:")
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.split_once('@') {
+            Some((_, host)) => write!(f, "DatabaseUrl(…@{host})"),
+            None => write!(f, "DatabaseUrl({})", self.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub database_url: DatabaseUrl,
+    pub listen: SocketAddr,
+    pub kek: KekConfig,
+    pub workers: u16,
+    pub anthropic_base_url: String,
+    pub openai_base_url: String,
+    pub google_base_url: String,
+    pub log: String,
+    pub log_format: LogFormat,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// Reads the file (if any) and the given environment (pass `std::env::vars()`).
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            for (k, v) in parse_file(&text).map_err(|reason| ConfigError::File { path: path.display().to_string(), reason })? {
+                values.insert(k, v);
+            }
+        }
+        for (k, v) in env {
+            if let Some(known) = KNOWN.iter().find(|n| **n == k) {
+                values.insert(known, v);
+            }
+        }
+        Config::from_values(&values)
+    }
+
+    fn from_values(v: &BTreeMap<&'static str, String>) -> Result<Config, ConfigError> {
+        let get = |k: &str| v.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let data_dir = PathBuf::from(get("KEYWARD_DATA_DIR").unwrap_or("./keyward-data"));
+        let database_url = match get("KEYWARD_DATABASE_URL") {
+            None => DatabaseUrl(format!("sqlite://{}", data_dir.join("keyward.db").display())),
+            Some(u) if u.starts_with("sqlite:") => DatabaseUrl(u.to_owned()),
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    var: "KEYWARD_DATABASE_URL",
+                    reason: "expected sqlite://PATH (PostgreSQL support is not built yet)".into(),
+                })
+            }
+        };
+        let listen = get("KEYWARD_LISTEN").unwrap_or("127.0.0.1:8080");
+        let listen: SocketAddr = listen.parse().map_err(|_| ConfigError::Invalid {
+            var: "KEYWARD_LISTEN",
+            reason: format!("expected IP:PORT such as 127.0.0.1:8080, got {listen:?}"),
+        })?;
+        let kek = match get("KEYWARD_KEK").unwrap_or("local") {
+            "local" => KekConfig::Local,
+            other => {
+                return Err(ConfigError::Invalid {
+                    var: "KEYWARD_KEK",
+                    reason: format!("unknown backend {other:?}: this build supports \"local\""),
+                })
+            }
+        };
+        let workers = parse_num::<u16>(get("KEYWARD_WORKERS"), "KEYWARD_WORKERS", 2, 1, 64)?;
+        let max_body_bytes = parse_num::<usize>(get("KEYWARD_MAX_BODY_BYTES"), "KEYWARD_MAX_BODY_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024)?;
+        let log_format = match get("KEYWARD_LOG_FORMAT").unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::Invalid { var: "KEYWARD_LOG_FORMAT", reason: format!("expected text or json, got {other:?}") })
+            }
+        };
+        let tls_cert = get("KEYWARD_TLS_CERT").map(PathBuf::from);
+        let tls_key = get("KEYWARD_TLS_KEY").map(PathBuf::from);
+        if tls_cert.is_some() != tls_key.is_some() {
+            let var = if tls_cert.is_some() { "KEYWARD_TLS_KEY" } else { "KEYWARD_TLS_CERT" };
+            return Err(ConfigError::Invalid { var, reason: "KEYWARD_TLS_CERT and KEYWARD_TLS_KEY must be set together".into() });
+        }
+        Ok(Config {
+            database_url,
+            listen,
+            kek,
+            workers,
+            anthropic_base_url: base_url(get("KEYWARD_ANTHROPIC_BASE_URL"), "KEYWARD_ANTHROPIC_BASE_URL", "https://api.anthropic.com")?,
+            openai_base_url: base_url(get("KEYWARD_OPENAI_BASE_URL"), "KEYWARD_OPENAI_BASE_URL", "https://api.openai.com")?,
+            google_base_url: base_url(
+                get("KEYWARD_GOOGLE_BASE_URL"),
+                "KEYWARD_GOOGLE_BASE_URL",
+                "https://generativelanguage.googleapis.com",
+            )?,
+            log: get("KEYWARD_LOG").unwrap_or("info").to_owned(),
+            log_format,
+            tls_cert,
+            tls_key,
+            max_body_bytes,
+            data_dir,
+        })
+    }
+
+    /// The path of the SQLite file when the database is SQLite.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let rest = self.database_url.as_str().strip_prefix("sqlite:")?;
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let path = rest.split('?').next().unwrap_or(rest);
+        Some(PathBuf::from(path))
+    }
+}
+
+fn parse_num<T: std::str::FromStr + PartialOrd + fmt::Display + Copy>(
+    raw: Option<&str>,
+    var: &'static str,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.parse::<T>() {
+        Ok(n) if n >= min && n <= max => Ok(n),
+        _ => Err(ConfigError::Invalid { var, reason: format!("expected a whole number from {min} to {max}, got {raw:?}") }),
+    }
+}
+
+fn base_url(raw: Option<&str>, var: &'static str, default: &str) -> Result<String, ConfigError> {
+    let url = raw.unwrap_or(default).trim_end_matches('/');
+    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+        && !url.contains(char::is_whitespace)
+        && !url.contains('?')
+        && !url.contains('#');
+    if !ok {
+        return Err(ConfigError::Invalid { var, reason: format!("expected an http(s):// URL without query, got {url:?}") });
+    }
+    Ok(url.to_owned())
+}
+
+/// The TOML file: a flat table of known keys (lower case, no prefix) to strings or numbers.
+fn parse_file(text: &str) -> Result<Vec<(&'static str, String)>, String> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let env_name = format!("KEYWARD_{}", key.to_uppercase());
+        let Some(known) = KNOWN.iter().find(|n| **n == env_name) else {
+            return Err(format!("unknown key {key:?}"));
+        };
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(n) => n.to_string(),
+            other => return Err(format!("{key}: expected a string or a number, got {}", other.type_str())),
+        };
+        out.push((*known, value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_api_table() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("./keyward-data"));
+        assert_eq!(c.database_url.as_str(), "sqlite://./keyward-data/keyward.db");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.openai_base_url, "https://api.openai.com");
+        assert_eq!(c.log, "info");
+        assert_eq!(c.sqlite_path(), Some(PathBuf::from("./keyward-data/keyward.db")));
+    }
+
+    #[test]
+    fn env_wins_over_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nworkers = 3\ndata_dir = \"/tmp/x\"\n").unwrap();
+        let c = Config::load(Some(&file), env(&[("KEYWARD_LISTEN", "127.0.0.1:9001")])).unwrap();
+        assert_eq!(c.listen.port(), 9001);
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, val) in [
+            ("KEYWARD_LISTEN", "localhost"),
+            ("KEYWARD_WORKERS", "0"),
+            ("KEYWARD_WORKERS", "two"),
+            ("KEYWARD_KEK", "vault"),
+            ("KEYWARD_OPENAI_BASE_URL", "ftp://x"),
+            ("KEYWARD_LOG_FORMAT", "xml"),
+            ("KEYWARD_DATABASE_URL", "mysql://x"),
+        ] {
+            let err = Config::load(None, env(&[(var, val)])).unwrap_err();
+            assert!(err.to_string().starts_with(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(&file, "lissen = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::load(Some(&file), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("unknown key \"lissen\""), "{err}");
+    }
+
+    #[test]
+    fn database_url_debug_hides_password() {
+        let u = DatabaseUrl("postgres://u:secret@db/k".into());
+        assert!(!format!("{u:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,60 @@
+//! Prometheus metrics, rendered by hand: a few counters do not need a metrics framework.
+//! Labels are route templates and status codes only: never a path with ids, never a key.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    http: Mutex<BTreeMap<(String, String, u16), HttpStat>>,
+    key_actions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct HttpStat {
+    count: u64,
+    micros_sum: u64,
+}
+
+impl Metrics {
+    pub fn record_http(&self, method: &str, route: &str, status: u16, micros: u64) {
+        if let Ok(mut m) = self.http.lock() {
+            let s = m.entry((method.to_owned(), route.to_owned(), status)).or_default();
+            s.count += 1;
+            s.micros_sum = s.micros_sum.saturating_add(micros);
+        }
+    }
+
+    pub fn record_key_action(&self, action: &'static str, provider: &'static str) {
+        if let Ok(mut m) = self.key_actions.lock() {
+            *m.entry((action, provider)).or_default() += 1;
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP keyward_http_requests_total HTTP requests by method, route template and status.\n");
+        out.push_str("# TYPE keyward_http_requests_total counter\n");
+        let http = self.http.lock().map(|m| m.clone()).unwrap_or_default();
+        for ((method, route, status), s) in &http {
+            let _ = writeln!(out, "keyward_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}", s.count);
+        }
+        out.push_str("# HELP keyward_http_request_duration_seconds_sum Total time spent answering, by route.\n");
+        out.push_str("# TYPE keyward_http_request_duration_seconds_sum counter\n");
+        for ((method, route, status), s) in &http {
+            let _ = writeln!(
+                out,
+                "keyward_http_request_duration_seconds_sum{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {:.6}",
+                s.micros_sum as f64 / 1e6
+            );
+        }
+        out.push_str("# HELP keyward_key_actions_total Key-management actions by action and provider.\n");
+        out.push_str("# TYPE keyward_key_actions_total counter\n");
+        let keys = self.key_actions.lock().map(|m| m.clone()).unwrap_or_default();
+        for ((action, provider), n) in &keys {
+            let _ = writeln!(out, "keyward_key_actions_total{{action=\"{action}\",provider=\"{provider}\"}} {n}");
+        }
+        out
+    }
+}

@@ -1,0 +1,136 @@
+//! The model-keys API: list, save or rotate, remove, switch source.
+//!
+//! Checks run in a fixed order so answers leak nothing: token (401), membership (404),
+//! role (403), provider name (404), plan (403), body (413/415/400/422), key format (422).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use keyward_core::{ApiKey, ErrorCode, KeyId, KeySource, Plan, Provider};
+use keyward_crypto::Binding;
+use keyward_store::{Actor, Membership, NewKey, ProviderState};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::app::AppState;
+use crate::auth::{random_id_bytes, Caller};
+use crate::clock::rfc3339;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+
+pub fn parse_provider(raw: &str) -> ApiResult<Provider> {
+    raw.parse().map_err(|_| ApiError::new(ErrorCode::UnknownProvider, "unknown provider: expected anthropic, openai or google"))
+}
+
+pub fn state_json(state: &AppState, s: &ProviderState) -> Value {
+    let key = s.key.as_ref().map(|k| {
+        json!({
+            "last4": k.last4,
+            "created_at": rfc3339(k.created_at),
+            "updated_at": rfc3339(k.updated_at),
+            "last_test": k.last_test.as_ref().map(|t| json!({ "ok": t.ok, "at": rfc3339(t.at), "message": t.message })),
+        })
+    });
+    json!({
+        "provider": s.provider,
+        "source": s.source,
+        "key": key,
+        "models": state.catalogue.model_ids(s.provider),
+    })
+}
+
+fn actor(caller: &Caller) -> Actor {
+    Actor(caller.user.id.to_string())
+}
+
+pub async fn list(State(state): State<AppState>, caller: Caller, Path(account): Path<String>) -> ApiResult<Json<Value>> {
+    let m = caller.member_of(&state, &account).await?;
+    let states = state.store.provider_states(&m.account.id).await?;
+    let providers: Vec<Value> = states.iter().map(|s| state_json(&state, s)).collect();
+    Ok(Json(json!({ "providers": providers })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaveKeyBody {
+    /// Held as a secret from the moment it is parsed: zeroed on drop, never printed.
+    api_key: SecretString,
+}
+
+fn require_paid(m: &Membership) -> ApiResult<()> {
+    if m.account.plan == Plan::Free {
+        return Err(ApiError::new(
+            ErrorCode::PlanRequired,
+            format!(
+                "saving your own key needs a paid plan ({} or business); this account is on {}",
+                Plan::FIRST_PAID,
+                m.account.plan
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn save(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((account, provider)): Path<(String, String)>,
+    body: JsonBody,
+) -> ApiResult<Json<Value>> {
+    let m = caller.manager_of(&state, &account, "saving a key").await?;
+    let provider = parse_provider(&provider)?;
+    require_paid(&m)?;
+    let body: SaveKeyBody = body.parse()?;
+    let key = ApiKey::parse(provider, body.api_key.expose_secret()).map_err(|e| ApiError::new(ErrorCode::InvalidKeyFormat, e.to_string()))?;
+    drop(body);
+
+    let key_id = KeyId::from_random(random_id_bytes());
+    let binding = Binding { account_id: m.account.id.as_str(), provider: provider.as_str(), key_id: key_id.as_str() };
+    let sealed = state.sealer.seal(&binding, key.expose_secret().as_bytes()).map_err(|e| ApiError::internal(&e))?;
+    let new = NewKey { key_id, sealed, last4: key.last4().clone() };
+    drop(key);
+
+    let saved = state.store.save_key(&m.account.id, provider, new, &actor(&caller), state.clock.now()).await?;
+    if saved.rotated {
+        state.purge.request();
+    }
+    let action = if saved.rotated { "key.rotated" } else { "key.saved" };
+    state.metrics.record_key_action(action, provider.as_str());
+    tracing::info!(account = %m.account.id, %provider, action, "key saved");
+    Ok(Json(state_json(&state, &saved.state)))
+}
+
+pub async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((account, provider)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let m = caller.manager_of(&state, &account, "removing a key").await?;
+    let provider = parse_provider(&provider)?;
+    state.store.remove_key(&m.account.id, provider, &actor(&caller), state.clock.now()).await?;
+    state.purge.request();
+    state.metrics.record_key_action("key.removed", provider.as_str());
+    tracing::info!(account = %m.account.id, %provider, "key removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceBody {
+    source: KeySource,
+}
+
+pub async fn set_source(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((account, provider)): Path<(String, String)>,
+    body: JsonBody,
+) -> ApiResult<Json<Value>> {
+    let m = caller.manager_of(&state, &account, "switching the key source").await?;
+    let provider = parse_provider(&provider)?;
+    let body: SourceBody = body.parse()?;
+    let after = state.store.set_source(&m.account.id, provider, body.source, &actor(&caller), state.clock.now()).await?;
+    state.metrics.record_key_action("key.source_changed", provider.as_str());
+    Ok(Json(state_json(&state, &after)))
+}

@@ -1,0 +1,60 @@
+//! Start-up shared by `serve` and the CLI: the data dir, the key files, the store.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use keyward_crypto::{local, AuditChainKey, CryptoError, Sealer};
+use keyward_store::sqlite::SqliteOptions;
+use keyward_store::{SqliteStore, Store, StoreError};
+
+use crate::config::{Config, KekConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("data dir {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    #[error("key files: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Creates the data dir (0700) and, on first use, the local KEK pair and the audit chain
+/// key inside it.
+pub fn prepare_data_dir(config: &Config) -> Result<(), RuntimeError> {
+    let dir = &config.data_dir;
+    let err = |e: std::io::Error| RuntimeError::DataDir { path: dir.display().to_string(), reason: e.to_string() };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    restrict_dir(dir).map_err(err)?;
+    match config.kek {
+        KekConfig::Local => local::ensure_kek(dir)?,
+    }
+    AuditChainKey::ensure(dir)?;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn restrict_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The seal-only half of the KEK: all the gateway ever loads.
+pub fn load_sealer(config: &Config) -> Result<Sealer, RuntimeError> {
+    match config.kek {
+        KekConfig::Local => Ok(local::load_sealer(&config.data_dir)?),
+    }
+}
+
+/// Opens the database named by the configuration (the backend is chosen here, once).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RuntimeError> {
+    let chain_key = AuditChainKey::load(&config.data_dir)?;
+    if config.database_url.is_sqlite() {
+        let store = SqliteStore::open(config.database_url.as_str(), chain_key, SqliteOptions::default()).await?;
+        Ok(Arc::new(store))
+    } else {
+        Err(RuntimeError::Other("only sqlite:// databases are supported by this build".into()))
+    }
+}

@@ -1,0 +1,325 @@
+//! The audit chain: what an event is, its canonical bytes, and how a chain is verified.
+//!
+//! Each account's events form a chain: event `seq` n carries
+//! `mac_n = HMAC(chain key, mac_{n-1} || canonical(event_n))`, with `mac_0 = GENESIS_MAC`,
+//! and the account's head row holds the newest `(seq, mac)`. The chain key lives outside
+//! the database, so whoever can write the database can delete or edit rows but cannot
+//! make a consistent chain again: an edited, deleted, reordered or truncated event
+//! breaks the chain at a place `verify_chain` names. (A writer who rolls the head back
+//! together with the tail is not detected here; an exported copy of the chain is the
+//! anchor against that.)
+
+use keyward_core::{AccountId, KeySource, Last4, Provider, UnixMillis};
+use keyward_crypto::{AuditChainKey, GENESIS_MAC};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum AuditAction {
+    #[serde(rename = "key.saved")]
+    KeySaved,
+    #[serde(rename = "key.rotated")]
+    KeyRotated,
+    #[serde(rename = "key.removed")]
+    KeyRemoved,
+    #[serde(rename = "key.source_changed")]
+    KeySourceChanged,
+    #[serde(rename = "key.tested")]
+    KeyTested,
+    #[serde(rename = "ai.request")]
+    AiRequest,
+}
+
+impl AuditAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::KeySaved => "key.saved",
+            AuditAction::KeyRotated => "key.rotated",
+            AuditAction::KeyRemoved => "key.removed",
+            AuditAction::KeySourceChanged => "key.source_changed",
+            AuditAction::KeyTested => "key.tested",
+            AuditAction::AiRequest => "ai.request",
+        }
+    }
+}
+
+/// An event to append. The store assigns `seq`, `id` and the MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAuditEvent {
+    pub account_id: AccountId,
+    pub at: UnixMillis,
+    pub actor: String,
+    pub action: AuditAction,
+    pub provider: Option<Provider>,
+    pub key_source: Option<KeySource>,
+    pub key_last4: Option<Last4>,
+    pub model: Option<String>,
+    pub outcome: String,
+    pub detail: Option<String>,
+    pub provider_request_id: Option<String>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub feature: Option<String>,
+}
+
+impl NewAuditEvent {
+    /// A key-management event with no AI-call fields.
+    pub fn key_action(
+        account_id: &AccountId,
+        at: UnixMillis,
+        actor: &str,
+        action: AuditAction,
+        provider: Provider,
+        key_last4: Option<&Last4>,
+        detail: Option<String>,
+    ) -> NewAuditEvent {
+        NewAuditEvent {
+            account_id: account_id.clone(),
+            at,
+            actor: actor.to_owned(),
+            action,
+            provider: Some(provider),
+            key_source: None,
+            key_last4: key_last4.cloned(),
+            model: None,
+            outcome: "ok".to_owned(),
+            detail,
+            provider_request_id: None,
+            input_tokens: None,
+            output_tokens: None,
+            feature: None,
+        }
+    }
+
+    /// The row this event becomes at position `seq` of its chain.
+    pub fn into_event(self, seq: i64) -> AuditEvent {
+        AuditEvent {
+            id: 0,
+            account_id: self.account_id.as_str().to_owned(),
+            seq,
+            at: self.at.as_i64(),
+            actor: self.actor,
+            action: self.action.as_str().to_owned(),
+            provider: self.provider.map(|p| p.as_str().to_owned()),
+            key_source: self.key_source.map(|s| s.as_str().to_owned()),
+            key_last4: self.key_last4.map(|l| l.as_str().to_owned()),
+            model: self.model,
+            outcome: self.outcome,
+            detail: self.detail,
+            provider_request_id: self.provider_request_id,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            feature: self.feature,
+            mac: Vec::new(),
+        }
+    }
+}
+
+/// An event as stored. Fields are kept as the raw column values so that verification
+/// judges exactly what is in the database, even a value the code would never write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub account_id: String,
+    pub seq: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub provider: Option<String>,
+    pub key_source: Option<String>,
+    pub key_last4: Option<String>,
+    pub model: Option<String>,
+    pub outcome: String,
+    pub detail: Option<String>,
+    pub provider_request_id: Option<String>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub feature: Option<String>,
+    pub mac: Vec<u8>,
+}
+
+/// The newest link of an account's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainHead {
+    pub seq: i64,
+    pub mac: Vec<u8>,
+}
+
+impl AuditEvent {
+    /// The bytes the MAC covers: every field but the row id and the MAC itself, each
+    /// tagged and length-prefixed so no two events share an encoding.
+    pub fn canonical(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"keyward-audit-event-v1");
+        put_str(&mut out, Some(&self.account_id));
+        put_int(&mut out, Some(self.seq));
+        put_int(&mut out, Some(self.at));
+        put_str(&mut out, Some(&self.actor));
+        put_str(&mut out, Some(&self.action));
+        put_str(&mut out, self.provider.as_deref());
+        put_str(&mut out, self.key_source.as_deref());
+        put_str(&mut out, self.key_last4.as_deref());
+        put_str(&mut out, self.model.as_deref());
+        put_str(&mut out, Some(&self.outcome));
+        put_str(&mut out, self.detail.as_deref());
+        put_str(&mut out, self.provider_request_id.as_deref());
+        put_int(&mut out, self.input_tokens);
+        put_int(&mut out, self.output_tokens);
+        put_str(&mut out, self.feature.as_deref());
+        out
+    }
+
+    /// Fills in `mac` as the link after `prev`.
+    pub fn seal_link(&mut self, key: &AuditChainKey, prev: &[u8; 32]) -> [u8; 32] {
+        let mac = key.chain(prev, &self.canonical());
+        self.mac = mac.to_vec();
+        mac
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            out.extend_from_slice(&(s.len() as u64).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+
+fn put_int(out: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        None => out.push(0),
+        Some(n) => {
+            out.push(2);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+}
+
+/// Where and why a chain is broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    pub account_id: String,
+    /// The row id of the first event that does not verify (None when the tail is missing).
+    pub event_id: Option<i64>,
+    pub seq: i64,
+    pub reason: String,
+}
+
+/// Checks one account's chain, oldest first. `Ok(n)` is the number of events verified.
+pub fn verify_chain(
+    key: &AuditChainKey,
+    account_id: &str,
+    events: &[AuditEvent],
+    head: Option<&ChainHead>,
+) -> Result<usize, ChainBreak> {
+    let mut prev = GENESIS_MAC;
+    let broken = |event: &AuditEvent, reason: &str| ChainBreak {
+        account_id: account_id.to_owned(),
+        event_id: Some(event.id),
+        seq: event.seq,
+        reason: reason.to_owned(),
+    };
+    for (i, event) in events.iter().enumerate() {
+        let expected_seq = i as i64 + 1;
+        if event.account_id != account_id {
+            return Err(broken(event, "event belongs to another account"));
+        }
+        if event.seq != expected_seq {
+            return Err(broken(
+                event,
+                &format!("expected seq {expected_seq}, found {}: an event was deleted or reordered", event.seq),
+            ));
+        }
+        if !key.verify(&prev, &event.canonical(), &event.mac) {
+            return Err(broken(event, "MAC does not match: the event was edited, moved or forged"));
+        }
+        prev = event.mac.as_slice().try_into().map_err(|_| broken(event, "MAC has the wrong length"))?;
+    }
+    let last_seq = events.len() as i64;
+    match head {
+        None if events.is_empty() => Ok(0),
+        None => Err(ChainBreak {
+            account_id: account_id.to_owned(),
+            event_id: None,
+            seq: last_seq,
+            reason: "chain head is missing".to_owned(),
+        }),
+        Some(h) if h.seq != last_seq || h.mac != prev => Err(ChainBreak {
+            account_id: account_id.to_owned(),
+            event_id: None,
+            seq: last_seq + 1,
+            reason: format!(
+                "chain head says {} events but {last_seq} verify: events after seq {last_seq} were deleted (tail truncated)",
+                h.seq
+            ),
+        }),
+        Some(_) => Ok(events.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> AuditChainKey {
+        AuditChainKey::from_bytes_for_tests([7; 32])
+    }
+
+    fn chain(n: usize) -> (Vec<AuditEvent>, ChainHead) {
+        let acc = AccountId::from_random([1; 16]);
+        let mut prev = GENESIS_MAC;
+        let mut events = Vec::new();
+        for i in 0..n {
+            let mut e = NewAuditEvent::key_action(&acc, UnixMillis(1000 + i as i64), "cli", AuditAction::KeySaved, Provider::OpenAi, None, None)
+                .into_event(i as i64 + 1);
+            e.id = i as i64 + 10;
+            prev = e.seal_link(&key(), &prev);
+            events.push(e);
+        }
+        (events, ChainHead { seq: n as i64, mac: prev.to_vec() })
+    }
+
+    fn acc() -> String {
+        AccountId::from_random([1; 16]).to_string()
+    }
+
+    #[test]
+    fn intact_chain_verifies() {
+        let (events, head) = chain(5);
+        assert_eq!(verify_chain(&key(), &acc(), &events, Some(&head)), Ok(5));
+        assert_eq!(verify_chain(&key(), &acc(), &[], None), Ok(0));
+    }
+
+    #[test]
+    fn edit_delete_reorder_truncate_are_named() {
+        let (events, head) = chain(5);
+        let mut edited = events.clone();
+        edited[2].outcome = "forged".into();
+        assert_eq!(verify_chain(&key(), &acc(), &edited, Some(&head)).unwrap_err().event_id, Some(12));
+
+        let mut deleted = events.clone();
+        deleted.remove(1);
+        assert_eq!(verify_chain(&key(), &acc(), &deleted, Some(&head)).unwrap_err().event_id, Some(12));
+
+        let mut reordered = events.clone();
+        reordered.swap(1, 3);
+        let (s1, s3) = (reordered[1].seq, reordered[3].seq);
+        reordered[1].seq = s3;
+        reordered[3].seq = s1;
+        assert_eq!(verify_chain(&key(), &acc(), &reordered, Some(&head)).unwrap_err().event_id, Some(13));
+
+        let truncated = &events[..3];
+        let err = verify_chain(&key(), &acc(), truncated, Some(&head)).unwrap_err();
+        assert_eq!((err.event_id, err.seq), (None, 4));
+        assert!(err.reason.contains("truncated"));
+    }
+
+    #[test]
+    fn another_key_cannot_verify() {
+        let (events, head) = chain(2);
+        let other = AuditChainKey::from_bytes_for_tests([8; 32]);
+        assert!(verify_chain(&other, &acc(), &events, Some(&head)).is_err());
+    }
+}

@@ -1,0 +1,622 @@
+//! The SQLite backend: the embedded default.
+//!
+//! One writer connection (writes are serialized by SQLite anyway; one connection makes
+//! that explicit and spares busy-waits), a small pool of readers, WAL journal,
+//! `synchronous=FULL` (a commit is on disk when it returns), `secure_delete` on (freed
+//! cells are zeroed), and `BEGIN IMMEDIATE` for every write transaction so another
+//! process (the admin CLI) waits on the busy timeout instead of failing mid-transaction.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keyward_core::{
+    AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId,
+};
+use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+
+use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
+use crate::migrate::SQLITE as MIGRATIONS;
+use crate::{
+    Account, Actor, KeyMeta, LastTest, Membership, NewKey, ProviderState, Saved, Store,
+    StoreError, StoreResult, StoredKey, User,
+};
+
+/// Tuning for the SQLite backend.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub readers: u32,
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { readers: 4, busy_timeout: Duration::from_secs(5) }
+    }
+}
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    chain_key: Arc<AuditChainKey>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` (`sqlite://path`) and migrates it.
+    pub async fn open(url: &str, chain_key: AuditChainKey, opts: SqliteOptions) -> StoreResult<SqliteStore> {
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("bad SQLite URL: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(opts.busy_timeout)
+            .foreign_keys(true)
+            .pragma("secure_delete", "ON");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(opts.busy_timeout)
+            .connect_with(connect.clone())
+            .await
+            .map_err(map_err)?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(opts.readers.max(1))
+            .acquire_timeout(opts.busy_timeout)
+            .connect_with(connect.read_only(true))
+            .await
+            .map_err(map_err)?;
+        let store = SqliteStore { writer, reader, chain_key: Arc::new(chain_key) };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        let mut conn = self.writer.acquire().await.map_err(map_err)?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS keyward_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+        )
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        drop(conn);
+        for m in MIGRATIONS {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM keyward_migrations WHERE version = ?1")
+                .bind(m.version)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            if done.is_some() {
+                continue;
+            }
+            sqlx::raw_sql(m.sql).execute(&mut *tx).await.map_err(map_err)?;
+            sqlx::query("INSERT INTO keyward_migrations (version, name, applied_at) VALUES (?1, ?2, strftime('%s','now') * 1000)")
+                .bind(m.version)
+                .bind(m.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            tx.commit().await.map_err(map_err)?;
+            tracing::info!(version = m.version, name = m.name, "applied migration");
+        }
+        Ok(())
+    }
+}
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY
+            Some("2067") | Some("1555") => StoreError::Conflict(db.message().to_owned()),
+            // SQLITE_CONSTRAINT_FOREIGNKEY
+            Some("787") => StoreError::NotFound,
+            // SQLITE_BUSY, SQLITE_LOCKED and their extended codes
+            Some(c) if c == "5" || c == "6" || c.parse::<i32>().is_ok_and(|n| n & 0xff == 5 || n & 0xff == 6) => {
+                StoreError::Unavailable(db.message().to_owned())
+            }
+            _ => StoreError::Database(db.message().to_owned()),
+        },
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Database(e.to_string()),
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+fn get<'r, T>(row: &'r SqliteRow, col: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(col).map_err(|e| StoreError::Corrupt(format!("column {col}: {e}")))
+}
+
+fn account_from_row(row: &SqliteRow) -> StoreResult<Account> {
+    let plan: Plan = get::<String>(row, "plan")?.parse().map_err(|_| corrupt("accounts.plan"))?;
+    let limit: Option<i64> = get(row, "shared_credit_limit")?;
+    Ok(Account {
+        id: AccountId::parse(&get::<String>(row, "account_id")?).map_err(|_| corrupt("accounts.id"))?,
+        name: get(row, "name")?,
+        plan,
+        shared_credit_limit: limit.unwrap_or_else(|| plan.default_shared_credit_limit()),
+    })
+}
+
+fn membership_from_row(row: &SqliteRow) -> StoreResult<Membership> {
+    Ok(Membership {
+        account: account_from_row(row)?,
+        role: get::<String>(row, "role")?.parse().map_err(|_| corrupt("memberships.role"))?,
+    })
+}
+
+fn user_from_row(row: &SqliteRow) -> StoreResult<User> {
+    Ok(User {
+        id: UserId::parse(&get::<String>(row, "id")?).map_err(|_| corrupt("users.id"))?,
+        email: Email::parse(&get::<String>(row, "email")?).map_err(|_| corrupt("users.email"))?,
+    })
+}
+
+fn key_meta_from_row(row: &SqliteRow) -> StoreResult<KeyMeta> {
+    let last_test = match (get::<Option<i64>>(row, "last_test_ok")?, get::<Option<i64>>(row, "last_test_at")?) {
+        (Some(ok), Some(at)) => Some(LastTest {
+            ok: ok != 0,
+            at: UnixMillis(at),
+            message: get::<Option<String>>(row, "last_test_message")?.unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    Ok(KeyMeta {
+        key_id: KeyId::parse(&get::<String>(row, "key_id")?).map_err(|_| corrupt("provider_keys.key_id"))?,
+        last4: Last4::from_stored(&get::<String>(row, "last4")?).ok_or_else(|| corrupt("provider_keys.last4"))?,
+        created_at: UnixMillis(get(row, "created_at")?),
+        updated_at: UnixMillis(get(row, "updated_at")?),
+        last_test,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEvent> {
+    Ok(AuditEvent {
+        id: get(row, "id")?,
+        account_id: get(row, "account_id")?,
+        seq: get(row, "seq")?,
+        at: get(row, "at")?,
+        actor: get(row, "actor")?,
+        action: get(row, "action")?,
+        provider: get(row, "provider")?,
+        key_source: get(row, "key_source")?,
+        key_last4: get(row, "key_last4")?,
+        model: get(row, "model")?,
+        outcome: get(row, "outcome")?,
+        detail: get(row, "detail")?,
+        provider_request_id: get(row, "provider_request_id")?,
+        input_tokens: get(row, "input_tokens")?,
+        output_tokens: get(row, "output_tokens")?,
+        feature: get(row, "feature")?,
+        mac: get(row, "mac")?,
+    })
+}
+
+const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
+const KEY_COLUMNS: &str =
+    "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
+
+/// Appends events to their chains inside the caller's transaction.
+async fn append_in_tx(conn: &mut SqliteConnection, chain_key: &AuditChainKey, events: &[NewAuditEvent]) -> StoreResult<()> {
+    let mut heads: HashMap<String, (i64, [u8; 32])> = HashMap::new();
+    for new in events {
+        let account = new.account_id.as_str().to_owned();
+        let (seq, prev) = match heads.get(&account) {
+            Some(h) => *h,
+            None => {
+                let row = sqlx::query("SELECT seq, mac FROM audit_heads WHERE account_id = ?1")
+                    .bind(&account)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(map_err)?;
+                match row {
+                    None => (0, GENESIS_MAC),
+                    Some(r) => {
+                        let mac: Vec<u8> = get(&r, "mac")?;
+                        (get(&r, "seq")?, mac.as_slice().try_into().map_err(|_| corrupt("audit_heads.mac"))?)
+                    }
+                }
+            }
+        };
+        let mut event = new.clone().into_event(seq + 1);
+        let mac = event.seal_link(chain_key, &prev);
+        sqlx::query(
+            "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )
+        .bind(&event.account_id)
+        .bind(event.seq)
+        .bind(event.at)
+        .bind(&event.actor)
+        .bind(&event.action)
+        .bind(&event.provider)
+        .bind(&event.key_source)
+        .bind(&event.key_last4)
+        .bind(&event.model)
+        .bind(&event.outcome)
+        .bind(&event.detail)
+        .bind(&event.provider_request_id)
+        .bind(event.input_tokens)
+        .bind(event.output_tokens)
+        .bind(&event.feature)
+        .bind(&event.mac)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        heads.insert(account, (event.seq, mac));
+    }
+    for (account, (seq, mac)) in heads {
+        sqlx::query(
+            "INSERT INTO audit_heads (account_id, seq, mac) VALUES (?1, ?2, ?3)
+             ON CONFLICT (account_id) DO UPDATE SET seq = excluded.seq, mac = excluded.mac",
+        )
+        .bind(account)
+        .bind(seq)
+        .bind(mac.to_vec())
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    }
+    Ok(())
+}
+
+async fn state_in(conn: &mut SqliteConnection, account: &AccountId, provider: Provider) -> StoreResult<ProviderState> {
+    let source: Option<String> = sqlx::query_scalar("SELECT source FROM provider_sources WHERE account_id = ?1 AND provider = ?2")
+        .bind(account.as_str())
+        .bind(provider.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    let key = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM provider_keys WHERE account_id = ?1 AND provider = ?2"))
+        .bind(account.as_str())
+        .bind(provider.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    Ok(ProviderState {
+        provider,
+        source: source
+            .map(|s| s.parse::<KeySource>())
+            .transpose()
+            .map_err(|_| corrupt("provider_sources.source"))?
+            .unwrap_or_default(),
+        key: key.as_ref().map(key_meta_from_row).transpose()?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn create_user(&self, id: &UserId, email: &Email, token_hash: &str, now: UnixMillis) -> StoreResult<()> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        sqlx::query("INSERT INTO users (id, email, created_at) VALUES (?1, ?2, ?3)")
+            .bind(id.as_str())
+            .bind(email.as_str())
+            .bind(now.as_i64())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match map_err(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("a user with email {email} already exists")),
+                other => other,
+            })?;
+        sqlx::query("INSERT INTO api_tokens (token_hash, user_id, created_at) VALUES (?1, ?2, ?3)")
+            .bind(token_hash)
+            .bind(id.as_str())
+            .bind(now.as_i64())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn user_by_token(&self, token_hash: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query("SELECT u.id, u.email FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1")
+            .bind(token_hash)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
+        let row = sqlx::query("SELECT id, email FROM users WHERE email = ?1")
+            .bind(email.as_str())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn count_users(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&self.reader).await.map_err(map_err)
+    }
+
+    async fn create_account(&self, id: &AccountId, name: &str, plan: Plan, owner: &UserId, now: UnixMillis) -> StoreResult<()> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        sqlx::query("INSERT INTO accounts (id, name, plan, created_at) VALUES (?1, ?2, ?3, ?4)")
+            .bind(id.as_str())
+            .bind(name)
+            .bind(plan.as_str())
+            .bind(now.as_i64())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query("INSERT INTO memberships (account_id, user_id, role, created_at) VALUES (?1, ?2, 'owner', ?3)")
+            .bind(id.as_str())
+            .bind(owner.as_str())
+            .bind(now.as_i64())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn set_membership(&self, account: &AccountId, user: &UserId, role: Role, now: UnixMillis) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO memberships (account_id, user_id, role, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (account_id, user_id) DO UPDATE SET role = excluded.role",
+        )
+        .bind(account.as_str())
+        .bind(user.as_str())
+        .bind(role.as_str())
+        .bind(now.as_i64())
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn set_plan(&self, account: &AccountId, plan: Plan, limit: Option<i64>) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE accounts SET plan = ?2, shared_credit_limit = COALESCE(?3, shared_credit_limit) WHERE id = ?1",
+        )
+        .bind(account.as_str())
+        .bind(plan.as_str())
+        .bind(limit)
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn account(&self, account: &AccountId) -> StoreResult<Option<Account>> {
+        let row = sqlx::query(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = ?1"))
+            .bind(account.as_str())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(account_from_row).transpose()
+    }
+
+    async fn account_ids(&self) -> StoreResult<Vec<AccountId>> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM accounts ORDER BY created_at, id")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?;
+        ids.iter().map(|s| AccountId::parse(s).map_err(|_| corrupt("accounts.id"))).collect()
+    }
+
+    async fn membership(&self, account: &AccountId, user: &UserId) -> StoreResult<Option<Membership>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS}, m.role FROM memberships m JOIN accounts a ON a.id = m.account_id WHERE m.account_id = ?1 AND m.user_id = ?2"
+        ))
+        .bind(account.as_str())
+        .bind(user.as_str())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(membership_from_row).transpose()
+    }
+
+    async fn memberships_of(&self, user: &UserId) -> StoreResult<Vec<Membership>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS}, m.role FROM memberships m JOIN accounts a ON a.id = m.account_id WHERE m.user_id = ?1 ORDER BY a.created_at, a.id"
+        ))
+        .bind(user.as_str())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(membership_from_row).collect()
+    }
+
+    async fn provider_states(&self, account: &AccountId) -> StoreResult<Vec<ProviderState>> {
+        let mut conn = self.reader.acquire().await.map_err(map_err)?;
+        let mut out = Vec::with_capacity(Provider::ALL.len());
+        for p in Provider::ALL {
+            out.push(state_in(&mut conn, account, p).await?);
+        }
+        Ok(out)
+    }
+
+    async fn provider_state(&self, account: &AccountId, provider: Provider) -> StoreResult<ProviderState> {
+        let mut conn = self.reader.acquire().await.map_err(map_err)?;
+        state_in(&mut conn, account, provider).await
+    }
+
+    async fn save_key(&self, account: &AccountId, provider: Provider, key: NewKey, actor: &Actor, now: UnixMillis) -> StoreResult<Saved> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let old_last4: Option<String> = sqlx::query_scalar("SELECT last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2")
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        // Rotation overwrites the row in place: with secure_delete the old blob's bytes are
+        // zeroed in the page, and the checkpoint that follows clears them from the WAL.
+        sqlx::query(
+            "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (account_id, provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
+               last4 = excluded.last4, updated_at = excluded.updated_at,
+               last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL",
+        )
+        .bind(account.as_str())
+        .bind(provider.as_str())
+        .bind(key.key_id.as_str())
+        .bind(key.sealed.as_bytes())
+        .bind(key.last4.as_str())
+        .bind(now.as_i64())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let rotated = old_last4.is_some();
+        let (action, detail) = match &old_last4 {
+            Some(old) => (AuditAction::KeyRotated, Some(format!("replaced key ending {old}"))),
+            None => (AuditAction::KeySaved, None),
+        };
+        let event = NewAuditEvent::key_action(account, now, &actor.0, action, provider, Some(&key.last4), detail);
+        append_in_tx(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
+        let state = state_in(&mut tx, account, provider).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Saved { rotated, state })
+    }
+
+    async fn remove_key(&self, account: &AccountId, provider: Provider, actor: &Actor, now: UnixMillis) -> StoreResult<()> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let last4: Option<String> = sqlx::query_scalar("DELETE FROM provider_keys WHERE account_id = ?1 AND provider = ?2 RETURNING last4")
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let last4 = last4.ok_or(StoreError::NoKeySaved)?;
+        sqlx::query("DELETE FROM provider_sources WHERE account_id = ?1 AND provider = ?2")
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let last4 = Last4::from_stored(&last4).ok_or_else(|| corrupt("provider_keys.last4"))?;
+        let event = NewAuditEvent::key_action(account, now, &actor.0, AuditAction::KeyRemoved, provider, Some(&last4), None);
+        append_in_tx(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn set_source(&self, account: &AccountId, provider: Provider, source: KeySource, actor: &Actor, now: UnixMillis) -> StoreResult<ProviderState> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let before = state_in(&mut tx, account, provider).await?;
+        if source == KeySource::Own && before.key.is_none() {
+            return Err(StoreError::NoKeySaved);
+        }
+        if before.source != source {
+            sqlx::query(
+                "INSERT INTO provider_sources (account_id, provider, source) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (account_id, provider) DO UPDATE SET source = excluded.source",
+            )
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .bind(source.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            let mut event = NewAuditEvent::key_action(
+                account,
+                now,
+                &actor.0,
+                AuditAction::KeySourceChanged,
+                provider,
+                before.key.as_ref().map(|k| &k.last4),
+                Some(format!("{} -> {}", before.source, source)),
+            );
+            event.key_source = Some(source);
+            append_in_tx(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
+        }
+        let after = state_in(&mut tx, account, provider).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(after)
+    }
+
+    async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>> {
+        let row = sqlx::query("SELECT key_id, sealed, last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2")
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.map(|r| {
+            Ok(StoredKey {
+                key_id: KeyId::parse(&get::<String>(&r, "key_id")?).map_err(|_| corrupt("provider_keys.key_id"))?,
+                sealed: SealedKey::from_bytes(get(&r, "sealed")?),
+                last4: Last4::from_stored(&get::<String>(&r, "last4")?).ok_or_else(|| corrupt("provider_keys.last4"))?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn append_audit(&self, events: &[NewAuditEvent]) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        append_in_tx(&mut tx, &self.chain_key, events).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn audit_page(&self, account: &AccountId, limit: u32, before: Option<i64>) -> StoreResult<Vec<AuditEvent>> {
+        let rows = sqlx::query("SELECT * FROM audit_events WHERE account_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3")
+            .bind(account.as_str())
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_chain(&self, account: &AccountId) -> StoreResult<(Vec<AuditEvent>, Option<ChainHead>)> {
+        let mut conn = self.reader.acquire().await.map_err(map_err)?;
+        // One read transaction, so the head and the events are one snapshot.
+        sqlx::query("BEGIN").execute(&mut *conn).await.map_err(map_err)?;
+        let result = async {
+            let rows = sqlx::query("SELECT * FROM audit_events WHERE account_id = ?1 ORDER BY seq, id")
+                .bind(account.as_str())
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(map_err)?;
+            let events = rows.iter().map(audit_from_row).collect::<StoreResult<Vec<_>>>()?;
+            let head = sqlx::query("SELECT seq, mac FROM audit_heads WHERE account_id = ?1")
+                .bind(account.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(map_err)?
+                .map(|r| Ok::<_, StoreError>(ChainHead { seq: get(&r, "seq")?, mac: get(&r, "mac")? }))
+                .transpose()?;
+            Ok((events, head))
+        }
+        .await;
+        sqlx::query("COMMIT").execute(&mut *conn).await.map_err(map_err)?;
+        result
+    }
+
+    async fn purge_removed(&self) -> StoreResult<bool> {
+        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&self.writer).await.map_err(map_err)?;
+        let busy: i64 = row.try_get(0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(busy == 0)
+    }
+}

@@ -1,0 +1,171 @@
+//! The `keyward` binary: parses the command line and hands each command to the crate
+//! that owns it. The only place `anyhow` is used, and the only place the process
+//! environment is read (into `Config`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use keyward_crypto::AuditChainKey;
+use keyward_server::audit_ops::{self, Verdict};
+use keyward_server::clock::SystemClock;
+use keyward_server::runtime::{open_store, prepare_data_dir};
+use keyward_server::{admin, logging, serve, Config};
+
+#[derive(Parser)]
+#[command(name = "keyward", version, about = "Bring-your-own-key vault and gateway for AI model keys")]
+struct Cli {
+    /// A TOML file of settings (environment variables win over it).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (and, on first start, create the owner and print their token).
+    Serve,
+    /// Users, accounts, memberships and plans.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a user; prints the user id and a token (shown once).
+    CreateUser {
+        #[arg(long)]
+        email: String,
+    },
+    /// Create an account owned by an existing user.
+    CreateAccount {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        plan: String,
+        #[arg(long)]
+        owner: String,
+    },
+    /// Add a user to an account, or change their role.
+    AddMember {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        role: String,
+    },
+    /// Change an account's plan and, optionally, its monthly shared-pool credit limit.
+    SetPlan {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        plan: String,
+        #[arg(long)]
+        shared_credit_limit: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the audit chain; exit 0 when intact, 1 naming the first broken event.
+    Verify {
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Print an account's events as JSON lines, oldest first.
+    Export {
+        #[arg(long)]
+        account: String,
+    },
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{v}")?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "keyward: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref(), std::env::vars()).context("configuration")?;
+    logging::init(&config.log, config.log_format).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => {
+                serve::serve(config).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Admin { command } => {
+                prepare_data_dir(&config)?;
+                let store = open_store(&config).await?;
+                let clock = Arc::new(SystemClock);
+                let out = match command {
+                    AdminCommand::CreateUser { email } => {
+                        let (id, token) = admin::create_user(store.as_ref(), clock.as_ref(), &email).await?;
+                        serde_json::json!({ "user_id": id, "token": token.as_str() })
+                    }
+                    AdminCommand::CreateAccount { name, plan, owner } => {
+                        let id = admin::create_account(store.as_ref(), clock.as_ref(), &name, &plan, &owner).await?;
+                        serde_json::json!({ "account_id": id })
+                    }
+                    AdminCommand::AddMember { account, email, role } => {
+                        admin::add_member(store.as_ref(), clock.as_ref(), &account, &email, &role).await?
+                    }
+                    AdminCommand::SetPlan { account, plan, shared_credit_limit } => {
+                        admin::set_plan(store.as_ref(), &account, &plan, shared_credit_limit).await?
+                    }
+                };
+                print_json(&out)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Audit { command } => {
+                let store = open_store(&config).await?;
+                let key = AuditChainKey::load(&config.data_dir)?;
+                match command {
+                    AuditCommand::Verify { account } => {
+                        let verdict = audit_ops::verify(store.as_ref(), &key, account.as_deref()).await?;
+                        print_json(&verdict.to_json())?;
+                        match verdict {
+                            Verdict::Intact { .. } => Ok(ExitCode::SUCCESS),
+                            Verdict::Broken(b) => {
+                                let at = b.event_id.map_or_else(|| format!("seq {}", b.seq), |id| format!("event {id} (seq {})", b.seq));
+                                let _ = writeln!(std::io::stderr(), "keyward: audit chain of {} broken at {at}: {}", b.account_id, b.reason);
+                                Ok(ExitCode::from(1))
+                            }
+                        }
+                    }
+                    AuditCommand::Export { account } => {
+                        let mut out = std::io::stdout().lock();
+                        for line in audit_ops::export(store.as_ref(), &account).await? {
+                            writeln!(out, "{line}")?;
+                        }
+                        Ok(ExitCode::SUCCESS)
+                    }
+                }
+            }
+        }
+    })
+}
