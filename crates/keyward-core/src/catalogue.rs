@@ -98,7 +98,10 @@ mod tests {
     fn builtin_catalogue_lists_the_seed_models() {
         let cat = Catalogue::from_toml(include_str!("../catalogue.toml")).unwrap();
         assert_eq!(cat.model_ids(Provider::Anthropic).len(), 3);
-        assert_eq!(cat.model_ids(Provider::OpenAi), ["gpt-4o", "gpt-4o-mini", "gpt-4-turbo"]);
+        assert_eq!(
+            cat.model_ids(Provider::OpenAi),
+            ["gpt-4o", "gpt-4o-mini", "gpt-4-turbo"]
+        );
         assert_eq!(cat.model_ids(Provider::Google), ["gemini-1.5-pro", "gemini-1.5-flash"]);
         assert_eq!(cat.probe_model(Provider::OpenAi).unwrap().id, "gpt-4o-mini");
         assert_eq!(cat, Catalogue::builtin());
@@ -110,7 +113,11 @@ mod tests {
         for p in Provider::ALL {
             let probe = cat.probe_model(p).unwrap();
             for m in cat.models(p) {
-                assert!(probe.output_per_mtok <= m.output_per_mtok, "{p}: {} cheaper than probe", m.id);
+                assert!(
+                    probe.output_per_mtok <= m.output_per_mtok,
+                    "{p}: {} cheaper than probe",
+                    m.id
+                );
             }
         }
     }
@@ -123,12 +130,18 @@ mod tests {
         assert_eq!(mini.credits_for(1, 0), 1);
         assert_eq!(mini.credits_for(1_000_000, 1_000_000), 750);
         // No overflow for absurd token counts: the u128 sum cannot wrap.
-        assert_eq!(mini.credits_for(u64::MAX, 0), (u128::from(u64::MAX) * 150).div_ceil(1_000_000) as u64);
+        assert_eq!(
+            mini.credits_for(u64::MAX, 0),
+            (u128::from(u64::MAX) * 150).div_ceil(1_000_000) as u64
+        );
     }
 
     #[test]
     fn a_catalogue_without_one_probe_is_refused() {
         let text = "anthropic = []\nopenai = []\ngoogle = []\n";
-        assert_eq!(Catalogue::from_toml(text), Err(CatalogueError::Probe(Provider::Anthropic)));
+        assert_eq!(
+            Catalogue::from_toml(text),
+            Err(CatalogueError::Probe(Provider::Anthropic))
+        );
     }
 }

@@ -31,20 +31,28 @@ impl ApiKey {
             return Err(KeyFormatError::Empty { provider });
         }
         if key.starts_with("sk-ant-admin") {
-            return Err(KeyFormatError::AdminKey { of: Provider::Anthropic });
+            return Err(KeyFormatError::AdminKey {
+                of: Provider::Anthropic,
+            });
         }
         if key.starts_with("sk-admin-") {
             return Err(KeyFormatError::AdminKey { of: Provider::OpenAi });
         }
         match looks_like(key) {
             Some(of) if of != provider => {
-                return Err(KeyFormatError::WrongProvider { slot: provider, looks_like: of })
+                return Err(KeyFormatError::WrongProvider {
+                    slot: provider,
+                    looks_like: of,
+                })
             }
             Some(_) => {}
             None => return Err(KeyFormatError::BadPrefix { provider }),
         }
         let body = key.strip_prefix(prefix(provider)).unwrap_or_default();
-        if !body.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if !body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(KeyFormatError::BadCharacters { provider });
         }
         let len = key.len();
@@ -56,7 +64,10 @@ impl ApiKey {
             return Err(KeyFormatError::BadLength { provider });
         }
         let last4 = Last4(key.get(len - 4..).unwrap_or_default().to_owned());
-        Ok(ApiKey { secret: SecretString::from(key), last4 })
+        Ok(ApiKey {
+            secret: SecretString::from(key),
+            last4,
+        })
     }
 
     pub fn last4(&self) -> &Last4 {
@@ -183,21 +194,27 @@ mod tests {
         let key = format!("sk-{}", body(30));
         assert!(ApiKey::parse(OpenAi, &format!("  \t{key}\r\n")).is_ok());
         let inner = format!("sk-{}\n{}", body(10), body(10));
-        assert_eq!(ApiKey::parse(OpenAi, &inner).unwrap_err(), KeyFormatError::BadCharacters { provider: OpenAi });
+        assert_eq!(
+            ApiKey::parse(OpenAi, &inner).unwrap_err(),
+            KeyFormatError::BadCharacters { provider: OpenAi }
+        );
     }
 
     #[test]
     fn length_bounds_on_both_sides() {
         // anthropic/openai: 20..=256 characters in all.
         assert!(ApiKey::parse(Anthropic, &format!("sk-ant-{}", body(13))).is_ok()); // 20
-        assert_eq!(ApiKey::parse(Anthropic, &format!("sk-ant-{}", body(12))).unwrap_err(), KeyFormatError::BadLength { provider: Anthropic }); // 19
+        assert_eq!(
+            ApiKey::parse(Anthropic, &format!("sk-ant-{}", body(12))).unwrap_err(),
+            KeyFormatError::BadLength { provider: Anthropic }
+        ); // 19
         assert!(ApiKey::parse(Anthropic, &format!("sk-ant-{}", body(249))).is_ok()); // 256
         assert!(ApiKey::parse(Anthropic, &format!("sk-ant-{}", body(250))).is_err()); // 257
         assert!(ApiKey::parse(OpenAi, &format!("sk-{}", body(17))).is_ok()); // 20
         assert!(ApiKey::parse(OpenAi, &format!("sk-{}", body(16))).is_err()); // 19
         assert!(ApiKey::parse(OpenAi, &format!("sk-{}", body(253))).is_ok()); // 256
         assert!(ApiKey::parse(OpenAi, &format!("sk-{}", body(254))).is_err()); // 257
-        // google: exactly 39.
+                                                                               // google: exactly 39.
         assert!(ApiKey::parse(Google, &format!("AIza{}", body(34))).is_err());
         assert!(ApiKey::parse(Google, &format!("AIza{}", body(36))).is_err());
     }
@@ -216,12 +233,30 @@ mod tests {
     #[test]
     fn wrong_slot_names_the_right_provider() {
         let e = ApiKey::parse(OpenAi, &format!("sk-ant-{}", body(30))).unwrap_err();
-        assert_eq!(e, KeyFormatError::WrongProvider { slot: OpenAi, looks_like: Anthropic });
+        assert_eq!(
+            e,
+            KeyFormatError::WrongProvider {
+                slot: OpenAi,
+                looks_like: Anthropic
+            }
+        );
         assert!(e.to_string().contains("anthropic"));
         let e = ApiKey::parse(Anthropic, &format!("AIza{}", body(35))).unwrap_err();
-        assert_eq!(e, KeyFormatError::WrongProvider { slot: Anthropic, looks_like: Google });
+        assert_eq!(
+            e,
+            KeyFormatError::WrongProvider {
+                slot: Anthropic,
+                looks_like: Google
+            }
+        );
         let e = ApiKey::parse(Google, &format!("sk-{}", body(30))).unwrap_err();
-        assert_eq!(e, KeyFormatError::WrongProvider { slot: Google, looks_like: OpenAi });
+        assert_eq!(
+            e,
+            KeyFormatError::WrongProvider {
+                slot: Google,
+                looks_like: OpenAi
+            }
+        );
     }
 
     #[test]

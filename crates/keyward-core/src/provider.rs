@@ -75,6 +75,9 @@ mod tests {
     #[test]
     fn serde_uses_the_api_strings() {
         assert_eq!(serde_json::to_string(&Provider::OpenAi).unwrap(), "\"openai\"");
-        assert_eq!(serde_json::from_str::<Provider>("\"google\"").unwrap(), Provider::Google);
+        assert_eq!(
+            serde_json::from_str::<Provider>("\"google\"").unwrap(),
+            Provider::Google
+        );
     }
 }

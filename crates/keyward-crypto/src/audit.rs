@@ -81,18 +81,13 @@ impl AuditChainKey {
 
     /// `HMAC-SHA256(key, "keyward-audit-v1" || prev_mac || canonical_event)`.
     pub fn chain(&self, prev_mac: &[u8; 32], canonical_event: &[u8]) -> [u8; 32] {
-        self.mac(prev_mac, canonical_event)
-            .finalize()
-            .into_bytes()
-            .into()
+        self.mac(prev_mac, canonical_event).finalize().into_bytes().into()
     }
 
     /// Whether `mac` is the chain MAC of `canonical_event` after `prev_mac`. Constant-time
     /// comparison; a `mac` of the wrong length is rejected.
     pub fn verify(&self, prev_mac: &[u8; 32], canonical_event: &[u8], mac: &[u8]) -> bool {
-        self.mac(prev_mac, canonical_event)
-            .verify_slice(mac)
-            .is_ok()
+        self.mac(prev_mac, canonical_event).verify_slice(mac).is_ok()
     }
 }
 

@@ -145,16 +145,15 @@ impl Sealer {
         // Wrap the DEK to the KEK public key (HPKE base mode, single shot), in a copy of it.
         let mut wrapped = Zeroizing::new([0u8; DEK_LEN]);
         wrapped.copy_from_slice(dek.as_ref());
-        let (enc, hpke_tag) =
-            hpke::single_shot_seal_in_place_detached::<HpkeChaCha20Poly1305, HkdfSha256, Kem, _>(
-                &OpModeS::Base,
-                &self.public,
-                HPKE_INFO,
-                wrapped.as_mut(),
-                &binding_bytes,
-                &mut OsRng,
-            )
-            .map_err(|_| CryptoError::SealFailed)?;
+        let (enc, hpke_tag) = hpke::single_shot_seal_in_place_detached::<HpkeChaCha20Poly1305, HkdfSha256, Kem, _>(
+            &OpModeS::Base,
+            &self.public,
+            HPKE_INFO,
+            wrapped.as_mut(),
+            &binding_bytes,
+            &mut OsRng,
+        )
+        .map_err(|_| CryptoError::SealFailed)?;
 
         // Exact capacity up front: the plaintext is copied in once and encrypted in place, and
         // the vector never reallocates (which would leave a plaintext copy behind).
@@ -177,8 +176,7 @@ impl Sealer {
         let body_start = blob.len();
         blob.extend_from_slice(plaintext);
 
-        let cipher =
-            ChaCha20Poly1305::new_from_slice(dek.as_ref()).map_err(|_| CryptoError::SealFailed)?;
+        let cipher = ChaCha20Poly1305::new_from_slice(dek.as_ref()).map_err(|_| CryptoError::SealFailed)?;
         let buffer = blob.get_mut(body_start..).ok_or(CryptoError::SealFailed)?;
         // On error `blob` (which may still hold plaintext) is zeroized as it drops.
         let tag = cipher
@@ -235,8 +233,8 @@ impl Opener {
 
         // Unwrap the DEK in place, inside a zeroizing buffer.
         let enc = KemEncappedKey::from_bytes(body.enc).map_err(|_| CryptoError::Malformed)?;
-        let hpke_tag = AeadTag::<HpkeChaCha20Poly1305>::from_bytes(body.wrapped_tag)
-            .map_err(|_| CryptoError::Malformed)?;
+        let hpke_tag =
+            AeadTag::<HpkeChaCha20Poly1305>::from_bytes(body.wrapped_tag).map_err(|_| CryptoError::Malformed)?;
         let mut dek = Zeroizing::new(*body.wrapped_dek);
         hpke::single_shot_open_in_place_detached::<HpkeChaCha20Poly1305, HkdfSha256, Kem>(
             &OpModeR::Base,
@@ -253,8 +251,7 @@ impl Opener {
         aad.extend_from_slice(header.header);
         aad.extend_from_slice(&binding_bytes);
 
-        let cipher =
-            ChaCha20Poly1305::new_from_slice(dek.as_ref()).map_err(|_| CryptoError::OpenFailed)?;
+        let cipher = ChaCha20Poly1305::new_from_slice(dek.as_ref()).map_err(|_| CryptoError::OpenFailed)?;
         let mut plaintext = Zeroizing::new(body.ciphertext.to_vec());
         cipher
             .decrypt_in_place_detached(
@@ -295,9 +292,7 @@ struct Header<'a> {
 }
 
 fn parse_header(bytes: &[u8]) -> Result<Header<'_>, CryptoError> {
-    let (magic, rest) = bytes
-        .split_first_chunk::<3>()
-        .ok_or(CryptoError::Malformed)?;
+    let (magic, rest) = bytes.split_first_chunk::<3>().ok_or(CryptoError::Malformed)?;
     if *magic != BLOB_MAGIC {
         return Err(CryptoError::Malformed);
     }
@@ -313,14 +308,8 @@ fn parse_header(bytes: &[u8]) -> Result<Header<'_>, CryptoError> {
     if !is_valid_kek_id(kek_id) {
         return Err(CryptoError::Malformed);
     }
-    let header = bytes
-        .get(..header_len(id.len()))
-        .ok_or(CryptoError::Malformed)?;
-    Ok(Header {
-        header,
-        kek_id,
-        rest,
-    })
+    let header = bytes.get(..header_len(id.len())).ok_or(CryptoError::Malformed)?;
+    Ok(Header { header, kek_id, rest })
 }
 
 struct Body<'a> {
@@ -333,21 +322,11 @@ struct Body<'a> {
 }
 
 fn parse_body(rest: &[u8]) -> Result<Body<'_>, CryptoError> {
-    let (enc, rest) = rest
-        .split_first_chunk::<ENC_LEN>()
-        .ok_or(CryptoError::Malformed)?;
-    let (wrapped_dek, rest) = rest
-        .split_first_chunk::<DEK_LEN>()
-        .ok_or(CryptoError::Malformed)?;
-    let (wrapped_tag, rest) = rest
-        .split_first_chunk::<TAG_LEN>()
-        .ok_or(CryptoError::Malformed)?;
-    let (nonce, rest) = rest
-        .split_first_chunk::<NONCE_LEN>()
-        .ok_or(CryptoError::Malformed)?;
-    let (ciphertext, tag) = rest
-        .split_last_chunk::<TAG_LEN>()
-        .ok_or(CryptoError::Malformed)?;
+    let (enc, rest) = rest.split_first_chunk::<ENC_LEN>().ok_or(CryptoError::Malformed)?;
+    let (wrapped_dek, rest) = rest.split_first_chunk::<DEK_LEN>().ok_or(CryptoError::Malformed)?;
+    let (wrapped_tag, rest) = rest.split_first_chunk::<TAG_LEN>().ok_or(CryptoError::Malformed)?;
+    let (nonce, rest) = rest.split_first_chunk::<NONCE_LEN>().ok_or(CryptoError::Malformed)?;
+    let (ciphertext, tag) = rest.split_last_chunk::<TAG_LEN>().ok_or(CryptoError::Malformed)?;
     if ciphertext.len() > MAX_PLAINTEXT_LEN {
         return Err(CryptoError::Malformed);
     }

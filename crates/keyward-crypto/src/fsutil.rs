@@ -66,19 +66,13 @@ pub(crate) fn ensure_private_dir(dir: &Path, kind: FileKind) -> Result<(), Crypt
 /// Opens `path` for reading; `Ok(None)` if it does not exist. Checks it is a regular file of
 /// exactly `N` bytes (and, if `secret`, that it has no group/other permission bits: checked on
 /// the open file, so there is no window between the check and the read).
-fn open_exact<const N: usize>(
-    path: &Path,
-    kind: FileKind,
-    secret: bool,
-) -> Result<Option<File>, CryptoError> {
+fn open_exact<const N: usize>(path: &Path, kind: FileKind, secret: bool) -> Result<Option<File>, CryptoError> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(kind.io(path, "cannot open", &e)),
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| kind.io(path, "cannot stat", &e))?;
+    let meta = file.metadata().map_err(|e| kind.io(path, "cannot stat", &e))?;
     if !meta.is_file() {
         return Err(kind.err(path, "not a regular file"));
     }
@@ -88,10 +82,7 @@ fn open_exact<const N: usize>(
         });
     }
     if meta.len() != N as u64 {
-        return Err(kind.err(
-            path,
-            format!("expected exactly {N} bytes, found {}", meta.len()),
-        ));
+        return Err(kind.err(path, format!("expected exactly {N} bytes, found {}", meta.len())));
     }
     Ok(Some(file))
 }
@@ -112,10 +103,7 @@ pub(crate) fn read_secret<const N: usize>(
 }
 
 /// Reads a public (non-secret) file of exactly `N` bytes; `Ok(None)` if absent.
-pub(crate) fn read_public<const N: usize>(
-    path: &Path,
-    kind: FileKind,
-) -> Result<Option<[u8; N]>, CryptoError> {
+pub(crate) fn read_public<const N: usize>(path: &Path, kind: FileKind) -> Result<Option<[u8; N]>, CryptoError> {
     let Some(mut file) = open_exact::<N>(path, kind, false)? else {
         return Ok(None);
     };
@@ -172,11 +160,7 @@ pub(crate) fn create_new_atomic(
         .ok_or_else(|| kind.err(path, "path has no file name"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(format!(
-        ".tmp-{}-{:016x}",
-        std::process::id(),
-        OsRng.next_u64()
-    ));
+    tmp_name.push(format!(".tmp-{}-{:016x}", std::process::id(), OsRng.next_u64()));
     let tmp_path = dir.join(tmp_name);
 
     let mut file = OpenOptions::new()

@@ -57,9 +57,7 @@ pub mod local;
 mod secret;
 
 pub use audit::{AuditChainKey, AUDIT_KEY_FILE, GENESIS_MAC};
-pub use envelope::{
-    Binding, Opener, SealedKey, Sealer, BLOB_MAGIC, BLOB_VERSION, HPKE_INFO, MAX_PLAINTEXT_LEN,
-};
+pub use envelope::{Binding, Opener, SealedKey, Sealer, BLOB_MAGIC, BLOB_VERSION, HPKE_INFO, MAX_PLAINTEXT_LEN};
 pub use error::CryptoError;
 pub use secret::SecretBytes;
 

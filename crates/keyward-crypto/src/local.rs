@@ -39,16 +39,12 @@ pub fn kek_id(version: u32) -> String {
 
 /// `<data_dir>/kek/local-<version>.pub`.
 pub fn public_key_path(data_dir: &Path, version: u32) -> PathBuf {
-    data_dir
-        .join(KEK_DIR)
-        .join(format!("{}.pub", kek_id(version)))
+    data_dir.join(KEK_DIR).join(format!("{}.pub", kek_id(version)))
 }
 
 /// `<data_dir>/kek/local-<version>.key`.
 pub fn private_key_path(data_dir: &Path, version: u32) -> PathBuf {
-    data_dir
-        .join(KEK_DIR)
-        .join(format!("{}.key", kek_id(version)))
+    data_dir.join(KEK_DIR).join(format!("{}.key", kek_id(version)))
 }
 
 /// Creates the current KEK pair if absent; leaves an existing pair as it is (after checking
@@ -96,8 +92,7 @@ pub fn ensure_kek_version(data_dir: &Path, version: u32) -> Result<(), CryptoErr
             OsRng.fill_bytes(fresh.as_mut());
             // Whether we created it or another process beat us to it, read back what is there.
             fsutil::create_new_atomic(&private_path, fresh.as_ref(), 0o600, KIND)?;
-            read_private(&private_path)?
-                .ok_or_else(|| KIND.err(&private_path, "vanished right after being created"))?
+            read_private(&private_path)?.ok_or_else(|| KIND.err(&private_path, "vanished right after being created"))?
         }
     };
 
@@ -121,8 +116,7 @@ pub fn load_sealer_version(data_dir: &Path, version: u32) -> Result<Sealer, Cryp
     let path = public_key_path(data_dir, version);
     let bytes = fsutil::read_public::<KEY_LEN>(&path, KIND)?
         .ok_or_else(|| KIND.err(&path, "not found (run ensure_kek first)"))?;
-    let public = KemPublicKey::from_bytes(&bytes)
-        .map_err(|_| KIND.err(&path, "not a valid X25519 public key"))?;
+    let public = KemPublicKey::from_bytes(&bytes).map_err(|_| KIND.err(&path, "not a valid X25519 public key"))?;
     Ok(Sealer::new(kek_id, public))
 }
 
@@ -130,8 +124,8 @@ pub fn load_sealer_version(data_dir: &Path, version: u32) -> Result<Sealer, Cryp
 pub fn load_opener_version(data_dir: &Path, version: u32) -> Result<Opener, CryptoError> {
     let kek_id = checked_kek_id(data_dir, version)?;
     let private_path = private_key_path(data_dir, version);
-    let private = read_private(&private_path)?
-        .ok_or_else(|| KIND.err(&private_path, "not found (run ensure_kek first)"))?;
+    let private =
+        read_private(&private_path)?.ok_or_else(|| KIND.err(&private_path, "not found (run ensure_kek first)"))?;
     let public_path = public_key_path(data_dir, version);
     let found = fsutil::read_public::<KEY_LEN>(&public_path, KIND)?
         .ok_or_else(|| KIND.err(&public_path, "not found (run ensure_kek first)"))?;

@@ -5,9 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use keyward_crypto::{
-    local, AuditChainKey, Binding, CryptoError, Opener, SealedKey, Sealer, SecretBytes, GENESIS_MAC,
-};
+use keyward_crypto::{local, AuditChainKey, Binding, CryptoError, Opener, SealedKey, Sealer, SecretBytes, GENESIS_MAC};
 use proptest::prelude::*;
 use tempfile::TempDir;
 
@@ -47,14 +45,8 @@ mod support {
     pub fn assert_no_bytes(text: &str, secret: &[u8]) {
         let lower = hex(secret);
         assert!(!text.contains(&lower), "{text} contains hex of secret");
-        assert!(
-            !text.contains(&lower.to_uppercase()),
-            "{text} contains HEX of secret"
-        );
-        assert!(
-            !text.contains(&format!("{secret:?}")),
-            "{text} contains byte list"
-        );
+        assert!(!text.contains(&lower.to_uppercase()), "{text} contains HEX of secret");
+        assert!(!text.contains(&format!("{secret:?}")), "{text} contains byte list");
         if let Ok(s) = std::str::from_utf8(secret) {
             assert!(!text.contains(s), "{text} contains secret text");
         }
@@ -81,12 +73,7 @@ use support::*;
 #[test]
 fn round_trips() {
     let (_dir, sealer, opener) = keypair();
-    for plaintext in [
-        vec![],
-        vec![0x42],
-        (0..=255u8).collect::<Vec<_>>(),
-        vec![7; 100],
-    ] {
+    for plaintext in [vec![], vec![0x42], (0..=255u8).collect::<Vec<_>>(), vec![7; 100]] {
         let blob = sealer.seal(&BINDING, &plaintext).unwrap();
         assert_eq!(blob.kek_id().unwrap(), "local-1");
         let opened = opener.open(&BINDING, &blob).unwrap();
@@ -106,10 +93,7 @@ fn blob_size_is_documented_size() {
         // 3 magic + 1 version + 1 + 7 "local-1" + 32 enc + 48 wrapped DEK + 12 nonce + 16 tag.
         assert_eq!(blob.as_bytes().len(), 120 + len);
     }
-    assert_eq!(
-        sealer.seal(&BINDING, &[1; 100]).unwrap().as_bytes().len(),
-        220
-    );
+    assert_eq!(sealer.seal(&BINDING, &[1; 100]).unwrap().as_bytes().len(), 220);
 }
 
 #[test]
@@ -145,13 +129,8 @@ fn every_bit_flip_fails() {
     for pos in 12..bytes.len() {
         let mut tampered = bytes.to_vec();
         tampered[pos] ^= 0x80;
-        let err = opener
-            .open(&BINDING, &SealedKey::from_bytes(tampered))
-            .unwrap_err();
-        assert!(
-            matches!(err, CryptoError::OpenFailed),
-            "byte {pos}: {err:?}"
-        );
+        let err = opener.open(&BINDING, &SealedKey::from_bytes(tampered)).unwrap_err();
+        assert!(matches!(err, CryptoError::OpenFailed), "byte {pos}: {err:?}");
     }
 }
 
@@ -254,10 +233,7 @@ fn blob_from_another_kek_fails() {
     let (_dir_b, sealer_b, opener_b) = keypair();
     let blob = sealer_a.seal(&BINDING, b"sk-ant-a").unwrap();
     // Same kek id, different key pair.
-    assert!(matches!(
-        opener_b.open(&BINDING, &blob),
-        Err(CryptoError::OpenFailed)
-    ));
+    assert!(matches!(opener_b.open(&BINDING, &blob), Err(CryptoError::OpenFailed)));
     assert!(matches!(
         opener_a.open(&BINDING, &sealer_b.seal(&BINDING, b"b").unwrap()),
         Err(CryptoError::OpenFailed)
@@ -297,10 +273,7 @@ fn kek_id_of_garbage_is_malformed() {
         b"KWB\x01\x03a b",
     ] {
         let blob = SealedKey::from_bytes(bytes.to_vec());
-        assert!(
-            matches!(blob.kek_id(), Err(CryptoError::Malformed)),
-            "{bytes:?}"
-        );
+        assert!(matches!(blob.kek_id(), Err(CryptoError::Malformed)), "{bytes:?}");
         assert!(format!("{blob:?}").contains("malformed"));
     }
     let ok = SealedKey::from_bytes(b"KWB\x01\x07local-1".to_vec());
@@ -419,19 +392,10 @@ fn ensure_kek_twice_keeps_the_key() {
     local::ensure_kek(dir.path()).unwrap();
     let private = fs::read(local::private_key_path(dir.path(), 1)).unwrap();
     let public = fs::read(local::public_key_path(dir.path(), 1)).unwrap();
-    let blob = local::load_sealer(dir.path())
-        .unwrap()
-        .seal(&BINDING, b"kept")
-        .unwrap();
+    let blob = local::load_sealer(dir.path()).unwrap().seal(&BINDING, b"kept").unwrap();
     local::ensure_kek(dir.path()).unwrap();
-    assert_eq!(
-        fs::read(local::private_key_path(dir.path(), 1)).unwrap(),
-        private
-    );
-    assert_eq!(
-        fs::read(local::public_key_path(dir.path(), 1)).unwrap(),
-        public
-    );
+    assert_eq!(fs::read(local::private_key_path(dir.path(), 1)).unwrap(), private);
+    assert_eq!(fs::read(local::public_key_path(dir.path(), 1)).unwrap(), public);
     let opener = local::load_opener(dir.path()).unwrap();
     assert_eq!(opener.open(&BINDING, &blob).unwrap().expose(), b"kept");
 }
@@ -449,10 +413,7 @@ fn concurrent_ensure_kek_agrees_on_one_pair() {
     for handle in handles {
         handle.join().unwrap().unwrap();
     }
-    let blob = local::load_sealer(&path)
-        .unwrap()
-        .seal(&BINDING, b"race")
-        .unwrap();
+    let blob = local::load_sealer(&path).unwrap().seal(&BINDING, b"race").unwrap();
     let opener = local::load_opener(&path).unwrap();
     assert_eq!(opener.open(&BINDING, &blob).unwrap().expose(), b"race");
     assert_eq!(fs::read_dir(path.join("kek")).unwrap().count(), 2);
@@ -467,9 +428,7 @@ fn load_sealer_never_reads_the_private_key() {
     fs::remove_file(&private).unwrap();
     let sealer = local::load_sealer(dir.path()).unwrap();
     assert_eq!(sealer.kek_id(), "local-1");
-    let blob = sealer
-        .seal(&BINDING, b"sealed without the private key")
-        .unwrap();
+    let blob = sealer.seal(&BINDING, b"sealed without the private key").unwrap();
     // Without the private key nothing opens, and ensure_kek refuses to make a new pair.
     assert!(matches!(
         local::load_opener(dir.path()),
@@ -620,19 +579,11 @@ fn secret_bytes_exposes_through_secrecy() {
 fn audit_chain_mac() {
     let key = AuditChainKey::from_bytes_for_tests([9; 32]);
     let first = key.chain(&GENESIS_MAC, b"event one");
-    assert_eq!(
-        first,
-        key.chain(&GENESIS_MAC, b"event one"),
-        "deterministic"
-    );
+    assert_eq!(first, key.chain(&GENESIS_MAC, b"event one"), "deterministic");
     assert_ne!(first, key.chain(&GENESIS_MAC, b"event two"), "other event");
     assert_ne!(first, key.chain(&[1; 32], b"event one"), "other prev");
     let other_key = AuditChainKey::from_bytes_for_tests([8; 32]);
-    assert_ne!(
-        first,
-        other_key.chain(&GENESIS_MAC, b"event one"),
-        "other key"
-    );
+    assert_ne!(first, other_key.chain(&GENESIS_MAC, b"event one"), "other key");
     let second = key.chain(&first, b"event two");
 
     assert!(key.verify(&GENESIS_MAC, b"event one", &first));
@@ -667,9 +618,7 @@ fn audit_key_file() {
     assert_eq!(bytes.len(), 32);
     assert_ne!(bytes, [0u8; 32]);
 
-    let mac = AuditChainKey::load(dir.path())
-        .unwrap()
-        .chain(&GENESIS_MAC, b"e");
+    let mac = AuditChainKey::load(dir.path()).unwrap().chain(&GENESIS_MAC, b"e");
     AuditChainKey::ensure(dir.path()).unwrap();
     assert_eq!(fs::read(&path).unwrap(), bytes, "ensure keeps the key");
     let reloaded = AuditChainKey::load(dir.path()).unwrap();

@@ -15,7 +15,11 @@ fn bad(what: impl std::fmt::Display) -> RuntimeError {
 }
 
 /// Creates a user with a fresh token. The token is returned once and only its hash kept.
-pub async fn create_user(store: &dyn Store, clock: &dyn Clock, email: &str) -> Result<(UserId, Zeroizing<String>), RuntimeError> {
+pub async fn create_user(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    email: &str,
+) -> Result<(UserId, Zeroizing<String>), RuntimeError> {
     let email = Email::parse(email).map_err(|e| bad(format!("--email: {e}")))?;
     let id = UserId::from_random(random_id_bytes());
     let (token, hash) = new_token();
@@ -23,7 +27,13 @@ pub async fn create_user(store: &dyn Store, clock: &dyn Clock, email: &str) -> R
     Ok((id, token))
 }
 
-pub async fn create_account(store: &dyn Store, clock: &dyn Clock, name: &str, plan: &str, owner: &str) -> Result<AccountId, RuntimeError> {
+pub async fn create_account(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    name: &str,
+    plan: &str,
+    owner: &str,
+) -> Result<AccountId, RuntimeError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(bad("--name: expected 1 to 200 printable characters"));
@@ -37,7 +47,10 @@ pub async fn create_account(store: &dyn Store, clock: &dyn Clock, name: &str, pl
 
 async fn user_by_email(store: &dyn Store, email: &str) -> Result<UserId, RuntimeError> {
     let email = Email::parse(email).map_err(|e| bad(format!("--email: {e}")))?;
-    let user = store.user_by_email(&email).await?.ok_or_else(|| bad(format!("no user with email {email}")))?;
+    let user = store
+        .user_by_email(&email)
+        .await?
+        .ok_or_else(|| bad(format!("no user with email {email}")))?;
     Ok(user.id)
 }
 
@@ -45,10 +58,19 @@ fn account_id(raw: &str) -> Result<AccountId, RuntimeError> {
     AccountId::parse(raw).map_err(|_| bad("--account: expected an account id (acc_…)"))
 }
 
-pub async fn add_member(store: &dyn Store, clock: &dyn Clock, account: &str, email: &str, role: &str) -> Result<Value, RuntimeError> {
+pub async fn add_member(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    account: &str,
+    email: &str,
+    role: &str,
+) -> Result<Value, RuntimeError> {
     let account = account_id(account)?;
     let role: Role = role.parse().map_err(|e| bad(format!("--role: {e}")))?;
-    store.account(&account).await?.ok_or_else(|| bad(format!("no account {account}")))?;
+    store
+        .account(&account)
+        .await?
+        .ok_or_else(|| bad(format!("no account {account}")))?;
     let user = user_by_email(store, email).await?;
     store.set_membership(&account, &user, role, clock.now()).await?;
     Ok(json!({ "account_id": account, "user_id": user, "role": role }))
@@ -64,7 +86,10 @@ pub async fn set_plan(store: &dyn Store, account: &str, plan: &str, limit: Optio
         keyward_store::StoreError::NotFound => bad(format!("no account {account}")),
         other => other.into(),
     })?;
-    let after = store.account(&account).await?.ok_or_else(|| bad(format!("no account {account}")))?;
+    let after = store
+        .account(&account)
+        .await?
+        .ok_or_else(|| bad(format!("no account {account}")))?;
     Ok(json!({ "account_id": account, "plan": after.plan, "shared_credit_limit": after.shared_credit_limit }))
 }
 
@@ -85,5 +110,9 @@ pub async fn first_start(store: &dyn Store, clock: &dyn Clock) -> Result<Option<
     }
     let (user_id, token) = create_user(store, clock, FIRST_OWNER_EMAIL).await?;
     let account_id = create_account(store, clock, "Personal", "pro", FIRST_OWNER_EMAIL).await?;
-    Ok(Some(FirstStart { user_id, token, account_id }))
+    Ok(Some(FirstStart {
+        user_id,
+        token,
+        account_id,
+    }))
 }

@@ -34,14 +34,19 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("sealer", &self.sealer).finish_non_exhaustive()
+        f.debug_struct("AppState")
+            .field("sealer", &self.sealer)
+            .finish_non_exhaustive()
     }
 }
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let accounts = Router::new()
         .route("/model-keys", get(routes::model_keys::list))
-        .route("/model-keys/{provider}", put(routes::model_keys::save).delete(routes::model_keys::remove))
+        .route(
+            "/model-keys/{provider}",
+            put(routes::model_keys::save).delete(routes::model_keys::remove),
+        )
         .route("/model-keys/{provider}/source", put(routes::model_keys::set_source))
         .route("/audit", get(routes::audit::list));
     Router::new()

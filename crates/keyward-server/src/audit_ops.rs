@@ -20,16 +20,20 @@ impl Verdict {
     pub fn to_json(&self) -> Value {
         match self {
             Verdict::Intact { accounts, events } => json!({ "ok": true, "accounts": accounts, "events": events }),
-            Verdict::Broken(b) => json!({ "ok": false, "account_id": b.account_id, "event_id": b.event_id, "seq": b.seq, "reason": b.reason }),
+            Verdict::Broken(b) => {
+                json!({ "ok": false, "account_id": b.account_id, "event_id": b.event_id, "seq": b.seq, "reason": b.reason })
+            }
         }
     }
 }
 
 pub async fn verify(store: &dyn Store, key: &AuditChainKey, account: Option<&str>) -> Result<Verdict, RuntimeError> {
-    let accounts = match account {
-        Some(a) => vec![AccountId::parse(a).map_err(|_| RuntimeError::Other("--account: expected an account id (acc_…)".into()))?],
-        None => store.account_ids().await?,
-    };
+    let accounts =
+        match account {
+            Some(a) => vec![AccountId::parse(a)
+                .map_err(|_| RuntimeError::Other("--account: expected an account id (acc_…)".into()))?],
+            None => store.account_ids().await?,
+        };
     let mut total = 0;
     for account in &accounts {
         let (events, head) = store.audit_chain(account).await?;
@@ -38,13 +42,20 @@ pub async fn verify(store: &dyn Store, key: &AuditChainKey, account: Option<&str
             Err(b) => return Ok(Verdict::Broken(b)),
         }
     }
-    Ok(Verdict::Intact { accounts: accounts.len(), events: total })
+    Ok(Verdict::Intact {
+        accounts: accounts.len(),
+        events: total,
+    })
 }
 
 /// Every event of an account, oldest first, as JSON lines with `seq` and `mac` (hex).
 pub async fn export(store: &dyn Store, account: &str) -> Result<Vec<String>, RuntimeError> {
-    let account = AccountId::parse(account).map_err(|_| RuntimeError::Other("--account: expected an account id (acc_…)".into()))?;
-    store.account(&account).await?.ok_or_else(|| RuntimeError::Other(format!("no account {account}")))?;
+    let account = AccountId::parse(account)
+        .map_err(|_| RuntimeError::Other("--account: expected an account id (acc_…)".into()))?;
+    store
+        .account(&account)
+        .await?
+        .ok_or_else(|| RuntimeError::Other(format!("no account {account}")))?;
     let (events, _) = store.audit_chain(&account).await?;
     Ok(events
         .iter()

@@ -4,8 +4,8 @@
 //! high-entropy, so a fast hash suffices and lookups stay one indexed read.
 
 use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
 use base64::Engine;
 use keyward_core::{AccountId, Role};
 use keyward_store::{Membership, User};
@@ -51,13 +51,21 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Caller> {
-        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(ApiError::unauthorized)?;
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(ApiError::unauthorized)?;
         let token = header
             .strip_prefix("Bearer ")
             .map(str::trim)
             .filter(|t| t.starts_with(TOKEN_PREFIX) && t.len() <= 128)
             .ok_or_else(ApiError::unauthorized)?;
-        let user = state.store.user_by_token(&hash_token(token)).await?.ok_or_else(ApiError::unauthorized)?;
+        let user = state
+            .store
+            .user_by_token(&hash_token(token))
+            .await?
+            .ok_or_else(ApiError::unauthorized)?;
         Ok(Caller { user })
     }
 }
@@ -67,7 +75,11 @@ impl Caller {
     /// member, so account ids cannot be probed.
     pub async fn member_of(&self, state: &AppState, account: &str) -> ApiResult<Membership> {
         let account = AccountId::parse(account).map_err(|_| ApiError::not_found())?;
-        state.store.membership(&account, &self.user.id).await?.ok_or_else(ApiError::not_found)
+        state
+            .store
+            .membership(&account, &self.user.id)
+            .await?
+            .ok_or_else(ApiError::not_found)
     }
 
     pub async fn manager_of(&self, state: &AppState, account: &str, what: &str) -> ApiResult<Membership> {

@@ -96,7 +96,10 @@ impl Config {
                 path: path.display().to_string(),
                 reason: e.to_string(),
             })?;
-            for (k, v) in parse_file(&text).map_err(|reason| ConfigError::File { path: path.display().to_string(), reason })? {
+            for (k, v) in parse_file(&text).map_err(|reason| ConfigError::File {
+                path: path.display().to_string(),
+                reason,
+            })? {
                 values.insert(k, v);
             }
         }
@@ -136,27 +139,51 @@ impl Config {
             }
         };
         let workers = parse_num::<u16>(get("KEYWARD_WORKERS"), "KEYWARD_WORKERS", 2, 1, 64)?;
-        let max_body_bytes = parse_num::<usize>(get("KEYWARD_MAX_BODY_BYTES"), "KEYWARD_MAX_BODY_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024)?;
+        let max_body_bytes = parse_num::<usize>(
+            get("KEYWARD_MAX_BODY_BYTES"),
+            "KEYWARD_MAX_BODY_BYTES",
+            64 * 1024,
+            1024,
+            16 * 1024 * 1024,
+        )?;
         let log_format = match get("KEYWARD_LOG_FORMAT").unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                return Err(ConfigError::Invalid { var: "KEYWARD_LOG_FORMAT", reason: format!("expected text or json, got {other:?}") })
+                return Err(ConfigError::Invalid {
+                    var: "KEYWARD_LOG_FORMAT",
+                    reason: format!("expected text or json, got {other:?}"),
+                })
             }
         };
         let tls_cert = get("KEYWARD_TLS_CERT").map(PathBuf::from);
         let tls_key = get("KEYWARD_TLS_KEY").map(PathBuf::from);
         if tls_cert.is_some() != tls_key.is_some() {
-            let var = if tls_cert.is_some() { "KEYWARD_TLS_KEY" } else { "KEYWARD_TLS_CERT" };
-            return Err(ConfigError::Invalid { var, reason: "KEYWARD_TLS_CERT and KEYWARD_TLS_KEY must be set together".into() });
+            let var = if tls_cert.is_some() {
+                "KEYWARD_TLS_KEY"
+            } else {
+                "KEYWARD_TLS_CERT"
+            };
+            return Err(ConfigError::Invalid {
+                var,
+                reason: "KEYWARD_TLS_CERT and KEYWARD_TLS_KEY must be set together".into(),
+            });
         }
         Ok(Config {
             database_url,
             listen,
             kek,
             workers,
-            anthropic_base_url: base_url(get("KEYWARD_ANTHROPIC_BASE_URL"), "KEYWARD_ANTHROPIC_BASE_URL", "https://api.anthropic.com")?,
-            openai_base_url: base_url(get("KEYWARD_OPENAI_BASE_URL"), "KEYWARD_OPENAI_BASE_URL", "https://api.openai.com")?,
+            anthropic_base_url: base_url(
+                get("KEYWARD_ANTHROPIC_BASE_URL"),
+                "KEYWARD_ANTHROPIC_BASE_URL",
+                "https://api.anthropic.com",
+            )?,
+            openai_base_url: base_url(
+                get("KEYWARD_OPENAI_BASE_URL"),
+                "KEYWARD_OPENAI_BASE_URL",
+                "https://api.openai.com",
+            )?,
             google_base_url: base_url(
                 get("KEYWARD_GOOGLE_BASE_URL"),
                 "KEYWARD_GOOGLE_BASE_URL",
@@ -190,7 +217,10 @@ fn parse_num<T: std::str::FromStr + PartialOrd + fmt::Display + Copy>(
     let Some(raw) = raw else { return Ok(default) };
     match raw.parse::<T>() {
         Ok(n) if n >= min && n <= max => Ok(n),
-        _ => Err(ConfigError::Invalid { var, reason: format!("expected a whole number from {min} to {max}, got {raw:?}") }),
+        _ => Err(ConfigError::Invalid {
+            var,
+            reason: format!("expected a whole number from {min} to {max}, got {raw:?}"),
+        }),
     }
 }
 
@@ -201,7 +231,10 @@ fn base_url(raw: Option<&str>, var: &'static str, default: &str) -> Result<Strin
         && !url.contains('?')
         && !url.contains('#');
     if !ok {
-        return Err(ConfigError::Invalid { var, reason: format!("expected an http(s):// URL without query, got {url:?}") });
+        return Err(ConfigError::Invalid {
+            var,
+            reason: format!("expected an http(s):// URL without query, got {url:?}"),
+        });
     }
     Ok(url.to_owned())
 }
@@ -218,7 +251,12 @@ fn parse_file(text: &str) -> Result<Vec<(&'static str, String)>, String> {
         let value = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(n) => n.to_string(),
-            other => return Err(format!("{key}: expected a string or a number, got {}", other.type_str())),
+            other => {
+                return Err(format!(
+                    "{key}: expected a string or a number, got {}",
+                    other.type_str()
+                ))
+            }
         };
         out.push((*known, value));
     }
@@ -249,7 +287,11 @@ mod tests {
     fn env_wins_over_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("k.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nworkers = 3\ndata_dir = \"/tmp/x\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nworkers = 3\ndata_dir = \"/tmp/x\"\n",
+        )
+        .unwrap();
         let c = Config::load(Some(&file), env(&[("KEYWARD_LISTEN", "127.0.0.1:9001")])).unwrap();
         assert_eq!(c.listen.port(), 9001);
         assert_eq!(c.workers, 3);

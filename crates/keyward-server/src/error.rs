@@ -22,11 +22,17 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError { code, message: message.into() }
+        ApiError {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn unauthorized() -> ApiError {
-        ApiError::new(ErrorCode::Unauthorized, "a valid token is required: send Authorization: Bearer kw_…")
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            "a valid token is required: send Authorization: Bearer kw_…",
+        )
     }
 
     /// Non-members get this for every account route, so account ids cannot be probed.
@@ -35,7 +41,10 @@ impl ApiError {
     }
 
     pub fn forbidden(what: &str) -> ApiError {
-        ApiError::new(ErrorCode::Forbidden, format!("{what} needs the owner or admin role in this account"))
+        ApiError::new(
+            ErrorCode::Forbidden,
+            format!("{what} needs the owner or admin role in this account"),
+        )
     }
 
     pub fn validation(message: impl Into<String>) -> ApiError {
@@ -60,7 +69,10 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(m) => ApiError::validation(m),
             StoreError::Unavailable(m) => {
                 tracing::warn!(error = %m, "database unavailable");
-                ApiError::new(ErrorCode::DatabaseUnavailable, "the database is unavailable; retry shortly")
+                ApiError::new(
+                    ErrorCode::DatabaseUnavailable,
+                    "the database is unavailable; retry shortly",
+                )
             }
             other => ApiError::internal(&other),
         }

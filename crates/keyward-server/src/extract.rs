@@ -48,7 +48,10 @@ fn body_rejection(r: BytesRejection) -> ApiError {
 impl JsonBody {
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         if !self.is_json {
-            return Err(ApiError::new(ErrorCode::UnsupportedMediaType, "send the body as JSON with Content-Type: application/json"));
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "send the body as JSON with Content-Type: application/json",
+            ));
         }
         let mut de = serde_json::Deserializer::from_slice(&self.bytes);
         let value = T::deserialize(&mut de).and_then(|v| de.end().map(|()| v));
@@ -56,10 +59,14 @@ impl JsonBody {
             // serde_json's messages name fields and types, never values of strings.
             use serde_json::error::Category;
             match e.classify() {
-                Category::Syntax | Category::Eof | Category::Io => {
-                    ApiError::new(ErrorCode::InvalidJson, format!("the body is not valid JSON (line {}, column {})", e.line(), e.column()))
-                }
-                Category::Data => ApiError::validation(format!("the body does not have the expected fields: {}", data_error_message(&e))),
+                Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                    ErrorCode::InvalidJson,
+                    format!("the body is not valid JSON (line {}, column {})", e.line(), e.column()),
+                ),
+                Category::Data => ApiError::validation(format!(
+                    "the body does not have the expected fields: {}",
+                    data_error_message(&e)
+                )),
             }
         })
     }
@@ -78,7 +85,11 @@ fn data_error_message(e: &serde_json::Error) -> String {
         }
     } else if text.starts_with("unknown variant") || text.starts_with("unknown field") {
         // The unknown name came from the client: never repeat it.
-        let what = if text.starts_with("unknown field") { "an unknown field" } else { "an unknown value" };
+        let what = if text.starts_with("unknown field") {
+            "an unknown field"
+        } else {
+            "an unknown value"
+        };
         match text.split_once(", expected ") {
             Some((_, expected)) => format!("{what} (expected {expected})"),
             None => what.to_owned(),

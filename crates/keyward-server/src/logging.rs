@@ -15,7 +15,10 @@ use crate::config::LogFormat;
 /// Installs the global subscriber: `filter` in `EnvFilter` syntax, text or JSON, to stderr.
 pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
     let filter = EnvFilter::try_new(filter).map_err(|e| format!("KEYWARD_LOG: {e}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(ScrubbingStderr).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(ScrubbingStderr)
+        .with_target(false);
     let result = match format {
         LogFormat::Text => builder.with_ansi(false).try_init(),
         LogFormat::Json => builder.json().with_current_span(false).try_init(),
@@ -30,7 +33,9 @@ pub struct ScrubbingStderr;
 impl<'a> MakeWriter<'a> for ScrubbingStderr {
     type Writer = ScrubWriter;
     fn make_writer(&'a self) -> ScrubWriter {
-        ScrubWriter { buf: Vec::with_capacity(256) }
+        ScrubWriter {
+            buf: Vec::with_capacity(256),
+        }
     }
 }
 
@@ -68,10 +73,17 @@ pub fn scrub(text: &str) -> String {
     let mut i = 0;
     let mut copied = 0;
     while i < bytes.len() {
-        let hit = PREFIXES.iter().find(|p| bytes.get(i..).is_some_and(|rest| rest.starts_with(p.as_bytes())));
+        let hit = PREFIXES
+            .iter()
+            .find(|p| bytes.get(i..).is_some_and(|rest| rest.starts_with(p.as_bytes())));
         if let Some(p) = hit {
             let start = i + p.len();
-            let tail = bytes.get(start..).unwrap_or_default().iter().take_while(|b| b.is_ascii_alphanumeric() || **b == b'-' || **b == b'_').count();
+            let tail = bytes
+                .get(start..)
+                .unwrap_or_default()
+                .iter()
+                .take_while(|b| b.is_ascii_alphanumeric() || **b == b'-' || **b == b'_')
+                .count();
             if tail >= MIN_TAIL {
                 out.push_str(text.get(copied..start).unwrap_or_default());
                 out.push_str("[REDACTED]");

@@ -38,7 +38,11 @@ impl Metrics {
         out.push_str("# TYPE keyward_http_requests_total counter\n");
         let http = self.http.lock().map(|m| m.clone()).unwrap_or_default();
         for ((method, route, status), s) in &http {
-            let _ = writeln!(out, "keyward_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}", s.count);
+            let _ = writeln!(
+                out,
+                "keyward_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}",
+                s.count
+            );
         }
         out.push_str("# HELP keyward_http_request_duration_seconds_sum Total time spent answering, by route.\n");
         out.push_str("# TYPE keyward_http_request_duration_seconds_sum counter\n");
@@ -53,7 +57,10 @@ impl Metrics {
         out.push_str("# TYPE keyward_key_actions_total counter\n");
         let keys = self.key_actions.lock().map(|m| m.clone()).unwrap_or_default();
         for ((action, provider), n) in &keys {
-            let _ = writeln!(out, "keyward_key_actions_total{{action=\"{action}\",provider=\"{provider}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "keyward_key_actions_total{{action=\"{action}\",provider=\"{provider}\"}} {n}"
+            );
         }
         out
     }

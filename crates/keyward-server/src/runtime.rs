@@ -25,7 +25,10 @@ pub enum RuntimeError {
 /// key inside it.
 pub fn prepare_data_dir(config: &Config) -> Result<(), RuntimeError> {
     let dir = &config.data_dir;
-    let err = |e: std::io::Error| RuntimeError::DataDir { path: dir.display().to_string(), reason: e.to_string() };
+    let err = |e: std::io::Error| RuntimeError::DataDir {
+        path: dir.display().to_string(),
+        reason: e.to_string(),
+    };
     std::fs::create_dir_all(dir).map_err(err)?;
     restrict_dir(dir).map_err(err)?;
     match config.kek {
@@ -55,6 +58,8 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RuntimeError>
         let store = SqliteStore::open(config.database_url.as_str(), chain_key, SqliteOptions::default()).await?;
         Ok(Arc::new(store))
     } else {
-        Err(RuntimeError::Other("only sqlite:// databases are supported by this build".into()))
+        Err(RuntimeError::Other(
+            "only sqlite:// databases are supported by this build".into(),
+        ))
     }
 }

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use keyward_core::Catalogue;
 use tokio::net::TcpListener;
 
+use crate::admin;
 use crate::app::{router, AppState};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::purge::{self, PurgeHandle};
 use crate::runtime::{load_sealer, open_store, prepare_data_dir, RuntimeError};
-use crate::admin;
 
 /// A line for the operator on stdout (logs go to stderr).
 pub fn announce(line: &str) {
@@ -23,7 +23,9 @@ pub fn announce(line: &str) {
 
 pub async fn serve(config: Config) -> Result<(), RuntimeError> {
     if config.tls_cert.is_some() {
-        return Err(RuntimeError::Other("KEYWARD_TLS_CERT: HTTPS is not built yet; unset it and terminate TLS in front of keyward".into()));
+        return Err(RuntimeError::Other(
+            "KEYWARD_TLS_CERT: HTTPS is not built yet; unset it and terminate TLS in front of keyward".into(),
+        ));
     }
     prepare_data_dir(&config)?;
     let sealer = load_sealer(&config)?;
@@ -39,7 +41,10 @@ pub async fn serve(config: Config) -> Result<(), RuntimeError> {
     }
 
     if let Some(first) = admin::first_start(store.as_ref(), clock.as_ref()).await? {
-        announce(&format!("first start: created user {} and account Personal (plan pro)", admin::FIRST_OWNER_EMAIL));
+        announce(&format!(
+            "first start: created user {} and account Personal (plan pro)",
+            admin::FIRST_OWNER_EMAIL
+        ));
         announce(&format!("owner token (shown once): {}", first.token.as_str()));
         announce(&format!("owner account: {}", first.account_id));
     }
@@ -60,7 +65,9 @@ pub async fn serve(config: Config) -> Result<(), RuntimeError> {
     announce(&format!("listening on http://{addr}"));
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "keyward serving");
     let app = router(state, config.max_body_bytes);
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
     purger.abort();
     // Leave no removed ciphertext in the WAL behind us.
     if let Err(e) = store.purge_removed().await {

@@ -229,13 +229,23 @@ pub fn verify_chain(
         if event.seq != expected_seq {
             return Err(broken(
                 event,
-                &format!("expected seq {expected_seq}, found {}: an event was deleted or reordered", event.seq),
+                &format!(
+                    "expected seq {expected_seq}, found {}: an event was deleted or reordered",
+                    event.seq
+                ),
             ));
         }
         if !key.verify(&prev, &event.canonical(), &event.mac) {
-            return Err(broken(event, "MAC does not match: the event was edited, moved or forged"));
+            return Err(broken(
+                event,
+                "MAC does not match: the event was edited, moved or forged",
+            ));
         }
-        prev = event.mac.as_slice().try_into().map_err(|_| broken(event, "MAC has the wrong length"))?;
+        prev = event
+            .mac
+            .as_slice()
+            .try_into()
+            .map_err(|_| broken(event, "MAC has the wrong length"))?;
     }
     let last_seq = events.len() as i64;
     match head {
@@ -272,13 +282,27 @@ mod tests {
         let mut prev = GENESIS_MAC;
         let mut events = Vec::new();
         for i in 0..n {
-            let mut e = NewAuditEvent::key_action(&acc, UnixMillis(1000 + i as i64), "cli", AuditAction::KeySaved, Provider::OpenAi, None, None)
-                .into_event(i as i64 + 1);
+            let mut e = NewAuditEvent::key_action(
+                &acc,
+                UnixMillis(1000 + i as i64),
+                "cli",
+                AuditAction::KeySaved,
+                Provider::OpenAi,
+                None,
+                None,
+            )
+            .into_event(i as i64 + 1);
             e.id = i as i64 + 10;
             prev = e.seal_link(&key(), &prev);
             events.push(e);
         }
-        (events, ChainHead { seq: n as i64, mac: prev.to_vec() })
+        (
+            events,
+            ChainHead {
+                seq: n as i64,
+                mac: prev.to_vec(),
+            },
+        )
     }
 
     fn acc() -> String {
@@ -297,18 +321,31 @@ mod tests {
         let (events, head) = chain(5);
         let mut edited = events.clone();
         edited[2].outcome = "forged".into();
-        assert_eq!(verify_chain(&key(), &acc(), &edited, Some(&head)).unwrap_err().event_id, Some(12));
+        assert_eq!(
+            verify_chain(&key(), &acc(), &edited, Some(&head)).unwrap_err().event_id,
+            Some(12)
+        );
 
         let mut deleted = events.clone();
         deleted.remove(1);
-        assert_eq!(verify_chain(&key(), &acc(), &deleted, Some(&head)).unwrap_err().event_id, Some(12));
+        assert_eq!(
+            verify_chain(&key(), &acc(), &deleted, Some(&head))
+                .unwrap_err()
+                .event_id,
+            Some(12)
+        );
 
         let mut reordered = events.clone();
         reordered.swap(1, 3);
         let (s1, s3) = (reordered[1].seq, reordered[3].seq);
         reordered[1].seq = s3;
         reordered[3].seq = s1;
-        assert_eq!(verify_chain(&key(), &acc(), &reordered, Some(&head)).unwrap_err().event_id, Some(13));
+        assert_eq!(
+            verify_chain(&key(), &acc(), &reordered, Some(&head))
+                .unwrap_err()
+                .event_id,
+            Some(13)
+        );
 
         let truncated = &events[..3];
         let err = verify_chain(&key(), &acc(), truncated, Some(&head)).unwrap_err();

@@ -15,9 +15,7 @@ mod migrate;
 pub mod sqlite;
 
 use async_trait::async_trait;
-use keyward_core::{
-    AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId,
-};
+use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::SealedKey;
 
 pub use audit::{AuditAction, AuditEvent, ChainBreak, NewAuditEvent};
@@ -137,7 +135,14 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- accounts and memberships -----------------------------------------------------
     /// Creates an account with `owner` as its owner.
-    async fn create_account(&self, id: &AccountId, name: &str, plan: Plan, owner: &UserId, now: UnixMillis) -> StoreResult<()>;
+    async fn create_account(
+        &self,
+        id: &AccountId,
+        name: &str,
+        plan: Plan,
+        owner: &UserId,
+        now: UnixMillis,
+    ) -> StoreResult<()>;
     /// Adds a member or changes their role.
     async fn set_membership(&self, account: &AccountId, user: &UserId, role: Role, now: UnixMillis) -> StoreResult<()>;
     /// `limit: None` keeps the current limit override.
@@ -154,13 +159,33 @@ pub trait Store: Send + Sync + 'static {
     async fn provider_state(&self, account: &AccountId, provider: Provider) -> StoreResult<ProviderState>;
     /// Saves or rotates (overwriting the old blob in place) and appends `key.saved` or
     /// `key.rotated`. The source is left as it was.
-    async fn save_key(&self, account: &AccountId, provider: Provider, key: NewKey, actor: &Actor, now: UnixMillis) -> StoreResult<Saved>;
+    async fn save_key(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        key: NewKey,
+        actor: &Actor,
+        now: UnixMillis,
+    ) -> StoreResult<Saved>;
     /// Deletes the key, sets the source back to shared, appends `key.removed`.
     /// `NoKeySaved` when there was none.
-    async fn remove_key(&self, account: &AccountId, provider: Provider, actor: &Actor, now: UnixMillis) -> StoreResult<()>;
+    async fn remove_key(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        actor: &Actor,
+        now: UnixMillis,
+    ) -> StoreResult<()>;
     /// Sets the source and appends `key.source_changed` when it changed.
     /// `NoKeySaved` for `own` without a saved key.
-    async fn set_source(&self, account: &AccountId, provider: Provider, source: KeySource, actor: &Actor, now: UnixMillis) -> StoreResult<ProviderState>;
+    async fn set_source(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        source: KeySource,
+        actor: &Actor,
+        now: UnixMillis,
+    ) -> StoreResult<ProviderState>;
     /// The sealed key, for a worker to open.
     async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>>;
 

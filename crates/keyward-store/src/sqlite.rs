@@ -12,21 +12,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keyward_core::{
-    AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId,
-};
+use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, SqlitePool};
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
 use crate::{
-    Account, Actor, KeyMeta, LastTest, Membership, NewKey, ProviderState, Saved, Store,
-    StoreError, StoreResult, StoredKey, User,
+    Account, Actor, KeyMeta, LastTest, Membership, NewKey, ProviderState, Saved, Store, StoreError, StoreResult,
+    StoredKey, User,
 };
 
 /// Tuning for the SQLite backend.
@@ -38,7 +35,10 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions { readers: 4, busy_timeout: Duration::from_secs(5) }
+        SqliteOptions {
+            readers: 4,
+            busy_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -77,7 +77,11 @@ impl SqliteStore {
             .connect_with(connect.read_only(true))
             .await
             .map_err(map_err)?;
-        let store = SqliteStore { writer, reader, chain_key: Arc::new(chain_key) };
+        let store = SqliteStore {
+            writer,
+            reader,
+            chain_key: Arc::new(chain_key),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -143,11 +147,14 @@ fn get<'r, T>(row: &'r SqliteRow, col: &str) -> StoreResult<T>
 where
     T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
 {
-    row.try_get(col).map_err(|e| StoreError::Corrupt(format!("column {col}: {e}")))
+    row.try_get(col)
+        .map_err(|e| StoreError::Corrupt(format!("column {col}: {e}")))
 }
 
 fn account_from_row(row: &SqliteRow) -> StoreResult<Account> {
-    let plan: Plan = get::<String>(row, "plan")?.parse().map_err(|_| corrupt("accounts.plan"))?;
+    let plan: Plan = get::<String>(row, "plan")?
+        .parse()
+        .map_err(|_| corrupt("accounts.plan"))?;
     let limit: Option<i64> = get(row, "shared_credit_limit")?;
     Ok(Account {
         id: AccountId::parse(&get::<String>(row, "account_id")?).map_err(|_| corrupt("accounts.id"))?,
@@ -160,7 +167,9 @@ fn account_from_row(row: &SqliteRow) -> StoreResult<Account> {
 fn membership_from_row(row: &SqliteRow) -> StoreResult<Membership> {
     Ok(Membership {
         account: account_from_row(row)?,
-        role: get::<String>(row, "role")?.parse().map_err(|_| corrupt("memberships.role"))?,
+        role: get::<String>(row, "role")?
+            .parse()
+            .map_err(|_| corrupt("memberships.role"))?,
     })
 }
 
@@ -172,7 +181,10 @@ fn user_from_row(row: &SqliteRow) -> StoreResult<User> {
 }
 
 fn key_meta_from_row(row: &SqliteRow) -> StoreResult<KeyMeta> {
-    let last_test = match (get::<Option<i64>>(row, "last_test_ok")?, get::<Option<i64>>(row, "last_test_at")?) {
+    let last_test = match (
+        get::<Option<i64>>(row, "last_test_ok")?,
+        get::<Option<i64>>(row, "last_test_at")?,
+    ) {
         (Some(ok), Some(at)) => Some(LastTest {
             ok: ok != 0,
             at: UnixMillis(at),
@@ -212,11 +224,14 @@ fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEvent> {
 }
 
 const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
-const KEY_COLUMNS: &str =
-    "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
+const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
 
 /// Appends events to their chains inside the caller's transaction.
-async fn append_in_tx(conn: &mut SqliteConnection, chain_key: &AuditChainKey, events: &[NewAuditEvent]) -> StoreResult<()> {
+async fn append_in_tx(
+    conn: &mut SqliteConnection,
+    chain_key: &AuditChainKey,
+    events: &[NewAuditEvent],
+) -> StoreResult<()> {
     let mut heads: HashMap<String, (i64, [u8; 32])> = HashMap::new();
     for new in events {
         let account = new.account_id.as_str().to_owned();
@@ -232,7 +247,10 @@ async fn append_in_tx(conn: &mut SqliteConnection, chain_key: &AuditChainKey, ev
                     None => (0, GENESIS_MAC),
                     Some(r) => {
                         let mac: Vec<u8> = get(&r, "mac")?;
-                        (get(&r, "seq")?, mac.as_slice().try_into().map_err(|_| corrupt("audit_heads.mac"))?)
+                        (
+                            get(&r, "seq")?,
+                            mac.as_slice().try_into().map_err(|_| corrupt("audit_heads.mac"))?,
+                        )
                     }
                 }
             }
@@ -280,18 +298,21 @@ async fn append_in_tx(conn: &mut SqliteConnection, chain_key: &AuditChainKey, ev
 }
 
 async fn state_in(conn: &mut SqliteConnection, account: &AccountId, provider: Provider) -> StoreResult<ProviderState> {
-    let source: Option<String> = sqlx::query_scalar("SELECT source FROM provider_sources WHERE account_id = ?1 AND provider = ?2")
-        .bind(account.as_str())
-        .bind(provider.as_str())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_err)?;
-    let key = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM provider_keys WHERE account_id = ?1 AND provider = ?2"))
-        .bind(account.as_str())
-        .bind(provider.as_str())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_err)?;
+    let source: Option<String> =
+        sqlx::query_scalar("SELECT source FROM provider_sources WHERE account_id = ?1 AND provider = ?2")
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_err)?;
+    let key = sqlx::query(&format!(
+        "SELECT {KEY_COLUMNS} FROM provider_keys WHERE account_id = ?1 AND provider = ?2"
+    ))
+    .bind(account.as_str())
+    .bind(provider.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(map_err)?;
     Ok(ProviderState {
         provider,
         source: source
@@ -333,11 +354,13 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_token(&self, token_hash: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query("SELECT u.id, u.email FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1")
-            .bind(token_hash)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(map_err)?;
+        let row = sqlx::query(
+            "SELECT u.id, u.email FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
         row.as_ref().map(user_from_row).transpose()
     }
 
@@ -351,10 +374,20 @@ impl Store for SqliteStore {
     }
 
     async fn count_users(&self) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&self.reader).await.map_err(map_err)
+        sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(map_err)
     }
 
-    async fn create_account(&self, id: &AccountId, name: &str, plan: Plan, owner: &UserId, now: UnixMillis) -> StoreResult<()> {
+    async fn create_account(
+        &self,
+        id: &AccountId,
+        name: &str,
+        plan: Plan,
+        owner: &UserId,
+        now: UnixMillis,
+    ) -> StoreResult<()> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
         sqlx::query("INSERT INTO accounts (id, name, plan, created_at) VALUES (?1, ?2, ?3, ?4)")
             .bind(id.as_str())
@@ -419,7 +452,9 @@ impl Store for SqliteStore {
             .fetch_all(&self.reader)
             .await
             .map_err(map_err)?;
-        ids.iter().map(|s| AccountId::parse(s).map_err(|_| corrupt("accounts.id"))).collect()
+        ids.iter()
+            .map(|s| AccountId::parse(s).map_err(|_| corrupt("accounts.id")))
+            .collect()
     }
 
     async fn membership(&self, account: &AccountId, user: &UserId) -> StoreResult<Option<Membership>> {
@@ -459,14 +494,22 @@ impl Store for SqliteStore {
         state_in(&mut conn, account, provider).await
     }
 
-    async fn save_key(&self, account: &AccountId, provider: Provider, key: NewKey, actor: &Actor, now: UnixMillis) -> StoreResult<Saved> {
+    async fn save_key(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        key: NewKey,
+        actor: &Actor,
+        now: UnixMillis,
+    ) -> StoreResult<Saved> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        let old_last4: Option<String> = sqlx::query_scalar("SELECT last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2")
-            .bind(account.as_str())
-            .bind(provider.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let old_last4: Option<String> =
+            sqlx::query_scalar("SELECT last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2")
+                .bind(account.as_str())
+                .bind(provider.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
         // Rotation overwrites the row in place: with secure_delete the old blob's bytes are
         // zeroed in the page, and the checkpoint that follows clears them from the WAL.
         sqlx::query(
@@ -497,14 +540,21 @@ impl Store for SqliteStore {
         Ok(Saved { rotated, state })
     }
 
-    async fn remove_key(&self, account: &AccountId, provider: Provider, actor: &Actor, now: UnixMillis) -> StoreResult<()> {
+    async fn remove_key(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        actor: &Actor,
+        now: UnixMillis,
+    ) -> StoreResult<()> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        let last4: Option<String> = sqlx::query_scalar("DELETE FROM provider_keys WHERE account_id = ?1 AND provider = ?2 RETURNING last4")
-            .bind(account.as_str())
-            .bind(provider.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let last4: Option<String> =
+            sqlx::query_scalar("DELETE FROM provider_keys WHERE account_id = ?1 AND provider = ?2 RETURNING last4")
+                .bind(account.as_str())
+                .bind(provider.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
         let last4 = last4.ok_or(StoreError::NoKeySaved)?;
         sqlx::query("DELETE FROM provider_sources WHERE account_id = ?1 AND provider = ?2")
             .bind(account.as_str())
@@ -513,12 +563,27 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         let last4 = Last4::from_stored(&last4).ok_or_else(|| corrupt("provider_keys.last4"))?;
-        let event = NewAuditEvent::key_action(account, now, &actor.0, AuditAction::KeyRemoved, provider, Some(&last4), None);
+        let event = NewAuditEvent::key_action(
+            account,
+            now,
+            &actor.0,
+            AuditAction::KeyRemoved,
+            provider,
+            Some(&last4),
+            None,
+        );
         append_in_tx(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
         tx.commit().await.map_err(map_err)
     }
 
-    async fn set_source(&self, account: &AccountId, provider: Provider, source: KeySource, actor: &Actor, now: UnixMillis) -> StoreResult<ProviderState> {
+    async fn set_source(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        source: KeySource,
+        actor: &Actor,
+        now: UnixMillis,
+    ) -> StoreResult<ProviderState> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
         let before = state_in(&mut tx, account, provider).await?;
         if source == KeySource::Own && before.key.is_none() {
@@ -553,17 +618,19 @@ impl Store for SqliteStore {
     }
 
     async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>> {
-        let row = sqlx::query("SELECT key_id, sealed, last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2")
-            .bind(account.as_str())
-            .bind(provider.as_str())
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(map_err)?;
+        let row =
+            sqlx::query("SELECT key_id, sealed, last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2")
+                .bind(account.as_str())
+                .bind(provider.as_str())
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(map_err)?;
         row.map(|r| {
             Ok(StoredKey {
                 key_id: KeyId::parse(&get::<String>(&r, "key_id")?).map_err(|_| corrupt("provider_keys.key_id"))?,
                 sealed: SealedKey::from_bytes(get(&r, "sealed")?),
-                last4: Last4::from_stored(&get::<String>(&r, "last4")?).ok_or_else(|| corrupt("provider_keys.last4"))?,
+                last4: Last4::from_stored(&get::<String>(&r, "last4")?)
+                    .ok_or_else(|| corrupt("provider_keys.last4"))?,
             })
         })
         .transpose()
@@ -579,13 +646,14 @@ impl Store for SqliteStore {
     }
 
     async fn audit_page(&self, account: &AccountId, limit: u32, before: Option<i64>) -> StoreResult<Vec<AuditEvent>> {
-        let rows = sqlx::query("SELECT * FROM audit_events WHERE account_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3")
-            .bind(account.as_str())
-            .bind(before.unwrap_or(i64::MAX))
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await
-            .map_err(map_err)?;
+        let rows =
+            sqlx::query("SELECT * FROM audit_events WHERE account_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3")
+                .bind(account.as_str())
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(map_err)?;
         rows.iter().map(audit_from_row).collect()
     }
 
@@ -605,7 +673,12 @@ impl Store for SqliteStore {
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(map_err)?
-                .map(|r| Ok::<_, StoreError>(ChainHead { seq: get(&r, "seq")?, mac: get(&r, "mac")? }))
+                .map(|r| {
+                    Ok::<_, StoreError>(ChainHead {
+                        seq: get(&r, "seq")?,
+                        mac: get(&r, "mac")?,
+                    })
+                })
                 .transpose()?;
             Ok((events, head))
         }
@@ -615,7 +688,10 @@ impl Store for SqliteStore {
     }
 
     async fn purge_removed(&self) -> StoreResult<bool> {
-        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&self.writer).await.map_err(map_err)?;
+        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.writer)
+            .await
+            .map_err(map_err)?;
         let busy: i64 = row.try_get(0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(busy == 0)
     }

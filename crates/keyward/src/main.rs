@@ -16,7 +16,11 @@ use keyward_server::runtime::{open_store, prepare_data_dir};
 use keyward_server::{admin, logging, serve, Config};
 
 #[derive(Parser)]
-#[command(name = "keyward", version, about = "Bring-your-own-key vault and gateway for AI model keys")]
+#[command(
+    name = "keyward",
+    version,
+    about = "Bring-your-own-key vault and gateway for AI model keys"
+)]
 struct Cli {
     /// A TOML file of settings (environment variables win over it).
     #[arg(long, global = true)]
@@ -134,9 +138,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     AdminCommand::AddMember { account, email, role } => {
                         admin::add_member(store.as_ref(), clock.as_ref(), &account, &email, &role).await?
                     }
-                    AdminCommand::SetPlan { account, plan, shared_credit_limit } => {
-                        admin::set_plan(store.as_ref(), &account, &plan, shared_credit_limit).await?
-                    }
+                    AdminCommand::SetPlan {
+                        account,
+                        plan,
+                        shared_credit_limit,
+                    } => admin::set_plan(store.as_ref(), &account, &plan, shared_credit_limit).await?,
                 };
                 print_json(&out)?;
                 Ok(ExitCode::SUCCESS)
@@ -151,8 +157,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         match verdict {
                             Verdict::Intact { .. } => Ok(ExitCode::SUCCESS),
                             Verdict::Broken(b) => {
-                                let at = b.event_id.map_or_else(|| format!("seq {}", b.seq), |id| format!("event {id} (seq {})", b.seq));
-                                let _ = writeln!(std::io::stderr(), "keyward: audit chain of {} broken at {at}: {}", b.account_id, b.reason);
+                                let at = b.event_id.map_or_else(
+                                    || format!("seq {}", b.seq),
+                                    |id| format!("event {id} (seq {})", b.seq),
+                                );
+                                let _ = writeln!(
+                                    std::io::stderr(),
+                                    "keyward: audit chain of {} broken at {at}: {}",
+                                    b.account_id,
+                                    b.reason
+                                );
                                 Ok(ExitCode::from(1))
                             }
                         }

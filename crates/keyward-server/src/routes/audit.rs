@@ -55,5 +55,7 @@ pub async fn list(
         return Err(ApiError::validation(format!("limit must be from 1 to {MAX_LIMIT}")));
     }
     let events = state.store.audit_page(&m.account.id, limit, q.before).await?;
-    Ok(Json(json!({ "events": events.iter().map(event_json).collect::<Vec<_>>() })))
+    Ok(Json(
+        json!({ "events": events.iter().map(event_json).collect::<Vec<_>>() }),
+    ))
 }

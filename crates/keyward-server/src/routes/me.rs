@@ -14,5 +14,7 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json
         .iter()
         .map(|m| json!({ "account_id": m.account.id, "name": m.account.name, "plan": m.account.plan, "role": m.role }))
         .collect();
-    Ok(Json(json!({ "user_id": caller.user.id, "email": caller.user.email, "accounts": accounts })))
+    Ok(Json(
+        json!({ "user_id": caller.user.id, "email": caller.user.email, "accounts": accounts }),
+    ))
 }

@@ -20,7 +20,12 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 
 pub fn parse_provider(raw: &str) -> ApiResult<Provider> {
-    raw.parse().map_err(|_| ApiError::new(ErrorCode::UnknownProvider, "unknown provider: expected anthropic, openai or google"))
+    raw.parse().map_err(|_| {
+        ApiError::new(
+            ErrorCode::UnknownProvider,
+            "unknown provider: expected anthropic, openai or google",
+        )
+    })
 }
 
 pub fn state_json(state: &AppState, s: &ProviderState) -> Value {
@@ -44,7 +49,11 @@ fn actor(caller: &Caller) -> Actor {
     Actor(caller.user.id.to_string())
 }
 
-pub async fn list(State(state): State<AppState>, caller: Caller, Path(account): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(account): Path<String>,
+) -> ApiResult<Json<Value>> {
     let m = caller.member_of(&state, &account).await?;
     let states = state.store.provider_states(&m.account.id).await?;
     let providers: Vec<Value> = states.iter().map(|s| state_json(&state, s)).collect();
@@ -82,16 +91,31 @@ pub async fn save(
     let provider = parse_provider(&provider)?;
     require_paid(&m)?;
     let body: SaveKeyBody = body.parse()?;
-    let key = ApiKey::parse(provider, body.api_key.expose_secret()).map_err(|e| ApiError::new(ErrorCode::InvalidKeyFormat, e.to_string()))?;
+    let key = ApiKey::parse(provider, body.api_key.expose_secret())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidKeyFormat, e.to_string()))?;
     drop(body);
 
     let key_id = KeyId::from_random(random_id_bytes());
-    let binding = Binding { account_id: m.account.id.as_str(), provider: provider.as_str(), key_id: key_id.as_str() };
-    let sealed = state.sealer.seal(&binding, key.expose_secret().as_bytes()).map_err(|e| ApiError::internal(&e))?;
-    let new = NewKey { key_id, sealed, last4: key.last4().clone() };
+    let binding = Binding {
+        account_id: m.account.id.as_str(),
+        provider: provider.as_str(),
+        key_id: key_id.as_str(),
+    };
+    let sealed = state
+        .sealer
+        .seal(&binding, key.expose_secret().as_bytes())
+        .map_err(|e| ApiError::internal(&e))?;
+    let new = NewKey {
+        key_id,
+        sealed,
+        last4: key.last4().clone(),
+    };
     drop(key);
 
-    let saved = state.store.save_key(&m.account.id, provider, new, &actor(&caller), state.clock.now()).await?;
+    let saved = state
+        .store
+        .save_key(&m.account.id, provider, new, &actor(&caller), state.clock.now())
+        .await?;
     if saved.rotated {
         state.purge.request();
     }
@@ -108,7 +132,10 @@ pub async fn remove(
 ) -> ApiResult<StatusCode> {
     let m = caller.manager_of(&state, &account, "removing a key").await?;
     let provider = parse_provider(&provider)?;
-    state.store.remove_key(&m.account.id, provider, &actor(&caller), state.clock.now()).await?;
+    state
+        .store
+        .remove_key(&m.account.id, provider, &actor(&caller), state.clock.now())
+        .await?;
     state.purge.request();
     state.metrics.record_key_action("key.removed", provider.as_str());
     tracing::info!(account = %m.account.id, %provider, "key removed");
@@ -130,7 +157,10 @@ pub async fn set_source(
     let m = caller.manager_of(&state, &account, "switching the key source").await?;
     let provider = parse_provider(&provider)?;
     let body: SourceBody = body.parse()?;
-    let after = state.store.set_source(&m.account.id, provider, body.source, &actor(&caller), state.clock.now()).await?;
+    let after = state
+        .store
+        .set_source(&m.account.id, provider, body.source, &actor(&caller), state.clock.now())
+        .await?;
     state.metrics.record_key_action("key.source_changed", provider.as_str());
     Ok(Json(state_json(&state, &after)))
 }
