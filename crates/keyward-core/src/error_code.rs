@@ -21,6 +21,7 @@ pub enum ErrorCode {
     RateLimited,
     ProviderError,
     WorkerUnavailable,
+    SharedPoolUnavailable,
     DatabaseUnavailable,
     Internal,
 }
@@ -44,6 +45,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ProviderError => "provider_error",
             ErrorCode::WorkerUnavailable => "worker_unavailable",
+            ErrorCode::SharedPoolUnavailable => "shared_pool_unavailable",
             ErrorCode::DatabaseUnavailable => "database_unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -64,7 +66,7 @@ impl ErrorCode {
             ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
             ErrorCode::ProviderError => 502,
-            ErrorCode::WorkerUnavailable | ErrorCode::DatabaseUnavailable => 503,
+            ErrorCode::WorkerUnavailable | ErrorCode::SharedPoolUnavailable | ErrorCode::DatabaseUnavailable => 503,
         }
     }
 }

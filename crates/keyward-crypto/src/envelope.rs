@@ -220,6 +220,16 @@ impl Opener {
 
     /// Opens `blob`, which must have been sealed to this opener's KEK for exactly `binding`.
     pub fn open(&self, binding: &Binding, blob: &SealedKey) -> Result<SecretBytes, CryptoError> {
+        let mut plaintext = Zeroizing::new(vec![0u8; blob.as_bytes().len()]);
+        let n = self.open_into(binding, blob, plaintext.as_mut_slice())?;
+        plaintext.truncate(n);
+        Ok(SecretBytes::from_zeroizing(plaintext))
+    }
+
+    /// Opens `blob` into `out` (decrypting in place there, so the plaintext never exists
+    /// anywhere else: the worker passes locked, non-dumpable memory) and returns its length.
+    /// On any failure `out` is zeroed.
+    pub fn open_into(&self, binding: &Binding, blob: &SealedKey, out: &mut [u8]) -> Result<usize, CryptoError> {
         let bytes = blob.as_bytes();
         let header = parse_header(bytes)?;
         if header.kek_id != self.kek_id {
@@ -252,16 +262,23 @@ impl Opener {
         aad.extend_from_slice(&binding_bytes);
 
         let cipher = ChaCha20Poly1305::new_from_slice(dek.as_ref()).map_err(|_| CryptoError::OpenFailed)?;
-        let mut plaintext = Zeroizing::new(body.ciphertext.to_vec());
-        cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(body.nonce),
-                &aad,
-                plaintext.as_mut_slice(),
-                Tag::from_slice(body.tag),
-            )
-            .map_err(|_| CryptoError::OpenFailed)?;
-        Ok(SecretBytes::from_zeroizing(plaintext))
+        let n = body.ciphertext.len();
+        let len = out.len();
+        let target = out
+            .get_mut(..n)
+            .ok_or(CryptoError::PlaintextTooLarge { len: n, max: len })?;
+        target.copy_from_slice(body.ciphertext);
+        let opened = cipher.decrypt_in_place_detached(
+            Nonce::from_slice(body.nonce),
+            &aad,
+            target,
+            Tag::from_slice(body.tag),
+        );
+        if opened.is_err() {
+            zeroize::Zeroize::zeroize(target);
+            return Err(CryptoError::OpenFailed);
+        }
+        Ok(n)
     }
 }
 

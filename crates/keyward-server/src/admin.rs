@@ -116,3 +116,26 @@ pub async fn first_start(store: &dyn Store, clock: &dyn Clock) -> Result<Option<
         account_id,
     }))
 }
+
+/// Seals and stores the platform's shared-pool key for `provider` (read from stdin by the
+/// CLI, never from argv). The key is checked like any account key.
+pub async fn set_shared_key(
+    store: &dyn Store,
+    sealer: &keyward_crypto::Sealer,
+    clock: &dyn Clock,
+    provider: &str,
+    raw: &str,
+) -> Result<Value, RuntimeError> {
+    let provider: keyward_core::Provider = provider.parse().map_err(|e| bad(format!("--provider: {e}")))?;
+    let key = keyward_core::ApiKey::parse(provider, raw).map_err(|e| bad(format!("the key on standard input: {e}")))?;
+    let key_id = keyward_core::KeyId::from_random(random_id_bytes());
+    let binding = keyward_crypto::Binding {
+        account_id: crate::ai::PLATFORM_ACCOUNT,
+        provider: provider.as_str(),
+        key_id: key_id.as_str(),
+    };
+    let sealed = sealer.seal(&binding, key.expose_secret().as_bytes()).map_err(|e| bad(e))?;
+    let last4 = key.last4().clone();
+    let rotated = store.save_shared_key(provider, keyward_store::NewKey { key_id, sealed, last4: last4.clone() }, clock.now()).await?;
+    Ok(json!({ "provider": provider, "last4": last4, "rotated": rotated }))
+}

@@ -8,7 +8,7 @@ use axum::http::header::{CACHE_CONTROL, X_CONTENT_TYPE_OPTIONS};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::Router;
 use keyward_core::{Catalogue, ErrorCode};
 use keyward_crypto::Sealer;
@@ -16,9 +16,12 @@ use keyward_store::Store;
 
 use crate::clock::SharedClock;
 use crate::error::ApiError;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::purge::PurgeHandle;
 use crate::routes;
+use crate::routes::key_test::ProbeLimiter;
+use crate::workers::WorkerPool;
 
 /// Everything a handler may use. Cheap to clone.
 #[derive(Clone)]
@@ -30,6 +33,11 @@ pub struct AppState {
     pub catalogue: Arc<Catalogue>,
     pub metrics: Arc<Metrics>,
     pub purge: PurgeHandle,
+    pub workers: Arc<WorkerPool>,
+    pub ledger: Ledger,
+    pub probe_limiter: Arc<ProbeLimiter>,
+    pub provider_timeout_ms: u32,
+    pub key_tests_per_minute: u32,
 }
 
 impl std::fmt::Debug for AppState {
@@ -48,6 +56,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             put(routes::model_keys::save).delete(routes::model_keys::remove),
         )
         .route("/model-keys/{provider}/source", put(routes::model_keys::set_source))
+        .route("/model-keys/{provider}/test", post(routes::key_test::test_key))
+        .route("/ai/messages", post(routes::ai::messages))
+        .route("/usage", get(routes::usage::usage))
         .route("/audit", get(routes::audit::list));
     Router::new()
         .route("/healthz", get(routes::ops::healthz))

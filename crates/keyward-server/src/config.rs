@@ -26,6 +26,12 @@ const KNOWN: &[&str] = &[
     "KEYWARD_TLS_CERT",
     "KEYWARD_TLS_KEY",
     "KEYWARD_MAX_BODY_BYTES",
+    "KEYWARD_PROVIDER_TIMEOUT_MS",
+    "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
+    "KEYWARD_WORKER_THREADS",
+    "KEYWARD_KEY_TESTS_PER_MINUTE",
+    // Internal: set by `serve` for each worker it starts.
+    "KEYWARD_WORKER_SOCKET",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -85,6 +91,15 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub max_body_bytes: usize,
+    /// How long a provider may take to start answering, and may pause mid-stream.
+    pub provider_timeout_ms: u32,
+    pub provider_connect_timeout_ms: u32,
+    /// Threads per worker process.
+    pub worker_threads: u16,
+    /// "Test key" calls allowed per account and provider per minute.
+    pub key_tests_per_minute: u32,
+    /// Set only in a worker process: the socket it serves.
+    pub worker_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -146,6 +161,18 @@ impl Config {
             1024,
             16 * 1024 * 1024,
         )?;
+        let provider_timeout_ms =
+            parse_num::<u32>(get("KEYWARD_PROVIDER_TIMEOUT_MS"), "KEYWARD_PROVIDER_TIMEOUT_MS", 60_000, 100, 600_000)?;
+        let provider_connect_timeout_ms = parse_num::<u32>(
+            get("KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS"),
+            "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
+            5_000,
+            100,
+            60_000,
+        )?;
+        let worker_threads = parse_num::<u16>(get("KEYWARD_WORKER_THREADS"), "KEYWARD_WORKER_THREADS", 1, 1, 16)?;
+        let key_tests_per_minute =
+            parse_num::<u32>(get("KEYWARD_KEY_TESTS_PER_MINUTE"), "KEYWARD_KEY_TESTS_PER_MINUTE", 10, 1, 10_000)?;
         let log_format = match get("KEYWARD_LOG_FORMAT").unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -194,6 +221,11 @@ impl Config {
             tls_cert,
             tls_key,
             max_body_bytes,
+            provider_timeout_ms,
+            provider_connect_timeout_ms,
+            worker_threads,
+            key_tests_per_minute,
+            worker_socket: get("KEYWARD_WORKER_SOCKET").map(PathBuf::from),
             data_dir,
         })
     }

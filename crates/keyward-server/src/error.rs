@@ -18,14 +18,13 @@ use serde_json::json;
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// For `provider_error`: the provider's HTTP status, when it answered.
+    pub provider_status: Option<u16>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            message: message.into(),
-        }
+        ApiError { code, message: message.into(), provider_status: None }
     }
 
     pub fn unauthorized() -> ApiError {
@@ -82,7 +81,11 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = json!({ "error": { "code": self.code.as_str(), "message": self.message } });
+        let mut error = json!({ "code": self.code.as_str(), "message": self.message });
+        if self.code == ErrorCode::ProviderError {
+            error["provider_status"] = json!(self.provider_status);
+        }
+        let body = json!({ "error": error });
         (status, Json(body)).into_response()
     }
 }

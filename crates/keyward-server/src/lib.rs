@@ -7,6 +7,7 @@
 //! environment anywhere but [`config::Config::load`].
 
 pub mod admin;
+pub mod ai;
 pub mod app;
 pub mod audit_ops;
 pub mod auth;
@@ -14,12 +15,14 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod purge;
 pub mod routes;
 pub mod runtime;
 pub mod serve;
+pub mod workers;
 
 pub use config::Config;
 pub use runtime::RuntimeError;

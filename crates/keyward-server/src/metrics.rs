@@ -9,6 +9,9 @@ use std::sync::Mutex;
 pub struct Metrics {
     http: Mutex<BTreeMap<(String, String, u16), HttpStat>>,
     key_actions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    worker_restarts: std::sync::atomic::AtomicU64,
+    ai_calls: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
+    probes: Mutex<BTreeMap<(&'static str, String), u64>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -32,8 +35,28 @@ impl Metrics {
         }
     }
 
+    /// One AI call by provider, key source and outcome (`ok`, `error:<diagnosis>`, `refused:<code>`).
+    pub fn record_ai_call(&self, provider: keyward_core::Provider, source: keyward_core::KeySource, outcome: &str) {
+        if let Ok(mut m) = self.ai_calls.lock() {
+            *m.entry((provider.as_str(), source.as_str(), outcome.to_owned())).or_default() += 1;
+        }
+    }
+
+    pub fn record_probe(&self, provider: keyward_core::Provider, outcome: &str) {
+        if let Ok(mut m) = self.probes.lock() {
+            *m.entry((provider.as_str(), outcome.to_owned())).or_default() += 1;
+        }
+    }
+
+    pub fn record_worker_restart(&self) {
+        self.worker_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
+        out.push_str("# HELP keyward_worker_restarts_total Worker processes that exited and were restarted.\n");
+        out.push_str("# TYPE keyward_worker_restarts_total counter\n");
+        let _ = writeln!(out, "keyward_worker_restarts_total {}", self.worker_restarts.load(std::sync::atomic::Ordering::Relaxed));
         out.push_str("# HELP keyward_http_requests_total HTTP requests by method, route template and status.\n");
         out.push_str("# TYPE keyward_http_requests_total counter\n");
         let http = self.http.lock().map(|m| m.clone()).unwrap_or_default();
@@ -52,6 +75,18 @@ impl Metrics {
                 "keyward_http_request_duration_seconds_sum{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {:.6}",
                 s.micros_sum as f64 / 1e6
             );
+        }
+        out.push_str("# HELP keyward_ai_calls_total AI calls by provider, key source and outcome.\n");
+        out.push_str("# TYPE keyward_ai_calls_total counter\n");
+        let calls = self.ai_calls.lock().map(|m| m.clone()).unwrap_or_default();
+        for ((provider, source, outcome), n) in &calls {
+            let _ = writeln!(out, "keyward_ai_calls_total{{provider=\"{provider}\",source=\"{source}\",outcome=\"{outcome}\"}} {n}");
+        }
+        out.push_str("# HELP keyward_key_tests_total Key tests by provider and outcome.\n");
+        out.push_str("# TYPE keyward_key_tests_total counter\n");
+        let probes = self.probes.lock().map(|m| m.clone()).unwrap_or_default();
+        for ((provider, outcome), n) in &probes {
+            let _ = writeln!(out, "keyward_key_tests_total{{provider=\"{provider}\",outcome=\"{outcome}\"}} {n}");
         }
         out.push_str("# HELP keyward_key_actions_total Key-management actions by action and provider.\n");
         out.push_str("# TYPE keyward_key_actions_total counter\n");

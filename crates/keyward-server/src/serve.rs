@@ -7,6 +7,9 @@ use keyward_core::Catalogue;
 use tokio::net::TcpListener;
 
 use crate::admin;
+use crate::ledger::Ledger;
+use crate::routes::key_test::ProbeLimiter;
+use crate::workers::{WorkerCommand, WorkerPool};
 use crate::app::{router, AppState};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
@@ -21,7 +24,7 @@ pub fn announce(line: &str) {
     let _ = out.flush();
 }
 
-pub async fn serve(config: Config) -> Result<(), RuntimeError> {
+pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeError> {
     if config.tls_cert.is_some() {
         return Err(RuntimeError::Other(
             "KEYWARD_TLS_CERT: HTTPS is not built yet; unset it and terminate TLS in front of keyward".into(),
@@ -49,14 +52,22 @@ pub async fn serve(config: Config) -> Result<(), RuntimeError> {
         announce(&format!("owner account: {}", first.account_id));
     }
 
+    let metrics = Arc::new(Metrics::default());
+    let workers = WorkerPool::start(config.workers, config.data_dir.join("run"), worker, metrics.clone())
+        .map_err(|e| RuntimeError::Other(format!("worker pool: {e}")))?;
     let purge = PurgeHandle::default();
     let state = AppState {
         store: store.clone(),
         sealer: Arc::new(sealer),
         clock,
         catalogue: Arc::new(Catalogue::builtin()),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         purge: purge.clone(),
+        workers,
+        ledger: Ledger::start(store.clone()),
+        probe_limiter: Arc::new(ProbeLimiter::default()),
+        provider_timeout_ms: config.provider_timeout_ms,
+        key_tests_per_minute: config.key_tests_per_minute,
     };
     let purger = tokio::spawn(purge::run(store.clone(), purge.clone()));
     // A purge at start covers removals that a crash interrupted before their checkpoint.

@@ -2,9 +2,14 @@
 //!
 //! Owns: the schema and its migrations (`migrations/<backend>/`), one repository method
 //! per aggregate change (users and tokens, accounts and memberships, provider keys and
-//! sources, the audit chain), and the audit chain's canonical form and verification.
+//! sources, the platform's shared-pool keys, shared-pool credits and usage counters, the
+//! audit chain), and the audit chain's canonical form and verification.
 //! A key change and its audit event commit in one transaction, so neither exists without
-//! the other.
+//! the other; so do a finished AI call's charge, its usage counters and its audit event.
+//!
+//! Shared-pool caps are enforced by the database, not in memory: a reservation is one
+//! conditional `UPDATE … WHERE used + reserved + amount <= limit`, so the cap holds however
+//! many gateway processes share the database.
 //!
 //! Must never: hold or see a plaintext key (it stores [`SealedKey`] blobs only), log a
 //! blob, or let a backend's SQL dialect leak into the types below: the server sees only
@@ -40,6 +45,10 @@ pub enum StoreError {
     Database(String),
     #[error("audit chain: {0}")]
     Chain(String),
+    /// The caller passed a value the store refuses to write (a negative amount, a malformed
+    /// period, an audit event for another account). Checked before anything is written.
+    #[error("invalid input: {0}")]
+    Invalid(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -115,6 +124,98 @@ pub struct Saved {
     pub state: ProviderState,
 }
 
+/// The account id the platform's shared-pool keys are sealed to: their [`keyward_crypto::Binding`]
+/// is `("platform", provider, key_id)`. Never a valid [`AccountId`] (those start `acc_`), so a
+/// shared blob can never be opened as an account's key or the other way round.
+pub const SHARED_KEY_ACCOUNT: &str = "platform";
+
+/// One finished AI call, as [`Store::finish_calls`] settles it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    pub account_id: AccountId,
+    /// The calendar month (`YYYY-MM`, UTC) the reservation was made in.
+    pub period: String,
+    pub provider: Provider,
+    pub source: KeySource,
+    /// Credits reserved before the call (0 for own-key calls), released now.
+    pub reserved: i64,
+    /// Credits the call cost (0 for own-key calls); at most `reserved` for shared calls.
+    pub charged: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// Its `ai.request` event, for `account_id`'s chain.
+    pub audit: NewAuditEvent,
+}
+
+/// One account's metering for one period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageReport {
+    pub credits_used: i64,
+    /// Held by calls in flight.
+    pub credits_reserved: i64,
+    /// Always all six rows: `Provider::ALL` × [`KEY_SOURCES`], in that order, zeros when none.
+    pub by_provider: Vec<ProviderUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderUsage {
+    pub provider: Provider,
+    pub source: KeySource,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+/// Both key sources, in the order [`UsageReport::by_provider`] lists them.
+pub const KEY_SOURCES: [KeySource; 2] = [KeySource::Shared, KeySource::Own];
+
+/// Checks a metering period: `YYYY-MM` with a month 01–12.
+pub(crate) fn check_period(period: &str) -> StoreResult<()> {
+    let b = period.as_bytes();
+    let ok = match b {
+        [y0, y1, y2, y3, b'-', m0, m1] => {
+            [y0, y1, y2, y3, m0, m1].iter().all(|c| c.is_ascii_digit())
+                && matches!((*m0, *m1), (b'0', b'1'..=b'9') | (b'1', b'0'..=b'2'))
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid("period must be YYYY-MM".to_owned()))
+    }
+}
+
+/// Checks a credit amount: 0 or more.
+pub(crate) fn check_amount(what: &str, n: i64) -> StoreResult<()> {
+    if n < 0 {
+        return Err(StoreError::Invalid(format!("{what} must be 0 or more, got {n}")));
+    }
+    Ok(())
+}
+
+/// Checks that an event handed in with a change belongs with it.
+pub(crate) fn check_event(
+    event: &NewAuditEvent,
+    account: &AccountId,
+    action: AuditAction,
+    what: &str,
+) -> StoreResult<()> {
+    if &event.account_id != account {
+        return Err(StoreError::Invalid(format!(
+            "{what}: audit event is for another account"
+        )));
+    }
+    if event.action != action {
+        return Err(StoreError::Invalid(format!(
+            "{what}: audit event is {}, expected {}",
+            event.action.as_str(),
+            action.as_str()
+        )));
+    }
+    Ok(())
+}
+
 /// Who did something, as written in the audit log (`usr_…`, or `cli` for the admin CLI).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor(pub String);
@@ -188,6 +289,43 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<ProviderState>;
     /// The sealed key, for a worker to open.
     async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>>;
+    /// Stores `result` as the key's last_test only if the saved key is still `key_id` (a test
+    /// that raced a rotation must not label the new key), and appends `event` (action
+    /// `key.tested`, for `account`) in the same transaction either way. Returns whether
+    /// last_test was stored. `Invalid` when `event` is for another account or action.
+    async fn record_key_test(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        key_id: &KeyId,
+        result: &LastTest,
+        event: &NewAuditEvent,
+    ) -> StoreResult<bool>;
+
+    // ---- the platform's shared-pool keys ---------------------------------------------------
+    /// Saves or rotates the platform's key for `provider` (overwriting the old blob in place).
+    /// The blob is sealed to ([`SHARED_KEY_ACCOUNT`], provider, key_id). Returns whether a key
+    /// was replaced. Not in any account's audit chain (the platform is not an account).
+    async fn save_shared_key(&self, provider: Provider, key: NewKey, now: UnixMillis) -> StoreResult<bool>;
+    /// The platform's sealed key for `provider`, for a worker to open.
+    async fn shared_key(&self, provider: Provider) -> StoreResult<Option<StoredKey>>;
+
+    // ---- shared-pool metering (per calendar month, `period` = "YYYY-MM") ------------------
+    /// Atomically reserves `amount` credits if `credits_used + credits_reserved + amount <= limit`;
+    /// `Ok(false)` when it would exceed (and nothing changes). One conditional update in the
+    /// database, so the cap holds across processes. Own-key calls never call this.
+    async fn reserve_credits(&self, account: &AccountId, period: &str, limit: i64, amount: i64) -> StoreResult<bool>;
+    /// Group commit for finished AI calls: ONE transaction for the whole batch. For each
+    /// record, in order: release its reservation (`credits_reserved -= reserved`), charge
+    /// (`credits_used += charged`), bump the usage counters of (account, period, provider,
+    /// source), and append its `ai.request` event to the account's chain. Durable when it
+    /// returns. All or nothing: `Invalid` (naming the record) is checked before anything is
+    /// written, so a caller can drop the bad record and retry the rest.
+    async fn finish_calls(&self, records: &[CallRecord]) -> StoreResult<()>;
+    /// Releases a reservation without charging (the call failed before a provider was reached).
+    async fn release_credits(&self, account: &AccountId, period: &str, amount: i64) -> StoreResult<()>;
+    /// Credits and usage counters of one period: zeros for a period with no calls.
+    async fn usage(&self, account: &AccountId, period: &str) -> StoreResult<UsageReport>;
 
     // ---- audit --------------------------------------------------------------------------
     /// Appends events (in order) to their accounts' chains in one transaction: durable

@@ -6,7 +6,7 @@
 //! cells are zeroed), and `BEGIN IMMEDIATE` for every write transaction so another
 //! process (the admin CLI) waits on the busy timeout instead of failing mid-transaction.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +22,8 @@ use sqlx::{Row, SqlitePool};
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
 use crate::{
-    Account, Actor, KeyMeta, LastTest, Membership, NewKey, ProviderState, Saved, Store, StoreError, StoreResult,
-    StoredKey, User,
+    check_amount, check_event, check_period, Account, Actor, CallRecord, KeyMeta, LastTest, Membership, NewKey,
+    ProviderState, ProviderUsage, Saved, Store, StoreError, StoreResult, StoredKey, UsageReport, User, KEY_SOURCES,
 };
 
 /// Tuning for the SQLite backend.
@@ -226,13 +226,16 @@ fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEvent> {
 const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
 const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
 
-/// Appends events to their chains inside the caller's transaction.
-async fn append_in_tx(
+/// Appends events (in order) to their chains inside the caller's transaction: one head
+/// read per account per call, however many of its events the batch holds, and one head
+/// write per account at the end (in account-id order). Callers that settle a batch
+/// (`finish_calls`, `append_audit`) pass it whole, so the chain reads stay per batch.
+async fn append_in_tx<'e>(
     conn: &mut SqliteConnection,
     chain_key: &AuditChainKey,
-    events: &[NewAuditEvent],
+    events: impl IntoIterator<Item = &'e NewAuditEvent> + Send,
 ) -> StoreResult<()> {
-    let mut heads: HashMap<String, (i64, [u8; 32])> = HashMap::new();
+    let mut heads: BTreeMap<String, (i64, [u8; 32])> = BTreeMap::new();
     for new in events {
         let account = new.account_id.as_str().to_owned();
         let (seq, prev) = match heads.get(&account) {
@@ -295,6 +298,90 @@ async fn append_in_tx(
         .map_err(map_err)?;
     }
     Ok(())
+}
+
+/// Releases `release` reserved credits and charges `charge` for one (account, period), inside
+/// the caller's transaction. A release larger than the reservation (a caller bug, or a row
+/// reset by hand) clamps the reservation at 0 and is logged rather than failing the batch:
+/// the calls it settles have happened and their audit events must not be lost.
+async fn settle_in_tx(
+    conn: &mut SqliteConnection,
+    account: &str,
+    period: &str,
+    release: i64,
+    charge: i64,
+) -> StoreResult<()> {
+    if release == 0 && charge == 0 {
+        return Ok(());
+    }
+    let done = sqlx::query(
+        "UPDATE credit_periods SET credits_reserved = credits_reserved - ?3, credits_used = credits_used + ?4
+         WHERE account_id = ?1 AND period = ?2 AND credits_reserved >= ?3",
+    )
+    .bind(account)
+    .bind(period)
+    .bind(release)
+    .bind(charge)
+    .execute(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    if done.rows_affected() == 1 {
+        return Ok(());
+    }
+    if release > 0 {
+        tracing::warn!(
+            account,
+            period,
+            release,
+            "released more shared credits than were reserved; reservation clamped at 0"
+        );
+    }
+    sqlx::query(
+        "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES (?1, ?2, ?3, 0)
+         ON CONFLICT (account_id, period) DO UPDATE SET
+           credits_used = credit_periods.credits_used + excluded.credits_used,
+           credits_reserved = CASE WHEN credit_periods.credits_reserved >= ?4
+                                   THEN credit_periods.credits_reserved - ?4 ELSE 0 END",
+    )
+    .bind(account)
+    .bind(period)
+    .bind(charge)
+    .bind(release)
+    .execute(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+fn stored_key_from_row(row: &SqliteRow, table: &str) -> StoreResult<StoredKey> {
+    Ok(StoredKey {
+        key_id: KeyId::parse(&get::<String>(row, "key_id")?).map_err(|_| corrupt(&format!("{table}.key_id")))?,
+        sealed: SealedKey::from_bytes(get(row, "sealed")?),
+        last4: Last4::from_stored(&get::<String>(row, "last4")?).ok_or_else(|| corrupt(&format!("{table}.last4")))?,
+    })
+}
+
+/// Prefixes an error with the batch position of the record that caused it.
+fn at_record(i: usize, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Invalid(m) => StoreError::Invalid(format!("call record {i}: {m}")),
+        other => other,
+    }
+}
+
+/// A named fn rather than a closure: the closure's lifetime would not be general enough for
+/// the `Send` future `async_trait` needs.
+fn audit_of(r: &CallRecord) -> &NewAuditEvent {
+    &r.audit
+}
+
+fn check_record(r: &CallRecord) -> StoreResult<()> {
+    check_period(&r.period)?;
+    check_amount("reserved", r.reserved)?;
+    check_amount("charged", r.charged)?;
+    check_amount("input_tokens", r.input_tokens)?;
+    check_amount("output_tokens", r.output_tokens)?;
+    check_event(&r.audit, &r.account_id, AuditAction::AiRequest, "finish_calls")
 }
 
 async fn state_in(conn: &mut SqliteConnection, account: &AccountId, provider: Provider) -> StoreResult<ProviderState> {
@@ -625,15 +712,248 @@ impl Store for SqliteStore {
                 .fetch_optional(&self.reader)
                 .await
                 .map_err(map_err)?;
-        row.map(|r| {
-            Ok(StoredKey {
-                key_id: KeyId::parse(&get::<String>(&r, "key_id")?).map_err(|_| corrupt("provider_keys.key_id"))?,
-                sealed: SealedKey::from_bytes(get(&r, "sealed")?),
-                last4: Last4::from_stored(&get::<String>(&r, "last4")?)
-                    .ok_or_else(|| corrupt("provider_keys.last4"))?,
-            })
+        row.as_ref()
+            .map(|r| stored_key_from_row(r, "provider_keys"))
+            .transpose()
+    }
+
+    async fn record_key_test(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        key_id: &KeyId,
+        result: &LastTest,
+        event: &NewAuditEvent,
+    ) -> StoreResult<bool> {
+        check_event(event, account, AuditAction::KeyTested, "record_key_test")?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        // Conditional on key_id: a test that raced a rotation finds no row and labels nothing.
+        let done = sqlx::query(
+            "UPDATE provider_keys SET last_test_ok = ?4, last_test_at = ?5, last_test_message = ?6
+             WHERE account_id = ?1 AND provider = ?2 AND key_id = ?3",
+        )
+        .bind(account.as_str())
+        .bind(provider.as_str())
+        .bind(key_id.as_str())
+        .bind(i64::from(result.ok))
+        .bind(result.at.as_i64())
+        .bind(&result.message)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        append_in_tx(&mut tx, &self.chain_key, std::slice::from_ref(event)).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn save_shared_key(&self, provider: Provider, key: NewKey, now: UnixMillis) -> StoreResult<bool> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let old: Option<String> = sqlx::query_scalar("SELECT key_id FROM shared_keys WHERE provider = ?1")
+            .bind(provider.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        // Overwritten in place, as account keys are (see save_key).
+        sqlx::query(
+            "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+             ON CONFLICT (provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
+               last4 = excluded.last4, updated_at = excluded.updated_at",
+        )
+        .bind(provider.as_str())
+        .bind(key.key_id.as_str())
+        .bind(key.sealed.as_bytes())
+        .bind(key.last4.as_str())
+        .bind(now.as_i64())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(old.is_some())
+    }
+
+    async fn shared_key(&self, provider: Provider) -> StoreResult<Option<StoredKey>> {
+        let row = sqlx::query("SELECT key_id, sealed, last4 FROM shared_keys WHERE provider = ?1")
+            .bind(provider.as_str())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(|r| stored_key_from_row(r, "shared_keys")).transpose()
+    }
+
+    async fn reserve_credits(&self, account: &AccountId, period: &str, limit: i64, amount: i64) -> StoreResult<bool> {
+        check_period(period)?;
+        check_amount("amount", amount)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        // An unknown account fails the foreign key here: NotFound.
+        sqlx::query(
+            "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES (?1, ?2, 0, 0)
+             ON CONFLICT (account_id, period) DO NOTHING",
+        )
+        .bind(account.as_str())
+        .bind(period)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        // The cap check and the reservation are one statement: atomic in the database, so it
+        // holds across processes (SQLite serializes writers; PostgreSQL re-checks the WHERE
+        // against the locked row).
+        let done = sqlx::query(
+            "UPDATE credit_periods SET credits_reserved = credits_reserved + ?3
+             WHERE account_id = ?1 AND period = ?2 AND credits_used + credits_reserved + ?3 <= ?4",
+        )
+        .bind(account.as_str())
+        .bind(period)
+        .bind(amount)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 1 {
+            tx.commit().await.map_err(map_err)?;
+            Ok(true)
+        } else {
+            // Refused: roll back the empty row too, so a refusal leaves no trace.
+            tx.rollback().await.map_err(map_err)?;
+            Ok(false)
+        }
+    }
+
+    async fn finish_calls(&self, records: &[CallRecord]) -> StoreResult<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        // Check everything before writing anything, and fold the batch into one update per
+        // (account, period) and per counter row. Folding gives the same end state as applying
+        // the records one by one (releases and charges only add up) with far fewer statements,
+        // and touches rows in key order.
+        let mut credits: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
+        let mut counters: BTreeMap<(&str, &str, &str, &str), (i64, i64, i64)> = BTreeMap::new();
+        for (i, r) in records.iter().enumerate() {
+            check_record(r).map_err(|e| at_record(i, e))?;
+            let c = credits.entry((r.account_id.as_str(), r.period.as_str())).or_default();
+            c.0 = c.0.saturating_add(r.reserved);
+            c.1 = c.1.saturating_add(r.charged);
+            let u = counters
+                .entry((
+                    r.account_id.as_str(),
+                    r.period.as_str(),
+                    r.provider.as_str(),
+                    r.source.as_str(),
+                ))
+                .or_default();
+            u.0 = u.0.saturating_add(1);
+            u.1 = u.1.saturating_add(r.input_tokens);
+            u.2 = u.2.saturating_add(r.output_tokens);
+        }
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        for ((account, period), (release, charge)) in credits {
+            settle_in_tx(&mut tx, account, period, release, charge).await?;
+        }
+        for ((account, period, provider, source), (requests, input, output)) in counters {
+            sqlx::query(
+                "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
+                   requests = usage_counters.requests + excluded.requests,
+                   input_tokens = usage_counters.input_tokens + excluded.input_tokens,
+                   output_tokens = usage_counters.output_tokens + excluded.output_tokens",
+            )
+            .bind(account)
+            .bind(period)
+            .bind(provider)
+            .bind(source)
+            .bind(requests)
+            .bind(input)
+            .bind(output)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        append_in_tx(&mut tx, &self.chain_key, records.iter().map(audit_of)).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn release_credits(&self, account: &AccountId, period: &str, amount: i64) -> StoreResult<()> {
+        check_period(period)?;
+        check_amount("amount", amount)?;
+        if amount == 0 {
+            return Ok(());
+        }
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        settle_in_tx(&mut tx, account.as_str(), period, amount, 0).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn usage(&self, account: &AccountId, period: &str) -> StoreResult<UsageReport> {
+        check_period(period)?;
+        let mut conn = self.reader.acquire().await.map_err(map_err)?;
+        // One read transaction, so credits and counters are one snapshot.
+        sqlx::query("BEGIN").execute(&mut *conn).await.map_err(map_err)?;
+        let result = async {
+            let credits = sqlx::query(
+                "SELECT credits_used, credits_reserved FROM credit_periods WHERE account_id = ?1 AND period = ?2",
+            )
+            .bind(account.as_str())
+            .bind(period)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_err)?;
+            let rows = sqlx::query(
+                "SELECT provider, source, requests, input_tokens, output_tokens FROM usage_counters
+                 WHERE account_id = ?1 AND period = ?2",
+            )
+            .bind(account.as_str())
+            .bind(period)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(map_err)?;
+            Ok::<_, StoreError>((credits, rows))
+        }
+        .await;
+        sqlx::query("COMMIT").execute(&mut *conn).await.map_err(map_err)?;
+        let (credits, rows) = result?;
+        let (credits_used, credits_reserved) = match credits {
+            Some(r) => (get(&r, "credits_used")?, get(&r, "credits_reserved")?),
+            None => (0, 0),
+        };
+        let mut found = Vec::with_capacity(rows.len());
+        for r in &rows {
+            found.push(ProviderUsage {
+                provider: get::<String>(r, "provider")?
+                    .parse()
+                    .map_err(|_| corrupt("usage_counters.provider"))?,
+                source: get::<String>(r, "source")?
+                    .parse()
+                    .map_err(|_| corrupt("usage_counters.source"))?,
+                requests: get(r, "requests")?,
+                input_tokens: get(r, "input_tokens")?,
+                output_tokens: get(r, "output_tokens")?,
+            });
+        }
+        let mut by_provider = Vec::with_capacity(Provider::ALL.len() * KEY_SOURCES.len());
+        for provider in Provider::ALL {
+            for source in KEY_SOURCES {
+                by_provider.push(
+                    found
+                        .iter()
+                        .find(|u| u.provider == provider && u.source == source)
+                        .cloned()
+                        .unwrap_or(ProviderUsage {
+                            provider,
+                            source,
+                            requests: 0,
+                            input_tokens: 0,
+                            output_tokens: 0,
+                        }),
+                );
+            }
+        }
+        Ok(UsageReport {
+            credits_used,
+            credits_reserved,
+            by_provider,
         })
-        .transpose()
     }
 
     async fn append_audit(&self, events: &[NewAuditEvent]) -> StoreResult<()> {

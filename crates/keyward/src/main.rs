@@ -13,6 +13,7 @@ use keyward_crypto::AuditChainKey;
 use keyward_server::audit_ops::{self, Verdict};
 use keyward_server::clock::SystemClock;
 use keyward_server::runtime::{open_store, prepare_data_dir};
+use keyward_server::workers::WorkerCommand;
 use keyward_server::{admin, logging, serve, Config};
 
 #[derive(Parser)]
@@ -33,6 +34,9 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API (and, on first start, create the owner and print their token).
     Serve,
+    /// The isolated worker. Started by `serve`, not by hand.
+    #[command(hide = true)]
+    Worker,
     /// Users, accounts, memberships and plans.
     Admin {
         #[command(subcommand)]
@@ -69,6 +73,11 @@ enum AdminCommand {
         email: String,
         #[arg(long)]
         role: String,
+    },
+    /// Set the platform's shared-pool key for a provider, read from standard input.
+    SetSharedKey {
+        #[arg(long)]
+        provider: String,
     },
     /// Change an account's plan and, optionally, its monthly shared-pool credit limit.
     SetPlan {
@@ -115,13 +124,19 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref(), std::env::vars()).context("configuration")?;
     logging::init(&config.log, config.log_format).map_err(anyhow::Error::msg)?;
+    if let Command::Worker = cli.command {
+        // No async runtime yet: the sandbox must be in place before any thread starts.
+        return run_worker(&config);
+    }
+    let worker_command = WorkerCommand { exe: std::env::current_exe()?, config_file: cli.config.clone() };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Serve => {
-                serve::serve(config).await?;
+                serve::serve(config, worker_command).await?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Worker => Ok(ExitCode::FAILURE),
             Command::Admin { command } => {
                 prepare_data_dir(&config)?;
                 let store = open_store(&config).await?;
@@ -137,6 +152,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     AdminCommand::AddMember { account, email, role } => {
                         admin::add_member(store.as_ref(), clock.as_ref(), &account, &email, &role).await?
+                    }
+                    AdminCommand::SetSharedKey { provider } => {
+                        let mut raw = zeroize::Zeroizing::new(String::new());
+                        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut raw)
+                            .context("reading the key from standard input")?;
+                        let sealer = keyward_server::runtime::load_sealer(&config)?;
+                        admin::set_shared_key(store.as_ref(), &sealer, clock.as_ref(), &provider, &raw).await?
                     }
                     AdminCommand::SetPlan {
                         account,
@@ -182,4 +204,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// `keyward worker`: load the KEK's opening half, then hand over to the sandboxed worker.
+fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
+    let socket = config.worker_socket.clone().context("KEYWARD_WORKER_SOCKET: the worker is started by `keyward serve`")?;
+    let opener = match config.kek {
+        keyward_server::config::KekConfig::Local => keyward_crypto::local::load_opener(&config.data_dir)?,
+    };
+    let worker_config = keyward_worker::WorkerConfig {
+        socket,
+        base_urls: vec![
+            (keyward_core::Provider::Anthropic, config.anthropic_base_url.clone()),
+            (keyward_core::Provider::OpenAi, config.openai_base_url.clone()),
+            (keyward_core::Provider::Google, config.google_base_url.clone()),
+        ],
+        connect_timeout: std::time::Duration::from_millis(u64::from(config.provider_connect_timeout_ms)),
+        threads: usize::from(config.worker_threads),
+    };
+    keyward_worker::run(worker_config, opener)?;
+    Ok(ExitCode::SUCCESS)
 }

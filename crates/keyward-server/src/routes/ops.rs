@@ -13,14 +13,15 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let database = state.store.ping().await;
-    let ready = database.is_ok();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let body = json!({ "ready": ready, "database": if ready { "ok" } else { "unavailable" } });
+    let database = state.store.ping().await.is_ok();
+    let workers = state.workers.ready();
+    let ready = database && workers > 0;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({
+        "ready": ready,
+        "database": if database { "ok" } else { "unavailable" },
+        "workers_ready": workers,
+    });
     (status, Json(body))
 }
 

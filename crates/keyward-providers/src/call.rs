@@ -1,0 +1,600 @@
+//! Provider HTTP calls without their key: what to send, where the key goes, and which paths a
+//! worker may send at all.
+
+use keyward_core::Provider;
+use serde::{Deserialize, Serialize};
+
+use crate::{anthropic, google, openai};
+
+/// The `anthropic-version` header keyward speaks.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The one user message a key test sends.
+pub const PROBE_PROMPT: &str = "ping";
+
+/// Longest model id keyward puts on a wire.
+const MAX_MODEL_ID_LEN: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatRole {
+    User,
+    Assistant,
+}
+
+impl ChatRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatRole::User => "user",
+            ChatRole::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: ChatRole,
+    pub content: String,
+}
+
+/// A provider-neutral chat request. `system: Some("")` is treated as no system prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    pub model: String,
+    pub system: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: u32,
+    pub temperature: Option<f32>,
+    pub stream: bool,
+}
+
+impl ChatRequest {
+    /// The system prompt, if there is a non-empty one.
+    pub(crate) fn system_prompt(&self) -> Option<&str> {
+        self.system.as_deref().filter(|s| !s.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpMethod {
+    Post,
+    Get,
+}
+
+impl HttpMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Post => "POST",
+            HttpMethod::Get => "GET",
+        }
+    }
+}
+
+/// A provider HTTP call without its key.
+///
+/// `path_and_query` is relative to the provider's base URL and starts with `/`. `headers` hold
+/// only non-secret headers (names in lower case); the worker adds the key as
+/// [`key_placement`] says, and must refuse the call unless [`path_allowed`] accepts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub method: HttpMethod,
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpCall {
+    pub(crate) fn post_json(path_and_query: String, extra: &[(&str, &str)], body: Vec<u8>) -> HttpCall {
+        let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
+        headers.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        HttpCall {
+            method: HttpMethod::Post,
+            path_and_query,
+            headers,
+            body,
+        }
+    }
+}
+
+/// The call for one chat answer (plain or streamed, as `req.stream` says).
+///
+/// - Anthropic: `POST /v1/messages` with `anthropic-version: 2023-06-01`.
+/// - OpenAI: `POST /v1/chat/completions`; the system prompt becomes the first message; a
+///   streamed call asks for the final usage chunk (`stream_options.include_usage`).
+/// - Google: `POST /v1beta/models/{model}:generateContent`, or
+///   `:streamGenerateContent?alt=sse` when streamed. A model id that is not
+///   [`model_id_is_safe`] is percent-encoded, so it cannot change the path, and the resulting
+///   path is refused by [`path_allowed`].
+pub fn build_chat(provider: Provider, req: &ChatRequest) -> HttpCall {
+    match provider {
+        Provider::Anthropic => anthropic::chat_call(req),
+        Provider::OpenAi => openai::chat_call(req),
+        Provider::Google => google::chat_call(req),
+    }
+}
+
+/// One minimal generation for "Test key": one user message `ping`, one output token
+/// (Anthropic `max_tokens: 1`, OpenAI `max_completion_tokens: 1`, Google
+/// `generationConfig.maxOutputTokens: 1`), not streamed.
+pub fn build_probe(provider: Provider, model: &str) -> HttpCall {
+    build_chat(
+        provider,
+        &ChatRequest {
+            model: model.to_owned(),
+            system: None,
+            messages: vec![ChatMessage {
+                role: ChatRole::User,
+                content: PROBE_PROMPT.to_owned(),
+            }],
+            max_tokens: 1,
+            temperature: None,
+            stream: false,
+        },
+    )
+}
+
+/// The provider's model list: `GET /v1/models` (Anthropic, OpenAI), `GET /v1beta/models` (Google).
+pub fn build_list_models(provider: Provider) -> HttpCall {
+    let (path, headers): (&str, Vec<(String, String)>) = match provider {
+        Provider::Anthropic => (
+            "/v1/models",
+            vec![("anthropic-version".to_owned(), ANTHROPIC_VERSION.to_owned())],
+        ),
+        Provider::OpenAi => ("/v1/models", Vec::new()),
+        Provider::Google => ("/v1beta/models", Vec::new()),
+    };
+    HttpCall {
+        method: HttpMethod::Get,
+        path_and_query: path.to_owned(),
+        headers,
+        body: Vec::new(),
+    }
+}
+
+/// Where a provider wants its key: the header name and what precedes the key in its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPlacement {
+    pub header: &'static str,
+    pub value_prefix: &'static str,
+}
+
+pub fn key_placement(provider: Provider) -> KeyPlacement {
+    match provider {
+        Provider::Anthropic => KeyPlacement {
+            header: "x-api-key",
+            value_prefix: "",
+        },
+        Provider::OpenAi => KeyPlacement {
+            header: "authorization",
+            value_prefix: "Bearer ",
+        },
+        Provider::Google => KeyPlacement {
+            header: "x-goog-api-key",
+            value_prefix: "",
+        },
+    }
+}
+
+/// The response header carrying the provider's request id. Google sends none: its id is the
+/// `responseId` field of the body (see [`ChatResponse::id`](crate::ChatResponse)).
+pub fn request_id_header(provider: Provider) -> Option<&'static str> {
+    match provider {
+        Provider::Anthropic => Some("request-id"),
+        Provider::OpenAi => Some("x-request-id"),
+        Provider::Google => None,
+    }
+}
+
+/// Whether `model` may appear as a path segment: 1–256 of `[A-Za-z0-9._-]`, not `.`, and no `..`.
+pub fn model_id_is_safe(model: &str) -> bool {
+    !model.is_empty()
+        && model.len() <= MAX_MODEL_ID_LEN
+        && model != "."
+        && !model.contains("..")
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The exact allowlist of calls a worker may send for `provider`:
+///
+/// - Anthropic: `POST /v1/messages`, `GET /v1/models`.
+/// - OpenAI: `POST /v1/chat/completions`, `GET /v1/models`.
+/// - Google: `POST /v1beta/models/{model}:generateContent`,
+///   `POST /v1beta/models/{model}:streamGenerateContent` with no query or exactly `?alt=sse`,
+///   `GET /v1beta/models`; `{model}` must be [`model_id_is_safe`].
+///
+/// Anything else is refused: other paths or methods, any other query (so never `key=`),
+/// an empty query (`…?`), fragments, percent-encoding, `..`, `//`.
+pub fn path_allowed(provider: Provider, method: HttpMethod, path_and_query: &str) -> bool {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    match provider {
+        Provider::Anthropic => matches!(
+            (method, path, query),
+            (HttpMethod::Post, "/v1/messages", None) | (HttpMethod::Get, "/v1/models", None)
+        ),
+        Provider::OpenAi => matches!(
+            (method, path, query),
+            (HttpMethod::Post, "/v1/chat/completions", None) | (HttpMethod::Get, "/v1/models", None)
+        ),
+        Provider::Google => match method {
+            HttpMethod::Get => path == "/v1beta/models" && query.is_none(),
+            HttpMethod::Post => {
+                let Some(rest) = path.strip_prefix("/v1beta/models/") else {
+                    return false;
+                };
+                let Some((model, action)) = rest.split_once(':') else {
+                    return false;
+                };
+                model_id_is_safe(model)
+                    && matches!(
+                        (action, query),
+                        ("generateContent", None) | ("streamGenerateContent", None | Some("alt=sse"))
+                    )
+            }
+        },
+    }
+}
+
+/// `model` as a path segment: unchanged when safe, else every byte outside `[A-Za-z0-9_-]`
+/// percent-encoded (dots too, so `..` cannot survive), which `path_allowed` then refuses.
+pub(crate) fn model_path_segment(model: &str) -> String {
+    if model_id_is_safe(model) {
+        return model.to_owned();
+    }
+    let mut out = String::with_capacity(model.len() * 3);
+    for b in model.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        // An empty model id must not collapse the path to `/v1beta/models/:…`.
+        out.push_str("%00");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn req(stream: bool) -> ChatRequest {
+        ChatRequest {
+            model: "m-1".to_owned(),
+            system: Some("Be brief.".to_owned()),
+            messages: vec![
+                ChatMessage {
+                    role: ChatRole::User,
+                    content: "Hi there".to_owned(),
+                },
+                ChatMessage {
+                    role: ChatRole::Assistant,
+                    content: "Hello".to_owned(),
+                },
+                ChatMessage {
+                    role: ChatRole::User,
+                    content: "Write a haiku".to_owned(),
+                },
+            ],
+            max_tokens: 300,
+            temperature: Some(0.7),
+            stream,
+        }
+    }
+
+    fn header<'a>(call: &'a HttpCall, name: &str) -> Option<&'a str> {
+        call.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn anthropic_chat_is_exact() {
+        let call = build_chat(Provider::Anthropic, &req(false));
+        assert_eq!(call.method, HttpMethod::Post);
+        assert_eq!(call.path_and_query, "/v1/messages");
+        assert_eq!(header(&call, "content-type"), Some("application/json"));
+        assert_eq!(header(&call, "anthropic-version"), Some("2023-06-01"));
+        assert_eq!(
+            String::from_utf8(call.body).unwrap(),
+            r#"{"model":"m-1","max_tokens":300,"messages":[{"role":"user","content":"Hi there"},{"role":"assistant","content":"Hello"},{"role":"user","content":"Write a haiku"}],"system":"Be brief.","temperature":0.7}"#
+        );
+        let streamed: Value = serde_json::from_slice(&build_chat(Provider::Anthropic, &req(true)).body).unwrap();
+        assert_eq!(streamed["stream"], json!(true));
+    }
+
+    #[test]
+    fn anthropic_omits_what_was_not_asked() {
+        let mut r = req(false);
+        r.system = Some(String::new());
+        r.temperature = None;
+        let body: Value = serde_json::from_slice(&build_chat(Provider::Anthropic, &r).body).unwrap();
+        let keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["max_tokens", "messages", "model"]);
+    }
+
+    #[test]
+    fn openai_chat_is_exact() {
+        let call = build_chat(Provider::OpenAi, &req(false));
+        assert_eq!(call.path_and_query, "/v1/chat/completions");
+        assert_eq!(
+            call.headers,
+            [("content-type".to_owned(), "application/json".to_owned())]
+        );
+        assert_eq!(
+            String::from_utf8(call.body).unwrap(),
+            r#"{"model":"m-1","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi there"},{"role":"assistant","content":"Hello"},{"role":"user","content":"Write a haiku"}],"max_completion_tokens":300,"temperature":0.7}"#
+        );
+        let streamed = build_chat(Provider::OpenAi, &req(true));
+        assert_eq!(
+            String::from_utf8(streamed.body).unwrap(),
+            r#"{"model":"m-1","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi there"},{"role":"assistant","content":"Hello"},{"role":"user","content":"Write a haiku"}],"max_completion_tokens":300,"temperature":0.7,"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+    }
+
+    #[test]
+    fn google_chat_is_exact() {
+        let call = build_chat(Provider::Google, &req(false));
+        assert_eq!(call.path_and_query, "/v1beta/models/m-1:generateContent");
+        assert_eq!(
+            call.headers,
+            [("content-type".to_owned(), "application/json".to_owned())]
+        );
+        assert_eq!(
+            String::from_utf8(call.body).unwrap(),
+            r#"{"contents":[{"role":"user","parts":[{"text":"Hi there"}]},{"role":"model","parts":[{"text":"Hello"}]},{"role":"user","parts":[{"text":"Write a haiku"}]}],"systemInstruction":{"parts":[{"text":"Be brief."}]},"generationConfig":{"maxOutputTokens":300,"temperature":0.7}}"#
+        );
+        let streamed = build_chat(Provider::Google, &req(true));
+        assert_eq!(
+            streamed.path_and_query,
+            "/v1beta/models/m-1:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(streamed.body, build_chat(Provider::Google, &req(false)).body);
+    }
+
+    #[test]
+    fn probes_ask_for_exactly_one_token() {
+        let a: Value =
+            serde_json::from_slice(&build_probe(Provider::Anthropic, "claude-3-haiku-20240307").body).unwrap();
+        assert_eq!(
+            a,
+            json!({"model": "claude-3-haiku-20240307", "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]})
+        );
+        let o: Value = serde_json::from_slice(&build_probe(Provider::OpenAi, "gpt-4o-mini").body).unwrap();
+        assert_eq!(
+            o,
+            json!({"model": "gpt-4o-mini", "max_completion_tokens": 1, "messages": [{"role": "user", "content": "ping"}]})
+        );
+        let g_call = build_probe(Provider::Google, "gemini-1.5-flash");
+        assert_eq!(g_call.path_and_query, "/v1beta/models/gemini-1.5-flash:generateContent");
+        let g: Value = serde_json::from_slice(&g_call.body).unwrap();
+        assert_eq!(
+            g,
+            json!({"contents": [{"role": "user", "parts": [{"text": "ping"}]}], "generationConfig": {"maxOutputTokens": 1}})
+        );
+        for p in Provider::ALL {
+            let call = build_probe(p, "x");
+            assert_eq!(call.method, HttpMethod::Post);
+            assert!(path_allowed(p, call.method, &call.path_and_query), "{p}");
+        }
+    }
+
+    #[test]
+    fn no_call_carries_a_key_slot() {
+        for p in Provider::ALL {
+            let placement = key_placement(p);
+            let calls = [
+                build_chat(p, &req(false)),
+                build_chat(p, &req(true)),
+                build_probe(p, "m"),
+                build_list_models(p),
+            ];
+            for call in calls {
+                assert!(call.headers.iter().all(|(k, _)| k != placement.header
+                    && k != "authorization"
+                    && k != "x-api-key"
+                    && k != "x-goog-api-key"));
+                assert!(!call.path_and_query.contains("key"), "{p}: {}", call.path_and_query);
+                let body = String::from_utf8(call.body).unwrap();
+                assert!(!body.contains("key"), "{p}: {body}");
+                assert!(call.headers.iter().all(|(k, _)| k == &k.to_ascii_lowercase()));
+            }
+        }
+    }
+
+    #[test]
+    fn key_placement_and_request_ids() {
+        assert_eq!(
+            key_placement(Provider::Anthropic),
+            KeyPlacement {
+                header: "x-api-key",
+                value_prefix: ""
+            }
+        );
+        assert_eq!(
+            key_placement(Provider::OpenAi),
+            KeyPlacement {
+                header: "authorization",
+                value_prefix: "Bearer "
+            }
+        );
+        assert_eq!(
+            key_placement(Provider::Google),
+            KeyPlacement {
+                header: "x-goog-api-key",
+                value_prefix: ""
+            }
+        );
+        assert_eq!(request_id_header(Provider::Anthropic), Some("request-id"));
+        assert_eq!(request_id_header(Provider::OpenAi), Some("x-request-id"));
+        assert_eq!(request_id_header(Provider::Google), None);
+    }
+
+    #[test]
+    fn list_models_calls_are_allowed() {
+        for p in Provider::ALL {
+            let call = build_list_models(p);
+            assert_eq!(call.method, HttpMethod::Get);
+            assert!(call.body.is_empty());
+            assert!(path_allowed(p, HttpMethod::Get, &call.path_and_query));
+        }
+        assert_eq!(
+            build_list_models(Provider::Anthropic).headers,
+            [("anthropic-version".to_owned(), "2023-06-01".to_owned())]
+        );
+    }
+
+    #[test]
+    fn path_allowed_accepts_the_routes() {
+        use HttpMethod::{Get, Post};
+        let ok = [
+            (Provider::Anthropic, Post, "/v1/messages"),
+            (Provider::Anthropic, Get, "/v1/models"),
+            (Provider::OpenAi, Post, "/v1/chat/completions"),
+            (Provider::OpenAi, Get, "/v1/models"),
+            (
+                Provider::Google,
+                Post,
+                "/v1beta/models/gemini-1.5-flash:generateContent",
+            ),
+            (
+                Provider::Google,
+                Post,
+                "/v1beta/models/gemini-1.5-flash:streamGenerateContent",
+            ),
+            (
+                Provider::Google,
+                Post,
+                "/v1beta/models/gemini-1.5-flash:streamGenerateContent?alt=sse",
+            ),
+            (
+                Provider::Google,
+                Post,
+                "/v1beta/models/gemini-2.0-flash-exp_1:generateContent",
+            ),
+            (Provider::Google, Get, "/v1beta/models"),
+        ];
+        for (p, m, path) in ok {
+            assert!(path_allowed(p, m, path), "{p} {m:?} {path}");
+        }
+    }
+
+    #[test]
+    fn path_allowed_refuses_everything_else() {
+        use HttpMethod::{Get, Post};
+        let refused = [
+            // wrong method
+            (Provider::Anthropic, Get, "/v1/messages"),
+            (Provider::Anthropic, Post, "/v1/models"),
+            (Provider::Google, Get, "/v1beta/models/gemini-1.5-flash:generateContent"),
+            // another provider's route
+            (Provider::Anthropic, Post, "/v1/chat/completions"),
+            (Provider::OpenAi, Post, "/v1/messages"),
+            (
+                Provider::OpenAi,
+                Post,
+                "/v1beta/models/gemini-1.5-flash:generateContent",
+            ),
+            (Provider::Google, Post, "/v1/messages"),
+            (Provider::Google, Get, "/v1/models"),
+            // traversal and odd paths
+            (Provider::Anthropic, Post, "/v1/messages/../../admin"),
+            (Provider::Anthropic, Post, "/v1//messages"),
+            (Provider::Anthropic, Post, "//v1/messages"),
+            (Provider::Anthropic, Post, "/v1/messages/"),
+            (Provider::Anthropic, Post, "v1/messages"),
+            (Provider::Anthropic, Post, "/V1/MESSAGES"),
+            (Provider::Anthropic, Post, "/v1/messages#frag"),
+            (Provider::Google, Post, "/v1beta/models/..:generateContent"),
+            (Provider::Google, Post, "/v1beta/models/.:generateContent"),
+            (Provider::Google, Post, "/v1beta/models/a..b:generateContent"),
+            (Provider::Google, Post, "/v1beta/models/../files:generateContent"),
+            (Provider::Google, Post, "/v1beta/models/%2E%2E:generateContent"),
+            (Provider::Google, Post, "/v1beta/models/a/b:generateContent"),
+            (Provider::Google, Post, "/v1beta/models//gemini:generateContent"),
+            (Provider::Google, Post, "/v1beta/models/:generateContent"),
+            (Provider::Google, Post, "/v1beta/models/gemini:generateContent:x"),
+            (Provider::Google, Post, "/v1beta/models/gemini:countTokens"),
+            (Provider::Google, Post, "/v1beta/models/gemini"),
+            (Provider::Google, Post, "/v1beta/tunedModels/gemini:generateContent"),
+            // queries
+            (Provider::Anthropic, Post, "/v1/messages?beta=true"),
+            (Provider::Anthropic, Post, "/v1/messages?"),
+            (Provider::OpenAi, Get, "/v1/models?key=sk-abc"),
+            (Provider::Google, Post, "/v1beta/models/gemini:generateContent?alt=sse"),
+            (
+                Provider::Google,
+                Post,
+                "/v1beta/models/gemini:generateContent?key=AIza123",
+            ),
+            (
+                Provider::Google,
+                Post,
+                "/v1beta/models/gemini:streamGenerateContent?key=AIza123",
+            ),
+            (
+                Provider::Google,
+                Post,
+                "/v1beta/models/gemini:streamGenerateContent?alt=sse&key=AIza123",
+            ),
+            (
+                Provider::Google,
+                Post,
+                "/v1beta/models/gemini:streamGenerateContent?key=AIza123&alt=sse",
+            ),
+            (
+                Provider::Google,
+                Post,
+                "/v1beta/models/gemini:streamGenerateContent?alt=json",
+            ),
+            (Provider::Google, Post, "/v1beta/models/gemini:streamGenerateContent?"),
+            (Provider::Google, Get, "/v1beta/models?key=AIza123"),
+            (Provider::Google, Get, "/v1beta/models?pageSize=5"),
+            (Provider::Google, Post, ""),
+        ];
+        for (p, m, path) in refused {
+            assert!(!path_allowed(p, m, path), "{p} {m:?} {path} must be refused");
+        }
+    }
+
+    #[test]
+    fn hostile_google_model_ids_cannot_change_the_path() {
+        for model in [
+            "../../v1/files",
+            "gemini?key=x",
+            "a/b",
+            "..",
+            ".",
+            "",
+            "gemini#x",
+            "gem ini",
+            "gémini",
+            "a:b",
+        ] {
+            let mut r = req(false);
+            r.model = model.to_owned();
+            let call = build_chat(Provider::Google, &r);
+            let segment = call
+                .path_and_query
+                .strip_prefix("/v1beta/models/")
+                .and_then(|s| s.strip_suffix(":generateContent"))
+                .unwrap();
+            assert!(
+                !segment.contains('/') && !segment.contains('?') && !segment.contains('#'),
+                "{model:?}: {segment}"
+            );
+            assert!(!segment.contains(".."), "{model:?}: {segment}");
+            assert!(
+                !path_allowed(Provider::Google, HttpMethod::Post, &call.path_and_query),
+                "{model:?} must leave a refused path"
+            );
+        }
+        assert!(model_id_is_safe("gemini-1.5-flash"));
+        assert!(!model_id_is_safe(&"a".repeat(257)));
+    }
+}

@@ -1,0 +1,478 @@
+//! Google Gemini API (`v1beta` generateContent / streamGenerateContent?alt=sse).
+//!
+//! Errors are `{"error": {"code", "message", "status", "details": [...]}}` (a streamed call
+//! without `alt=sse` wraps it in an array). Diagnosis, first match wins:
+//!
+//! | what Google sent | diagnosis |
+//! |---|---|
+//! | a `google.rpc.ErrorInfo` reason `API_KEY_INVALID` / `API_KEY_EXPIRED`, a message "API key not valid" / "API key expired" / "API Key not found" (400 `INVALID_ARGUMENT`), or `UNAUTHENTICATED` | `invalid_key` |
+//! | reason `BILLING_DISABLED`, or a message saying prepaid credits "are depleted" | `no_credit` |
+//! | `RESOURCE_EXHAUSTED` (429) otherwise | `rate_limited` |
+//! | `PERMISSION_DENIED` (403) | `missing_permission` |
+//! | `NOT_FOUND` (404) | `model_not_available` |
+//! | `FAILED_PRECONDITION` (400): `no_credit` if it mentions billing, else `missing_permission` (e.g. "User location is not supported") | |
+//! | `INTERNAL` (500), `UNAVAILABLE` (503), `DEADLINE_EXCEEDED` (504) | `provider_unavailable` |
+//! | `INVALID_ARGUMENT` and other 4xx | `bad_request` |
+//!
+//! Choice: Google answers an exhausted free-tier or per-minute quota with 429
+//! `RESOURCE_EXHAUSTED` "You exceeded your current quota, please check your plan and billing
+//! details" — the same words whether the limit is per minute or per day — so "quota" or
+//! "plan and billing details" alone mean `rate_limited`. Only an answer that is about money
+//! and nothing else (depleted prepayment credits, billing disabled) is `no_credit`.
+
+use keyward_core::Provider;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::call::{model_path_segment, ChatRequest, ChatRole, HttpCall};
+use crate::failure::{contains_ci, message_or, status_diagnosis, Diagnosis, ProviderFailure};
+use crate::response::{ChatResponse, Usage};
+use crate::sse::SseEvent;
+use crate::stream::{StreamEvent, StreamState};
+
+const P: Provider = Provider::Google;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body<'a> {
+    contents: Vec<Content<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<SystemInstruction<'a>>,
+    generation_config: GenerationConfig,
+}
+
+#[derive(Serialize)]
+struct Content<'a> {
+    role: &'static str,
+    parts: [Part<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct SystemInstruction<'a> {
+    parts: [Part<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Part<'a> {
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig {
+    max_output_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+}
+
+pub(crate) fn chat_call(req: &ChatRequest) -> HttpCall {
+    let body = Body {
+        contents: req
+            .messages
+            .iter()
+            .map(|m| Content {
+                role: match m.role {
+                    ChatRole::User => "user",
+                    ChatRole::Assistant => "model",
+                },
+                parts: [Part { text: &m.content }],
+            })
+            .collect(),
+        system_instruction: req
+            .system_prompt()
+            .map(|text| SystemInstruction { parts: [Part { text }] }),
+        generation_config: GenerationConfig {
+            max_output_tokens: req.max_tokens,
+            temperature: req.temperature,
+        },
+    };
+    let action = if req.stream {
+        "streamGenerateContent?alt=sse"
+    } else {
+        "generateContent"
+    };
+    HttpCall::post_json(
+        format!("/v1beta/models/{}:{action}", model_path_segment(&req.model)),
+        &[],
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Answer {
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+    usage_metadata: UsageMetadata,
+    #[serde(default)]
+    model_version: Option<String>,
+    #[serde(default)]
+    response_id: Option<String>,
+    #[serde(default)]
+    prompt_feedback: Option<PromptFeedback>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Candidate {
+    #[serde(default)]
+    content: Option<CandidateContent>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CandidateContent {
+    #[serde(default)]
+    parts: Vec<AnswerPart>,
+}
+
+#[derive(Deserialize)]
+struct AnswerPart {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    thought: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UsageMetadata {
+    #[serde(default)]
+    prompt_token_count: u64,
+    #[serde(default)]
+    tool_use_prompt_token_count: u64,
+    #[serde(default)]
+    candidates_token_count: u64,
+    #[serde(default)]
+    thoughts_token_count: u64,
+}
+
+impl UsageMetadata {
+    fn usage(&self) -> Usage {
+        Usage {
+            input_tokens: self.prompt_token_count.saturating_add(self.tool_use_prompt_token_count),
+            output_tokens: self.candidates_token_count.saturating_add(self.thoughts_token_count),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    #[serde(default)]
+    block_reason: Option<String>,
+}
+
+pub(crate) fn parse_answer(body: &[u8]) -> Result<ChatResponse, serde_json::Error> {
+    let a: Answer = serde_json::from_slice(body)?;
+    let first = a.candidates.into_iter().next();
+    let (content, stop_reason) = match first {
+        Some(c) => {
+            let text = c
+                .content
+                .map(|content| {
+                    content
+                        .parts
+                        .into_iter()
+                        .filter(|p| p.thought != Some(true))
+                        .filter_map(|p| p.text)
+                        .collect::<String>()
+                })
+                .unwrap_or_default();
+            (text, c.finish_reason.unwrap_or_default())
+        }
+        None => (
+            String::new(),
+            a.prompt_feedback.and_then(|f| f.block_reason).unwrap_or_default(),
+        ),
+    };
+    Ok(ChatResponse {
+        id: a.response_id.unwrap_or_default(),
+        model: a.model_version.unwrap_or_default(),
+        content,
+        stop_reason,
+        usage: a.usage_metadata.usage(),
+    })
+}
+
+/// Reads Google's error envelope (or an array holding one); `None` when the body is not one.
+pub(crate) fn read_error(status: u16, body: &[u8]) -> Option<ProviderFailure> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let v = match &v {
+        Value::Array(items) => items.first()?,
+        other => other,
+    };
+    let error = v.get("error").filter(|e| e.is_object())?;
+    Some(failure_from(Some(status), error))
+}
+
+fn failure_from(status: Option<u16>, error: &Value) -> ProviderFailure {
+    let message = error.get("message").and_then(Value::as_str);
+    let diagnosis = diagnosis_for(status, error, message.unwrap_or(""));
+    let message = message_or(message, || {
+        let word = error.get("status").and_then(Value::as_str).unwrap_or("an error");
+        match status {
+            Some(s) => format!("Google answered HTTP {s} ({word})"),
+            None => format!("Google reported {word} in the stream"),
+        }
+    });
+    ProviderFailure::new(status, diagnosis, &message)
+}
+
+fn diagnosis_for(status: Option<u16>, error: &Value, message: &str) -> Diagnosis {
+    let word = error.get("status").and_then(Value::as_str).unwrap_or("");
+    let reasons: Vec<&str> = error
+        .get("details")
+        .and_then(Value::as_array)
+        .map(|details| {
+            details
+                .iter()
+                .filter(|d| {
+                    d.get("@type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| t.ends_with("google.rpc.ErrorInfo"))
+                })
+                .filter_map(|d| d.get("reason").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    let has_reason = |r: &str| reasons.contains(&r);
+    if has_reason("API_KEY_INVALID")
+        || has_reason("API_KEY_EXPIRED")
+        || contains_ci(message, "api key not valid")
+        || contains_ci(message, "api key expired")
+        || contains_ci(message, "api key not found")
+        || word == "UNAUTHENTICATED"
+    {
+        return Diagnosis::InvalidKey;
+    }
+    if has_reason("BILLING_DISABLED") || contains_ci(message, "credits are depleted") {
+        return Diagnosis::NoCredit;
+    }
+    match word {
+        "RESOURCE_EXHAUSTED" => Diagnosis::RateLimited,
+        "PERMISSION_DENIED" => Diagnosis::MissingPermission,
+        "NOT_FOUND" => Diagnosis::ModelNotAvailable,
+        "FAILED_PRECONDITION" if contains_ci(message, "billing") => Diagnosis::NoCredit,
+        "FAILED_PRECONDITION" => Diagnosis::MissingPermission,
+        "INTERNAL" | "UNAVAILABLE" | "DEADLINE_EXCEEDED" => Diagnosis::ProviderUnavailable,
+        "INVALID_ARGUMENT" | "OUT_OF_RANGE" => Diagnosis::BadRequest,
+        _ => {
+            let code = status.or_else(|| {
+                error
+                    .get("code")
+                    .and_then(Value::as_u64)
+                    .and_then(|c| u16::try_from(c).ok())
+            });
+            code.map_or(Diagnosis::ProviderUnavailable, status_diagnosis)
+        }
+    }
+}
+
+pub(crate) fn on_event(state: &mut StreamState, event: &SseEvent, out: &mut Vec<StreamEvent>) {
+    let Some(v) = state.json(P, &event.data, out) else {
+        return;
+    };
+    if let Some(error) = v.get("error").filter(|e| e.is_object()) {
+        state.fail(failure_from(None, error), out);
+        return;
+    }
+    if let Some(id) = v.get("responseId").and_then(Value::as_str) {
+        id.clone_into(&mut state.summary.id);
+    }
+    if let Some(model) = v.get("modelVersion").and_then(Value::as_str) {
+        model.clone_into(&mut state.summary.model);
+    }
+    let candidate = v.get("candidates").and_then(Value::as_array).and_then(|c| c.first());
+    match candidate {
+        Some(candidate) => {
+            if let Some(parts) = candidate.pointer("/content/parts").and_then(Value::as_array) {
+                let text: String = parts
+                    .iter()
+                    .filter(|p| p.get("thought").and_then(Value::as_bool) != Some(true))
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect();
+                StreamState::delta(&text, out);
+            }
+            if let Some(reason) = candidate.get("finishReason").and_then(Value::as_str) {
+                reason.clone_into(&mut state.summary.stop_reason);
+                state.ended = true;
+            }
+        }
+        None => {
+            if let Some(reason) = v.pointer("/promptFeedback/blockReason").and_then(Value::as_str) {
+                reason.clone_into(&mut state.summary.stop_reason);
+                state.ended = true;
+            }
+        }
+    }
+    if let Some(usage) = v.get("usageMetadata").filter(|u| u.is_object()) {
+        if let Ok(usage) = UsageMetadata::deserialize(usage) {
+            state.summary.usage = usage.usage();
+            state.usage_seen = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diagnose;
+    use serde_json::json;
+
+    fn error_info(reason: &str) -> Value {
+        json!({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "googleapis.com",
+               "metadata": {"service": "generativelanguage.googleapis.com"}})
+    }
+
+    fn envelope(code: u16, status: &str, message: &str, details: Vec<Value>) -> String {
+        json!({"error": {"code": code, "message": message, "status": status, "details": details}}).to_string()
+    }
+
+    #[test]
+    fn every_diagnosis() {
+        let quota_details = vec![
+            json!({"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+                "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]}),
+            json!({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "5s"}),
+        ];
+        let cases = [
+            (
+                400,
+                envelope(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "API key not valid. Please pass a valid API key.",
+                    vec![
+                        error_info("API_KEY_INVALID"),
+                        json!({"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
+                               "message": "API key not valid. Please pass a valid API key."}),
+                    ],
+                ),
+                Diagnosis::InvalidKey,
+            ),
+            (
+                400,
+                envelope(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.", vec![]),
+                Diagnosis::InvalidKey,
+            ),
+            (
+                400,
+                envelope(400, "INVALID_ARGUMENT", "API key expired. Please renew the API key.", vec![error_info("API_KEY_EXPIRED")]),
+                Diagnosis::InvalidKey,
+            ),
+            (
+                429,
+                envelope(
+                    429,
+                    "RESOURCE_EXHAUSTED",
+                    "Your prepayment credits are depleted. Please go to AI Studio at https://ai.studio/projects to manage your project and billing.",
+                    vec![],
+                ),
+                Diagnosis::NoCredit,
+            ),
+            (
+                403,
+                envelope(403, "PERMISSION_DENIED", "This API method requires billing to be enabled.", vec![error_info("BILLING_DISABLED")]),
+                Diagnosis::NoCredit,
+            ),
+            (
+                400,
+                envelope(
+                    400,
+                    "FAILED_PRECONDITION",
+                    "Gemini API free tier is not available in your country. Please enable billing on your project in Google AI Studio.",
+                    vec![],
+                ),
+                Diagnosis::NoCredit,
+            ),
+            (
+                429,
+                envelope(
+                    429,
+                    "RESOURCE_EXHAUSTED",
+                    "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.",
+                    quota_details,
+                ),
+                Diagnosis::RateLimited,
+            ),
+            (
+                429,
+                envelope(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota).", vec![]),
+                Diagnosis::RateLimited,
+            ),
+            (
+                403,
+                envelope(403, "PERMISSION_DENIED", "The caller does not have permission", vec![]),
+                Diagnosis::MissingPermission,
+            ),
+            (
+                403,
+                envelope(
+                    403,
+                    "PERMISSION_DENIED",
+                    "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.",
+                    vec![],
+                ),
+                Diagnosis::MissingPermission,
+            ),
+            (
+                400,
+                envelope(400, "FAILED_PRECONDITION", "User location is not supported for the API use.", vec![]),
+                Diagnosis::MissingPermission,
+            ),
+            (
+                404,
+                envelope(
+                    404,
+                    "NOT_FOUND",
+                    "models/gemini-9 is not found for API version v1beta, or is not supported for generateContent. Call ListModels to see the list of available models and their supported methods.",
+                    vec![],
+                ),
+                Diagnosis::ModelNotAvailable,
+            ),
+            (
+                500,
+                envelope(500, "INTERNAL", "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting", vec![]),
+                Diagnosis::ProviderUnavailable,
+            ),
+            (
+                503,
+                envelope(503, "UNAVAILABLE", "The model is overloaded. Please try again later.", vec![]),
+                Diagnosis::ProviderUnavailable,
+            ),
+            (
+                504,
+                envelope(504, "DEADLINE_EXCEEDED", "Deadline expired before operation could complete.", vec![]),
+                Diagnosis::ProviderUnavailable,
+            ),
+            (
+                400,
+                envelope(400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified\n", vec![]),
+                Diagnosis::BadRequest,
+            ),
+            (
+                409,
+                envelope(409, "ABORTED", "Aborted.", vec![]),
+                Diagnosis::BadRequest,
+            ),
+        ];
+        for (status, body, expected) in cases {
+            let f = diagnose(Provider::Google, status, body.as_bytes());
+            assert_eq!(f.diagnosis, expected, "{status} {body}");
+            assert_eq!(f.status, Some(status));
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(f.message, v["error"]["message"].as_str().unwrap().trim());
+        }
+    }
+
+    #[test]
+    fn an_array_wrapped_error_is_read() {
+        let body = format!("[{}]", envelope(503, "UNAVAILABLE", "The model is overloaded.", vec![]));
+        let f = diagnose(Provider::Google, 503, body.as_bytes());
+        assert_eq!(f.diagnosis, Diagnosis::ProviderUnavailable);
+        assert_eq!(f.message, "The model is overloaded.");
+    }
+}

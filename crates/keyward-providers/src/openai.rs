@@ -1,0 +1,338 @@
+//! OpenAI Chat Completions API.
+//!
+//! Errors are `{"error": {"message", "type", "param", "code"}}`. The `code` (or `type`) decides
+//! first, then the status:
+//!
+//! | code / type | status | diagnosis |
+//! |---|---|---|
+//! | `insufficient_quota`, `billing_not_active`, `billing_hard_limit_reached` | (429) | `no_credit` |
+//! | `invalid_api_key` | 401 | `invalid_key` |
+//! | `model_not_found` | 404 | `model_not_available` |
+//! | `rate_limit_exceeded` | 429 | `rate_limited` |
+//! | | 403 (e.g. missing scopes, unsupported region) | `missing_permission` |
+//! | `server_error` | 5xx | `provider_unavailable` |
+//! | | other 4xx | `bad_request` |
+
+use keyward_core::Provider;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::call::{ChatRequest, HttpCall};
+use crate::failure::{message_or, status_diagnosis, Diagnosis, ProviderFailure};
+use crate::response::{ChatResponse, Usage};
+use crate::sse::SseEvent;
+use crate::stream::{StreamEvent, StreamState};
+
+const P: Provider = Provider::OpenAi;
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    messages: Vec<Message<'a>>,
+    max_completion_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+pub(crate) fn chat_call(req: &ChatRequest) -> HttpCall {
+    let system = req.system_prompt().map(|s| Message {
+        role: "system",
+        content: s,
+    });
+    let messages = system
+        .into_iter()
+        .chain(req.messages.iter().map(|m| Message {
+            role: m.role.as_str(),
+            content: &m.content,
+        }))
+        .collect();
+    let body = Body {
+        model: &req.model,
+        messages,
+        max_completion_tokens: req.max_tokens,
+        temperature: req.temperature,
+        stream: req.stream,
+        stream_options: req.stream.then_some(StreamOptions { include_usage: true }),
+    };
+    HttpCall::post_json(
+        "/v1/chat/completions".to_owned(),
+        &[],
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    id: String,
+    model: String,
+    choices: Vec<Choice>,
+    usage: AnswerUsage,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: AnswerMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AnswerMessage {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AnswerUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+pub(crate) fn parse_answer(body: &[u8]) -> Result<ChatResponse, serde_json::Error> {
+    let a: Answer = serde_json::from_slice(body)?;
+    let first = a.choices.into_iter().next();
+    let (content, stop_reason) = match first {
+        Some(c) => (
+            c.message.content.or(c.message.refusal).unwrap_or_default(),
+            c.finish_reason.unwrap_or_default(),
+        ),
+        None => (String::new(), String::new()),
+    };
+    Ok(ChatResponse {
+        id: a.id,
+        model: a.model,
+        content,
+        stop_reason,
+        usage: Usage {
+            input_tokens: a.usage.prompt_tokens,
+            output_tokens: a.usage.completion_tokens,
+        },
+    })
+}
+
+/// Reads OpenAI's error envelope; `None` when the body is not one.
+pub(crate) fn read_error(status: u16, body: &[u8]) -> Option<ProviderFailure> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let error = v.get("error").filter(|e| e.is_object())?;
+    Some(failure_from(Some(status), error))
+}
+
+fn failure_from(status: Option<u16>, error: &Value) -> ProviderFailure {
+    let code = error.get("code").and_then(Value::as_str).unwrap_or("");
+    let kind = error.get("type").and_then(Value::as_str).unwrap_or("");
+    let message = error.get("message").and_then(Value::as_str);
+    let diagnosis = diagnosis_for(status, code, kind);
+    let message = message_or(message, || {
+        let what = if code.is_empty() { kind } else { code };
+        match status {
+            Some(s) => format!("OpenAI answered HTTP {s} ({what})"),
+            None => format!("OpenAI reported {what} in the stream"),
+        }
+    });
+    ProviderFailure::new(status, diagnosis, &message)
+}
+
+fn diagnosis_for(status: Option<u16>, code: &str, kind: &str) -> Diagnosis {
+    let named = |word: &str| code == word || kind == word;
+    if named("insufficient_quota") || named("billing_not_active") || named("billing_hard_limit_reached") {
+        return Diagnosis::NoCredit;
+    }
+    if named("invalid_api_key") {
+        return Diagnosis::InvalidKey;
+    }
+    if named("model_not_found") {
+        return Diagnosis::ModelNotAvailable;
+    }
+    if named("rate_limit_exceeded") {
+        return Diagnosis::RateLimited;
+    }
+    match status {
+        Some(s) => status_diagnosis(s),
+        None if kind == "invalid_request_error" => Diagnosis::BadRequest,
+        None => Diagnosis::ProviderUnavailable,
+    }
+}
+
+pub(crate) fn on_event(state: &mut StreamState, event: &SseEvent, out: &mut Vec<StreamEvent>) {
+    if event.data.trim() == "[DONE]" {
+        state.ended = true;
+        return;
+    }
+    let Some(v) = state.json(P, &event.data, out) else {
+        return;
+    };
+    if let Some(error) = v.get("error").filter(|e| e.is_object()) {
+        state.fail(failure_from(None, error), out);
+        return;
+    }
+    if let Some(id) = v.get("id").and_then(Value::as_str) {
+        id.clone_into(&mut state.summary.id);
+    }
+    if let Some(model) = v.get("model").and_then(Value::as_str) {
+        model.clone_into(&mut state.summary.model);
+    }
+    let first_choice = v.get("choices").and_then(Value::as_array).and_then(|choices| {
+        choices
+            .iter()
+            .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+    });
+    if let Some(choice) = first_choice {
+        if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str) {
+            StreamState::delta(text, out);
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            reason.clone_into(&mut state.summary.stop_reason);
+        }
+    }
+    if let Some(usage) = v.get("usage").filter(|u| u.is_object()) {
+        if let (Some(input), Some(output)) = (
+            usage.get("prompt_tokens").and_then(Value::as_u64),
+            usage.get("completion_tokens").and_then(Value::as_u64),
+        ) {
+            state.summary.usage = Usage {
+                input_tokens: input,
+                output_tokens: output,
+            };
+            state.usage_seen = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diagnose;
+
+    fn envelope(message: &str, kind: &str, code: Option<&str>) -> String {
+        serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}}).to_string()
+    }
+
+    #[test]
+    fn every_diagnosis() {
+        let cases = [
+            (
+                401,
+                envelope(
+                    "Incorrect API key provided: sk-proj-********************abcd. You can find your API key at https://platform.openai.com/account/api-keys.",
+                    "invalid_request_error",
+                    Some("invalid_api_key"),
+                ),
+                Diagnosis::InvalidKey,
+            ),
+            (
+                401,
+                envelope("You didn't provide an API key.", "invalid_request_error", None),
+                Diagnosis::InvalidKey,
+            ),
+            (
+                429,
+                envelope(
+                    "You exceeded your current quota, please check your plan and billing details.",
+                    "insufficient_quota",
+                    Some("insufficient_quota"),
+                ),
+                Diagnosis::NoCredit,
+            ),
+            (
+                429,
+                envelope(
+                    "Your account is not active, please check your billing details on our website.",
+                    "billing_not_active",
+                    Some("billing_not_active"),
+                ),
+                Diagnosis::NoCredit,
+            ),
+            (
+                429,
+                envelope(
+                    "Rate limit reached for gpt-4o-mini in organization org-x on requests per min (RPM): Limit 3, Used 3, Requested 1.",
+                    "requests",
+                    Some("rate_limit_exceeded"),
+                ),
+                Diagnosis::RateLimited,
+            ),
+            (
+                403,
+                envelope(
+                    "You have insufficient permissions for this operation. Missing scopes: model.request.",
+                    "invalid_request_error",
+                    None,
+                ),
+                Diagnosis::MissingPermission,
+            ),
+            (
+                403,
+                envelope(
+                    "Country, region, or territory not supported",
+                    "request_forbidden",
+                    Some("unsupported_country_region_territory"),
+                ),
+                Diagnosis::MissingPermission,
+            ),
+            (
+                404,
+                envelope(
+                    "The model `gpt-9` does not exist or you do not have access to it.",
+                    "invalid_request_error",
+                    Some("model_not_found"),
+                ),
+                Diagnosis::ModelNotAvailable,
+            ),
+            (
+                500,
+                envelope(
+                    "The server had an error while processing your request. Sorry about that!",
+                    "server_error",
+                    None,
+                ),
+                Diagnosis::ProviderUnavailable,
+            ),
+            (
+                503,
+                envelope("The engine is currently overloaded, please try again later.", "server_error", None),
+                Diagnosis::ProviderUnavailable,
+            ),
+            (
+                400,
+                envelope(
+                    "Unsupported parameter: 'max_tokens' is not supported with this model.",
+                    "invalid_request_error",
+                    Some("unsupported_parameter"),
+                ),
+                Diagnosis::BadRequest,
+            ),
+        ];
+        for (status, body, expected) in cases {
+            let f = diagnose(Provider::OpenAi, status, body.as_bytes());
+            assert_eq!(f.diagnosis, expected, "{status} {body}");
+            assert_eq!(f.status, Some(status));
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(f.message, v["error"]["message"].as_str().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_numeric_code_is_tolerated() {
+        let body = br#"{"error":{"message":"Bad gateway.","type":"cf_bad_gateway","param":null,"code":502}}"#;
+        let f = diagnose(Provider::OpenAi, 502, body);
+        assert_eq!(f.diagnosis, Diagnosis::ProviderUnavailable);
+        assert_eq!(f.message, "Bad gateway.");
+    }
+}

@@ -1,0 +1,329 @@
+//! `POST /v1/accounts/{id}/ai/messages`: the product's own AI features call this.
+//! Plain answers are JSON; `"stream": true` answers are server-sent events (`delta`
+//! events as the provider's text arrives, then one `done`, or one `error`).
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keyward_core::{AccountId, ErrorCode, KeySource, ModelEntry, Provider};
+use keyward_providers::{build_chat, parse_chat, ChatMessage, ChatRequest, StreamDecoder, StreamEvent, Usage};
+use keyward_store::{AuditAction, CallRecord, NewAuditEvent};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::ai::{choose_key, open_and_call, period_of, CallFailure, KeyChoice};
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+
+/// Largest plain answer read from a provider.
+const MAX_ANSWER: usize = 8 * 1024 * 1024;
+const MAX_MESSAGES: usize = 200;
+const MAX_OUTPUT_TOKENS: u32 = 32_768;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessagesBody {
+    provider: String,
+    model: Option<String>,
+    system: Option<String>,
+    messages: Vec<ChatMessage>,
+    max_tokens: u32,
+    temperature: Option<f32>,
+    #[serde(default)]
+    stream: bool,
+    feature: Option<String>,
+}
+
+/// Everything needed to settle and audit a call once it ends.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub account: AccountId,
+    pub actor: String,
+    pub provider: Provider,
+    pub model: ModelEntry,
+    pub choice: KeyChoice,
+    pub period: String,
+    pub reserved: i64,
+    pub feature: Option<String>,
+}
+
+impl CallContext {
+    /// Credits this call costs the shared pool: never more than was reserved.
+    pub fn charge(&self, usage: Usage) -> i64 {
+        match self.choice.source {
+            KeySource::Own => 0,
+            KeySource::Shared => {
+                i64::try_from(self.model.credits_for(usage.input_tokens, usage.output_tokens)).unwrap_or(i64::MAX).min(self.reserved)
+            }
+        }
+    }
+
+    /// Settles credits and appends `ai.request`, durably, before the answer is released.
+    pub async fn settle(&self, state: &AppState, outcome: &str, usage: Usage, request_id: Option<String>, detail: Option<String>) -> ApiResult<i64> {
+        let charged = if outcome == "ok" { self.charge(usage) } else { self.charge(usage).min(self.reserved) };
+        let mut audit = NewAuditEvent::key_action(
+            &self.account,
+            state.clock.now(),
+            &self.actor,
+            AuditAction::AiRequest,
+            self.provider,
+            (self.choice.source == KeySource::Own).then_some(&self.choice.key.last4),
+            detail,
+        );
+        audit.key_source = Some(self.choice.source);
+        audit.model = Some(self.model.id.clone());
+        audit.outcome = outcome.to_owned();
+        audit.provider_request_id = request_id;
+        audit.input_tokens = Some(i64::try_from(usage.input_tokens).unwrap_or(i64::MAX));
+        audit.output_tokens = Some(i64::try_from(usage.output_tokens).unwrap_or(i64::MAX));
+        audit.feature = self.feature.clone();
+        let record = CallRecord {
+            account_id: self.account.clone(),
+            period: self.period.clone(),
+            provider: self.provider,
+            source: self.choice.source,
+            reserved: self.reserved,
+            charged,
+            input_tokens: audit.input_tokens.unwrap_or(0),
+            output_tokens: audit.output_tokens.unwrap_or(0),
+            audit,
+        };
+        state.metrics.record_ai_call(self.provider, self.choice.source, outcome);
+        state.ledger.commit(record).await.map_err(|e| {
+            tracing::error!(error = %e, "could not record an AI call");
+            ApiError::new(ErrorCode::DatabaseUnavailable, "the call could not be recorded; it is not answered")
+        })?;
+        Ok(charged)
+    }
+}
+
+fn validation(m: &str) -> ApiError {
+    ApiError::validation(m.to_owned())
+}
+
+/// Checks the body and reserves shared credits: the part every AI route shares.
+pub async fn prepare(
+    state: &AppState,
+    caller: &Caller,
+    account: &AccountId,
+    provider: Provider,
+    model: Option<&str>,
+    input_bytes: usize,
+    max_tokens: u32,
+    feature: Option<String>,
+) -> ApiResult<CallContext> {
+    let model = match model {
+        Some(id) => state.catalogue.model(provider, id).cloned().ok_or_else(|| {
+            ApiError::validation(format!(
+                "model is not offered for {provider}: choose one of {}",
+                state.catalogue.model_ids(provider).join(", ")
+            ))
+        })?,
+        None => state.catalogue.models(provider).first().cloned().ok_or_else(|| validation("no model is catalogued for this provider"))?,
+    };
+    if max_tokens == 0 || max_tokens > MAX_OUTPUT_TOKENS {
+        return Err(ApiError::validation(format!("max_tokens must be from 1 to {MAX_OUTPUT_TOKENS}")));
+    }
+    if let Some(f) = &feature {
+        if f.is_empty() || f.len() > 64 || !f.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
+            return Err(validation("feature must be 1 to 64 letters, digits, '_', '-' or '.'"));
+        }
+    }
+    let choice = choose_key(state, account, provider).await?;
+    let (period, _, _) = period_of(state.clock.now());
+    let mut reserved = 0;
+    if choice.source == KeySource::Shared {
+        let acct = state.store.account(account).await?.ok_or_else(ApiError::not_found)?;
+        // Input tokens are not known before the call; the input's byte count bounds them.
+        let estimate = model.credits_for(input_bytes as u64, u64::from(max_tokens)).max(1);
+        reserved = i64::try_from(estimate).unwrap_or(i64::MAX);
+        let ok = state.store.reserve_credits(account, &period, acct.shared_credit_limit, reserved).await?;
+        if !ok {
+            state.metrics.record_ai_call(provider, KeySource::Shared, "refused:shared_quota_exhausted");
+            return Err(ApiError::new(
+                ErrorCode::SharedQuotaExhausted,
+                format!(
+                    "this month's shared-pool credits ({} in all) do not cover this call; add your own {} key in Settings → AI → Model keys to run without caps",
+                    acct.shared_credit_limit,
+                    provider.display_name()
+                ),
+            ));
+        }
+    }
+    Ok(CallContext { account: account.clone(), actor: caller.user.id.to_string(), provider, model, choice, period, reserved, feature })
+}
+
+pub async fn messages(State(state): State<AppState>, caller: Caller, Path(account): Path<String>, body: JsonBody) -> ApiResult<Response> {
+    let m = caller.member_of(&state, &account).await?;
+    let body: MessagesBody = body.parse()?;
+    let provider: Provider = body.provider.parse().map_err(|_| validation("provider must be anthropic, openai or google"))?;
+    if body.messages.is_empty() || body.messages.len() > MAX_MESSAGES {
+        return Err(ApiError::validation(format!("messages must hold 1 to {MAX_MESSAGES} messages")));
+    }
+    if let Some(t) = body.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(validation("temperature must be from 0 to 2"));
+        }
+    }
+    let input_bytes = body.messages.iter().map(|m| m.content.len()).sum::<usize>() + body.system.as_ref().map_or(0, String::len);
+    let ctx = prepare(&state, &caller, &m.account.id, provider, body.model.as_deref(), input_bytes, body.max_tokens, body.feature.clone()).await?;
+    let request = ChatRequest {
+        model: ctx.model.id.clone(),
+        system: body.system,
+        messages: body.messages,
+        max_tokens: body.max_tokens,
+        temperature: body.temperature,
+        stream: body.stream,
+    };
+    let call = build_chat(provider, &request);
+    if request.stream {
+        stream_answer(state, ctx, call).await
+    } else {
+        plain_answer(&state, &ctx, call).await.map(IntoResponse::into_response)
+    }
+}
+
+fn request_id(provider: Provider, headers: &[(String, String)]) -> Option<String> {
+    let name = keyward_providers::request_id_header(provider)?;
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
+
+async fn plain_answer(state: &AppState, ctx: &CallContext, call: keyward_providers::HttpCall) -> ApiResult<Json<Value>> {
+    let mut upstream = match open_and_call(state, ctx.provider, &ctx.choice, call).await {
+        Ok(u) => u,
+        Err(f) => return Err(fail_call(state, ctx, f, None).await),
+    };
+    let req_id = request_id(ctx.provider, &upstream.headers);
+    let body = match upstream.collect(MAX_ANSWER).await {
+        Ok(b) => b,
+        Err(f) => return Err(fail_call(state, ctx, f, req_id).await),
+    };
+    match parse_chat(ctx.provider, upstream.status, &body) {
+        Ok(answer) => {
+            let req_id = req_id.or_else(|| Some(answer.id.clone()));
+            let charged = ctx.settle(state, "ok", answer.usage, req_id, None).await?;
+            Ok(Json(json!({
+                "id": answer.id,
+                "provider": ctx.provider,
+                "model": ctx.model.id,
+                "key_source": ctx.choice.source,
+                "content": answer.content,
+                "stop_reason": answer.stop_reason,
+                "usage": { "input_tokens": answer.usage.input_tokens, "output_tokens": answer.usage.output_tokens },
+                "credits_charged": charged,
+            })))
+        }
+        Err(f) => Err(fail_call(state, ctx, CallFailure::Provider(f), req_id).await),
+    }
+}
+
+/// Settles a failed call (nothing charged) and turns it into the answer.
+async fn fail_call(state: &AppState, ctx: &CallContext, f: CallFailure, req_id: Option<String>) -> ApiError {
+    let detail = match &f {
+        CallFailure::Provider(p) => Some(p.message.clone()),
+        _ => None,
+    };
+    if let Err(e) = ctx.settle(state, &f.outcome(), Usage::default(), req_id, detail).await {
+        return e;
+    }
+    f.into_api_error()
+}
+
+fn sse(event: &str, data: &Value) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+async fn stream_answer(state: AppState, ctx: CallContext, call: keyward_providers::HttpCall) -> ApiResult<Response> {
+    let mut upstream = match open_and_call(&state, ctx.provider, &ctx.choice, call).await {
+        Ok(u) => u,
+        Err(f) => return Err(fail_call(&state, &ctx, f, None).await),
+    };
+    let req_id = request_id(ctx.provider, &upstream.headers);
+    if !(200..300).contains(&upstream.status) {
+        let body = upstream.collect(MAX_ANSWER).await.unwrap_or_default();
+        let failure = keyward_providers::diagnose(ctx.provider, upstream.status, &body);
+        return Err(fail_call(&state, &ctx, CallFailure::Provider(failure), req_id).await);
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let mut decoder = StreamDecoder::new(ctx.provider);
+        let mut stream_failure: Option<CallFailure> = None;
+        'read: loop {
+            match upstream.next_chunk().await {
+                Ok(Some(chunk)) => {
+                    for ev in decoder.feed(&chunk) {
+                        match ev {
+                            StreamEvent::Delta(text) => {
+                                // A client that went away does not stop the accounting.
+                                let _ = tx.send(sse("delta", &json!({ "text": text }))).await;
+                            }
+                            StreamEvent::Error(f) => {
+                                stream_failure = Some(CallFailure::Provider(f));
+                                break 'read;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(f) => {
+                    stream_failure = Some(f);
+                    break;
+                }
+            }
+        }
+        let summary = match stream_failure {
+            Some(f) => Err(f),
+            None => decoder.finish().map_err(CallFailure::Provider),
+        };
+        match summary {
+            Ok(s) => {
+                let req_id = req_id.or_else(|| Some(s.id.clone()));
+                match ctx.settle(&state, "ok", s.usage, req_id, None).await {
+                    Ok(charged) => {
+                        let done = json!({
+                            "id": s.id,
+                            "provider": ctx.provider,
+                            "model": ctx.model.id,
+                            "key_source": ctx.choice.source,
+                            "stop_reason": s.stop_reason,
+                            "usage": { "input_tokens": s.usage.input_tokens, "output_tokens": s.usage.output_tokens },
+                            "credits_charged": charged,
+                        });
+                        let _ = tx.send(sse("done", &done)).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(sse("error", &error_event(&e))).await;
+                    }
+                }
+            }
+            Err(f) => {
+                let e = fail_call(&state, &ctx, f, req_id).await;
+                let _ = tx.send(sse("error", &error_event(&e))).await;
+            }
+        }
+    });
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    }));
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-store")],
+        body,
+    )
+        .into_response())
+}
+
+fn error_event(e: &ApiError) -> Value {
+    let mut v = json!({ "code": e.code.as_str(), "message": e.message });
+    if e.code == ErrorCode::ProviderError {
+        v["provider_status"] = json!(e.provider_status);
+    }
+    v
+}

@@ -1,0 +1,109 @@
+//! `POST /v1/accounts/{id}/model-keys/{provider}/test`: "Test key".
+//!
+//! One minimal generation (a single output token) on the provider's cheapest catalogued
+//! model, with the saved key, through a worker like any call. The answer is always 200:
+//! `ok: true` with the model and latency, or `ok: false` with the diagnosis, the
+//! provider's status and its own message (with any echo of the key masked by the worker).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use keyward_core::{ErrorCode, KeySource, Provider, UnixMillis};
+use keyward_providers::{build_probe, parse_chat, ProviderFailure};
+use keyward_store::{AuditAction, LastTest, NewAuditEvent};
+use serde_json::{json, Value};
+
+use crate::ai::{open_and_call, CallFailure, KeyChoice};
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::routes::model_keys::parse_provider;
+
+/// Probes allowed per account and provider per minute (a fixed one-minute window).
+#[derive(Debug, Default)]
+pub struct ProbeLimiter {
+    windows: Mutex<HashMap<(String, Provider), (i64, u32)>>,
+}
+
+impl ProbeLimiter {
+    pub fn allow(&self, account: &str, provider: Provider, now: UnixMillis, per_minute: u32) -> bool {
+        let minute = now.as_i64() / 60_000;
+        let Ok(mut w) = self.windows.lock() else { return false };
+        if w.len() > 100_000 {
+            w.retain(|_, (m, _)| *m == minute);
+        }
+        let entry = w.entry((account.to_owned(), provider)).or_insert((minute, 0));
+        if entry.0 != minute {
+            *entry = (minute, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= per_minute
+    }
+}
+
+pub async fn test_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((account, provider)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let m = caller.manager_of(&state, &account, "testing a key").await?;
+    let provider = parse_provider(&provider)?;
+    let key = state.store.sealed_key(&m.account.id, provider).await?.ok_or_else(|| {
+        ApiError::new(ErrorCode::NoKeySaved, "no key is saved for this provider: save one, then test it")
+    })?;
+    if !state.probe_limiter.allow(m.account.id.as_str(), provider, state.clock.now(), state.key_tests_per_minute) {
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            format!("at most {} key tests a minute per provider; wait a moment", state.key_tests_per_minute),
+        ));
+    }
+    let model = state
+        .catalogue
+        .probe_model(provider)
+        .cloned()
+        .ok_or_else(|| ApiError::internal(&"no probe model in the catalogue"))?;
+    let key_id = key.key_id.clone();
+    let last4 = key.last4.clone();
+    let choice = KeyChoice { source: KeySource::Own, key, binding_account: m.account.id.to_string() };
+
+    let outcome: Result<u128, ProviderFailure> = match open_and_call(&state, provider, &choice, build_probe(provider, &model.id)).await {
+        Ok(mut up) => match up.collect(1024 * 1024).await {
+            Ok(body) => parse_chat(provider, up.status, &body).map(|_| up.started.elapsed().as_millis()),
+            Err(CallFailure::Provider(f)) => Err(f),
+            Err(other) => return Err(other.into_api_error()),
+        },
+        Err(CallFailure::Provider(f)) => Err(f),
+        Err(other) => return Err(other.into_api_error()),
+    };
+    let now = state.clock.now();
+    let (answer, result) = match &outcome {
+        Ok(ms) => (
+            json!({ "ok": true, "status": "ok", "model": model.id, "latency_ms": ms }),
+            LastTest { ok: true, at: now, message: format!("ok: {} answered in {ms} ms", model.id) },
+        ),
+        Err(f) => (
+            json!({ "ok": false, "status": f.diagnosis.as_str(), "provider_status": f.status, "message": f.message }),
+            LastTest { ok: false, at: now, message: format!("{}: {}", f.diagnosis.as_str(), f.message) },
+        ),
+    };
+    let mut event = NewAuditEvent::key_action(
+        &m.account.id,
+        now,
+        caller.user.id.as_str(),
+        AuditAction::KeyTested,
+        provider,
+        Some(&last4),
+        Some(result.message.clone()),
+    );
+    event.key_source = Some(KeySource::Own);
+    event.model = Some(model.id.clone());
+    event.outcome = match &outcome {
+        Ok(_) => "ok".to_owned(),
+        Err(f) => format!("error:{}", f.diagnosis.as_str()),
+    };
+    state.store.record_key_test(&m.account.id, provider, &key_id, &result, &event).await?;
+    state.metrics.record_probe(provider, event.outcome.as_str());
+    Ok(Json(answer))
+}

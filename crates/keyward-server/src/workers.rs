@@ -1,0 +1,194 @@
+//! The worker pool: `serve` starts `KEYWARD_WORKERS` isolated `keyward worker` processes,
+//! restarts any that dies (with backoff), and lends out connections to them.
+//!
+//! Each worker listens on its own socket under `<data_dir>/run/` and accepts only its
+//! parent. A connection carries one exchange at a time and is reused; the connections of
+//! a worker that died are dropped with it (each is tagged with the worker's generation).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyward_worker::WorkerConn;
+use tokio::process::Command;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug)]
+struct Slot {
+    index: usize,
+    socket: PathBuf,
+    up: AtomicBool,
+    generation: AtomicU64,
+    pid: AtomicU64,
+    idle: Mutex<Vec<(u64, WorkerConn)>>,
+}
+
+/// How `serve` starts a worker: this same binary, `worker` subcommand.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    pub exe: PathBuf,
+    pub config_file: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct WorkerPool {
+    slots: Vec<Arc<Slot>>,
+    next: AtomicUsize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no worker is available")]
+pub struct Unavailable;
+
+/// A connection on loan; give it back with [`Lease::release`] after a complete exchange.
+#[derive(Debug)]
+pub struct Lease {
+    pub conn: WorkerConn,
+    slot: Arc<Slot>,
+    generation: u64,
+}
+
+impl Lease {
+    /// Returns the connection for reuse (only after a complete, clean exchange).
+    pub fn release(self) {
+        if self.slot.up.load(Ordering::Acquire) && self.slot.generation.load(Ordering::Acquire) == self.generation {
+            if let Ok(mut idle) = self.slot.idle.lock() {
+                if idle.len() < 256 {
+                    idle.push((self.generation, self.conn));
+                }
+            }
+        }
+    }
+}
+
+impl WorkerPool {
+    /// Starts `count` supervised workers. Their sockets live in `run_dir` (created 0700).
+    pub fn start(count: u16, run_dir: PathBuf, command: WorkerCommand, metrics: Arc<Metrics>) -> std::io::Result<Arc<WorkerPool>> {
+        std::fs::create_dir_all(&run_dir)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let slots: Vec<Arc<Slot>> = (0..usize::from(count))
+            .map(|index| {
+                Arc::new(Slot {
+                    index,
+                    socket: run_dir.join(format!("worker-{index}.sock")),
+                    up: AtomicBool::new(false),
+                    generation: AtomicU64::new(0),
+                    pid: AtomicU64::new(0),
+                    idle: Mutex::new(Vec::new()),
+                })
+            })
+            .collect();
+        for slot in &slots {
+            tokio::spawn(supervise(slot.clone(), command.clone(), metrics.clone()));
+        }
+        Ok(Arc::new(WorkerPool { slots, next: AtomicUsize::new(0) }))
+    }
+
+    pub fn ready(&self) -> usize {
+        self.slots.iter().filter(|s| s.up.load(Ordering::Acquire)).count()
+    }
+
+    /// The pids of running workers (for tests and diagnostics).
+    pub fn pids(&self) -> Vec<u64> {
+        self.slots.iter().filter(|s| s.up.load(Ordering::Acquire)).map(|s| s.pid.load(Ordering::Acquire)).collect()
+    }
+
+    /// A connection to a live worker, round robin.
+    pub async fn lease(&self) -> Result<Lease, Unavailable> {
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            let Some(slot) = self.slots.get((start + i) % n) else { continue };
+            if !slot.up.load(Ordering::Acquire) {
+                continue;
+            }
+            let generation = slot.generation.load(Ordering::Acquire);
+            let reused = slot.idle.lock().ok().and_then(|mut idle| {
+                while let Some((g, c)) = idle.pop() {
+                    if g == generation {
+                        return Some(c);
+                    }
+                }
+                None
+            });
+            if let Some(conn) = reused {
+                return Ok(Lease { conn, slot: slot.clone(), generation });
+            }
+            match WorkerConn::connect(&slot.socket).await {
+                Ok(conn) => return Ok(Lease { conn, slot: slot.clone(), generation }),
+                Err(e) => tracing::debug!(worker = slot.index, error = %e, "worker connect failed"),
+            }
+        }
+        Err(Unavailable)
+    }
+}
+
+async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let mut cmd = Command::new(&command.exe);
+        if let Some(file) = &command.config_file {
+            cmd.arg("--config").arg(file);
+        }
+        cmd.arg("worker")
+            .env("KEYWARD_WORKER_SOCKET", &slot.socket)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(worker = slot.index, error = %e, "could not start worker");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        slot.pid.store(u64::from(child.id().unwrap_or(0)), Ordering::Release);
+        // Up once it answers a ping on its socket.
+        let ready = async {
+            for _ in 0..500 {
+                if let Ok(mut c) = WorkerConn::connect(&slot.socket).await {
+                    if c.ping().await.is_ok() {
+                        return true;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        };
+        tokio::select! {
+            ok = ready => {
+                if ok {
+                    slot.generation.fetch_add(1, Ordering::AcqRel);
+                    slot.up.store(true, Ordering::Release);
+                    tracing::info!(worker = slot.index, pid = slot.pid.load(Ordering::Acquire), "worker ready");
+                } else {
+                    tracing::error!(worker = slot.index, "worker did not become ready; restarting it");
+                    let _ = child.start_kill();
+                }
+            }
+            status = child.wait() => {
+                tracing::error!(worker = slot.index, ?status, "worker exited during start-up");
+            }
+        }
+        let status = child.wait().await;
+        slot.up.store(false, Ordering::Release);
+        if let Ok(mut idle) = slot.idle.lock() {
+            idle.clear();
+        }
+        metrics.record_worker_restart();
+        tracing::warn!(worker = slot.index, ?status, "worker exited; restarting");
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(50);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

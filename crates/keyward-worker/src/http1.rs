@@ -1,0 +1,528 @@
+//! A minimal HTTP/1.1 client for the worker's calls to providers.
+//!
+//! Why not a general HTTP client: the request head carries the key, and a general client
+//! copies headers into buffers it owns and keeps (header maps, connection write buffers),
+//! out of reach of any wiping. Here the head is written straight from a locked page the
+//! caller wipes, and the read buffer is zeroed after every exchange. It also keeps the
+//! rules of the worker simple and visible: no redirects are ever followed (a 3xx is just
+//! an answer), every wait has a timeout, and connections are kept alive and reused.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
+use zeroize::{Zeroize, Zeroizing};
+
+const MAX_HEAD: usize = 64 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Conn = Box<dyn Io>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("could not connect to the provider: {0}")]
+    Connect(String),
+    #[error("the provider did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("connection to the provider failed: {0}")]
+    Io(String),
+    #[error("the provider's answer is not valid HTTP: {0}")]
+    Protocol(&'static str),
+    #[error("bad base URL: {0}")]
+    BaseUrl(String),
+}
+
+/// One provider endpoint (scheme, host, port, path prefix) and its idle connections.
+pub struct Upstream {
+    host: String,
+    port: u16,
+    host_header: String,
+    prefix: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Upstream({}:{})", self.host, self.port)
+    }
+}
+
+impl Upstream {
+    /// `base_url` is `http(s)://host[:port][/prefix]`.
+    pub fn new(base_url: &str, tls: Arc<ClientConfig>, connect_timeout: Duration) -> Result<Upstream, HttpError> {
+        let bad = || HttpError::BaseUrl(base_url.to_owned());
+        let (is_tls, rest) = if let Some(r) = base_url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = base_url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(bad());
+        };
+        let (authority, prefix) = match rest.find('/') {
+            Some(i) => (rest.get(..i).ok_or_else(bad)?, rest.get(i..).ok_or_else(bad)?.trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(bad());
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse::<u16>().map_err(|_| bad())?),
+            _ => (authority, if is_tls { 443 } else { 80 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let tls = if is_tls {
+            let name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+            Some((TlsConnector::from(tls), name))
+        } else {
+            None
+        };
+        Ok(Upstream {
+            host_header: authority.to_owned(),
+            host,
+            port,
+            prefix: prefix.to_owned(),
+            tls,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn host_header(&self) -> &str {
+        &self.host_header
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn connect(&self) -> Result<Conn, HttpError> {
+        let ms = u64::try_from(self.connect_timeout.as_millis()).unwrap_or(u64::MAX);
+        let tcp = timeout(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port)))
+            .await
+            .map_err(|_| HttpError::Timeout(ms))?
+            .map_err(|e| HttpError::Connect(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => Ok(Box::new(tcp)),
+            Some((connector, name)) => {
+                let tls = timeout(self.connect_timeout, connector.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| HttpError::Timeout(ms))?
+                    .map_err(|e| HttpError::Connect(format!("TLS: {e}")))?;
+                Ok(Box::new(tls))
+            }
+        }
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        self.idle.lock().ok().and_then(|mut v| v.pop())
+    }
+
+    fn checkin(&self, c: Conn) {
+        if let Ok(mut v) = self.idle.lock() {
+            if v.len() < 64 {
+                v.push(c);
+            }
+        }
+    }
+
+    /// Sends `head` (the request line and headers, written from the caller's locked page)
+    /// and `body`, and reads the response head. `wait` bounds the time to the response
+    /// head and each later pause.
+    pub async fn send(self: &Arc<Self>, head: &[u8], body: &[u8], wait: Duration) -> Result<Response, HttpError> {
+        // A reused connection may have been closed by the server while idle; if it fails
+        // before a single response byte arrives, the request was not processed: try once
+        // more on a fresh connection.
+        if let Some(conn) = self.checkout() {
+            match self.exchange(conn, head, body, wait).await {
+                Ok(r) => return Ok(r),
+                Err(Attempt::Stale) => {}
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+        let conn = self.connect().await?;
+        match self.exchange(conn, head, body, wait).await {
+            Ok(r) => Ok(r),
+            Err(Attempt::Stale) => Err(HttpError::Io("the provider closed the connection without answering".into())),
+            Err(Attempt::Failed(e)) => Err(e),
+        }
+    }
+
+    async fn exchange(self: &Arc<Self>, mut conn: Conn, head: &[u8], body: &[u8], wait: Duration) -> Result<Response, Attempt> {
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let write = async {
+            conn.write_all(head).await?;
+            conn.write_all(body).await?;
+            conn.flush().await
+        };
+        match timeout(wait, write).await {
+            Err(_) => return Err(Attempt::Failed(HttpError::Timeout(ms))),
+            Ok(Err(_)) => return Err(Attempt::Stale),
+            Ok(Ok(())) => {}
+        }
+        let mut reader = Reader { conn, buf: Zeroizing::new(Vec::with_capacity(READ_CHUNK)), start: 0, wait };
+        loop {
+            let got = reader.fill_head().await;
+            let n = match got {
+                Ok(n) => n,
+                Err(HttpError::Io(_)) if reader.buf.is_empty() => return Err(Attempt::Stale),
+                Err(e) => return Err(Attempt::Failed(e)),
+            };
+            let _ = n;
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut headers);
+            let status = parsed.parse(&reader.buf);
+            let len = match status {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => {
+                    if reader.buf.len() > MAX_HEAD {
+                        return Err(Attempt::Failed(HttpError::Protocol("response head too large")));
+                    }
+                    if reader.read_more().await.map_err(Attempt::Failed)? == 0 {
+                        return Err(Attempt::Failed(HttpError::Protocol("connection closed inside the response head")));
+                    }
+                    continue;
+                }
+                Err(_) => return Err(Attempt::Failed(HttpError::Protocol("unparseable response head"))),
+            };
+            let code = parsed.code.unwrap_or(0);
+            let mut out_headers = Vec::with_capacity(parsed.headers.len());
+            let mut chunked = false;
+            let mut length: Option<u64> = None;
+            let mut close = parsed.version == Some(0);
+            for h in parsed.headers.iter() {
+                let value = String::from_utf8_lossy(h.value).into_owned();
+                if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    chunked = value.to_ascii_lowercase().contains("chunked");
+                } else if h.name.eq_ignore_ascii_case("content-length") {
+                    length = Some(value.trim().parse().map_err(|_| Attempt::Failed(HttpError::Protocol("bad content-length")))?);
+                } else if h.name.eq_ignore_ascii_case("connection") {
+                    close = value.to_ascii_lowercase().contains("close");
+                }
+                out_headers.push((h.name.to_ascii_lowercase(), value));
+            }
+            reader.start = len;
+            if (100..200).contains(&code) {
+                // Interim answer (100 Continue): drop it and read the real head.
+                reader.buf.drain(..len);
+                reader.start = 0;
+                continue;
+            }
+            let body = if code == 204 || code == 304 {
+                Body::Length(0)
+            } else if chunked {
+                Body::Chunked(ChunkState::Size)
+            } else if let Some(n) = length {
+                Body::Length(n)
+            } else {
+                close = true;
+                Body::UntilClose
+            };
+            return Ok(Response {
+                status: code,
+                headers: out_headers,
+                reader: Some(reader),
+                body,
+                reusable: !close,
+                upstream: Arc::clone(self),
+            });
+        }
+    }
+}
+
+enum Attempt {
+    /// The connection died before any answer: safe to retry on a new one.
+    Stale,
+    Failed(HttpError),
+}
+
+struct Reader {
+    conn: Conn,
+    /// Everything read and not yet handed out, from `start`. Zeroed when dropped.
+    buf: Zeroizing<Vec<u8>>,
+    start: usize,
+    wait: Duration,
+}
+
+impl Reader {
+    /// Reads more bytes, compacting what was handed out. Returns 0 at EOF.
+    async fn read_more(&mut self) -> Result<usize, HttpError> {
+        if self.start > 0 {
+            let start = self.start;
+            self.buf.drain(..start);
+            self.start = 0;
+        }
+        let old = self.buf.len();
+        self.buf.resize(old + READ_CHUNK, 0);
+        let ms = u64::try_from(self.wait.as_millis()).unwrap_or(u64::MAX);
+        let slot = self.buf.get_mut(old..).unwrap_or_default();
+        let read = timeout(self.wait, self.conn.read(slot)).await;
+        let n = match read {
+            Err(_) => {
+                self.buf.truncate(old);
+                return Err(HttpError::Timeout(ms));
+            }
+            Ok(Err(e)) => {
+                self.buf.truncate(old);
+                return Err(HttpError::Io(e.to_string()));
+            }
+            Ok(Ok(n)) => n,
+        };
+        // Zero the unused tail before shrinking, so no stale bytes linger in capacity.
+        if let Some(tail) = self.buf.get_mut(old + n..) {
+            tail.zeroize();
+        }
+        self.buf.truncate(old + n);
+        Ok(n)
+    }
+
+    async fn fill_head(&mut self) -> Result<usize, HttpError> {
+        if self.buf.len() > self.start {
+            return Ok(self.buf.len() - self.start);
+        }
+        match self.read_more().await? {
+            0 => Err(HttpError::Io("connection closed".into())),
+            n => Ok(n),
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        self.buf.get(self.start..).unwrap_or_default()
+    }
+
+    /// Takes up to `n` buffered bytes.
+    fn take(&mut self, n: usize) -> Zeroizing<Vec<u8>> {
+        let avail = self.buffered();
+        let n = n.min(avail.len());
+        let out = Zeroizing::new(avail.get(..n).unwrap_or_default().to_vec());
+        self.start += n;
+        out
+    }
+
+    /// A CRLF-terminated line from the buffer, reading more as needed.
+    async fn line(&mut self) -> Result<Zeroizing<Vec<u8>>, HttpError> {
+        loop {
+            if let Some(i) = self.buffered().windows(2).position(|w| w == b"\r\n") {
+                let line = self.take(i);
+                self.start += 2;
+                return Ok(line);
+            }
+            if self.buffered().len() > 4096 {
+                return Err(HttpError::Protocol("chunk header line too long"));
+            }
+            if self.read_more().await? == 0 {
+                return Err(HttpError::Protocol("connection closed inside a chunk header"));
+            }
+        }
+    }
+}
+
+enum ChunkState {
+    Size,
+    Data(u64),
+    Done,
+}
+
+enum Body {
+    Length(u64),
+    Chunked(ChunkState),
+    UntilClose,
+}
+
+/// A response whose body is read chunk by chunk as it arrives.
+pub struct Response {
+    pub status: u16,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+    reader: Option<Reader>,
+    body: Body,
+    reusable: bool,
+    upstream: Arc<Upstream>,
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Response({})", self.status)
+    }
+}
+
+impl Response {
+    /// The next piece of the body as it arrives; `None` at its end. On a clean end the
+    /// connection goes back to the pool.
+    pub async fn next_chunk(&mut self) -> Result<Option<Zeroizing<Vec<u8>>>, HttpError> {
+        let Some(reader) = self.reader.as_mut() else { return Ok(None) };
+        let out = match &mut self.body {
+            Body::Length(0) => None,
+            Body::Length(left) => {
+                if reader.buffered().is_empty() && reader.read_more().await? == 0 {
+                    return Err(HttpError::Io("connection closed before the end of the body".into()));
+                }
+                let piece = reader.take(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= piece.len() as u64;
+                Some(piece)
+            }
+            Body::UntilClose => {
+                if reader.buffered().is_empty() && reader.read_more().await? == 0 {
+                    None
+                } else {
+                    Some(reader.take(usize::MAX))
+                }
+            }
+            Body::Chunked(state) => loop {
+                match state {
+                    ChunkState::Done => break None,
+                    ChunkState::Size => {
+                        let line = reader.line().await?;
+                        let text = std::str::from_utf8(&line).map_err(|_| HttpError::Protocol("bad chunk size"))?;
+                        let hex = text.split(';').next().unwrap_or("").trim();
+                        let size = u64::from_str_radix(hex, 16).map_err(|_| HttpError::Protocol("bad chunk size"))?;
+                        if size == 0 {
+                            // Trailers, up to the empty line.
+                            while !reader.line().await?.is_empty() {}
+                            *state = ChunkState::Done;
+                        } else {
+                            *state = ChunkState::Data(size);
+                        }
+                    }
+                    ChunkState::Data(left) => {
+                        if reader.buffered().is_empty() && reader.read_more().await? == 0 {
+                            return Err(HttpError::Io("connection closed inside a chunk".into()));
+                        }
+                        let piece = reader.take(usize::try_from(*left).unwrap_or(usize::MAX));
+                        *left -= piece.len() as u64;
+                        if *left == 0 {
+                            if reader.line().await?.len() != 0 {
+                                return Err(HttpError::Protocol("chunk not followed by CRLF"));
+                            }
+                            *state = ChunkState::Size;
+                        }
+                        if !piece.is_empty() {
+                            break Some(piece);
+                        }
+                    }
+                }
+            },
+        };
+        if out.is_none() {
+            self.finish();
+        }
+        Ok(out)
+    }
+
+    fn finish(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            // Anything left over (pipelined junk) means the connection cannot be trusted.
+            if self.reusable && reader.buffered().is_empty() {
+                let Reader { conn, buf, .. } = reader;
+                drop(buf);
+                self.upstream.checkin(conn);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn tls() -> Arc<ClientConfig> {
+        Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        )
+    }
+
+    /// A server that answers each connection's requests with the given raw responses.
+    async fn server(responses: Vec<&'static [u8]>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            for r in responses {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await.unwrap();
+                s.write_all(r).await.unwrap();
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn body_of(r: &mut Response) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(c) = r.next_chunk().await.unwrap() {
+            out.extend_from_slice(&c);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn content_length_then_chunked_on_one_kept_alive_connection() {
+        let url = server(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Request-Id: r1\r\n\r\nhello",
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: x\r\n\r\n",
+        ])
+        .await;
+        let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
+        let mut r = up.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"", Duration::from_secs(2)).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.headers.iter().any(|(k, v)| k == "x-request-id" && v == "r1"));
+        assert_eq!(body_of(&mut r).await, b"hello");
+        // Same connection again (the test server accepts only one).
+        let mut r = up.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"", Duration::from_secs(2)).await.unwrap();
+        assert_eq!(r.status, 201);
+        assert_eq!(body_of(&mut r).await, b"abcde");
+    }
+
+    #[tokio::test]
+    async fn redirects_are_answers_not_followed() {
+        let url = server(vec![b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://evil.example/\r\nContent-Length: 0\r\n\r\n"]).await;
+        let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
+        let mut r = up.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"", Duration::from_secs(2)).await.unwrap();
+        assert_eq!(r.status, 307);
+        assert!(body_of(&mut r).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_server_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (_s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let up = Arc::new(Upstream::new(&format!("http://{addr}"), tls(), Duration::from_secs(2)).unwrap());
+        let err = up.send(b"POST / HTTP/1.1\r\n\r\n", b"", Duration::from_millis(200)).await.unwrap_err();
+        assert!(matches!(err, HttpError::Timeout(200)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn garbage_is_a_protocol_error() {
+        let url = server(vec![b"NOT HTTP AT ALL\r\n\r\n"]).await;
+        let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
+        let err = up.send(b"POST / HTTP/1.1\r\n\r\n", b"", Duration::from_secs(2)).await.unwrap_err();
+        assert!(matches!(err, HttpError::Protocol(_)), "{err}");
+    }
+
+    #[test]
+    fn base_urls_parse() {
+        let up = Upstream::new("https://api.openai.com", tls(), Duration::from_secs(1)).unwrap();
+        assert_eq!((up.host.as_str(), up.port, up.prefix()), ("api.openai.com", 443, ""));
+        let up = Upstream::new("http://127.0.0.1:8080/proxy/", tls(), Duration::from_secs(1)).unwrap();
+        assert_eq!((up.host.as_str(), up.port, up.prefix(), up.host_header()), ("127.0.0.1", 8080, "/proxy", "127.0.0.1:8080"));
+        assert!(Upstream::new("ftp://x", tls(), Duration::from_secs(1)).is_err());
+        assert!(Upstream::new("http://user@host", tls(), Duration::from_secs(1)).is_err());
+    }
+}

@@ -1,0 +1,482 @@
+//! The gateway ⇄ worker protocol: small, versioned, length-framed.
+//!
+//! A frame is a big-endian `u32` length followed by that many bytes: a version byte, a
+//! kind byte, then the kind's fields. Strings and byte strings are a `u32` length and the
+//! bytes; lists a `u16` count. A connection carries one exchange at a time: the gateway
+//! sends one request frame; the worker answers `Pong`, or `Head` + `Chunk`* + `End`, or
+//! `Fail` (possibly after `Head` and some chunks, when the provider's stream breaks).
+//!
+//! The decoder is the worker's trust boundary after the peer-credential check, so it
+//! never panics, never allocates more than the frame it was given, and refuses trailing
+//! bytes, unknown kinds and unknown versions.
+
+use std::fmt;
+
+pub const VERSION: u8 = 1;
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+}
+
+/// A provider call for a worker: the sealed key, what it is bound to, and the HTTP
+/// request to make with it (everything but the key).
+#[derive(Clone, PartialEq, Eq)]
+pub struct CallRequest {
+    pub request_id: u64,
+    pub provider: String,
+    pub account_id: String,
+    pub key_id: String,
+    pub blob: Vec<u8>,
+    pub method: Method,
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// How long the provider may take to start answering, and may pause between chunks.
+    pub timeout_ms: u32,
+}
+
+impl fmt::Debug for CallRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallRequest")
+            .field("request_id", &self.request_id)
+            .field("provider", &self.provider)
+            .field("path_and_query", &self.path_and_query)
+            .field("blob_len", &self.blob.len())
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Gateway → worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToWorker {
+    Ping,
+    /// Open the blob and call the provider.
+    Call(CallRequest),
+    /// Open the blob and wipe it without calling anyone: a health check of the KEK, and
+    /// the no-op round trip the benchmarks measure.
+    OpenOnly(CallRequest),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    BadRequest,
+    OpenFailed,
+    PathRefused,
+    Connect,
+    Timeout,
+    Io,
+    UpstreamProtocol,
+    Internal,
+}
+
+impl FailKind {
+    fn code(self) -> u8 {
+        match self {
+            FailKind::BadRequest => 1,
+            FailKind::OpenFailed => 2,
+            FailKind::PathRefused => 3,
+            FailKind::Connect => 4,
+            FailKind::Timeout => 5,
+            FailKind::Io => 6,
+            FailKind::UpstreamProtocol => 7,
+            FailKind::Internal => 8,
+        }
+    }
+    fn from_code(c: u8) -> Option<FailKind> {
+        Some(match c {
+            1 => FailKind::BadRequest,
+            2 => FailKind::OpenFailed,
+            3 => FailKind::PathRefused,
+            4 => FailKind::Connect,
+            5 => FailKind::Timeout,
+            6 => FailKind::Io,
+            7 => FailKind::UpstreamProtocol,
+            8 => FailKind::Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// Worker → gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromWorker {
+    Pong,
+    Head { status: u16, headers: Vec<(String, String)> },
+    Chunk(Vec<u8>),
+    End,
+    Fail { kind: FailKind, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame too large")]
+    TooLarge,
+    #[error("frame truncated")]
+    Truncated,
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+}
+
+// ---- encoding -------------------------------------------------------------------------
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new(kind: u8) -> Writer {
+        let mut v = Vec::with_capacity(256);
+        v.extend_from_slice(&[0, 0, 0, 0, VERSION, kind]);
+        Writer(v)
+    }
+    fn u8(&mut self, n: u8) {
+        self.0.push(n);
+    }
+    fn u16(&mut self, n: u16) {
+        self.0.extend_from_slice(&n.to_be_bytes());
+    }
+    fn u32(&mut self, n: u32) {
+        self.0.extend_from_slice(&n.to_be_bytes());
+    }
+    fn u64(&mut self, n: u64) {
+        self.0.extend_from_slice(&n.to_be_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
+        self.0.extend_from_slice(b);
+    }
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+    fn pairs(&mut self, pairs: &[(String, String)]) {
+        self.u16(u16::try_from(pairs.len()).unwrap_or(u16::MAX));
+        for (k, v) in pairs.iter().take(usize::from(u16::MAX)) {
+            self.str(k);
+            self.str(v);
+        }
+    }
+    /// The finished frame, length prefix filled in.
+    fn finish(mut self) -> Result<Vec<u8>, ProtocolError> {
+        let len = self.0.len() - 4;
+        if len > MAX_FRAME {
+            return Err(ProtocolError::TooLarge);
+        }
+        let prefix = u32::try_from(len).map_err(|_| ProtocolError::TooLarge)?.to_be_bytes();
+        if let Some(head) = self.0.get_mut(..4) {
+            head.copy_from_slice(&prefix);
+        }
+        Ok(self.0)
+    }
+}
+
+const K_PING: u8 = 1;
+const K_CALL: u8 = 2;
+const K_OPEN_ONLY: u8 = 3;
+const K_PONG: u8 = 10;
+const K_HEAD: u8 = 11;
+const K_CHUNK: u8 = 12;
+const K_END: u8 = 13;
+const K_FAIL: u8 = 14;
+
+fn write_call(w: &mut Writer, c: &CallRequest) {
+    w.u64(c.request_id);
+    w.str(&c.provider);
+    w.str(&c.account_id);
+    w.str(&c.key_id);
+    w.bytes(&c.blob);
+    w.u8(match c.method {
+        Method::Get => 1,
+        Method::Post => 2,
+    });
+    w.str(&c.path_and_query);
+    w.pairs(&c.headers);
+    w.bytes(&c.body);
+    w.u32(c.timeout_ms);
+}
+
+impl ToWorker {
+    /// The frame, with its length prefix.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        match self {
+            ToWorker::Ping => Writer::new(K_PING).finish(),
+            ToWorker::Call(c) => {
+                let mut w = Writer::new(K_CALL);
+                write_call(&mut w, c);
+                w.finish()
+            }
+            ToWorker::OpenOnly(c) => {
+                let mut w = Writer::new(K_OPEN_ONLY);
+                write_call(&mut w, c);
+                w.finish()
+            }
+        }
+    }
+
+    /// Decodes a frame body (without its length prefix).
+    pub fn decode(frame: &[u8]) -> Result<ToWorker, ProtocolError> {
+        let mut r = Reader::new(frame)?;
+        let msg = match r.kind {
+            K_PING => ToWorker::Ping,
+            K_CALL => ToWorker::Call(read_call(&mut r)?),
+            K_OPEN_ONLY => ToWorker::OpenOnly(read_call(&mut r)?),
+            k => return Err(ProtocolError::Kind(k)),
+        };
+        r.end()?;
+        Ok(msg)
+    }
+}
+
+impl FromWorker {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        match self {
+            FromWorker::Pong => Writer::new(K_PONG).finish(),
+            FromWorker::Head { status, headers } => {
+                let mut w = Writer::new(K_HEAD);
+                w.u16(*status);
+                w.pairs(headers);
+                w.finish()
+            }
+            FromWorker::Chunk(b) => {
+                let mut w = Writer::new(K_CHUNK);
+                w.bytes(b);
+                w.finish()
+            }
+            FromWorker::End => Writer::new(K_END).finish(),
+            FromWorker::Fail { kind, message } => {
+                let mut w = Writer::new(K_FAIL);
+                w.u8(kind.code());
+                w.str(message);
+                w.finish()
+            }
+        }
+    }
+
+    pub fn decode(frame: &[u8]) -> Result<FromWorker, ProtocolError> {
+        let mut r = Reader::new(frame)?;
+        let msg = match r.kind {
+            K_PONG => FromWorker::Pong,
+            K_HEAD => FromWorker::Head { status: r.u16()?, headers: r.pairs()? },
+            K_CHUNK => FromWorker::Chunk(r.bytes()?.to_vec()),
+            K_END => FromWorker::End,
+            K_FAIL => {
+                let kind = FailKind::from_code(r.u8()?).ok_or(ProtocolError::Malformed("fail kind"))?;
+                FromWorker::Fail { kind, message: r.string()? }
+            }
+            k => return Err(ProtocolError::Kind(k)),
+        };
+        r.end()?;
+        Ok(msg)
+    }
+}
+
+// ---- decoding -------------------------------------------------------------------------
+
+struct Reader<'a> {
+    rest: &'a [u8],
+    kind: u8,
+}
+
+impl<'a> Reader<'a> {
+    fn new(frame: &'a [u8]) -> Result<Reader<'a>, ProtocolError> {
+        if frame.len() > MAX_FRAME {
+            return Err(ProtocolError::TooLarge);
+        }
+        let (&version, rest) = frame.split_first().ok_or(ProtocolError::Truncated)?;
+        if version != VERSION {
+            return Err(ProtocolError::Version(version));
+        }
+        let (&kind, rest) = rest.split_first().ok_or(ProtocolError::Truncated)?;
+        Ok(Reader { rest, kind })
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.rest.len() < n {
+            return Err(ProtocolError::Truncated);
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        self.take(N)?.try_into().map_err(|_| ProtocolError::Truncated)
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(u8::from_be_bytes(self.array()?))
+    }
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], ProtocolError> {
+        let n = usize::try_from(self.u32()?).map_err(|_| ProtocolError::TooLarge)?;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, ProtocolError> {
+        let b = self.bytes()?;
+        std::str::from_utf8(b).map(str::to_owned).map_err(|_| ProtocolError::Malformed("string is not UTF-8"))
+    }
+    fn pairs(&mut self) -> Result<Vec<(String, String)>, ProtocolError> {
+        let n = self.u16()?;
+        // Each pair needs at least 8 bytes: refuse counts the frame cannot hold before allocating.
+        if usize::from(n) * 8 > self.rest.len() {
+            return Err(ProtocolError::Truncated);
+        }
+        let mut out = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            out.push((self.string()?, self.string()?));
+        }
+        Ok(out)
+    }
+    fn end(&self) -> Result<(), ProtocolError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtocolError::Malformed("trailing bytes"))
+        }
+    }
+}
+
+fn read_call(r: &mut Reader<'_>) -> Result<CallRequest, ProtocolError> {
+    Ok(CallRequest {
+        request_id: r.u64()?,
+        provider: r.string()?,
+        account_id: r.string()?,
+        key_id: r.string()?,
+        blob: r.bytes()?.to_vec(),
+        method: match r.u8()? {
+            1 => Method::Get,
+            2 => Method::Post,
+            _ => return Err(ProtocolError::Malformed("method")),
+        },
+        path_and_query: r.string()?,
+        headers: r.pairs()?,
+        body: r.bytes()?.to_vec(),
+        timeout_ms: r.u32()?,
+    })
+}
+
+/// Reads one frame body from `io` (length prefix first). `Ok(None)` at a clean EOF
+/// between frames.
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> Result<Option<()>, FrameIoError> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    match io.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(FrameIoError::Io(e)),
+    }
+    let len = usize::try_from(u32::from_be_bytes(len)).map_err(|_| FrameIoError::Protocol(ProtocolError::TooLarge))?;
+    if len > MAX_FRAME {
+        return Err(FrameIoError::Protocol(ProtocolError::TooLarge));
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    io.read_exact(buf).await.map_err(FrameIoError::Io)?;
+    Ok(Some(()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameIoError {
+    #[error("socket: {0}")]
+    Io(std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(ProtocolError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn call() -> CallRequest {
+        CallRequest {
+            request_id: 7,
+            provider: "openai".into(),
+            account_id: "acc_x".into(),
+            key_id: "key_y".into(),
+            blob: vec![1, 2, 3],
+            method: Method::Post,
+            path_and_query: "/v1/chat/completions".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: b"{}".to_vec(),
+            timeout_ms: 1000,
+        }
+    }
+
+    fn body(frame: &[u8]) -> &[u8] {
+        &frame[4..]
+    }
+
+    #[test]
+    fn round_trips() {
+        for m in [ToWorker::Ping, ToWorker::Call(call()), ToWorker::OpenOnly(call())] {
+            let f = m.encode().unwrap();
+            assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
+            assert_eq!(ToWorker::decode(body(&f)).unwrap(), m);
+        }
+        for m in [
+            FromWorker::Pong,
+            FromWorker::Head { status: 200, headers: vec![("x-request-id".into(), "r".into())] },
+            FromWorker::Chunk(b"data: x\n\n".to_vec()),
+            FromWorker::End,
+            FromWorker::Fail { kind: FailKind::Timeout, message: "slow".into() },
+        ] {
+            let f = m.encode().unwrap();
+            assert_eq!(FromWorker::decode(body(&f)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn refuses_versions_kinds_truncation_and_trailing_bytes() {
+        let f = ToWorker::Call(call()).encode().unwrap();
+        let b = body(&f);
+        let mut v = b.to_vec();
+        v[0] = 2;
+        assert_eq!(ToWorker::decode(&v), Err(ProtocolError::Version(2)));
+        let mut v = b.to_vec();
+        v[1] = 99;
+        assert_eq!(ToWorker::decode(&v), Err(ProtocolError::Kind(99)));
+        for cut in 0..b.len() {
+            assert!(ToWorker::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut v = b.to_vec();
+        v.push(0);
+        assert_eq!(ToWorker::decode(&v), Err(ProtocolError::Malformed("trailing bytes")));
+        // A worker frame is not a gateway frame.
+        assert!(ToWorker::decode(body(&FromWorker::End.encode().unwrap())).is_err());
+    }
+
+    #[test]
+    fn debug_hides_the_blob_and_body() {
+        let s = format!("{:?}", call());
+        assert!(s.contains("blob_len: 3") && !s.contains("[1, 2, 3]"), "{s}");
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = ToWorker::decode(&bytes);
+            let _ = FromWorker::decode(&bytes);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_mutated_frames(pos in 0usize..200, val in any::<u8>()) {
+            let f = ToWorker::Call(call()).encode().unwrap();
+            let mut v = body(&f).to_vec();
+            let i = pos % v.len();
+            v[i] = val;
+            let _ = ToWorker::decode(&v);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The worker's sandbox, applied once at start, after it has read the KEK private key and
+//! bound its socket and before it touches any request.
+//!
+//! What each layer stops:
+//! - **Environment cleared**: nothing the gateway's environment held (database URLs,
+//!   tokens) is readable from the worker.
+//! - **`PR_SET_NO_NEW_PRIVS`**: no privilege gain through setuid binaries (and seccomp
+//!   can be installed without privileges).
+//! - **`PR_SET_DUMPABLE` 0**: no core dumps, and other processes of the same user cannot
+//!   `ptrace` the worker or read its `/proc/<pid>/mem` (root still can).
+//! - **`RLIMIT_CORE` 0**: no core file even if dumpability were restored.
+//! - **seccomp** (kill the process on match): `execve`/`execveat` (no shell, no helper
+//!   programs), `fork`/`vfork`, `ptrace` and `process_vm_readv/writev` (no reading other
+//!   processes), mounts, namespaces, module loading, `bpf`, `perf_event_open`, `keyctl`,
+//!   `userfaultfd`, uid/gid changes, reboot/kexec/swap. The filter is a deny list: the
+//!   async runtime and TLS need a wide set of ordinary calls, and a kill on an unforeseen
+//!   one would be an outage, so an allow list is future work.
+//! - **Landlock**: every filesystem write is refused; reads only under the paths the
+//!   worker needs (`/etc` for DNS and CA data, `/usr`, `/lib`, `/proc/self`).
+//!
+//! Best effort, and why: the key is opened into a locked, non-dumpable page and written
+//! to the socket from there, but the kernel's socket buffers, TLS record buffers inside
+//! rustls and the CPU's registers hold copies for a moment; a root user on the host can
+//! read any process's memory. The sandbox narrows who can get at a key and for how long;
+//! it does not make root harmless.
+
+use std::collections::BTreeMap;
+
+use landlock::{
+    path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
+};
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("prctl/rlimit: {0}")]
+    Process(std::io::Error),
+    #[error("landlock: {0}")]
+    Landlock(String),
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+}
+
+/// What the sandbox achieved, for the worker's start-up log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxStatus {
+    pub landlock: &'static str,
+}
+
+/// Clears the process environment. Call before any thread is started.
+pub fn clear_env() {
+    let names: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
+    for k in names {
+        // Single-threaded at this point: nothing else reads the environment concurrently.
+        std::env::remove_var(k);
+    }
+}
+
+/// A panic hook that says where, never what: a panic message could hold request data.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        use std::io::Write;
+        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let _ = writeln!(std::io::stderr(), "keyward worker: internal error at {at}; exiting");
+    }));
+}
+
+/// Applies every layer, in order. Call before starting threads: seccomp filters and
+/// Landlock domains are inherited by threads created afterwards.
+pub fn apply(read_only: &[&str]) -> Result<SandboxStatus, SandboxError> {
+    // A worker must not outlive the gateway that started it.
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(|e| SandboxError::Process(e.into()))?;
+    rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::Process(e.into()))?;
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| SandboxError::Process(e.into()))?;
+    rustix::process::setrlimit(
+        rustix::process::Resource::Core,
+        rustix::process::Rlimit { current: Some(0), maximum: Some(0) },
+    )
+    .map_err(|e| SandboxError::Process(e.into()))?;
+    let landlock = restrict_filesystem(read_only)?;
+    install_seccomp()?;
+    Ok(SandboxStatus { landlock })
+}
+
+fn restrict_filesystem(read_only: &[&str]) -> Result<&'static str, SandboxError> {
+    let abi = ABI::V5;
+    let err = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
+    let existing: Vec<&str> = read_only.iter().copied().filter(|p| std::path::Path::new(p).exists()).collect();
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(err)?
+        .create()
+        .map_err(err)?
+        .add_rules(path_beneath_rules(existing, AccessFs::from_read(abi)))
+        .map_err(err)?
+        .restrict_self()
+        .map_err(err)?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => "fully enforced",
+        RulesetStatus::PartiallyEnforced => "partially enforced",
+        RulesetStatus::NotEnforced => "not enforced (kernel without Landlock)",
+    })
+}
+
+/// System calls the worker never makes; any of them kills the process.
+const DENIED: &[libc::c_long] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_fork,
+    libc::SYS_vfork,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_userfaultfd,
+    libc::SYS_setuid,
+    libc::SYS_setgid,
+    libc::SYS_setreuid,
+    libc::SYS_setregid,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
+    libc::SYS_personality,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+];
+
+fn install_seccomp() -> Result<(), SandboxError> {
+    let arch = if cfg!(target_arch = "aarch64") { TargetArch::aarch64 } else { TargetArch::x86_64 };
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|n| (i64::from(*n), Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::KillProcess, arch)
+        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    let program: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))?;
+    seccompiler::apply_filter(&program).map_err(|e| SandboxError::Seccomp(e.to_string()))
+}

@@ -1,0 +1,95 @@
+//! Removing a key a provider echoed back. Some providers repeat the key in an error
+//! message; the worker masks every occurrence of the exact key (with `*`, so buffers are
+//! rewritten in place, never reallocated with the key inside) before a byte leaves it,
+//! including occurrences split across two chunks of a stream.
+
+use zeroize::Zeroizing;
+
+/// Masks every occurrence of `key` in `data` in place.
+pub fn mask_in_place(data: &mut [u8], key: &[u8]) -> usize {
+    if key.is_empty() || data.len() < key.len() {
+        return 0;
+    }
+    let mut hits = 0;
+    let mut i = 0;
+    while i + key.len() <= data.len() {
+        if data.get(i..i + key.len()) == Some(key) {
+            if let Some(span) = data.get_mut(i..i + key.len()) {
+                span.fill(b'*');
+            }
+            hits += 1;
+            i += key.len();
+        } else {
+            i += 1;
+        }
+    }
+    hits
+}
+
+/// Masks a key across a stream of chunks: holds back the last `key.len() - 1` bytes of
+/// each chunk until the next one shows whether they start an occurrence.
+pub struct StreamScrubber<'k> {
+    key: &'k [u8],
+    pending: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for StreamScrubber<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamScrubber([REDACTED])")
+    }
+}
+
+impl<'k> StreamScrubber<'k> {
+    pub fn new(key: &'k [u8]) -> StreamScrubber<'k> {
+        StreamScrubber { key, pending: Zeroizing::new(Vec::new()) }
+    }
+
+    /// The masked bytes that are safe to send now.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(chunk);
+        mask_in_place(&mut self.pending, self.key);
+        let keep = self.key.len().saturating_sub(1).min(self.pending.len());
+        let cut = self.pending.len() - keep;
+        let out = self.pending.get(..cut).unwrap_or_default().to_vec();
+        self.pending.drain(..cut);
+        out
+    }
+
+    /// Whatever is held back, at the end of the stream.
+    pub fn finish(&mut self) -> Vec<u8> {
+        mask_in_place(&mut self.pending, self.key);
+        let out = self.pending.to_vec();
+        self.pending.clear();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_whole_occurrences() {
+        let mut d = b"bad key sk-abc123 and sk-abc123!".to_vec();
+        assert_eq!(mask_in_place(&mut d, b"sk-abc123"), 2);
+        assert_eq!(d, b"bad key ********* and *********!");
+    }
+
+    #[test]
+    fn masks_across_every_split_point() {
+        let key = b"sk-ant-SECRETSECRET";
+        let text = b"{\"error\":\"invalid key sk-ant-SECRETSECRET given\"}".to_vec();
+        for a in 0..text.len() {
+            for b in a..text.len() {
+                let mut s = StreamScrubber::new(key);
+                let mut out = s.feed(&text[..a]);
+                out.extend(s.feed(&text[a..b]));
+                out.extend(s.feed(&text[b..]));
+                out.extend(s.finish());
+                assert_eq!(out.len(), text.len());
+                assert!(!out.windows(key.len()).any(|w| w == key), "split {a}/{b}");
+                assert!(out.starts_with(b"{\"error\":\"invalid key ****"));
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The worker process: accepts the gateway on a Unix socket, opens sealed keys, calls
+//! providers, and streams their answers back.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyward_core::Provider;
+use keyward_crypto::{Binding, Opener, SealedKey};
+use keyward_providers::{key_placement, path_allowed, HttpMethod};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_rustls::rustls::ClientConfig;
+
+use crate::http1::{HttpError, Upstream};
+use crate::locked::{LockedPool, PAGE};
+use crate::protocol::{read_frame, CallRequest, FailKind, FromWorker, Method, ToWorker};
+use crate::sandbox;
+use crate::scrub::{mask_in_place, StreamScrubber};
+
+/// What the worker needs, handed over by the binary before the environment is cleared.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub socket: PathBuf,
+    pub base_urls: Vec<(Provider, String)>,
+    pub connect_timeout: Duration,
+    pub threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("socket {path}: {reason}")]
+    Socket { path: String, reason: String },
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Request headers a provider call may carry besides the key (the gateway's list is
+/// checked again here: the worker trusts nothing it is sent).
+const ALLOWED_REQUEST_HEADERS: &[&str] = &["content-type", "accept", "anthropic-version", "anthropic-beta"];
+
+/// Response headers worth passing back (request ids, rate limits, content type, redirect target).
+fn keep_response_header(name: &str) -> bool {
+    matches!(name, "content-type" | "request-id" | "x-request-id" | "retry-after" | "location" | "openai-processing-ms")
+        || name.starts_with("anthropic-ratelimit-")
+        || name.starts_with("x-ratelimit-")
+}
+
+struct Worker {
+    opener: Opener,
+    upstreams: Vec<(Provider, Arc<Upstream>)>,
+    pages: LockedPool,
+}
+
+/// Runs the worker until the gateway goes away. `opener` was loaded by the caller
+/// (it is the only thing read from disk); everything after the sandbox is in memory.
+pub fn run(config: WorkerConfig, opener: Opener) -> Result<(), WorkerError> {
+    sandbox::install_panic_hook();
+    let socket_err = |e: std::io::Error| WorkerError::Socket { path: config.socket.display().to_string(), reason: e.to_string() };
+    let _ = std::fs::remove_file(&config.socket);
+    let listener = std::os::unix::net::UnixListener::bind(&config.socket).map_err(socket_err)?;
+    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
+    listener.set_nonblocking(true).map_err(socket_err)?;
+
+    let tls = Arc::new(
+        ClientConfig::builder_with_provider(Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| WorkerError::Setup(e.to_string()))?
+            .with_root_certificates(tokio_rustls::rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()))
+            .with_no_client_auth(),
+    );
+    let mut upstreams = Vec::new();
+    for (p, url) in &config.base_urls {
+        let up = Upstream::new(url, tls.clone(), config.connect_timeout).map_err(|e| WorkerError::Setup(e.to_string()))?;
+        upstreams.push((*p, Arc::new(up)));
+    }
+
+    sandbox::clear_env();
+    let status = sandbox::apply(&["/etc", "/usr", "/lib", "/lib64", "/proc"])?;
+    tracing::info!(landlock = status.landlock, pid = std::process::id(), "worker sandboxed");
+
+    let worker = Arc::new(Worker { opener, upstreams, pages: LockedPool::default() });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    runtime.block_on(async move {
+        let listener = UnixListener::from_std(listener).map_err(socket_err)?;
+        let parent = rustix::process::getppid();
+        let uid = rustix::process::getuid();
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            // The trust boundary: only our parent (the gateway that started us), as our user.
+            let allowed = stream.peer_cred().is_ok_and(|c| {
+                c.uid() == uid.as_raw() && c.pid().is_some_and(|p| Some(p) == parent.map(|pp| pp.as_raw_nonzero().get()))
+            });
+            if !allowed {
+                tracing::warn!("refused a connection from a process that is not the gateway");
+                continue;
+            }
+            let worker = worker.clone();
+            tokio::spawn(async move { worker.serve_connection(stream).await });
+        }
+    })
+}
+
+impl Worker {
+    async fn serve_connection(&self, mut stream: UnixStream) {
+        let mut buf = Vec::with_capacity(4096);
+        loop {
+            match read_frame(&mut stream, &mut buf).await {
+                Ok(Some(())) => {}
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection closed");
+                    return;
+                }
+            }
+            let request = ToWorker::decode(&buf);
+            buf.clear();
+            let result = match request {
+                Ok(ToWorker::Ping) => send(&mut stream, &FromWorker::Pong).await,
+                Ok(ToWorker::OpenOnly(c)) => {
+                    let answer = match self.open(&c) {
+                        Ok(_page) => FromWorker::End,
+                        Err(f) => f,
+                    };
+                    send(&mut stream, &answer).await
+                }
+                Ok(ToWorker::Call(c)) => self.call(c, &mut stream).await,
+                Err(e) => {
+                    // A peer that speaks garbage gets one answer and is dropped.
+                    let _ = send(&mut stream, &fail(FailKind::BadRequest, &format!("bad frame: {e}"))).await;
+                    return;
+                }
+            };
+            if result.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Opens the blob into a locked page.
+    fn open(&self, c: &CallRequest) -> Result<crate::locked::PooledBuf<'_>, FromWorker> {
+        let mut page = self.pages.take().map_err(|e| fail(FailKind::Internal, &format!("locked memory: {e}")))?;
+        let binding = Binding { account_id: &c.account_id, provider: &c.provider, key_id: &c.key_id };
+        let blob = SealedKey::from_bytes(c.blob.clone());
+        let n = self
+            .opener
+            .open_into(&binding, &blob, page.page_mut())
+            .map_err(|e| fail(FailKind::OpenFailed, &format!("the sealed key could not be opened: {e}")))?;
+        page.set_len(n);
+        Ok(page)
+    }
+
+    async fn call(&self, c: CallRequest, stream: &mut UnixStream) -> std::io::Result<()> {
+        let started = std::time::Instant::now();
+        let request_id = c.request_id;
+        let outcome = self.call_inner(c, stream).await;
+        tracing::debug!(request_id, micros = started.elapsed().as_micros() as u64, ok = outcome.is_ok(), "call");
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(CallError::Gateway(e)) => Err(e),
+            Err(CallError::Fail(f)) => send(stream, &f).await,
+        }
+    }
+
+    async fn call_inner(&self, c: CallRequest, stream: &mut UnixStream) -> Result<(), CallError> {
+        let provider: Provider = c.provider.parse().map_err(|_| fail(FailKind::BadRequest, "unknown provider"))?;
+        let method = match c.method {
+            Method::Get => HttpMethod::Get,
+            Method::Post => HttpMethod::Post,
+        };
+        if !path_allowed(provider, method, &c.path_and_query) {
+            return Err(fail(FailKind::PathRefused, "this path is not a provider route keyward may call").into());
+        }
+        for (name, value) in &c.headers {
+            let ok = ALLOWED_REQUEST_HEADERS.iter().any(|a| name.eq_ignore_ascii_case(a))
+                && !value.bytes().any(|b| b == b'\r' || b == b'\n');
+            if !ok {
+                return Err(fail(FailKind::BadRequest, "a request header is not allowed").into());
+            }
+        }
+        let upstream = self
+            .upstreams
+            .iter()
+            .find(|(p, _)| *p == provider)
+            .map(|(_, u)| u.clone())
+            .ok_or_else(|| fail(FailKind::Internal, "no base URL for this provider"))?;
+        let timeout = Duration::from_millis(u64::from(c.timeout_ms.clamp(100, 600_000)));
+
+        let key = self.open(&c)?;
+        if key.as_slice().iter().any(|b| !b.is_ascii_graphic()) {
+            return Err(fail(FailKind::OpenFailed, "the opened key is not a valid header value").into());
+        }
+        // The request head, key included, is built in a second locked page and wiped as
+        // soon as it is written.
+        let mut head = self.pages.take().map_err(|e| fail(FailKind::Internal, &format!("locked memory: {e}")))?;
+        let placement = key_placement(provider);
+        let len = {
+            let mut w = PageWriter { page: head.page_mut(), at: 0 };
+            let verb: &[u8] = match method {
+                HttpMethod::Get => b"GET ",
+                HttpMethod::Post => b"POST ",
+            };
+            w.put(verb);
+            w.put(upstream.prefix().as_bytes());
+            w.put(c.path_and_query.as_bytes());
+            w.put(b" HTTP/1.1\r\nhost: ");
+            w.put(upstream.host_header().as_bytes());
+            w.put(b"\r\ncontent-length: ");
+            w.put(c.body.len().to_string().as_bytes());
+            w.put(b"\r\n");
+            for (name, value) in &c.headers {
+                w.put(name.as_bytes());
+                w.put(b": ");
+                w.put(value.as_bytes());
+                w.put(b"\r\n");
+            }
+            w.put(placement.header.as_bytes());
+            w.put(b": ");
+            w.put(placement.value_prefix.as_bytes());
+            w.put(key.as_slice());
+            w.put(b"\r\n\r\n");
+            w.finish().ok_or_else(|| fail(FailKind::BadRequest, "request head too large"))?
+        };
+        head.set_len(len);
+        let sent = upstream.send(head.as_slice(), &c.body, timeout).await;
+        drop(head);
+        let mut response = sent.map_err(|e| http_fail(&e))?;
+
+        let key_bytes = key.as_slice();
+        let headers: Vec<(String, String)> = response
+            .headers
+            .iter()
+            .filter(|(k, _)| keep_response_header(k))
+            .map(|(k, v)| {
+                let mut v = v.clone().into_bytes();
+                mask_in_place(&mut v, key_bytes);
+                (k.clone(), String::from_utf8_lossy(&v).into_owned())
+            })
+            .collect();
+        send(stream, &FromWorker::Head { status: response.status, headers }).await.map_err(CallError::Gateway)?;
+        let mut scrubber = StreamScrubber::new(key_bytes);
+        loop {
+            match response.next_chunk().await {
+                Ok(Some(chunk)) => {
+                    let safe = scrubber.feed(&chunk);
+                    if !safe.is_empty() {
+                        send(stream, &FromWorker::Chunk(safe)).await.map_err(CallError::Gateway)?;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let rest = scrubber.finish();
+                    if !rest.is_empty() {
+                        send(stream, &FromWorker::Chunk(rest)).await.map_err(CallError::Gateway)?;
+                    }
+                    return Err(http_fail(&e).into());
+                }
+            }
+        }
+        let rest = scrubber.finish();
+        if !rest.is_empty() {
+            send(stream, &FromWorker::Chunk(rest)).await.map_err(CallError::Gateway)?;
+        }
+        drop(key);
+        send(stream, &FromWorker::End).await.map_err(CallError::Gateway)
+    }
+}
+
+/// Fills a locked page without reallocating; `finish` is None if it overflowed.
+struct PageWriter<'a> {
+    page: &'a mut [u8],
+    at: usize,
+}
+
+impl PageWriter<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        if let Some(slot) = self.page.get_mut(self.at..self.at + bytes.len()) {
+            slot.copy_from_slice(bytes);
+            self.at += bytes.len();
+        } else {
+            self.at = PAGE + 1;
+        }
+    }
+    fn finish(self) -> Option<usize> {
+        (self.at <= PAGE).then_some(self.at)
+    }
+}
+
+enum CallError {
+    /// The gateway's socket failed: nothing more can be sent.
+    Gateway(std::io::Error),
+    Fail(FromWorker),
+}
+
+impl From<FromWorker> for CallError {
+    fn from(f: FromWorker) -> Self {
+        CallError::Fail(f)
+    }
+}
+
+fn fail(kind: FailKind, message: &str) -> FromWorker {
+    FromWorker::Fail { kind, message: message.to_owned() }
+}
+
+fn http_fail(e: &HttpError) -> FromWorker {
+    let kind = match e {
+        HttpError::Connect(_) => FailKind::Connect,
+        HttpError::Timeout(_) => FailKind::Timeout,
+        HttpError::Io(_) => FailKind::Io,
+        HttpError::Protocol(_) => FailKind::UpstreamProtocol,
+        HttpError::BaseUrl(_) => FailKind::Internal,
+    };
+    fail(kind, &e.to_string())
+}
+
+async fn send(stream: &mut UnixStream, msg: &FromWorker) -> std::io::Result<()> {
+    let frame = msg.encode().map_err(std::io::Error::other)?;
+    stream.write_all(&frame).await
+}
