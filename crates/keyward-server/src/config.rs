@@ -30,6 +30,7 @@ const KNOWN: &[&str] = &[
     "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
     "KEYWARD_WORKER_THREADS",
     "KEYWARD_KEY_TESTS_PER_MINUTE",
+    "KEYWARD_CATALOGUE",
     // Internal: set by `serve` for each worker it starts.
     "KEYWARD_WORKER_SOCKET",
 ];
@@ -98,6 +99,8 @@ pub struct Config {
     pub worker_threads: u16,
     /// "Test key" calls allowed per account and provider per minute.
     pub key_tests_per_minute: u32,
+    /// A model catalogue file replacing the built-in one.
+    pub catalogue: Option<PathBuf>,
     /// Set only in a worker process: the socket it serves.
     pub worker_socket: Option<PathBuf>,
 }
@@ -226,6 +229,7 @@ impl Config {
             worker_threads,
             key_tests_per_minute,
             worker_socket: get("KEYWARD_WORKER_SOCKET").map(PathBuf::from),
+            catalogue: get("KEYWARD_CATALOGUE").map(PathBuf::from),
             data_dir,
         })
     }

@@ -12,6 +12,17 @@ pub struct Metrics {
     worker_restarts: std::sync::atomic::AtomicU64,
     ai_calls: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
     probes: Mutex<BTreeMap<(&'static str, String), u64>>,
+    ai_latency: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+}
+
+/// Upper bounds of the AI-call latency buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    buckets: [u64; 12],
+    count: u64,
+    sum: f64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -39,6 +50,20 @@ impl Metrics {
     pub fn record_ai_call(&self, provider: keyward_core::Provider, source: keyward_core::KeySource, outcome: &str) {
         if let Ok(mut m) = self.ai_calls.lock() {
             *m.entry((provider.as_str(), source.as_str(), outcome.to_owned())).or_default() += 1;
+        }
+    }
+
+    /// How long an AI call took, end to end through keyward.
+    pub fn observe_ai_latency(&self, provider: keyward_core::Provider, source: keyward_core::KeySource, seconds: f64) {
+        if let Ok(mut m) = self.ai_latency.lock() {
+            let h = m.entry((provider.as_str(), source.as_str())).or_default();
+            for (bucket, bound) in h.buckets.iter_mut().zip(LATENCY_BUCKETS) {
+                if seconds <= bound {
+                    *bucket += 1;
+                }
+            }
+            h.count += 1;
+            h.sum += seconds;
         }
     }
 
@@ -81,6 +106,18 @@ impl Metrics {
         let calls = self.ai_calls.lock().map(|m| m.clone()).unwrap_or_default();
         for ((provider, source, outcome), n) in &calls {
             let _ = writeln!(out, "keyward_ai_calls_total{{provider=\"{provider}\",source=\"{source}\",outcome=\"{outcome}\"}} {n}");
+        }
+        out.push_str("# HELP keyward_ai_call_duration_seconds AI call latency through keyward.\n");
+        out.push_str("# TYPE keyward_ai_call_duration_seconds histogram\n");
+        let latency = self.ai_latency.lock().map(|m| m.clone()).unwrap_or_default();
+        for ((provider, source), h) in &latency {
+            let labels = format!("provider=\"{provider}\",source=\"{source}\"");
+            for (n, bound) in h.buckets.iter().zip(LATENCY_BUCKETS) {
+                let _ = writeln!(out, "keyward_ai_call_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(out, "keyward_ai_call_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(out, "keyward_ai_call_duration_seconds_sum{{{labels}}} {:.6}", h.sum);
+            let _ = writeln!(out, "keyward_ai_call_duration_seconds_count{{{labels}}} {}", h.count);
         }
         out.push_str("# HELP keyward_key_tests_total Key tests by provider and outcome.\n");
         out.push_str("# TYPE keyward_key_tests_total counter\n");

@@ -60,7 +60,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         store: store.clone(),
         sealer: Arc::new(sealer),
         clock,
-        catalogue: Arc::new(Catalogue::builtin()),
+        catalogue: Arc::new(load_catalogue(&config)?),
         metrics,
         purge: purge.clone(),
         workers,
@@ -86,6 +86,14 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     }
     tracing::info!("keyward stopped");
     served.map_err(|e| RuntimeError::Other(format!("server: {e}")))
+}
+
+/// The built-in catalogue, or `KEYWARD_CATALOGUE`'s file.
+fn load_catalogue(config: &Config) -> Result<Catalogue, RuntimeError> {
+    let Some(path) = &config.catalogue else { return Ok(Catalogue::builtin()) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| RuntimeError::Other(format!("KEYWARD_CATALOGUE {}: {e}", path.display())))?;
+    Catalogue::from_toml(&text).map_err(|e| RuntimeError::Other(format!("KEYWARD_CATALOGUE {}: {e}", path.display())))
 }
 
 async fn shutdown_signal() {

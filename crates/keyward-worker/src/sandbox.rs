@@ -155,3 +155,52 @@ fn install_seccomp() -> Result<(), SandboxError> {
     let program: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))?;
     seccompiler::apply_filter(&program).map_err(|e| SandboxError::Seccomp(e.to_string()))
 }
+
+/// What `keyward worker-selftest` tries once sandboxed (used by the tests that check the
+/// sandbox from inside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Create a file in `/tmp`: Landlock must refuse it.
+    Write,
+    /// `execve("/bin/true")`: seccomp must kill the process (SIGSYS).
+    Exec,
+}
+
+/// Applies the sandbox, then tries `probe`. Returns the process exit code: 0 when the
+/// sandbox stopped the attempt, 1 when it did not. An `Exec` that is stopped never
+/// returns: the kernel kills the process.
+pub fn selftest(probe: Probe) -> i32 {
+    use std::io::Write;
+    if let Err(e) = apply(&["/etc", "/usr", "/lib", "/lib64", "/proc"]) {
+        let _ = writeln!(std::io::stderr(), "sandbox: {e}");
+        return 2;
+    }
+    match probe {
+        Probe::Write => {
+            let path = format!("/tmp/keyward-selftest-{}", std::process::id());
+            match std::fs::write(&path, b"x") {
+                Ok(()) => {
+                    let _ = writeln!(std::io::stderr(), "write to {path} was allowed");
+                    1
+                }
+                Err(e) => {
+                    let _ = writeln!(std::io::stdout(), "write refused: {e}");
+                    0
+                }
+            }
+        }
+        Probe::Exec => exec_true(),
+    }
+}
+
+#[allow(unsafe_code)]
+fn exec_true() -> i32 {
+    let path = c"/bin/true";
+    let argv = [path.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    // SAFETY: execve with NUL-terminated path, argv and envp arrays that end in NULL and
+    // outlive the call; on success it does not return.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), b"execve returned instead of killing the process\n");
+    1
+}

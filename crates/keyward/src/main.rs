@@ -37,6 +37,12 @@ enum Command {
     /// The isolated worker. Started by `serve`, not by hand.
     #[command(hide = true)]
     Worker,
+    /// Applies the worker sandbox and tries something it must stop (for tests).
+    #[command(hide = true)]
+    WorkerSelftest {
+        /// `write` or `exec`.
+        probe: String,
+    },
     /// Users, accounts, memberships and plans.
     Admin {
         #[command(subcommand)]
@@ -124,6 +130,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref(), std::env::vars()).context("configuration")?;
     logging::init(&config.log, config.log_format).map_err(anyhow::Error::msg)?;
+    if let Command::WorkerSelftest { probe } = &cli.command {
+        let probe = match probe.as_str() {
+            "write" => keyward_worker::sandbox::Probe::Write,
+            "exec" => keyward_worker::sandbox::Probe::Exec,
+            other => anyhow::bail!("unknown probe {other:?}: write or exec"),
+        };
+        return Ok(ExitCode::from(u8::try_from(keyward_worker::sandbox::selftest(probe)).unwrap_or(1)));
+    }
     if let Command::Worker = cli.command {
         // No async runtime yet: the sandbox must be in place before any thread starts.
         return run_worker(&config);
@@ -136,7 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 serve::serve(config, worker_command).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Worker => Ok(ExitCode::FAILURE),
+            Command::Worker | Command::WorkerSelftest { .. } => Ok(ExitCode::FAILURE),
             Command::Admin { command } => {
                 prepare_data_dir(&config)?;
                 let store = open_store(&config).await?;

@@ -52,6 +52,7 @@ pub struct CallContext {
     pub period: String,
     pub reserved: i64,
     pub feature: Option<String>,
+    pub started: std::time::Instant,
 }
 
 impl CallContext {
@@ -96,6 +97,7 @@ impl CallContext {
             audit,
         };
         state.metrics.record_ai_call(self.provider, self.choice.source, outcome);
+        state.metrics.observe_ai_latency(self.provider, self.choice.source, self.started.elapsed().as_secs_f64());
         state.ledger.commit(record).await.map_err(|e| {
             tracing::error!(error = %e, "could not record an AI call");
             ApiError::new(ErrorCode::DatabaseUnavailable, "the call could not be recorded; it is not answered")
@@ -157,7 +159,17 @@ pub async fn prepare(
             ));
         }
     }
-    Ok(CallContext { account: account.clone(), actor: caller.user.id.to_string(), provider, model, choice, period, reserved, feature })
+    Ok(CallContext {
+        account: account.clone(),
+        actor: caller.user.id.to_string(),
+        provider,
+        model,
+        choice,
+        period,
+        reserved,
+        feature,
+        started: std::time::Instant::now(),
+    })
 }
 
 pub async fn messages(State(state): State<AppState>, caller: Caller, Path(account): Path<String>, body: JsonBody) -> ApiResult<Response> {
