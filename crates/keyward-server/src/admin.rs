@@ -134,8 +134,20 @@ pub async fn set_shared_key(
         provider: provider.as_str(),
         key_id: key_id.as_str(),
     };
-    let sealed = sealer.seal(&binding, key.expose_secret().as_bytes()).map_err(|e| bad(e))?;
+    let sealed = sealer
+        .seal(&binding, key.expose_secret().as_bytes())
+        .map_err(|e| bad(e))?;
     let last4 = key.last4().clone();
-    let rotated = store.save_shared_key(provider, keyward_store::NewKey { key_id, sealed, last4: last4.clone() }, clock.now()).await?;
+    let rotated = store
+        .save_shared_key(
+            provider,
+            keyward_store::NewKey {
+                key_id,
+                sealed,
+                last4: last4.clone(),
+            },
+            clock.now(),
+        )
+        .await?;
     Ok(json!({ "provider": provider, "last4": last4, "rotated": rotated }))
 }

@@ -35,18 +35,33 @@ pub async fn choose_key(state: &AppState, account: &AccountId, provider: Provide
     match current.source {
         KeySource::Own => {
             let key = state.store.sealed_key(account, provider).await?.ok_or_else(|| {
-                ApiError::new(ErrorCode::NoKeySaved, "this account uses its own key for this provider, but none is saved")
+                ApiError::new(
+                    ErrorCode::NoKeySaved,
+                    "this account uses its own key for this provider, but none is saved",
+                )
             })?;
-            Ok(KeyChoice { source: KeySource::Own, key, binding_account: account.to_string() })
+            Ok(KeyChoice {
+                source: KeySource::Own,
+                key,
+                binding_account: account.to_string(),
+            })
         }
         KeySource::Shared => {
             let key = state.store.shared_key(provider).await?.ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::SharedPoolUnavailable,
-                    format!("the shared pool has no {} key configured; save your own key to use {}", provider.display_name(), provider.display_name()),
+                    format!(
+                        "the shared pool has no {} key configured; save your own key to use {}",
+                        provider.display_name(),
+                        provider.display_name()
+                    ),
                 )
             })?;
-            Ok(KeyChoice { source: KeySource::Shared, key, binding_account: PLATFORM_ACCOUNT.to_owned() })
+            Ok(KeyChoice {
+                source: KeySource::Shared,
+                key,
+                binding_account: PLATFORM_ACCOUNT.to_owned(),
+            })
         }
     }
 }
@@ -65,9 +80,10 @@ pub enum CallFailure {
 impl CallFailure {
     pub fn into_api_error(self) -> ApiError {
         match self {
-            CallFailure::WorkerUnavailable => {
-                ApiError::new(ErrorCode::WorkerUnavailable, "no isolated worker is available right now; retry shortly")
-            }
+            CallFailure::WorkerUnavailable => ApiError::new(
+                ErrorCode::WorkerUnavailable,
+                "no isolated worker is available right now; retry shortly",
+            ),
             CallFailure::Provider(f) => provider_error(&f),
             CallFailure::Internal(m) => ApiError::internal(&m),
         }
@@ -85,7 +101,10 @@ impl CallFailure {
 
 /// `502 provider_error` carrying the provider's status and message.
 pub fn provider_error(f: &ProviderFailure) -> ApiError {
-    let mut e = ApiError::new(ErrorCode::ProviderError, format!("{} ({})", f.message, f.diagnosis.as_str()));
+    let mut e = ApiError::new(
+        ErrorCode::ProviderError,
+        format!("{} ({})", f.message, f.diagnosis.as_str()),
+    );
     e.provider_status = f.status;
     e
 }
@@ -103,7 +122,9 @@ pub struct Upstream {
 impl Upstream {
     /// The next body chunk as it arrives; `None` at the clean end.
     pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, CallFailure> {
-        let Some(lease) = self.lease.as_mut() else { return Ok(None) };
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(None);
+        };
         match lease.conn.recv().await {
             Ok(FromWorker::Chunk(b)) => Ok(Some(b)),
             Ok(FromWorker::End) => {
@@ -152,7 +173,10 @@ fn worker_fail(provider: Provider, kind: FailKind, message: &str) -> CallFailure
         FailKind::UpstreamProtocol => CallFailure::Provider(ProviderFailure::new(
             None,
             keyward_providers::Diagnosis::MalformedResponse,
-            &format!("{} answered with something that is not HTTP: {message}", provider.display_name()),
+            &format!(
+                "{} answered with something that is not HTTP: {message}",
+                provider.display_name()
+            ),
         )),
         FailKind::OpenFailed | FailKind::PathRefused | FailKind::BadRequest | FailKind::Internal => {
             CallFailure::Internal(format!("worker refused the call ({kind:?}): {message}"))
@@ -186,14 +210,22 @@ pub async fn open_and_call(
         body: call.body,
         timeout_ms: state.provider_timeout_ms,
     };
-    let mut lease = state.workers.lease().await.map_err(|_| CallFailure::WorkerUnavailable)?;
+    let mut lease = state
+        .workers
+        .lease()
+        .await
+        .map_err(|_| CallFailure::WorkerUnavailable)?;
     if lease.conn.send(&ToWorker::Call(request)).await.is_err() {
         return Err(CallFailure::WorkerUnavailable);
     }
     match lease.conn.recv().await {
-        Ok(FromWorker::Head { status, headers }) => {
-            Ok(Upstream { status, headers, started, lease: Some(lease), provider })
-        }
+        Ok(FromWorker::Head { status, headers }) => Ok(Upstream {
+            status,
+            headers,
+            started,
+            lease: Some(lease),
+            provider,
+        }),
         Ok(FromWorker::Fail { kind, message }) => {
             // The exchange is complete: the connection can be reused.
             lease.release();
@@ -208,10 +240,17 @@ pub async fn open_and_call(
 pub fn period_of(now: keyward_core::UnixMillis) -> (String, time::OffsetDateTime, time::OffsetDateTime) {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now.as_i64()) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let start = t.replace_day(1).ok().map(|d| d.replace_time(time::Time::MIDNIGHT)).unwrap_or(t);
+    let start = t
+        .replace_day(1)
+        .ok()
+        .map(|d| d.replace_time(time::Time::MIDNIGHT))
+        .unwrap_or(t);
     let (y, m) = (start.year(), start.month());
     let end = if m == time::Month::December {
-        start.replace_year(y + 1).ok().and_then(|d| d.replace_month(time::Month::January).ok())
+        start
+            .replace_year(y + 1)
+            .ok()
+            .and_then(|d| d.replace_month(time::Month::January).ok())
     } else {
         start.replace_month(m.next()).ok()
     }

@@ -38,6 +38,8 @@ pub struct AppState {
     pub probe_limiter: Arc<ProbeLimiter>,
     pub provider_timeout_ms: u32,
     pub key_tests_per_minute: u32,
+    pub max_body_bytes: usize,
+    pub max_ai_body_bytes: usize,
 }
 
 impl std::fmt::Debug for AppState {
@@ -48,7 +50,7 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState) -> Router {
     let accounts = Router::new()
         .route("/model-keys", get(routes::model_keys::list))
         .route(
@@ -59,7 +61,24 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/model-keys/{provider}/test", post(routes::key_test::test_key))
         .route("/ai/messages", post(routes::ai::messages))
         .route("/usage", get(routes::usage::usage))
-        .route("/audit", get(routes::audit::list));
+        .route("/audit", get(routes::audit::list))
+        .route(
+            "/providers/anthropic/v1/messages",
+            post(routes::passthrough::anthropic_messages),
+        )
+        .route(
+            "/providers/openai/v1/chat/completions",
+            post(routes::passthrough::openai_chat),
+        )
+        .route(
+            "/providers/google/v1beta/models/{model_action}",
+            post(routes::passthrough::google_generate),
+        )
+        .route("/providers/{provider}/v1/models", get(routes::passthrough::list_models))
+        .route(
+            "/providers/{provider}/v1beta/models",
+            get(routes::passthrough::list_models),
+        );
     Router::new()
         .route("/healthz", get(routes::ops::healthz))
         .route("/readyz", get(routes::ops::readyz))
@@ -68,7 +87,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .nest("/v1/accounts/{account_id}", accounts)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        // Bodies are read by `extract::JsonBody`/`AiBody` with their own limits; this is a backstop.
+        .layer(DefaultBodyLimit::max(state.max_ai_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }

@@ -7,7 +7,7 @@ use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use base64::Engine;
-use keyward_core::{AccountId, Role};
+use keyward_core::AccountId;
 use keyward_store::{Membership, User};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -56,18 +56,23 @@ impl FromRequestParts<AppState> for Caller {
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(ApiError::unauthorized)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .map(str::trim)
-            .filter(|t| t.starts_with(TOKEN_PREFIX) && t.len() <= 128)
-            .ok_or_else(ApiError::unauthorized)?;
-        let user = state
-            .store
-            .user_by_token(&hash_token(token))
-            .await?
-            .ok_or_else(ApiError::unauthorized)?;
-        Ok(Caller { user })
+        let token = header.strip_prefix("Bearer ").ok_or_else(ApiError::unauthorized)?;
+        authenticate(state, token).await
     }
+}
+
+/// The user a token belongs to, or 401.
+pub async fn authenticate(state: &AppState, token: &str) -> ApiResult<Caller> {
+    let token = token.trim();
+    if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
+        return Err(ApiError::unauthorized());
+    }
+    let user = state
+        .store
+        .user_by_token(&hash_token(token))
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    Ok(Caller { user })
 }
 
 impl Caller {
@@ -82,17 +87,22 @@ impl Caller {
             .ok_or_else(ApiError::not_found)
     }
 
-    pub async fn manager_of(&self, state: &AppState, account: &str, what: &str) -> ApiResult<Membership> {
+    /// For key management: membership (404), then the provider name (404
+    /// `unknown_provider`), then the role (403).
+    pub async fn manager_for(
+        &self,
+        state: &AppState,
+        account: &str,
+        provider: &str,
+        what: &str,
+    ) -> ApiResult<(Membership, keyward_core::Provider)> {
         let m = self.member_of(state, account).await?;
+        let provider = crate::routes::model_keys::parse_provider(provider)?;
         if !m.role.can_manage_keys() {
             return Err(ApiError::forbidden(what));
         }
-        Ok(m)
+        Ok((m, provider))
     }
-}
-
-pub fn role_allows_management(role: Role) -> bool {
-    role.can_manage_keys()
 }
 
 #[cfg(test)]

@@ -26,6 +26,8 @@ const KNOWN: &[&str] = &[
     "KEYWARD_TLS_CERT",
     "KEYWARD_TLS_KEY",
     "KEYWARD_MAX_BODY_BYTES",
+    "KEYWARD_MAX_AI_BODY_BYTES",
+    "KEYWARD_WORKER_PARENT",
     "KEYWARD_PROVIDER_TIMEOUT_MS",
     "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
     "KEYWARD_WORKER_THREADS",
@@ -92,6 +94,10 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub max_body_bytes: usize,
+    /// Limit for AI request bodies (prompts carry whole email threads).
+    pub max_ai_body_bytes: usize,
+    /// Set only in a worker process: the pid of the gateway that started it.
+    pub worker_parent: Option<u32>,
     /// How long a provider may take to start answering, and may pause mid-stream.
     pub provider_timeout_ms: u32,
     pub provider_connect_timeout_ms: u32,
@@ -164,8 +170,27 @@ impl Config {
             1024,
             16 * 1024 * 1024,
         )?;
-        let provider_timeout_ms =
-            parse_num::<u32>(get("KEYWARD_PROVIDER_TIMEOUT_MS"), "KEYWARD_PROVIDER_TIMEOUT_MS", 60_000, 100, 600_000)?;
+        let max_ai_body_bytes = parse_num::<usize>(
+            get("KEYWARD_MAX_AI_BODY_BYTES"),
+            "KEYWARD_MAX_AI_BODY_BYTES",
+            4 * 1024 * 1024,
+            1024,
+            64 * 1024 * 1024,
+        )?;
+        let worker_parent = get("KEYWARD_WORKER_PARENT")
+            .map(|p| p.parse::<u32>())
+            .transpose()
+            .map_err(|_| ConfigError::Invalid {
+                var: "KEYWARD_WORKER_PARENT",
+                reason: "expected a process id".into(),
+            })?;
+        let provider_timeout_ms = parse_num::<u32>(
+            get("KEYWARD_PROVIDER_TIMEOUT_MS"),
+            "KEYWARD_PROVIDER_TIMEOUT_MS",
+            60_000,
+            100,
+            600_000,
+        )?;
         let provider_connect_timeout_ms = parse_num::<u32>(
             get("KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS"),
             "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
@@ -174,8 +199,13 @@ impl Config {
             60_000,
         )?;
         let worker_threads = parse_num::<u16>(get("KEYWARD_WORKER_THREADS"), "KEYWARD_WORKER_THREADS", 1, 1, 16)?;
-        let key_tests_per_minute =
-            parse_num::<u32>(get("KEYWARD_KEY_TESTS_PER_MINUTE"), "KEYWARD_KEY_TESTS_PER_MINUTE", 10, 1, 10_000)?;
+        let key_tests_per_minute = parse_num::<u32>(
+            get("KEYWARD_KEY_TESTS_PER_MINUTE"),
+            "KEYWARD_KEY_TESTS_PER_MINUTE",
+            10,
+            1,
+            10_000,
+        )?;
         let log_format = match get("KEYWARD_LOG_FORMAT").unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -224,6 +254,8 @@ impl Config {
             tls_cert,
             tls_key,
             max_body_bytes,
+            max_ai_body_bytes,
+            worker_parent,
             provider_timeout_ms,
             provider_connect_timeout_ms,
             worker_threads,

@@ -24,7 +24,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError { code, message: message.into(), provider_status: None }
+        ApiError {
+            code,
+            message: message.into(),
+            provider_status: None,
+        }
     }
 
     pub fn unauthorized() -> ApiError {

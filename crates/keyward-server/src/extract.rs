@@ -1,19 +1,65 @@
 //! Request bodies and queries, with every rejection mapped to a stable code.
 //!
-//! Handlers take the body as [`JsonBody`] (raw bytes, size-limited by the router) and parse
-//! it with [`JsonBody::parse`] only after the caller's membership and role are checked, so
-//! a non-member learns nothing from how a body is judged.
+//! Handlers take the body as [`JsonBody`] (raw bytes, size-limited) and parse it with
+//! [`JsonBody::parse`] only after the caller's membership and role are checked, so a
+//! non-member learns nothing from how a body is judged. AI routes take [`AiBody`], whose
+//! limit is larger (prompts carry email threads).
+//!
+//! An oversized body is read to its end (up to a bound) and discarded before the 413 is
+//! sent: a client still writing its body would otherwise see a reset connection instead
+//! of the answer.
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use futures_util::StreamExt;
 use keyward_core::ErrorCode;
 use serde::de::DeserializeOwned;
 
+use crate::app::AppState;
 use crate::error::ApiError;
+
+/// How much of an oversized body is read and thrown away before answering 413.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Reads `body` up to `limit` bytes; past it, drains (bounded) and answers 413.
+pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::validation("the request body could not be read"))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen > limit {
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if seen > limit {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is larger than {limit} bytes"),
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// A raw AI request body (native pass-through), limited to `KEYWARD_MAX_AI_BODY_BYTES`.
+#[derive(Debug)]
+pub struct AiBody(pub Bytes);
+
+impl FromRequest<AppState> for AiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<AiBody, ApiError> {
+        read_limited(req.into_body(), state.max_ai_body_bytes).await.map(AiBody)
+    }
+}
 
 /// A JSON request body, not yet parsed.
 #[derive(Debug)]
@@ -22,26 +68,23 @@ pub struct JsonBody {
     bytes: Bytes,
 }
 
-impl<S: Send + Sync> FromRequest<S> for JsonBody {
+impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<JsonBody, ApiError> {
+    async fn from_request(req: Request, state: &AppState) -> Result<JsonBody, ApiError> {
         let is_json = req
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
             .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
-        let bytes = Bytes::from_request(req, state).await.map_err(body_rejection)?;
+        let limit = if req.uri().path().contains("/ai/") {
+            state.max_ai_body_bytes
+        } else {
+            state.max_body_bytes
+        };
+        let bytes = read_limited(req.into_body(), limit).await?;
         Ok(JsonBody { is_json, bytes })
-    }
-}
-
-fn body_rejection(r: BytesRejection) -> ApiError {
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(ErrorCode::PayloadTooLarge, "the request body is too large")
-    } else {
-        ApiError::validation("the request body could not be read")
     }
 }
 

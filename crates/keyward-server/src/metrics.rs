@@ -49,7 +49,8 @@ impl Metrics {
     /// One AI call by provider, key source and outcome (`ok`, `error:<diagnosis>`, `refused:<code>`).
     pub fn record_ai_call(&self, provider: keyward_core::Provider, source: keyward_core::KeySource, outcome: &str) {
         if let Ok(mut m) = self.ai_calls.lock() {
-            *m.entry((provider.as_str(), source.as_str(), outcome.to_owned())).or_default() += 1;
+            *m.entry((provider.as_str(), source.as_str(), outcome.to_owned()))
+                .or_default() += 1;
         }
     }
 
@@ -81,7 +82,11 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP keyward_worker_restarts_total Worker processes that exited and were restarted.\n");
         out.push_str("# TYPE keyward_worker_restarts_total counter\n");
-        let _ = writeln!(out, "keyward_worker_restarts_total {}", self.worker_restarts.load(std::sync::atomic::Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "keyward_worker_restarts_total {}",
+            self.worker_restarts.load(std::sync::atomic::Ordering::Relaxed)
+        );
         out.push_str("# HELP keyward_http_requests_total HTTP requests by method, route template and status.\n");
         out.push_str("# TYPE keyward_http_requests_total counter\n");
         let http = self.http.lock().map(|m| m.clone()).unwrap_or_default();
@@ -105,7 +110,10 @@ impl Metrics {
         out.push_str("# TYPE keyward_ai_calls_total counter\n");
         let calls = self.ai_calls.lock().map(|m| m.clone()).unwrap_or_default();
         for ((provider, source, outcome), n) in &calls {
-            let _ = writeln!(out, "keyward_ai_calls_total{{provider=\"{provider}\",source=\"{source}\",outcome=\"{outcome}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "keyward_ai_calls_total{{provider=\"{provider}\",source=\"{source}\",outcome=\"{outcome}\"}} {n}"
+            );
         }
         out.push_str("# HELP keyward_ai_call_duration_seconds AI call latency through keyward.\n");
         out.push_str("# TYPE keyward_ai_call_duration_seconds histogram\n");
@@ -113,9 +121,16 @@ impl Metrics {
         for ((provider, source), h) in &latency {
             let labels = format!("provider=\"{provider}\",source=\"{source}\"");
             for (n, bound) in h.buckets.iter().zip(LATENCY_BUCKETS) {
-                let _ = writeln!(out, "keyward_ai_call_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "keyward_ai_call_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
+                );
             }
-            let _ = writeln!(out, "keyward_ai_call_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "keyward_ai_call_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                h.count
+            );
             let _ = writeln!(out, "keyward_ai_call_duration_seconds_sum{{{labels}}} {:.6}", h.sum);
             let _ = writeln!(out, "keyward_ai_call_duration_seconds_count{{{labels}}} {}", h.count);
         }
@@ -123,7 +138,10 @@ impl Metrics {
         out.push_str("# TYPE keyward_key_tests_total counter\n");
         let probes = self.probes.lock().map(|m| m.clone()).unwrap_or_default();
         for ((provider, outcome), n) in &probes {
-            let _ = writeln!(out, "keyward_key_tests_total{{provider=\"{provider}\",outcome=\"{outcome}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "keyward_key_tests_total{{provider=\"{provider}\",outcome=\"{outcome}\"}} {n}"
+            );
         }
         out.push_str("# HELP keyward_key_actions_total Key-management actions by action and provider.\n");
         out.push_str("# TYPE keyward_key_actions_total counter\n");

@@ -7,15 +7,15 @@ use keyward_core::Catalogue;
 use tokio::net::TcpListener;
 
 use crate::admin;
-use crate::ledger::Ledger;
-use crate::routes::key_test::ProbeLimiter;
-use crate::workers::{WorkerCommand, WorkerPool};
 use crate::app::{router, AppState};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::purge::{self, PurgeHandle};
+use crate::routes::key_test::ProbeLimiter;
 use crate::runtime::{load_sealer, open_store, prepare_data_dir, RuntimeError};
+use crate::workers::{WorkerCommand, WorkerPool};
 
 /// A line for the operator on stdout (logs go to stderr).
 pub fn announce(line: &str) {
@@ -68,6 +68,8 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         probe_limiter: Arc::new(ProbeLimiter::default()),
         provider_timeout_ms: config.provider_timeout_ms,
         key_tests_per_minute: config.key_tests_per_minute,
+        max_body_bytes: config.max_body_bytes,
+        max_ai_body_bytes: config.max_ai_body_bytes,
     };
     let purger = tokio::spawn(purge::run(store.clone(), purge.clone()));
     // A purge at start covers removals that a crash interrupted before their checkpoint.
@@ -75,7 +77,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
 
     announce(&format!("listening on http://{addr}"));
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "keyward serving");
-    let app = router(state, config.max_body_bytes);
+    let app = router(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await;
@@ -90,7 +92,9 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
 
 /// The built-in catalogue, or `KEYWARD_CATALOGUE`'s file.
 fn load_catalogue(config: &Config) -> Result<Catalogue, RuntimeError> {
-    let Some(path) = &config.catalogue else { return Ok(Catalogue::builtin()) };
+    let Some(path) = &config.catalogue else {
+        return Ok(Catalogue::builtin());
+    };
     let text = std::fs::read_to_string(path)
         .map_err(|e| RuntimeError::Other(format!("KEYWARD_CATALOGUE {}: {e}", path.display())))?;
     Catalogue::from_toml(&text).map_err(|e| RuntimeError::Other(format!("KEYWARD_CATALOGUE {}: {e}", path.display())))

@@ -65,7 +65,12 @@ impl Lease {
 
 impl WorkerPool {
     /// Starts `count` supervised workers. Their sockets live in `run_dir` (created 0700).
-    pub fn start(count: u16, run_dir: PathBuf, command: WorkerCommand, metrics: Arc<Metrics>) -> std::io::Result<Arc<WorkerPool>> {
+    pub fn start(
+        count: u16,
+        run_dir: PathBuf,
+        command: WorkerCommand,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Arc<WorkerPool>> {
         std::fs::create_dir_all(&run_dir)?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -86,7 +91,10 @@ impl WorkerPool {
         for slot in &slots {
             tokio::spawn(supervise(slot.clone(), command.clone(), metrics.clone()));
         }
-        Ok(Arc::new(WorkerPool { slots, next: AtomicUsize::new(0) }))
+        Ok(Arc::new(WorkerPool {
+            slots,
+            next: AtomicUsize::new(0),
+        }))
     }
 
     pub fn ready(&self) -> usize {
@@ -95,7 +103,11 @@ impl WorkerPool {
 
     /// The pids of running workers (for tests and diagnostics).
     pub fn pids(&self) -> Vec<u64> {
-        self.slots.iter().filter(|s| s.up.load(Ordering::Acquire)).map(|s| s.pid.load(Ordering::Acquire)).collect()
+        self.slots
+            .iter()
+            .filter(|s| s.up.load(Ordering::Acquire))
+            .map(|s| s.pid.load(Ordering::Acquire))
+            .collect()
     }
 
     /// A connection to a live worker, round robin.
@@ -103,7 +115,9 @@ impl WorkerPool {
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
-            let Some(slot) = self.slots.get((start + i) % n) else { continue };
+            let Some(slot) = self.slots.get((start + i) % n) else {
+                continue;
+            };
             if !slot.up.load(Ordering::Acquire) {
                 continue;
             }
@@ -117,10 +131,20 @@ impl WorkerPool {
                 None
             });
             if let Some(conn) = reused {
-                return Ok(Lease { conn, slot: slot.clone(), generation });
+                return Ok(Lease {
+                    conn,
+                    slot: slot.clone(),
+                    generation,
+                });
             }
             match WorkerConn::connect(&slot.socket).await {
-                Ok(conn) => return Ok(Lease { conn, slot: slot.clone(), generation }),
+                Ok(conn) => {
+                    return Ok(Lease {
+                        conn,
+                        slot: slot.clone(),
+                        generation,
+                    })
+                }
                 Err(e) => tracing::debug!(worker = slot.index, error = %e, "worker connect failed"),
             }
         }
@@ -137,6 +161,7 @@ async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics
         }
         cmd.arg("worker")
             .env("KEYWARD_WORKER_SOCKET", &slot.socket)
+            .env("KEYWARD_WORKER_PARENT", std::process::id().to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true);

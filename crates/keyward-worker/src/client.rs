@@ -15,7 +15,10 @@ pub struct WorkerConn {
 
 impl WorkerConn {
     pub async fn connect(path: &Path) -> std::io::Result<WorkerConn> {
-        Ok(WorkerConn { stream: UnixStream::connect(path).await?, buf: Vec::with_capacity(4096) })
+        Ok(WorkerConn {
+            stream: UnixStream::connect(path).await?,
+            buf: Vec::with_capacity(4096),
+        })
     }
 
     pub async fn send(&mut self, msg: &ToWorker) -> Result<(), FrameIoError> {

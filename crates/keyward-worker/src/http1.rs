@@ -68,7 +68,10 @@ impl Upstream {
             return Err(bad());
         };
         let (authority, prefix) = match rest.find('/') {
-            Some(i) => (rest.get(..i).ok_or_else(bad)?, rest.get(i..).ok_or_else(bad)?.trim_end_matches('/')),
+            Some(i) => (
+                rest.get(..i).ok_or_else(bad)?,
+                rest.get(i..).ok_or_else(bad)?.trim_end_matches('/'),
+            ),
             None => (rest, ""),
         };
         if authority.is_empty() || authority.contains('@') {
@@ -106,10 +109,13 @@ impl Upstream {
 
     async fn connect(&self) -> Result<Conn, HttpError> {
         let ms = u64::try_from(self.connect_timeout.as_millis()).unwrap_or(u64::MAX);
-        let tcp = timeout(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port)))
-            .await
-            .map_err(|_| HttpError::Timeout(ms))?
-            .map_err(|e| HttpError::Connect(e.to_string()))?;
+        let tcp = timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| HttpError::Timeout(ms))?
+        .map_err(|e| HttpError::Connect(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
             None => Ok(Box::new(tcp)),
@@ -152,12 +158,20 @@ impl Upstream {
         let conn = self.connect().await?;
         match self.exchange(conn, head, body, wait).await {
             Ok(r) => Ok(r),
-            Err(Attempt::Stale) => Err(HttpError::Io("the provider closed the connection without answering".into())),
+            Err(Attempt::Stale) => Err(HttpError::Io(
+                "the provider closed the connection without answering".into(),
+            )),
             Err(Attempt::Failed(e)) => Err(e),
         }
     }
 
-    async fn exchange(self: &Arc<Self>, mut conn: Conn, head: &[u8], body: &[u8], wait: Duration) -> Result<Response, Attempt> {
+    async fn exchange(
+        self: &Arc<Self>,
+        mut conn: Conn,
+        head: &[u8],
+        body: &[u8],
+        wait: Duration,
+    ) -> Result<Response, Attempt> {
         let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let write = async {
             conn.write_all(head).await?;
@@ -169,7 +183,12 @@ impl Upstream {
             Ok(Err(_)) => return Err(Attempt::Stale),
             Ok(Ok(())) => {}
         }
-        let mut reader = Reader { conn, buf: Zeroizing::new(Vec::with_capacity(READ_CHUNK)), start: 0, wait };
+        let mut reader = Reader {
+            conn,
+            buf: Zeroizing::new(Vec::with_capacity(READ_CHUNK)),
+            start: 0,
+            wait,
+        };
         loop {
             let got = reader.fill_head().await;
             let n = match got {
@@ -188,7 +207,9 @@ impl Upstream {
                         return Err(Attempt::Failed(HttpError::Protocol("response head too large")));
                     }
                     if reader.read_more().await.map_err(Attempt::Failed)? == 0 {
-                        return Err(Attempt::Failed(HttpError::Protocol("connection closed inside the response head")));
+                        return Err(Attempt::Failed(HttpError::Protocol(
+                            "connection closed inside the response head",
+                        )));
                     }
                     continue;
                 }
@@ -204,7 +225,12 @@ impl Upstream {
                 if h.name.eq_ignore_ascii_case("transfer-encoding") {
                     chunked = value.to_ascii_lowercase().contains("chunked");
                 } else if h.name.eq_ignore_ascii_case("content-length") {
-                    length = Some(value.trim().parse().map_err(|_| Attempt::Failed(HttpError::Protocol("bad content-length")))?);
+                    length = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .map_err(|_| Attempt::Failed(HttpError::Protocol("bad content-length")))?,
+                    );
                 } else if h.name.eq_ignore_ascii_case("connection") {
                     close = value.to_ascii_lowercase().contains("close");
                 }
@@ -359,7 +385,9 @@ impl Response {
     /// The next piece of the body as it arrives; `None` at its end. On a clean end the
     /// connection goes back to the pool.
     pub async fn next_chunk(&mut self) -> Result<Option<Zeroizing<Vec<u8>>>, HttpError> {
-        let Some(reader) = self.reader.as_mut() else { return Ok(None) };
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(None);
+        };
         let out = match &mut self.body {
             Body::Length(0) => None,
             Body::Length(left) => {
@@ -476,21 +504,45 @@ mod tests {
         ])
         .await;
         let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
-        let mut r = up.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"", Duration::from_secs(2)).await.unwrap();
+        let mut r = up
+            .send(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                b"",
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
         assert!(r.headers.iter().any(|(k, v)| k == "x-request-id" && v == "r1"));
         assert_eq!(body_of(&mut r).await, b"hello");
         // Same connection again (the test server accepts only one).
-        let mut r = up.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"", Duration::from_secs(2)).await.unwrap();
+        let mut r = up
+            .send(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                b"",
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status, 201);
         assert_eq!(body_of(&mut r).await, b"abcde");
     }
 
     #[tokio::test]
     async fn redirects_are_answers_not_followed() {
-        let url = server(vec![b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://evil.example/\r\nContent-Length: 0\r\n\r\n"]).await;
+        let url = server(vec![
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://evil.example/\r\nContent-Length: 0\r\n\r\n",
+        ])
+        .await;
         let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
-        let mut r = up.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"", Duration::from_secs(2)).await.unwrap();
+        let mut r = up
+            .send(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                b"",
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status, 307);
         assert!(body_of(&mut r).await.is_empty());
     }
@@ -504,7 +556,10 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(10)).await;
         });
         let up = Arc::new(Upstream::new(&format!("http://{addr}"), tls(), Duration::from_secs(2)).unwrap());
-        let err = up.send(b"POST / HTTP/1.1\r\n\r\n", b"", Duration::from_millis(200)).await.unwrap_err();
+        let err = up
+            .send(b"POST / HTTP/1.1\r\n\r\n", b"", Duration::from_millis(200))
+            .await
+            .unwrap_err();
         assert!(matches!(err, HttpError::Timeout(200)), "{err}");
     }
 
@@ -512,7 +567,10 @@ mod tests {
     async fn garbage_is_a_protocol_error() {
         let url = server(vec![b"NOT HTTP AT ALL\r\n\r\n"]).await;
         let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
-        let err = up.send(b"POST / HTTP/1.1\r\n\r\n", b"", Duration::from_secs(2)).await.unwrap_err();
+        let err = up
+            .send(b"POST / HTTP/1.1\r\n\r\n", b"", Duration::from_secs(2))
+            .await
+            .unwrap_err();
         assert!(matches!(err, HttpError::Protocol(_)), "{err}");
     }
 
@@ -521,7 +579,10 @@ mod tests {
         let up = Upstream::new("https://api.openai.com", tls(), Duration::from_secs(1)).unwrap();
         assert_eq!((up.host.as_str(), up.port, up.prefix()), ("api.openai.com", 443, ""));
         let up = Upstream::new("http://127.0.0.1:8080/proxy/", tls(), Duration::from_secs(1)).unwrap();
-        assert_eq!((up.host.as_str(), up.port, up.prefix(), up.host_header()), ("127.0.0.1", 8080, "/proxy", "127.0.0.1:8080"));
+        assert_eq!(
+            (up.host.as_str(), up.port, up.prefix(), up.host_header()),
+            ("127.0.0.1", 8080, "/proxy", "127.0.0.1:8080")
+        );
         assert!(Upstream::new("ftp://x", tls(), Duration::from_secs(1)).is_err());
         assert!(Upstream::new("http://user@host", tls(), Duration::from_secs(1)).is_err());
     }

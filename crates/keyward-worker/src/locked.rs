@@ -106,7 +106,10 @@ impl LockedPool {
             Some(b) => b,
             None => LockedBuf::new()?,
         };
-        Ok(PooledBuf { buf: Some(buf), pool: self })
+        Ok(PooledBuf {
+            buf: Some(buf),
+            pool: self,
+        })
     }
 }
 

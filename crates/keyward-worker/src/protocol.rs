@@ -106,10 +106,16 @@ impl FailKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FromWorker {
     Pong,
-    Head { status: u16, headers: Vec<(String, String)> },
+    Head {
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
     Chunk(Vec<u8>),
     End,
-    Fail { kind: FailKind, message: String },
+    Fail {
+        kind: FailKind,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -262,12 +268,18 @@ impl FromWorker {
         let mut r = Reader::new(frame)?;
         let msg = match r.kind {
             K_PONG => FromWorker::Pong,
-            K_HEAD => FromWorker::Head { status: r.u16()?, headers: r.pairs()? },
+            K_HEAD => FromWorker::Head {
+                status: r.u16()?,
+                headers: r.pairs()?,
+            },
             K_CHUNK => FromWorker::Chunk(r.bytes()?.to_vec()),
             K_END => FromWorker::End,
             K_FAIL => {
                 let kind = FailKind::from_code(r.u8()?).ok_or(ProtocolError::Malformed("fail kind"))?;
-                FromWorker::Fail { kind, message: r.string()? }
+                FromWorker::Fail {
+                    kind,
+                    message: r.string()?,
+                }
             }
             k => return Err(ProtocolError::Kind(k)),
         };
@@ -324,7 +336,9 @@ impl<'a> Reader<'a> {
     }
     fn string(&mut self) -> Result<String, ProtocolError> {
         let b = self.bytes()?;
-        std::str::from_utf8(b).map(str::to_owned).map_err(|_| ProtocolError::Malformed("string is not UTF-8"))
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| ProtocolError::Malformed("string is not UTF-8"))
     }
     fn pairs(&mut self) -> Result<Vec<(String, String)>, ProtocolError> {
         let n = self.u16()?;
@@ -368,7 +382,10 @@ fn read_call(r: &mut Reader<'_>) -> Result<CallRequest, ProtocolError> {
 
 /// Reads one frame body from `io` (length prefix first). `Ok(None)` at a clean EOF
 /// between frames.
-pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> Result<Option<()>, FrameIoError> {
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<()>, FrameIoError> {
     use tokio::io::AsyncReadExt;
     let mut len = [0u8; 4];
     match io.read_exact(&mut len).await {
@@ -427,10 +444,16 @@ mod tests {
         }
         for m in [
             FromWorker::Pong,
-            FromWorker::Head { status: 200, headers: vec![("x-request-id".into(), "r".into())] },
+            FromWorker::Head {
+                status: 200,
+                headers: vec![("x-request-id".into(), "r".into())],
+            },
             FromWorker::Chunk(b"data: x\n\n".to_vec()),
             FromWorker::End,
-            FromWorker::Fail { kind: FailKind::Timeout, message: "slow".into() },
+            FromWorker::Fail {
+                kind: FailKind::Timeout,
+                message: "slow".into(),
+            },
         ] {
             let f = m.encode().unwrap();
             assert_eq!(FromWorker::decode(body(&f)).unwrap(), m);

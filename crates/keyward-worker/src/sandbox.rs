@@ -26,9 +26,7 @@
 
 use std::collections::BTreeMap;
 
-use landlock::{
-    path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
-};
+use landlock::{path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI};
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +45,17 @@ pub struct SandboxStatus {
     pub landlock: &'static str,
 }
 
+/// Asks the kernel to kill this process when its parent exits.
+pub fn die_with_parent() -> std::io::Result<()> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)).map_err(Into::into)
+}
+
+/// Whether our parent is still process `pid` (after `die_with_parent`, a check that
+/// closes the window where the parent died before the death signal was armed).
+pub fn parent_is(pid: u32) -> bool {
+    rustix::process::getppid().is_some_and(|p| u32::try_from(p.as_raw_nonzero().get()).ok() == Some(pid))
+}
+
 /// Clears the process environment. Call before any thread is started.
 pub fn clear_env() {
     let names: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
@@ -60,7 +69,10 @@ pub fn clear_env() {
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         use std::io::Write;
-        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         let _ = writeln!(std::io::stderr(), "keyward worker: internal error at {at}; exiting");
     }));
 }
@@ -76,7 +88,10 @@ pub fn apply(read_only: &[&str]) -> Result<SandboxStatus, SandboxError> {
         .map_err(|e| SandboxError::Process(e.into()))?;
     rustix::process::setrlimit(
         rustix::process::Resource::Core,
-        rustix::process::Rlimit { current: Some(0), maximum: Some(0) },
+        rustix::process::Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
     )
     .map_err(|e| SandboxError::Process(e.into()))?;
     let landlock = restrict_filesystem(read_only)?;
@@ -87,7 +102,11 @@ pub fn apply(read_only: &[&str]) -> Result<SandboxStatus, SandboxError> {
 fn restrict_filesystem(read_only: &[&str]) -> Result<&'static str, SandboxError> {
     let abi = ABI::V5;
     let err = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
-    let existing: Vec<&str> = read_only.iter().copied().filter(|p| std::path::Path::new(p).exists()).collect();
+    let existing: Vec<&str> = read_only
+        .iter()
+        .copied()
+        .filter(|p| std::path::Path::new(p).exists())
+        .collect();
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
         .map_err(err)?
@@ -148,11 +167,17 @@ const DENIED: &[libc::c_long] = &[
 ];
 
 fn install_seccomp() -> Result<(), SandboxError> {
-    let arch = if cfg!(target_arch = "aarch64") { TargetArch::aarch64 } else { TargetArch::x86_64 };
+    let arch = if cfg!(target_arch = "aarch64") {
+        TargetArch::aarch64
+    } else {
+        TargetArch::x86_64
+    };
     let rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|n| (i64::from(*n), Vec::new())).collect();
     let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::KillProcess, arch)
         .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
-    let program: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))?;
+    let program: BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))?;
     seccompiler::apply_filter(&program).map_err(|e| SandboxError::Seccomp(e.to_string()))
 }
 
@@ -201,6 +226,9 @@ fn exec_true() -> i32 {
     // SAFETY: execve with NUL-terminated path, argv and envp arrays that end in NULL and
     // outlive the call; on success it does not return.
     unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), b"execve returned instead of killing the process\n");
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        b"execve returned instead of killing the process\n",
+    );
     1
 }

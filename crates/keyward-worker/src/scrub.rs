@@ -41,7 +41,10 @@ impl std::fmt::Debug for StreamScrubber<'_> {
 
 impl<'k> StreamScrubber<'k> {
     pub fn new(key: &'k [u8]) -> StreamScrubber<'k> {
-        StreamScrubber { key, pending: Zeroizing::new(Vec::new()) }
+        StreamScrubber {
+            key,
+            pending: Zeroizing::new(Vec::new()),
+        }
     }
 
     /// The masked bytes that are safe to send now.

@@ -44,8 +44,10 @@ const ALLOWED_REQUEST_HEADERS: &[&str] = &["content-type", "accept", "anthropic-
 
 /// Response headers worth passing back (request ids, rate limits, content type, redirect target).
 fn keep_response_header(name: &str) -> bool {
-    matches!(name, "content-type" | "request-id" | "x-request-id" | "retry-after" | "location" | "openai-processing-ms")
-        || name.starts_with("anthropic-ratelimit-")
+    matches!(
+        name,
+        "content-type" | "request-id" | "x-request-id" | "retry-after" | "location" | "openai-processing-ms"
+    ) || name.starts_with("anthropic-ratelimit-")
         || name.starts_with("x-ratelimit-")
 }
 
@@ -59,7 +61,10 @@ struct Worker {
 /// (it is the only thing read from disk); everything after the sandbox is in memory.
 pub fn run(config: WorkerConfig, opener: Opener) -> Result<(), WorkerError> {
     sandbox::install_panic_hook();
-    let socket_err = |e: std::io::Error| WorkerError::Socket { path: config.socket.display().to_string(), reason: e.to_string() };
+    let socket_err = |e: std::io::Error| WorkerError::Socket {
+        path: config.socket.display().to_string(),
+        reason: e.to_string(),
+    };
     let _ = std::fs::remove_file(&config.socket);
     let listener = std::os::unix::net::UnixListener::bind(&config.socket).map_err(socket_err)?;
     std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
@@ -69,12 +74,15 @@ pub fn run(config: WorkerConfig, opener: Opener) -> Result<(), WorkerError> {
         ClientConfig::builder_with_provider(Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| WorkerError::Setup(e.to_string()))?
-            .with_root_certificates(tokio_rustls::rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()))
+            .with_root_certificates(tokio_rustls::rustls::RootCertStore::from_iter(
+                webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+            ))
             .with_no_client_auth(),
     );
     let mut upstreams = Vec::new();
     for (p, url) in &config.base_urls {
-        let up = Upstream::new(url, tls.clone(), config.connect_timeout).map_err(|e| WorkerError::Setup(e.to_string()))?;
+        let up =
+            Upstream::new(url, tls.clone(), config.connect_timeout).map_err(|e| WorkerError::Setup(e.to_string()))?;
         upstreams.push((*p, Arc::new(up)));
     }
 
@@ -82,7 +90,11 @@ pub fn run(config: WorkerConfig, opener: Opener) -> Result<(), WorkerError> {
     let status = sandbox::apply(&["/etc", "/usr", "/lib", "/lib64", "/proc"])?;
     tracing::info!(landlock = status.landlock, pid = std::process::id(), "worker sandboxed");
 
-    let worker = Arc::new(Worker { opener, upstreams, pages: LockedPool::default() });
+    let worker = Arc::new(Worker {
+        opener,
+        upstreams,
+        pages: LockedPool::default(),
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads.max(1))
         .enable_all()
@@ -102,7 +114,9 @@ pub fn run(config: WorkerConfig, opener: Opener) -> Result<(), WorkerError> {
             };
             // The trust boundary: only our parent (the gateway that started us), as our user.
             let allowed = stream.peer_cred().is_ok_and(|c| {
-                c.uid() == uid.as_raw() && c.pid().is_some_and(|p| Some(p) == parent.map(|pp| pp.as_raw_nonzero().get()))
+                c.uid() == uid.as_raw()
+                    && c.pid()
+                        .is_some_and(|p| Some(p) == parent.map(|pp| pp.as_raw_nonzero().get()))
             });
             if !allowed {
                 tracing::warn!("refused a connection from a process that is not the gateway");
@@ -152,13 +166,22 @@ impl Worker {
 
     /// Opens the blob into a locked page.
     fn open(&self, c: &CallRequest) -> Result<crate::locked::PooledBuf<'_>, FromWorker> {
-        let mut page = self.pages.take().map_err(|e| fail(FailKind::Internal, &format!("locked memory: {e}")))?;
-        let binding = Binding { account_id: &c.account_id, provider: &c.provider, key_id: &c.key_id };
+        let mut page = self
+            .pages
+            .take()
+            .map_err(|e| fail(FailKind::Internal, &format!("locked memory: {e}")))?;
+        let binding = Binding {
+            account_id: &c.account_id,
+            provider: &c.provider,
+            key_id: &c.key_id,
+        };
         let blob = SealedKey::from_bytes(c.blob.clone());
-        let n = self
-            .opener
-            .open_into(&binding, &blob, page.page_mut())
-            .map_err(|e| fail(FailKind::OpenFailed, &format!("the sealed key could not be opened: {e}")))?;
+        let n = self.opener.open_into(&binding, &blob, page.page_mut()).map_err(|e| {
+            fail(
+                FailKind::OpenFailed,
+                &format!("the sealed key could not be opened: {e}"),
+            )
+        })?;
         page.set_len(n);
         Ok(page)
     }
@@ -167,7 +190,12 @@ impl Worker {
         let started = std::time::Instant::now();
         let request_id = c.request_id;
         let outcome = self.call_inner(c, stream).await;
-        tracing::debug!(request_id, micros = started.elapsed().as_micros() as u64, ok = outcome.is_ok(), "call");
+        tracing::debug!(
+            request_id,
+            micros = started.elapsed().as_micros() as u64,
+            ok = outcome.is_ok(),
+            "call"
+        );
         match outcome {
             Ok(()) => Ok(()),
             Err(CallError::Gateway(e)) => Err(e),
@@ -176,13 +204,20 @@ impl Worker {
     }
 
     async fn call_inner(&self, c: CallRequest, stream: &mut UnixStream) -> Result<(), CallError> {
-        let provider: Provider = c.provider.parse().map_err(|_| fail(FailKind::BadRequest, "unknown provider"))?;
+        let provider: Provider = c
+            .provider
+            .parse()
+            .map_err(|_| fail(FailKind::BadRequest, "unknown provider"))?;
         let method = match c.method {
             Method::Get => HttpMethod::Get,
             Method::Post => HttpMethod::Post,
         };
         if !path_allowed(provider, method, &c.path_and_query) {
-            return Err(fail(FailKind::PathRefused, "this path is not a provider route keyward may call").into());
+            return Err(fail(
+                FailKind::PathRefused,
+                "this path is not a provider route keyward may call",
+            )
+            .into());
         }
         for (name, value) in &c.headers {
             let ok = ALLOWED_REQUEST_HEADERS.iter().any(|a| name.eq_ignore_ascii_case(a))
@@ -205,10 +240,16 @@ impl Worker {
         }
         // The request head, key included, is built in a second locked page and wiped as
         // soon as it is written.
-        let mut head = self.pages.take().map_err(|e| fail(FailKind::Internal, &format!("locked memory: {e}")))?;
+        let mut head = self
+            .pages
+            .take()
+            .map_err(|e| fail(FailKind::Internal, &format!("locked memory: {e}")))?;
         let placement = key_placement(provider);
         let len = {
-            let mut w = PageWriter { page: head.page_mut(), at: 0 };
+            let mut w = PageWriter {
+                page: head.page_mut(),
+                at: 0,
+            };
             let verb: &[u8] = match method {
                 HttpMethod::Get => b"GET ",
                 HttpMethod::Post => b"POST ",
@@ -232,7 +273,8 @@ impl Worker {
             w.put(placement.value_prefix.as_bytes());
             w.put(key.as_slice());
             w.put(b"\r\n\r\n");
-            w.finish().ok_or_else(|| fail(FailKind::BadRequest, "request head too large"))?
+            w.finish()
+                .ok_or_else(|| fail(FailKind::BadRequest, "request head too large"))?
         };
         head.set_len(len);
         let sent = upstream.send(head.as_slice(), &c.body, timeout).await;
@@ -250,21 +292,33 @@ impl Worker {
                 (k.clone(), String::from_utf8_lossy(&v).into_owned())
             })
             .collect();
-        send(stream, &FromWorker::Head { status: response.status, headers }).await.map_err(CallError::Gateway)?;
+        send(
+            stream,
+            &FromWorker::Head {
+                status: response.status,
+                headers,
+            },
+        )
+        .await
+        .map_err(CallError::Gateway)?;
         let mut scrubber = StreamScrubber::new(key_bytes);
         loop {
             match response.next_chunk().await {
                 Ok(Some(chunk)) => {
                     let safe = scrubber.feed(&chunk);
                     if !safe.is_empty() {
-                        send(stream, &FromWorker::Chunk(safe)).await.map_err(CallError::Gateway)?;
+                        send(stream, &FromWorker::Chunk(safe))
+                            .await
+                            .map_err(CallError::Gateway)?;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     let rest = scrubber.finish();
                     if !rest.is_empty() {
-                        send(stream, &FromWorker::Chunk(rest)).await.map_err(CallError::Gateway)?;
+                        send(stream, &FromWorker::Chunk(rest))
+                            .await
+                            .map_err(CallError::Gateway)?;
                     }
                     return Err(http_fail(&e).into());
                 }
@@ -272,7 +326,9 @@ impl Worker {
         }
         let rest = scrubber.finish();
         if !rest.is_empty() {
-            send(stream, &FromWorker::Chunk(rest)).await.map_err(CallError::Gateway)?;
+            send(stream, &FromWorker::Chunk(rest))
+                .await
+                .map_err(CallError::Gateway)?;
         }
         drop(key);
         send(stream, &FromWorker::End).await.map_err(CallError::Gateway)
@@ -312,7 +368,10 @@ impl From<FromWorker> for CallError {
 }
 
 fn fail(kind: FailKind, message: &str) -> FromWorker {
-    FromWorker::Fail { kind, message: message.to_owned() }
+    FromWorker::Fail {
+        kind,
+        message: message.to_owned(),
+    }
 }
 
 fn http_fail(e: &HttpError) -> FromWorker {

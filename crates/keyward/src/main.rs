@@ -117,7 +117,16 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap quotes the offending argument; if someone pasted a key into argv, it
+            // must not be printed back (terminal scrollback, CI logs).
+            let text = keyward_server::logging::scrub(&e.render().to_string());
+            let _ = write!(std::io::stderr(), "{text}");
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -136,13 +145,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             "exec" => keyward_worker::sandbox::Probe::Exec,
             other => anyhow::bail!("unknown probe {other:?}: write or exec"),
         };
-        return Ok(ExitCode::from(u8::try_from(keyward_worker::sandbox::selftest(probe)).unwrap_or(1)));
+        return Ok(ExitCode::from(
+            u8::try_from(keyward_worker::sandbox::selftest(probe)).unwrap_or(1),
+        ));
     }
     if let Command::Worker = cli.command {
         // No async runtime yet: the sandbox must be in place before any thread starts.
         return run_worker(&config);
     }
-    let worker_command = WorkerCommand { exe: std::env::current_exe()?, config_file: cli.config.clone() };
+    let worker_command = WorkerCommand {
+        exe: std::env::current_exe()?,
+        config_file: cli.config.clone(),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
@@ -222,7 +236,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `keyward worker`: load the KEK's opening half, then hand over to the sandboxed worker.
 fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
-    let socket = config.worker_socket.clone().context("KEYWARD_WORKER_SOCKET: the worker is started by `keyward serve`")?;
+    // First of all: die with the gateway, and do not start at all if it is already gone
+    // (a worker orphaned before this line would otherwise keep the KEK's private half).
+    keyward_worker::sandbox::die_with_parent()?;
+    let parent = config
+        .worker_parent
+        .context("KEYWARD_WORKER_PARENT: the worker is started by `keyward serve`")?;
+    if !keyward_worker::sandbox::parent_is(parent) {
+        anyhow::bail!("the gateway that started this worker is gone");
+    }
+    let socket = config
+        .worker_socket
+        .clone()
+        .context("KEYWARD_WORKER_SOCKET: the worker is started by `keyward serve`")?;
     let opener = match config.kek {
         keyward_server::config::KekConfig::Local => keyward_crypto::local::load_opener(&config.data_dir)?,
     };

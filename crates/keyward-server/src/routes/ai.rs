@@ -60,15 +60,26 @@ impl CallContext {
     pub fn charge(&self, usage: Usage) -> i64 {
         match self.choice.source {
             KeySource::Own => 0,
-            KeySource::Shared => {
-                i64::try_from(self.model.credits_for(usage.input_tokens, usage.output_tokens)).unwrap_or(i64::MAX).min(self.reserved)
-            }
+            KeySource::Shared => i64::try_from(self.model.credits_for(usage.input_tokens, usage.output_tokens))
+                .unwrap_or(i64::MAX)
+                .min(self.reserved),
         }
     }
 
     /// Settles credits and appends `ai.request`, durably, before the answer is released.
-    pub async fn settle(&self, state: &AppState, outcome: &str, usage: Usage, request_id: Option<String>, detail: Option<String>) -> ApiResult<i64> {
-        let charged = if outcome == "ok" { self.charge(usage) } else { self.charge(usage).min(self.reserved) };
+    pub async fn settle(
+        &self,
+        state: &AppState,
+        outcome: &str,
+        usage: Usage,
+        request_id: Option<String>,
+        detail: Option<String>,
+    ) -> ApiResult<i64> {
+        let charged = if outcome == "ok" {
+            self.charge(usage)
+        } else {
+            self.charge(usage).min(self.reserved)
+        };
         let mut audit = NewAuditEvent::key_action(
             &self.account,
             state.clock.now(),
@@ -97,10 +108,15 @@ impl CallContext {
             audit,
         };
         state.metrics.record_ai_call(self.provider, self.choice.source, outcome);
-        state.metrics.observe_ai_latency(self.provider, self.choice.source, self.started.elapsed().as_secs_f64());
+        state
+            .metrics
+            .observe_ai_latency(self.provider, self.choice.source, self.started.elapsed().as_secs_f64());
         state.ledger.commit(record).await.map_err(|e| {
             tracing::error!(error = %e, "could not record an AI call");
-            ApiError::new(ErrorCode::DatabaseUnavailable, "the call could not be recorded; it is not answered")
+            ApiError::new(
+                ErrorCode::DatabaseUnavailable,
+                "the call could not be recorded; it is not answered",
+            )
         })?;
         Ok(charged)
     }
@@ -128,10 +144,17 @@ pub async fn prepare(
                 state.catalogue.model_ids(provider).join(", ")
             ))
         })?,
-        None => state.catalogue.models(provider).first().cloned().ok_or_else(|| validation("no model is catalogued for this provider"))?,
+        None => state
+            .catalogue
+            .models(provider)
+            .first()
+            .cloned()
+            .ok_or_else(|| validation("no model is catalogued for this provider"))?,
     };
     if max_tokens == 0 || max_tokens > MAX_OUTPUT_TOKENS {
-        return Err(ApiError::validation(format!("max_tokens must be from 1 to {MAX_OUTPUT_TOKENS}")));
+        return Err(ApiError::validation(format!(
+            "max_tokens must be from 1 to {MAX_OUTPUT_TOKENS}"
+        )));
     }
     if let Some(f) = &feature {
         if f.is_empty() || f.len() > 64 || !f.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
@@ -146,9 +169,14 @@ pub async fn prepare(
         // Input tokens are not known before the call; the input's byte count bounds them.
         let estimate = model.credits_for(input_bytes as u64, u64::from(max_tokens)).max(1);
         reserved = i64::try_from(estimate).unwrap_or(i64::MAX);
-        let ok = state.store.reserve_credits(account, &period, acct.shared_credit_limit, reserved).await?;
+        let ok = state
+            .store
+            .reserve_credits(account, &period, acct.shared_credit_limit, reserved)
+            .await?;
         if !ok {
-            state.metrics.record_ai_call(provider, KeySource::Shared, "refused:shared_quota_exhausted");
+            state
+                .metrics
+                .record_ai_call(provider, KeySource::Shared, "refused:shared_quota_exhausted");
             return Err(ApiError::new(
                 ErrorCode::SharedQuotaExhausted,
                 format!(
@@ -172,20 +200,41 @@ pub async fn prepare(
     })
 }
 
-pub async fn messages(State(state): State<AppState>, caller: Caller, Path(account): Path<String>, body: JsonBody) -> ApiResult<Response> {
+pub async fn messages(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(account): Path<String>,
+    body: JsonBody,
+) -> ApiResult<Response> {
     let m = caller.member_of(&state, &account).await?;
     let body: MessagesBody = body.parse()?;
-    let provider: Provider = body.provider.parse().map_err(|_| validation("provider must be anthropic, openai or google"))?;
+    let provider: Provider = body
+        .provider
+        .parse()
+        .map_err(|_| validation("provider must be anthropic, openai or google"))?;
     if body.messages.is_empty() || body.messages.len() > MAX_MESSAGES {
-        return Err(ApiError::validation(format!("messages must hold 1 to {MAX_MESSAGES} messages")));
+        return Err(ApiError::validation(format!(
+            "messages must hold 1 to {MAX_MESSAGES} messages"
+        )));
     }
     if let Some(t) = body.temperature {
         if !(0.0..=2.0).contains(&t) {
             return Err(validation("temperature must be from 0 to 2"));
         }
     }
-    let input_bytes = body.messages.iter().map(|m| m.content.len()).sum::<usize>() + body.system.as_ref().map_or(0, String::len);
-    let ctx = prepare(&state, &caller, &m.account.id, provider, body.model.as_deref(), input_bytes, body.max_tokens, body.feature.clone()).await?;
+    let input_bytes =
+        body.messages.iter().map(|m| m.content.len()).sum::<usize>() + body.system.as_ref().map_or(0, String::len);
+    let ctx = prepare(
+        &state,
+        &caller,
+        &m.account.id,
+        provider,
+        body.model.as_deref(),
+        input_bytes,
+        body.max_tokens,
+        body.feature.clone(),
+    )
+    .await?;
     let request = ChatRequest {
         model: ctx.model.id.clone(),
         system: body.system,
@@ -207,7 +256,11 @@ fn request_id(provider: Provider, headers: &[(String, String)]) -> Option<String
     headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
 }
 
-async fn plain_answer(state: &AppState, ctx: &CallContext, call: keyward_providers::HttpCall) -> ApiResult<Json<Value>> {
+async fn plain_answer(
+    state: &AppState,
+    ctx: &CallContext,
+    call: keyward_providers::HttpCall,
+) -> ApiResult<Json<Value>> {
     let mut upstream = match open_and_call(state, ctx.provider, &ctx.choice, call).await {
         Ok(u) => u,
         Err(f) => return Err(fail_call(state, ctx, f, None).await),
@@ -326,7 +379,10 @@ async fn stream_answer(state: AppState, ctx: CallContext, call: keyward_provider
     }));
     Ok((
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-store")],
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         body,
     )
         .into_response())

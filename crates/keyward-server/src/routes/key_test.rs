@@ -19,7 +19,6 @@ use crate::ai::{open_and_call, CallFailure, KeyChoice};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::routes::model_keys::parse_provider;
 
 /// Probes allowed per account and provider per minute (a fixed one-minute window).
 #[derive(Debug, Default)]
@@ -48,15 +47,25 @@ pub async fn test_key(
     caller: Caller,
     Path((account, provider)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let m = caller.manager_of(&state, &account, "testing a key").await?;
-    let provider = parse_provider(&provider)?;
+    let (m, provider) = caller.manager_for(&state, &account, &provider, "testing a key").await?;
     let key = state.store.sealed_key(&m.account.id, provider).await?.ok_or_else(|| {
-        ApiError::new(ErrorCode::NoKeySaved, "no key is saved for this provider: save one, then test it")
+        ApiError::new(
+            ErrorCode::NoKeySaved,
+            "no key is saved for this provider: save one, then test it",
+        )
     })?;
-    if !state.probe_limiter.allow(m.account.id.as_str(), provider, state.clock.now(), state.key_tests_per_minute) {
+    if !state.probe_limiter.allow(
+        m.account.id.as_str(),
+        provider,
+        state.clock.now(),
+        state.key_tests_per_minute,
+    ) {
         return Err(ApiError::new(
             ErrorCode::RateLimited,
-            format!("at most {} key tests a minute per provider; wait a moment", state.key_tests_per_minute),
+            format!(
+                "at most {} key tests a minute per provider; wait a moment",
+                state.key_tests_per_minute
+            ),
         ));
     }
     let model = state
@@ -66,26 +75,39 @@ pub async fn test_key(
         .ok_or_else(|| ApiError::internal(&"no probe model in the catalogue"))?;
     let key_id = key.key_id.clone();
     let last4 = key.last4.clone();
-    let choice = KeyChoice { source: KeySource::Own, key, binding_account: m.account.id.to_string() };
+    let choice = KeyChoice {
+        source: KeySource::Own,
+        key,
+        binding_account: m.account.id.to_string(),
+    };
 
-    let outcome: Result<u128, ProviderFailure> = match open_and_call(&state, provider, &choice, build_probe(provider, &model.id)).await {
-        Ok(mut up) => match up.collect(1024 * 1024).await {
-            Ok(body) => parse_chat(provider, up.status, &body).map(|_| up.started.elapsed().as_millis()),
+    let outcome: Result<u128, ProviderFailure> =
+        match open_and_call(&state, provider, &choice, build_probe(provider, &model.id)).await {
+            Ok(mut up) => match up.collect(1024 * 1024).await {
+                Ok(body) => parse_chat(provider, up.status, &body).map(|_| up.started.elapsed().as_millis()),
+                Err(CallFailure::Provider(f)) => Err(f),
+                Err(other) => return Err(other.into_api_error()),
+            },
             Err(CallFailure::Provider(f)) => Err(f),
             Err(other) => return Err(other.into_api_error()),
-        },
-        Err(CallFailure::Provider(f)) => Err(f),
-        Err(other) => return Err(other.into_api_error()),
-    };
+        };
     let now = state.clock.now();
     let (answer, result) = match &outcome {
         Ok(ms) => (
             json!({ "ok": true, "status": "ok", "model": model.id, "latency_ms": ms }),
-            LastTest { ok: true, at: now, message: format!("ok: {} answered in {ms} ms", model.id) },
+            LastTest {
+                ok: true,
+                at: now,
+                message: format!("ok: {} answered in {ms} ms", model.id),
+            },
         ),
         Err(f) => (
             json!({ "ok": false, "status": f.diagnosis.as_str(), "provider_status": f.status, "message": f.message }),
-            LastTest { ok: false, at: now, message: format!("{}: {}", f.diagnosis.as_str(), f.message) },
+            LastTest {
+                ok: false,
+                at: now,
+                message: format!("{}: {}", f.diagnosis.as_str(), f.message),
+            },
         ),
     };
     let mut event = NewAuditEvent::key_action(
@@ -103,7 +125,10 @@ pub async fn test_key(
         Ok(_) => "ok".to_owned(),
         Err(f) => format!("error:{}", f.diagnosis.as_str()),
     };
-    state.store.record_key_test(&m.account.id, provider, &key_id, &result, &event).await?;
+    state
+        .store
+        .record_key_test(&m.account.id, provider, &key_id, &result, &event)
+        .await?;
     state.metrics.record_probe(provider, event.outcome.as_str());
     Ok(Json(answer))
 }

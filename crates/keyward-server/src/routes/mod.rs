@@ -6,4 +6,5 @@ pub mod key_test;
 pub mod me;
 pub mod model_keys;
 pub mod ops;
+pub mod passthrough;
 pub mod usage;

@@ -87,8 +87,7 @@ pub async fn save(
     Path((account, provider)): Path<(String, String)>,
     body: JsonBody,
 ) -> ApiResult<Json<Value>> {
-    let m = caller.manager_of(&state, &account, "saving a key").await?;
-    let provider = parse_provider(&provider)?;
+    let (m, provider) = caller.manager_for(&state, &account, &provider, "saving a key").await?;
     require_paid(&m)?;
     let body: SaveKeyBody = body.parse()?;
     let key = ApiKey::parse(provider, body.api_key.expose_secret())
@@ -130,8 +129,9 @@ pub async fn remove(
     caller: Caller,
     Path((account, provider)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let m = caller.manager_of(&state, &account, "removing a key").await?;
-    let provider = parse_provider(&provider)?;
+    let (m, provider) = caller
+        .manager_for(&state, &account, &provider, "removing a key")
+        .await?;
     state
         .store
         .remove_key(&m.account.id, provider, &actor(&caller), state.clock.now())
@@ -145,7 +145,8 @@ pub async fn remove(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceBody {
-    source: KeySource,
+    /// Read as a string and matched, so `true`/`1`/`null` get a clear 422.
+    source: String,
 }
 
 pub async fn set_source(
@@ -154,12 +155,17 @@ pub async fn set_source(
     Path((account, provider)): Path<(String, String)>,
     body: JsonBody,
 ) -> ApiResult<Json<Value>> {
-    let m = caller.manager_of(&state, &account, "switching the key source").await?;
-    let provider = parse_provider(&provider)?;
+    let (m, provider) = caller
+        .manager_for(&state, &account, &provider, "switching the key source")
+        .await?;
     let body: SourceBody = body.parse()?;
+    let source: KeySource = body
+        .source
+        .parse()
+        .map_err(|_| ApiError::validation("source must be \"own\" or \"shared\""))?;
     let after = state
         .store
-        .set_source(&m.account.id, provider, body.source, &actor(&caller), state.clock.now())
+        .set_source(&m.account.id, provider, source, &actor(&caller), state.clock.now())
         .await?;
     state.metrics.record_key_action("key.source_changed", provider.as_str());
     Ok(Json(state_json(&state, &after)))

@@ -12,7 +12,11 @@ use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiResult;
 
-pub async fn usage(State(state): State<AppState>, caller: Caller, Path(account): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(account): Path<String>,
+) -> ApiResult<Json<Value>> {
     let m = caller.member_of(&state, &account).await?;
     let (period, start, end) = period_of(state.clock.now());
     let report = state.store.usage(&m.account.id, &period).await?;

@@ -1,0 +1,603 @@
+//! Leak canaries: plant keys, provoke every error with them, then search every byte keyward
+//! wrote (data dir files, server stdout/stderr at trace, CLI output, HTTP answers) for any
+//! form of them; and check that rotated and removed ciphertext is really gone from the
+//! database files.
+
+use std::time::{Duration, Instant};
+
+use keyward_testkit::canary::{find_forms, random_string, ALNUM};
+use keyward_testkit::fake::EchoProvider;
+use keyward_testkit::files::contains;
+use keyward_testkit::http::RawRequest;
+use keyward_testkit::reqwest::Method;
+use keyward_testkit::{db, Keyward, Options, Resp};
+use serde_json::json;
+
+use crate::common::*;
+
+/// The canaries of one run: random cores, and the keys built from them.
+#[derive(Default)]
+struct Canaries {
+    secrets: Vec<String>,
+}
+
+impl Canaries {
+    /// A fresh 40-character random core, remembered.
+    fn core(&mut self) -> String {
+        let c = format!("CaNaRy{}", random_string(34, ALNUM));
+        self.secrets.push(c.clone());
+        c
+    }
+
+    /// A remembered full key.
+    fn key(&mut self, key: String) -> String {
+        self.secrets.push(key.clone());
+        key
+    }
+
+    fn anthropic(&mut self) -> String {
+        let (c, d) = (self.core(), self.core());
+        self.key(format!("sk-ant-api03-{c}{d}"))
+    }
+
+    fn openai(&mut self) -> String {
+        let (c, d) = (self.core(), self.core());
+        self.key(format!("sk-proj-{c}{d}"))
+    }
+
+    fn google(&mut self) -> String {
+        // AIza + 35: a core of its own, cut to fit.
+        let c = format!("Cy{}", random_string(33, ALNUM));
+        self.secrets.push(c.clone());
+        self.key(format!("AIza{c}"))
+    }
+
+    /// Every secret found (in any form) in `bytes`, with the forms.
+    fn found_in(&self, bytes: &[u8]) -> Vec<String> {
+        self.secrets
+            .iter()
+            .flat_map(|s| {
+                find_forms(bytes, s.as_bytes())
+                    .into_iter()
+                    .map(move |f| format!("{f} of {s}"))
+            })
+            .collect()
+    }
+}
+
+/// Where pieces of `blob` (past its 12-byte common header, in 16-byte chunks) remain in the
+/// data dir's database files.
+fn blob_remnants(kw: &Keyward, blob: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (path, bytes) in kw.data_files() {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !name.starts_with("keyward.db") {
+            continue;
+        }
+        for (i, chunk) in blob.get(12..).unwrap_or_default().chunks(16).enumerate() {
+            if chunk.len() == 16 && contains(&bytes, chunk) {
+                found.push(format!("{name}: blob bytes {}..{}", 12 + 16 * i, 12 + 16 * i + 16));
+            }
+        }
+    }
+    found
+}
+
+/// Polls (up to 5 s after `since`) until no piece of `blob` is in the database files.
+async fn assert_blob_gone(kw: &Keyward, blob: &[u8], since: Instant, what: &str) {
+    loop {
+        let left = blob_remnants(kw, blob);
+        if left.is_empty() {
+            return;
+        }
+        if since.elapsed() > Duration::from_secs(5) {
+            panic!("{what}: the old ciphertext is still in the database files 5 s later: {left:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Run {
+    kw: Keyward,
+    canaries: Canaries,
+    answers: Vec<Resp>,
+    wrong: Vec<String>,
+}
+
+impl Run {
+    #[track_caller]
+    fn expect(&mut self, r: Resp, status: u16, code: Option<&str>) {
+        let ok = r.status == status && (code.is_none() || r.error_code() == code);
+        if !ok {
+            self.wrong
+                .push(format!("expected {status} {}, got {r}", code.unwrap_or("")));
+        }
+        self.answers.push(r);
+    }
+}
+
+async fn canary_scenario(opts: Options) {
+    let kw = start_with(opts);
+    let mut run = Run {
+        kw,
+        canaries: Canaries::default(),
+        answers: Vec::new(),
+        wrong: Vec::new(),
+    };
+    let kw = &run.kw;
+    let (user, acc) = pro_owner(kw, "canary@example.com");
+    let member = create_user(kw, "canary-member@example.com");
+    add_member(kw, &acc, &member.email, "member");
+    let free = create_account(kw, "Free", "free", &user.email);
+    let outsider = create_user(kw, "canary-outsider@example.com");
+    let http = kw.http().clone();
+    let pool = kw.db().await;
+    let t = user.tok();
+    let c = &mut run.canaries;
+    let (a1, a2, o1, g1, g2) = (c.anthropic(), c.anthropic(), c.openai(), c.google(), c.google());
+
+    // Save, rotate, remove: old ciphertext must leave the database files within 5 s.
+    for (p, k) in [("anthropic", &a1), ("openai", &o1), ("google", &g1)] {
+        let r = http.put(&key_path(&acc, p), t, &json!({ "api_key": k })).await;
+        run.expect(r, 200, None);
+    }
+    let old = db::key_row(&pool, &acc, "anthropic").await.expect("row").sealed;
+    // Positive control: the search does find a live blob in the database files.
+    assert!(
+        !blob_remnants(&run.kw, &old).is_empty(),
+        "the blob search cannot see a live blob"
+    );
+    let r = http
+        .put(&key_path(&acc, "anthropic"), t, &json!({ "api_key": a2 }))
+        .await;
+    let at = Instant::now();
+    run.expect(r, 200, None);
+    assert_blob_gone(&run.kw, &old, at, "anthropic rotation").await;
+
+    let old = db::key_row(&pool, &acc, "openai").await.expect("row").sealed;
+    let r = http
+        .put(&source_path(&acc, "openai"), t, &json!({"source": "own"}))
+        .await;
+    run.expect(r, 200, None);
+    let r = http.delete(&key_path(&acc, "openai"), t).await;
+    let at = Instant::now();
+    run.expect(r, 204, None);
+    assert_blob_gone(&run.kw, &old, at, "openai removal").await;
+
+    let old1 = db::key_row(&pool, &acc, "google").await.expect("row").sealed;
+    let r = http.put(&key_path(&acc, "google"), t, &json!({ "api_key": g2 })).await;
+    run.expect(r, 200, None);
+    let old2 = db::key_row(&pool, &acc, "google").await.expect("row").sealed;
+    let r = http.delete(&key_path(&acc, "google"), t).await;
+    let at = Instant::now();
+    run.expect(r, 204, None);
+    assert_blob_gone(&run.kw, &old1, at, "google rotation then removal (first blob)").await;
+    assert_blob_gone(&run.kw, &old2, at, "google removal (second blob)").await;
+
+    // Every error, each carrying a canary.
+    let c = &mut run.canaries;
+    let bad_chars = format!("{}\n{}", c.anthropic(), c.core());
+    let bad_unicode = format!("{}é{}", c.openai(), c.core());
+    let too_long = format!("sk-ant-api03-{}", (0..8).map(|_| c.core()).collect::<String>());
+    let wrong_slot_a = c.anthropic();
+    let wrong_slot_g = c.google();
+    let admin_a = format!("sk-ant-admin01-{}", c.core());
+    let admin_o = format!("sk-admin-{}", c.core());
+    let free_key = c.openai();
+    let member_key = c.anthropic();
+    let outsider_key = c.anthropic();
+    let unknown_provider_key = c.anthropic();
+    let oversize = format!("{}{}", c.anthropic(), random_string(70 * 1024, ALNUM));
+    let invalid_json = c.anthropic();
+    let invalid_json2 = c.anthropic();
+    let field_name_key = c.anthropic();
+    let extra_field_key = c.anthropic();
+    let array_key = c.anthropic();
+    let source_key = c.anthropic();
+    let text_plain_key = c.anthropic();
+    let bearer_key = c.anthropic();
+    let x_api_key = c.anthropic();
+    let valid_extra = key_for("anthropic");
+
+    let kp = key_path(&acc, "anthropic");
+    let cases: Vec<(RawRequest, u16, &str)> = vec![
+        (
+            put_json(&kp, t, json!({ "api_key": bad_chars })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&key_path(&acc, "openai"), t, json!({ "api_key": bad_unicode })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&kp, t, json!({ "api_key": too_long })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&key_path(&acc, "openai"), t, json!({ "api_key": wrong_slot_a })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&kp, t, json!({ "api_key": wrong_slot_g })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&kp, t, json!({ "api_key": admin_a })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&key_path(&acc, "openai"), t, json!({ "api_key": admin_o })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&key_path(&free, "openai"), t, json!({ "api_key": free_key })),
+            403,
+            "plan_required",
+        ),
+        (
+            put_json(&kp, member.tok(), json!({ "api_key": member_key })),
+            403,
+            "forbidden",
+        ),
+        (
+            put_json(&kp, outsider.tok(), json!({ "api_key": outsider_key })),
+            404,
+            "not_found",
+        ),
+        (
+            put_json(
+                &key_path(&acc, "mistral"),
+                t,
+                json!({ "api_key": unknown_provider_key }),
+            ),
+            404,
+            "unknown_provider",
+        ),
+        (
+            raw_put(&kp, t, format!("{{\"api_key\": \"{oversize}\"}}")),
+            413,
+            "payload_too_large",
+        ),
+        (
+            raw_put(&kp, t, format!("{{\"api_key\": \"{invalid_json}\"")),
+            400,
+            "invalid_json",
+        ),
+        (
+            raw_put(
+                &kp,
+                t,
+                format!("{{\"api_key\": \"{invalid_json2}\" \"{invalid_json2}\"}}"),
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            put_json(&kp, t, json!({ field_name_key.clone(): "x" })),
+            422,
+            "validation_error",
+        ),
+        (
+            put_json(&kp, t, json!({ "api_key": valid_extra, "note": extra_field_key })),
+            422,
+            "validation_error",
+        ),
+        (
+            put_json(&kp, t, json!({ "api_key": [array_key] })),
+            422,
+            "validation_error",
+        ),
+        (
+            put_json(&source_path(&acc, "anthropic"), t, json!({ "source": source_key })),
+            422,
+            "validation_error",
+        ),
+        (
+            RawRequest::new(Method::PUT, &kp)
+                .token(&user.token)
+                .content_type("text/plain")
+                .body(text_plain_key.clone()),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            RawRequest::new(Method::GET, &keys_path(&acc)).token(&bearer_key),
+            401,
+            "unauthorized",
+        ),
+        (
+            RawRequest::new(Method::GET, &keys_path(&acc)).header("x-api-key", &x_api_key),
+            401,
+            "unauthorized",
+        ),
+    ];
+    for (req, status, code) in cases {
+        let r = if req.body.len() > 60 * 1024 {
+            http.raw_tcp(req).await
+        } else {
+            http.raw(req).await
+        };
+        run.expect(r, status, Some(code));
+    }
+
+    // The saved key still opens, and the chain verifies (CLI output is searched too).
+    let row = db::key_row(&pool, &acc, "anthropic").await.expect("row");
+    assert_eq!(db::open_row(run.kw.data_dir(), &row).expect("open"), a2.as_bytes());
+    drop(pool);
+    assert_audit_ok(&run.kw, None);
+    run.kw.cli(&["audit", "export", "--account", &acc]).assert_success();
+    let r = http.get(&audit_path(&acc), t).await;
+    run.expect(r, 200, None);
+    let r = http.get(&keys_path(&acc), t).await;
+    run.expect(r, 200, None);
+    for path in ["/metrics", "/readyz", "/healthz", "/v1/me"] {
+        let r = http.get(path, t).await;
+        run.expect(r, 200, None);
+    }
+
+    // Stop gracefully so every log line is flushed, then search everything.
+    let mut kw = run.kw;
+    kw.stop();
+    let mut leaks = search_everything(&kw, &run.canaries, &run.answers);
+    // The search must have had something to search: trace logs were captured.
+    assert!(
+        kw.stderr().lines().count() >= 10,
+        "expected trace logs on stderr, got:\n{}",
+        kw.output()
+    );
+    // User tokens are credentials too: printed once by the CLI, never logged, stored hashed.
+    let files = kw.data_files();
+    for token in [&user.token, &member.token, &outsider.token] {
+        if keyward_testkit::files::contains(&kw.output_bytes(), token.as_bytes()) {
+            leaks.push(format!(
+                "server output contains the bearer token of a user ({}…)",
+                &token[..6]
+            ));
+        }
+        for (path, bytes) in &files {
+            if keyward_testkit::files::contains(bytes, token.as_bytes()) {
+                leaks.push(format!(
+                    "file {} contains a user's bearer token in clear",
+                    path.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty() && run.wrong.is_empty(),
+        "{} leaks:\n{}\n{} unexpected answers:\n{}",
+        leaks.len(),
+        leaks.join("\n"),
+        run.wrong.len(),
+        run.wrong.join("\n")
+    );
+}
+
+/// Every form of every canary found in the HTTP answers, the data dir files, the server's
+/// output and the CLI's output.
+fn search_everything(kw: &Keyward, canaries: &Canaries, answers: &[Resp]) -> Vec<String> {
+    let mut leaks = Vec::new();
+    for r in answers {
+        for f in canaries.found_in(r.text.as_bytes()) {
+            leaks.push(format!("HTTP answer to {} {}: {f}", r.method, r.path));
+        }
+    }
+    for (path, bytes) in kw.data_files() {
+        for f in canaries.found_in(&bytes) {
+            leaks.push(format!("file {}: {f}", path.display()));
+        }
+    }
+    for f in canaries.found_in(&kw.output_bytes()) {
+        leaks.push(format!("server output: {f}"));
+    }
+    for f in canaries.found_in(&kw.cli_output_bytes()) {
+        leaks.push(format!("CLI output: {f}"));
+    }
+    leaks
+}
+
+fn put_json(path: &str, token: Option<&str>, body: serde_json::Value) -> RawRequest {
+    let mut r = RawRequest::new(Method::PUT, path).json_bytes(serde_json::to_vec(&body).expect("json"));
+    if let Some(t) = token {
+        r = r.token(t);
+    }
+    r
+}
+
+fn raw_put(path: &str, token: Option<&str>, body: String) -> RawRequest {
+    let mut r = RawRequest::new(Method::PUT, path).json_bytes(body);
+    if let Some(t) = token {
+        r = r.token(t);
+    }
+    r
+}
+
+#[tokio::test]
+async fn canary_keys_leave_no_trace_text_logs() {
+    canary_scenario(Options::default().log("trace")).await;
+}
+
+#[tokio::test]
+async fn canary_keys_leave_no_trace_json_logs() {
+    canary_scenario(Options::default().log("trace").env("KEYWARD_LOG_FORMAT", "json")).await;
+}
+
+#[tokio::test]
+async fn a_provider_quoting_the_key_back_is_not_repeated() {
+    // A fake provider answers every call with its invalid-key error and quotes the key it got.
+    let fake = EchoProvider::start().await;
+    let url = fake.base_url();
+    let kw = start_with(
+        Options::default()
+            .env("KEYWARD_ANTHROPIC_BASE_URL", &url)
+            .env("KEYWARD_OPENAI_BASE_URL", &url)
+            .env("KEYWARD_GOOGLE_BASE_URL", &url),
+    );
+    let (user, acc) = pro_owner(&kw, "echo@example.com");
+    let t = user.tok();
+    let http = kw.http().clone();
+    let mut canaries = Canaries::default();
+    let keys = [
+        ("anthropic", canaries.anthropic(), 401),
+        ("openai", canaries.openai(), 401),
+        ("google", canaries.google(), 400),
+    ];
+    let mut answers = Vec::new();
+    let mut wrong = Vec::new();
+    for (p, k, provider_status) in &keys {
+        save_key(&kw, &user.token, &acc, p, k).await;
+        // Test key: 200, ok false, diagnosed, the provider's message without the key.
+        let r = http.post(&format!("{}/test", key_path(&acc, p)), t, &json!({})).await;
+        let v = r.json.clone().unwrap_or_default();
+        if r.status != 200
+            || v["ok"] != false
+            || v["status"] != "invalid_key"
+            || v["provider_status"] != *provider_status
+            || v["message"].as_str().is_none_or(|m| m.trim().is_empty())
+        {
+            wrong.push(format!(
+                "test {p}: expected 200 ok=false invalid_key {provider_status} with a message, got {r}"
+            ));
+        }
+        answers.push(r);
+        let r = http.get(&keys_path(&acc), t).await;
+        answers.push(r);
+        // An own-key AI call fails with the provider's error, without the key.
+        set_source(&kw, &user.token, &acc, p, "own").await;
+        let body = json!({"provider": p, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5});
+        let r = http.post(&format!("/v1/accounts/{acc}/ai/messages"), t, &body).await;
+        if r.status != 502
+            || r.error_code() != Some("provider_error")
+            || r.json()["error"]["provider_status"] != *provider_status
+        {
+            wrong.push(format!(
+                "ai call {p}: expected 502 provider_error with provider_status {provider_status}, got {r}"
+            ));
+        }
+        answers.push(r);
+    }
+    let list = list_keys(&kw, &user.token, &acc).await;
+    for (p, _, _) in &keys {
+        let last = &list[*p]["key"]["last_test"];
+        if last["ok"] != false || !last["message"].is_string() {
+            wrong.push(format!("{p}: last_test should keep the failed result: {last}"));
+        }
+    }
+    let r = http.get(&audit_path(&acc), t).await;
+    answers.push(r);
+
+    // Where the key travelled: only in its provider's header, never in a URL; probes ask
+    // for one output token.
+    let requests = fake.requests();
+    for (p, k, _) in &keys {
+        let (path_part, header, value) = match *p {
+            "anthropic" => ("/v1/messages", "x-api-key", k.clone()),
+            "openai" => ("/chat/completions", "authorization", format!("Bearer {k}")),
+            _ => ("generateContent", "x-goog-api-key", k.clone()),
+        };
+        let mine: Vec<_> = requests.iter().filter(|r| r.target.contains(path_part)).collect();
+        if mine.len() < 2 {
+            wrong.push(format!(
+                "{p}: expected a probe and an AI call at the provider, got {} requests",
+                mine.len()
+            ));
+            continue;
+        }
+        for r in &mine {
+            if r.header(header) != Some(value.as_str()) {
+                wrong.push(format!(
+                    "{p}: the key did not arrive in {header} ({} {})",
+                    r.method, r.target
+                ));
+            }
+            if !find_forms(r.target.as_bytes(), k.as_bytes()).is_empty() {
+                wrong.push(format!("{p}: the key is in the URL {}", r.target));
+            }
+        }
+        let probe = mine[0].json().unwrap_or_default();
+        let one = match *p {
+            "anthropic" => &probe["max_tokens"],
+            "openai" => &probe["max_completion_tokens"],
+            _ => &probe["generationConfig"]["maxOutputTokens"],
+        };
+        if *one != 1 {
+            wrong.push(format!("{p}: the probe should ask for one output token: {probe}"));
+        }
+    }
+
+    let mut kw = kw;
+    kw.stop();
+    let leaks = search_everything(&kw, &canaries, &answers);
+    assert!(
+        leaks.is_empty() && wrong.is_empty(),
+        "{} leaks:\n{}\n{} unexpected answers:\n{}",
+        leaks.len(),
+        leaks.join("\n"),
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn the_cli_takes_keys_on_stdin_only_and_never_prints_one() {
+    let kw = start();
+    let mut canaries = Canaries::default();
+    let shared = canaries.openai();
+    // From standard input: accepted, answered with last4 only.
+    let out = kw.cli_with_stdin(
+        &["admin", "set-shared-key", "--provider", "openai"],
+        Some(format!("{shared}\n").as_bytes()),
+    );
+    out.assert_success();
+    assert_eq!(out.json()["last4"], last4(&shared), "{out}");
+    let mut runs = vec![("set-shared-key with the key on stdin", out)];
+    // On the command line: refused, and not repeated.
+    let on_argv = canaries.openai();
+    let out = kw.cli(&["admin", "set-shared-key", "--provider", "openai", &on_argv]);
+    assert!(!out.success(), "a key on the command line must be refused: {out}");
+    runs.push(("set-shared-key with the key as a positional argument", out));
+    let as_flag = canaries.anthropic();
+    let out2 = kw.cli(&["admin", "set-shared-key", "--provider", "anthropic", "--key", &as_flag]);
+    assert!(!out2.success(), "a key on the command line must be refused: {out2}");
+    runs.push(("set-shared-key --key <key>", out2));
+    // Bad keys on stdin: refused with the format rule, not repeated.
+    let wrong_slot = canaries.anthropic();
+    let out3 = kw.cli_with_stdin(
+        &["admin", "set-shared-key", "--provider", "openai"],
+        Some(wrong_slot.as_bytes()),
+    );
+    assert!(!out3.success() && out3.stderr.contains("anthropic"), "{out3}");
+    runs.push(("set-shared-key with a wrong-slot key on stdin", out3));
+    let admin = format!("sk-admin-{}", canaries.core());
+    let out4 = kw.cli_with_stdin(
+        &["admin", "set-shared-key", "--provider", "openai"],
+        Some(admin.as_bytes()),
+    );
+    assert!(!out4.success() && out4.stderr.contains("admin key"), "{out4}");
+    runs.push(("set-shared-key with an admin key on stdin", out4));
+    let mut leaks = Vec::new();
+    for (what, out) in &runs {
+        for f in canaries.found_in(format!("{}{}", out.stdout, out.stderr).as_bytes()) {
+            leaks.push(format!("`keyward admin {what}` printed {f}"));
+        }
+    }
+
+    let mut kw = kw;
+    kw.stop();
+    leaks.extend(
+        search_everything(&kw, &canaries, &[])
+            .into_iter()
+            .filter(|l| !l.starts_with("CLI output")),
+    );
+    assert!(leaks.is_empty(), "{} leaks:\n{}", leaks.len(), leaks.join("\n"));
+}

@@ -1,0 +1,21 @@
+//! keyward end-to-end tests: each test runs the real `keyward` binary on its own temp data
+//! directory (through `keyward-testkit`) and drives it over HTTP and its CLI.
+//!
+//! One integration test binary on purpose: each extra one costs a link.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests: a failed expectation must stop the test loudly"
+)]
+
+mod audit;
+mod bad_input;
+mod canary;
+mod common;
+mod concurrency;
+mod crypto;
+mod formats;
+mod lifecycle;
+mod tenancy;
