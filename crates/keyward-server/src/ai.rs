@@ -134,8 +134,20 @@ impl Upstream {
                 Ok(None)
             }
             Ok(FromWorker::Fail { kind, message }) => {
-                self.lease = None;
-                Err(worker_fail(self.provider, kind, &message))
+                // The exchange is complete (the worker ended it): the connection is reusable.
+                if let Some(l) = self.lease.take() {
+                    l.release();
+                }
+                Err(match kind {
+                    FailKind::Connect | FailKind::Timeout | FailKind::Io | FailKind::UpstreamProtocol => {
+                        CallFailure::Provider(ProviderFailure::new(
+                            Some(self.status),
+                            keyward_providers::Diagnosis::ProviderUnavailable,
+                            &format!("{}'s answer broke off: {message}", self.provider.display_name()),
+                        ))
+                    }
+                    _ => worker_fail(self.provider, kind, &message),
+                })
             }
             Ok(_) => {
                 self.lease = None;

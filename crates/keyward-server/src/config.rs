@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 const KNOWN: &[&str] = &[
     "KEYWARD_DATA_DIR",
     "KEYWARD_DATABASE_URL",
+    "KEYWARD_DATABASE_POOL_SIZE",
+    "KEYWARD_DATABASE_STATEMENT_TIMEOUT_MS",
+    "KEYWARD_DATABASE_CONNECT_TIMEOUT_MS",
     "KEYWARD_LISTEN",
     "KEYWARD_KEK",
     "KEYWARD_WORKERS",
@@ -51,31 +54,97 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KekConfig {
     /// An X25519 key pair in `<data_dir>/kek/`.
     Local,
 }
 
-/// A database URL. Its `Debug` hides any password.
+impl KekConfig {
+    /// The `KEYWARD_KEK` value naming this backend.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KekConfig::Local => "local",
+        }
+    }
+}
+
+/// Which database backend a [`DatabaseUrl`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseBackend {
+    /// `sqlite://PATH`: the embedded default, one node.
+    Sqlite,
+    /// `postgres://…` or `postgresql://…`: one database shared by many nodes.
+    Postgres,
+}
+
+/// A database URL, `sqlite://…`, `postgres://…` or `postgresql://…` (checked when the
+/// configuration is read). Its `Debug` hides any password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseUrl(String);
 
 impl DatabaseUrl {
+    fn parse(raw: &str) -> Option<DatabaseUrl> {
+        let url = DatabaseUrl(raw.to_owned());
+        url.scheme_backend().map(|_| url)
+    }
+
+    fn scheme_backend(&self) -> Option<DatabaseBackend> {
+        if self.0.starts_with("sqlite:") {
+            Some(DatabaseBackend::Sqlite)
+        } else if self.0.starts_with("postgres://") || self.0.starts_with("postgresql://") {
+            Some(DatabaseBackend::Postgres)
+        } else {
+            None
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The backend, from the URL's scheme.
+    pub fn backend(&self) -> DatabaseBackend {
+        self.scheme_backend().unwrap_or(DatabaseBackend::Sqlite)
+    }
+
     pub fn is_sqlite(&self) -> bool {
-        self.0.starts_with("sqlite:")
+        self.backend() == DatabaseBackend::Sqlite
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.backend() == DatabaseBackend::Postgres
     }
 }
 
 impl fmt::Debug for DatabaseUrl {
+    /// A SQLite URL is a path and shown whole. A server URL shows its scheme and what follows
+    /// the last `@` (host, port, database) up to any `?`: a password, even one holding an
+    /// unescaped `@`, `/` or `?`, comes before the last `@`, and query parameters (which may
+    /// carry `password=`) are left out.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.split_once('@') {
-            Some((_, host)) => write!(f, "DatabaseUrl(…@{host})"),
-            None => write!(f, "DatabaseUrl({})", self.0),
+        if self.is_sqlite() {
+            return write!(f, "DatabaseUrl({})", self.0);
         }
+        let (scheme, rest) = self.0.split_once("://").unwrap_or(("", self.0.as_str()));
+        let (hidden, host) = match rest.rsplit_once('@') {
+            Some((_, host)) => ("…@", host),
+            None => ("", rest),
+        };
+        let (host, query) = match host.split_once('?') {
+            Some((host, _)) => (host, "?…"),
+            None => (host, ""),
+        };
+        write!(f, "DatabaseUrl({scheme}://{hidden}{host}{query})")
     }
 }
 
@@ -83,6 +152,12 @@ impl fmt::Debug for DatabaseUrl {
 pub struct Config {
     pub data_dir: PathBuf,
     pub database_url: DatabaseUrl,
+    /// PostgreSQL: connections per node.
+    pub database_pool_size: u32,
+    /// PostgreSQL: the longest one statement may run (lock waits included).
+    pub database_statement_timeout_ms: u32,
+    /// PostgreSQL: the longest to wait for a connection (a new one, or a free one).
+    pub database_connect_timeout_ms: u32,
     pub listen: SocketAddr,
     pub kek: KekConfig,
     pub workers: u16,
@@ -140,14 +215,33 @@ impl Config {
         let data_dir = PathBuf::from(get("KEYWARD_DATA_DIR").unwrap_or("./keyward-data"));
         let database_url = match get("KEYWARD_DATABASE_URL") {
             None => DatabaseUrl(format!("sqlite://{}", data_dir.join("keyward.db").display())),
-            Some(u) if u.starts_with("sqlite:") => DatabaseUrl(u.to_owned()),
-            Some(_) => {
-                return Err(ConfigError::Invalid {
-                    var: "KEYWARD_DATABASE_URL",
-                    reason: "expected sqlite://PATH (PostgreSQL support is not built yet)".into(),
-                })
-            }
+            // The value is not echoed: it may hold a password.
+            Some(u) => DatabaseUrl::parse(u).ok_or_else(|| ConfigError::Invalid {
+                var: "KEYWARD_DATABASE_URL",
+                reason: "expected sqlite://PATH, postgres://… or postgresql://…".into(),
+            })?,
         };
+        let database_pool_size = parse_num::<u32>(
+            get("KEYWARD_DATABASE_POOL_SIZE"),
+            "KEYWARD_DATABASE_POOL_SIZE",
+            10,
+            1,
+            1_000,
+        )?;
+        let database_statement_timeout_ms = parse_num::<u32>(
+            get("KEYWARD_DATABASE_STATEMENT_TIMEOUT_MS"),
+            "KEYWARD_DATABASE_STATEMENT_TIMEOUT_MS",
+            5_000,
+            100,
+            600_000,
+        )?;
+        let database_connect_timeout_ms = parse_num::<u32>(
+            get("KEYWARD_DATABASE_CONNECT_TIMEOUT_MS"),
+            "KEYWARD_DATABASE_CONNECT_TIMEOUT_MS",
+            5_000,
+            100,
+            120_000,
+        )?;
         let listen = get("KEYWARD_LISTEN").unwrap_or("127.0.0.1:8080");
         let listen: SocketAddr = listen.parse().map_err(|_| ConfigError::Invalid {
             var: "KEYWARD_LISTEN",
@@ -231,6 +325,9 @@ impl Config {
         }
         Ok(Config {
             database_url,
+            database_pool_size,
+            database_statement_timeout_ms,
+            database_connect_timeout_ms,
             listen,
             kek,
             workers,
@@ -376,6 +473,12 @@ mod tests {
             ("KEYWARD_OPENAI_BASE_URL", "ftp://x"),
             ("KEYWARD_LOG_FORMAT", "xml"),
             ("KEYWARD_DATABASE_URL", "mysql://x"),
+            ("KEYWARD_DATABASE_URL", "postgres:/x"),
+            ("KEYWARD_DATABASE_POOL_SIZE", "0"),
+            ("KEYWARD_DATABASE_POOL_SIZE", "ten"),
+            ("KEYWARD_DATABASE_STATEMENT_TIMEOUT_MS", "10"),
+            ("KEYWARD_DATABASE_STATEMENT_TIMEOUT_MS", "-1"),
+            ("KEYWARD_DATABASE_CONNECT_TIMEOUT_MS", "5s"),
         ] {
             let err = Config::load(None, env(&[(var, val)])).unwrap_err();
             assert!(err.to_string().starts_with(var), "{err}");
@@ -395,5 +498,60 @@ mod tests {
     fn database_url_debug_hides_password() {
         let u = DatabaseUrl("postgres://u:secret@db/k".into());
         assert!(!format!("{u:?}").contains("secret"));
+        assert_eq!(format!("{u:?}"), "DatabaseUrl(postgres://…@db/k)");
+        for url in [
+            "postgres://u:se@cret@db:5432/k",
+            "postgresql://u:se/c?ret@db/k",
+            "postgres://u@db/k?password=secret",
+            "postgres:///k?user=u&password=secret",
+            "postgres://u:secret@db/k?application_name=a@b",
+        ] {
+            let shown = format!("{:?}", DatabaseUrl::parse(url).unwrap());
+            assert!(
+                !shown.contains("secret") && !shown.contains("cret"),
+                "{url} shown as {shown}"
+            );
+        }
+        let c = Config::load(None, env(&[("KEYWARD_DATABASE_URL", "postgres://u:secret@db/k")])).unwrap();
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn postgres_urls_and_options() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.database_url.backend(), DatabaseBackend::Sqlite);
+        assert_eq!(
+            (
+                c.database_pool_size,
+                c.database_statement_timeout_ms,
+                c.database_connect_timeout_ms
+            ),
+            (10, 5_000, 5_000)
+        );
+        for url in ["postgres://u@db:5432/k", "postgresql://u:pw@db/k?sslmode=disable"] {
+            let c = Config::load(None, env(&[("KEYWARD_DATABASE_URL", url)])).unwrap();
+            assert_eq!(c.database_url.as_str(), url);
+            assert_eq!(c.database_url.backend(), DatabaseBackend::Postgres);
+            assert!(c.database_url.is_postgres() && !c.database_url.is_sqlite());
+            assert_eq!(c.sqlite_path(), None);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(
+            &file,
+            "database_url = \"postgres://db/k\"\ndatabase_pool_size = 32\ndatabase_statement_timeout_ms = 2000\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), env(&[("KEYWARD_DATABASE_CONNECT_TIMEOUT_MS", "750")])).unwrap();
+        assert_eq!(
+            (
+                c.database_pool_size,
+                c.database_statement_timeout_ms,
+                c.database_connect_timeout_ms
+            ),
+            (32, 2_000, 750)
+        );
+        let err = Config::load(None, env(&[("KEYWARD_DATABASE_URL", "mysql://u:secret@db/k")])).unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 }

@@ -2,12 +2,14 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use keyward_crypto::{local, AuditChainKey, CryptoError, Sealer};
+use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
-use keyward_store::{SqliteStore, Store, StoreError};
+use keyward_store::{PgStore, SqliteStore, Store, StoreError};
 
-use crate::config::{Config, KekConfig};
+use crate::config::{Config, DatabaseBackend, KekConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -51,15 +53,23 @@ pub fn load_sealer(config: &Config) -> Result<Sealer, RuntimeError> {
     }
 }
 
-/// Opens the database named by the configuration (the backend is chosen here, once).
+/// Opens the database named by the configuration: the backend is chosen here, once, by the
+/// URL's scheme; everything after sees only `dyn Store`.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RuntimeError> {
     let chain_key = AuditChainKey::load(&config.data_dir)?;
-    if config.database_url.is_sqlite() {
-        let store = SqliteStore::open(config.database_url.as_str(), chain_key, SqliteOptions::default()).await?;
-        Ok(Arc::new(store))
-    } else {
-        Err(RuntimeError::Other(
-            "only sqlite:// databases are supported by this build".into(),
-        ))
+    let url = config.database_url.as_str();
+    match config.database_url.backend() {
+        DatabaseBackend::Sqlite => Ok(Arc::new(
+            SqliteStore::open(url, chain_key, SqliteOptions::default()).await?,
+        )),
+        DatabaseBackend::Postgres => Ok(Arc::new(PgStore::open(url, chain_key, pg_options(config)).await?)),
+    }
+}
+
+fn pg_options(config: &Config) -> PgOptions {
+    PgOptions {
+        pool_size: config.database_pool_size,
+        statement_timeout: Duration::from_millis(u64::from(config.database_statement_timeout_ms)),
+        connect_timeout: Duration::from_millis(u64::from(config.database_connect_timeout_ms)),
     }
 }

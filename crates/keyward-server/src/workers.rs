@@ -25,11 +25,45 @@ struct Slot {
     idle: Mutex<Vec<(u64, WorkerConn)>>,
 }
 
-/// How `serve` starts a worker: this same binary, `worker` subcommand.
-#[derive(Debug, Clone)]
+/// How `serve` starts a worker: this same binary, `worker` subcommand, with an
+/// environment holding only the settings a worker uses (never the gateway's own
+/// environment: it may hold database credentials or cloud secrets).
+#[derive(Clone)]
 pub struct WorkerCommand {
     pub exe: PathBuf,
-    pub config_file: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for WorkerCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerCommand")
+            .field("exe", &self.exe)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerCommand {
+    /// The worker's settings, taken from the gateway's configuration.
+    pub fn new(exe: PathBuf, config: &crate::config::Config) -> WorkerCommand {
+        let env = vec![
+            ("KEYWARD_DATA_DIR".to_owned(), config.data_dir.display().to_string()),
+            ("KEYWARD_KEK".to_owned(), config.kek.as_str().to_owned()),
+            (
+                "KEYWARD_ANTHROPIC_BASE_URL".to_owned(),
+                config.anthropic_base_url.clone(),
+            ),
+            ("KEYWARD_OPENAI_BASE_URL".to_owned(), config.openai_base_url.clone()),
+            ("KEYWARD_GOOGLE_BASE_URL".to_owned(), config.google_base_url.clone()),
+            (
+                "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS".to_owned(),
+                config.provider_connect_timeout_ms.to_string(),
+            ),
+            ("KEYWARD_WORKER_THREADS".to_owned(), config.worker_threads.to_string()),
+            ("KEYWARD_LOG".to_owned(), config.log.clone()),
+            ("KEYWARD_LOG_FORMAT".to_owned(), config.log_format.as_str().to_owned()),
+        ];
+        WorkerCommand { exe, env }
+    }
 }
 
 #[derive(Debug)]
@@ -156,10 +190,9 @@ async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics
     let mut backoff = Duration::from_millis(50);
     loop {
         let mut cmd = Command::new(&command.exe);
-        if let Some(file) = &command.config_file {
-            cmd.arg("--config").arg(file);
-        }
         cmd.arg("worker")
+            .env_clear()
+            .envs(command.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("KEYWARD_WORKER_SOCKET", &slot.socket)
             .env("KEYWARD_WORKER_PARENT", std::process::id().to_string())
             .stdin(std::process::Stdio::null())

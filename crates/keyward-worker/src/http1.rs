@@ -346,7 +346,7 @@ impl Reader {
                 return Err(HttpError::Protocol("chunk header line too long"));
             }
             if self.read_more().await? == 0 {
-                return Err(HttpError::Protocol("connection closed inside a chunk header"));
+                return Err(HttpError::Io("connection closed inside a chunk header".into()));
             }
         }
     }

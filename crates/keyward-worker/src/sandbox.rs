@@ -2,8 +2,9 @@
 //! bound its socket and before it touches any request.
 //!
 //! What each layer stops:
-//! - **Environment cleared**: nothing the gateway's environment held (database URLs,
-//!   tokens) is readable from the worker.
+//! - **Environment**: the gateway starts the worker with an empty environment plus the
+//!   few settings a worker uses, so nothing else the gateway's environment held (database
+//!   URLs, cloud credentials) ever reaches the worker; the worker then clears even those.
 //! - **`PR_SET_NO_NEW_PRIVS`**: no privilege gain through setuid binaries (and seccomp
 //!   can be installed without privileges).
 //! - **`PR_SET_DUMPABLE` 0**: no core dumps, and other processes of the same user cannot
@@ -196,7 +197,7 @@ pub enum Probe {
 /// returns: the kernel kills the process.
 pub fn selftest(probe: Probe) -> i32 {
     use std::io::Write;
-    if let Err(e) = apply(&["/etc", "/usr", "/lib", "/lib64", "/proc"]) {
+    if let Err(e) = apply(&["/etc", "/usr", "/lib", "/lib64", "/proc/self"]) {
         let _ = writeln!(std::io::stderr(), "sandbox: {e}");
         return 2;
     }

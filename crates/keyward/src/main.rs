@@ -153,10 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // No async runtime yet: the sandbox must be in place before any thread starts.
         return run_worker(&config);
     }
-    let worker_command = WorkerCommand {
-        exe: std::env::current_exe()?,
-        config_file: cli.config.clone(),
-    };
+    let worker_command = WorkerCommand::new(std::env::current_exe()?, &config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {

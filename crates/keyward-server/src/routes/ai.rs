@@ -177,6 +177,24 @@ pub async fn prepare(
             state
                 .metrics
                 .record_ai_call(provider, KeySource::Shared, "refused:shared_quota_exhausted");
+            // A refused call is still an AI call on record (no tokens, nothing charged).
+            let mut event = NewAuditEvent::key_action(
+                account,
+                state.clock.now(),
+                caller.user.id.as_str(),
+                AuditAction::AiRequest,
+                provider,
+                None,
+                Some(format!(
+                    "needed {reserved} credits; the month's limit is {}",
+                    acct.shared_credit_limit
+                )),
+            );
+            event.key_source = Some(KeySource::Shared);
+            event.model = Some(model.id.clone());
+            event.outcome = "refused:shared_quota_exhausted".to_owned();
+            event.feature = feature.clone();
+            state.store.append_audit(std::slice::from_ref(&event)).await?;
             return Err(ApiError::new(
                 ErrorCode::SharedQuotaExhausted,
                 format!(

@@ -67,7 +67,8 @@ struct SaveKeyBody {
     api_key: SecretString,
 }
 
-fn require_paid(m: &Membership) -> ApiResult<()> {
+/// Own keys need a paid plan: else `403 plan_required`.
+pub fn require_paid(m: &Membership) -> ApiResult<()> {
     if m.account.plan == Plan::Free {
         return Err(ApiError::new(
             ErrorCode::PlanRequired,
@@ -90,9 +91,24 @@ pub async fn save(
     let (m, provider) = caller.manager_for(&state, &account, &provider, "saving a key").await?;
     require_paid(&m)?;
     let body: SaveKeyBody = body.parse()?;
-    let key = ApiKey::parse(provider, body.api_key.expose_secret())
-        .map_err(|e| ApiError::new(ErrorCode::InvalidKeyFormat, e.to_string()))?;
+    let saved = store_key(&state, &caller, &m, provider, body.api_key.expose_secret()).await?;
     drop(body);
+    Ok(Json(state_json(&state, &saved)))
+}
+
+/// Saves or rotates `provider`'s key of `m`'s account: the key format check, sealing, the
+/// store call (with its audit event), the purge after a rotation, metrics. The caller has
+/// checked membership, role ([`Caller::manager_for`]) and plan ([`require_paid`]). Used by
+/// the JSON API and the settings page alike.
+pub async fn store_key(
+    state: &AppState,
+    caller: &Caller,
+    m: &Membership,
+    provider: Provider,
+    raw_key: &str,
+) -> ApiResult<ProviderState> {
+    let key =
+        ApiKey::parse(provider, raw_key).map_err(|e| ApiError::new(ErrorCode::InvalidKeyFormat, e.to_string()))?;
 
     let key_id = KeyId::from_random(random_id_bytes());
     let binding = Binding {
@@ -113,7 +129,7 @@ pub async fn save(
 
     let saved = state
         .store
-        .save_key(&m.account.id, provider, new, &actor(&caller), state.clock.now())
+        .save_key(&m.account.id, provider, new, &actor(caller), state.clock.now())
         .await?;
     if saved.rotated {
         state.purge.request();
@@ -121,7 +137,7 @@ pub async fn save(
     let action = if saved.rotated { "key.rotated" } else { "key.saved" };
     state.metrics.record_key_action(action, provider.as_str());
     tracing::info!(account = %m.account.id, %provider, action, "key saved");
-    Ok(Json(state_json(&state, &saved.state)))
+    Ok(saved.state)
 }
 
 pub async fn remove(
@@ -132,14 +148,21 @@ pub async fn remove(
     let (m, provider) = caller
         .manager_for(&state, &account, &provider, "removing a key")
         .await?;
+    delete_key(&state, &caller, &m, provider).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes `provider`'s key of `m`'s account (audited; the ciphertext is purged within
+/// seconds). The caller has checked membership and role.
+pub async fn delete_key(state: &AppState, caller: &Caller, m: &Membership, provider: Provider) -> ApiResult<()> {
     state
         .store
-        .remove_key(&m.account.id, provider, &actor(&caller), state.clock.now())
+        .remove_key(&m.account.id, provider, &actor(caller), state.clock.now())
         .await?;
     state.purge.request();
     state.metrics.record_key_action("key.removed", provider.as_str());
     tracing::info!(account = %m.account.id, %provider, "key removed");
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -159,14 +182,30 @@ pub async fn set_source(
         .manager_for(&state, &account, &provider, "switching the key source")
         .await?;
     let body: SourceBody = body.parse()?;
-    let source: KeySource = body
-        .source
-        .parse()
-        .map_err(|_| ApiError::validation("source must be \"own\" or \"shared\""))?;
+    let source = parse_source(&body.source)?;
+    let after = switch_source(&state, &caller, &m, provider, source).await?;
+    Ok(Json(state_json(&state, &after)))
+}
+
+/// `own` or `shared`, else `validation_error`.
+pub fn parse_source(raw: &str) -> ApiResult<KeySource> {
+    raw.parse()
+        .map_err(|_| ApiError::validation("source must be \"own\" or \"shared\""))
+}
+
+/// Switches which key pays for `provider`'s calls (audited); `own` with no saved key is
+/// `no_key_saved`. The caller has checked membership and role.
+pub async fn switch_source(
+    state: &AppState,
+    caller: &Caller,
+    m: &Membership,
+    provider: Provider,
+    source: KeySource,
+) -> ApiResult<ProviderState> {
     let after = state
         .store
-        .set_source(&m.account.id, provider, source, &actor(&caller), state.clock.now())
+        .set_source(&m.account.id, provider, source, &actor(caller), state.clock.now())
         .await?;
     state.metrics.record_key_action("key.source_changed", provider.as_str());
-    Ok(Json(state_json(&state, &after)))
+    Ok(after)
 }

@@ -10,6 +10,8 @@
     reason = "tests: a failed expectation must stop the test loudly"
 )]
 
+mod ai_calls;
+mod ai_support;
 mod audit;
 mod bad_input;
 mod canary;
@@ -19,3 +21,4 @@ mod crypto;
 mod formats;
 mod lifecycle;
 mod tenancy;
+mod worker;
