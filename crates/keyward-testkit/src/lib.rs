@@ -25,6 +25,7 @@ pub mod db;
 pub mod fake;
 pub mod files;
 pub mod http;
+pub mod pg;
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -57,6 +58,9 @@ pub struct Options {
     pub stop_grace: Duration,
     /// Whether the first start must print the owner token and account lines.
     pub expect_owner: bool,
+    /// Files written into the data dir before the first start (path relative to it,
+    /// bytes, Unix mode): e.g. another node's KEK and audit-chain key.
+    pub seed: Vec<(PathBuf, Vec<u8>, u32)>,
 }
 
 impl Default for Options {
@@ -67,11 +71,24 @@ impl Default for Options {
             ready_timeout: Duration::from_secs(20),
             stop_grace: Duration::from_secs(10),
             expect_owner: true,
+            seed: Vec::new(),
         }
     }
 }
 
 impl Options {
+    /// Copies the KEK and audit-chain key files of `other` into this instance's data dir
+    /// before it starts, as the README tells operators of several nodes to do.
+    pub fn same_keys_as(mut self, other: &Keyward) -> Self {
+        for rel in ["kek/local-1.pub", "kek/local-1.key", "audit-chain.key"] {
+            let bytes = std::fs::read(other.data_dir().join(rel)).expect("read key file of the first node");
+            let mode = if rel.ends_with(".pub") { 0o644 } else { 0o600 };
+            self.seed.push((PathBuf::from(rel), bytes, mode));
+        }
+        self.expect_owner = false;
+        self
+    }
+
     /// Adds one environment variable.
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_owned(), value.to_owned()));
@@ -190,6 +207,16 @@ impl Keyward {
             .prefix("keyward-e2e-")
             .tempdir()
             .expect("create temp data dir");
+        for (rel, bytes, mode) in &opts.seed {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).expect("create seed dir");
+                std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700)).expect("chmod seed dir");
+            }
+            std::fs::write(&path, bytes).expect("write seed file");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).expect("chmod seed file");
+        }
         let mut kw = Keyward {
             bin: bin.to_owned(),
             opts,

@@ -20,5 +20,6 @@ mod concurrency;
 mod crypto;
 mod formats;
 mod lifecycle;
+mod multinode;
 mod tenancy;
 mod worker;
