@@ -268,12 +268,8 @@ impl Opener {
             .get_mut(..n)
             .ok_or(CryptoError::PlaintextTooLarge { len: n, max: len })?;
         target.copy_from_slice(body.ciphertext);
-        let opened = cipher.decrypt_in_place_detached(
-            Nonce::from_slice(body.nonce),
-            &aad,
-            target,
-            Tag::from_slice(body.tag),
-        );
+        let opened =
+            cipher.decrypt_in_place_detached(Nonce::from_slice(body.nonce), &aad, target, Tag::from_slice(body.tag));
         if opened.is_err() {
             zeroize::Zeroize::zeroize(target);
             return Err(CryptoError::OpenFailed);

@@ -17,13 +17,17 @@
 
 pub mod audit;
 mod migrate;
+pub mod postgres;
 pub mod sqlite;
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::SealedKey;
 
 pub use audit::{AuditAction, AuditEvent, ChainBreak, NewAuditEvent};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// What can go wrong in the store, in terms the server maps to stable API codes.
@@ -216,6 +220,95 @@ pub(crate) fn check_event(
     Ok(())
 }
 
+/// Prefixes an error with the batch position of the record that caused it.
+pub(crate) fn at_record(i: usize, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Invalid(m) => StoreError::Invalid(format!("call record {i}: {m}")),
+        other => other,
+    }
+}
+
+fn check_record(r: &CallRecord) -> StoreResult<()> {
+    check_period(&r.period)?;
+    check_amount("reserved", r.reserved)?;
+    check_amount("charged", r.charged)?;
+    check_amount("input_tokens", r.input_tokens)?;
+    check_amount("output_tokens", r.output_tokens)?;
+    check_event(&r.audit, &r.account_id, AuditAction::AiRequest, "finish_calls")
+}
+
+/// A `finish_calls` batch, checked and folded: one credit change per (account, period) and
+/// one counter change per (account, period, provider, source), in key order. Folding gives
+/// the same end state as applying the records one by one (releases and charges only add
+/// up) with far fewer statements, and every backend touches the rows in the same order.
+pub(crate) struct FoldedCalls<'a> {
+    /// (account, period) → (credits to release, credits to charge).
+    pub credits: BTreeMap<(&'a str, &'a str), (i64, i64)>,
+    /// (account, period, provider, source) → (requests, input tokens, output tokens).
+    pub counters: BTreeMap<CounterKey<'a>, (i64, i64, i64)>,
+}
+
+/// A usage counter row's key: (account, period, provider, source).
+pub(crate) type CounterKey<'a> = (&'a str, &'a str, &'a str, &'a str);
+
+/// Checks every record (naming the first bad one) before anything is written, and folds them.
+pub(crate) fn fold_calls(records: &[CallRecord]) -> StoreResult<FoldedCalls<'_>> {
+    let mut folded = FoldedCalls {
+        credits: BTreeMap::new(),
+        counters: BTreeMap::new(),
+    };
+    for (i, r) in records.iter().enumerate() {
+        check_record(r).map_err(|e| at_record(i, e))?;
+        let c = folded
+            .credits
+            .entry((r.account_id.as_str(), r.period.as_str()))
+            .or_default();
+        c.0 = c.0.saturating_add(r.reserved);
+        c.1 = c.1.saturating_add(r.charged);
+        let u = folded
+            .counters
+            .entry((
+                r.account_id.as_str(),
+                r.period.as_str(),
+                r.provider.as_str(),
+                r.source.as_str(),
+            ))
+            .or_default();
+        u.0 = u.0.saturating_add(1);
+        u.1 = u.1.saturating_add(r.input_tokens);
+        u.2 = u.2.saturating_add(r.output_tokens);
+    }
+    Ok(folded)
+}
+
+/// A period's report from the rows found: all six (provider, source) rows in order, zeros
+/// where nothing was found.
+pub(crate) fn usage_report(credits_used: i64, credits_reserved: i64, found: &[ProviderUsage]) -> UsageReport {
+    let mut by_provider = Vec::with_capacity(Provider::ALL.len() * KEY_SOURCES.len());
+    for provider in Provider::ALL {
+        for source in KEY_SOURCES {
+            by_provider.push(
+                found
+                    .iter()
+                    .find(|u| u.provider == provider && u.source == source)
+                    .cloned()
+                    .unwrap_or(ProviderUsage {
+                        provider,
+                        source,
+                        requests: 0,
+                        input_tokens: 0,
+                        output_tokens: 0,
+                    }),
+            );
+        }
+    }
+    UsageReport {
+        credits_used,
+        credits_reserved,
+        by_provider,
+    }
+}
+
 /// Who did something, as written in the audit log (`usr_…`, or `cli` for the admin CLI).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor(pub String);
@@ -338,7 +431,9 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- maintenance ----------------------------------------------------------------------
     /// Makes removed and overwritten ciphertext unrecoverable from the database files:
-    /// on SQLite a `wal_checkpoint(TRUNCATE)` (with `secure_delete` on). Returns false when
-    /// it could not complete now (readers in the way) and should be retried.
+    /// on SQLite a `wal_checkpoint(TRUNCATE)` (with `secure_delete` on); on PostgreSQL a
+    /// `VACUUM` of the key tables (dead row versions; WAL and backups are left to
+    /// crypto-shredding, see DESIGN.md invariant 5). Returns false when it could not
+    /// complete now (readers in the way) and should be retried.
     async fn purge_removed(&self) -> StoreResult<bool>;
 }

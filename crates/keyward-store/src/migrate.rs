@@ -1,6 +1,7 @@
 //! A small versioned migration runner: each backend lists its `migrations/` files in
 //! order; applied versions are recorded in `keyward_migrations`, and each migration runs
-//! in its own transaction with its record.
+//! in its own transaction with its record. Both backends have the same versions and names;
+//! only the SQL dialect differs.
 
 /// One schema step, compiled into the binary.
 #[derive(Debug)]
@@ -22,3 +23,29 @@ pub(crate) const SQLITE: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0002_metering.sql"),
     },
 ];
+
+pub(crate) const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/postgres/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "metering",
+        sql: include_str!("../migrations/postgres/0002_metering.sql"),
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_have_the_same_versions_and_names() {
+        let names = |m: &[Migration]| m.iter().map(|m| (m.version, m.name)).collect::<Vec<_>>();
+        assert_eq!(names(SQLITE), names(POSTGRES));
+        let versions: Vec<i64> = SQLITE.iter().map(|m| m.version).collect();
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "versions ascend");
+    }
+}

@@ -22,8 +22,9 @@ use sqlx::{Row, SqlitePool};
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
 use crate::{
-    check_amount, check_event, check_period, Account, Actor, CallRecord, KeyMeta, LastTest, Membership, NewKey,
-    ProviderState, ProviderUsage, Saved, Store, StoreError, StoreResult, StoredKey, UsageReport, User, KEY_SOURCES,
+    check_amount, check_event, check_period, fold_calls, usage_report, Account, Actor, CallRecord, FoldedCalls,
+    KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store, StoreError, StoreResult,
+    StoredKey, UsageReport, User,
 };
 
 /// Tuning for the SQLite backend.
@@ -361,27 +362,10 @@ fn stored_key_from_row(row: &SqliteRow, table: &str) -> StoreResult<StoredKey> {
     })
 }
 
-/// Prefixes an error with the batch position of the record that caused it.
-fn at_record(i: usize, e: StoreError) -> StoreError {
-    match e {
-        StoreError::Invalid(m) => StoreError::Invalid(format!("call record {i}: {m}")),
-        other => other,
-    }
-}
-
 /// A named fn rather than a closure: the closure's lifetime would not be general enough for
 /// the `Send` future `async_trait` needs.
 fn audit_of(r: &CallRecord) -> &NewAuditEvent {
     &r.audit
-}
-
-fn check_record(r: &CallRecord) -> StoreResult<()> {
-    check_period(&r.period)?;
-    check_amount("reserved", r.reserved)?;
-    check_amount("charged", r.charged)?;
-    check_amount("input_tokens", r.input_tokens)?;
-    check_amount("output_tokens", r.output_tokens)?;
-    check_event(&r.audit, &r.account_id, AuditAction::AiRequest, "finish_calls")
 }
 
 async fn state_in(conn: &mut SqliteConnection, account: &AccountId, provider: Provider) -> StoreResult<ProviderState> {
@@ -824,28 +808,8 @@ impl Store for SqliteStore {
             return Ok(());
         }
         // Check everything before writing anything, and fold the batch into one update per
-        // (account, period) and per counter row. Folding gives the same end state as applying
-        // the records one by one (releases and charges only add up) with far fewer statements,
-        // and touches rows in key order.
-        let mut credits: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
-        let mut counters: BTreeMap<(&str, &str, &str, &str), (i64, i64, i64)> = BTreeMap::new();
-        for (i, r) in records.iter().enumerate() {
-            check_record(r).map_err(|e| at_record(i, e))?;
-            let c = credits.entry((r.account_id.as_str(), r.period.as_str())).or_default();
-            c.0 = c.0.saturating_add(r.reserved);
-            c.1 = c.1.saturating_add(r.charged);
-            let u = counters
-                .entry((
-                    r.account_id.as_str(),
-                    r.period.as_str(),
-                    r.provider.as_str(),
-                    r.source.as_str(),
-                ))
-                .or_default();
-            u.0 = u.0.saturating_add(1);
-            u.1 = u.1.saturating_add(r.input_tokens);
-            u.2 = u.2.saturating_add(r.output_tokens);
-        }
+        // (account, period) and per counter row (see `fold_calls`).
+        let FoldedCalls { credits, counters } = fold_calls(records)?;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
         for ((account, period), (release, charge)) in credits {
             settle_in_tx(&mut tx, account, period, release, charge).await?;
@@ -931,29 +895,7 @@ impl Store for SqliteStore {
                 output_tokens: get(r, "output_tokens")?,
             });
         }
-        let mut by_provider = Vec::with_capacity(Provider::ALL.len() * KEY_SOURCES.len());
-        for provider in Provider::ALL {
-            for source in KEY_SOURCES {
-                by_provider.push(
-                    found
-                        .iter()
-                        .find(|u| u.provider == provider && u.source == source)
-                        .cloned()
-                        .unwrap_or(ProviderUsage {
-                            provider,
-                            source,
-                            requests: 0,
-                            input_tokens: 0,
-                            output_tokens: 0,
-                        }),
-                );
-            }
-        }
-        Ok(UsageReport {
-            credits_used,
-            credits_reserved,
-            by_provider,
-        })
+        Ok(usage_report(credits_used, credits_reserved, &found))
     }
 
     async fn append_audit(&self, events: &[NewAuditEvent]) -> StoreResult<()> {

@@ -12,10 +12,13 @@ use std::time::Instant;
 use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::{AuditChainKey, SealedKey};
 use keyward_store::audit::verify_chain;
+use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{
-    Actor, AuditAction, CallRecord, LastTest, NewAuditEvent, NewKey, SqliteStore, Store, StoreError, KEY_SOURCES,
+    Actor, AuditAction, CallRecord, LastTest, NewAuditEvent, NewKey, PgStore, SqliteStore, Store, StoreError,
+    KEY_SOURCES,
 };
+use sqlx::Connection;
 
 const CHAIN_KEY: [u8; 32] = [42; 32];
 
@@ -24,10 +27,17 @@ struct Backend {
     /// A second, independent handle on the same database (its own connections), standing
     /// in for a second gateway process.
     twin: Arc<dyn Store>,
-    _dir: tempfile::TempDir,
+    /// Dropped after both handles (fields drop in order): removes the database.
+    _cleanup: Cleanup,
 }
 
-async fn sqlite() -> Backend {
+#[allow(dead_code, reason = "held only to be dropped")]
+enum Cleanup {
+    Dir(tempfile::TempDir),
+    Database(TestDatabase),
+}
+
+async fn sqlite() -> Option<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("k.db").display());
     let open = || {
@@ -39,11 +49,124 @@ async fn sqlite() -> Backend {
     };
     let store = open().await.unwrap();
     let twin = open().await.unwrap();
-    Backend {
+    Some(Backend {
         store: Arc::new(store),
         twin: Arc::new(twin),
-        _dir: dir,
+        _cleanup: Cleanup::Dir(dir),
+    })
+}
+
+/// A test's own setting from the environment (not keyward's configuration, which
+/// `Config::load` reads).
+#[allow(clippy::disallowed_methods, reason = "test settings, not keyward configuration")]
+fn test_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// A fresh database on the server named by `KEYWARD_TEST_POSTGRES_URL`, dropped (best
+/// effort, also when the test fails) when this is dropped.
+struct TestDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    async fn create(server: &str) -> TestDatabase {
+        let name = format!("kw_test_{:016x}", rand::random::<u64>());
+        let mut conn = sqlx::PgConnection::connect(server)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to KEYWARD_TEST_POSTGRES_URL: {e}"));
+        sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let _ = conn.close().await;
+        TestDatabase {
+            url: with_database(server, &name),
+            server: server.to_owned(),
+            name,
+        }
     }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // Drop runs inside the test's runtime, which cannot be blocked on: a thread of its own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&server).await.ok()?;
+                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                let done = sqlx::raw_sql(&sql).execute(&mut conn).await.ok();
+                let _ = conn.close().await;
+                done
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(_))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// `server` (a `postgres://` URL) with its database replaced by `name`.
+fn with_database(server: &str, name: &str) -> String {
+    let (scheme, rest) = server.split_once("://").expect("a postgres:// URL");
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let query = tail.find('?').map(|i| &tail[i..]).unwrap_or("");
+    format!("{scheme}://{authority}/{name}{query}")
+}
+
+/// A fresh PostgreSQL database, or `None` (after saying so) when no server is configured.
+/// Fails instead when `KEYWARD_TEST_REQUIRE_ALL=1`.
+async fn pg_database() -> Option<TestDatabase> {
+    let Some(server) = test_env("KEYWARD_TEST_POSTGRES_URL") else {
+        if test_env("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Some("1") {
+            panic!(
+                "PostgreSQL is required (KEYWARD_TEST_REQUIRE_ALL=1) but KEYWARD_TEST_POSTGRES_URL is not set; \
+                 set it to a server URL such as postgres://postgres@127.0.0.1:5432/postgres"
+            );
+        }
+        // Once per run, and past the harness's output capture, so a plain `cargo test` shows it.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: KEYWARD_TEST_POSTGRES_URL is not set; PostgreSQL conformance not run"
+            );
+        });
+        return None;
+    };
+    Some(TestDatabase::create(&server).await)
+}
+
+async fn pg_open(db: &TestDatabase, opts: PgOptions) -> Result<PgStore, StoreError> {
+    PgStore::open(&db.url, AuditChainKey::from_bytes_for_tests(CHAIN_KEY), opts).await
+}
+
+fn pg_test_options() -> PgOptions {
+    PgOptions {
+        pool_size: 4,
+        ..PgOptions::default()
+    }
+}
+
+async fn postgres() -> Option<Backend> {
+    let db = pg_database().await?;
+    // Both nodes start at once on the empty database: the migration lock makes them take turns.
+    let (store, twin) = tokio::join!(pg_open(&db, pg_test_options()), pg_open(&db, pg_test_options()));
+    Some(Backend {
+        store: Arc::new(store.unwrap()),
+        twin: Arc::new(twin.unwrap()),
+        _cleanup: Cleanup::Database(db),
+    })
 }
 
 fn id<T>(f: fn([u8; 16]) -> T, n: u8) -> T {
@@ -738,72 +861,383 @@ async fn large_batch_commits_in_one_call(s: &dyn Store) {
     eprintln!("finish_calls: 500 records in {batch_time:?}, 1 record in {single_time:?}");
 }
 
+/// Two nodes (two handles on one database) working on one account at once: key saves, audit
+/// batches and finished calls from both append to ONE chain that verifies, with every event
+/// in it exactly once; of the racing first saves per provider exactly one reports "saved";
+/// and 2 × 40 racing reservations never take more than the limit.
+async fn two_nodes_share_one_chain_and_one_cap(s: Arc<dyn Store>, twin: Arc<dyn Store>) {
+    let (user, account) = owner_with_account(s.as_ref(), 1, Plan::Business).await;
+    let nodes = [s.clone(), twin.clone()];
+    const LIMIT: i64 = 1_000;
+    const AMOUNT: i64 = 30;
+
+    let mut writers = Vec::new();
+    for n in 0..48u8 {
+        let node = nodes[usize::from(n % 2)].clone();
+        let (account, actor) = (account.clone(), Actor(user.to_string()));
+        writers.push(tokio::spawn(async move {
+            match n % 3 {
+                // A key save: one event, and a first save or a rotation.
+                0 => {
+                    let provider = Provider::ALL[usize::from(n / 3 % 3)];
+                    let saved = node
+                        .save_key(
+                            &account,
+                            provider,
+                            new_key(n, &format!("n{n:03}")),
+                            &actor,
+                            t(100 + i64::from(n)),
+                        )
+                        .await
+                        .unwrap();
+                    (1usize, Some((provider, saved.rotated)))
+                }
+                // An audit batch of two events.
+                1 => {
+                    let ev = |k: i64| {
+                        let mut e = NewAuditEvent::key_action(
+                            &account,
+                            t(k),
+                            "cli",
+                            AuditAction::AiRequest,
+                            Provider::Google,
+                            None,
+                            None,
+                        );
+                        e.provider_request_id = Some(format!("batch_{k}"));
+                        e
+                    };
+                    node.append_audit(&[ev(i64::from(n) * 10), ev(i64::from(n) * 10 + 1)])
+                        .await
+                        .unwrap();
+                    (2, None)
+                }
+                // A finished own-key call: one event and a counter bump.
+                _ => {
+                    node.finish_calls(&[call(&account, Provider::OpenAi, KeySource::Own, 0, 0, i64::from(n))])
+                        .await
+                        .unwrap();
+                    (1, None)
+                }
+            }
+        }));
+    }
+    let mut reservers = Vec::new();
+    for n in 0..80 {
+        let node = nodes[n % 2].clone();
+        let account = account.clone();
+        reservers.push(tokio::spawn(async move {
+            node.reserve_credits(&account, PERIOD, LIMIT, AMOUNT).await.unwrap()
+        }));
+    }
+
+    let mut events = 0;
+    let mut first_saves = std::collections::BTreeMap::new();
+    let mut saves = 0;
+    for w in writers {
+        let (n, saved) = w.await.unwrap();
+        events += n;
+        if let Some((provider, rotated)) = saved {
+            saves += 1;
+            *first_saves.entry(provider).or_insert(0) += usize::from(!rotated);
+        }
+    }
+    let mut granted = 0;
+    for r in reservers {
+        granted += i64::from(r.await.unwrap());
+    }
+
+    assert_eq!(events, 16 + 2 * 16 + 16);
+    assert_eq!(
+        chain_ok(s.as_ref(), &account).await,
+        events,
+        "one chain, every event once"
+    );
+    assert_eq!(
+        chain_ok(twin.as_ref(), &account).await,
+        events,
+        "both nodes read the same chain"
+    );
+    let (chain, head) = s.audit_chain(&account).await.unwrap();
+    assert_eq!(head.unwrap().seq, events as i64);
+    let mut ids: Vec<i64> = chain.iter().map(|e| e.id).collect();
+    let in_seq_order = ids.clone();
+    ids.sort_unstable();
+    assert_eq!(ids, in_seq_order, "ids grow along the chain");
+    assert_eq!(
+        chain
+            .iter()
+            .filter(|e| e.action == "key.saved" || e.action == "key.rotated")
+            .count(),
+        saves
+    );
+    for provider in Provider::ALL {
+        assert_eq!(
+            first_saves.get(&provider),
+            Some(&1),
+            "{provider}: exactly one save found the slot empty"
+        );
+        let stored = s.sealed_key(&account, provider).await.unwrap().unwrap();
+        let n = stored.sealed.as_bytes()[0];
+        assert_eq!(
+            stored.key_id,
+            id(KeyId::from_random, n),
+            "blob and key id come from the same save"
+        );
+        assert_eq!(stored.last4.as_str(), format!("n{n:03}"));
+    }
+    let page = twin.audit_page(&account, 500, None).await.unwrap();
+    assert_eq!(page.len(), events);
+
+    assert_eq!(granted, LIMIT / AMOUNT, "as many as fit, and no more");
+    let usage = twin.usage(&account, PERIOD).await.unwrap();
+    assert_eq!((usage.credits_used, usage.credits_reserved), (0, granted * AMOUNT));
+    assert!(usage.credits_reserved <= LIMIT);
+    assert_eq!(
+        row(&usage, Provider::OpenAi, KeySource::Own).0,
+        16,
+        "every finished call is counted once"
+    );
+}
+
+/// Text the store is handed on a provider's behalf (an error message in an audit event, a
+/// key test's message) may hold any character, NUL included: it is stored (PostgreSQL
+/// cannot hold NUL in text and keeps U+FFFD in its place) and the chain still verifies.
+async fn odd_text_is_stored_and_chained(s: &dyn Store) {
+    let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let odd = "bad\0answer ✓ \u{1F600}";
+    let mut event = NewAuditEvent::key_action(
+        &account,
+        t(5),
+        "cli",
+        AuditAction::AiRequest,
+        Provider::OpenAi,
+        None,
+        None,
+    );
+    event.detail = Some(odd.to_owned());
+    event.model = Some("m\0".to_owned());
+    s.append_audit(&[event]).await.unwrap();
+    let (events, _) = s.audit_chain(&account).await.unwrap();
+    let detail = events[0].detail.as_deref().unwrap();
+    assert!(detail == odd || detail == odd.replace('\0', "\u{FFFD}"), "{detail:?}");
+    s.save_key(
+        &account,
+        Provider::OpenAi,
+        new_key(1, "aaaa"),
+        &Actor(user.to_string()),
+        t(6),
+    )
+    .await
+    .unwrap();
+    let result = LastTest {
+        ok: false,
+        at: t(7),
+        message: odd.to_owned(),
+    };
+    assert!(s
+        .record_key_test(
+            &account,
+            Provider::OpenAi,
+            &id(KeyId::from_random, 1),
+            &result,
+            &tested(&account, 7, false)
+        )
+        .await
+        .unwrap());
+    let stored = s
+        .provider_state(&account, Provider::OpenAi)
+        .await
+        .unwrap()
+        .key
+        .unwrap()
+        .last_test
+        .unwrap();
+    assert!(stored.message == odd || stored.message == odd.replace('\0', "\u{FFFD}"));
+    assert_eq!(chain_ok(s, &account).await, 3);
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
 
             #[tokio::test]
             async fn users_tokens_and_memberships() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::users_tokens_and_memberships(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn key_lifecycle_with_audit() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::key_lifecycle_with_audit(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn audit_batches_chain_per_account() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::audit_batches_chain_per_account(b.store.as_ref()).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn concurrent_saves_leave_one_consistent_key() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::concurrent_saves_leave_one_consistent_key(b.store.clone()).await;
             }
             #[tokio::test]
             async fn purge_completes() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::purge_completes(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn shared_keys_save_rotate_read() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::shared_keys_save_rotate_read(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn key_test_labels_only_the_current_key() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::key_test_labels_only_the_current_key(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn reserve_refuses_past_the_limit() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::reserve_refuses_past_the_limit(b.store.as_ref()).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn concurrent_reserves_hold_the_cap() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::concurrent_reserves_hold_the_cap(b.store.clone(), b.twin.clone()).await;
             }
             #[tokio::test]
             async fn finish_calls_settles_a_mixed_batch() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::finish_calls_settles_a_mixed_batch(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn release_credits_frees_without_charging() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::release_credits_frees_without_charging(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn large_batch_commits_in_one_call() {
-                let b = super::$backend().await;
+                let Some(b) = super::$backend().await else { return };
                 super::large_batch_commits_in_one_call(b.store.as_ref()).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn two_nodes_share_one_chain_and_one_cap() {
+                let Some(b) = super::$backend().await else { return };
+                super::two_nodes_share_one_chain_and_one_cap(b.store.clone(), b.twin.clone()).await;
+            }
+            #[tokio::test]
+            async fn odd_text_is_stored_and_chained() {
+                let Some(b) = super::$backend().await else { return };
+                super::odd_text_is_stored_and_chained(b.store.as_ref()).await;
             }
         }
     };
 }
 
 conformance!(sqlite);
+conformance!(postgres);
+
+/// What only the PostgreSQL backend has: a server to lose, connections to be cut, and a
+/// statement timeout bounding lock waits. Each maps to `Unavailable` (503), and the store
+/// recovers once the cause is gone.
+mod postgres_only {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn unreachable_server_is_unavailable() {
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let r = PgStore::open(
+            "postgres://postgres@127.0.0.1:1/keyward",
+            AuditChainKey::from_bytes_for_tests(CHAIN_KEY),
+            PgOptions {
+                connect_timeout: Duration::from_millis(500),
+                ..PgOptions::default()
+            },
+        )
+        .await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        let r = PgStore::open(
+            "postgres://[oops",
+            AuditChainKey::from_bytes_for_tests(CHAIN_KEY),
+            PgOptions::default(),
+        )
+        .await;
+        assert!(
+            matches!(&r, Err(StoreError::Unavailable(m)) if !m.contains("oops")),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn lock_waits_end_at_the_statement_timeout() {
+        let Some(db) = pg_database().await else { return };
+        let store = pg_open(
+            &db,
+            PgOptions {
+                pool_size: 2,
+                statement_timeout: Duration::from_millis(300),
+                ..PgOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let (_, account) = owner_with_account(&store, 1, Plan::Pro).await;
+        let ev = |n: i64| {
+            NewAuditEvent::key_action(
+                &account,
+                t(n),
+                "cli",
+                AuditAction::AiRequest,
+                Provider::Google,
+                None,
+                None,
+            )
+        };
+        store.append_audit(&[ev(1)]).await.unwrap();
+
+        // Another session holds the chain's head (as a stuck node would).
+        let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::raw_sql("BEGIN; SELECT * FROM audit_heads FOR UPDATE;")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let r = store.append_audit(&[ev(2)]).await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+
+        store.append_audit(&[ev(3)]).await.unwrap();
+        assert_eq!(
+            chain_ok(&store, &account).await,
+            2,
+            "the timed-out append left nothing behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn cut_connections_recover() {
+        let Some(db) = pg_database().await else { return };
+        let store = pg_open(&db, pg_test_options()).await.unwrap();
+        let (_, account) = owner_with_account(&store, 1, Plan::Pro).await;
+        // An administrator (or a failover) ends every session of the database: 57P01.
+        let mut admin = sqlx::PgConnection::connect(&db.server).await.unwrap();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&db.name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        // The first call may see the cut (and say Unavailable); the pool then reconnects.
+        match store.account(&account).await {
+            Ok(found) => assert!(found.is_some()),
+            Err(StoreError::Unavailable(_)) => {}
+            Err(other) => panic!("a cut connection must be Unavailable, got {other:?}"),
+        }
+        assert!(store.account(&account).await.unwrap().is_some());
+        store.ping().await.unwrap();
+    }
+}

@@ -428,7 +428,7 @@ impl Response {
                         let piece = reader.take(usize::try_from(*left).unwrap_or(usize::MAX));
                         *left -= piece.len() as u64;
                         if *left == 0 {
-                            if reader.line().await?.len() != 0 {
+                            if !reader.line().await?.is_empty() {
                                 return Err(HttpError::Protocol("chunk not followed by CRLF"));
                             }
                             *state = ChunkState::Size;

@@ -173,7 +173,7 @@ fn install_seccomp() -> Result<(), SandboxError> {
     } else {
         TargetArch::x86_64
     };
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|n| (i64::from(*n), Vec::new())).collect();
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|n| (*n, Vec::new())).collect();
     let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::KillProcess, arch)
         .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     let program: BpfProgram = filter

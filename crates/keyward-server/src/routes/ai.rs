@@ -127,16 +127,31 @@ fn validation(m: &str) -> ApiError {
 }
 
 /// Checks the body and reserves shared credits: the part every AI route shares.
+/// What a call asks for, as far as metering needs to know.
+#[derive(Debug, Clone)]
+pub struct CallSpec<'a> {
+    pub provider: Provider,
+    /// `None`: the provider's first catalogued model.
+    pub model: Option<&'a str>,
+    /// The request's size: an upper bound on its input tokens.
+    pub input_bytes: usize,
+    pub max_tokens: u32,
+    pub feature: Option<String>,
+}
+
 pub async fn prepare(
     state: &AppState,
     caller: &Caller,
     account: &AccountId,
-    provider: Provider,
-    model: Option<&str>,
-    input_bytes: usize,
-    max_tokens: u32,
-    feature: Option<String>,
+    spec: CallSpec<'_>,
 ) -> ApiResult<CallContext> {
+    let CallSpec {
+        provider,
+        model,
+        input_bytes,
+        max_tokens,
+        feature,
+    } = spec;
     let model = match model {
         Some(id) => state.catalogue.model(provider, id).cloned().ok_or_else(|| {
             ApiError::validation(format!(
@@ -242,17 +257,14 @@ pub async fn messages(
     }
     let input_bytes =
         body.messages.iter().map(|m| m.content.len()).sum::<usize>() + body.system.as_ref().map_or(0, String::len);
-    let ctx = prepare(
-        &state,
-        &caller,
-        &m.account.id,
+    let spec = CallSpec {
         provider,
-        body.model.as_deref(),
+        model: body.model.as_deref(),
         input_bytes,
-        body.max_tokens,
-        body.feature.clone(),
-    )
-    .await?;
+        max_tokens: body.max_tokens,
+        feature: body.feature.clone(),
+    };
+    let ctx = prepare(&state, &caller, &m.account.id, spec).await?;
     let request = ChatRequest {
         model: ctx.model.id.clone(),
         system: body.system,

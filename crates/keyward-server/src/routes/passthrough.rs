@@ -22,7 +22,7 @@ use crate::app::AppState;
 use crate::auth::{authenticate, Caller};
 use crate::error::ApiError;
 use crate::extract::AiBody;
-use crate::routes::ai::{prepare, CallContext};
+use crate::routes::ai::{prepare, CallContext, CallSpec};
 
 const MAX_ANSWER: usize = 8 * 1024 * 1024;
 
@@ -320,17 +320,14 @@ async fn native_inner(
 ) -> Result<Response, ApiError> {
     let (caller, m) = caller_and_account(state, headers, account).await?;
     let req = read_native(provider, raw, google_model, google_stream)?;
-    let ctx = prepare(
-        state,
-        &caller,
-        &m.account.id,
+    let spec = CallSpec {
         provider,
-        Some(&req.model),
-        raw.len(),
-        req.max_tokens.max(1),
-        None,
-    )
-    .await?;
+        model: Some(&req.model),
+        input_bytes: raw.len(),
+        max_tokens: req.max_tokens.max(1),
+        feature: None,
+    };
+    let ctx = prepare(state, &caller, &m.account.id, spec).await?;
     let mut call_headers = vec![("content-type".to_owned(), "application/json".to_owned())];
     if provider == Provider::Anthropic {
         let version = headers

@@ -1,0 +1,1273 @@
+//! The PostgreSQL backend: many gateway nodes on one database.
+//!
+//! Every read-modify-write is one `READ COMMITTED` transaction that locks what it reads
+//! before deciding on it, so two nodes racing on one account serialize on its rows:
+//! - a key save locks the key row (`SELECT … FOR UPDATE`, or wins the insert), so exactly
+//!   one of two racing first saves reports "saved" and the other "rotated";
+//! - an audit append creates the account's head row if missing (`INSERT … ON CONFLICT DO
+//!   NOTHING` with the genesis link) and locks it (`SELECT … FOR UPDATE`) before reading
+//!   the chain's newest link, so concurrent appends from any number of nodes form one chain;
+//! - a credit reservation is one conditional `UPDATE`, which PostgreSQL re-checks against the
+//!   newest committed row after waiting for its lock, so the cap holds across nodes.
+//!
+//! Locks are always taken in one order, so transactions do not deadlock each other: key rows,
+//! then source rows, then credit and counter rows (in key order), then audit heads (in
+//! account-id byte order). A transaction that fails anyway with a serialization failure or a
+//! deadlock (SQLSTATE 40001, 40P01) is retried a few times before the error is returned.
+//!
+//! Schema changes run under a transaction-scoped advisory lock, so nodes starting together
+//! apply each migration once. `purge_removed` vacuums the key tables (old row versions of
+//! rotated and removed blobs); WAL segments and backups are covered by crypto-shredding.
+//!
+//! PostgreSQL `TEXT` cannot hold a NUL character: in what is written on behalf of a provider
+//! (audit event fields, a key test's message) a NUL is replaced by U+FFFD before the event is
+//! chained, so a provider's odd answer cannot make a batch of audit events fail to commit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
+use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+
+use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
+use crate::migrate::POSTGRES as MIGRATIONS;
+use crate::{
+    check_amount, check_event, check_period, fold_calls, usage_report, Account, Actor, CallRecord, FoldedCalls,
+    KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store, StoreError, StoreResult,
+    StoredKey, UsageReport, User,
+};
+
+/// Tuning for the PostgreSQL backend.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Connections per node.
+    pub pool_size: u32,
+    /// The longest one statement may run (lock waits included) before the server cancels it.
+    pub statement_timeout: Duration,
+    /// The longest to wait for a connection: a new one, or a free one from the pool.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            pool_size: 10,
+            statement_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+pub struct PgStore {
+    pool: PgPool,
+    chain_key: Arc<AuditChainKey>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+/// How many times a transaction runs when it keeps failing with a serialization failure or
+/// a deadlock.
+const TX_ATTEMPTS: u32 = 4;
+
+/// The advisory lock key serializing migrations across nodes ("keyward" in ASCII).
+const MIGRATION_LOCK: i64 = 0x006b_6579_7761_7264;
+
+/// Starts a read-only transaction whose statements all see one snapshot.
+const BEGIN_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+
+/// A failed step inside a transaction: the error, and whether the whole transaction may be
+/// run again (a serialization failure or a deadlock: nothing was written).
+#[derive(Debug)]
+struct Fail {
+    err: StoreError,
+    retry: bool,
+}
+
+impl From<StoreError> for Fail {
+    fn from(err: StoreError) -> Fail {
+        Fail { err, retry: false }
+    }
+}
+
+type TxResult<T> = Result<T, Fail>;
+
+/// How a transaction body ends when it did not fail.
+enum Finish<T> {
+    Commit(T),
+    /// Nothing it wrote is wanted (a refused reservation, an unchanged source).
+    Rollback(T),
+}
+
+fn pg(e: sqlx::Error) -> Fail {
+    let retry = matches!(&e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")));
+    Fail { err: map_err(e), retry }
+}
+
+fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis(5u64 << attempt.min(6))
+}
+
+/// Runs `$body` in a transaction on `$store.pool`, with `$conn: &mut PgConnection` bound to
+/// it. The body evaluates to a [`Finish`] and may use `?` on `TxResult`, `StoreResult` and
+/// (through `map_err(pg)`) sqlx results. On a serialization failure or deadlock the whole
+/// body runs again, in a new transaction, up to `TX_ATTEMPTS` times. Evaluates to
+/// `StoreResult<T>`.
+macro_rules! transaction {
+    ($store:expr, |$conn:ident| $body:expr) => {
+        transaction!($store, None, |$conn| $body)
+    };
+    ($store:expr, $begin:expr, |$conn:ident| $body:expr) => {{
+        let begin: Option<&'static str> = $begin;
+        let mut attempt: u32 = 1;
+        loop {
+            let result: TxResult<_> = async {
+                let mut tx = match begin {
+                    None => $store.pool.begin().await,
+                    Some(statement) => $store.pool.begin_with(statement).await,
+                }
+                .map_err(pg)?;
+                let finish = {
+                    let $conn: &mut PgConnection = &mut tx;
+                    $body
+                };
+                match finish {
+                    Finish::Commit(value) => {
+                        tx.commit().await.map_err(pg)?;
+                        Ok(value)
+                    }
+                    Finish::Rollback(value) => {
+                        tx.rollback().await.map_err(pg)?;
+                        Ok(value)
+                    }
+                }
+            }
+            .await;
+            match result {
+                Ok(value) => break Ok(value),
+                Err(fail) if fail.retry && attempt < TX_ATTEMPTS => {
+                    tracing::debug!(attempt, error = %fail.err, "transaction conflicted; running it again");
+                    tokio::time::sleep(retry_delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(fail) => break Err(fail.err),
+            }
+        }
+    }};
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://…` or `postgresql://…`) and migrates it.
+    pub async fn open(url: &str, chain_key: AuditChainKey, opts: PgOptions) -> StoreResult<PgStore> {
+        // The URL is not echoed: it may hold a password.
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|_| StoreError::Unavailable("bad PostgreSQL URL".to_owned()))?
+            .application_name("keyward")
+            .options([("statement_timeout", opts.statement_timeout.as_millis())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.pool_size.max(1))
+            .acquire_timeout(opts.connect_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(map_err)?;
+        let store = PgStore {
+            pool,
+            chain_key: Arc::new(chain_key),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies pending migrations, each in its own transaction holding the migration lock:
+    /// a node that starts while another migrates waits, then finds the work done.
+    async fn migrate(&self) -> StoreResult<()> {
+        for m in MIGRATIONS {
+            let applied = transaction!(self, |conn| {
+                // A schema change may outlast the statement timeout, and so may a wait for
+                // another node's: neither should stop a node from starting. (And no notice
+                // that the table below exists, logged at every start.)
+                sqlx::raw_sql("SET LOCAL statement_timeout = 0; SET LOCAL client_min_messages = warning")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(pg)?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(MIGRATION_LOCK)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(pg)?;
+                sqlx::raw_sql(
+                    "CREATE TABLE IF NOT EXISTS keyward_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+                )
+                .execute(&mut *conn)
+                .await
+                .map_err(pg)?;
+                let done: Option<i64> = sqlx::query_scalar("SELECT version FROM keyward_migrations WHERE version = $1")
+                    .bind(m.version)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(pg)?;
+                if done.is_some() {
+                    Finish::Commit(false)
+                } else {
+                    sqlx::raw_sql(m.sql).execute(&mut *conn).await.map_err(pg)?;
+                    sqlx::query(
+                        "INSERT INTO keyward_migrations (version, name, applied_at)
+                         VALUES ($1, $2, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)",
+                    )
+                    .bind(m.version)
+                    .bind(m.name)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(pg)?;
+                    Finish::Commit(true)
+                }
+            })?;
+            if applied {
+                tracing::info!(version = m.version, name = m.name, "applied migration");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            match code {
+                // unique_violation
+                "23505" => StoreError::Conflict(db.message().to_owned()),
+                // foreign_key_violation
+                "23503" => StoreError::NotFound,
+                // character_not_in_repertoire: a NUL in text
+                "22021" => StoreError::Invalid(db.message().to_owned()),
+                // serialization_failure and deadlock_detected (once retries are spent),
+                // query_canceled (the statement timeout), lock_not_available,
+                // read_only_sql_transaction (a standby after failover), admin_shutdown,
+                // crash_shutdown, cannot_connect_now, connection exceptions (class 08) and
+                // insufficient resources (class 53, e.g. too_many_connections).
+                "40001" | "40P01" | "57014" | "55P03" | "25006" | "57P01" | "57P02" | "57P03" => {
+                    StoreError::Unavailable(db.message().to_owned())
+                }
+                c if c.starts_with("08") || c.starts_with("53") => StoreError::Unavailable(db.message().to_owned()),
+                _ => StoreError::Database(db.message().to_owned()),
+            }
+        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Database(e.to_string()),
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+/// Text as PostgreSQL can store it: NUL, which `TEXT` refuses, becomes U+FFFD.
+fn storable(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+fn storable_opt(s: &mut Option<String>) {
+    if let Some(v) = s.as_mut() {
+        if v.contains('\0') {
+            *v = storable(v);
+        }
+    }
+}
+
+fn get<'r, T>(row: &'r PgRow, col: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(col)
+        .map_err(|e| StoreError::Corrupt(format!("column {col}: {e}")))
+}
+
+fn account_from_row(row: &PgRow) -> StoreResult<Account> {
+    let plan: Plan = get::<String>(row, "plan")?
+        .parse()
+        .map_err(|_| corrupt("accounts.plan"))?;
+    let limit: Option<i64> = get(row, "shared_credit_limit")?;
+    Ok(Account {
+        id: AccountId::parse(&get::<String>(row, "account_id")?).map_err(|_| corrupt("accounts.id"))?,
+        name: get(row, "name")?,
+        plan,
+        shared_credit_limit: limit.unwrap_or_else(|| plan.default_shared_credit_limit()),
+    })
+}
+
+fn membership_from_row(row: &PgRow) -> StoreResult<Membership> {
+    Ok(Membership {
+        account: account_from_row(row)?,
+        role: get::<String>(row, "role")?
+            .parse()
+            .map_err(|_| corrupt("memberships.role"))?,
+    })
+}
+
+fn user_from_row(row: &PgRow) -> StoreResult<User> {
+    Ok(User {
+        id: UserId::parse(&get::<String>(row, "id")?).map_err(|_| corrupt("users.id"))?,
+        email: Email::parse(&get::<String>(row, "email")?).map_err(|_| corrupt("users.email"))?,
+    })
+}
+
+fn key_meta_from_row(row: &PgRow) -> StoreResult<KeyMeta> {
+    let last_test = match (
+        get::<Option<bool>>(row, "last_test_ok")?,
+        get::<Option<i64>>(row, "last_test_at")?,
+    ) {
+        (Some(ok), Some(at)) => Some(LastTest {
+            ok,
+            at: UnixMillis(at),
+            message: get::<Option<String>>(row, "last_test_message")?.unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    Ok(KeyMeta {
+        key_id: KeyId::parse(&get::<String>(row, "key_id")?).map_err(|_| corrupt("provider_keys.key_id"))?,
+        last4: Last4::from_stored(&get::<String>(row, "last4")?).ok_or_else(|| corrupt("provider_keys.last4"))?,
+        created_at: UnixMillis(get(row, "created_at")?),
+        updated_at: UnixMillis(get(row, "updated_at")?),
+        last_test,
+    })
+}
+
+fn audit_from_row(row: &PgRow) -> StoreResult<AuditEvent> {
+    Ok(AuditEvent {
+        id: get(row, "id")?,
+        account_id: get(row, "account_id")?,
+        seq: get(row, "seq")?,
+        at: get(row, "at")?,
+        actor: get(row, "actor")?,
+        action: get(row, "action")?,
+        provider: get(row, "provider")?,
+        key_source: get(row, "key_source")?,
+        key_last4: get(row, "key_last4")?,
+        model: get(row, "model")?,
+        outcome: get(row, "outcome")?,
+        detail: get(row, "detail")?,
+        provider_request_id: get(row, "provider_request_id")?,
+        input_tokens: get(row, "input_tokens")?,
+        output_tokens: get(row, "output_tokens")?,
+        feature: get(row, "feature")?,
+        mac: get(row, "mac")?,
+    })
+}
+
+fn stored_key_from_row(row: &PgRow, table: &str) -> StoreResult<StoredKey> {
+    Ok(StoredKey {
+        key_id: KeyId::parse(&get::<String>(row, "key_id")?).map_err(|_| corrupt(&format!("{table}.key_id")))?,
+        sealed: SealedKey::from_bytes(get(row, "sealed")?),
+        last4: Last4::from_stored(&get::<String>(row, "last4")?).ok_or_else(|| corrupt(&format!("{table}.last4")))?,
+    })
+}
+
+const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
+const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
+const AUDIT_COLUMNS: &str = "id, account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac";
+
+/// The columns of a batch of audit rows, for one `INSERT … SELECT FROM UNNEST(…)`.
+#[derive(Default)]
+struct AuditColumns {
+    account_id: Vec<String>,
+    seq: Vec<i64>,
+    at: Vec<i64>,
+    actor: Vec<String>,
+    action: Vec<String>,
+    provider: Vec<Option<String>>,
+    key_source: Vec<Option<String>>,
+    key_last4: Vec<Option<String>>,
+    model: Vec<Option<String>>,
+    outcome: Vec<String>,
+    detail: Vec<Option<String>>,
+    provider_request_id: Vec<Option<String>>,
+    input_tokens: Vec<Option<i64>>,
+    output_tokens: Vec<Option<i64>>,
+    feature: Vec<Option<String>>,
+    mac: Vec<Vec<u8>>,
+}
+
+impl AuditColumns {
+    fn push(&mut self, e: AuditEvent) {
+        self.account_id.push(e.account_id);
+        self.seq.push(e.seq);
+        self.at.push(e.at);
+        self.actor.push(e.actor);
+        self.action.push(e.action);
+        self.provider.push(e.provider);
+        self.key_source.push(e.key_source);
+        self.key_last4.push(e.key_last4);
+        self.model.push(e.model);
+        self.outcome.push(e.outcome);
+        self.detail.push(e.detail);
+        self.provider_request_id.push(e.provider_request_id);
+        self.input_tokens.push(e.input_tokens);
+        self.output_tokens.push(e.output_tokens);
+        self.feature.push(e.feature);
+        self.mac.push(e.mac);
+    }
+}
+
+/// Appends events (in order) to their chains inside the caller's transaction, in four
+/// statements however large the batch: create the missing heads (genesis links), lock every
+/// head the batch touches in account-id order, insert all events, move the heads. Holding
+/// the head locks until commit is what makes two nodes' appends to one chain take turns.
+async fn append_in_tx(conn: &mut PgConnection, chain_key: &AuditChainKey, events: &[&NewAuditEvent]) -> TxResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    // Byte order, the same order `COLLATE "C"` sorts in below.
+    let accounts: Vec<&str> = events
+        .iter()
+        .map(|e| e.account_id.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    sqlx::query(
+        "INSERT INTO audit_heads (account_id, seq, mac)
+         SELECT a, 0, $2 FROM UNNEST($1::text[]) WITH ORDINALITY AS u(a, n) ORDER BY n
+         ON CONFLICT (account_id) DO NOTHING",
+    )
+    .bind(&accounts)
+    .bind(&GENESIS_MAC[..])
+    .execute(&mut *conn)
+    .await
+    .map_err(pg)?;
+    let rows = sqlx::query(
+        "SELECT account_id, seq, mac FROM audit_heads WHERE account_id = ANY($1::text[])
+         ORDER BY account_id COLLATE \"C\" FOR UPDATE",
+    )
+    .bind(&accounts)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(pg)?;
+    let mut heads: BTreeMap<String, (i64, [u8; 32])> = BTreeMap::new();
+    for r in &rows {
+        let mac: Vec<u8> = get(r, "mac")?;
+        let mac: [u8; 32] = mac.as_slice().try_into().map_err(|_| corrupt("audit_heads.mac"))?;
+        heads.insert(get(r, "account_id")?, (get(r, "seq")?, mac));
+    }
+    if heads.len() != accounts.len() {
+        return Err(StoreError::Database("an audit head vanished while locked".to_owned()).into());
+    }
+    let mut columns = AuditColumns::default();
+    for new in events {
+        let mut new = (*new).clone();
+        new.actor = storable(&new.actor);
+        new.outcome = storable(&new.outcome);
+        storable_opt(&mut new.model);
+        storable_opt(&mut new.detail);
+        storable_opt(&mut new.provider_request_id);
+        storable_opt(&mut new.feature);
+        let head = heads
+            .get_mut(new.account_id.as_str())
+            .ok_or_else(|| StoreError::Database("an audit head was not locked".to_owned()))?;
+        let mut event = new.into_event(head.0 + 1);
+        let mac = event.seal_link(chain_key, &head.1);
+        *head = (event.seq, mac);
+        columns.push(event);
+    }
+    let c = columns;
+    sqlx::query(
+        "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model,
+                                   outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac)
+         SELECT account_id, seq, at, actor, action, provider, key_source, key_last4, model,
+                outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac
+         FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bigint[], $14::bigint[],
+                     $15::text[], $16::bytea[])
+              WITH ORDINALITY AS u(account_id, seq, at, actor, action, provider, key_source, key_last4, model,
+                                   outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac, n)
+         ORDER BY n",
+    )
+    .bind(&c.account_id)
+    .bind(&c.seq)
+    .bind(&c.at)
+    .bind(&c.actor)
+    .bind(&c.action)
+    .bind(&c.provider)
+    .bind(&c.key_source)
+    .bind(&c.key_last4)
+    .bind(&c.model)
+    .bind(&c.outcome)
+    .bind(&c.detail)
+    .bind(&c.provider_request_id)
+    .bind(&c.input_tokens)
+    .bind(&c.output_tokens)
+    .bind(&c.feature)
+    .bind(&c.mac)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg)?;
+    let mut head_accounts = Vec::with_capacity(heads.len());
+    let mut head_seqs = Vec::with_capacity(heads.len());
+    let mut head_macs = Vec::with_capacity(heads.len());
+    for (account, (seq, mac)) in heads {
+        head_accounts.push(account);
+        head_seqs.push(seq);
+        head_macs.push(mac.to_vec());
+    }
+    sqlx::query(
+        "UPDATE audit_heads h SET seq = u.seq, mac = u.mac
+         FROM UNNEST($1::text[], $2::bigint[], $3::bytea[]) AS u(account_id, seq, mac)
+         WHERE h.account_id = u.account_id",
+    )
+    .bind(&head_accounts)
+    .bind(&head_seqs)
+    .bind(&head_macs)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+/// Releases `release` reserved credits and charges `charge` for one (account, period), inside
+/// the caller's transaction. A release larger than the reservation (a caller bug, or a row
+/// reset by hand) clamps the reservation at 0 and is logged rather than failing the batch:
+/// the calls it settles have happened and their audit events must not be lost.
+async fn settle_in_tx(conn: &mut PgConnection, account: &str, period: &str, release: i64, charge: i64) -> TxResult<()> {
+    if release == 0 && charge == 0 {
+        return Ok(());
+    }
+    let done = sqlx::query(
+        "UPDATE credit_periods SET credits_reserved = credits_reserved - $3, credits_used = credits_used + $4
+         WHERE account_id = $1 AND period = $2 AND credits_reserved >= $3",
+    )
+    .bind(account)
+    .bind(period)
+    .bind(release)
+    .bind(charge)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg)?;
+    if done.rows_affected() == 1 {
+        return Ok(());
+    }
+    if release > 0 {
+        tracing::warn!(
+            account,
+            period,
+            release,
+            "released more shared credits than were reserved; reservation clamped at 0"
+        );
+    }
+    sqlx::query(
+        "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES ($1, $2, $3, 0)
+         ON CONFLICT (account_id, period) DO UPDATE SET
+           credits_used = credit_periods.credits_used + excluded.credits_used,
+           credits_reserved = GREATEST(credit_periods.credits_reserved - $4, 0)",
+    )
+    .bind(account)
+    .bind(period)
+    .bind(charge)
+    .bind(release)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+/// One provider's state, read inside the caller's transaction.
+async fn state_in(conn: &mut PgConnection, account: &AccountId, provider: Provider) -> TxResult<ProviderState> {
+    let source: Option<String> =
+        sqlx::query_scalar("SELECT source FROM provider_sources WHERE account_id = $1 AND provider = $2")
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg)?;
+    let key = sqlx::query(&format!(
+        "SELECT {KEY_COLUMNS} FROM provider_keys WHERE account_id = $1 AND provider = $2"
+    ))
+    .bind(account.as_str())
+    .bind(provider.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(pg)?;
+    Ok(ProviderState {
+        provider,
+        source: parse_source(source)?,
+        key: key.as_ref().map(key_meta_from_row).transpose()?,
+    })
+}
+
+fn parse_source(source: Option<String>) -> StoreResult<KeySource> {
+    Ok(source
+        .map(|s| s.parse::<KeySource>())
+        .transpose()
+        .map_err(|_| corrupt("provider_sources.source"))?
+        .unwrap_or_default())
+}
+
+/// The statements of one key slot: an account's key for a provider, or the platform's.
+/// Parameters: `$1` provider, `$2` key_id, `$3` sealed, `$4` last4, `$5` now, and for an
+/// account's slot the account id last (`$2` in `lock`, `$6` in the others).
+struct KeySlot {
+    lock: &'static str,
+    overwrite: &'static str,
+    insert: &'static str,
+}
+
+const ACCOUNT_KEY_SLOT: KeySlot = KeySlot {
+    lock: "SELECT last4 FROM provider_keys WHERE provider = $1 AND account_id = $2 FOR UPDATE",
+    overwrite: "UPDATE provider_keys SET key_id = $2, sealed = $3, last4 = $4, updated_at = $5,
+                  last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL
+                WHERE provider = $1 AND account_id = $6",
+    insert: "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at)
+             VALUES ($6, $1, $2, $3, $4, $5, $5)
+             ON CONFLICT (account_id, provider) DO NOTHING",
+};
+
+const SHARED_KEY_SLOT: KeySlot = KeySlot {
+    lock: "SELECT last4 FROM shared_keys WHERE provider = $1 FOR UPDATE",
+    overwrite: "UPDATE shared_keys SET key_id = $2, sealed = $3, last4 = $4, updated_at = $5 WHERE provider = $1",
+    insert: "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $5)
+             ON CONFLICT (provider) DO NOTHING",
+};
+
+/// Writes `key` into a slot inside the caller's transaction and returns the last4 of the key
+/// it replaced. The slot's row is locked before it is judged empty or full, and an insert
+/// that loses a race to another node's insert (`DO NOTHING` waits for that node's commit)
+/// goes round again, locks the new row and overwrites it: of two racing first saves,
+/// exactly one reports "saved".
+async fn write_key_slot(
+    conn: &mut PgConnection,
+    slot: &KeySlot,
+    account: Option<&str>,
+    provider: Provider,
+    key: &NewKey,
+    now: UnixMillis,
+) -> TxResult<Option<String>> {
+    for _ in 0..3 {
+        let mut lock = sqlx::query_scalar::<_, String>(slot.lock).bind(provider.as_str());
+        if let Some(account) = account {
+            lock = lock.bind(account);
+        }
+        if let Some(old) = lock.fetch_optional(&mut *conn).await.map_err(pg)? {
+            let mut overwrite = sqlx::query(slot.overwrite)
+                .bind(provider.as_str())
+                .bind(key.key_id.as_str())
+                .bind(key.sealed.as_bytes())
+                .bind(key.last4.as_str())
+                .bind(now.as_i64());
+            if let Some(account) = account {
+                overwrite = overwrite.bind(account);
+            }
+            overwrite.execute(&mut *conn).await.map_err(pg)?;
+            return Ok(Some(old));
+        }
+        let mut insert = sqlx::query(slot.insert)
+            .bind(provider.as_str())
+            .bind(key.key_id.as_str())
+            .bind(key.sealed.as_bytes())
+            .bind(key.last4.as_str())
+            .bind(now.as_i64());
+        if let Some(account) = account {
+            insert = insert.bind(account);
+        }
+        if insert.execute(&mut *conn).await.map_err(pg)?.rows_affected() == 1 {
+            return Ok(None);
+        }
+        // Another node saved first and has committed: go round, lock its row, overwrite it.
+    }
+    // Saved and removed by others between each of our looks: run the transaction again.
+    Err(Fail {
+        err: StoreError::Unavailable("the key slot kept changing under this save; retry".to_owned()),
+        retry: true,
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn create_user(&self, id: &UserId, email: &Email, token_hash: &str, now: UnixMillis) -> StoreResult<()> {
+        transaction!(self, |conn| {
+            sqlx::query("INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)")
+                .bind(id.as_str())
+                .bind(email.as_str())
+                .bind(now.as_i64())
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| match pg(e) {
+                    Fail {
+                        err: StoreError::Conflict(_),
+                        ..
+                    } => StoreError::Conflict(format!("a user with email {email} already exists")).into(),
+                    other => other,
+                })?;
+            sqlx::query("INSERT INTO api_tokens (token_hash, user_id, created_at) VALUES ($1, $2, $3)")
+                .bind(token_hash)
+                .bind(id.as_str())
+                .bind(now.as_i64())
+                .execute(&mut *conn)
+                .await
+                .map_err(pg)?;
+            Finish::Commit(())
+        })
+    }
+
+    async fn user_by_token(&self, token_hash: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query(
+            "SELECT u.id, u.email FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
+        let row = sqlx::query("SELECT id, email FROM users WHERE email = $1")
+            .bind(email.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn count_users(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn create_account(
+        &self,
+        id: &AccountId,
+        name: &str,
+        plan: Plan,
+        owner: &UserId,
+        now: UnixMillis,
+    ) -> StoreResult<()> {
+        transaction!(self, |conn| {
+            sqlx::query("INSERT INTO accounts (id, name, plan, created_at) VALUES ($1, $2, $3, $4)")
+                .bind(id.as_str())
+                .bind(name)
+                .bind(plan.as_str())
+                .bind(now.as_i64())
+                .execute(&mut *conn)
+                .await
+                .map_err(pg)?;
+            sqlx::query("INSERT INTO memberships (account_id, user_id, role, created_at) VALUES ($1, $2, 'owner', $3)")
+                .bind(id.as_str())
+                .bind(owner.as_str())
+                .bind(now.as_i64())
+                .execute(&mut *conn)
+                .await
+                .map_err(pg)?;
+            Finish::Commit(())
+        })
+    }
+
+    async fn set_membership(&self, account: &AccountId, user: &UserId, role: Role, now: UnixMillis) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO memberships (account_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (account_id, user_id) DO UPDATE SET role = excluded.role",
+        )
+        .bind(account.as_str())
+        .bind(user.as_str())
+        .bind(role.as_str())
+        .bind(now.as_i64())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn set_plan(&self, account: &AccountId, plan: Plan, limit: Option<i64>) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE accounts SET plan = $2, shared_credit_limit = COALESCE($3, shared_credit_limit) WHERE id = $1",
+        )
+        .bind(account.as_str())
+        .bind(plan.as_str())
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn account(&self, account: &AccountId) -> StoreResult<Option<Account>> {
+        let row = sqlx::query(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = $1"))
+            .bind(account.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(account_from_row).transpose()
+    }
+
+    async fn account_ids(&self) -> StoreResult<Vec<AccountId>> {
+        // Ids in byte order among equal times, as SQLite sorts them.
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM accounts ORDER BY created_at, id COLLATE \"C\"")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        ids.iter()
+            .map(|s| AccountId::parse(s).map_err(|_| corrupt("accounts.id")))
+            .collect()
+    }
+
+    async fn membership(&self, account: &AccountId, user: &UserId) -> StoreResult<Option<Membership>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS}, m.role FROM memberships m JOIN accounts a ON a.id = m.account_id WHERE m.account_id = $1 AND m.user_id = $2"
+        ))
+        .bind(account.as_str())
+        .bind(user.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(membership_from_row).transpose()
+    }
+
+    async fn memberships_of(&self, user: &UserId) -> StoreResult<Vec<Membership>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS}, m.role FROM memberships m JOIN accounts a ON a.id = m.account_id WHERE m.user_id = $1 ORDER BY a.created_at, a.id COLLATE \"C\""
+        ))
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(membership_from_row).collect()
+    }
+
+    async fn provider_states(&self, account: &AccountId) -> StoreResult<Vec<ProviderState>> {
+        transaction!(self, Some(BEGIN_SNAPSHOT), |conn| {
+            let mut out = Vec::with_capacity(Provider::ALL.len());
+            for p in Provider::ALL {
+                out.push(state_in(conn, account, p).await?);
+            }
+            Finish::Commit(out)
+        })
+    }
+
+    async fn provider_state(&self, account: &AccountId, provider: Provider) -> StoreResult<ProviderState> {
+        transaction!(self, Some(BEGIN_SNAPSHOT), |conn| {
+            Finish::Commit(state_in(conn, account, provider).await?)
+        })
+    }
+
+    async fn save_key(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        key: NewKey,
+        actor: &Actor,
+        now: UnixMillis,
+    ) -> StoreResult<Saved> {
+        transaction!(self, |conn| {
+            // The old blob's row version stays in the table until `purge_removed` vacuums it.
+            let old_last4 =
+                write_key_slot(conn, &ACCOUNT_KEY_SLOT, Some(account.as_str()), provider, &key, now).await?;
+            let rotated = old_last4.is_some();
+            let (action, detail) = match &old_last4 {
+                Some(old) => (AuditAction::KeyRotated, Some(format!("replaced key ending {old}"))),
+                None => (AuditAction::KeySaved, None),
+            };
+            let event = NewAuditEvent::key_action(account, now, &actor.0, action, provider, Some(&key.last4), detail);
+            append_in_tx(conn, &self.chain_key, &[&event]).await?;
+            let state = state_in(conn, account, provider).await?;
+            Finish::Commit(Saved { rotated, state })
+        })
+    }
+
+    async fn remove_key(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        actor: &Actor,
+        now: UnixMillis,
+    ) -> StoreResult<()> {
+        transaction!(self, |conn| {
+            let last4: Option<String> =
+                sqlx::query_scalar("DELETE FROM provider_keys WHERE account_id = $1 AND provider = $2 RETURNING last4")
+                    .bind(account.as_str())
+                    .bind(provider.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(pg)?;
+            let last4 = last4.ok_or(StoreError::NoKeySaved)?;
+            sqlx::query("DELETE FROM provider_sources WHERE account_id = $1 AND provider = $2")
+                .bind(account.as_str())
+                .bind(provider.as_str())
+                .execute(&mut *conn)
+                .await
+                .map_err(pg)?;
+            let last4 = Last4::from_stored(&last4).ok_or_else(|| corrupt("provider_keys.last4"))?;
+            let event = NewAuditEvent::key_action(
+                account,
+                now,
+                &actor.0,
+                AuditAction::KeyRemoved,
+                provider,
+                Some(&last4),
+                None,
+            );
+            append_in_tx(conn, &self.chain_key, &[&event]).await?;
+            Finish::Commit(())
+        })
+    }
+
+    async fn set_source(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        source: KeySource,
+        actor: &Actor,
+        now: UnixMillis,
+    ) -> StoreResult<ProviderState> {
+        transaction!(self, |conn| {
+            // Lock order: the key row (held shared, so it cannot be removed under an `own`
+            // source), then the source row, then the audit head.
+            let key = sqlx::query(&format!(
+                "SELECT {KEY_COLUMNS} FROM provider_keys WHERE account_id = $1 AND provider = $2 FOR SHARE"
+            ))
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg)?;
+            let key = key.as_ref().map(key_meta_from_row).transpose()?;
+            if source == KeySource::Own && key.is_none() {
+                return Err(StoreError::NoKeySaved.into());
+            }
+            // No row means `shared`; make one to lock, so two nodes' changes take turns and
+            // each reads what the other wrote. Rolled back when nothing changes.
+            sqlx::query(
+                "INSERT INTO provider_sources (account_id, provider, source) VALUES ($1, $2, 'shared')
+                 ON CONFLICT (account_id, provider) DO NOTHING",
+            )
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(pg)?;
+            let current: Option<String> = sqlx::query_scalar(
+                "SELECT source FROM provider_sources WHERE account_id = $1 AND provider = $2 FOR UPDATE",
+            )
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg)?;
+            let before = parse_source(current)?;
+            if before == source {
+                Finish::Rollback(ProviderState { provider, source, key })
+            } else {
+                sqlx::query("UPDATE provider_sources SET source = $3 WHERE account_id = $1 AND provider = $2")
+                    .bind(account.as_str())
+                    .bind(provider.as_str())
+                    .bind(source.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(pg)?;
+                let mut event = NewAuditEvent::key_action(
+                    account,
+                    now,
+                    &actor.0,
+                    AuditAction::KeySourceChanged,
+                    provider,
+                    key.as_ref().map(|k| &k.last4),
+                    Some(format!("{before} -> {source}")),
+                );
+                event.key_source = Some(source);
+                append_in_tx(conn, &self.chain_key, &[&event]).await?;
+                Finish::Commit(state_in(conn, account, provider).await?)
+            }
+        })
+    }
+
+    async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>> {
+        let row =
+            sqlx::query("SELECT key_id, sealed, last4 FROM provider_keys WHERE account_id = $1 AND provider = $2")
+                .bind(account.as_str())
+                .bind(provider.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err)?;
+        row.as_ref()
+            .map(|r| stored_key_from_row(r, "provider_keys"))
+            .transpose()
+    }
+
+    async fn record_key_test(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        key_id: &KeyId,
+        result: &LastTest,
+        event: &NewAuditEvent,
+    ) -> StoreResult<bool> {
+        check_event(event, account, AuditAction::KeyTested, "record_key_test")?;
+        let message = storable(&result.message);
+        transaction!(self, |conn| {
+            // Conditional on key_id: a test that raced a rotation finds no row and labels nothing.
+            let done = sqlx::query(
+                "UPDATE provider_keys SET last_test_ok = $4, last_test_at = $5, last_test_message = $6
+                 WHERE account_id = $1 AND provider = $2 AND key_id = $3",
+            )
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .bind(key_id.as_str())
+            .bind(result.ok)
+            .bind(result.at.as_i64())
+            .bind(&message)
+            .execute(&mut *conn)
+            .await
+            .map_err(pg)?;
+            append_in_tx(conn, &self.chain_key, &[event]).await?;
+            Finish::Commit(done.rows_affected() == 1)
+        })
+    }
+
+    async fn save_shared_key(&self, provider: Provider, key: NewKey, now: UnixMillis) -> StoreResult<bool> {
+        transaction!(self, |conn| {
+            let old = write_key_slot(conn, &SHARED_KEY_SLOT, None, provider, &key, now).await?;
+            Finish::Commit(old.is_some())
+        })
+    }
+
+    async fn shared_key(&self, provider: Provider) -> StoreResult<Option<StoredKey>> {
+        let row = sqlx::query("SELECT key_id, sealed, last4 FROM shared_keys WHERE provider = $1")
+            .bind(provider.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(|r| stored_key_from_row(r, "shared_keys")).transpose()
+    }
+
+    async fn reserve_credits(&self, account: &AccountId, period: &str, limit: i64, amount: i64) -> StoreResult<bool> {
+        check_period(period)?;
+        check_amount("amount", amount)?;
+        transaction!(self, |conn| {
+            // An unknown account fails the foreign key here: NotFound.
+            sqlx::query(
+                "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES ($1, $2, 0, 0)
+                 ON CONFLICT (account_id, period) DO NOTHING",
+            )
+            .bind(account.as_str())
+            .bind(period)
+            .execute(&mut *conn)
+            .await
+            .map_err(pg)?;
+            // The cap check and the reservation are one statement: a racing reservation
+            // waits for the row lock, then the WHERE is re-checked against its result.
+            let done = sqlx::query(
+                "UPDATE credit_periods SET credits_reserved = credits_reserved + $3
+                 WHERE account_id = $1 AND period = $2 AND credits_used + credits_reserved + $3 <= $4",
+            )
+            .bind(account.as_str())
+            .bind(period)
+            .bind(amount)
+            .bind(limit)
+            .execute(&mut *conn)
+            .await
+            .map_err(pg)?;
+            if done.rows_affected() == 1 {
+                Finish::Commit(true)
+            } else {
+                // Refused: roll back the empty row too, so a refusal leaves no trace.
+                Finish::Rollback(false)
+            }
+        })
+    }
+
+    async fn finish_calls(&self, records: &[CallRecord]) -> StoreResult<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        // Check everything before writing anything, and fold the batch into one change per
+        // (account, period) and per counter row, in key order (see `fold_calls`).
+        let FoldedCalls { credits, counters } = fold_calls(records)?;
+        let mut c_account = Vec::with_capacity(counters.len());
+        let mut c_period = Vec::with_capacity(counters.len());
+        let mut c_provider = Vec::with_capacity(counters.len());
+        let mut c_source = Vec::with_capacity(counters.len());
+        let mut c_requests = Vec::with_capacity(counters.len());
+        let mut c_input = Vec::with_capacity(counters.len());
+        let mut c_output = Vec::with_capacity(counters.len());
+        for ((account, period, provider, source), (requests, input, output)) in &counters {
+            c_account.push(*account);
+            c_period.push(*period);
+            c_provider.push(*provider);
+            c_source.push(*source);
+            c_requests.push(*requests);
+            c_input.push(*input);
+            c_output.push(*output);
+        }
+        let events: Vec<&NewAuditEvent> = records.iter().map(|r| &r.audit).collect();
+        transaction!(self, |conn| {
+            for ((account, period), (release, charge)) in &credits {
+                settle_in_tx(conn, account, period, *release, *charge).await?;
+            }
+            // One statement for all counter rows, upserted in key order (the order every
+            // batch uses, so two batches never wait on each other in a cycle).
+            sqlx::query(
+                "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
+                 SELECT account_id, period, provider, source, requests, input_tokens, output_tokens
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])
+                      WITH ORDINALITY AS u(account_id, period, provider, source, requests, input_tokens, output_tokens, n)
+                 ORDER BY n
+                 ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
+                   requests = usage_counters.requests + excluded.requests,
+                   input_tokens = usage_counters.input_tokens + excluded.input_tokens,
+                   output_tokens = usage_counters.output_tokens + excluded.output_tokens",
+            )
+            .bind(&c_account)
+            .bind(&c_period)
+            .bind(&c_provider)
+            .bind(&c_source)
+            .bind(&c_requests)
+            .bind(&c_input)
+            .bind(&c_output)
+            .execute(&mut *conn)
+            .await
+            .map_err(pg)?;
+            append_in_tx(conn, &self.chain_key, &events).await?;
+            Finish::Commit(())
+        })
+    }
+
+    async fn release_credits(&self, account: &AccountId, period: &str, amount: i64) -> StoreResult<()> {
+        check_period(period)?;
+        check_amount("amount", amount)?;
+        if amount == 0 {
+            return Ok(());
+        }
+        transaction!(self, |conn| {
+            settle_in_tx(conn, account.as_str(), period, amount, 0).await?;
+            Finish::Commit(())
+        })
+    }
+
+    async fn usage(&self, account: &AccountId, period: &str) -> StoreResult<UsageReport> {
+        check_period(period)?;
+        // One snapshot, so credits and counters agree.
+        let (credits, rows) = transaction!(self, Some(BEGIN_SNAPSHOT), |conn| {
+            let credits = sqlx::query(
+                "SELECT credits_used, credits_reserved FROM credit_periods WHERE account_id = $1 AND period = $2",
+            )
+            .bind(account.as_str())
+            .bind(period)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg)?;
+            let rows = sqlx::query(
+                "SELECT provider, source, requests, input_tokens, output_tokens FROM usage_counters
+                 WHERE account_id = $1 AND period = $2",
+            )
+            .bind(account.as_str())
+            .bind(period)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(pg)?;
+            Finish::Commit((credits, rows))
+        })?;
+        let (credits_used, credits_reserved) = match credits {
+            Some(r) => (get(&r, "credits_used")?, get(&r, "credits_reserved")?),
+            None => (0, 0),
+        };
+        let mut found = Vec::with_capacity(rows.len());
+        for r in &rows {
+            found.push(ProviderUsage {
+                provider: get::<String>(r, "provider")?
+                    .parse()
+                    .map_err(|_| corrupt("usage_counters.provider"))?,
+                source: get::<String>(r, "source")?
+                    .parse()
+                    .map_err(|_| corrupt("usage_counters.source"))?,
+                requests: get(r, "requests")?,
+                input_tokens: get(r, "input_tokens")?,
+                output_tokens: get(r, "output_tokens")?,
+            });
+        }
+        Ok(usage_report(credits_used, credits_reserved, &found))
+    }
+
+    async fn append_audit(&self, events: &[NewAuditEvent]) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let events: Vec<&NewAuditEvent> = events.iter().collect();
+        transaction!(self, |conn| {
+            append_in_tx(conn, &self.chain_key, &events).await?;
+            Finish::Commit(())
+        })
+    }
+
+    async fn audit_page(&self, account: &AccountId, limit: u32, before: Option<i64>) -> StoreResult<Vec<AuditEvent>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(account.as_str())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_chain(&self, account: &AccountId) -> StoreResult<(Vec<AuditEvent>, Option<ChainHead>)> {
+        // One snapshot, so the head and the events agree.
+        let (rows, head) = transaction!(self, Some(BEGIN_SNAPSHOT), |conn| {
+            let rows = sqlx::query(&format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE account_id = $1 ORDER BY seq, id"
+            ))
+            .bind(account.as_str())
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(pg)?;
+            let head = sqlx::query("SELECT seq, mac FROM audit_heads WHERE account_id = $1")
+                .bind(account.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(pg)?;
+            Finish::Commit((rows, head))
+        })?;
+        let events = rows.iter().map(audit_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let head = head
+            .map(|r| {
+                Ok::<_, StoreError>(ChainHead {
+                    seq: get(&r, "seq")?,
+                    mac: get(&r, "mac")?,
+                })
+            })
+            .transpose()?;
+        Ok((events, head))
+    }
+
+    async fn purge_removed(&self) -> StoreResult<bool> {
+        // VACUUM cannot run inside a transaction: one statement on its own, in the simple
+        // query protocol. It removes the dead row versions that rotated and removed blobs
+        // leave behind (and truncates empty pages at the end of the table).
+        sqlx::raw_sql("VACUUM provider_keys, shared_keys")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(true)
+    }
+}
