@@ -50,6 +50,7 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("save-list") => save_list(&args),
         Some("ai-latency") => ai_latency(&args),
+        Some("nodes") => nodes(&args),
         _ => {
             eprintln!("usage: keyward-bench save-list [--clients N] [--seconds S] | ai-latency [--seconds S]");
             std::process::exit(2);
@@ -231,6 +232,125 @@ fn ai_latency(args: &[String]) {
             through.rps / direct.rps
         );
     }
+    let _ = fakes.kill();
+}
+
+/// Saves/s and AI calls/s (own key, fake provider): SQLite on one node, PostgreSQL on one
+/// node, PostgreSQL on two nodes (clients split between them), in one run.
+#[allow(clippy::disallowed_methods, reason = "the bench reads where its PostgreSQL is")]
+fn nodes(args: &[String]) {
+    let seconds = arg(args, "--seconds", 5);
+    let clients = arg(args, "--clients", 32) as usize;
+    let pg = std::env::var("KEYWARD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let (mut fakes, fake_url) = start_fakes();
+    let key = "sk-proj-benchbenchbenchbenchbench0001";
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = keyward_testkit::reqwest::Client::builder().no_proxy().build().unwrap();
+        c.post(format!("{fake_url}/_fake/keys"))
+            .json(&json!({ "key": key, "behaviour": "ok" }))
+            .send()
+            .await
+            .unwrap();
+    });
+    let base = |o: Options| o.log("warn").env("KEYWARD_OPENAI_BASE_URL", &fake_url);
+    println!("{clients} clients, {seconds} s per run, fake OpenAI on loopback, own key");
+    println!(
+        "{:<22} {:>10} {:>10} {:>12} {:>10} {:>10}",
+        "setup", "saves/s", "save p99", "ai calls/s", "ai p99", "errors"
+    );
+    let db = rt.block_on(keyward_testkit::pg::TempDatabase::create(&pg));
+    let setups: Vec<(&str, Vec<Keyward>)> = vec![
+        (
+            "SQLite, 1 node",
+            vec![Keyward::start(&keyward_bin(), base(Options::default()))],
+        ),
+        (
+            "PostgreSQL, 1 node",
+            vec![Keyward::start(
+                &keyward_bin(),
+                base(Options::default()).env("KEYWARD_DATABASE_URL", &db.url),
+            )],
+        ),
+    ];
+    let mut runs = setups;
+    // Two nodes on a second, fresh database.
+    let db2 = rt.block_on(keyward_testkit::pg::TempDatabase::create(&pg));
+    let a = Keyward::start(
+        &keyward_bin(),
+        base(Options::default()).env("KEYWARD_DATABASE_URL", &db2.url),
+    );
+    let b = Keyward::start(
+        &keyward_bin(),
+        base(Options::default())
+            .env("KEYWARD_DATABASE_URL", &db2.url)
+            .same_keys_as(&a),
+    );
+    runs.push(("PostgreSQL, 2 nodes", vec![a, b]));
+    for (name, nodes) in &runs {
+        let token = nodes[0].owner_token().to_owned();
+        let account = nodes[0].owner_account().to_owned();
+        rt.block_on(async {
+            let http = Http::new(nodes[0].base_url());
+            http.put(
+                &format!("/v1/accounts/{account}/model-keys/openai"),
+                Some(&token),
+                &json!({ "api_key": key }),
+            )
+            .await
+            .expect_status(200);
+            http.put(
+                &format!("/v1/accounts/{account}/model-keys/openai/source"),
+                Some(&token),
+                &json!({ "source": "own" }),
+            )
+            .await
+            .expect_status(200);
+        });
+        let urls: Vec<String> = nodes.iter().map(|n| n.base_url().to_owned()).collect();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (u, t, a, n) = (urls.clone(), token.clone(), account.clone(), next.clone());
+        let saves = closed_loop(
+            &rt,
+            clients,
+            seconds,
+            Arc::new(move |c| {
+                let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                c.put(format!("{}/v1/accounts/{a}/model-keys/google", u[i % u.len()]))
+                    .bearer_auth(&t)
+                    .json(&json!({ "api_key": format!("AIza{i:035}") }))
+            }),
+        );
+        let (u, t, a, n) = (urls.clone(), token.clone(), account.clone(), next.clone());
+        let body = json!({ "provider": "openai", "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": "Say hello" }], "max_tokens": 5 });
+        let calls = closed_loop(
+            &rt,
+            clients,
+            seconds,
+            Arc::new(move |c| {
+                let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                c.post(format!("{}/v1/accounts/{a}/ai/messages", u[i % u.len()]))
+                    .bearer_auth(&t)
+                    .json(&body)
+            }),
+        );
+        println!(
+            "{:<22} {:>10.0} {:>10} {:>12.0} {:>10} {:>10}",
+            name,
+            saves.rps,
+            ms(saves.p99),
+            calls.rps,
+            ms(calls.p99),
+            saves.errors + calls.errors
+        );
+    }
+    drop(runs);
+    drop((db, db2));
     let _ = fakes.kill();
 }
 

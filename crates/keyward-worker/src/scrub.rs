@@ -26,8 +26,10 @@ pub fn mask_in_place(data: &mut [u8], key: &[u8]) -> usize {
     hits
 }
 
-/// Masks a key across a stream of chunks: holds back the last `key.len() - 1` bytes of
-/// each chunk until the next one shows whether they start an occurrence.
+/// Masks a key across a stream of chunks. Only bytes that could be the start of an
+/// occurrence split by a chunk boundary are held back: the longest end of what has been
+/// read that is also a beginning of the key (almost always nothing, so chunks are relayed
+/// as they arrive).
 pub struct StreamScrubber<'k> {
     key: &'k [u8],
     pending: Zeroizing<Vec<u8>>,
@@ -51,7 +53,7 @@ impl<'k> StreamScrubber<'k> {
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
         self.pending.extend_from_slice(chunk);
         mask_in_place(&mut self.pending, self.key);
-        let keep = self.key.len().saturating_sub(1).min(self.pending.len());
+        let keep = held_back(&self.pending, self.key);
         let cut = self.pending.len() - keep;
         let out = self.pending.get(..cut).unwrap_or_default().to_vec();
         self.pending.drain(..cut);
@@ -67,6 +69,15 @@ impl<'k> StreamScrubber<'k> {
     }
 }
 
+/// The length of the longest proper prefix of `key` that `data` ends with.
+fn held_back(data: &[u8], key: &[u8]) -> usize {
+    let longest = key.len().saturating_sub(1).min(data.len());
+    (1..=longest)
+        .rev()
+        .find(|&k| key.get(..k).is_some_and(|prefix| data.ends_with(prefix)))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +87,16 @@ mod tests {
         let mut d = b"bad key sk-abc123 and sk-abc123!".to_vec();
         assert_eq!(mask_in_place(&mut d, b"sk-abc123"), 2);
         assert_eq!(d, b"bad key ********* and *********!");
+    }
+
+    #[test]
+    fn holds_back_only_a_possible_beginning_of_the_key() {
+        let key = b"sk-ant-SECRET";
+        let mut s = StreamScrubber::new(key);
+        assert_eq!(s.feed(b"data: {}\n\n"), b"data: {}\n\n", "a complete event goes through at once");
+        assert_eq!(s.feed(b"x sk-an"), b"x ", "a possible beginning waits");
+        assert_eq!(s.feed(b"swer\n\n"), b"sk-answer\n\n");
+        assert!(s.finish().is_empty());
     }
 
     #[test]
