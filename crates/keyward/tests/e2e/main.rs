@@ -21,5 +21,8 @@ mod crypto;
 mod formats;
 mod lifecycle;
 mod multinode;
+mod relay;
 mod tenancy;
 mod worker;
+mod web;
+mod browser;
