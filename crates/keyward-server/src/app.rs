@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::purge::PurgeHandle;
 use crate::routes;
 use crate::routes::key_test::ProbeLimiter;
+use crate::web::{self, WebState};
 use crate::workers::WorkerPool;
 
 /// Everything a handler may use. Cheap to clone.
@@ -40,6 +41,8 @@ pub struct AppState {
     pub key_tests_per_minute: u32,
     pub max_body_bytes: usize,
     pub max_ai_body_bytes: usize,
+    /// The settings page: sessions, login codes, the login limiter, TLS or not.
+    pub web: Arc<WebState>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -85,11 +88,13 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(routes::ops::metrics))
         .route("/v1/me", get(routes::me::me))
         .nest("/v1/accounts/{account_id}", accounts)
+        .merge(web::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read by `extract::JsonBody`/`AiBody` with their own limits; this is a backstop.
         .layer(DefaultBodyLimit::max(state.max_ai_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn_with_state(state.clone(), web::transport_headers))
         .with_state(state)
 }
 

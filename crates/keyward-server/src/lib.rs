@@ -22,6 +22,7 @@ pub mod purge;
 pub mod routes;
 pub mod runtime;
 pub mod serve;
+pub mod web;
 pub mod workers;
 
 pub use config::Config;

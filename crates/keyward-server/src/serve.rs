@@ -1,13 +1,24 @@
-//! `keyward serve`: start-up, the first-start bootstrap, and graceful shutdown.
+//! `keyward serve`: start-up, the first-start bootstrap (with its one-time login URL),
+//! HTTP or HTTPS (rustls, TLS 1.2+), and graceful shutdown.
 
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 use keyward_core::Catalogue;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin;
 use crate::app::{router, AppState};
+use crate::auth::hash_token;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::ledger::Ledger;
@@ -15,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::purge::{self, PurgeHandle};
 use crate::routes::key_test::ProbeLimiter;
 use crate::runtime::{load_sealer, open_store, prepare_data_dir, RuntimeError};
+use crate::web::{ClientAddr, WebState};
 use crate::workers::{WorkerCommand, WorkerPool};
 
 /// A line for the operator on stdout (logs go to stderr).
@@ -25,11 +37,10 @@ pub fn announce(line: &str) {
 }
 
 pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeError> {
-    if config.tls_cert.is_some() {
-        return Err(RuntimeError::Other(
-            "KEYWARD_TLS_CERT: HTTPS is not built yet; unset it and terminate TLS in front of keyward".into(),
-        ));
-    }
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
     prepare_data_dir(&config)?;
     let sealer = load_sealer(&config)?;
     let store = open_store(&config).await?;
@@ -39,9 +50,11 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         .await
         .map_err(|e| RuntimeError::Other(format!("KEYWARD_LISTEN {}: {e}", config.listen)))?;
     let addr = listener.local_addr().map_err(|e| RuntimeError::Other(e.to_string()))?;
-    if !addr.ip().is_loopback() {
+    if tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "serving plain HTTP on a non-loopback address: keys pasted into keyward would cross the network unencrypted; set KEYWARD_TLS_CERT/KEYWARD_TLS_KEY or keep it on loopback behind a TLS proxy");
     }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let web = Arc::new(WebState::new(tls.is_some()));
 
     if let Some(first) = admin::first_start(store.as_ref(), clock.as_ref()).await? {
         announce(&format!(
@@ -50,6 +63,15 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         ));
         announce(&format!("owner token (shown once): {}", first.token.as_str()));
         announce(&format!("owner account: {}", first.account_id));
+        // The owner, found the way every login finds a user: by the token's hash.
+        if let Some(owner) = store.user_by_token(&hash_token(&first.token)).await? {
+            let code = web.login_codes.issue(owner, clock.now());
+            announce(&format!(
+                "one-time login URL: {scheme}://{}/login?code={}",
+                url_host(addr),
+                code.as_str()
+            ));
+        }
     }
 
     let metrics = Arc::new(Metrics::default());
@@ -70,17 +92,27 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         key_tests_per_minute: config.key_tests_per_minute,
         max_body_bytes: config.max_body_bytes,
         max_ai_body_bytes: config.max_ai_body_bytes,
+        web,
     };
     let purger = tokio::spawn(purge::run(store.clone(), purge.clone()));
     // A purge at start covers removals that a crash interrupted before their checkpoint.
     purge.request();
 
-    announce(&format!("listening on http://{addr}"));
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "keyward serving");
-    let app = router(state);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+    announce(&format!("listening on {scheme}://{addr}"));
+    tracing::info!(%addr, tls = tls.is_some(), data_dir = %config.data_dir.display(), "keyward serving");
+    let app = router(state).into_make_service_with_connect_info::<ClientAddr>();
+    let served = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+        }
+        Some(acceptor) => {
+            axum::serve(TlsListener::start(listener, addr, acceptor), app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+        }
+    };
     purger.abort();
     // Leave no removed ciphertext in the WAL behind us.
     if let Err(e) = store.purge_removed().await {
@@ -88,6 +120,134 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     }
     tracing::info!("keyward stopped");
     served.map_err(|e| RuntimeError::Other(format!("server: {e}")))
+}
+
+/// The host part of a URL reaching `addr` (an unspecified address becomes loopback).
+fn url_host(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port())),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port())),
+        _ => addr,
+    }
+}
+
+/// rustls, TLS 1.2 and 1.3 only (ring), HTTP/1.1, with the PEM certificate chain and key.
+/// Errors name the variable; they never hold key material.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, RuntimeError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::{version, ServerConfig};
+
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| RuntimeError::Other(format!("KEYWARD_TLS_CERT {}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(RuntimeError::Other(format!(
+            "KEYWARD_TLS_CERT {}: no PEM certificate in the file",
+            cert.display()
+        )));
+    }
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| RuntimeError::Other(format!("KEYWARD_TLS_KEY {}: {e}", key.display())))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut tls = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&version::TLS13, &version::TLS12])
+        .map_err(|e| RuntimeError::Other(format!("TLS: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .map_err(|e| {
+            RuntimeError::Other(format!(
+                "KEYWARD_TLS_KEY {}: does not fit KEYWARD_TLS_CERT or is not supported: {e}",
+                key.display()
+            ))
+        })?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(tls)))
+}
+
+/// TLS handshakes in flight at once; connections beyond it are closed at once.
+const MAX_HANDSHAKES: usize = 256;
+/// The longest a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listener that hands axum finished TLS connections. Handshakes run in their own tasks
+/// (bounded in number and time), so a slow or silent client cannot hold up the others.
+#[derive(Debug)]
+pub struct TlsListener {
+    incoming: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    acceptor: JoinHandle<()>,
+}
+
+impl TlsListener {
+    pub fn start(listener: TcpListener, local: SocketAddr, acceptor: TlsAcceptor) -> TlsListener {
+        let (tx, incoming) = mpsc::channel(64);
+        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    tracing::debug!(%peer, "too many TLS handshakes in flight; connection closed");
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                // Bounded by HANDSHAKE_TIMEOUT; the slot is held until it ends.
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, tx.send((tls, peer))).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener {
+            incoming,
+            local,
+            acceptor: task,
+        }
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.incoming.recv().await {
+            Some(conn) => conn,
+            // The accept task is gone (only at shutdown): accept nothing more.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for ClientAddr {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> ClientAddr {
+        ClientAddr(*stream.remote_addr())
+    }
 }
 
 /// The built-in catalogue, or `KEYWARD_CATALOGUE`'s file.
@@ -116,4 +276,35 @@ async fn shutdown_signal() {
         }
     }
     tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_files_that_do_not_work_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = tls_acceptor(&missing, &missing).err().unwrap().to_string();
+        assert!(err.starts_with("KEYWARD_TLS_CERT"), "{err}");
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = tls_acceptor(&empty, &missing).err().unwrap().to_string();
+        assert!(
+            err.starts_with("KEYWARD_TLS_CERT") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn login_urls_name_a_reachable_host() {
+        let any: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(url_host(any).to_string(), "127.0.0.1:8080");
+        let any6: SocketAddr = "[::]:8080".parse().unwrap();
+        assert_eq!(url_host(any6).to_string(), "[::1]:8080");
+        let lan: SocketAddr = "192.0.2.7:443".parse().unwrap();
+        assert_eq!(url_host(lan), lan);
+    }
 }

@@ -93,7 +93,11 @@ mod tests {
     fn holds_back_only_a_possible_beginning_of_the_key() {
         let key = b"sk-ant-SECRET";
         let mut s = StreamScrubber::new(key);
-        assert_eq!(s.feed(b"data: {}\n\n"), b"data: {}\n\n", "a complete event goes through at once");
+        assert_eq!(
+            s.feed(b"data: {}\n\n"),
+            b"data: {}\n\n",
+            "a complete event goes through at once"
+        );
         assert_eq!(s.feed(b"x sk-an"), b"x ", "a possible beginning waits");
         assert_eq!(s.feed(b"swer\n\n"), b"sk-answer\n\n");
         assert!(s.finish().is_empty());

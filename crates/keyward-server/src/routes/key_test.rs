@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use axum::extract::{Path, State};
 use axum::Json;
 use keyward_core::{ErrorCode, KeySource, Provider, UnixMillis};
-use keyward_providers::{build_probe, parse_chat, ProviderFailure};
-use keyward_store::{AuditAction, LastTest, NewAuditEvent};
+use keyward_providers::{build_probe, parse_chat, Diagnosis, ProviderFailure};
+use keyward_store::{AuditAction, LastTest, Membership, NewAuditEvent};
 use serde_json::{json, Value};
 
 use crate::ai::{open_and_call, CallFailure, KeyChoice};
@@ -48,6 +48,52 @@ pub async fn test_key(
     Path((account, provider)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let (m, provider) = caller.manager_for(&state, &account, &provider, "testing a key").await?;
+    let result = run_key_test(&state, &caller, &m, provider).await?;
+    Ok(Json(result.to_json()))
+}
+
+/// What one "Test key" found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyTestResult {
+    /// The provider answered the probe.
+    Ok { model: String, latency_ms: u128 },
+    /// The provider refused it (or could not be reached): the diagnosis, the provider's
+    /// status and its own message, with any echo of the key masked by the worker.
+    Failed {
+        diagnosis: Diagnosis,
+        provider_status: Option<u16>,
+        message: String,
+    },
+}
+
+impl KeyTestResult {
+    /// The JSON API's answer.
+    pub fn to_json(&self) -> Value {
+        match self {
+            KeyTestResult::Ok { model, latency_ms } => {
+                json!({ "ok": true, "status": "ok", "model": model, "latency_ms": latency_ms })
+            }
+            KeyTestResult::Failed {
+                diagnosis,
+                provider_status,
+                message,
+            } => {
+                json!({ "ok": false, "status": diagnosis.as_str(), "provider_status": provider_status, "message": message })
+            }
+        }
+    }
+}
+
+/// Runs "Test key" for `provider` of `m`'s account: the saved key (else `no_key_saved`),
+/// the per-minute limit, one minimal probe through a worker, the result kept as the key's
+/// `last_test` and audited (`key.tested`). The caller has checked membership and role. Used
+/// by the JSON API and the settings page alike.
+pub async fn run_key_test(
+    state: &AppState,
+    caller: &Caller,
+    m: &Membership,
+    provider: Provider,
+) -> ApiResult<KeyTestResult> {
     let key = state.store.sealed_key(&m.account.id, provider).await?.ok_or_else(|| {
         ApiError::new(
             ErrorCode::NoKeySaved,
@@ -82,7 +128,7 @@ pub async fn test_key(
     };
 
     let outcome: Result<u128, ProviderFailure> =
-        match open_and_call(&state, provider, &choice, build_probe(provider, &model.id)).await {
+        match open_and_call(state, provider, &choice, build_probe(provider, &model.id)).await {
             Ok(mut up) => match up.collect(1024 * 1024).await {
                 Ok(body) => parse_chat(provider, up.status, &body).map(|_| up.started.elapsed().as_millis()),
                 Err(CallFailure::Provider(f)) => Err(f),
@@ -94,7 +140,10 @@ pub async fn test_key(
     let now = state.clock.now();
     let (answer, result) = match &outcome {
         Ok(ms) => (
-            json!({ "ok": true, "status": "ok", "model": model.id, "latency_ms": ms }),
+            KeyTestResult::Ok {
+                model: model.id.clone(),
+                latency_ms: *ms,
+            },
             LastTest {
                 ok: true,
                 at: now,
@@ -102,7 +151,11 @@ pub async fn test_key(
             },
         ),
         Err(f) => (
-            json!({ "ok": false, "status": f.diagnosis.as_str(), "provider_status": f.status, "message": f.message }),
+            KeyTestResult::Failed {
+                diagnosis: f.diagnosis,
+                provider_status: f.status,
+                message: f.message.clone(),
+            },
             LastTest {
                 ok: false,
                 at: now,
@@ -130,5 +183,5 @@ pub async fn test_key(
         .record_key_test(&m.account.id, provider, &key_id, &result, &event)
         .await?;
     state.metrics.record_probe(provider, event.outcome.as_str());
-    Ok(Json(answer))
+    Ok(answer)
 }

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use keyward_core::{ApiKey, ErrorCode, KeyId, KeySource, Plan, Provider};
 use keyward_crypto::Binding;
-use keyward_store::{Actor, Membership, NewKey, ProviderState};
+use keyward_store::{Actor, Membership, NewKey, ProviderState, Saved};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -93,7 +93,7 @@ pub async fn save(
     let body: SaveKeyBody = body.parse()?;
     let saved = store_key(&state, &caller, &m, provider, body.api_key.expose_secret()).await?;
     drop(body);
-    Ok(Json(state_json(&state, &saved)))
+    Ok(Json(state_json(&state, &saved.state)))
 }
 
 /// Saves or rotates `provider`'s key of `m`'s account: the key format check, sealing, the
@@ -106,7 +106,7 @@ pub async fn store_key(
     m: &Membership,
     provider: Provider,
     raw_key: &str,
-) -> ApiResult<ProviderState> {
+) -> ApiResult<Saved> {
     let key =
         ApiKey::parse(provider, raw_key).map_err(|e| ApiError::new(ErrorCode::InvalidKeyFormat, e.to_string()))?;
 
@@ -137,7 +137,7 @@ pub async fn store_key(
     let action = if saved.rotated { "key.rotated" } else { "key.saved" };
     state.metrics.record_key_action(action, provider.as_str());
     tracing::info!(account = %m.account.id, %provider, action, "key saved");
-    Ok(saved.state)
+    Ok(saved)
 }
 
 pub async fn remove(

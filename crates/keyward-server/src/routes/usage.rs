@@ -4,8 +4,10 @@
 use axum::extract::{Path, State};
 use axum::Json;
 use keyward_core::{KeySource, Provider};
+use keyward_store::{Membership, UsageReport};
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use crate::ai::period_of;
 use crate::app::AppState;
@@ -18,34 +20,83 @@ pub async fn usage(
     Path(account): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let m = caller.member_of(&state, &account).await?;
+    let u = month_usage(&state, &m).await?;
+    Ok(Json(u.to_json(&m)))
+}
+
+/// An account's usage in the current calendar month (UTC).
+#[derive(Debug, Clone)]
+pub struct MonthUsage {
+    pub start: OffsetDateTime,
+    pub end: OffsetDateTime,
+    pub credit_limit: i64,
+    pub report: UsageReport,
+}
+
+impl MonthUsage {
+    pub fn credits_used(&self) -> i64 {
+        self.report.credits_used
+    }
+
+    pub fn credits_remaining(&self) -> i64 {
+        (self.credit_limit - self.report.credits_used).max(0)
+    }
+
+    /// (requests, input tokens, output tokens) of one provider and source.
+    pub fn of(&self, provider: Provider, source: KeySource) -> (i64, i64, i64) {
+        let row = self
+            .report
+            .by_provider
+            .iter()
+            .find(|u| u.provider == provider && u.source == source);
+        (
+            row.map_or(0, |r| r.requests),
+            row.map_or(0, |r| r.input_tokens),
+            row.map_or(0, |r| r.output_tokens),
+        )
+    }
+
+    /// The JSON API's answer.
+    pub fn to_json(&self, m: &Membership) -> Value {
+        let mut by_provider = Map::new();
+        for p in Provider::ALL {
+            let mut sources = Map::new();
+            for s in [KeySource::Own, KeySource::Shared] {
+                let (requests, input_tokens, output_tokens) = self.of(p, s);
+                sources.insert(
+                    s.as_str().to_owned(),
+                    json!({
+                        "requests": requests,
+                        "input_tokens": input_tokens,
+                        "output_tokens": output_tokens,
+                    }),
+                );
+            }
+            by_provider.insert(p.as_str().to_owned(), Value::Object(sources));
+        }
+        json!({
+            "plan": m.account.plan,
+            "period_start": self.start.format(&Rfc3339).unwrap_or_default(),
+            "period_end": self.end.format(&Rfc3339).unwrap_or_default(),
+            "shared": {
+                "credit_limit": self.credit_limit,
+                "credits_used": self.credits_used(),
+                "credits_remaining": self.credits_remaining(),
+            },
+            "by_provider": by_provider,
+        })
+    }
+}
+
+/// This month's usage of `m`'s account, read from the store. The caller has checked
+/// membership. Used by the JSON API and the settings page alike.
+pub async fn month_usage(state: &AppState, m: &Membership) -> ApiResult<MonthUsage> {
     let (period, start, end) = period_of(state.clock.now());
     let report = state.store.usage(&m.account.id, &period).await?;
-    let limit = m.account.shared_credit_limit;
-    let mut by_provider = Map::new();
-    for p in Provider::ALL {
-        let mut sources = Map::new();
-        for s in [KeySource::Own, KeySource::Shared] {
-            let row = report.by_provider.iter().find(|u| u.provider == p && u.source == s);
-            sources.insert(
-                s.as_str().to_owned(),
-                json!({
-                    "requests": row.map_or(0, |r| r.requests),
-                    "input_tokens": row.map_or(0, |r| r.input_tokens),
-                    "output_tokens": row.map_or(0, |r| r.output_tokens),
-                }),
-            );
-        }
-        by_provider.insert(p.as_str().to_owned(), Value::Object(sources));
-    }
-    Ok(Json(json!({
-        "plan": m.account.plan,
-        "period_start": start.format(&Rfc3339).unwrap_or_default(),
-        "period_end": end.format(&Rfc3339).unwrap_or_default(),
-        "shared": {
-            "credit_limit": limit,
-            "credits_used": report.credits_used,
-            "credits_remaining": (limit - report.credits_used).max(0),
-        },
-        "by_provider": by_provider,
-    })))
+    Ok(MonthUsage {
+        start,
+        end,
+        credit_limit: m.account.shared_credit_limit,
+        report,
+    })
 }

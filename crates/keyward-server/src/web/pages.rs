@@ -1,0 +1,609 @@
+//! The settings page's HTML, built as escaped strings.
+//!
+//! Every value that did not come from this file (names, e-mail addresses, ids, provider
+//! messages, error messages) goes through [`esc`]. No inline script or style anywhere: the
+//! Content-Security-Policy (`default-src 'self'`) would refuse them; styles and the small
+//! script are served from `/assets/`.
+
+use keyward_core::{format_hint, Catalogue, KeySource, Plan, Provider, Role, UnixMillis};
+use keyward_store::{KeyMeta, Membership, ProviderState};
+
+use super::sessions::{Control, Flash};
+use crate::routes::usage::MonthUsage;
+
+/// Escapes text for HTML element content and double- or single-quoted attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A whole number with thousands separators: `20000` → `20,000`.
+pub fn group(n: i64) -> String {
+    let digits: Vec<char> = n.unsigned_abs().to_string().chars().collect();
+    let groups: Vec<String> = digits.rchunks(3).rev().map(|g| g.iter().collect()).collect();
+    let out = groups.join(",");
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+fn datetime(t: UnixMillis) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.as_i64()) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+fn month_name(d: &time::OffsetDateTime) -> &'static str {
+    MONTHS
+        .get(usize::from(u8::from(d.month())).saturating_sub(1))
+        .copied()
+        .unwrap_or("")
+}
+
+/// `24 Nov 2025, 16:00 UTC`.
+pub fn when(t: UnixMillis) -> String {
+    let d = datetime(t);
+    format!(
+        "{} {} {}, {:02}:{:02} UTC",
+        d.day(),
+        month_name(&d),
+        d.year(),
+        d.hour(),
+        d.minute()
+    )
+}
+
+/// `2025-11-24T16:00:00Z`, for `<time datetime>`.
+fn iso(t: UnixMillis) -> String {
+    crate::clock::rfc3339(t)
+}
+
+/// A Test key diagnosis in plain words.
+pub fn diagnosis_words(status: &str) -> &'static str {
+    match status {
+        "invalid_key" => "The provider did not accept this key: it is wrong, revoked or expired.",
+        "no_credit" => "The key is valid, but its provider account has no credit left.",
+        "missing_permission" => "The key is not allowed to run this model: check its permissions or project.",
+        "model_not_available" => "The test model is not available to this key.",
+        "rate_limited" => "The provider is rate-limiting this key right now: try again in a moment.",
+        "provider_unavailable" => "The provider is unavailable or overloaded right now: try again later.",
+        "unreachable" => "keyward could not reach the provider.",
+        "bad_request" => "The provider refused the test request.",
+        "malformed_response" => "The provider's answer could not be read.",
+        _ => "The test failed.",
+    }
+}
+
+fn plan_name(p: Plan) -> &'static str {
+    match p {
+        Plan::Free => "Free",
+        Plan::Pro => "Pro",
+        Plan::Business => "Business",
+    }
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Owner => "Owner",
+        Role::Admin => "Admin",
+        Role::Member => "Member",
+    }
+}
+
+/// The document around a page's main content.
+fn document(title: &str, header_right: &str, main: &str) -> String {
+    format!(
+        r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>{title} · Aiemaily</title>
+<link rel="icon" href="/assets/favicon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="/assets/keyward.css">
+<script src="/assets/model-keys.js" defer></script>
+</head>
+<body>
+<a class="skip" href="#main">Skip to main content</a>
+<header class="topbar">
+<div class="brand"><span class="mark" aria-hidden="true"></span><span>Aiemaily</span></div>
+{header_right}
+</header>
+<main id="main" tabindex="-1">
+{main}
+</main>
+</body>
+</html>
+"##,
+        title = esc(title),
+    )
+}
+
+/// A page with a heading, a sentence and an optional link (errors, "not found").
+pub fn message_page(title: &str, text: &str, link: Option<(&str, &str)>) -> String {
+    let link = link.map_or_else(String::new, |(href, label)| {
+        format!(
+            r#"<p><a class="button secondary" href="{}">{}</a></p>"#,
+            esc(href),
+            esc(label)
+        )
+    });
+    let main = format!(
+        r#"<div class="narrow"><h1>{}</h1><p class="lede">{}</p>{link}</div>"#,
+        esc(title),
+        esc(text)
+    );
+    document(title, "", &main)
+}
+
+/// `/login`: a token field (masked) and "Log in".
+pub fn login_page(csrf: &str, error: Option<&str>) -> String {
+    let (error_html, invalid) = match error {
+        Some(e) => (
+            format!(r#"<p class="msg err" id="token-error">{}</p>"#, esc(e)),
+            r#" aria-invalid="true""#,
+        ),
+        None => (String::new(), ""),
+    };
+    let main = format!(
+        r#"<div class="narrow">
+<h1>Log in</h1>
+<p class="lede">Sign in to manage your account's AI model keys.</p>
+<form class="card login" method="post" action="/login">
+<input type="hidden" name="csrf" value="{csrf}">
+<label for="token">Access token</label>
+<input type="password" id="token" name="token" autocomplete="off" spellcheck="false" autocapitalize="off" required aria-describedby="token-hint token-error"{invalid}>
+<p class="hint" id="token-hint">Paste the <code>kw_…</code> token you were given by <code>keyward admin create-user</code> or at first start.</p>
+<div role="alert" aria-live="assertive">{error_html}</div>
+<button type="submit" class="primary">Log in</button>
+</form>
+</div>"#,
+        csrf = esc(csrf),
+    );
+    document("Log in", "", &main)
+}
+
+/// What the model-keys page shows.
+#[derive(Debug)]
+pub struct PageView<'a> {
+    pub email: &'a str,
+    pub csrf: &'a str,
+    /// Every account of the user (for the switcher).
+    pub accounts: &'a [Membership],
+    /// The account shown.
+    pub current: &'a Membership,
+    pub states: &'a [ProviderState],
+    pub usage: &'a MonthUsage,
+    pub catalogue: &'a Catalogue,
+    pub flash: Option<&'a Flash>,
+}
+
+/// `/settings/ai/model-keys`.
+pub fn model_keys_page(v: &PageView<'_>) -> String {
+    let account = &v.current.account;
+    let header_right = format!(
+        r#"<div class="who"><span class="email">{email}</span>
+<form method="post" action="/logout"><input type="hidden" name="csrf" value="{csrf}"><button type="submit" class="link">Log out</button></form></div>"#,
+        email = esc(v.email),
+        csrf = esc(v.csrf),
+    );
+    let mut main = String::new();
+    main.push_str(
+        r#"<nav class="crumbs" aria-label="Breadcrumb"><ol><li>Settings</li><li>AI</li><li><span aria-current="page">Model keys</span></li></ol></nav>"#,
+    );
+    main.push_str(&format!(
+        r#"<div class="page-head"><div><h1>Model keys</h1>
+<p class="lede">Run AI on your own Anthropic, OpenAI or Google AI credits, with no Aiemaily usage caps. Keys are envelope-encrypted, opened only in an isolated worker, and never shown again: you see only their last four characters.</p></div>
+{switcher}</div>"#,
+        switcher = account_switcher(v),
+    ));
+    main.push_str(&notices(v));
+    main.push_str(&usage_panel(v));
+    main.push_str(r#"<div class="cards">"#);
+    for p in Provider::ALL {
+        if let Some(s) = v.states.iter().find(|s| s.provider == p) {
+            main.push_str(&card(v, s));
+        }
+    }
+    main.push_str("</div>");
+    main.push_str(&format!(
+        r#"<p class="footnote">Every key action and AI call of {} is written to its audit log with the provider and, for your own keys, the key's last four characters.</p>"#,
+        esc(&account.name)
+    ));
+    document("Model keys · Settings", &header_right, &main)
+}
+
+fn account_switcher(v: &PageView<'_>) -> String {
+    let current = &v.current.account;
+    if v.accounts.len() < 2 {
+        return format!(
+            r#"<div class="account-pill"><span class="muted">Account</span> <strong>{}</strong> <span class="plan">{}</span></div>"#,
+            esc(&current.name),
+            plan_name(current.plan)
+        );
+    }
+    let mut options = String::new();
+    for m in v.accounts {
+        let selected = if m.account.id == current.id { " selected" } else { "" };
+        options.push_str(&format!(
+            r#"<option value="{}"{selected}>{} ({}, {})</option>"#,
+            esc(m.account.id.as_str()),
+            esc(&m.account.name),
+            plan_name(m.account.plan),
+            role_name(m.role).to_lowercase(),
+        ));
+    }
+    format!(
+        r#"<form class="switcher" method="get" action="/settings/ai/model-keys">
+<label for="account">Account</label>
+<div class="inline"><select id="account" name="account">{options}</select>
+<button type="submit" class="secondary">Switch</button></div>
+</form>"#
+    )
+}
+
+fn notices(v: &PageView<'_>) -> String {
+    let m = v.current;
+    let mut out = String::new();
+    if !m.role.can_manage_keys() {
+        out.push_str(&format!(
+            r#"<div class="notice info" role="note"><strong>View only.</strong> You are a member of {}. Only its owners and admins can save, test, switch or remove model keys; ask one of them for changes.</div>"#,
+            esc(&m.account.name)
+        ));
+    }
+    if !m.account.plan.allows_own_keys() {
+        out.push_str(&format!(
+            r#"<div class="notice warn" role="note" id="plan-note"><strong>Your own keys need a paid plan.</strong> {} is on the Free plan, so its AI features run on Aiemaily shared credits, which are capped each month. Upgrade to {} or Business to connect your own Anthropic, OpenAI or Google AI key and run AI on your own credits with no caps.</div>"#,
+            esc(&m.account.name),
+            plan_name(Plan::FIRST_PAID)
+        ));
+    }
+    out
+}
+
+fn usage_panel(v: &PageView<'_>) -> String {
+    let u = v.usage;
+    let used = u.credits_used();
+    let limit = u.credit_limit;
+    let start = u.start;
+    let last_day = u.end - time::Duration::seconds(1);
+    let period = format!(
+        "{} {} – {} {} {}",
+        start.day(),
+        MONTHS
+            .get(usize::from(u8::from(start.month())).saturating_sub(1))
+            .copied()
+            .unwrap_or(""),
+        last_day.day(),
+        MONTHS
+            .get(usize::from(u8::from(last_day.month())).saturating_sub(1))
+            .copied()
+            .unwrap_or(""),
+        last_day.year()
+    );
+    let mut own_total = 0;
+    for p in Provider::ALL {
+        own_total += u.of(p, KeySource::Own).0;
+    }
+    format!(
+        r#"<section class="card usage" aria-labelledby="usage-h">
+<div class="usage-head"><h2 id="usage-h">Aiemaily shared usage this month</h2><span class="muted">{period}</span></div>
+<p class="usage-figure"><strong>{used}</strong> of {limit} credits used <span class="muted">· {remaining} left · {plan} plan</span></p>
+<progress id="usage-bar" max="{max}" value="{value}" aria-label="Shared credits used this month">{used} of {limit}</progress>
+<p class="hint">Calls on Aiemaily shared are metered against these credits and stop when they run out. Calls on your own key are not capped ({own} this month).</p>
+</section>"#,
+        used = group(used),
+        limit = group(limit),
+        remaining = group(u.credits_remaining()),
+        plan = plan_name(v.current.account.plan),
+        max = limit.max(1),
+        value = used.min(limit.max(1)).max(0),
+        own = match own_total {
+            1 => "1 request".to_owned(),
+            n => format!("{} requests", group(n)),
+        },
+    )
+}
+
+fn flash_for<'a>(v: &'a PageView<'_>, provider: Provider, control: Control) -> Option<&'a Flash> {
+    v.flash
+        .filter(|f| f.provider == provider && f.control == control && f.account == v.current.account.id.as_str())
+}
+
+/// A live region for one control's messages; empty until there is one.
+fn live_region(id: &str, flash: Option<&Flash>) -> String {
+    let inner = flash.map_or_else(String::new, message_html);
+    format!(r#"<div class="live" id="{id}" role="status" aria-live="polite">{inner}</div>"#)
+}
+
+/// One message: a bold title and an optional detail.
+pub fn message_html(f: &Flash) -> String {
+    let class = if f.ok { "ok" } else { "err" };
+    let detail = f
+        .detail
+        .as_deref()
+        .map_or_else(String::new, |d| format!(r#" <span class="detail">{}</span>"#, esc(d)));
+    format!(
+        r#"<p class="msg {class}"><strong>{}</strong>{detail}</p>"#,
+        esc(&f.title)
+    )
+}
+
+/// The "Last test" of a saved key.
+pub fn last_test_html(key: &KeyMeta) -> String {
+    let Some(t) = &key.last_test else {
+        return r#"<span class="muted">Not tested yet</span>"#.to_owned();
+    };
+    let at = format!(r#"<time datetime="{}">{}</time>"#, iso(t.at), when(t.at));
+    if t.ok {
+        let what = t.message.strip_prefix("ok: ").unwrap_or(&t.message);
+        format!(
+            r#"<span class="good">Worked</span> · {at} <span class="muted">({})</span>"#,
+            esc(what)
+        )
+    } else {
+        let (status, message) = t.message.split_once(": ").unwrap_or(("", t.message.as_str()));
+        format!(
+            r#"<span class="bad">Failed</span> · {at}<br><span class="muted">{} The provider said: “{}”</span>"#,
+            esc(diagnosis_words(status)),
+            esc(message)
+        )
+    }
+}
+
+fn card(v: &PageView<'_>, s: &ProviderState) -> String {
+    let p = s.provider;
+    let id = p.as_str();
+    let name = p.display_name();
+    let m = v.current;
+    let manage = m.role.can_manage_keys();
+    let paid = m.account.plan.allows_own_keys();
+    let account_id = m.account.id.as_str();
+    let models: Vec<String> = v.catalogue.models(p).iter().map(|e| esc(&e.name)).collect();
+    let own = s.source == KeySource::Own;
+    let badge = if own {
+        r#"<span class="badge own">Using My key</span>"#
+    } else {
+        r#"<span class="badge shared">Using Aiemaily shared</span>"#
+    };
+    let (own_req, _, _) = v.usage.of(p, KeySource::Own);
+    let (shared_req, _, _) = v.usage.of(p, KeySource::Shared);
+
+    let saved = match &s.key {
+        Some(k) => format!(
+            r#"<span class="masked" data-last4="{last4}">{masked}</span> <span class="muted">saved <time datetime="{iso}">{when}</time></span>"#,
+            last4 = esc(k.last4.as_str()),
+            masked = esc(&k.last4.masked()),
+            iso = iso(k.updated_at),
+            when = when(k.updated_at),
+        ),
+        None => r#"<span class="muted">No key saved</span>"#.to_owned(),
+    };
+    let mut facts = format!(
+        r#"<dl class="facts">
+<div><dt>Models</dt><dd>{models}</dd></div>
+<div><dt>Key format</dt><dd><code>{hint}</code></dd></div>
+<div><dt>Saved key</dt><dd>{saved}</dd></div>"#,
+        models = models.join(" · "),
+        hint = esc(format_hint(p)),
+    );
+    if let Some(k) = &s.key {
+        facts.push_str(&format!(
+            r#"<div><dt>Last test</dt><dd id="last-test-{id}">{}</dd></div>"#,
+            last_test_html(k)
+        ));
+    }
+    facts.push_str(&format!(
+        r#"<div><dt>This month</dt><dd>{} on My key · {} on Aiemaily shared</dd></div></dl>"#,
+        requests(own_req),
+        requests(shared_req)
+    ));
+
+    let hidden = format!(
+        r#"<input type="hidden" name="csrf" value="{}"><input type="hidden" name="account" value="{}">"#,
+        esc(v.csrf),
+        esc(account_id)
+    );
+    let action = |what: &str| format!("/settings/ai/model-keys/{id}/{what}");
+
+    let mut controls = String::new();
+    if manage {
+        // Save / rotate.
+        let key_flash = flash_for(v, p, Control::Key);
+        if paid {
+            let invalid = if key_flash.is_some_and(|f| !f.ok) {
+                r#" aria-invalid="true""#
+            } else {
+                ""
+            };
+            let (label, button) = if s.key.is_some() {
+                ("Replace key", "Save new key")
+            } else {
+                ("API key", "Save")
+            };
+            controls.push_str(&format!(
+                r#"<form class="control save" method="post" action="{act}">{hidden}
+<label for="key-{id}">{label}</label>
+<div class="inline"><input type="password" id="key-{id}" name="api_key" autocomplete="off" spellcheck="false" autocapitalize="off" placeholder="{ph}" required aria-describedby="hint-{id} msg-{id}-key"{invalid}>
+<button type="submit" class="primary">{button}</button></div>
+<p class="hint" id="hint-{id}">Paste the key from your {name} dashboard. It is masked as you paste it{rotate}.</p>
+{live}
+</form>"#,
+                act = action("save"),
+                ph = esc(format_hint(p)),
+                rotate = if s.key.is_some() {
+                    "; saving a new key replaces the saved one at once"
+                } else {
+                    ""
+                },
+                live = live_region(&format!("msg-{id}-key"), key_flash),
+            ));
+        } else {
+            controls.push_str(&format!(
+                r#"<div class="control"><p class="hint locked" id="hint-{id}">Saving your own {name} key needs the {} or Business plan.</p>{}</div>"#,
+                plan_name(Plan::FIRST_PAID),
+                live_region(&format!("msg-{id}-key"), key_flash),
+            ));
+        }
+
+        // Source switch.
+        let has_key = s.key.is_some();
+        let pressed = |on: bool| if on { "true" } else { "false" };
+        let own_disabled = if has_key { "" } else { " disabled" };
+        let source_hint = if !has_key {
+            "Save a key to switch to it. Until then every call uses Aiemaily shared."
+        } else if own {
+            "Calls run on your key, with no Aiemaily caps. Switching back to shared keeps your key saved."
+        } else {
+            "Calls run on Aiemaily shared credits. Your saved key is kept until you switch to it."
+        };
+        controls.push_str(&format!(
+            r#"<div class="control split"><form class="source" method="post" action="{act}">{hidden}
+<fieldset><legend>Key source</legend>
+<div class="segmented" role="group" aria-describedby="src-hint-{id}">
+<button type="submit" name="source" value="shared" aria-pressed="{sh}">Aiemaily shared</button><button type="submit" name="source" value="own" aria-pressed="{ow}"{own_disabled}>My key</button>
+</div>
+<p class="hint" id="src-hint-{id}">{source_hint}</p>
+{live}
+</fieldset>
+</form>"#,
+            act = action("source"),
+            sh = pressed(!own),
+            ow = pressed(own),
+            live = live_region(&format!("msg-{id}-source"), flash_for(v, p, Control::Source)),
+        ));
+
+        // Test and remove.
+        let test_disabled = if has_key {
+            String::new()
+        } else {
+            format!(r#" disabled aria-describedby="test-hint-{id}""#)
+        };
+        let test_hint = if has_key {
+            String::new()
+        } else {
+            format!(r#"<p class="hint" id="test-hint-{id}">Save a key to test it.</p>"#)
+        };
+        let remove = match &s.key {
+            Some(k) => format!(
+                r#"<details class="remove"><summary class="button danger-outline">Remove</summary>
+<form method="post" action="{act}">{hidden}
+<p>Remove the saved {name} key <span class="masked">{masked}</span>? It is deleted at once{fallback}.</p>
+<button type="submit" name="confirm" value="yes" class="danger">Yes, remove key</button>
+</form></details>"#,
+                act = action("remove"),
+                masked = esc(&k.last4.masked()),
+                fallback = if own {
+                    " and calls switch back to Aiemaily shared"
+                } else {
+                    ""
+                },
+            ),
+            None => String::new(),
+        };
+        controls.push_str(&format!(
+            r#"<div class="key-actions"><span class="label">Check or remove the key</span>
+<div class="actions">
+<form method="post" action="{act}" data-enhance="test" data-result="msg-{id}-test" data-last-test="last-test-{id}">{hidden}
+<button type="submit" class="secondary"{test_disabled}>Test key</button>
+</form>
+{remove}
+</div>
+{test_hint}</div></div>
+{test_live}{remove_live}"#,
+            act = action("test"),
+            test_live = live_region(&format!("msg-{id}-test"), flash_for(v, p, Control::Test)),
+            remove_live = live_region(&format!("msg-{id}-remove"), flash_for(v, p, Control::Remove)),
+        ));
+    }
+
+    if !manage {
+        // A member has no controls; a refused form (posted by hand) is still explained.
+        let any = v
+            .flash
+            .filter(|f| f.provider == p && f.account == v.current.account.id.as_str());
+        controls.push_str(&live_region(&format!("msg-{id}"), any));
+    }
+
+    format!(
+        r#"<section class="card provider" id="provider-{id}" aria-labelledby="h-{id}">
+<div class="card-head"><h2 id="h-{id}">{name}</h2>{badge}</div>
+{facts}
+{controls}
+</section>"#
+    )
+}
+
+fn requests(n: i64) -> String {
+    match n {
+        1 => "1 request".to_owned(),
+        n => format!("{} requests", group(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn esc_escapes_everything_that_could_open_markup() {
+        assert_eq!(esc("plain text"), "plain text");
+        assert_eq!(
+            esc(r#"<script>alert("x")</script>"#),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"
+        );
+        assert_eq!(esc("a & b's"), "a &amp; b&#39;s");
+        assert_eq!(esc("\" onmouseover='x'"), "&quot; onmouseover=&#39;x&#39;");
+        assert_eq!(esc("••••ab_-"), "••••ab_-");
+        // Escaping is not idempotent by accident: an escaped entity is escaped again.
+        assert_eq!(esc("&amp;"), "&amp;amp;");
+        for s in ["<", ">", "\"", "'", "&"] {
+            let e = esc(s);
+            assert!(!e.contains(['<', '>', '"', '\'']), "{s} → {e}");
+        }
+    }
+
+    #[test]
+    fn numbers_and_times_read_well() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(20_000), "20,000");
+        assert_eq!(group(1_234_567), "1,234,567");
+        assert_eq!(group(-1_000), "-1,000");
+        assert_eq!(when(UnixMillis(1_764_000_000_123)), "24 Nov 2025, 16:00 UTC");
+    }
+
+    #[test]
+    fn pages_escape_what_they_show() {
+        let page = message_page("<b>", "a < b", Some(("/x?a=1&b=2", "Go")));
+        assert!(page.contains("&lt;b&gt;") && !page.contains("<b>"));
+        assert!(page.contains("/x?a=1&amp;b=2"));
+        let login = login_page("tok\"en", Some("<no>"));
+        assert!(login.contains("value=\"tok&quot;en\""));
+        assert!(login.contains("&lt;no&gt;"));
+        assert!(!login.contains("<script>") && !login.contains("style="));
+    }
+
+    #[test]
+    fn every_diagnosis_has_words() {
+        for d in keyward_providers::Diagnosis::ALL {
+            assert_ne!(diagnosis_words(d.as_str()), "The test failed.", "{d}");
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! The settings page in a real browser: Debian's `chromium`, driven over WebDriver by
+//! `chromedriver` (started here on a free port) through `fantoccini`, against the real binary
+//! and the fake providers.
+//!
+//! Without chromium and chromedriver these tests print a skip line, or fail when
+//! `KEYWARD_TEST_REQUIRE_ALL=1` (as in CI, whose `.ci/run` installs them).
+//!
+//! `owner_manages_keys_in_a_real_browser` writes `target/screenshots/model-keys.png`: the page
+//! with three saved keys.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use keyward_core::Provider;
+use keyward_fakes::{Behaviour, FakeProviders};
+use keyward_testkit::Keyward;
+use serde_json::{json, Value};
+
+use crate::ai_support::start_on_fake;
+use crate::common::*;
+use crate::web::{login_url, SETTINGS};
+
+/// A test's own setting from the environment (not keyward's configuration).
+#[allow(clippy::disallowed_methods, reason = "test settings, not keyward configuration")]
+fn test_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// `name` on the PATH (or in /usr/bin).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "finding test programs, not keyward configuration"
+)]
+fn program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// chromium and chromedriver, or None after printing why the test is skipped (a failure
+/// under `KEYWARD_TEST_REQUIRE_ALL=1`).
+fn browser_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
+    match (program("chromium"), program("chromedriver")) {
+        (Some(chromium), Some(driver)) => Some((chromium, driver)),
+        (chromium, driver) => {
+            let missing: Vec<&str> = [("chromium", chromium.is_none()), ("chromedriver", driver.is_none())]
+                .iter()
+                .filter(|(_, m)| *m)
+                .map(|(n, _)| *n)
+                .collect();
+            let why = format!(
+                "{} not found (install Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver)",
+                missing.join(" and ")
+            );
+            if test_env("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Some("1") {
+                panic!("{test}: the browser tests are required (KEYWARD_TEST_REQUIRE_ALL=1) but {why}");
+            }
+            eprintln!("skipped: {test}: {why}");
+            None
+        }
+    }
+}
+
+/// A chromedriver process group, killed on drop (chromedriver and the chromium it started).
+struct Driver {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A headless Chromium under WebDriver, with its own temp profile.
+struct Browser {
+    client: Client,
+    _driver: Driver,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start(test: &str, javascript: bool) -> Option<Browser> {
+        use std::os::unix::process::CommandExt;
+
+        let (chromium, chromedriver) = browser_tools(test)?;
+        let profile = tempfile::Builder::new().prefix("keyward-chromium-").tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = profile.path().join("chromedriver.log");
+        let child = Command::new(&chromedriver)
+            .arg(format!("--port={port}"))
+            .arg(format!("--log-path={}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", chromedriver.display()));
+        let driver = Driver { child, log };
+        let url = format!("http://127.0.0.1:{port}");
+        let probe = keyward_testkit::reqwest::Client::builder().no_proxy().build().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = probe.get(format!("{url}/status")).send().await;
+            if let Ok(r) = ready {
+                let v: Value = r.json().await.unwrap_or_default();
+                if v["value"]["ready"] == true {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not start: {}",
+                driver_log(&driver)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut args = vec![
+            "--headless=new".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            "--disable-background-networking".to_owned(),
+            "--disable-component-update".to_owned(),
+            "--disable-sync".to_owned(),
+            "--no-first-run".to_owned(),
+            "--window-size=1280,1000".to_owned(),
+            "--lang=en-US".to_owned(),
+            format!("--user-data-dir={}", profile.path().join("profile").display()),
+        ];
+        if !javascript {
+            args.push("--blink-settings=scriptEnabled=false".to_owned());
+        }
+        let caps = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": { "binary": chromium, "args": args },
+        });
+        let caps = caps.as_object().unwrap().clone();
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("WebDriver session: {e}\n{}", driver_log(&driver)));
+        Some(Browser {
+            client,
+            _driver: driver,
+            _profile: profile,
+        })
+    }
+
+    async fn goto(&self, url: &str) {
+        self.client.goto(url).await.unwrap();
+    }
+
+    async fn path(&self) -> String {
+        let u = self.client.current_url().await.unwrap();
+        match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_owned(),
+        }
+    }
+
+    async fn find(&self, css: &str) -> fantoccini::elements::Element {
+        match self.client.find(Locator::Css(css)).await {
+            Ok(e) => e,
+            Err(e) => panic!("no element {css}: {e}\n{}", self.source().await),
+        }
+    }
+
+    async fn count(&self, css: &str) -> usize {
+        self.client.find_all(Locator::Css(css)).await.unwrap().len()
+    }
+
+    async fn text(&self, css: &str) -> String {
+        self.find(css).await.text().await.unwrap()
+    }
+
+    async fn click(&self, css: &str) {
+        self.find(css).await.click().await.unwrap();
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        self.find(css).await.send_keys(text).await.unwrap();
+    }
+
+    /// A script's answer as a number (0 when it is not one).
+    async fn number(&self, script: &str) -> u64 {
+        self.client.execute(script, vec![]).await.unwrap().as_u64().unwrap_or(0)
+    }
+
+    async fn source(&self) -> String {
+        self.client.source().await.unwrap_or_default()
+    }
+
+    /// Waits until the text of `css` contains `needle`; returns the text.
+    async fn wait_text(&self, css: &str, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(el) = self.client.find(Locator::Css(css)).await {
+                if let Ok(t) = el.text().await {
+                    if t.contains(needle) {
+                        return t;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("{css} never showed {needle:?}:\n{}", self.source().await);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Panics if `key` (or any 12-character piece of it) is in the DOM or in any input's
+    /// current value.
+    async fn assert_key_gone(&self, key: &str, context: &str) {
+        let dom = self.source().await;
+        assert_no_leak(&dom, key, &format!("{context}: the DOM"));
+        for input in self.client.find_all(Locator::Css("input")).await.unwrap() {
+            let value = input.prop("value").await.unwrap().unwrap_or_default();
+            assert_no_leak(&value, key, &format!("{context}: an input's value"));
+        }
+    }
+
+    /// Saves `key` in `provider`'s card with the key field and "Save".
+    async fn save_key(&self, provider: &str, key: &str) {
+        self.type_into(&format!("#key-{provider}"), key).await;
+        self.click(&format!("#provider-{provider} form.save button[type=submit]"))
+            .await;
+        self.wait_text(&format!("#msg-{provider}-key"), "Key").await;
+    }
+
+    /// Logs in through the login form with a token.
+    async fn login_with_token(&self, base: &str, token: &str) {
+        self.goto(&format!("{base}/login")).await;
+        self.type_into("#token", token).await;
+        self.click("form.login button[type=submit]").await;
+        self.wait_text("h1", "Model keys").await;
+        let path = self.path().await;
+        assert!(path.starts_with(SETTINGS) && !path.contains(token), "{path}");
+    }
+
+    async fn logout(&self) {
+        self.click(".who button[type=submit]").await;
+        self.wait_text("h1", "Log in").await;
+    }
+
+    async fn close(self) {
+        let _ = self.client.close().await;
+    }
+}
+
+fn driver_log(d: &Driver) -> String {
+    std::fs::read_to_string(&d.log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `target/screenshots/` of this build.
+fn screenshot_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .join("screenshots")
+}
+
+fn provider(p: &str) -> Provider {
+    p.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_manages_keys_in_a_real_browser() {
+    let Some(b) = Browser::start("owner_manages_keys_in_a_real_browser", true).await else {
+        return;
+    };
+    let fake = FakeProviders::start().unwrap();
+    let kw = start_on_fake(&fake, &[]);
+    let acc = kw.owner_account().to_owned();
+    let t = kw.owner_token().to_owned();
+    let keys: Vec<(&str, String)> = PROVIDERS.iter().map(|p| (*p, key_for(p))).collect();
+    for (p, k) in &keys {
+        fake.set_key(provider(p), k, Behaviour::Ok);
+    }
+
+    // Log in from the first-start URL: one click, and the code leaves the address bar.
+    b.goto(&login_url(&kw)).await;
+    b.wait_text("h1", "Model keys").await;
+    assert_eq!(b.path().await, SETTINGS, "the code is not left in the address bar");
+    assert!(b.text(".who .email").await.contains("owner@localhost"));
+    for p in PROVIDERS {
+        assert!(b.text(&format!("#provider-{p} .facts")).await.contains("No key saved"));
+        let my_key = b.find(&format!("#provider-{p} button[name=source][value=own]")).await;
+        assert!(
+            !my_key.is_enabled().await.unwrap(),
+            "My key is disabled until a key is saved"
+        );
+        assert!(b
+            .text(&format!("#src-hint-{p}"))
+            .await
+            .contains("Save a key to switch to it"));
+    }
+
+    // Save a key for each provider: the card shows only ••••last4, the field is empty.
+    for (p, k) in &keys {
+        b.save_key(p, k).await;
+        b.wait_text(&format!("#msg-{p}-key"), "Key saved.").await;
+        let masked = b.text(&format!("#provider-{p} .facts .masked")).await;
+        assert_eq!(masked, format!("••••{}", last4(k)), "{p}");
+        let field = b.find(&format!("#key-{p}")).await;
+        assert_eq!(
+            field.prop("value").await.unwrap().unwrap_or_default(),
+            "",
+            "{p}: field emptied"
+        );
+        assert_eq!(field.attr("type").await.unwrap().as_deref(), Some("password"));
+        assert_eq!(field.attr("autocomplete").await.unwrap().as_deref(), Some("off"));
+    }
+    for (p, k) in &keys {
+        b.assert_key_gone(k, &format!("after saving {p}")).await;
+    }
+    let listed = list_keys(&kw, &t, &acc).await;
+    for (p, k) in &keys {
+        assert_eq!(listed[*p]["key"]["last4"], last4(k), "{p}");
+    }
+
+    // Test key with a good key: success, model and latency, without a reload (the script).
+    b.client
+        .execute("window.keywardMarker = 1; return null", vec![])
+        .await
+        .unwrap();
+    b.click("#provider-anthropic form[data-enhance=test] button").await;
+    let shown = b.wait_text("#msg-anthropic-test", "Key works.").await;
+    assert!(shown.contains("claude-3-haiku-20240307 answered in"), "{shown}");
+    let same_page = b
+        .client
+        .execute("return window.keywardMarker === 1", vec![])
+        .await
+        .unwrap();
+    assert_eq!(same_page, json!(true), "the script ran the test without a reload");
+
+    let last_test = b.text("#last-test-anthropic").await;
+    assert!(
+        last_test.contains("Worked"),
+        "the script refreshed Last test: {last_test}"
+    );
+    b.click("#provider-anthropic button[name=source][value=own]").await;
+    b.wait_text("#msg-anthropic-source", "Now using My key.").await;
+
+    // The screenshot: the whole page with three saved keys (one tested, one on My key).
+    let height = b.number("return document.documentElement.scrollHeight").await.max(800);
+    let height = u32::try_from(height).unwrap();
+    b.client.set_window_size(1280, height).await.unwrap();
+    let inner = u32::try_from(b.number("return window.innerHeight").await).unwrap();
+    if inner < height {
+        b.client.set_window_size(1280, height + (height - inner)).await.unwrap();
+    }
+    b.client
+        .execute("window.scrollTo(0, 0); return null", vec![])
+        .await
+        .unwrap();
+    let png = b.client.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    let dir = screenshot_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model-keys.png"), &png).unwrap();
+    b.client.set_window_size(1280, 1000).await.unwrap();
+
+    // Switch to My key and back; the key stays saved.
+    b.click("#provider-openai button[name=source][value=own]").await;
+    b.wait_text("#msg-openai-source", "Now using My key.").await;
+    assert_eq!(b.text("#provider-openai .badge").await, "Using My key");
+    let own = b.find("#provider-openai button[name=source][value=own]").await;
+    assert_eq!(own.attr("aria-pressed").await.unwrap().as_deref(), Some("true"));
+    assert_eq!(list_keys(&kw, &t, &acc).await["openai"]["source"], "own");
+    b.click("#provider-openai button[name=source][value=shared]").await;
+    b.wait_text("#msg-openai-source", "Now using Aiemaily shared.").await;
+    assert_eq!(b.text("#provider-openai .badge").await, "Using Aiemaily shared");
+    let listed = list_keys(&kw, &t, &acc).await;
+    assert_eq!(listed["openai"]["source"], "shared");
+    assert_eq!(
+        listed["openai"]["key"]["last4"],
+        last4(&keys[1].1),
+        "switching back keeps the key"
+    );
+
+    // Rotate: a key the provider does not know replaces the saved one.
+    let bad = openai_key();
+    b.save_key("openai", &bad).await;
+    b.wait_text("#msg-openai-key", "Key replaced.").await;
+    assert_eq!(
+        b.text("#provider-openai .facts .masked").await,
+        format!("••••{}", last4(&bad))
+    );
+    assert_eq!(key_events(&kw, &t, &acc).await.last().unwrap()["action"], "key.rotated");
+    // Test key with the bad key: the diagnosis in words and the provider's own message.
+    b.click("#provider-openai form[data-enhance=test] button").await;
+    let shown = b.wait_text("#msg-openai-test", "Test failed.").await;
+    assert!(shown.contains("did not accept this key"), "{shown}");
+    assert!(
+        shown.contains("Incorrect API key provided"),
+        "the provider's message: {shown}"
+    );
+    b.assert_key_gone(&bad, "after a failed test").await;
+    b.assert_key_gone(&keys[1].1, "after rotation").await;
+
+    // Remove after confirming.
+    assert!(!b
+        .find("#provider-google details.remove button[name=confirm]")
+        .await
+        .is_displayed()
+        .await
+        .unwrap());
+    b.click("#provider-google details.remove summary").await;
+    let confirm = b.find("#provider-google details.remove button[name=confirm]").await;
+    assert!(confirm.is_displayed().await.unwrap(), "the confirmation opens");
+    assert!(b
+        .text("#provider-google details.remove")
+        .await
+        .contains(&format!("••••{}", last4(&keys[2].1))));
+    confirm.click().await.unwrap();
+    b.wait_text("#msg-google-remove", "Key removed.").await;
+    assert!(b.text("#provider-google .facts").await.contains("No key saved"));
+    assert!(list_keys(&kw, &t, &acc).await["google"]["key"].is_null());
+    assert_eq!(b.count("#provider-google details.remove").await, 0);
+
+    // Keyboard: every control is reachable with Tab (no tabindex tricks, real buttons).
+    let tabbable = b
+        .client
+        .execute(
+            "return Array.from(document.querySelectorAll('button, input:not([type=hidden]), select, summary, a[href]')).filter(e => e.tabIndex < 0).length",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(tabbable, json!(0), "every control is in the tab order");
+
+    b.logout().await;
+    b.goto(&format!("{}{SETTINGS}", kw.base_url())).await;
+    b.wait_text("h1", "Log in").await;
+    b.close().await;
+    assert_audit_ok(&kw, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_action_works_without_javascript() {
+    let Some(b) = Browser::start("every_action_works_without_javascript", false).await else {
+        return;
+    };
+    let fake = FakeProviders::start().unwrap();
+    let kw = start_on_fake(&fake, &[]);
+    let acc = kw.owner_account().to_owned();
+    let t = kw.owner_token().to_owned();
+    let base = kw.base_url().to_owned();
+
+    // A token login through the form (never in a URL).
+    b.login_with_token(&base, &t).await;
+    let good = key_for("google");
+    fake.set_key(Provider::Google, &good, Behaviour::Ok);
+    b.save_key("google", &good).await;
+    b.wait_text("#msg-google-key", "Key saved.").await;
+    b.assert_key_gone(&good, "no-JS save").await;
+
+    b.click("#provider-google button[name=source][value=own]").await;
+    b.wait_text("#msg-google-source", "Now using My key.").await;
+
+    // Test key as a plain form: the page reloads with the result next to the button.
+    b.click("#provider-google form[data-enhance=test] button").await;
+    b.wait_text("#msg-google-test", "Key works.").await;
+    assert!(
+        b.path().await.starts_with(&format!("{SETTINGS}?account={acc}")),
+        "a reload"
+    );
+
+    let bad = key_for("google");
+    b.save_key("google", &bad).await;
+    b.wait_text("#msg-google-key", "Key replaced.").await;
+    b.click("#provider-google form[data-enhance=test] button").await;
+    let shown = b.wait_text("#msg-google-test", "Test failed.").await;
+    assert!(shown.contains("API key not valid"), "the provider's message: {shown}");
+
+    // A key pasted into the wrong card: the reason, next to that field.
+    let anthropic = key_for("anthropic");
+    b.save_key("openai", &anthropic).await;
+    let err = b.wait_text("#msg-openai-key", "Key not saved.").await;
+    assert!(err.contains("Anthropic"), "{err}");
+    b.assert_key_gone(&anthropic, "refused key").await;
+    let field = b.find("#key-openai").await;
+    assert_eq!(field.attr("aria-invalid").await.unwrap().as_deref(), Some("true"));
+
+    b.click("#provider-google details.remove summary").await;
+    b.click("#provider-google details.remove button[name=confirm]").await;
+    b.wait_text("#msg-google-remove", "Key removed.").await;
+    let listed = list_keys(&kw, &t, &acc).await;
+    assert!(listed["google"]["key"].is_null());
+    assert_eq!(listed["google"]["source"], "shared", "removal falls back to shared");
+    b.logout().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_and_free_plans_in_a_real_browser() {
+    let Some(b) = Browser::start("members_and_free_plans_in_a_real_browser", true).await else {
+        return;
+    };
+    let kw: Keyward = start();
+    let base = kw.base_url().to_owned();
+    let (ana, acme) = pro_owner(&kw, "ana@example.com");
+    let saved = key_for("openai");
+    save_key(&kw, &ana.token, &acme, "openai", &saved).await;
+    let mo = create_user(&kw, "mo@example.com");
+    add_member(&kw, &acme, &mo.email, "member");
+    let fay = create_user(&kw, "fay@example.com");
+    add_member(&kw, &acme, &fay.email, "admin");
+    let freebie = create_account(&kw, "Freebie", "free", &fay.email);
+
+    // A member sees the keys (last4 only) and no control.
+    b.login_with_token(&base, &mo.token).await;
+    assert!(b.text(".notice.info").await.contains("View only."));
+    assert_eq!(
+        b.text("#provider-openai .facts .masked").await,
+        format!("••••{}", last4(&saved))
+    );
+    for css in [
+        "input[type=password]",
+        "form.control",
+        "details.remove",
+        "button[name=source]",
+        "form[data-enhance=test]",
+    ] {
+        assert_eq!(b.count(css).await, 0, "a member has no {css}");
+    }
+    b.assert_key_gone(&saved, "member view").await;
+    b.logout().await;
+
+    // Fay: admin of Acme and owner of a free account; the switcher takes her to it.
+    b.login_with_token(&base, &fay.token).await;
+    assert_eq!(b.count("#key-openai").await, 1, "an admin of a pro account can save");
+    let switcher = b.find("select#account").await;
+    let label = b.find("label[for=account]").await;
+    assert_eq!(label.text().await.unwrap(), "Account");
+    switcher.select_by_value(&freebie).await.unwrap();
+    b.click("form.switcher button[type=submit]").await;
+    let why = b.wait_text(".notice.warn", "Your own keys need a paid plan.").await;
+    assert!(
+        why.contains("Freebie is on the Free plan") && why.contains("Pro or Business"),
+        "{why}"
+    );
+    assert_eq!(b.count("input[type=password]").await, 0, "no key field on a free plan");
+    for p in PROVIDERS {
+        let hint = b.text(&format!("#hint-{p}")).await;
+        assert!(hint.contains("needs the Pro or Business plan"), "{p}: {hint}");
+    }
+    assert!(b.text(".usage").await.contains("of 1,000 credits used"));
+    assert!(b.path().await.contains(&freebie));
+    b.logout().await;
+    b.close().await;
+}
