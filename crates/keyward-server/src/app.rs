@@ -8,7 +8,7 @@ use axum::http::header::{CACHE_CONTROL, X_CONTENT_TYPE_OPTIONS};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::Router;
 use keyward_core::{Catalogue, ErrorCode};
 use keyward_crypto::Sealer;
@@ -54,17 +54,11 @@ impl std::fmt::Debug for AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    let accounts = Router::new()
-        .route("/model-keys", get(routes::model_keys::list))
-        .route(
-            "/model-keys/{provider}",
-            put(routes::model_keys::save).delete(routes::model_keys::remove),
-        )
-        .route("/model-keys/{provider}/source", put(routes::model_keys::set_source))
-        .route("/model-keys/{provider}/test", post(routes::key_test::test_key))
-        .route("/ai/messages", post(routes::ai::messages))
-        .route("/usage", get(routes::usage::usage))
-        .route("/audit", get(routes::audit::list))
+    // keyward's own JSON API: built from the handlers' OpenAPI annotations, so every
+    // route in it is documented (see `openapi`).
+    let (api, doc) = crate::openapi::api_router();
+    let doc = Arc::new(doc);
+    let native = Router::new()
         .route(
             "/providers/anthropic/v1/messages",
             post(routes::passthrough::anthropic_messages),
@@ -83,11 +77,16 @@ pub fn router(state: AppState) -> Router {
             get(routes::passthrough::list_models),
         );
     Router::new()
-        .route("/healthz", get(routes::ops::healthz))
-        .route("/readyz", get(routes::ops::readyz))
+        .merge(api)
+        .route(
+            "/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
         .route("/metrics", get(routes::ops::metrics))
-        .route("/v1/me", get(routes::me::me))
-        .nest("/v1/accounts/{account_id}", accounts)
+        .nest("/v1/accounts/{account_id}", native)
         .merge(web::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

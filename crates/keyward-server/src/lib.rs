@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod ai;
+pub mod api;
 pub mod app;
 pub mod audit_ops;
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod extract;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;
+pub mod openapi;
 pub mod purge;
 pub mod routes;
 pub mod runtime;

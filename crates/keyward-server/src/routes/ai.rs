@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::ai::{choose_key, open_and_call, period_of, CallFailure, KeyChoice};
+use crate::api::{AiAnswerBody, ErrorBody, MessagesRequest, UsageCounts};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -233,6 +234,27 @@ pub async fn prepare(
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{account_id}/ai/messages",
+    tag = "ai",
+    params(("account_id" = String, Path)),
+    request_body = MessagesRequest,
+    responses(
+        (status = 200, description = "The answer; with \"stream\": true a text/event-stream of delta events and one done (or error) event", body = AiAnswerBody),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 404, description = "Not a member of this account", body = ErrorBody),
+        (status = 409, description = "Own key selected but none saved", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Bad body, unknown model", body = ErrorBody),
+        (status = 429, description = "Shared-pool credits spent", body = ErrorBody),
+        (status = 502, description = "The provider failed (its status and message)", body = ErrorBody),
+        (status = 503, description = "No worker, no database, or no shared key for this provider", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn messages(
     State(state): State<AppState>,
     caller: Caller,
@@ -290,7 +312,7 @@ async fn plain_answer(
     state: &AppState,
     ctx: &CallContext,
     call: keyward_providers::HttpCall,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AiAnswerBody>> {
     let mut upstream = match open_and_call(state, ctx.provider, &ctx.choice, call).await {
         Ok(u) => u,
         Err(f) => return Err(fail_call(state, ctx, f, None).await),
@@ -304,16 +326,19 @@ async fn plain_answer(
         Ok(answer) => {
             let req_id = req_id.or_else(|| Some(answer.id.clone()));
             let charged = ctx.settle(state, "ok", answer.usage, req_id, None).await?;
-            Ok(Json(json!({
-                "id": answer.id,
-                "provider": ctx.provider,
-                "model": ctx.model.id,
-                "key_source": ctx.choice.source,
-                "content": answer.content,
-                "stop_reason": answer.stop_reason,
-                "usage": { "input_tokens": answer.usage.input_tokens, "output_tokens": answer.usage.output_tokens },
-                "credits_charged": charged,
-            })))
+            Ok(Json(AiAnswerBody {
+                id: answer.id,
+                provider: ctx.provider.as_str().to_owned(),
+                model: ctx.model.id.clone(),
+                key_source: ctx.choice.source.as_str().to_owned(),
+                content: answer.content,
+                stop_reason: answer.stop_reason,
+                usage: UsageCounts {
+                    input_tokens: answer.usage.input_tokens,
+                    output_tokens: answer.usage.output_tokens,
+                },
+                credits_charged: charged,
+            }))
         }
         Err(f) => Err(fail_call(state, ctx, CallFailure::Provider(f), req_id).await),
     }

@@ -13,9 +13,9 @@ use axum::Json;
 use keyward_core::{ErrorCode, KeySource, Provider, UnixMillis};
 use keyward_providers::{build_probe, parse_chat, Diagnosis, ProviderFailure};
 use keyward_store::{AuditAction, LastTest, Membership, NewAuditEvent};
-use serde_json::{json, Value};
 
 use crate::ai::{open_and_call, CallFailure, KeyChoice};
+use crate::api::{ErrorBody, KeyTestBody};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -42,14 +42,29 @@ impl ProbeLimiter {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{account_id}/model-keys/{provider}/test",
+    tag = "model keys",
+    params(("account_id" = String, Path), ("provider" = String, Path, description = "anthropic, openai or google")),
+    responses(
+        (status = 200, description = "The probe's result: ok, or the diagnosis and the provider's message", body = KeyTestBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "Role does not allow it", body = ErrorBody),
+        (status = 404, description = "Not a member of this account, or unknown provider", body = ErrorBody),
+        (status = 409, description = "No key saved", body = ErrorBody),
+        (status = 429, description = "Too many tests this minute", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn test_key(
     State(state): State<AppState>,
     caller: Caller,
     Path((account, provider)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<KeyTestBody>> {
     let (m, provider) = caller.manager_for(&state, &account, &provider, "testing a key").await?;
     let result = run_key_test(&state, &caller, &m, provider).await?;
-    Ok(Json(result.to_json()))
+    Ok(Json(result.to_body()))
 }
 
 /// What one "Test key" found.
@@ -68,18 +83,28 @@ pub enum KeyTestResult {
 
 impl KeyTestResult {
     /// The JSON API's answer.
-    pub fn to_json(&self) -> Value {
+    pub fn to_body(&self) -> KeyTestBody {
         match self {
-            KeyTestResult::Ok { model, latency_ms } => {
-                json!({ "ok": true, "status": "ok", "model": model, "latency_ms": latency_ms })
-            }
+            KeyTestResult::Ok { model, latency_ms } => KeyTestBody {
+                ok: true,
+                status: "ok".to_owned(),
+                model: Some(model.clone()),
+                latency_ms: Some(u64::try_from(*latency_ms).unwrap_or(u64::MAX)),
+                provider_status: None,
+                message: None,
+            },
             KeyTestResult::Failed {
                 diagnosis,
                 provider_status,
                 message,
-            } => {
-                json!({ "ok": false, "status": diagnosis.as_str(), "provider_status": provider_status, "message": message })
-            }
+            } => KeyTestBody {
+                ok: false,
+                status: diagnosis.as_str().to_owned(),
+                model: None,
+                latency_ms: None,
+                provider_status: Some(*provider_status),
+                message: Some(message.clone()),
+            },
         }
     }
 }

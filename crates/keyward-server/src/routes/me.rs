@@ -2,19 +2,36 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
 
+use crate::api::{AccountSummary, ErrorBody, MeBody};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiResult;
 
-pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "me",
+    responses(
+        (status = 200, description = "The caller and their accounts", body = MeBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<MeBody>> {
     let memberships = state.store.memberships_of(&caller.user.id).await?;
-    let accounts: Vec<Value> = memberships
+    let accounts = memberships
         .iter()
-        .map(|m| json!({ "account_id": m.account.id, "name": m.account.name, "plan": m.account.plan, "role": m.role }))
+        .map(|m| AccountSummary {
+            account_id: m.account.id.to_string(),
+            name: m.account.name.clone(),
+            plan: m.account.plan.as_str().to_owned(),
+            role: m.role.as_str().to_owned(),
+        })
         .collect();
-    Ok(Json(
-        json!({ "user_id": caller.user.id, "email": caller.user.email, "accounts": accounts }),
-    ))
+    Ok(Json(MeBody {
+        user_id: caller.user.id.to_string(),
+        email: caller.user.email.to_string(),
+        accounts,
+    }))
 }

@@ -9,10 +9,12 @@ use axum::Json;
 use keyward_core::{ApiKey, ErrorCode, KeyId, KeySource, Plan, Provider};
 use keyward_crypto::Binding;
 use keyward_store::{Actor, Membership, NewKey, ProviderState, Saved};
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use secrecy::ExposeSecret;
+use serde_json::Value;
 
+use crate::api::{
+    ErrorBody, KeyBody, LastTestBody, ProviderListBody, ProviderStateBody, SaveKeyRequest, SourceRequest,
+};
 use crate::app::AppState;
 use crate::auth::{random_id_bytes, Caller};
 use crate::clock::rfc3339;
@@ -28,43 +30,54 @@ pub fn parse_provider(raw: &str) -> ApiResult<Provider> {
     })
 }
 
+/// The API's view of one provider (API.md `ProviderState`).
+pub fn state_body(state: &AppState, s: &ProviderState) -> ProviderStateBody {
+    ProviderStateBody {
+        provider: s.provider.as_str().to_owned(),
+        source: s.source.as_str().to_owned(),
+        key: s.key.as_ref().map(|k| KeyBody {
+            last4: k.last4.as_str().to_owned(),
+            created_at: rfc3339(k.created_at),
+            updated_at: rfc3339(k.updated_at),
+            last_test: k.last_test.as_ref().map(|t| LastTestBody {
+                ok: t.ok,
+                at: rfc3339(t.at),
+                message: t.message.clone(),
+            }),
+        }),
+        models: state.catalogue.model_ids(s.provider),
+    }
+}
+
 pub fn state_json(state: &AppState, s: &ProviderState) -> Value {
-    let key = s.key.as_ref().map(|k| {
-        json!({
-            "last4": k.last4,
-            "created_at": rfc3339(k.created_at),
-            "updated_at": rfc3339(k.updated_at),
-            "last_test": k.last_test.as_ref().map(|t| json!({ "ok": t.ok, "at": rfc3339(t.at), "message": t.message })),
-        })
-    });
-    json!({
-        "provider": s.provider,
-        "source": s.source,
-        "key": key,
-        "models": state.catalogue.model_ids(s.provider),
-    })
+    serde_json::to_value(state_body(state, s)).unwrap_or(Value::Null)
 }
 
 fn actor(caller: &Caller) -> Actor {
     Actor(caller.user.id.to_string())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{account_id}/model-keys",
+    tag = "model keys",
+    params(("account_id" = String, Path)),
+    responses(
+        (status = 200, description = "All three providers, keys shown by last4 only", body = ProviderListBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 404, description = "Not a member of this account, or unknown provider", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     Path(account): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProviderListBody>> {
     let m = caller.member_of(&state, &account).await?;
     let states = state.store.provider_states(&m.account.id).await?;
-    let providers: Vec<Value> = states.iter().map(|s| state_json(&state, s)).collect();
-    Ok(Json(json!({ "providers": providers })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SaveKeyBody {
-    /// Held as a secret from the moment it is parsed: zeroed on drop, never printed.
-    api_key: SecretString,
+    let providers = states.iter().map(|s| state_body(&state, s)).collect();
+    Ok(Json(ProviderListBody { providers }))
 }
 
 /// Own keys need a paid plan: else `403 plan_required`.
@@ -82,18 +95,36 @@ pub fn require_paid(m: &Membership) -> ApiResult<()> {
     Ok(())
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/accounts/{account_id}/model-keys/{provider}",
+    tag = "model keys",
+    params(("account_id" = String, Path), ("provider" = String, Path, description = "anthropic, openai or google")),
+    request_body = SaveKeyRequest,
+    responses(
+        (status = 200, description = "Saved (or rotated); the source is unchanged", body = ProviderStateBody),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 404, description = "Not a member of this account, or unknown provider", body = ErrorBody),
+        (status = 403, description = "Role or plan does not allow it", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Bad key format or body", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn save(
     State(state): State<AppState>,
     caller: Caller,
     Path((account, provider)): Path<(String, String)>,
     body: JsonBody,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProviderStateBody>> {
     let (m, provider) = caller.manager_for(&state, &account, &provider, "saving a key").await?;
     require_paid(&m)?;
-    let body: SaveKeyBody = body.parse()?;
+    let body: SaveKeyRequest = body.parse()?;
     let saved = store_key(&state, &caller, &m, provider, body.api_key.expose_secret()).await?;
     drop(body);
-    Ok(Json(state_json(&state, &saved.state)))
+    Ok(Json(state_body(&state, &saved.state)))
 }
 
 /// Saves or rotates `provider`'s key of `m`'s account: the key format check, sealing, the
@@ -140,6 +171,20 @@ pub async fn store_key(
     Ok(saved)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/accounts/{account_id}/model-keys/{provider}",
+    tag = "model keys",
+    params(("account_id" = String, Path), ("provider" = String, Path, description = "anthropic, openai or google")),
+    responses(
+        (status = 204, description = "Removed; the source falls back to shared"),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 404, description = "Not a member of this account, or unknown provider", body = ErrorBody),
+        (status = 403, description = "Role does not allow it", body = ErrorBody),
+        (status = 409, description = "No key saved", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -165,26 +210,39 @@ pub async fn delete_key(state: &AppState, caller: &Caller, m: &Membership, provi
     Ok(())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SourceBody {
-    /// Read as a string and matched, so `true`/`1`/`null` get a clear 422.
-    source: String,
-}
-
+#[utoipa::path(
+    put,
+    path = "/v1/accounts/{account_id}/model-keys/{provider}/source",
+    tag = "model keys",
+    params(("account_id" = String, Path), ("provider" = String, Path, description = "anthropic, openai or google")),
+    request_body = SourceRequest,
+    responses(
+        (status = 200, description = "The provider's state after the switch", body = ProviderStateBody),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 404, description = "Not a member of this account, or unknown provider", body = ErrorBody),
+        (status = 403, description = "Role does not allow it", body = ErrorBody),
+        (status = 409, description = "own with no saved key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Bad body", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn set_source(
     State(state): State<AppState>,
     caller: Caller,
     Path((account, provider)): Path<(String, String)>,
     body: JsonBody,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProviderStateBody>> {
     let (m, provider) = caller
         .manager_for(&state, &account, &provider, "switching the key source")
         .await?;
-    let body: SourceBody = body.parse()?;
+    // `source` is read as a string and matched, so `true`/`1`/`null` get a clear 422.
+    let body: SourceRequest = body.parse()?;
     let source = parse_source(&body.source)?;
     let after = switch_source(&state, &caller, &m, provider, source).await?;
-    Ok(Json(state_json(&state, &after)))
+    Ok(Json(state_body(&state, &after)))
 }
 
 /// `own` or `shared`, else `validation_error`.

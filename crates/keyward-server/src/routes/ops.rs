@@ -4,15 +4,25 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::json;
 
+use crate::api::{HealthBody, ReadyBody};
 use crate::app::AppState;
 
-pub async fn healthz() -> impl IntoResponse {
-    Json(json!({ "ok": true }))
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", body = HealthBody)))]
+pub async fn healthz() -> Json<HealthBody> {
+    Json(HealthBody { ok: true })
 }
 
-pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Database and at least one worker ready", body = ReadyBody),
+        (status = 503, description = "Not ready", body = ReadyBody),
+    )
+)]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyBody>) {
     let database = state.store.ping().await.is_ok();
     let workers = state.workers.ready();
     let ready = database && workers > 0;
@@ -21,11 +31,11 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "ready": ready,
-        "database": if database { "ok" } else { "unavailable" },
-        "workers_ready": workers,
-    });
+    let body = ReadyBody {
+        ready,
+        database: if database { "ok" } else { "unavailable" }.to_owned(),
+        workers_ready: workers,
+    };
     (status, Json(body))
 }
 

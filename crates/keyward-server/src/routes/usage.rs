@@ -5,23 +5,35 @@ use axum::extract::{Path, State};
 use axum::Json;
 use keyward_core::{KeySource, Provider};
 use keyward_store::{Membership, UsageReport};
-use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::ai::period_of;
+use crate::api::{Counts, ErrorBody, SharedCredits, SourceCounts, UsageBody};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiResult;
 
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{account_id}/usage",
+    tag = "usage and audit",
+    params(("account_id" = String, Path)),
+    responses(
+        (status = 200, description = "This calendar month (UTC)", body = UsageBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 404, description = "Not a member of this account", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn usage(
     State(state): State<AppState>,
     caller: Caller,
     Path(account): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<UsageBody>> {
     let m = caller.member_of(&state, &account).await?;
     let u = month_usage(&state, &m).await?;
-    Ok(Json(u.to_json(&m)))
+    Ok(Json(u.to_body(&m)))
 }
 
 /// An account's usage in the current calendar month (UTC).
@@ -57,34 +69,36 @@ impl MonthUsage {
     }
 
     /// The JSON API's answer.
-    pub fn to_json(&self, m: &Membership) -> Value {
-        let mut by_provider = Map::new();
-        for p in Provider::ALL {
-            let mut sources = Map::new();
-            for s in [KeySource::Own, KeySource::Shared] {
-                let (requests, input_tokens, output_tokens) = self.of(p, s);
-                sources.insert(
-                    s.as_str().to_owned(),
-                    json!({
-                        "requests": requests,
-                        "input_tokens": input_tokens,
-                        "output_tokens": output_tokens,
-                    }),
-                );
+    pub fn to_body(&self, m: &Membership) -> UsageBody {
+        let counts = |p, s| {
+            let (requests, input_tokens, output_tokens) = self.of(p, s);
+            Counts {
+                requests,
+                input_tokens,
+                output_tokens,
             }
-            by_provider.insert(p.as_str().to_owned(), Value::Object(sources));
-        }
-        json!({
-            "plan": m.account.plan,
-            "period_start": self.start.format(&Rfc3339).unwrap_or_default(),
-            "period_end": self.end.format(&Rfc3339).unwrap_or_default(),
-            "shared": {
-                "credit_limit": self.credit_limit,
-                "credits_used": self.credits_used(),
-                "credits_remaining": self.credits_remaining(),
+        };
+        let by_provider = Provider::ALL
+            .iter()
+            .map(|&p| {
+                let sources = SourceCounts {
+                    own: counts(p, KeySource::Own),
+                    shared: counts(p, KeySource::Shared),
+                };
+                (p.as_str().to_owned(), sources)
+            })
+            .collect();
+        UsageBody {
+            plan: m.account.plan.as_str().to_owned(),
+            period_start: self.start.format(&Rfc3339).unwrap_or_default(),
+            period_end: self.end.format(&Rfc3339).unwrap_or_default(),
+            shared: SharedCredits {
+                credit_limit: self.credit_limit,
+                credits_used: self.credits_used(),
+                credits_remaining: self.credits_remaining(),
             },
-            "by_provider": by_provider,
-        })
+            by_provider,
+        }
     }
 }
 
