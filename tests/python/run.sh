@@ -65,8 +65,10 @@ fi
 "$VENV/bin/python" -m pip list 2>/dev/null | grep -Ei '^(openai|anthropic|google-genai|pytest) ' | tr -s ' ' | paste -sd' ' - \
   | sed 's/^/== tests\/python: /'
 
-echo "== tests/python: cargo build -p keyward -p keyward-fakes"
-cargo build -p keyward -p keyward-fakes
+# Built the way `cargo test --workspace` builds them (same feature set), so after the Rust
+# tests this is a no-op instead of a second build of every dependency.
+echo "== tests/python: cargo test --workspace --no-run (builds keyward and keyward-fakes)"
+cargo test --workspace --no-run
 
 set +e
 "$VENV/bin/python" -m pytest "$ROOT/tests/python" -p no:cacheprovider -ra "$@"
