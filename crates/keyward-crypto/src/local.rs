@@ -47,8 +47,9 @@ pub fn private_key_path(data_dir: &Path, version: u32) -> PathBuf {
     data_dir.join(KEK_DIR).join(format!("{}.key", kek_id(version)))
 }
 
-/// Creates the current KEK pair if absent; leaves an existing pair as it is (after checking
-/// it). Errors if the private key file or the kek directory is accessible by group or others.
+/// Creates the current KEK pair if absent; leaves an existing pair as it is, unread (only
+/// its modes and sizes are checked). Errors if the private key file or the kek directory is
+/// accessible by group or others.
 pub fn ensure_kek(data_dir: &Path) -> Result<(), CryptoError> {
     ensure_kek_version(data_dir, CURRENT_KEK_VERSION)
 }
@@ -74,6 +75,23 @@ pub fn ensure_kek_version(data_dir: &Path, version: u32) -> Result<(), CryptoErr
     fsutil::ensure_private_dir(&data_dir.join(KEK_DIR), KIND)?;
     let private_path = private_key_path(data_dir, version);
     let public_path = public_key_path(data_dir, version);
+
+    // An existing pair is left unread: the gateway runs this at start and must never read
+    // the private half. Its mode is checked here; that it matches the public half is
+    // checked by `load_opener`, in the worker.
+    if let (Ok(private_meta), Ok(public_meta)) = (std::fs::metadata(&private_path), std::fs::metadata(&public_path)) {
+        use std::os::unix::fs::PermissionsExt;
+        if private_meta.permissions().mode() & 0o077 != 0 {
+            return Err(CryptoError::Permissions { path: private_path });
+        }
+        if private_meta.len() != KEY_LEN as u64 || public_meta.len() != KEY_LEN as u64 {
+            return Err(KIND.err(
+                &private_path,
+                format!("KEK {kek_id}: key files must be {KEY_LEN} bytes each"),
+            ));
+        }
+        return Ok(());
+    }
 
     let private = match read_private(&private_path)? {
         Some(private) => private,

@@ -490,10 +490,9 @@ fn mismatched_pair_is_refused() {
         local::load_opener(dir_a.path()),
         Err(CryptoError::KekFile { path, .. }) if path == public_a
     ));
-    assert!(matches!(
-        local::ensure_kek(dir_a.path()),
-        Err(CryptoError::KekFile { path, .. }) if path == public_a
-    ));
+    // ensure_kek (run by the gateway) leaves an existing pair unread, so the mismatch is
+    // caught where the private half is read: load_opener, in the worker (above).
+    local::ensure_kek(dir_a.path()).unwrap();
 }
 
 #[test]

@@ -147,5 +147,9 @@ pub async fn set_shared_key(
             clock.now(),
         )
         .await?;
+    if rotated {
+        // As for account keys: the old ciphertext goes from the database files now.
+        store.purge_removed().await?;
+    }
     Ok(json!({ "provider": provider, "last4": last4, "rotated": rotated }))
 }

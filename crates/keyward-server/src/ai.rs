@@ -16,8 +16,8 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::workers::Lease;
 
-/// The account id shared-pool keys are sealed to.
-pub const PLATFORM_ACCOUNT: &str = "platform";
+/// The account id shared-pool keys are sealed to (one constant, owned by the store).
+pub use keyward_store::SHARED_KEY_ACCOUNT as PLATFORM_ACCOUNT;
 
 /// Which key pays for a call, sealed, with what it is bound to.
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::header::{CACHE_CONTROL, X_CONTENT_TYPE_OPTIONS};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -109,7 +109,13 @@ async fn method_not_allowed() -> ApiError {
 /// ids), logs one line at debug, and sets headers every API answer carries.
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
+    // Only standard methods become labels: anything else would grow the metrics without bound.
+    let method = match *req.method() {
+        Method::GET | Method::POST | Method::PUT | Method::DELETE | Method::HEAD | Method::OPTIONS | Method::PATCH => {
+            req.method().as_str().to_owned()
+        }
+        _ => "OTHER".to_owned(),
+    };
     let route = req
         .extensions()
         .get::<MatchedPath>()

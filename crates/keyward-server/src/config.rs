@@ -269,7 +269,8 @@ impl Config {
             "KEYWARD_MAX_AI_BODY_BYTES",
             4 * 1024 * 1024,
             1024,
-            64 * 1024 * 1024,
+            // A worker frame carries the body and must stay under its 8 MiB limit.
+            6 * 1024 * 1024,
         )?;
         let worker_parent = get("KEYWARD_WORKER_PARENT")
             .map(|p| p.parse::<u32>())

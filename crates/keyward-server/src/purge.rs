@@ -21,20 +21,32 @@ impl PurgeHandle {
     }
 }
 
-/// Runs until the process ends.
+/// Runs until the process ends. A checkpoint blocked by readers is retried with backoff
+/// (up to a second apart) until it completes, with a warning after five seconds.
 pub async fn run(store: Arc<dyn Store>, handle: PurgeHandle) {
     loop {
         handle.wake.notified().await;
-        for attempt in 0..50u32 {
+        let mut delay = Duration::from_millis(50);
+        let started = std::time::Instant::now();
+        let mut warned = false;
+        loop {
             match store.purge_removed().await {
                 Ok(true) => {
-                    tracing::debug!(attempt, "purged removed ciphertext from the WAL");
+                    tracing::debug!(
+                        millis = started.elapsed().as_millis() as u64,
+                        "purged removed ciphertext"
+                    );
                     break;
                 }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "purge failed; retrying"),
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !warned && started.elapsed() > Duration::from_secs(5) {
+                tracing::warn!("removed ciphertext is still in the write-ahead log after 5 s: a reader holds an old snapshot; still retrying");
+                warned = true;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
 }

@@ -851,9 +851,9 @@ impl Store for SqliteStore {
 
     async fn usage(&self, account: &AccountId, period: &str) -> StoreResult<UsageReport> {
         check_period(period)?;
-        let mut conn = self.reader.acquire().await.map_err(map_err)?;
+        let mut conn = self.reader.begin().await.map_err(map_err)?;
         // One read transaction, so credits and counters are one snapshot.
-        sqlx::query("BEGIN").execute(&mut *conn).await.map_err(map_err)?;
+        // (the transaction rolls back if this future is dropped: no snapshot left open on a pooled connection)
         let result = async {
             let credits = sqlx::query(
                 "SELECT credits_used, credits_reserved FROM credit_periods WHERE account_id = ?1 AND period = ?2",
@@ -875,7 +875,7 @@ impl Store for SqliteStore {
             Ok::<_, StoreError>((credits, rows))
         }
         .await;
-        sqlx::query("COMMIT").execute(&mut *conn).await.map_err(map_err)?;
+        conn.commit().await.map_err(map_err)?;
         let (credits, rows) = result?;
         let (credits_used, credits_reserved) = match credits {
             Some(r) => (get(&r, "credits_used")?, get(&r, "credits_reserved")?),
@@ -920,9 +920,9 @@ impl Store for SqliteStore {
     }
 
     async fn audit_chain(&self, account: &AccountId) -> StoreResult<(Vec<AuditEvent>, Option<ChainHead>)> {
-        let mut conn = self.reader.acquire().await.map_err(map_err)?;
+        let mut conn = self.reader.begin().await.map_err(map_err)?;
         // One read transaction, so the head and the events are one snapshot.
-        sqlx::query("BEGIN").execute(&mut *conn).await.map_err(map_err)?;
+        // (the transaction rolls back if this future is dropped: no snapshot left open on a pooled connection)
         let result = async {
             let rows = sqlx::query("SELECT * FROM audit_events WHERE account_id = ?1 ORDER BY seq, id")
                 .bind(account.as_str())
@@ -945,7 +945,7 @@ impl Store for SqliteStore {
             Ok((events, head))
         }
         .await;
-        sqlx::query("COMMIT").execute(&mut *conn).await.map_err(map_err)?;
+        conn.commit().await.map_err(map_err)?;
         result
     }
 

@@ -87,7 +87,7 @@ pub fn run(config: WorkerConfig, opener: Opener) -> Result<(), WorkerError> {
     }
 
     sandbox::clear_env();
-    let status = sandbox::apply(&["/etc", "/usr", "/lib", "/lib64", "/proc/self"])?;
+    let status = sandbox::apply(sandbox::READ_ONLY)?;
     tracing::info!(landlock = status.landlock, pid = std::process::id(), "worker sandboxed");
 
     let worker = Arc::new(Worker {

@@ -24,7 +24,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 
 /// Largest plain answer read from a provider.
-const MAX_ANSWER: usize = 8 * 1024 * 1024;
+pub const MAX_ANSWER: usize = 8 * 1024 * 1024;
 const MAX_MESSAGES: usize = 200;
 const MAX_OUTPUT_TOKENS: u32 = 32_768;
 
@@ -76,11 +76,8 @@ impl CallContext {
         request_id: Option<String>,
         detail: Option<String>,
     ) -> ApiResult<i64> {
-        let charged = if outcome == "ok" {
-            self.charge(usage)
-        } else {
-            self.charge(usage).min(self.reserved)
-        };
+        // A failed call carries no usage, so it is charged nothing.
+        let charged = self.charge(usage);
         let mut audit = NewAuditEvent::key_action(
             &self.account,
             state.clock.now(),
@@ -112,13 +109,24 @@ impl CallContext {
         state
             .metrics
             .observe_ai_latency(self.provider, self.choice.source, self.started.elapsed().as_secs_f64());
-        state.ledger.commit(record).await.map_err(|e| {
+        if let Err(e) = state.ledger.commit(record).await {
             tracing::error!(error = %e, "could not record an AI call");
-            ApiError::new(
+            // Give the reservation back (best effort): an unrecorded call must not keep
+            // the month's credits tied up.
+            if self.reserved > 0 {
+                if let Err(e) = state
+                    .store
+                    .release_credits(&self.account, &self.period, self.reserved)
+                    .await
+                {
+                    tracing::error!(error = %e, "could not release a reservation");
+                }
+            }
+            return Err(ApiError::new(
                 ErrorCode::DatabaseUnavailable,
                 "the call could not be recorded; it is not answered",
-            )
-        })?;
+            ));
+        }
         Ok(charged)
     }
 }
@@ -261,6 +269,14 @@ pub async fn messages(
     Path(account): Path<String>,
     body: JsonBody,
 ) -> ApiResult<Response> {
+    // Once a provider is called, the call must be settled and audited even if the client
+    // goes away (which drops this handler): the work runs in its own task.
+    tokio::spawn(messages_call(state, caller, account, body))
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+}
+
+async fn messages_call(state: AppState, caller: Caller, account: String, body: JsonBody) -> ApiResult<Response> {
     let m = caller.member_of(&state, &account).await?;
     let body: MessagesBody = body.parse()?;
     let provider: Provider = body
@@ -345,7 +361,7 @@ async fn plain_answer(
 }
 
 /// Settles a failed call (nothing charged) and turns it into the answer.
-async fn fail_call(state: &AppState, ctx: &CallContext, f: CallFailure, req_id: Option<String>) -> ApiError {
+pub async fn fail_call(state: &AppState, ctx: &CallContext, f: CallFailure, req_id: Option<String>) -> ApiError {
     let detail = match &f {
         CallFailure::Provider(p) => Some(p.message.clone()),
         _ => None,
@@ -429,9 +445,7 @@ async fn stream_answer(state: AppState, ctx: CallContext, call: keyward_provider
             }
         }
     });
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    }));
+    let body = channel_body(rx);
     Ok((
         StatusCode::OK,
         [
@@ -441,6 +455,13 @@ async fn stream_answer(state: AppState, ctx: CallContext, call: keyward_provider
         body,
     )
         .into_response())
+}
+
+/// A response body fed by a channel: each message is sent on as it comes.
+pub fn channel_body(rx: mpsc::Receiver<Bytes>) -> Body {
+    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    }))
 }
 
 fn error_event(e: &ApiError) -> Value {

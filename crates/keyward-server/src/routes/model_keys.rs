@@ -1,7 +1,8 @@
 //! The model-keys API: list, save or rotate, remove, switch source.
 //!
 //! Checks run in a fixed order so answers leak nothing: token (401), membership (404),
-//! role (403), provider name (404), plan (403), body (413/415/400/422), key format (422).
+//! provider name (404 `unknown_provider`), role (403), plan (403), body (413/415/400/422),
+//! key format (422).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -10,7 +11,6 @@ use keyward_core::{ApiKey, ErrorCode, KeyId, KeySource, Plan, Provider};
 use keyward_crypto::Binding;
 use keyward_store::{Actor, Membership, NewKey, ProviderState, Saved};
 use secrecy::ExposeSecret;
-use serde_json::Value;
 
 use crate::api::{
     ErrorBody, KeyBody, LastTestBody, ProviderListBody, ProviderStateBody, SaveKeyRequest, SourceRequest,
@@ -47,10 +47,6 @@ pub fn state_body(state: &AppState, s: &ProviderState) -> ProviderStateBody {
         }),
         models: state.catalogue.model_ids(s.provider),
     }
-}
-
-pub fn state_json(state: &AppState, s: &ProviderState) -> Value {
-    serde_json::to_value(state_body(state, s)).unwrap_or(Value::Null)
 }
 
 fn actor(caller: &Caller) -> Actor {

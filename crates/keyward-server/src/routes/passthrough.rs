@@ -6,9 +6,7 @@
 //! meters, caps and audits the call; answers stream through as they arrive. keyward's own
 //! refusals use the provider's error envelope here, so the SDK raises its own exceptions.
 
-use std::convert::Infallible;
-
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,9 +20,10 @@ use crate::app::AppState;
 use crate::auth::{authenticate, Caller};
 use crate::error::ApiError;
 use crate::extract::AiBody;
-use crate::routes::ai::{prepare, CallContext, CallSpec};
+use crate::routes::ai::{channel_body, fail_call, prepare, CallContext, CallSpec, MAX_ANSWER};
 
-const MAX_ANSWER: usize = 8 * 1024 * 1024;
+/// The output bound keyward sets when a native request names none.
+const DEFAULT_MAX_OUTPUT: u32 = 4096;
 
 /// A keyward refusal in the provider's own error envelope.
 fn provider_envelope(provider: Provider, e: &ApiError) -> Response {
@@ -156,9 +155,20 @@ fn read_native(
                 .and_then(Value::as_str)
                 .ok_or_else(|| invalid("model: required"))?
                 .to_owned();
-            let max_tokens = as_u32(obj.get("max_completion_tokens"))
-                .or_else(|| as_u32(obj.get("max_tokens")))
-                .unwrap_or(4096);
+            if obj.get("n").and_then(Value::as_u64).is_some_and(|n| n != 1) {
+                return Err(invalid("n: keyward relays one choice per call (n must be 1)"));
+            }
+            // The reservation covers max_tokens: without one, keyward sets it, so the
+            // provider cannot produce more than was reserved.
+            let mut changed = false;
+            let max_tokens = match as_u32(obj.get("max_completion_tokens")).or_else(|| as_u32(obj.get("max_tokens"))) {
+                Some(n) => n,
+                None => {
+                    obj.insert("max_completion_tokens".into(), json!(DEFAULT_MAX_OUTPUT));
+                    changed = true;
+                    DEFAULT_MAX_OUTPUT
+                }
+            };
             let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
             let mut hide = false;
             if stream {
@@ -176,7 +186,7 @@ fn read_native(
                     hide = true;
                 }
             }
-            let body = if hide {
+            let body = if hide || changed {
                 serde_json::to_vec(&v).map_err(|e| ApiError::internal(&e))?
             } else {
                 raw.to_vec()
@@ -190,9 +200,34 @@ fn read_native(
             })
         }
         Provider::Google => {
-            let max_tokens = as_u32(obj.get("generationConfig").and_then(|g| g.get("maxOutputTokens"))).unwrap_or(8192);
+            let config = obj.entry("generationConfig").or_insert_with(|| json!({}));
+            let config = config
+                .as_object_mut()
+                .ok_or_else(|| invalid("generationConfig must be an object"))?;
+            if config
+                .get("candidateCount")
+                .and_then(Value::as_u64)
+                .is_some_and(|n| n != 1)
+            {
+                return Err(invalid(
+                    "candidateCount: keyward relays one candidate per call (it must be 1)",
+                ));
+            }
+            // As for OpenAI: the reservation's bound is made the provider's bound.
+            let (max_tokens, changed) = match as_u32(config.get("maxOutputTokens")) {
+                Some(n) => (n, false),
+                None => {
+                    config.insert("maxOutputTokens".into(), json!(DEFAULT_MAX_OUTPUT));
+                    (DEFAULT_MAX_OUTPUT, true)
+                }
+            };
+            let body = if changed {
+                serde_json::to_vec(&v).map_err(|e| ApiError::internal(&e))?
+            } else {
+                raw.to_vec()
+            };
             Ok(NativeRequest {
-                body: raw.to_vec(),
+                body,
                 model: google_model.unwrap_or_default().to_owned(),
                 max_tokens,
                 stream: google_stream,
@@ -290,20 +325,25 @@ async fn native(
     google_model: Option<String>,
     google_stream: bool,
 ) -> Response {
-    match native_inner(
-        &state,
-        &account,
-        &headers,
-        &raw,
-        provider,
-        path,
-        google_model.as_deref(),
-        google_stream,
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => provider_envelope(provider, &e),
+    // As for ai/messages: a call that reached the provider is settled and audited even if
+    // the client goes away, so it runs in its own task.
+    let call = tokio::spawn(async move {
+        native_inner(
+            &state,
+            &account,
+            &headers,
+            &raw,
+            provider,
+            path,
+            google_model.as_deref(),
+            google_stream,
+        )
+        .await
+    });
+    match call.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => provider_envelope(provider, &e),
+        Err(e) => provider_envelope(provider, &ApiError::internal(&e)),
     }
 }
 
@@ -347,7 +387,7 @@ async fn native_inner(
     };
     let mut upstream = match open_and_call(state, provider, &ctx.choice, call).await {
         Ok(u) => u,
-        Err(f) => return Err(settle_failure(state, &ctx, f, None).await),
+        Err(f) => return Err(fail_call(state, &ctx, f, None).await),
     };
     let req_id = keyward_providers::request_id_header(provider)
         .and_then(|name| upstream.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
@@ -368,7 +408,7 @@ async fn native_inner(
         // and the audit event must be durable before the answer is released.
         let body = match upstream.collect(MAX_ANSWER).await {
             Ok(b) => b,
-            Err(f) => return Err(settle_failure(state, &ctx, f, req_id).await),
+            Err(f) => return Err(fail_call(state, &ctx, f, req_id).await),
         };
         let (outcome, usage, detail) = match parse_chat(provider, upstream.status, &body) {
             Ok(answer) => ("ok".to_owned(), answer.usage, None),
@@ -385,21 +425,8 @@ async fn native_inner(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let state = state.clone();
     tokio::spawn(relay_stream(state, ctx, upstream, tx, req_id, req.hide_usage_chunk));
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    }));
+    let body = channel_body(rx);
     Ok((status, out_headers, body).into_response())
-}
-
-async fn settle_failure(state: &AppState, ctx: &CallContext, f: CallFailure, req_id: Option<String>) -> ApiError {
-    let detail = match &f {
-        CallFailure::Provider(p) => Some(p.message.clone()),
-        _ => None,
-    };
-    if let Err(e) = ctx.settle(state, &f.outcome(), Usage::default(), req_id, detail).await {
-        return e;
-    }
-    f.into_api_error()
 }
 
 /// Relays a provider's event stream chunk by chunk as it arrives, reading the usage on
@@ -448,7 +475,7 @@ async fn relay_stream(
         Err(f) => {
             // The provider's own bytes (including its error event) went through as they
             // came; what is left is the record.
-            let _ = settle_failure(&state, &ctx, f, req_id).await;
+            let _ = fail_call(&state, &ctx, f, req_id).await;
             if !held.is_empty() {
                 let _ = tx.send(Bytes::from(held)).await;
             }
