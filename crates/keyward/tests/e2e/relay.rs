@@ -69,6 +69,7 @@ fn native_case(p: Provider) -> (&'static str, &'static str, Value, &'static str)
 /// Relayed as it arrives: the first text reaches the client through keyward about when
 /// it reaches a client of the provider itself (far less than one pause later).
 fn assert_relayed(what: &str, through: Duration, direct: Duration) {
+    eprintln!("{what}: first text after {through:?} through keyward, {direct:?} straight from the provider");
     assert!(
         through <= direct + PAUSE / 2,
         "{what}: first text after {through:?} through keyward, {direct:?} straight from the provider"
