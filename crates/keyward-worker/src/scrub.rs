@@ -69,6 +69,59 @@ impl<'k> StreamScrubber<'k> {
     }
 }
 
+/// What a worker runs a provider's answer through: every echo of the key masked, and in an
+/// error answer also every occurrence of the key's first 8 characters. (Providers that
+/// mask a rejected key themselves show its first 8 and last 4 characters, e.g. OpenAI's
+/// "sk-abcde****wxyz": for a legacy `sk-` key those 8 hold 5 secret characters. Only
+/// last4 may ever be shown.)
+pub struct EchoMasker<'k> {
+    whole: StreamScrubber<'k>,
+    prefix: Option<StreamScrubber<'k>>,
+}
+
+impl std::fmt::Debug for EchoMasker<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EchoMasker([REDACTED])")
+    }
+}
+
+/// How many leading characters of a key an error answer may not show.
+const PREFIX_LEN: usize = 8;
+
+impl<'k> EchoMasker<'k> {
+    pub fn new(key: &'k [u8], error_answer: bool) -> EchoMasker<'k> {
+        let prefix = if error_answer && key.len() > PREFIX_LEN + 4 {
+            key.get(..PREFIX_LEN)
+        } else {
+            None
+        };
+        EchoMasker {
+            whole: StreamScrubber::new(key),
+            prefix: prefix.map(StreamScrubber::new),
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let once = self.whole.feed(chunk);
+        match &mut self.prefix {
+            Some(p) => p.feed(&once),
+            None => once,
+        }
+    }
+
+    pub fn finish(&mut self) -> Vec<u8> {
+        let once = self.whole.finish();
+        match &mut self.prefix {
+            Some(p) => {
+                let mut out = p.feed(&once);
+                out.extend(p.finish());
+                out
+            }
+            None => once,
+        }
+    }
+}
+
 /// The length of the longest proper prefix of `key` that `data` ends with.
 fn held_back(data: &[u8], key: &[u8]) -> usize {
     let longest = key.len().saturating_sub(1).min(data.len());
@@ -81,6 +134,25 @@ fn held_back(data: &[u8], key: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_answers_lose_the_key_prefix_too() {
+        let key = b"sk-abcdefghijklmnopqrstuvwxyz012345";
+        let echo = b"{\"message\":\"Incorrect API key provided: sk-abcde**********************2345.\"}";
+        let mut m = EchoMasker::new(key, true);
+        let mut out = m.feed(&echo[..30]);
+        out.extend(m.feed(&echo[30..]));
+        out.extend(m.finish());
+        assert!(
+            !out.windows(8).any(|w| w == &key[..8]),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        assert!(out.ends_with(b"2345.\"}"));
+        // A successful answer keeps its text as it is, but for the whole key.
+        let mut ok = EchoMasker::new(key, false);
+        assert_eq!(ok.feed(b"sk-abcde is fine"), b"sk-abcde is fine");
+    }
 
     #[test]
     fn masks_whole_occurrences() {

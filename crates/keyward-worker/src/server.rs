@@ -17,7 +17,7 @@ use crate::http1::{HttpError, Upstream};
 use crate::locked::{LockedPool, PAGE};
 use crate::protocol::{read_frame, CallRequest, FailKind, FromWorker, Method, ToWorker};
 use crate::sandbox;
-use crate::scrub::{mask_in_place, StreamScrubber};
+use crate::scrub::{mask_in_place, EchoMasker};
 
 /// What the worker needs, handed over by the binary before the environment is cleared.
 #[derive(Debug, Clone)]
@@ -301,7 +301,7 @@ impl Worker {
         )
         .await
         .map_err(CallError::Gateway)?;
-        let mut scrubber = StreamScrubber::new(key_bytes);
+        let mut scrubber = EchoMasker::new(key_bytes, response.status >= 300);
         loop {
             match response.next_chunk().await {
                 Ok(Some(chunk)) => {

@@ -1149,3 +1149,40 @@ async fn shared_credits_hold_under_forty_racing_calls_and_own_keys_stay_uncapped
     );
     assert_audit_ok(&kw, None);
 }
+
+/// OpenAI answers a bad key with its first 8 and last 4 characters ("sk-abcde****wxyz");
+/// for a legacy `sk-` key those 8 hold 5 secret characters. Only last4 may ever be shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_partial_echo_of_a_key_shows_no_more_than_last4() {
+    let fake = FakeProviders::start().unwrap();
+    let kw = start_on_fake(&fake, &[]);
+    let (token, account) = (kw.owner_token().to_owned(), kw.owner_account().to_owned());
+    // A legacy-format key the fake does not know: its invalid-key error echoes it masked.
+    let key = format!(
+        "sk-{}",
+        keyward_testkit::canary::random_string(48, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+    );
+    save_key(&kw, &token, &account, "openai", &key).await;
+    set_source(&kw, &token, &account, "openai", "own").await;
+    let secret_start = &key[..8];
+
+    let probe = key_test(&kw, &token, &account, "openai").await;
+    assert_eq!(probe.json()["status"], "invalid_key", "{probe}");
+    let call = ai_call(&kw, &token, &account, &chat_body("openai", false, 8)).await;
+    assert_eq!(call.status, 502, "{call}");
+    let audit = kw.cli(&["audit", "export", "--account", &account]).stdout;
+    for (what, text) in [
+        ("test answer", probe.text.as_str()),
+        ("call answer", call.text.as_str()),
+        ("audit", audit.as_str()),
+    ] {
+        assert!(
+            text.contains("Incorrect API key provided"),
+            "{what}: the provider's message is passed on: {text}"
+        );
+        assert!(
+            !text.contains(secret_start),
+            "{what} shows the key's first characters: {text}"
+        );
+    }
+}
