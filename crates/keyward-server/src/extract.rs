@@ -72,23 +72,34 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<JsonBody, ApiError> {
+        JsonBody::read(req, state.max_body_bytes).await
+    }
+}
+
+/// A JSON body on an AI route: like [`JsonBody`], with the AI routes' larger limit.
+#[derive(Debug)]
+pub struct AiJsonBody(pub JsonBody);
+
+impl FromRequest<AppState> for AiJsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<AiJsonBody, ApiError> {
+        JsonBody::read(req, state.max_ai_body_bytes).await.map(AiJsonBody)
+    }
+}
+
+impl JsonBody {
+    async fn read(req: Request, limit: usize) -> Result<JsonBody, ApiError> {
         let is_json = req
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
             .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
-        let limit = if req.uri().path().contains("/ai/") {
-            state.max_ai_body_bytes
-        } else {
-            state.max_body_bytes
-        };
         let bytes = read_limited(req.into_body(), limit).await?;
         Ok(JsonBody { is_json, bytes })
     }
-}
 
-impl JsonBody {
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         if !self.is_json {
             return Err(ApiError::new(

@@ -135,15 +135,6 @@ impl WorkerPool {
         self.slots.iter().filter(|s| s.up.load(Ordering::Acquire)).count()
     }
 
-    /// The pids of running workers (for tests and diagnostics).
-    pub fn pids(&self) -> Vec<u64> {
-        self.slots
-            .iter()
-            .filter(|s| s.up.load(Ordering::Acquire))
-            .map(|s| s.pid.load(Ordering::Acquire))
-            .collect()
-    }
-
     /// A connection to a live worker, round robin.
     pub async fn lease(&self) -> Result<Lease, Unavailable> {
         let n = self.slots.len();

@@ -21,7 +21,7 @@ use crate::api::{AiAnswerBody, ErrorBody, MessagesRequest, UsageCounts};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonBody;
+use crate::extract::{AiJsonBody, JsonBody};
 
 /// Largest plain answer read from a provider.
 pub const MAX_ANSWER: usize = 8 * 1024 * 1024;
@@ -148,12 +148,15 @@ pub struct CallSpec<'a> {
     pub feature: Option<String>,
 }
 
+/// `acct` is the caller's account as read with their membership: its plan and limit are
+/// used as they are, not read again.
 pub async fn prepare(
     state: &AppState,
     caller: &Caller,
-    account: &AccountId,
+    acct: &keyward_store::Account,
     spec: CallSpec<'_>,
 ) -> ApiResult<CallContext> {
+    let account = &acct.id;
     let CallSpec {
         provider,
         model,
@@ -189,7 +192,6 @@ pub async fn prepare(
     let (period, _, _) = period_of(state.clock.now());
     let mut reserved = 0;
     if choice.source == KeySource::Shared {
-        let acct = state.store.account(account).await?.ok_or_else(ApiError::not_found)?;
         // Input tokens are not known before the call; the input's byte count bounds them.
         let estimate = model.credits_for(input_bytes as u64, u64::from(max_tokens)).max(1);
         reserved = i64::try_from(estimate).unwrap_or(i64::MAX);
@@ -267,7 +269,7 @@ pub async fn messages(
     State(state): State<AppState>,
     caller: Caller,
     Path(account): Path<String>,
-    body: JsonBody,
+    AiJsonBody(body): AiJsonBody,
 ) -> ApiResult<Response> {
     // Once a provider is called, the call must be settled and audited even if the client
     // goes away (which drops this handler): the work runs in its own task.
@@ -302,7 +304,7 @@ async fn messages_call(state: AppState, caller: Caller, account: String, body: J
         max_tokens: body.max_tokens,
         feature: body.feature.clone(),
     };
-    let ctx = prepare(&state, &caller, &m.account.id, spec).await?;
+    let ctx = prepare(&state, &caller, &m.account, spec).await?;
     let request = ChatRequest {
         model: ctx.model.id.clone(),
         system: body.system,

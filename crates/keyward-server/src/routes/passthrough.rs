@@ -367,7 +367,7 @@ async fn native_inner(
         max_tokens: req.max_tokens.max(1),
         feature: None,
     };
-    let ctx = prepare(state, &caller, &m.account.id, spec).await?;
+    let ctx = prepare(state, &caller, &m.account, spec).await?;
     let mut call_headers = vec![("content-type".to_owned(), "application/json".to_owned())];
     if provider == Provider::Anthropic {
         let version = headers
