@@ -1,10 +1,28 @@
 #!/usr/bin/env bash
-# keyward benchmarks: builds in release mode, then runs each measurement against the real
-# binary on loopback. Usage: bench/run.sh [save-list|ai-latency] [--clients N] [--seconds S]
+# keyward benchmarks: builds in release mode, then runs one measurement against the real
+# binary on loopback. Usage:
+#   bench/run.sh [gateway] [--seconds S] [--runs N] [--rate R] [--connections 1,32,256] [--with-litellm]
+#   bench/run.sh save-list|ai-latency|nodes [--clients N] [--seconds S]
+# `gateway` (the default) needs nginx (Debian nginx-light) for the fake provider; without it
+# keyward's own fake is used and the report says so. --with-litellm installs LiteLLM proxy
+# into bench/.venv-litellm (PyPI) and measures it in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+what="${1:-gateway}"
+[[ $# -gt 0 ]] && shift
+args=()
+litellm=""
+for a in "$@"; do
+  if [[ "$a" == "--with-litellm" ]]; then litellm=1; else args+=("$a"); fi
+done
+if [[ -n "$litellm" ]]; then
+  venv=bench/.venv-litellm
+  if [[ ! -x "$venv/bin/litellm" ]]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet 'litellm[proxy]>=1.50,<2'
+  fi
+  args+=(--litellm "$PWD/$venv/bin/litellm")
+fi
 cargo build --release -p keyward -p keyward-bench -p keyward-fakes
-what="${1:-save-list}"
-shift || true
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
-exec target/release/keyward-bench "$what" "$@"
+echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+exec target/release/keyward-bench "$what" ${args[@]+"${args[@]}"}

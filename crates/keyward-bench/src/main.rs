@@ -17,6 +17,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod gateway;
+mod load;
+mod procs;
+
 use keyward_crypto::{local, Binding};
 use keyward_testkit::{Http, Keyward, Options};
 use serde_json::json;
@@ -51,6 +55,7 @@ fn main() {
         Some("save-list") => save_list(&args),
         Some("ai-latency") => ai_latency(&args),
         Some("nodes") => nodes(&args),
+        Some("gateway") => gateway::gateway(&args),
         _ => {
             eprintln!("usage: keyward-bench save-list [--clients N] [--seconds S] | ai-latency [--seconds S]");
             std::process::exit(2);

@@ -31,10 +31,11 @@ pub struct KeyChoice {
 /// The account's source for `provider` decides the key. An own-key account whose key is
 /// gone gets `no_key_saved`; a shared call with no platform key configured gets a 503.
 pub async fn choose_key(state: &AppState, account: &AccountId, provider: Provider) -> ApiResult<KeyChoice> {
-    let current = state.store.provider_state(account, provider).await?;
+    // One read: the source and the key it selects (this is on every AI call's path).
+    let current = state.store.call_key(account, provider).await?;
     match current.source {
         KeySource::Own => {
-            let key = state.store.sealed_key(account, provider).await?.ok_or_else(|| {
+            let key = current.key.ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::NoKeySaved,
                     "this account uses its own key for this provider, but none is saved",
@@ -47,7 +48,7 @@ pub async fn choose_key(state: &AppState, account: &AccountId, provider: Provide
             })
         }
         KeySource::Shared => {
-            let key = state.store.shared_key(provider).await?.ok_or_else(|| {
+            let key = current.key.ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::SharedPoolUnavailable,
                     format!(

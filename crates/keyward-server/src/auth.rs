@@ -75,6 +75,61 @@ pub async fn authenticate(state: &AppState, token: &str) -> ApiResult<Caller> {
     Ok(Caller { user })
 }
 
+/// The user a token belongs to and their membership of `account`, in one read (the AI
+/// routes' first step): 401 for an unknown token, then 404 (never 403) for a non-member.
+pub async fn authenticate_member(state: &AppState, token: &str, account: &str) -> ApiResult<(Caller, Membership)> {
+    let token = token.trim();
+    if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
+        return Err(ApiError::unauthorized());
+    }
+    // An account id that cannot exist still needs the token checked first (401 before 404).
+    let Ok(account) = AccountId::parse(account) else {
+        authenticate(state, token).await?;
+        return Err(ApiError::not_found());
+    };
+    let (user, membership) = state
+        .store
+        .member_by_token(&hash_token(token), &account)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    Ok((Caller { user }, membership.ok_or_else(ApiError::not_found)?))
+}
+
+/// An authenticated caller who is a member of the `{account_id}` in the path, found with
+/// one read.
+#[derive(Debug, Clone)]
+pub struct AccountMember {
+    pub caller: Caller,
+    pub membership: Membership,
+}
+
+impl FromRequestParts<AppState> for AccountMember {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<AccountMember> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(ApiError::unauthorized)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(ApiError::unauthorized)?
+            .to_owned();
+        let token = Zeroizing::new(token);
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::not_found())?;
+        let account = params
+            .iter()
+            .find(|(k, _)| *k == "account_id")
+            .map(|(_, v)| v.to_owned())
+            .ok_or_else(ApiError::not_found)?;
+        let (caller, membership) = authenticate_member(state, &token, &account).await?;
+        Ok(AccountMember { caller, membership })
+    }
+}
+
 impl Caller {
     /// The caller's membership of `account`, or 404 (never 403) when they are not a
     /// member, so account ids cannot be probed.

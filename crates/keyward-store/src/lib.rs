@@ -113,6 +113,13 @@ pub struct StoredKey {
     pub last4: Last4,
 }
 
+/// The key an AI call would use now: see [`Store::call_key`].
+#[derive(Debug, Clone)]
+pub struct CallKey {
+    pub source: KeySource,
+    pub key: Option<StoredKey>,
+}
+
 /// A key to save: sealed by the caller, bound to (account, provider, key_id).
 #[derive(Debug, Clone)]
 pub struct NewKey {
@@ -324,6 +331,14 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a user with one API token (given as its hash). `Conflict` if the email exists.
     async fn create_user(&self, id: &UserId, email: &Email, token_hash: &str, now: UnixMillis) -> StoreResult<()>;
     async fn user_by_token(&self, token_hash: &str) -> StoreResult<Option<User>>;
+    /// [`Store::user_by_token`] and [`Store::membership`] in one read (every AI call starts
+    /// with both): `None` for an unknown token, else the user and their membership of
+    /// `account` (`None` when they are not a member).
+    async fn member_by_token(
+        &self,
+        token_hash: &str,
+        account: &AccountId,
+    ) -> StoreResult<Option<(User, Option<Membership>)>>;
     async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>>;
     async fn count_users(&self) -> StoreResult<i64>;
 
@@ -380,6 +395,10 @@ pub trait Store: Send + Sync + 'static {
         actor: &Actor,
         now: UnixMillis,
     ) -> StoreResult<ProviderState>;
+    /// What an AI call needs to pick its key, in one read (the hot path): the account's
+    /// source for `provider` and the sealed key that source selects: its own key, or the
+    /// shared pool's. `key` is `None` when the selected key does not exist.
+    async fn call_key(&self, account: &AccountId, provider: Provider) -> StoreResult<CallKey>;
     /// The sealed key, for a worker to open.
     async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>>;
     /// Stores `result` as the key's last_test only if the saved key is still `key_id` (a test

@@ -22,9 +22,9 @@ use sqlx::{Row, SqlitePool};
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
 use crate::{
-    check_amount, check_event, check_period, fold_calls, usage_report, Account, Actor, CallRecord, FoldedCalls,
-    KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store, StoreError, StoreResult,
-    StoredKey, UsageReport, User,
+    check_amount, check_event, check_period, fold_calls, usage_report, Account, Actor, CallKey, CallRecord,
+    FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store, StoreError,
+    StoreResult, StoredKey, UsageReport, User,
 };
 
 /// Tuning for the SQLite backend.
@@ -75,7 +75,9 @@ impl SqliteStore {
         let reader = SqlitePoolOptions::new()
             .max_connections(opts.readers.max(1))
             .acquire_timeout(opts.busy_timeout)
-            .connect_with(connect.read_only(true))
+            // Readers map the file (256 MiB window): page reads become memory reads instead
+            // of a pread(2) each. Writes still go through the writer's file handle.
+            .connect_with(connect.read_only(true).pragma("mmap_size", "268435456"))
             .await
             .map_err(map_err)?;
         let store = SqliteStore {
@@ -435,6 +437,32 @@ impl Store for SqliteStore {
         row.as_ref().map(user_from_row).transpose()
     }
 
+    async fn member_by_token(
+        &self,
+        token_hash: &str,
+        account: &AccountId,
+    ) -> StoreResult<Option<(User, Option<Membership>)>> {
+        let row = sqlx::query(&format!(
+            "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}
+             FROM api_tokens t JOIN users u ON u.id = t.user_id
+             LEFT JOIN memberships m ON m.user_id = u.id AND m.account_id = ?2
+             LEFT JOIN accounts a ON a.id = m.account_id
+             WHERE t.token_hash = ?1"
+        ))
+        .bind(token_hash)
+        .bind(account.as_str())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let user = user_from_row(&row)?;
+        let membership = match get::<Option<String>>(&row, "role")? {
+            Some(_) => Some(membership_from_row(&row)?),
+            None => None,
+        };
+        Ok(Some((user, membership)))
+    }
+
     async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
         let row = sqlx::query("SELECT id, email FROM users WHERE email = ?1")
             .bind(email.as_str())
@@ -686,6 +714,41 @@ impl Store for SqliteStore {
         let after = state_in(&mut tx, account, provider).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(after)
+    }
+
+    async fn call_key(&self, account: &AccountId, provider: Provider) -> StoreResult<CallKey> {
+        // One statement, so the source and the key are one snapshot. A missing source row
+        // means the default, shared.
+        let row = sqlx::query(
+            "SELECT s.source,
+                    COALESCE(k.key_id, sk.key_id) AS key_id,
+                    COALESCE(k.sealed, sk.sealed) AS sealed,
+                    COALESCE(k.last4, sk.last4) AS last4
+             FROM (SELECT ?1 AS account_id, ?2 AS provider) q
+             LEFT JOIN provider_sources s ON s.account_id = q.account_id AND s.provider = q.provider
+             LEFT JOIN provider_keys k ON k.account_id = q.account_id AND k.provider = q.provider
+                                      AND s.source = 'own'
+             LEFT JOIN shared_keys sk ON sk.provider = q.provider AND COALESCE(s.source, 'shared') = 'shared'",
+        )
+        .bind(account.as_str())
+        .bind(provider.as_str())
+        .fetch_one(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let source = get::<Option<String>>(&row, "source")?
+            .map(|s| s.parse::<KeySource>())
+            .transpose()
+            .map_err(|_| corrupt("provider_sources.source"))?
+            .unwrap_or_default();
+        let table = match source {
+            KeySource::Own => "provider_keys",
+            KeySource::Shared => "shared_keys",
+        };
+        let key = match get::<Option<String>>(&row, "key_id")? {
+            Some(_) => Some(stored_key_from_row(&row, table)?),
+            None => None,
+        };
+        Ok(CallKey { source, key })
     }
 
     async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>> {

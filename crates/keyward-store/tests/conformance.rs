@@ -242,9 +242,36 @@ async fn users_tokens_and_memberships(s: &dyn Store) {
         (Role::Owner, Plan::Pro, 20_000)
     );
 
-    let (other, _) = owner_with_account(s, 2, Plan::Free).await;
+    let (other, other_account) = owner_with_account(s, 2, Plan::Free).await;
     assert!(s.membership(&account, &other).await.unwrap().is_none());
+    // The one-read form: unknown token, known token but not a member, member.
+    assert!(s.member_by_token("nope", &account).await.unwrap().is_none());
+    let (u, m) = s.member_by_token("hash2", &account).await.unwrap().unwrap();
+    assert_eq!((u.id, m.map(|m| m.role)), (other.clone(), None));
+    let (u, m) = s.member_by_token("hash1", &account).await.unwrap().unwrap();
+    let m = m.unwrap();
+    assert_eq!(
+        (
+            u.id,
+            m.role,
+            m.account.id,
+            m.account.plan,
+            m.account.shared_credit_limit
+        ),
+        (user.clone(), Role::Owner, account.clone(), Plan::Pro, 20_000)
+    );
+    let (_, m) = s.member_by_token("hash2", &other_account).await.unwrap().unwrap();
+    assert_eq!(m.map(|m| (m.role, m.account.plan)), Some((Role::Owner, Plan::Free)));
     s.set_membership(&account, &other, Role::Member, t(4)).await.unwrap();
+    assert_eq!(
+        s.member_by_token("hash2", &account)
+            .await
+            .unwrap()
+            .unwrap()
+            .1
+            .map(|m| m.role),
+        Some(Role::Member)
+    );
     assert_eq!(
         s.membership(&account, &other).await.unwrap().unwrap().role,
         Role::Member
@@ -464,6 +491,57 @@ async fn shared_keys_save_rotate_read(s: &dyn Store) {
         .all(|p| p.key.is_none()));
     assert_eq!(chain_ok(s, &account).await, 0);
     assert!(s.purge_removed().await.unwrap());
+}
+
+/// `call_key` (the AI hot path's one read) picks the key the source selects, and only it.
+async fn call_key_follows_the_source(s: &dyn Store) {
+    let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let actor = Actor(user.to_string());
+    let p = Provider::OpenAi;
+    let picked = |k: &keyward_store::CallKey| (k.source, k.key.as_ref().map(|k| k.last4.as_str().to_owned()));
+
+    // Nothing configured: shared, and no key to use.
+    assert_eq!(
+        picked(&s.call_key(&account, p).await.unwrap()),
+        (KeySource::Shared, None)
+    );
+    s.save_shared_key(p, new_key(1, "pool"), t(10)).await.unwrap();
+    assert_eq!(
+        picked(&s.call_key(&account, p).await.unwrap()),
+        (KeySource::Shared, Some("pool".to_owned()))
+    );
+    // A saved own key is kept but not used while the source is shared.
+    s.save_key(&account, p, new_key(2, "mine"), &actor, t(11))
+        .await
+        .unwrap();
+    let k = s.call_key(&account, p).await.unwrap();
+    assert_eq!(picked(&k), (KeySource::Shared, Some("pool".to_owned())));
+    assert_eq!(k.key.unwrap().sealed.as_bytes(), &[1u8; 64][..]);
+    // Switched to own: the own key, with its blob and key id.
+    s.set_source(&account, p, KeySource::Own, &actor, t(12)).await.unwrap();
+    let k = s.call_key(&account, p).await.unwrap();
+    assert_eq!(picked(&k), (KeySource::Own, Some("mine".to_owned())));
+    let k = k.key.unwrap();
+    assert_eq!(
+        (k.key_id, k.sealed.as_bytes()),
+        (id(KeyId::from_random, 2), &[2u8; 64][..])
+    );
+    // Other providers and other accounts are untouched.
+    assert_eq!(
+        picked(&s.call_key(&account, Provider::Google).await.unwrap()),
+        (KeySource::Shared, None)
+    );
+    let (_, other) = owner_with_account(s, 2, Plan::Pro).await;
+    assert_eq!(
+        picked(&s.call_key(&other, p).await.unwrap()),
+        (KeySource::Shared, Some("pool".to_owned()))
+    );
+    // Removing the own key switches the account back to the shared pool.
+    s.remove_key(&account, p, &actor, t(13)).await.unwrap();
+    assert_eq!(
+        picked(&s.call_key(&account, p).await.unwrap()),
+        (KeySource::Shared, Some("pool".to_owned()))
+    );
 }
 
 fn tested(account: &AccountId, at: i64, ok: bool) -> NewAuditEvent {
@@ -1085,6 +1163,11 @@ macro_rules! conformance {
             async fn purge_completes() {
                 let Some(b) = super::$backend().await else { return };
                 super::purge_completes(b.store.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn call_key_follows_the_source() {
+                let Some(b) = super::$backend().await else { return };
+                super::call_key_follows_the_source(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn shared_keys_save_rotate_read() {

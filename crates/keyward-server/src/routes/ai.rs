@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::ai::{choose_key, open_and_call, period_of, CallFailure, KeyChoice};
 use crate::api::{AiAnswerBody, ErrorBody, MessagesRequest, UsageCounts};
 use crate::app::AppState;
-use crate::auth::Caller;
+use crate::auth::{AccountMember, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{AiJsonBody, JsonBody};
 
@@ -267,19 +267,18 @@ pub async fn prepare(
 )]
 pub async fn messages(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(account): Path<String>,
+    member: AccountMember,
     AiJsonBody(body): AiJsonBody,
 ) -> ApiResult<Response> {
     // Once a provider is called, the call must be settled and audited even if the client
     // goes away (which drops this handler): the work runs in its own task.
-    tokio::spawn(messages_call(state, caller, account, body))
+    tokio::spawn(messages_call(state, member, body))
         .await
         .map_err(|e| ApiError::internal(&e))?
 }
 
-async fn messages_call(state: AppState, caller: Caller, account: String, body: JsonBody) -> ApiResult<Response> {
-    let m = caller.member_of(&state, &account).await?;
+async fn messages_call(state: AppState, member: AccountMember, body: JsonBody) -> ApiResult<Response> {
+    let AccountMember { caller, membership: m } = member;
     let body: MessagesBody = body.parse()?;
     let provider: Provider = body
         .provider

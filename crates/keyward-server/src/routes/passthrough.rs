@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::ai::{open_and_call, CallFailure};
 use crate::app::AppState;
-use crate::auth::{authenticate, Caller};
+use crate::auth::{authenticate_member, Caller};
 use crate::error::ApiError;
 use crate::extract::AiBody;
 use crate::routes::ai::{channel_body, fail_call, prepare, CallContext, CallSpec, MAX_ANSWER};
@@ -101,9 +101,7 @@ async fn caller_and_account(
     account: &str,
 ) -> Result<(Caller, keyward_store::Membership), ApiError> {
     let token = sdk_token(headers).ok_or_else(ApiError::unauthorized)?;
-    let caller = authenticate(state, &token).await?;
-    let m = caller.member_of(state, account).await?;
-    Ok((caller, m))
+    authenticate_member(state, &token, account).await
 }
 
 /// What the gateway reads from a client's native request body.
