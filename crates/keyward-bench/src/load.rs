@@ -136,7 +136,7 @@ impl Conn {
         self.buf.clear();
         // Read the head.
         let (status, head_len, body) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut headers = [httparse::EMPTY_HEADER; 128];
             let mut resp = httparse::Response::new(&mut headers);
             match resp.parse(&self.buf) {
                 Ok(httparse::Status::Complete(n)) => {

@@ -233,12 +233,17 @@ const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, 
 /// read per account per call, however many of its events the batch holds, and one head
 /// write per account at the end (in account-id order). Callers that settle a batch
 /// (`finish_calls`, `append_audit`) pass it whole, so the chain reads stay per batch.
+/// Audit rows per INSERT statement: 16 parameters each, well inside SQLite's limit of
+/// 32,766 parameters per statement.
+const AUDIT_ROWS_PER_INSERT: usize = 128;
+
 async fn append_in_tx<'e>(
     conn: &mut SqliteConnection,
     chain_key: &AuditChainKey,
     events: impl IntoIterator<Item = &'e NewAuditEvent> + Send,
 ) -> StoreResult<()> {
     let mut heads: BTreeMap<String, (i64, [u8; 32])> = BTreeMap::new();
+    let mut chained = Vec::new();
     for new in events {
         let account = new.account_id.as_str().to_owned();
         let (seq, prev) = match heads.get(&account) {
@@ -263,30 +268,42 @@ async fn append_in_tx<'e>(
         };
         let mut event = new.clone().into_event(seq + 1);
         let mac = event.seal_link(chain_key, &prev);
-        sqlx::query(
-            "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-        )
-        .bind(&event.account_id)
-        .bind(event.seq)
-        .bind(event.at)
-        .bind(&event.actor)
-        .bind(&event.action)
-        .bind(&event.provider)
-        .bind(&event.key_source)
-        .bind(&event.key_last4)
-        .bind(&event.model)
-        .bind(&event.outcome)
-        .bind(&event.detail)
-        .bind(&event.provider_request_id)
-        .bind(event.input_tokens)
-        .bind(event.output_tokens)
-        .bind(&event.feature)
-        .bind(&event.mac)
-        .execute(&mut *conn)
-        .await
-        .map_err(map_err)?;
         heads.insert(account, (event.seq, mac));
+        chained.push(event);
+    }
+    // Many rows per INSERT: one round trip to the connection's thread per chunk instead of
+    // one per event (a group-commit batch holds up to a thousand).
+    for chunk in chained.chunks(AUDIT_ROWS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        }
+        let mut q = sqlx::query(&sql);
+        for event in chunk {
+            q = q
+                .bind(&event.account_id)
+                .bind(event.seq)
+                .bind(event.at)
+                .bind(&event.actor)
+                .bind(&event.action)
+                .bind(&event.provider)
+                .bind(&event.key_source)
+                .bind(&event.key_last4)
+                .bind(&event.model)
+                .bind(&event.outcome)
+                .bind(&event.detail)
+                .bind(&event.provider_request_id)
+                .bind(event.input_tokens)
+                .bind(event.output_tokens)
+                .bind(&event.feature)
+                .bind(&event.mac);
+        }
+        q.execute(&mut *conn).await.map_err(map_err)?;
     }
     for (account, (seq, mac)) in heads {
         sqlx::query(
