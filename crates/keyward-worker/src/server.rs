@@ -95,11 +95,18 @@ pub fn run(config: WorkerConfig, opener: Opener) -> Result<(), WorkerError> {
         upstreams,
         pages: LockedPool::default(),
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.threads.max(1))
-        .enable_all()
-        .build()
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    // One thread (the default): a current-thread runtime, so that accepting, opening,
+    // calling and relaying never hand a task to another thread (no wake-ups across threads
+    // on the hot path). More threads: a multi-thread runtime.
+    let runtime = if config.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.threads)
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| WorkerError::Setup(e.to_string()))?;
     runtime.block_on(async move {
         let listener = UnixListener::from_std(listener).map_err(socket_err)?;
         let parent = rustix::process::getppid();
