@@ -213,6 +213,12 @@ impl Opener {
         Kem::sk_to_pk(&self.private)
     }
 
+    /// A [`Sealer`] for this opener's KEK, derived from the private key (so whatever it
+    /// seals, this opener can open).
+    pub fn sealer(&self) -> Sealer {
+        Sealer::new(self.kek_id.clone(), self.public_key())
+    }
+
     /// The id of the KEK this opener holds (e.g. `local-1`).
     pub fn kek_id(&self) -> &str {
         &self.kek_id

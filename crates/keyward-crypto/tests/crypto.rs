@@ -670,3 +670,134 @@ fn timing() {
         blob.as_bytes().len()
     );
 }
+
+// ---- KEK versions: primary, keyring, re-wrap, retirement ---------------------------------
+
+#[test]
+fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    assert_eq!(local::primary_version(dir.path()).unwrap(), 1);
+    let old = local::load_sealer(dir.path())
+        .unwrap()
+        .seal(&BINDING, b"sk-old")
+        .unwrap();
+    assert_eq!(old.kek_id().unwrap(), "local-1");
+
+    assert_eq!(local::rotate(dir.path(), true).unwrap(), 2);
+    assert_eq!(local::primary_version(dir.path()).unwrap(), 2);
+    let sealer = local::load_sealer(dir.path()).unwrap();
+    assert_eq!(sealer.kek_id(), "local-2");
+    let new = sealer.seal(&BINDING, b"sk-new").unwrap();
+
+    let ring = local::load_keyring(dir.path()).unwrap();
+    assert_eq!(ring.kek_ids(), vec!["local-1", "local-2"]);
+    let mut out = [0u8; 64];
+    let n = ring.open_into(&BINDING, &old, &mut out).unwrap();
+    assert_eq!(&out[..n], b"sk-old");
+    let n = ring.open_into(&BINDING, &new, &mut out).unwrap();
+    assert_eq!(&out[..n], b"sk-new");
+    // The Debug form names versions only.
+    assert_eq!(format!("{ring:?}"), r#"Keyring { kek_ids: ["local-1", "local-2"] }"#);
+
+    let st = local::state(dir.path()).unwrap();
+    assert_eq!(
+        (st.primary, st.private.clone(), st.public.clone()),
+        (2, vec![1, 2], vec![1, 2])
+    );
+    // A staged rotation adds a version without moving the primary.
+    assert_eq!(local::rotate(dir.path(), false).unwrap(), 3);
+    assert_eq!(local::primary_version(dir.path()).unwrap(), 2);
+    local::set_primary(dir.path(), 3).unwrap();
+    assert_eq!(local::load_sealer(dir.path()).unwrap().kek_id(), "local-3");
+    assert!(
+        local::set_primary(dir.path(), 9).is_err(),
+        "a version without files cannot be primary"
+    );
+}
+
+#[test]
+fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let old = local::load_sealer(dir.path())
+        .unwrap()
+        .seal(&BINDING, b"sk-ant-123")
+        .unwrap();
+    local::rotate(dir.path(), true).unwrap();
+    let ring = local::load_keyring(dir.path()).unwrap();
+    let mut scratch = [0u8; 256];
+
+    let moved = ring.rewrap(&BINDING, &old, "local-2", &mut scratch).unwrap();
+    assert!(scratch.iter().all(|&b| b == 0), "scratch is wiped");
+    assert_eq!(moved.kek_id().unwrap(), "local-2");
+    assert_ne!(moved.as_bytes(), old.as_bytes());
+    let opener2 = local::load_opener_version(dir.path(), 2).unwrap();
+    assert_eq!(opener2.open(&BINDING, &moved).unwrap().expose(), b"sk-ant-123");
+    // Still bound: another row cannot open it, and a re-wrap for another binding fails.
+    let other = Binding {
+        key_id: "key_other",
+        ..BINDING
+    };
+    assert!(matches!(opener2.open(&other, &moved), Err(CryptoError::OpenFailed)));
+    assert!(matches!(
+        ring.rewrap(&other, &old, "local-2", &mut scratch),
+        Err(CryptoError::OpenFailed)
+    ));
+    assert!(scratch.iter().all(|&b| b == 0), "scratch is wiped after a failure too");
+    // Already under the target: the same blob comes back.
+    let again = ring.rewrap(&BINDING, &moved, "local-2", &mut scratch).unwrap();
+    assert_eq!(again.as_bytes(), moved.as_bytes());
+    // A target the ring does not hold is refused.
+    assert!(matches!(
+        ring.rewrap(&BINDING, &old, "local-7", &mut scratch),
+        Err(CryptoError::KekUnavailable { .. })
+    ));
+}
+
+#[test]
+fn retire_refuses_the_primary_then_destroys_the_version_for_good() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let old = local::load_sealer(dir.path())
+        .unwrap()
+        .seal(&BINDING, b"sk-old")
+        .unwrap();
+    assert!(local::retire(dir.path(), 1).is_err(), "the primary cannot be retired");
+    assert!(local::private_key_path(dir.path(), 1).exists());
+
+    local::rotate(dir.path(), true).unwrap();
+    assert!(local::retire(dir.path(), 1).unwrap());
+    assert!(!local::private_key_path(dir.path(), 1).exists());
+    assert!(!local::public_key_path(dir.path(), 1).exists());
+    assert!(local::retired_marker_path(dir.path(), 1).exists());
+    let st = local::state(dir.path()).unwrap();
+    assert_eq!((st.private, st.retired), (vec![2], vec![1]));
+
+    let ring = local::load_keyring(dir.path()).unwrap();
+    let mut out = [0u8; 64];
+    assert!(matches!(
+        ring.open_into(&BINDING, &old, &mut out),
+        Err(CryptoError::KekUnavailable { kek_id }) if kek_id == "local-1"
+    ));
+    assert!(local::load_opener_version(dir.path(), 1).is_err());
+    // The number is never reused: the next rotation makes version 3.
+    assert_eq!(local::rotate(dir.path(), true).unwrap(), 3);
+    // Retiring again is a no-op.
+    assert!(!local::retire(dir.path(), 1).unwrap());
+}
+
+#[test]
+fn a_primary_whose_files_are_missing_is_never_made_up() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    local::rotate(dir.path(), true).unwrap();
+    fs::remove_file(local::private_key_path(dir.path(), 2)).unwrap();
+    fs::remove_file(local::public_key_path(dir.path(), 2)).unwrap();
+    let err = local::ensure_kek(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("primary version but its files are missing"), "{err}");
+    assert!(!local::private_key_path(dir.path(), 2).exists());
+    assert!(local::load_keyring(dir.path()).is_err());
+    fs::write(local::primary_path(dir.path()), "zero\n").unwrap();
+    assert!(local::primary_version(dir.path()).is_err());
+}
