@@ -246,8 +246,10 @@ fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
         .worker_socket
         .clone()
         .context("KEYWARD_WORKER_SOCKET: the worker is started by `keyward serve`")?;
+    // Every live KEK version, read now: after the sandbox the data dir is out of reach, so a
+    // rotation or retirement reaches a worker when the gateway restarts it.
     let opener = match config.kek {
-        keyward_server::config::KekConfig::Local => keyward_crypto::local::load_opener(&config.data_dir)?,
+        keyward_server::config::KekConfig::Local => keyward_crypto::local::load_keyring(&config.data_dir)?,
     };
     let worker_config = keyward_worker::WorkerConfig {
         socket,
