@@ -66,7 +66,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RuntimeError>
     }
 }
 
-fn pg_options(config: &Config) -> PgOptions {
+pub(crate) fn pg_options(config: &Config) -> PgOptions {
     PgOptions {
         pool_size: config.database_pool_size,
         statement_timeout: Duration::from_millis(u64::from(config.database_statement_timeout_ms)),
