@@ -36,6 +36,15 @@ pub enum CryptoError {
         kek_id: String,
     },
 
+    /// A KEK backend outside this process (an HSM through PKCS#11) failed or refused.
+    #[error("KEK backend {backend}: {reason}")]
+    Backend {
+        /// Which backend (`pkcs11`).
+        backend: &'static str,
+        /// What it said (never a PIN or key bytes).
+        reason: String,
+    },
+
     /// Authentication failed: wrong binding (account, provider, key id), wrong key, or a
     /// tampered blob. No detail on purpose.
     #[error("sealed key blob failed to open (wrong binding, wrong key or tampered data)")]

@@ -58,6 +58,8 @@ mod error;
 mod fsutil;
 mod keyring;
 pub mod local;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 mod secret;
 
 pub use audit::{AuditChainKey, AUDIT_KEY_FILE, GENESIS_MAC};

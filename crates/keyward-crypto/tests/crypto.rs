@@ -801,3 +801,171 @@ fn a_primary_whose_files_are_missing_is_never_made_up() {
     fs::write(local::primary_path(dir.path()), "zero\n").unwrap();
     assert!(local::primary_version(dir.path()).is_err());
 }
+
+// ---- PKCS#11 (feature `pkcs11`), against SoftHSM2 ------------------------------------------
+
+/// In a `#[cfg(test)]` module so clippy's allow-unwrap-in-tests applies to the helpers.
+#[cfg(test)]
+#[cfg(feature = "pkcs11")]
+mod pkcs11 {
+    use super::*;
+    use keyward_crypto::pkcs11::{self, Pkcs11Config, Pkcs11Kek};
+    use std::time::Instant;
+
+    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+    /// SoftHSM2 present, or a skip line (a failure under KEYWARD_TEST_REQUIRE_ALL=1).
+    fn softhsm() -> bool {
+        if Path::new(MODULE).exists() && which("softhsm2-util") {
+            return true;
+        }
+        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
+        let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
+        assert!(
+            !require,
+            "SoftHSM2 ({MODULE}, softhsm2-util) is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it \
+             (apt-get install -y softhsm2)"
+        );
+        eprintln!("skipped: SoftHSM2 is not installed (apt-get install -y softhsm2)");
+        false
+    }
+
+    fn which(bin: &str) -> bool {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// A fresh SoftHSM2 token in a temp dir, initialised by softhsm2-util (its own process,
+    /// so this process's module is initialised once, by the code under test).
+    fn token(dir: &Path) -> Pkcs11Config {
+        let tokens = dir.join("tokens");
+        fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        // Read by the module when the code under test loads it; only one test function
+        // (this crate's only PKCS#11 user) sets it.
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        let out = std::process::Command::new("softhsm2-util")
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                "keyward",
+                "--so-pin",
+                "1234",
+                "--pin",
+                "5678",
+            ])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "softhsm2-util: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pin_file = dir.join("pin");
+        fs::write(&pin_file, "5678\n").unwrap();
+        set_mode(&pin_file, 0o600);
+        Pkcs11Config::parse(&format!(
+            "pkcs11:module={MODULE};token=keyward;key-label=keyward-kek;pin-file={}",
+            pin_file.display()
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn config_parsing_refuses_missing_and_unknown_fields() {
+        let c = Pkcs11Config::parse("pkcs11:module=/m.so;token=t;key-label=k;pin-file=/p").unwrap();
+        assert_eq!((c.token.as_str(), c.key_label.as_str()), ("t", "k"));
+        for bad in [
+            "pkcs11:module=/m.so;token=t;key-label=k",
+            "pkcs11:module=/m.so;token=t;key-label=k;pin-file=/p;pin=1234",
+            "local",
+            "pkcs11:module=/m.so;token=t;key-label=a b;pin-file=/p",
+        ] {
+            assert!(Pkcs11Config::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(pkcs11::kek_id("k", 3), "pkcs11-k-3");
+    }
+
+    /// One function on purpose: the module is initialised once per process, and PKCS#11
+    /// login state is per process (the gateway and the worker are separate processes).
+    #[test]
+    fn softhsm_round_trip_non_extractable_gateway_cannot_open_destroy() {
+        if !softhsm() {
+            return;
+        }
+        let dir = TempDir::new().unwrap();
+        let config = token(dir.path());
+        let kek = Pkcs11Kek::connect(&config).unwrap();
+        assert_eq!(kek.generate(1).unwrap(), "pkcs11-keyward-kek-1");
+        assert!(kek.generate(1).is_err(), "a version is generated once");
+
+        // The gateway's side: a session that never logged in. It can seal, and it cannot
+        // even see the private key.
+        let sealer = kek.sealer(1).unwrap();
+        assert!(!pkcs11::private_key_visible_without_login(&kek, 1).unwrap());
+        let blob = sealer.seal(&BINDING, b"sk-ant-hsm-123").unwrap();
+        assert_eq!(&blob.as_bytes()[..4], b"KWB\x02");
+        assert_eq!(
+            format!("{sealer:?}"),
+            r#"Pkcs11Sealer { kek_id: "pkcs11-keyward-kek-1", .. }"#
+        );
+
+        // The worker's side: logs in, the token decrypts the DEK.
+        let opener = kek.opener(1).unwrap();
+        // (PKCS#11 login state is per process: once logged in, every session of this process
+        // sees private objects. That is why only the worker process ever logs in.)
+        assert!(pkcs11::private_key_visible_without_login(&kek, 1).unwrap());
+        let mut out = [0u8; 64];
+        let n = opener.open_into(&BINDING, &blob, &mut out).unwrap();
+        assert_eq!(&out[..n], b"sk-ant-hsm-123");
+        let other = Binding {
+            key_id: "key_other",
+            ..BINDING
+        };
+        assert!(matches!(
+            opener.open_into(&other, &blob, &mut out),
+            Err(CryptoError::OpenFailed)
+        ));
+        assert!(out.iter().all(|&b| b == 0), "zeroed after a failed open");
+        let mut tampered = blob.as_bytes().to_vec();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(opener
+            .open_into(&BINDING, &SealedKey::from_bytes(tampered), &mut out)
+            .is_err());
+
+        // Time to open one key (C_Decrypt of the DEK in the token + the data AEAD).
+        let runs = 20;
+        let start = Instant::now();
+        for _ in 0..runs {
+            opener.open_into(&BINDING, &blob, &mut out).unwrap();
+        }
+        println!(
+            "pkcs11 (SoftHSM2, RSA-{}) open: {:?}/key",
+            pkcs11::MODULUS_BITS,
+            start.elapsed() / runs
+        );
+
+        // The KEK is sensitive and not extractable: its private value cannot be read.
+        assert_eq!(pkcs11::private_key_flags(&kek, 1).unwrap(), (true, false));
+        assert!(!pkcs11::private_key_value_readable(&kek, 1).unwrap());
+
+        // Retirement: the objects are destroyed; nothing opens the blob any more.
+        drop(opener);
+        assert_eq!(kek.destroy(1).unwrap(), 2);
+        assert!(matches!(kek.opener(1), Err(CryptoError::KekUnavailable { .. })));
+        assert!(kek.sealer(1).is_err());
+    }
+}
