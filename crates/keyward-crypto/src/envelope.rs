@@ -91,9 +91,17 @@ impl SealedKey {
         self.0
     }
 
-    /// The id of the KEK this blob was sealed to, parsed from the header.
+    /// The id of the KEK this blob was sealed to, parsed from the header (format v1, and
+    /// with the `pkcs11` feature v2).
     pub fn kek_id(&self) -> Result<String, CryptoError> {
-        parse_header(&self.0).map(|h| h.kek_id.to_owned())
+        match parse_header(&self.0) {
+            Ok(h) => Ok(h.kek_id.to_owned()),
+            #[cfg(feature = "pkcs11")]
+            Err(CryptoError::UnsupportedVersion(crate::pkcs11::BLOB_VERSION_PKCS11)) => {
+                crate::pkcs11::kek_id_of(&self.0)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

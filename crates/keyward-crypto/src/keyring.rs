@@ -18,16 +18,91 @@ use std::fmt;
 
 use zeroize::Zeroize;
 
-use crate::{Binding, CryptoError, Opener, SealedKey};
+use crate::{Binding, CryptoError, Opener, SealedKey, Sealer};
+
+/// The opening half of one KEK version, whichever backend holds it. `Debug` is redacted
+/// (it names the kek id only).
+#[derive(Debug)]
+pub enum KekOpener {
+    /// A local X25519 private key.
+    Local(Opener),
+    /// A logged-in PKCS#11 session on a token's private key.
+    #[cfg(feature = "pkcs11")]
+    Pkcs11(crate::pkcs11::Pkcs11Opener),
+}
+
+impl KekOpener {
+    /// The kek id this opener holds.
+    pub fn kek_id(&self) -> &str {
+        match self {
+            KekOpener::Local(o) => o.kek_id(),
+            #[cfg(feature = "pkcs11")]
+            KekOpener::Pkcs11(o) => o.kek_id(),
+        }
+    }
+
+    fn open_into(&self, binding: &Binding, blob: &SealedKey, out: &mut [u8]) -> Result<usize, CryptoError> {
+        match self {
+            KekOpener::Local(o) => o.open_into(binding, blob, out),
+            #[cfg(feature = "pkcs11")]
+            KekOpener::Pkcs11(o) => o.open_into(binding, blob, out),
+        }
+    }
+
+    /// Seals to this same version (what a re-wrap to it writes).
+    fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
+        match self {
+            KekOpener::Local(o) => o.sealer().seal(binding, plaintext),
+            #[cfg(feature = "pkcs11")]
+            KekOpener::Pkcs11(o) => o.seal(binding, plaintext),
+        }
+    }
+}
+
+/// The seal-only half of the primary KEK version, whichever backend holds it: all the
+/// gateway has.
+#[derive(Debug)]
+pub enum KekSealer {
+    /// A local X25519 public key.
+    Local(Sealer),
+    /// A PKCS#11 public key, used through a session that never logs in.
+    #[cfg(feature = "pkcs11")]
+    Pkcs11(crate::pkcs11::Pkcs11Sealer),
+}
+
+impl KekSealer {
+    /// The kek id new blobs name.
+    pub fn kek_id(&self) -> &str {
+        match self {
+            KekSealer::Local(s) => s.kek_id(),
+            #[cfg(feature = "pkcs11")]
+            KekSealer::Pkcs11(s) => s.kek_id(),
+        }
+    }
+
+    /// Seals `plaintext` for `binding` under a fresh DEK.
+    pub fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
+        match self {
+            KekSealer::Local(s) => s.seal(binding, plaintext),
+            #[cfg(feature = "pkcs11")]
+            KekSealer::Pkcs11(s) => s.seal(binding, plaintext),
+        }
+    }
+}
 
 /// The opening halves of every live KEK version. Not `Clone`; `Debug` names only kek ids.
 pub struct Keyring {
-    openers: Vec<Opener>,
+    openers: Vec<KekOpener>,
 }
 
 impl Keyring {
-    /// A keyring of `openers` (kek ids must be distinct; a duplicate is refused).
+    /// A keyring of local `openers` (kek ids must be distinct; a duplicate is refused).
     pub fn new(openers: Vec<Opener>) -> Result<Keyring, CryptoError> {
+        Keyring::of(openers.into_iter().map(KekOpener::Local).collect())
+    }
+
+    /// A keyring of openers of any backend (kek ids must be distinct).
+    pub fn of(openers: Vec<KekOpener>) -> Result<Keyring, CryptoError> {
         for (i, o) in openers.iter().enumerate() {
             if openers.iter().skip(i + 1).any(|p| p.kek_id() == o.kek_id()) {
                 return Err(CryptoError::KekMismatch {
@@ -41,7 +116,7 @@ impl Keyring {
 
     /// The kek ids held, in the order given.
     pub fn kek_ids(&self) -> Vec<&str> {
-        self.openers.iter().map(Opener::kek_id).collect()
+        self.openers.iter().map(KekOpener::kek_id).collect()
     }
 
     /// Whether this keyring can open blobs sealed to `kek_id`.
@@ -49,11 +124,11 @@ impl Keyring {
         self.opener(kek_id).is_some()
     }
 
-    fn opener(&self, kek_id: &str) -> Option<&Opener> {
+    fn opener(&self, kek_id: &str) -> Option<&KekOpener> {
         self.openers.iter().find(|o| o.kek_id() == kek_id)
     }
 
-    fn opener_for(&self, blob: &SealedKey) -> Result<&Opener, CryptoError> {
+    fn opener_for(&self, blob: &SealedKey) -> Result<&KekOpener, CryptoError> {
         let kek_id = blob.kek_id()?;
         self.opener(&kek_id).ok_or(CryptoError::KekUnavailable { kek_id })
     }
@@ -92,12 +167,12 @@ impl Keyring {
         &self,
         binding: &Binding,
         blob: &SealedKey,
-        to: &Opener,
+        to: &KekOpener,
         scratch: &mut [u8],
     ) -> Result<SealedKey, CryptoError> {
         let n = self.opener_for(blob)?.open_into(binding, blob, scratch)?;
         let (plaintext, check) = scratch.split_at_mut_checked(n).ok_or(CryptoError::Malformed)?;
-        let fresh = to.sealer().seal(binding, plaintext)?;
+        let fresh = to.seal(binding, plaintext)?;
         // The new blob must open, under the target, to the very same bytes.
         let m = to.open_into(binding, &fresh, check)?;
         let same = m == n && check.get(..m).is_some_and(|c| c == &*plaintext);

@@ -65,7 +65,7 @@ mod secret;
 pub use audit::{AuditChainKey, AUDIT_KEY_FILE, GENESIS_MAC};
 pub use envelope::{Binding, Opener, SealedKey, Sealer, BLOB_MAGIC, BLOB_VERSION, HPKE_INFO, MAX_PLAINTEXT_LEN};
 pub use error::CryptoError;
-pub use keyring::Keyring;
+pub use keyring::{KekOpener, KekSealer, Keyring};
 pub use secret::SecretBytes;
 
 #[cfg(test)]

@@ -244,10 +244,12 @@ impl Pkcs11Kek {
         let session = self.user_session()?;
         let label = object_label(&self.config.key_label, version);
         let key = one(find(&session, ObjectClass::PRIVATE_KEY, &label)?, &label)?;
+        let public = one(find(&session, ObjectClass::PUBLIC_KEY, &label)?, &label)?;
         Ok(Pkcs11Opener {
             kek_id: kek_id(&self.config.key_label, version),
             session: Mutex::new(session),
             key,
+            public,
         })
     }
 
@@ -318,45 +320,54 @@ impl Pkcs11Sealer {
 
     /// Seals `plaintext` for `binding` (format v2): a fresh DEK and nonce every call.
     pub fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
-        if plaintext.len() > MAX_PLAINTEXT_LEN {
-            return Err(CryptoError::PlaintextTooLarge {
-                len: plaintext.len(),
-                max: MAX_PLAINTEXT_LEN,
-            });
-        }
-        let id_len = u8::try_from(self.kek_id.len()).map_err(|_| CryptoError::SealFailed)?;
-        let mut dek = Zeroizing::new([0u8; DEK_LEN]);
-        OsRng.fill_bytes(dek.as_mut());
-        let mut nonce = [0u8; NONCE_LEN];
-        OsRng.fill_bytes(&mut nonce);
-        let wrapped = {
-            let session = self.session.lock().map_err(|_| CryptoError::SealFailed)?;
-            session.encrypt(&oaep(), self.key, dek.as_ref()).map_err(err)?
-        };
-        let w = u16::try_from(wrapped.len()).map_err(|_| CryptoError::SealFailed)?;
-
-        let mut blob = Zeroizing::new(Vec::with_capacity(
-            7 + self.kek_id.len() + wrapped.len() + NONCE_LEN + plaintext.len() + TAG_LEN,
-        ));
-        blob.extend_from_slice(&BLOB_MAGIC);
-        blob.push(BLOB_VERSION_PKCS11);
-        blob.push(id_len);
-        blob.extend_from_slice(self.kek_id.as_bytes());
-        let mut aad = blob.to_vec();
-        aad.extend_from_slice(&binding.canonical_bytes());
-        blob.extend_from_slice(&w.to_be_bytes());
-        blob.extend_from_slice(&wrapped);
-        blob.extend_from_slice(&nonce);
-        let body_start = blob.len();
-        blob.extend_from_slice(plaintext);
-        let cipher = ChaCha20Poly1305::new_from_slice(dek.as_ref()).map_err(|_| CryptoError::SealFailed)?;
-        let buffer = blob.get_mut(body_start..).ok_or(CryptoError::SealFailed)?;
-        let tag = cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, buffer)
-            .map_err(|_| CryptoError::SealFailed)?;
-        blob.extend_from_slice(&tag);
-        Ok(SealedKey::from_bytes(std::mem::take(&mut *blob)))
+        let session = self.session.lock().map_err(|_| CryptoError::SealFailed)?;
+        seal_with(&session, self.key, &self.kek_id, binding, plaintext)
     }
+}
+
+/// Format v2 sealing with public key `key` through `session` (see the module doc).
+fn seal_with(
+    session: &Session,
+    key: ObjectHandle,
+    kek_id: &str,
+    binding: &Binding,
+    plaintext: &[u8],
+) -> Result<SealedKey, CryptoError> {
+    if plaintext.len() > MAX_PLAINTEXT_LEN {
+        return Err(CryptoError::PlaintextTooLarge {
+            len: plaintext.len(),
+            max: MAX_PLAINTEXT_LEN,
+        });
+    }
+    let id_len = u8::try_from(kek_id.len()).map_err(|_| CryptoError::SealFailed)?;
+    let mut dek = Zeroizing::new([0u8; DEK_LEN]);
+    OsRng.fill_bytes(dek.as_mut());
+    let mut nonce = [0u8; NONCE_LEN];
+    OsRng.fill_bytes(&mut nonce);
+    let wrapped = session.encrypt(&oaep(), key, dek.as_ref()).map_err(err)?;
+    let w = u16::try_from(wrapped.len()).map_err(|_| CryptoError::SealFailed)?;
+
+    let mut blob = Zeroizing::new(Vec::with_capacity(
+        7 + kek_id.len() + wrapped.len() + NONCE_LEN + plaintext.len() + TAG_LEN,
+    ));
+    blob.extend_from_slice(&BLOB_MAGIC);
+    blob.push(BLOB_VERSION_PKCS11);
+    blob.push(id_len);
+    blob.extend_from_slice(kek_id.as_bytes());
+    let mut aad = blob.to_vec();
+    aad.extend_from_slice(&binding.canonical_bytes());
+    blob.extend_from_slice(&w.to_be_bytes());
+    blob.extend_from_slice(&wrapped);
+    blob.extend_from_slice(&nonce);
+    let body_start = blob.len();
+    blob.extend_from_slice(plaintext);
+    let cipher = ChaCha20Poly1305::new_from_slice(dek.as_ref()).map_err(|_| CryptoError::SealFailed)?;
+    let buffer = blob.get_mut(body_start..).ok_or(CryptoError::SealFailed)?;
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, buffer)
+        .map_err(|_| CryptoError::SealFailed)?;
+    blob.extend_from_slice(&tag);
+    Ok(SealedKey::from_bytes(std::mem::take(&mut *blob)))
 }
 
 /// Opens blobs sealed to a PKCS#11 KEK version: the token decrypts the DEK. Worker only.
@@ -364,6 +375,7 @@ pub struct Pkcs11Opener {
     kek_id: String,
     session: Mutex<Session>,
     key: ObjectHandle,
+    public: ObjectHandle,
 }
 
 impl fmt::Debug for Pkcs11Opener {
@@ -377,6 +389,12 @@ impl fmt::Debug for Pkcs11Opener {
 impl Pkcs11Opener {
     pub fn kek_id(&self) -> &str {
         &self.kek_id
+    }
+
+    /// Seals to this version with its public key (a re-wrap to this version).
+    pub fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
+        let session = self.session.lock().map_err(|_| CryptoError::SealFailed)?;
+        seal_with(&session, self.public, &self.kek_id, binding, plaintext)
     }
 
     /// Opens `blob` into `out` (zeroed on failure) and returns the plaintext length.
@@ -424,6 +442,11 @@ struct Parsed<'a> {
     nonce: &'a [u8; NONCE_LEN],
     ciphertext: &'a [u8],
     tag: &'a [u8; TAG_LEN],
+}
+
+/// The kek id of a format v2 blob.
+pub(crate) fn kek_id_of(bytes: &[u8]) -> Result<String, CryptoError> {
+    parse(bytes).map(|p| p.kek_id.to_owned())
 }
 
 fn parse(bytes: &[u8]) -> Result<Parsed<'_>, CryptoError> {
