@@ -126,6 +126,21 @@ fn read_primary(data_dir: &Path) -> Result<Option<u32>, CryptoError> {
     }
 }
 
+/// What `primary` says, if the file exists (a backend whose versions live elsewhere, such as
+/// PKCS#11, keeps its primary in the same file).
+pub fn primary_file_version(data_dir: &Path) -> Result<Option<u32>, CryptoError> {
+    read_primary(data_dir)
+}
+
+/// Writes `primary` (atomically), for a backend whose versions are not files here.
+/// [`set_primary`] is the local backend's checked form.
+pub fn write_primary(data_dir: &Path, version: u32) -> Result<(), CryptoError> {
+    checked_kek_id(data_dir, version)?;
+    fsutil::create_dir_0700(data_dir, KIND)?;
+    fsutil::ensure_private_dir(&data_dir.join(KEK_DIR), KIND)?;
+    fsutil::replace_atomic(&primary_path(data_dir), format!("{version}\n").as_bytes(), 0o600, KIND)
+}
+
 /// The primary KEK version: what `primary` says, or 1 when there is no such file (a data
 /// directory that has never been rotated).
 pub fn primary_version(data_dir: &Path) -> Result<u32, CryptoError> {

@@ -80,6 +80,12 @@ pub struct Pkcs11Config {
     pub key_label: String,
     /// A file holding the user PIN (only the worker and `keyward kek` commands read it).
     pub pin_file: PathBuf,
+    /// `env=NAME=VALUE` (optional): one variable the module needs in the worker, whose
+    /// environment is otherwise empty (SoftHSM2: `SOFTHSM2_CONF=…`).
+    pub env: Option<(String, String)>,
+    /// `sandbox-read=PATH` (optional, repeatable): what the module still reads after
+    /// login, added read-only to the worker's Landlock list (SoftHSM2: its token directory).
+    pub sandbox_read: Vec<PathBuf>,
 }
 
 impl Pkcs11Config {
@@ -89,10 +95,20 @@ impl Pkcs11Config {
             .strip_prefix("pkcs11:")
             .ok_or_else(|| err("must start with pkcs11:"))?;
         let (mut module, mut token, mut key_label, mut pin_file) = (None, None, None, None);
+        let (mut env, mut sandbox_read) = (None, Vec::new());
         for part in rest.split(';').filter(|p| !p.is_empty()) {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
+            if k == "env" {
+                let (name, value) = v.split_once('=').ok_or_else(|| err("env= takes NAME=VALUE"))?;
+                env = Some((name.to_owned(), value.to_owned()));
+                continue;
+            }
+            if k == "sandbox-read" {
+                sandbox_read.push(PathBuf::from(v));
+                continue;
+            }
             let slot = match k {
                 "module" => &mut module,
                 "token" => &mut token,
@@ -108,11 +124,33 @@ impl Pkcs11Config {
             token: need(token, "token")?,
             key_label: need(key_label, "key-label")?,
             pin_file: PathBuf::from(need(pin_file, "pin-file")?),
+            env,
+            sandbox_read,
         };
         if !is_valid_kek_id(&kek_id(&cfg.key_label, 1)) {
             return Err(err("key-label must be printable ASCII without spaces"));
         }
         Ok(cfg)
+    }
+}
+
+impl Pkcs11Config {
+    /// Back to a `KEYWARD_KEK` value (the PIN is not in it: only its file's path).
+    pub fn to_kek_value(&self) -> String {
+        let mut v = format!(
+            "pkcs11:module={};token={};key-label={};pin-file={}",
+            self.module.display(),
+            self.token,
+            self.key_label,
+            self.pin_file.display()
+        );
+        if let Some((name, value)) = &self.env {
+            v.push_str(&format!(";env={name}={value}"));
+        }
+        for p in &self.sandbox_read {
+            v.push_str(&format!(";sandbox-read={}", p.display()));
+        }
+        v
     }
 }
 
@@ -153,10 +191,11 @@ impl fmt::Debug for Pkcs11Kek {
 }
 
 impl Pkcs11Kek {
-    /// Loads the module, initialises it and finds the token by its label.
+    /// Loads the module, initialises it and finds the token by its label. The module is
+    /// loaded and initialised once per process and kept (PKCS#11 wants one context per
+    /// application, and dropping one finalises the module under every other session).
     pub fn connect(config: &Pkcs11Config) -> Result<Pkcs11Kek, CryptoError> {
-        let ctx = Pkcs11::new(&config.module).map_err(|e| err(format!("load {}: {e}", config.module.display())))?;
-        ctx.initialize(CInitializeArgs::OsThreads).map_err(err)?;
+        let ctx = context(&config.module)?;
         let mut found = None;
         for slot in ctx.get_slots_with_token().map_err(err)? {
             let info = ctx.get_token_info(slot).map_err(err)?;
@@ -267,6 +306,22 @@ impl Pkcs11Kek {
         }
         Ok(n)
     }
+}
+
+/// The process's one context per module path.
+fn context(module: &Path) -> Result<Pkcs11, CryptoError> {
+    static CONTEXTS: std::sync::OnceLock<Mutex<Vec<(PathBuf, Pkcs11)>>> = std::sync::OnceLock::new();
+    let mut contexts = CONTEXTS
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .map_err(|_| err("context lock poisoned"))?;
+    if let Some((_, ctx)) = contexts.iter().find(|(m, _)| m == module) {
+        return Ok(ctx.clone());
+    }
+    let ctx = Pkcs11::new(module).map_err(|e| err(format!("load {}: {e}", module.display())))?;
+    ctx.initialize(CInitializeArgs::OsThreads).map_err(err)?;
+    contexts.push((module.to_path_buf(), ctx.clone()));
+    Ok(ctx)
 }
 
 fn read_pin(path: &Path) -> Result<AuthPin, CryptoError> {

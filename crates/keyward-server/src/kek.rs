@@ -32,10 +32,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use keyward_crypto::{local, CryptoError, SealedKey, Sealer};
+use keyward_crypto::{local, CryptoError, KekSealer, SealedKey};
 use keyward_store::kek::{count_by_kek, kek_id_of, BlobCursor, KekStore};
 use keyward_store::{PgStore, SqliteStore, Store, StoreError};
 use keyward_worker::protocol::{FromWorker, RewrapRequest, ToWorker};
@@ -64,22 +65,22 @@ pub enum KekError {
 
 /// The gateway's sealer for the primary KEK version, swapped when the primary changes.
 #[derive(Debug)]
-pub struct SealerCell(RwLock<Arc<Sealer>>);
+pub struct SealerCell(RwLock<Arc<KekSealer>>);
 
 impl SealerCell {
-    pub fn new(sealer: Sealer) -> SealerCell {
+    pub fn new(sealer: KekSealer) -> SealerCell {
         SealerCell(RwLock::new(Arc::new(sealer)))
     }
 
     /// The sealer to use now.
-    pub fn current(&self) -> Arc<Sealer> {
+    pub fn current(&self) -> Arc<KekSealer> {
         match self.0.read() {
             Ok(s) => s.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    fn set(&self, sealer: Sealer) {
+    fn set(&self, sealer: KekSealer) {
         match self.0.write() {
             Ok(mut s) => *s = Arc::new(sealer),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(sealer),
@@ -106,86 +107,133 @@ pub async fn open_stores(config: &Config) -> Result<(Arc<dyn Store>, Arc<dyn Kek
 /// Rows per page when walking the sealed blobs.
 pub const PAGE: u32 = 500;
 
+/// The kek id of `version` under the configured backend.
+pub fn kek_id(config: &Config, version: u32) -> String {
+    match &config.kek {
+        KekConfig::Local => local::kek_id(version),
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(c) => keyward_crypto::pkcs11::kek_id(&c.key_label, version),
+    }
+}
+
+/// The primary version (`kek/primary`; local: 1 when absent).
+fn primary(config: &Config) -> Result<u32, KekError> {
+    match &config.kek {
+        KekConfig::Local => Ok(local::primary_version(&config.data_dir)?),
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(_) => local::primary_file_version(&config.data_dir)?
+            .ok_or_else(|| KekError::Worker("no PKCS#11 KEK version yet: run `keyward kek rotate`".to_owned())),
+    }
+}
+
 /// `keyward kek status`: versions, the primary, blobs per version, re-wrap progress.
 pub async fn status(config: &Config, kek: &dyn KekStore) -> Result<serde_json::Value, KekError> {
-    let KekConfig::Local = config.kek;
-    let st = local::state(&config.data_dir)?;
     let counts = count_by_kek(kek, PAGE).await?;
-    let primary = local::kek_id(st.primary);
-    let mut versions: Vec<u32> = st
-        .private
-        .iter()
-        .chain(&st.public)
-        .chain(&st.retired)
-        .copied()
-        .collect();
-    versions.sort_unstable();
-    versions.dedup();
-    let listed: Vec<serde_json::Value> = versions
-        .iter()
-        .map(|&v| {
-            let id = local::kek_id(v);
-            serde_json::json!({
-                "kek_id": id,
-                "version": v,
-                "primary": v == st.primary,
-                "private_key": st.private.contains(&v),
-                "public_key": st.public.contains(&v),
-                "retired": st.retired.contains(&v),
-                "blobs": counts.get(&id).copied().unwrap_or(0),
-            })
-        })
-        .collect();
+    let primary_version = primary(config)?;
+    let primary = kek_id(config, primary_version);
     let total: u64 = counts.values().sum();
     let on_primary = counts.get(&primary).copied().unwrap_or(0);
-    // Blobs naming a kek id with no files here (another backend, a retired version, garbage).
-    let unknown: BTreeMap<&String, &u64> = counts
-        .iter()
-        .filter(|(id, _)| !versions.iter().any(|&v| &&local::kek_id(v) == id))
-        .collect();
-    Ok(serde_json::json!({
+    let mut out = serde_json::json!({
         "backend": config.kek.as_str(),
         "primary": primary,
-        "versions": listed,
+        "blobs_by_kek": counts,
         "blobs_total": total,
         "blobs_on_primary": on_primary,
         "rewrap_remaining": total - on_primary,
-        "blobs_under_unknown_kek": unknown,
-    }))
+    });
+    if matches!(config.kek, KekConfig::Local) {
+        let st = local::state(&config.data_dir)?;
+        let mut versions: Vec<u32> = st
+            .private
+            .iter()
+            .chain(&st.public)
+            .chain(&st.retired)
+            .copied()
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        let listed: Vec<serde_json::Value> = versions
+            .iter()
+            .map(|&v| {
+                let id = local::kek_id(v);
+                serde_json::json!({
+                    "kek_id": id,
+                    "version": v,
+                    "primary": v == st.primary,
+                    "private_key": st.private.contains(&v),
+                    "public_key": st.public.contains(&v),
+                    "retired": st.retired.contains(&v),
+                    "blobs": counts.get(&id).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        // Blobs naming a kek id with no files here (another backend, garbage).
+        let unknown: BTreeMap<&String, &u64> = counts
+            .iter()
+            .filter(|(id, _)| !versions.iter().any(|&v| &&local::kek_id(v) == id))
+            .collect();
+        out["versions"] = serde_json::json!(listed);
+        out["blobs_under_unknown_kek"] = serde_json::json!(unknown);
+    }
+    Ok(out)
 }
 
 /// `keyward kek rotate`: a new version; primary unless `staged`.
 pub fn rotate(config: &Config, staged: bool) -> Result<serde_json::Value, KekError> {
-    let KekConfig::Local = config.kek;
-    let version = local::rotate(&config.data_dir, !staged)?;
-    let kek_id = local::kek_id(version);
-    tracing::info!(target: "keyward::kek", kek_id = %kek_id, staged, "kek.rotated");
-    Ok(serde_json::json!({ "created": kek_id, "primary": local::kek_id(local::primary_version(&config.data_dir)?) }))
+    let version = match &config.kek {
+        KekConfig::Local => local::rotate(&config.data_dir, !staged)?,
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(c) => {
+            if staged {
+                return Err(KekError::Worker("--staged is for the local backend".to_owned()));
+            }
+            let next = local::primary_file_version(&config.data_dir)?
+                .unwrap_or(0)
+                .checked_add(1)
+                .ok_or_else(|| KekError::Worker("no KEK version numbers left".to_owned()))?;
+            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.generate(next)?;
+            local::write_primary(&config.data_dir, next)?;
+            next
+        }
+    };
+    let created = kek_id(config, version);
+    tracing::info!(target: "keyward::kek", kek_id = %created, staged, "kek.rotated");
+    Ok(serde_json::json!({ "created": created, "primary": kek_id(config, primary(config)?) }))
 }
 
 /// `keyward kek promote --version N`: makes a staged version primary.
 pub fn promote(config: &Config, version: u32) -> Result<serde_json::Value, KekError> {
-    let KekConfig::Local = config.kek;
-    local::set_primary(&config.data_dir, version)?;
-    tracing::info!(target: "keyward::kek", kek_id = %local::kek_id(version), "kek.promoted");
-    Ok(serde_json::json!({ "primary": local::kek_id(version) }))
+    match &config.kek {
+        KekConfig::Local => local::set_primary(&config.data_dir, version)?,
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(c) => {
+            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.sealer(version)?;
+            local::write_primary(&config.data_dir, version)?;
+        }
+    }
+    tracing::info!(target: "keyward::kek", kek_id = %kek_id(config, version), "kek.promoted");
+    Ok(serde_json::json!({ "primary": kek_id(config, version) }))
 }
 
 /// `keyward kek retire --version N`: refuses the primary and any version a saved key still
-/// uses; otherwise destroys it (see [`local::retire`]).
+/// uses; otherwise destroys it (local: see [`local::retire`]; PKCS#11: both objects are
+/// destroyed in the token).
 pub async fn retire(config: &Config, kek: &dyn KekStore, version: u32) -> Result<serde_json::Value, KekError> {
-    let KekConfig::Local = config.kek;
-    let kek_id = local::kek_id(version);
-    if version == local::primary_version(&config.data_dir)? {
-        return Err(KekError::RetirePrimary { kek_id });
+    let id = kek_id(config, version);
+    if version == primary(config)? {
+        return Err(KekError::RetirePrimary { kek_id: id });
     }
-    let count = count_by_kek(kek, PAGE).await?.get(&kek_id).copied().unwrap_or(0);
+    let count = count_by_kek(kek, PAGE).await?.get(&id).copied().unwrap_or(0);
     if count > 0 {
-        return Err(KekError::StillInUse { kek_id, count });
+        return Err(KekError::StillInUse { kek_id: id, count });
     }
-    let destroyed = local::retire(&config.data_dir, version)?;
-    tracing::info!(target: "keyward::kek", kek_id = %kek_id, destroyed, "kek.retired");
-    Ok(serde_json::json!({ "retired": kek_id, "destroyed": destroyed }))
+    let destroyed = match &config.kek {
+        KekConfig::Local => local::retire(&config.data_dir, version)?,
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(c) => keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.destroy(version)? > 0,
+    };
+    tracing::info!(target: "keyward::kek", kek_id = %id, destroyed, "kek.retired");
+    Ok(serde_json::json!({ "retired": id, "destroyed": destroyed }))
 }
 
 /// Tuning for [`rewrap`].
@@ -221,9 +269,8 @@ pub async fn rewrap(
     opts: &RewrapOptions,
     mut progress: impl FnMut(&RewrapProgress),
 ) -> Result<RewrapProgress, KekError> {
-    let KekConfig::Local = config.kek;
     let started = Instant::now();
-    let target = local::kek_id(local::primary_version(&config.data_dir)?);
+    let target = kek_id(config, primary(config)?);
     let counts = count_by_kek(kek, PAGE).await?;
     let mut p = RewrapProgress {
         to_move: counts.iter().filter(|(id, _)| **id != target).map(|(_, n)| *n).sum(),
@@ -347,11 +394,12 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// Follows rotations and retirements while serving (see the module doc), from `seen` (the
 /// state read before the workers started). Runs until the task is aborted.
 pub async fn watch(
-    data_dir: PathBuf,
+    config: Config,
     mut seen: Option<local::LocalKekState>,
     workers: Arc<WorkerPool>,
     sealer: Arc<SealerCell>,
 ) {
+    let data_dir = config.data_dir.clone();
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
         let now = match local::state(&data_dir) {
@@ -364,7 +412,8 @@ pub async fn watch(
         if seen.as_ref() == Some(&now) {
             continue;
         }
-        if !now.private.contains(&now.primary) || !now.public.contains(&now.primary) {
+        let local_files_missing = !now.private.contains(&now.primary) || !now.public.contains(&now.primary);
+        if matches!(config.kek, KekConfig::Local) && local_files_missing {
             // Half-copied onto this node: wait for the files rather than restart workers
             // that could not start.
             tracing::warn!(target: "keyward::kek", primary = now.primary, "primary KEK files not all present yet");
@@ -375,7 +424,7 @@ pub async fn watch(
         workers.recycle(Duration::from_secs(30)).await;
         tracing::info!(target: "keyward::kek", "workers restarted with the current KEK versions");
         if primary_changed {
-            match local::load_sealer_version(&data_dir, now.primary) {
+            match crate::runtime::load_sealer(&config) {
                 Ok(s) => {
                     tracing::info!(target: "keyward::kek", kek_id = %s.kek_id(), "sealing to the new primary KEK");
                     sealer.set(s);

@@ -98,7 +98,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     };
     let purger = tokio::spawn(purge::run(store.clone(), purge.clone()));
     let kek_watcher = tokio::spawn(crate::kek::watch(
-        config.data_dir.clone(),
+        config.clone(),
         kek_state,
         state.workers.clone(),
         sealer,

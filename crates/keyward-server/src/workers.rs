@@ -47,7 +47,7 @@ impl WorkerCommand {
     pub fn new(exe: PathBuf, config: &crate::config::Config) -> WorkerCommand {
         let env = vec![
             ("KEYWARD_DATA_DIR".to_owned(), config.data_dir.display().to_string()),
-            ("KEYWARD_KEK".to_owned(), config.kek.as_str().to_owned()),
+            ("KEYWARD_KEK".to_owned(), config.kek.env_value()),
             (
                 "KEYWARD_ANTHROPIC_BASE_URL".to_owned(),
                 config.anthropic_base_url.clone(),
@@ -62,6 +62,13 @@ impl WorkerCommand {
             ("KEYWARD_LOG".to_owned(), config.log.clone()),
             ("KEYWARD_LOG_FORMAT".to_owned(), config.log_format.as_str().to_owned()),
         ];
+        #[allow(unused_mut, reason = "only the pkcs11 feature adds to it")]
+        let mut env = env;
+        #[cfg(feature = "pkcs11")]
+        if let crate::config::KekConfig::Pkcs11(c) = &config.kek {
+            // The module's own setting (e.g. SOFTHSM2_CONF), named in KEYWARD_KEK.
+            env.extend(c.env.clone());
+        }
         WorkerCommand { exe, env }
     }
 

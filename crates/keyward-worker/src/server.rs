@@ -26,6 +26,9 @@ pub struct WorkerConfig {
     pub base_urls: Vec<(Provider, String)>,
     pub connect_timeout: Duration,
     pub threads: usize,
+    /// Paths the KEK backend still reads after start-up (a PKCS#11 module's state), added
+    /// read-only to the sandbox's list.
+    pub extra_read_only: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +93,13 @@ pub fn run(config: WorkerConfig, opener: Keyring) -> Result<(), WorkerError> {
     }
 
     sandbox::clear_env();
-    let status = sandbox::apply(sandbox::READ_ONLY)?;
+    let extra: Vec<String> = config.extra_read_only.iter().map(|p| p.display().to_string()).collect();
+    let read_only: Vec<&str> = sandbox::READ_ONLY
+        .iter()
+        .copied()
+        .chain(extra.iter().map(String::as_str))
+        .collect();
+    let status = sandbox::apply(&read_only)?;
     tracing::info!(landlock = status.landlock, pid = std::process::id(), "worker sandboxed");
 
     let worker = Arc::new(Worker {

@@ -328,8 +328,29 @@ fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
         .context("KEYWARD_WORKER_SOCKET: the worker is started by `keyward serve`")?;
     // Every live KEK version, read now: after the sandbox the data dir is out of reach, so a
     // rotation or retirement reaches a worker when the gateway restarts it.
-    let opener = match config.kek {
+    #[allow(unused_mut, reason = "only the pkcs11 backend adds to it")]
+    let mut extra_read_only = Vec::new();
+    let opener = match &config.kek {
         keyward_server::config::KekConfig::Local => keyward_crypto::local::load_keyring(&config.data_dir)?,
+        #[cfg(feature = "pkcs11")]
+        keyward_server::config::KekConfig::Pkcs11(c) => {
+            // The module is loaded and logged in here, before the sandbox; it may keep
+            // reading its own state (`sandbox-read=`) afterwards, never writing.
+            extra_read_only.clone_from(&c.sandbox_read);
+            let kek = keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?;
+            let primary = keyward_crypto::local::primary_file_version(&config.data_dir)?
+                .context("KEYWARD_KEK=pkcs11: no KEK version yet (run `keyward kek rotate`)")?;
+            let mut openers = Vec::new();
+            for version in 1..=primary {
+                match kek.opener(version) {
+                    Ok(o) => openers.push(keyward_crypto::KekOpener::Pkcs11(o)),
+                    // Retired (destroyed in the token).
+                    Err(keyward_crypto::CryptoError::KekUnavailable { .. }) if version != primary => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            keyward_crypto::Keyring::of(openers)?
+        }
     };
     let worker_config = keyward_worker::WorkerConfig {
         socket,
@@ -340,6 +361,7 @@ fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
         ],
         connect_timeout: std::time::Duration::from_millis(u64::from(config.provider_connect_timeout_ms)),
         threads: usize::from(config.worker_threads),
+        extra_read_only,
     };
     keyward_worker::run(worker_config, opener)?;
     Ok(ExitCode::SUCCESS)

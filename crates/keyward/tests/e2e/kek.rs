@@ -14,9 +14,12 @@ use serde_json::Value;
 use crate::ai_support::*;
 use crate::common::*;
 
-/// The kek id a blob names (`local-1`, …), read from its v1 header.
+/// The kek id a blob names (`local-1`, …), read from its header (v1 and v2 alike).
 fn kek_of(blob: &[u8]) -> String {
-    assert!(blob.starts_with(b"KWB\x01"), "not a v1 blob");
+    assert!(
+        blob.starts_with(b"KWB\x01") || blob.starts_with(b"KWB\x02"),
+        "not a blob"
+    );
     let n = usize::from(blob[4]);
     String::from_utf8(blob[5..5 + n].to_vec()).unwrap()
 }
@@ -215,6 +218,7 @@ async fn rotate_rewrap_killed_halfway_resume_retire_and_old_dumps_stay_shut() {
     }
     std::fs::copy(&backup, kw.db_path()).unwrap();
     kw.start_again();
+    wait_workers(&kw, 2, &[], Duration::from_secs(30)).await;
     for (acc, p) in keys.iter().take(12) {
         let r = ai_call(&kw, &t, acc, &chat_body(p, false, 16)).await;
         assert_eq!(r.status, 500, "{acc} {p}: {r}");
@@ -313,4 +317,140 @@ async fn rewrap_throughput() {
         n as f64 / secs,
         wall.as_secs_f64()
     );
+}
+
+/// The same life cycle with `KEYWARD_KEK=pkcs11:…` against SoftHSM2 (feature `pkcs11`):
+/// the workers open keys through the token from inside their sandbox, rotation creates a
+/// version in the token, re-wrap moves every key, retirement destroys the old version in
+/// the token, and a pre-rotation copy of the database opens nowhere.
+#[cfg(feature = "pkcs11")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
+    use keyward_crypto::pkcs11::{Pkcs11Config, Pkcs11Kek};
+    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+    if !std::path::Path::new(MODULE).exists() {
+        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
+        let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
+        assert!(
+            !require,
+            "SoftHSM2 is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it"
+        );
+        eprintln!("skipped: SoftHSM2 is not installed (apt-get install -y softhsm2)");
+        return;
+    }
+    let hsm = tempfile::tempdir().unwrap();
+    let tokens = hsm.path().join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = hsm.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "kw",
+            "--so-pin",
+            "1234",
+            "--pin",
+            "5678",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pin = hsm.path().join("pin");
+    std::fs::write(&pin, "5678\n").unwrap();
+    let kek = format!(
+        "pkcs11:module={MODULE};token=kw;key-label=kek;pin-file={};env=SOFTHSM2_CONF={};sandbox-read={}",
+        pin.display(),
+        conf.display(),
+        tokens.display()
+    );
+    // Version 1 before the first start (`serve` never holds the PIN, so it cannot make one).
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    Pkcs11Kek::connect(&Pkcs11Config::parse(&kek).unwrap())
+        .unwrap()
+        .generate(1)
+        .unwrap();
+    let fake = FakeProviders::start().expect("start fakes");
+    let mut opts = fake_options(
+        &fake,
+        &[("KEYWARD_KEK", &kek), ("SOFTHSM2_CONF", &conf.display().to_string())],
+    );
+    opts.seed.push(("kek/primary".into(), b"1\n".to_vec(), 0o600));
+    let mut kw = start_with(opts);
+    let (user, acc) = pro_owner(&kw, "hsm@example.com");
+    let t = user.token.clone();
+    for p in PROVIDERS {
+        let k = key_for(p);
+        fake.set_key(provider(p), &k, Behaviour::Ok);
+        save_key(&kw, &t, &acc, p, &k).await;
+        set_source(&kw, &t, &acc, p, "own").await;
+    }
+    let pool = kw.db().await;
+    let before = all_blobs(&pool).await;
+    assert_eq!(versions(&before), BTreeMap::from([("pkcs11-kek-1".to_owned(), 3)]));
+    assert!(before.values().all(|(_, _, b)| b.starts_with(b"KWB\x02")));
+    for p in PROVIDERS {
+        assert!(
+            call_ok(&kw, &t, &acc, p).await,
+            "{p}: the sandboxed worker opens through the token"
+        );
+    }
+    let backup_dir = tempfile::tempdir().unwrap();
+    let backup = backup_dir.path().join("before.db");
+    sqlx::query(&format!("VACUUM INTO '{}'", backup.display()))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let out = kw.cli(&["kek", "rotate"]);
+    out.assert_success();
+    assert_eq!(out.json()["created"], "pkcs11-kek-2", "{out}");
+    wait_log(&kw, "sealing to the new primary KEK", 1);
+    let out = kw.cli(&["kek", "rewrap"]);
+    out.assert_success();
+    assert_eq!(out.json_lines().last().unwrap()["done"]["rewrapped"], 3, "{out}");
+    assert_eq!(
+        versions(&all_blobs(&pool).await),
+        BTreeMap::from([("pkcs11-kek-2".to_owned(), 3)])
+    );
+    for p in PROVIDERS {
+        assert!(call_ok(&kw, &t, &acc, p).await, "{p} after re-wrap");
+    }
+    let r = kw.cli(&["kek", "retire", "--version", "2"]);
+    assert!(!r.success(), "{r}");
+    let out = kw.cli(&["kek", "retire", "--version", "1"]);
+    out.assert_success();
+    assert_eq!(out.json()["destroyed"], true, "{out}");
+    for p in PROVIDERS {
+        assert!(call_ok(&kw, &t, &acc, p).await, "{p} after retirement");
+    }
+    let st = kw.cli(&["kek", "status"]).json();
+    assert_eq!(
+        (st["primary"].as_str(), st["rewrap_remaining"].as_u64()),
+        (Some("pkcs11-kek-2"), Some(0)),
+        "{st}"
+    );
+
+    // The pre-rotation copy, restored: the worker no longer has version 1 anywhere.
+    kw.stop();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", kw.db_path().display()));
+    }
+    std::fs::copy(&backup, kw.db_path()).unwrap();
+    kw.start_again();
+    wait_workers(&kw, 2, &[], Duration::from_secs(30)).await;
+    for p in PROVIDERS {
+        let r = ai_call(&kw, &t, &acc, &chat_body(p, false, 16)).await;
+        assert_eq!(r.status, 500, "{p}: {r}");
+    }
+    assert!(kw.output().contains("\"pkcs11-kek-1\", which is not available here"));
 }
