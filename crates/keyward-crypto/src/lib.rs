@@ -53,6 +53,8 @@
 #![deny(clippy::indexing_slicing)]
 
 mod audit;
+#[cfg(feature = "awskms")]
+pub mod awskms;
 mod envelope;
 mod error;
 mod fsutil;
@@ -61,6 +63,8 @@ pub mod local;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 mod secret;
+#[cfg(any(feature = "pkcs11", feature = "awskms"))]
+mod wrapped;
 
 pub use audit::{AuditChainKey, AUDIT_KEY_FILE, GENESIS_MAC};
 pub use envelope::{Binding, Opener, SealedKey, Sealer, BLOB_MAGIC, BLOB_VERSION, HPKE_INFO, MAX_PLAINTEXT_LEN};

@@ -38,8 +38,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
 use cryptoki::context::{CInitializeArgs, Pkcs11};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
 use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -47,17 +45,14 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use rand_core::{OsRng, RngCore};
 use zeroize::Zeroizing;
 
 use crate::envelope::is_valid_kek_id;
-use crate::{Binding, CryptoError, SealedKey, BLOB_MAGIC, MAX_PLAINTEXT_LEN};
+use crate::wrapped;
+use crate::{Binding, CryptoError, SealedKey, MAX_PLAINTEXT_LEN};
 
 /// The blob format version of PKCS#11-sealed keys.
 pub const BLOB_VERSION_PKCS11: u8 = 2;
-const DEK_LEN: usize = 32;
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
 /// RSA modulus size of a KEK version.
 pub const MODULUS_BITS: u64 = 3072;
 
@@ -394,35 +389,9 @@ fn seal_with(
             max: MAX_PLAINTEXT_LEN,
         });
     }
-    let id_len = u8::try_from(kek_id.len()).map_err(|_| CryptoError::SealFailed)?;
-    let mut dek = Zeroizing::new([0u8; DEK_LEN]);
-    OsRng.fill_bytes(dek.as_mut());
-    let mut nonce = [0u8; NONCE_LEN];
-    OsRng.fill_bytes(&mut nonce);
-    let wrapped = session.encrypt(&oaep(), key, dek.as_ref()).map_err(err)?;
-    let w = u16::try_from(wrapped.len()).map_err(|_| CryptoError::SealFailed)?;
-
-    let mut blob = Zeroizing::new(Vec::with_capacity(
-        7 + kek_id.len() + wrapped.len() + NONCE_LEN + plaintext.len() + TAG_LEN,
-    ));
-    blob.extend_from_slice(&BLOB_MAGIC);
-    blob.push(BLOB_VERSION_PKCS11);
-    blob.push(id_len);
-    blob.extend_from_slice(kek_id.as_bytes());
-    let mut aad = blob.to_vec();
-    aad.extend_from_slice(&binding.canonical_bytes());
-    blob.extend_from_slice(&w.to_be_bytes());
-    blob.extend_from_slice(&wrapped);
-    blob.extend_from_slice(&nonce);
-    let body_start = blob.len();
-    blob.extend_from_slice(plaintext);
-    let cipher = ChaCha20Poly1305::new_from_slice(dek.as_ref()).map_err(|_| CryptoError::SealFailed)?;
-    let buffer = blob.get_mut(body_start..).ok_or(CryptoError::SealFailed)?;
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, buffer)
-        .map_err(|_| CryptoError::SealFailed)?;
-    blob.extend_from_slice(&tag);
-    Ok(SealedKey::from_bytes(std::mem::take(&mut *blob)))
+    let dek = wrapped::fresh_dek();
+    let wrapped_dek = session.encrypt(&oaep(), key, dek.as_ref()).map_err(err)?;
+    wrapped::assemble(BLOB_VERSION_PKCS11, kek_id, &wrapped_dek, &dek, binding, plaintext)
 }
 
 /// Opens blobs sealed to a PKCS#11 KEK version: the token decrypts the DEK. Worker only.
@@ -454,7 +423,7 @@ impl Pkcs11Opener {
 
     /// Opens `blob` into `out` (zeroed on failure) and returns the plaintext length.
     pub fn open_into(&self, binding: &Binding, blob: &SealedKey, out: &mut [u8]) -> Result<usize, CryptoError> {
-        let b = parse(blob.as_bytes())?;
+        let b = wrapped::parse(blob.as_bytes(), BLOB_VERSION_PKCS11)?;
         if b.kek_id != self.kek_id {
             return Err(CryptoError::KekMismatch {
                 expected: self.kek_id.clone(),
@@ -469,76 +438,13 @@ impl Pkcs11Opener {
                     .map_err(|_| CryptoError::OpenFailed)?,
             )
         };
-        if dek.len() != DEK_LEN {
-            return Err(CryptoError::OpenFailed);
-        }
-        let mut aad = b.header.to_vec();
-        aad.extend_from_slice(&binding.canonical_bytes());
-        let cipher = ChaCha20Poly1305::new_from_slice(&dek).map_err(|_| CryptoError::OpenFailed)?;
-        let n = b.ciphertext.len();
-        let max = out.len();
-        let target = out.get_mut(..n).ok_or(CryptoError::PlaintextTooLarge { len: n, max })?;
-        target.copy_from_slice(b.ciphertext);
-        if cipher
-            .decrypt_in_place_detached(Nonce::from_slice(b.nonce), &aad, target, Tag::from_slice(b.tag))
-            .is_err()
-        {
-            zeroize::Zeroize::zeroize(target);
-            return Err(CryptoError::OpenFailed);
-        }
-        Ok(n)
+        wrapped::open_body(&b, &dek, binding, out)
     }
-}
-
-struct Parsed<'a> {
-    header: &'a [u8],
-    kek_id: &'a str,
-    wrapped: &'a [u8],
-    nonce: &'a [u8; NONCE_LEN],
-    ciphertext: &'a [u8],
-    tag: &'a [u8; TAG_LEN],
 }
 
 /// The kek id of a format v2 blob.
 pub(crate) fn kek_id_of(bytes: &[u8]) -> Result<String, CryptoError> {
-    parse(bytes).map(|p| p.kek_id.to_owned())
-}
-
-fn parse(bytes: &[u8]) -> Result<Parsed<'_>, CryptoError> {
-    let (magic, rest) = bytes.split_first_chunk::<3>().ok_or(CryptoError::Malformed)?;
-    if *magic != BLOB_MAGIC {
-        return Err(CryptoError::Malformed);
-    }
-    let (&version, rest) = rest.split_first().ok_or(CryptoError::Malformed)?;
-    if version != BLOB_VERSION_PKCS11 {
-        return Err(CryptoError::UnsupportedVersion(version));
-    }
-    let (&id_len, rest) = rest.split_first().ok_or(CryptoError::Malformed)?;
-    let (id, rest) = rest
-        .split_at_checked(usize::from(id_len))
-        .ok_or(CryptoError::Malformed)?;
-    let kek_id = std::str::from_utf8(id).map_err(|_| CryptoError::Malformed)?;
-    if !is_valid_kek_id(kek_id) {
-        return Err(CryptoError::Malformed);
-    }
-    let header = bytes.get(..5 + id.len()).ok_or(CryptoError::Malformed)?;
-    let (w, rest) = rest.split_first_chunk::<2>().ok_or(CryptoError::Malformed)?;
-    let (wrapped, rest) = rest
-        .split_at_checked(usize::from(u16::from_be_bytes(*w)))
-        .ok_or(CryptoError::Malformed)?;
-    let (nonce, rest) = rest.split_first_chunk::<NONCE_LEN>().ok_or(CryptoError::Malformed)?;
-    let (ciphertext, tag) = rest.split_last_chunk::<TAG_LEN>().ok_or(CryptoError::Malformed)?;
-    if ciphertext.len() > MAX_PLAINTEXT_LEN {
-        return Err(CryptoError::Malformed);
-    }
-    Ok(Parsed {
-        header,
-        kek_id,
-        wrapped,
-        nonce,
-        ciphertext,
-        tag,
-    })
+    wrapped::parse(bytes, BLOB_VERSION_PKCS11).map(|p| p.kek_id.to_owned())
 }
 
 /// For tests: whether the object labelled as KEK `version`'s private key will hand out its

@@ -996,3 +996,155 @@ mod pkcs11 {
         assert!(kek.sealer(1).is_err());
     }
 }
+
+// ---- AWS KMS (feature `awskms`), against moto's server on loopback ------------------------
+
+/// In a `#[cfg(test)]` module so clippy's allow-unwrap-in-tests applies to the helpers.
+#[cfg(test)]
+#[cfg(feature = "awskms")]
+mod awskms {
+    use super::*;
+    use keyward_crypto::awskms::{AwsKmsConfig, AwsKmsKek};
+    use secrecy::SecretString;
+    use std::time::{Duration, Instant};
+
+    /// `python3 -m moto.server` on a free loopback port, killed on drop.
+    struct Moto {
+        child: std::process::Child,
+        url: String,
+    }
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The Python with moto: `KEYWARD_TEST_MOTO_PYTHON` (CI: a virtualenv), else `python3`.
+    fn python() -> String {
+        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
+        std::env::var("KEYWARD_TEST_MOTO_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+    }
+
+    fn moto() -> Option<Moto> {
+        let present = std::process::Command::new(python())
+            .args(["-c", "import moto.server, flask"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !present {
+            #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
+            let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
+            assert!(
+                !require,
+                "moto's server is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it (pip install 'moto[server]')"
+            );
+            eprintln!("skipped: moto's server is not installed (pip install 'moto[server]')");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let moto = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(moto)
+    }
+
+    fn config(url: &str, key_id: &str) -> AwsKmsConfig {
+        AwsKmsConfig::parse(&format!("awskms:key-id={key_id};region=eu-west-1;endpoint={url}")).unwrap()
+    }
+
+    fn secret() -> SecretString {
+        SecretString::from("test-secret".to_owned())
+    }
+
+    #[test]
+    fn config_parsing() {
+        let c = AwsKmsConfig::parse("awskms:key-id=k1;region=eu-west-1").unwrap();
+        assert_eq!(
+            (c.key_id.as_str(), c.region.as_str(), c.endpoint),
+            ("k1", "eu-west-1", None)
+        );
+        assert!(AwsKmsConfig::parse("awskms:region=eu-west-1").is_err());
+        assert!(AwsKmsConfig::parse("awskms:key-id=k;region=r;secret=x").is_err());
+    }
+
+    #[tokio::test]
+    async fn kms_round_trip_context_and_key_id_are_enforced_unreachable_is_a_backend_error() {
+        let Some(moto) = moto() else { return };
+        let key_a = AwsKmsKek::create_key(&config(&moto.url, "-"), "test", &secret())
+            .await
+            .unwrap();
+        let key_b = AwsKmsKek::create_key(&config(&moto.url, "-"), "test", &secret())
+            .await
+            .unwrap();
+        assert_ne!(key_a, key_b);
+        let kek = AwsKmsKek::new(&config(&moto.url, &key_a), 1, "test", &secret());
+        let blob = kek.seal(&BINDING, b"sk-proj-kms-123").await.unwrap();
+        assert_eq!(&blob.as_bytes()[..4], b"KWB\x03");
+        let mut out = [0u8; 64];
+        let n = kek.open_into(&BINDING, &blob, &mut out).await.unwrap();
+        assert_eq!(&out[..n], b"sk-proj-kms-123");
+
+        // Time to open one key: one Decrypt round trip to KMS on loopback + the data AEAD.
+        let runs = 20;
+        let start = Instant::now();
+        for _ in 0..runs {
+            kek.open_into(&BINDING, &blob, &mut out).await.unwrap();
+        }
+        println!("awskms (moto on loopback) open: {:?}/key", start.elapsed() / runs);
+
+        // Another binding = another encryption context: KMS refuses (nothing is written out).
+        out = [0u8; 64];
+        for other in [
+            Binding {
+                key_id: "key_other",
+                ..BINDING
+            },
+            Binding {
+                account_id: "acct_other",
+                ..BINDING
+            },
+        ] {
+            assert!(matches!(
+                kek.open_into(&other, &blob, &mut out).await,
+                Err(CryptoError::OpenFailed)
+            ));
+            assert!(out.iter().all(|&b| b == 0));
+        }
+        // A blob wrapped under key A, opened with explicit key id B: refused.
+        let with_b = AwsKmsKek::new(&config(&moto.url, &key_b), 1, "test", &secret());
+        assert!(matches!(
+            with_b.open_into(&BINDING, &blob, &mut out).await,
+            Err(CryptoError::OpenFailed)
+        ));
+        // A tampered wrapped DEK: refused.
+        let mut tampered = blob.as_bytes().to_vec();
+        tampered[20] ^= 1;
+        assert!(kek
+            .open_into(&BINDING, &SealedKey::from_bytes(tampered), &mut out)
+            .await
+            .is_err());
+
+        // KMS unreachable: a backend error (retryable), never a silent success.
+        drop(moto);
+        let err = kek.open_into(&BINDING, &blob, &mut out).await.unwrap_err();
+        assert!(matches!(err, CryptoError::Backend { backend: "awskms", .. }), "{err:?}");
+        assert!(!err.to_string().contains("test-secret"));
+    }
+}
