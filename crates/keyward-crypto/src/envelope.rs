@@ -91,9 +91,17 @@ impl SealedKey {
         self.0
     }
 
-    /// The id of the KEK this blob was sealed to, parsed from the header.
+    /// The id of the KEK this blob was sealed to, parsed from the header (format v1, and
+    /// with the `pkcs11` feature v2).
     pub fn kek_id(&self) -> Result<String, CryptoError> {
-        parse_header(&self.0).map(|h| h.kek_id.to_owned())
+        match parse_header(&self.0) {
+            Ok(h) => Ok(h.kek_id.to_owned()),
+            #[cfg(feature = "pkcs11")]
+            Err(CryptoError::UnsupportedVersion(crate::pkcs11::BLOB_VERSION_PKCS11)) => {
+                crate::pkcs11::kek_id_of(&self.0)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -211,6 +219,12 @@ impl Opener {
     /// The public key matching this opener's private key.
     pub(crate) fn public_key(&self) -> KemPublicKey {
         Kem::sk_to_pk(&self.private)
+    }
+
+    /// A [`Sealer`] for this opener's KEK, derived from the private key (so whatever it
+    /// seals, this opener can open).
+    pub fn sealer(&self) -> Sealer {
+        Sealer::new(self.kek_id.clone(), self.public_key())
     }
 
     /// The id of the KEK this opener holds (e.g. `local-1`).

@@ -28,6 +28,23 @@ pub enum CryptoError {
         found: String,
     },
 
+    /// The blob was sealed to a KEK version this holder does not have: retired (destroyed),
+    /// or never installed on this node. Nothing can open it here.
+    #[error("sealed key blob was sealed to KEK {kek_id:?}, which is not available here (retired or not installed)")]
+    KekUnavailable {
+        /// The kek id found in the blob.
+        kek_id: String,
+    },
+
+    /// A KEK backend outside this process (an HSM through PKCS#11) failed or refused.
+    #[error("KEK backend {backend}: {reason}")]
+    Backend {
+        /// Which backend (`pkcs11`).
+        backend: &'static str,
+        /// What it said (never a PIN or key bytes).
+        reason: String,
+    },
+
     /// Authentication failed: wrong binding (account, provider, key id), wrong key, or a
     /// tampered blob. No detail on purpose.
     #[error("sealed key blob failed to open (wrong binding, wrong key or tampered data)")]

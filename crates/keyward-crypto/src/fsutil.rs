@@ -187,3 +187,66 @@ pub(crate) fn create_new_atomic(
         .map_err(|e| kind.io(dir, "cannot sync directory", &e))?;
     Ok(created)
 }
+
+/// Atomically writes `path` with `contents` and `mode`, replacing any file there: a fresh temp
+/// file in the same directory is written and fsynced, renamed over `path`, and the directory
+/// fsynced. Readers see the old file or the new one, never a mix. For small state files
+/// (never for key material: keys are created with [`create_new_atomic`], which never
+/// overwrites).
+pub(crate) fn replace_atomic(path: &Path, contents: &[u8], mode: u32, kind: FileKind) -> Result<(), CryptoError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| kind.err(path, "path has no parent directory"))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| kind.err(path, "path has no file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}-{:016x}", std::process::id(), OsRng.next_u64()));
+    let tmp = TempFile(dir.join(tmp_name));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp.0)
+        .map_err(|e| kind.io(&tmp.0, "cannot create temporary file", &e))?;
+    file.write_all(contents)
+        .map_err(|e| kind.io(&tmp.0, "cannot write temporary file", &e))?;
+    file.sync_all()
+        .map_err(|e| kind.io(&tmp.0, "cannot sync temporary file", &e))?;
+    drop(file);
+    fs::rename(&tmp.0, path).map_err(|e| kind.io(path, "cannot rename into place", &e))?;
+    sync_dir(dir, kind)
+}
+
+/// fsyncs a directory, so a rename, link or unlink inside it is durable.
+pub(crate) fn sync_dir(dir: &Path, kind: FileKind) -> Result<(), CryptoError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| kind.io(dir, "cannot sync directory", &e))
+}
+
+/// Destroys a secret file: overwrites its bytes in place with random data, fsyncs, unlinks
+/// it and fsyncs its directory. `Ok(false)` if there was no file. (On a copy-on-write or
+/// journaling-data filesystem, or an SSD that remaps blocks, the old bytes may survive the
+/// overwrite on the medium; the unlink is what every reader of the filesystem sees.)
+pub(crate) fn shred_and_remove(path: &Path, kind: FileKind) -> Result<bool, CryptoError> {
+    let mut file = match OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(kind.io(path, "cannot open for shredding", &e)),
+    };
+    let len = file.metadata().map_err(|e| kind.io(path, "cannot stat", &e))?.len();
+    let mut noise = Zeroizing::new(vec![0u8; usize::try_from(len).unwrap_or(0)]);
+    OsRng.fill_bytes(noise.as_mut_slice());
+    file.write_all(&noise)
+        .map_err(|e| kind.io(path, "cannot overwrite", &e))?;
+    file.sync_all().map_err(|e| kind.io(path, "cannot sync", &e))?;
+    drop(file);
+    fs::remove_file(path).map_err(|e| kind.io(path, "cannot remove", &e))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| kind.err(path, "path has no parent directory"))?;
+    sync_dir(dir, kind)?;
+    Ok(true)
+}

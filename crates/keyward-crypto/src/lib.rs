@@ -3,7 +3,9 @@
 //! # What this crate owns
 //! - The sealed-key blob format (below) and the two halves of envelope encryption:
 //!   [`Sealer`] (KEK public key: can seal, cannot open) and [`Opener`] (KEK private key).
-//! - The KEK backends: today [`local`], an X25519 key pair in files under the data directory.
+//! - The KEK backends: today [`local`], versioned X25519 key pairs in files under the data
+//!   directory, with a primary version, rotation and retirement; and the worker's
+//!   [`Keyring`] (every live version's opener; picks one by the blob's kek id; re-wraps).
 //! - [`SecretBytes`], the zeroize-on-drop, redacted holder of an opened key.
 //! - [`AuditChainKey`], the HMAC key that chains audit events (kept in a file, never in the
 //!   database).
@@ -15,7 +17,7 @@
 //!   plaintext keys or DEKs: each open unwraps the DEK into a zeroizing buffer and drops it
 //!   before returning.
 //! - The gateway must only ever hold a [`Sealer`] (built by [`local::load_sealer`], which reads
-//!   only the public key file). Only the isolated worker loads an [`Opener`].
+//!   only the public key file). Only the isolated worker loads an [`Opener`] or a [`Keyring`].
 //!
 //! # Blob format, version 1
 //! ```text
@@ -43,22 +45,31 @@
 //!
 //! Opening checks, in order: magic and header lengths ([`CryptoError::Malformed`]), version
 //! ([`CryptoError::UnsupportedVersion`]), kek id equal to the opener's
-//! ([`CryptoError::KekMismatch`]), body lengths ([`CryptoError::Malformed`]), then the DEK
+//! ([`CryptoError::KekMismatch`]; a [`Keyring`] holding no such version answers
+//! [`CryptoError::KekUnavailable`]), body lengths ([`CryptoError::Malformed`]), then the DEK
 //! unwrap and the plaintext open ([`CryptoError::OpenFailed`], one message whatever failed).
 //! Bytes appended to a blob lengthen the ciphertext field, so they surface as `OpenFailed`.
 
 #![deny(clippy::indexing_slicing)]
 
 mod audit;
+#[cfg(feature = "awskms")]
+pub mod awskms;
 mod envelope;
 mod error;
 mod fsutil;
+mod keyring;
 pub mod local;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 mod secret;
+#[cfg(any(feature = "pkcs11", feature = "awskms"))]
+mod wrapped;
 
 pub use audit::{AuditChainKey, AUDIT_KEY_FILE, GENESIS_MAC};
 pub use envelope::{Binding, Opener, SealedKey, Sealer, BLOB_MAGIC, BLOB_VERSION, HPKE_INFO, MAX_PLAINTEXT_LEN};
 pub use error::CryptoError;
+pub use keyring::{KekOpener, KekSealer, Keyring};
 pub use secret::SecretBytes;
 
 #[cfg(test)]

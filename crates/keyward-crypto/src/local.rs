@@ -4,10 +4,25 @@
 //! <data_dir>/kek/            mode 0700
 //! <data_dir>/kek/local-1.pub 32-byte X25519 public key  (0644; read by the gateway)
 //! <data_dir>/kek/local-1.key 32-byte X25519 private key (0600; read only by the worker)
+//! <data_dir>/kek/local-2.pub  … one pair per live version
+//! <data_dir>/kek/local-1.retired  empty marker: version 1 was retired (its key destroyed)
+//! <data_dir>/kek/primary      the primary version, decimal (0600; absent: version 1)
 //! ```
 //!
-//! The number in the kek id is the KEK version. Only version 1 is created today; rotation will
-//! add `local-2`, … The `*_version` functions take the version as a parameter for that day.
+//! The number in the kek id is the KEK version. The *primary* version is the one new keys
+//! are sealed to; the gateway loads only its public half ([`load_sealer`]). The worker loads
+//! the private half of every live version ([`load_keyring`]) and opens a blob with the
+//! version it names. [`rotate`] creates version `max + 1` and makes it primary; [`retire`]
+//! destroys a non-primary version's private key (overwritten, fsynced, unlinked, directory
+//! fsynced) and leaves a `.retired` marker so the number is never used again.
+//!
+//! # Why the primary is a file here and not a row in the database
+//! The primary names the key the gateway seals to. A row would let anyone who can write the
+//! database steer sealing (and, with the public key there too, to a key of their own). The
+//! key pairs already live in this directory and travel together to every node (see the
+//! README's multi-node section), so the marker travels with them: a node seals to a version
+//! only once its files, and its workers, are there. `primary` is replaced atomically
+//! (temp file, fsync, rename, directory fsync).
 
 use std::path::{Path, PathBuf};
 
@@ -17,13 +32,13 @@ use zeroize::Zeroizing;
 
 use crate::envelope::is_valid_kek_id;
 use crate::fsutil::{self, Created, FileKind};
-use crate::{CryptoError, Opener, Sealer};
+use crate::{CryptoError, Keyring, Opener, Sealer};
 
 type Kem = hpke::kem::X25519HkdfSha256;
 type KemPublicKey = <Kem as hpke::Kem>::PublicKey;
 type KemPrivateKey = <Kem as hpke::Kem>::PrivateKey;
 
-/// The KEK version [`ensure_kek`], [`load_sealer`] and [`load_opener`] use.
+/// The KEK version of a data directory that has never been rotated (no `primary` file).
 pub const CURRENT_KEK_VERSION: u32 = 1;
 
 /// Name of the directory, inside the data directory, that holds the KEK files.
@@ -47,22 +62,230 @@ pub fn private_key_path(data_dir: &Path, version: u32) -> PathBuf {
     data_dir.join(KEK_DIR).join(format!("{}.key", kek_id(version)))
 }
 
-/// Creates the current KEK pair if absent; leaves an existing pair as it is, unread (only
-/// its modes and sizes are checked). Errors if the private key file or the kek directory is
-/// accessible by group or others.
+/// Creates the KEK pair if absent on first start (version 1, no `primary` file yet); leaves
+/// an existing pair as it is, unread (only its modes and sizes are checked). Once a rotation
+/// has written `primary`, the primary version's files must already be there: they are never
+/// made up on a node (a node making its own `local-2` would seal keys no other node opens).
+/// Errors if the private key file or the kek directory is accessible by group or others.
 pub fn ensure_kek(data_dir: &Path) -> Result<(), CryptoError> {
-    ensure_kek_version(data_dir, CURRENT_KEK_VERSION)
+    match read_primary(data_dir)? {
+        None => ensure_kek_version(data_dir, CURRENT_KEK_VERSION),
+        Some(version) => {
+            fsutil::ensure_private_dir(&data_dir.join(KEK_DIR), KIND)?;
+            let public_path = public_key_path(data_dir, version);
+            if !fsutil::exists(&public_path, KIND)? {
+                return Err(KIND.err(
+                    &public_path,
+                    format!(
+                        "KEK {} is the primary version but its files are missing here; copy \
+                         kek/ from the node that ran `keyward kek rotate`",
+                        kek_id(version)
+                    ),
+                ));
+            }
+            ensure_kek_version(data_dir, version)
+        }
+    }
 }
 
-/// Loads the seal-only half of the current KEK. Reads only the public key file.
+/// Loads the seal-only half of the primary KEK version. Reads only `primary` and the public
+/// key file.
 pub fn load_sealer(data_dir: &Path) -> Result<Sealer, CryptoError> {
-    load_sealer_version(data_dir, CURRENT_KEK_VERSION)
+    load_sealer_version(data_dir, primary_version(data_dir)?)
 }
 
-/// Loads the opening half of the current KEK: reads the private key file (which must have no
-/// group/other permission bits) and checks it matches the public key file.
+/// Loads the opening half of the primary KEK version: reads the private key file (which must
+/// have no group/other permission bits) and checks it matches the public key file.
 pub fn load_opener(data_dir: &Path) -> Result<Opener, CryptoError> {
-    load_opener_version(data_dir, CURRENT_KEK_VERSION)
+    load_opener_version(data_dir, primary_version(data_dir)?)
+}
+
+/// Name of the file, inside the kek directory, naming the primary version.
+pub const PRIMARY_FILE: &str = "primary";
+
+/// `<data_dir>/kek/primary`.
+pub fn primary_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(KEK_DIR).join(PRIMARY_FILE)
+}
+
+/// `<data_dir>/kek/local-<version>.retired`.
+pub fn retired_marker_path(data_dir: &Path, version: u32) -> PathBuf {
+    data_dir.join(KEK_DIR).join(format!("{}.retired", kek_id(version)))
+}
+
+fn read_primary(data_dir: &Path) -> Result<Option<u32>, CryptoError> {
+    let path = primary_path(data_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(KIND.err(&path, format!("cannot read: {e}"))),
+    };
+    match text.trim().parse::<u32>() {
+        Ok(v) if v > 0 => Ok(Some(v)),
+        _ => Err(KIND.err(&path, "must hold one KEK version number (1 or more)")),
+    }
+}
+
+/// What `primary` says, if the file exists (a backend whose versions live elsewhere, such as
+/// PKCS#11, keeps its primary in the same file).
+pub fn primary_file_version(data_dir: &Path) -> Result<Option<u32>, CryptoError> {
+    read_primary(data_dir)
+}
+
+/// Writes `primary` (atomically), for a backend whose versions are not files here.
+/// [`set_primary`] is the local backend's checked form.
+pub fn write_primary(data_dir: &Path, version: u32) -> Result<(), CryptoError> {
+    checked_kek_id(data_dir, version)?;
+    fsutil::create_dir_0700(data_dir, KIND)?;
+    fsutil::ensure_private_dir(&data_dir.join(KEK_DIR), KIND)?;
+    fsutil::replace_atomic(&primary_path(data_dir), format!("{version}\n").as_bytes(), 0o600, KIND)
+}
+
+/// The primary KEK version: what `primary` says, or 1 when there is no such file (a data
+/// directory that has never been rotated).
+pub fn primary_version(data_dir: &Path) -> Result<u32, CryptoError> {
+    Ok(read_primary(data_dir)?.unwrap_or(CURRENT_KEK_VERSION))
+}
+
+/// What the kek directory holds, from its file names only (no key file is read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalKekState {
+    /// The version new keys are sealed to.
+    pub primary: u32,
+    /// Versions whose private key file is present (what a worker loads), ascending.
+    pub private: Vec<u32>,
+    /// Versions whose public key file is present, ascending.
+    pub public: Vec<u32>,
+    /// Versions retired (destroyed), ascending.
+    pub retired: Vec<u32>,
+}
+
+impl LocalKekState {
+    /// The highest version number ever used here (live or retired).
+    fn highest(&self) -> u32 {
+        let all = self.private.iter().chain(&self.public).chain(&self.retired);
+        all.copied().max().unwrap_or(0).max(self.primary)
+    }
+}
+
+/// Lists the kek directory: the primary version and the versions present or retired.
+/// Reads `primary` and file names; never a key file.
+pub fn state(data_dir: &Path) -> Result<LocalKekState, CryptoError> {
+    let dir = data_dir.join(KEK_DIR);
+    let mut st = LocalKekState {
+        primary: primary_version(data_dir)?,
+        private: Vec::new(),
+        public: Vec::new(),
+        retired: Vec::new(),
+    };
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
+        Err(e) => return Err(KIND.err(&dir, format!("cannot list: {e}"))),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| KIND.err(&dir, format!("cannot list: {e}")))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix("local-") else {
+            continue;
+        };
+        let Some((num, ext)) = rest.split_once('.') else {
+            continue;
+        };
+        let Ok(version) = num.parse::<u32>() else { continue };
+        if version == 0 || num.starts_with('0') {
+            continue;
+        }
+        match ext {
+            "key" => st.private.push(version),
+            "pub" => st.public.push(version),
+            "retired" => st.retired.push(version),
+            _ => {}
+        }
+    }
+    st.private.sort_unstable();
+    st.public.sort_unstable();
+    st.retired.sort_unstable();
+    Ok(st)
+}
+
+/// Loads the opening half of every version whose private key file is present: all the
+/// worker needs (it reads them before sandboxing itself). The primary version must be among
+/// them.
+pub fn load_keyring(data_dir: &Path) -> Result<Keyring, CryptoError> {
+    let st = state(data_dir)?;
+    if !st.private.contains(&st.primary) {
+        return Err(KIND.err(
+            &private_key_path(data_dir, st.primary),
+            format!(
+                "KEK {} is the primary version but its private key is missing",
+                kek_id(st.primary)
+            ),
+        ));
+    }
+    let openers = st
+        .private
+        .iter()
+        .map(|&v| load_opener_version(data_dir, v))
+        .collect::<Result<Vec<_>, _>>()?;
+    Keyring::new(openers)
+}
+
+/// Creates version `highest + 1`. With `make_primary`, also makes it the primary version
+/// (new keys are sealed to it once each gateway notices). Without, it is staged: present for
+/// the workers, not yet sealed to (see [`set_primary`]). Returns the new version.
+pub fn rotate(data_dir: &Path, make_primary: bool) -> Result<u32, CryptoError> {
+    ensure_kek(data_dir)?;
+    let next = state(data_dir)?
+        .highest()
+        .checked_add(1)
+        .ok_or_else(|| KIND.err(&data_dir.join(KEK_DIR), "no KEK version numbers left"))?;
+    ensure_kek_version(data_dir, next)?;
+    if make_primary {
+        set_primary(data_dir, next)?;
+    }
+    Ok(next)
+}
+
+/// Makes `version` the primary. Both of its key files must be present.
+pub fn set_primary(data_dir: &Path, version: u32) -> Result<(), CryptoError> {
+    checked_kek_id(data_dir, version)?;
+    for path in [public_key_path(data_dir, version), private_key_path(data_dir, version)] {
+        if !fsutil::exists(&path, KIND)? {
+            return Err(KIND.err(&path, "not found: only a version with both key files can be primary"));
+        }
+    }
+    fsutil::replace_atomic(&primary_path(data_dir), format!("{version}\n").as_bytes(), 0o600, KIND)
+}
+
+/// Destroys KEK `version`: refuses the primary; otherwise overwrites its private key file
+/// with random bytes, fsyncs, unlinks it, removes the public key file, leaves a `.retired`
+/// marker (so the number is never reused) and fsyncs the directory. After this, nothing on
+/// this node can open a blob sealed to `version`. Whether live blobs still use it is the
+/// caller's check (it needs the database). Returns false if the version was already gone.
+pub fn retire(data_dir: &Path, version: u32) -> Result<bool, CryptoError> {
+    checked_kek_id(data_dir, version)?;
+    if version == primary_version(data_dir)? {
+        return Err(KIND.err(
+            &primary_path(data_dir),
+            format!("KEK {} is the primary version; rotate first", kek_id(version)),
+        ));
+    }
+    let marker = retired_marker_path(data_dir, version);
+    // The marker first: if we crash halfway, the number is still never reused.
+    if !fsutil::exists(&marker, KIND)? {
+        fsutil::replace_atomic(&marker, b"", 0o600, KIND)?;
+    }
+    let shredded = fsutil::shred_and_remove(&private_key_path(data_dir, version), KIND)?;
+    let public = public_key_path(data_dir, version);
+    let had_public = match std::fs::remove_file(&public) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(KIND.err(&public, format!("cannot remove: {e}"))),
+    };
+    fsutil::sync_dir(&data_dir.join(KEK_DIR), KIND)?;
+    Ok(shredded || had_public)
 }
 
 /// [`ensure_kek`] for a given KEK version.

@@ -215,10 +215,13 @@ fn unknown_version_is_unsupported() {
             opener.open(&BINDING, &blob),
             Err(CryptoError::UnsupportedVersion(v)) if v == version
         ));
-        assert!(matches!(
-            blob.kek_id(),
-            Err(CryptoError::UnsupportedVersion(v)) if v == version
-        ));
+        // (With the `pkcs11` feature, version 2 is the PKCS#11 format: its header parses.)
+        if !(cfg!(feature = "pkcs11") && version == 2) {
+            assert!(matches!(
+                blob.kek_id(),
+                Err(CryptoError::UnsupportedVersion(v)) if v == version
+            ));
+        }
     }
     // Even with nothing after the version byte.
     assert!(matches!(
@@ -669,4 +672,479 @@ fn timing() {
         "blob for 100-byte plaintext: {} bytes; seal {seal:?}/op; open {open:?}/op",
         blob.as_bytes().len()
     );
+}
+
+// ---- KEK versions: primary, keyring, re-wrap, retirement ---------------------------------
+
+#[test]
+fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    assert_eq!(local::primary_version(dir.path()).unwrap(), 1);
+    let old = local::load_sealer(dir.path())
+        .unwrap()
+        .seal(&BINDING, b"sk-old")
+        .unwrap();
+    assert_eq!(old.kek_id().unwrap(), "local-1");
+
+    assert_eq!(local::rotate(dir.path(), true).unwrap(), 2);
+    assert_eq!(local::primary_version(dir.path()).unwrap(), 2);
+    let sealer = local::load_sealer(dir.path()).unwrap();
+    assert_eq!(sealer.kek_id(), "local-2");
+    let new = sealer.seal(&BINDING, b"sk-new").unwrap();
+
+    let ring = local::load_keyring(dir.path()).unwrap();
+    assert_eq!(ring.kek_ids(), vec!["local-1", "local-2"]);
+    let mut out = [0u8; 64];
+    let n = ring.open_into(&BINDING, &old, &mut out).unwrap();
+    assert_eq!(&out[..n], b"sk-old");
+    let n = ring.open_into(&BINDING, &new, &mut out).unwrap();
+    assert_eq!(&out[..n], b"sk-new");
+    // The Debug form names versions only.
+    assert_eq!(format!("{ring:?}"), r#"Keyring { kek_ids: ["local-1", "local-2"] }"#);
+
+    let st = local::state(dir.path()).unwrap();
+    assert_eq!(
+        (st.primary, st.private.clone(), st.public.clone()),
+        (2, vec![1, 2], vec![1, 2])
+    );
+    // A staged rotation adds a version without moving the primary.
+    assert_eq!(local::rotate(dir.path(), false).unwrap(), 3);
+    assert_eq!(local::primary_version(dir.path()).unwrap(), 2);
+    local::set_primary(dir.path(), 3).unwrap();
+    assert_eq!(local::load_sealer(dir.path()).unwrap().kek_id(), "local-3");
+    assert!(
+        local::set_primary(dir.path(), 9).is_err(),
+        "a version without files cannot be primary"
+    );
+}
+
+#[test]
+fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let old = local::load_sealer(dir.path())
+        .unwrap()
+        .seal(&BINDING, b"sk-ant-123")
+        .unwrap();
+    local::rotate(dir.path(), true).unwrap();
+    let ring = local::load_keyring(dir.path()).unwrap();
+    let mut scratch = [0u8; 256];
+
+    let moved = ring.rewrap(&BINDING, &old, "local-2", &mut scratch).unwrap();
+    assert!(scratch.iter().all(|&b| b == 0), "scratch is wiped");
+    assert_eq!(moved.kek_id().unwrap(), "local-2");
+    assert_ne!(moved.as_bytes(), old.as_bytes());
+    let opener2 = local::load_opener_version(dir.path(), 2).unwrap();
+    assert_eq!(opener2.open(&BINDING, &moved).unwrap().expose(), b"sk-ant-123");
+    // Still bound: another row cannot open it, and a re-wrap for another binding fails.
+    let other = Binding {
+        key_id: "key_other",
+        ..BINDING
+    };
+    assert!(matches!(opener2.open(&other, &moved), Err(CryptoError::OpenFailed)));
+    assert!(matches!(
+        ring.rewrap(&other, &old, "local-2", &mut scratch),
+        Err(CryptoError::OpenFailed)
+    ));
+    assert!(scratch.iter().all(|&b| b == 0), "scratch is wiped after a failure too");
+    // Already under the target: the same blob comes back.
+    let again = ring.rewrap(&BINDING, &moved, "local-2", &mut scratch).unwrap();
+    assert_eq!(again.as_bytes(), moved.as_bytes());
+    // A target the ring does not hold is refused.
+    assert!(matches!(
+        ring.rewrap(&BINDING, &old, "local-7", &mut scratch),
+        Err(CryptoError::KekUnavailable { .. })
+    ));
+}
+
+#[test]
+fn retire_refuses_the_primary_then_destroys_the_version_for_good() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    let old = local::load_sealer(dir.path())
+        .unwrap()
+        .seal(&BINDING, b"sk-old")
+        .unwrap();
+    assert!(local::retire(dir.path(), 1).is_err(), "the primary cannot be retired");
+    assert!(local::private_key_path(dir.path(), 1).exists());
+
+    local::rotate(dir.path(), true).unwrap();
+    assert!(local::retire(dir.path(), 1).unwrap());
+    assert!(!local::private_key_path(dir.path(), 1).exists());
+    assert!(!local::public_key_path(dir.path(), 1).exists());
+    assert!(local::retired_marker_path(dir.path(), 1).exists());
+    let st = local::state(dir.path()).unwrap();
+    assert_eq!((st.private, st.retired), (vec![2], vec![1]));
+
+    let ring = local::load_keyring(dir.path()).unwrap();
+    let mut out = [0u8; 64];
+    assert!(matches!(
+        ring.open_into(&BINDING, &old, &mut out),
+        Err(CryptoError::KekUnavailable { kek_id }) if kek_id == "local-1"
+    ));
+    assert!(local::load_opener_version(dir.path(), 1).is_err());
+    // The number is never reused: the next rotation makes version 3.
+    assert_eq!(local::rotate(dir.path(), true).unwrap(), 3);
+    // Retiring again is a no-op.
+    assert!(!local::retire(dir.path(), 1).unwrap());
+}
+
+#[test]
+fn a_primary_whose_files_are_missing_is_never_made_up() {
+    let dir = TempDir::new().unwrap();
+    local::ensure_kek(dir.path()).unwrap();
+    local::rotate(dir.path(), true).unwrap();
+    fs::remove_file(local::private_key_path(dir.path(), 2)).unwrap();
+    fs::remove_file(local::public_key_path(dir.path(), 2)).unwrap();
+    let err = local::ensure_kek(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("primary version but its files are missing"), "{err}");
+    assert!(!local::private_key_path(dir.path(), 2).exists());
+    assert!(local::load_keyring(dir.path()).is_err());
+    fs::write(local::primary_path(dir.path()), "zero\n").unwrap();
+    assert!(local::primary_version(dir.path()).is_err());
+}
+
+// ---- PKCS#11 (feature `pkcs11`), against SoftHSM2 ------------------------------------------
+
+/// In a `#[cfg(test)]` module so clippy's allow-unwrap-in-tests applies to the helpers.
+#[cfg(test)]
+#[cfg(feature = "pkcs11")]
+mod pkcs11 {
+    use super::*;
+    use keyward_crypto::pkcs11::{self, Pkcs11Config, Pkcs11Kek};
+    use std::time::Instant;
+
+    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+    /// SoftHSM2 present, or a skip line (a failure under KEYWARD_TEST_REQUIRE_ALL=1).
+    fn softhsm() -> bool {
+        if Path::new(MODULE).exists() && which("softhsm2-util") {
+            return true;
+        }
+        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
+        let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
+        assert!(
+            !require,
+            "SoftHSM2 ({MODULE}, softhsm2-util) is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it \
+             (apt-get install -y softhsm2)"
+        );
+        eprintln!("skipped: SoftHSM2 is not installed (apt-get install -y softhsm2)");
+        false
+    }
+
+    fn which(bin: &str) -> bool {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// A fresh SoftHSM2 token in a temp dir, initialised by softhsm2-util (its own process,
+    /// so this process's module is initialised once, by the code under test).
+    fn token(dir: &Path) -> Pkcs11Config {
+        let tokens = dir.join("tokens");
+        fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        // Read by the module when the code under test loads it; only one test function
+        // (this crate's only PKCS#11 user) sets it.
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        let out = std::process::Command::new("softhsm2-util")
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                "keyward",
+                "--so-pin",
+                "1234",
+                "--pin",
+                "5678",
+            ])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "softhsm2-util: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pin_file = dir.join("pin");
+        fs::write(&pin_file, "5678\n").unwrap();
+        set_mode(&pin_file, 0o600);
+        Pkcs11Config::parse(&format!(
+            "pkcs11:module={MODULE};token=keyward;key-label=keyward-kek;pin-file={}",
+            pin_file.display()
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn config_parsing_refuses_missing_and_unknown_fields() {
+        let c = Pkcs11Config::parse("pkcs11:module=/m.so;token=t;key-label=k;pin-file=/p").unwrap();
+        assert_eq!((c.token.as_str(), c.key_label.as_str()), ("t", "k"));
+        for bad in [
+            "pkcs11:module=/m.so;token=t;key-label=k",
+            "pkcs11:module=/m.so;token=t;key-label=k;pin-file=/p;pin=1234",
+            "local",
+            "pkcs11:module=/m.so;token=t;key-label=a b;pin-file=/p",
+        ] {
+            assert!(Pkcs11Config::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(pkcs11::kek_id("k", 3), "pkcs11-k-3");
+    }
+
+    /// One function on purpose: the module is initialised once per process, and PKCS#11
+    /// login state is per process (the gateway and the worker are separate processes).
+    #[test]
+    fn softhsm_round_trip_non_extractable_gateway_cannot_open_destroy() {
+        if !softhsm() {
+            return;
+        }
+        let dir = TempDir::new().unwrap();
+        let config = token(dir.path());
+        let kek = Pkcs11Kek::connect(&config).unwrap();
+        assert_eq!(kek.generate(1).unwrap(), "pkcs11-keyward-kek-1");
+        assert!(kek.generate(1).is_err(), "a version is generated once");
+
+        // The gateway's side: a session that never logged in. It can seal, and it cannot
+        // even see the private key.
+        let sealer = kek.sealer(1).unwrap();
+        assert!(!pkcs11::private_key_visible_without_login(&kek, 1).unwrap());
+        let blob = sealer.seal(&BINDING, b"sk-ant-hsm-123").unwrap();
+        assert_eq!(&blob.as_bytes()[..4], b"KWB\x02");
+        assert_eq!(
+            format!("{sealer:?}"),
+            r#"Pkcs11Sealer { kek_id: "pkcs11-keyward-kek-1", .. }"#
+        );
+
+        // The worker's side: logs in, the token decrypts the DEK.
+        let opener = kek.opener(1).unwrap();
+        // (PKCS#11 login state is per process: once logged in, every session of this process
+        // sees private objects. That is why only the worker process ever logs in.)
+        assert!(pkcs11::private_key_visible_without_login(&kek, 1).unwrap());
+        let mut out = [0u8; 64];
+        let n = opener.open_into(&BINDING, &blob, &mut out).unwrap();
+        assert_eq!(&out[..n], b"sk-ant-hsm-123");
+        let other = Binding {
+            key_id: "key_other",
+            ..BINDING
+        };
+        assert!(matches!(
+            opener.open_into(&other, &blob, &mut out),
+            Err(CryptoError::OpenFailed)
+        ));
+        assert!(out.iter().all(|&b| b == 0), "zeroed after a failed open");
+        let mut tampered = blob.as_bytes().to_vec();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(opener
+            .open_into(&BINDING, &SealedKey::from_bytes(tampered), &mut out)
+            .is_err());
+
+        // Time to open one key (C_Decrypt of the DEK in the token + the data AEAD).
+        let runs = 20;
+        let start = Instant::now();
+        for _ in 0..runs {
+            opener.open_into(&BINDING, &blob, &mut out).unwrap();
+        }
+        println!(
+            "pkcs11 (SoftHSM2, RSA-{}) open: {:?}/key",
+            pkcs11::MODULUS_BITS,
+            start.elapsed() / runs
+        );
+
+        // The KEK is sensitive and not extractable: its private value cannot be read.
+        assert_eq!(pkcs11::private_key_flags(&kek, 1).unwrap(), (true, false));
+        assert!(!pkcs11::private_key_value_readable(&kek, 1).unwrap());
+
+        // In a keyring next to a local version: routed by kek id; re-wrap both ways.
+        assert_eq!(blob.kek_id().unwrap(), "pkcs11-keyward-kek-1");
+        let local_dir = TempDir::new().unwrap();
+        local::ensure_kek(local_dir.path()).unwrap();
+        let local_blob = local::load_sealer(local_dir.path())
+            .unwrap()
+            .seal(&BINDING, b"sk-local")
+            .unwrap();
+        let ring = keyward_crypto::Keyring::of(vec![
+            keyward_crypto::KekOpener::Local(local::load_opener(local_dir.path()).unwrap()),
+            keyward_crypto::KekOpener::Pkcs11(opener),
+        ])
+        .unwrap();
+        let mut scratch = [0u8; 256];
+        let moved = ring
+            .rewrap(&BINDING, &local_blob, "pkcs11-keyward-kek-1", &mut scratch)
+            .unwrap();
+        assert_eq!(&moved.as_bytes()[..4], b"KWB\x02");
+        let n = ring.open_into(&BINDING, &moved, &mut out).unwrap();
+        assert_eq!(&out[..n], b"sk-local");
+        let back = ring.rewrap(&BINDING, &blob, "local-1", &mut scratch).unwrap();
+        let n = ring.open_into(&BINDING, &back, &mut out).unwrap();
+        assert_eq!(&out[..n], b"sk-ant-hsm-123");
+
+        // Retirement: the objects are destroyed; nothing opens the blob any more.
+        drop(ring);
+        assert_eq!(kek.destroy(1).unwrap(), 2);
+        assert!(matches!(kek.opener(1), Err(CryptoError::KekUnavailable { .. })));
+        assert!(kek.sealer(1).is_err());
+    }
+}
+
+// ---- AWS KMS (feature `awskms`), against moto's server on loopback ------------------------
+
+/// In a `#[cfg(test)]` module so clippy's allow-unwrap-in-tests applies to the helpers.
+#[cfg(test)]
+#[cfg(feature = "awskms")]
+mod awskms {
+    use super::*;
+    use keyward_crypto::awskms::{AwsKmsConfig, AwsKmsKek};
+    use secrecy::SecretString;
+    use std::time::{Duration, Instant};
+
+    /// `python3 -m moto.server` on a free loopback port, killed on drop.
+    struct Moto {
+        child: std::process::Child,
+        url: String,
+    }
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The Python with moto: `KEYWARD_TEST_MOTO_PYTHON` (CI: a virtualenv), else `python3`.
+    fn python() -> String {
+        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
+        std::env::var("KEYWARD_TEST_MOTO_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+    }
+
+    fn moto() -> Option<Moto> {
+        let present = std::process::Command::new(python())
+            .args(["-c", "import moto.server, flask"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !present {
+            #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
+            let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
+            assert!(
+                !require,
+                "moto's server is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it (pip install 'moto[server]')"
+            );
+            eprintln!("skipped: moto's server is not installed (pip install 'moto[server]')");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let moto = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(moto)
+    }
+
+    fn config(url: &str, key_id: &str) -> AwsKmsConfig {
+        AwsKmsConfig::parse(&format!("awskms:key-id={key_id};region=eu-west-1;endpoint={url}")).unwrap()
+    }
+
+    fn secret() -> SecretString {
+        SecretString::from("test-secret".to_owned())
+    }
+
+    #[test]
+    fn config_parsing() {
+        let c = AwsKmsConfig::parse("awskms:key-id=k1;region=eu-west-1").unwrap();
+        assert_eq!(
+            (c.key_id.as_str(), c.region.as_str(), c.endpoint),
+            ("k1", "eu-west-1", None)
+        );
+        assert!(AwsKmsConfig::parse("awskms:region=eu-west-1").is_err());
+        assert!(AwsKmsConfig::parse("awskms:key-id=k;region=r;secret=x").is_err());
+    }
+
+    #[tokio::test]
+    async fn kms_round_trip_context_and_key_id_are_enforced_unreachable_is_a_backend_error() {
+        let Some(moto) = moto() else { return };
+        let key_a = AwsKmsKek::create_key(&config(&moto.url, "-"), "test", &secret())
+            .await
+            .unwrap();
+        let key_b = AwsKmsKek::create_key(&config(&moto.url, "-"), "test", &secret())
+            .await
+            .unwrap();
+        assert_ne!(key_a, key_b);
+        let kek = AwsKmsKek::new(&config(&moto.url, &key_a), 1, "test", &secret());
+        let blob = kek.seal(&BINDING, b"sk-proj-kms-123").await.unwrap();
+        assert_eq!(&blob.as_bytes()[..4], b"KWB\x03");
+        let mut out = [0u8; 64];
+        let n = kek.open_into(&BINDING, &blob, &mut out).await.unwrap();
+        assert_eq!(&out[..n], b"sk-proj-kms-123");
+
+        // Time to open one key: one Decrypt round trip to KMS on loopback + the data AEAD.
+        let runs = 20;
+        let start = Instant::now();
+        for _ in 0..runs {
+            kek.open_into(&BINDING, &blob, &mut out).await.unwrap();
+        }
+        println!("awskms (moto on loopback) open: {:?}/key", start.elapsed() / runs);
+
+        // Another binding = another encryption context: KMS refuses (nothing is written out).
+        out = [0u8; 64];
+        for other in [
+            Binding {
+                key_id: "key_other",
+                ..BINDING
+            },
+            Binding {
+                account_id: "acct_other",
+                ..BINDING
+            },
+        ] {
+            assert!(matches!(
+                kek.open_into(&other, &blob, &mut out).await,
+                Err(CryptoError::OpenFailed)
+            ));
+            assert!(out.iter().all(|&b| b == 0));
+        }
+        // A blob wrapped under key A, opened with explicit key id B: refused.
+        let with_b = AwsKmsKek::new(&config(&moto.url, &key_b), 1, "test", &secret());
+        assert!(matches!(
+            with_b.open_into(&BINDING, &blob, &mut out).await,
+            Err(CryptoError::OpenFailed)
+        ));
+        // A tampered wrapped DEK: refused.
+        let mut tampered = blob.as_bytes().to_vec();
+        tampered[20] ^= 1;
+        assert!(kek
+            .open_into(&BINDING, &SealedKey::from_bytes(tampered), &mut out)
+            .await
+            .is_err());
+
+        // KMS unreachable: a backend error (retryable), never a silent success.
+        drop(moto);
+        let err = kek.open_into(&BINDING, &blob, &mut out).await.unwrap_err();
+        assert!(matches!(err, CryptoError::Backend { backend: "awskms", .. }), "{err:?}");
+        assert!(!err.to_string().contains("test-secret"));
+    }
 }

@@ -121,7 +121,7 @@ pub async fn first_start(store: &dyn Store, clock: &dyn Clock) -> Result<Option<
 /// CLI, never from argv). The key is checked like any account key.
 pub async fn set_shared_key(
     store: &dyn Store,
-    sealer: &keyward_crypto::Sealer,
+    sealer: &keyward_crypto::KekSealer,
     clock: &dyn Clock,
     provider: &str,
     raw: &str,

@@ -11,7 +11,6 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use keyward_core::{Catalogue, ErrorCode};
-use keyward_crypto::Sealer;
 use keyward_store::Store;
 
 use crate::clock::SharedClock;
@@ -28,8 +27,8 @@ use crate::workers::WorkerPool;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
-    /// The gateway can seal keys; it holds no way to open one.
-    pub sealer: Arc<Sealer>,
+    /// The gateway can seal keys (to the primary KEK version); it holds no way to open one.
+    pub sealer: Arc<crate::kek::SealerCell>,
     pub clock: SharedClock,
     pub catalogue: Arc<Catalogue>,
     pub metrics: Arc<Metrics>,

@@ -67,13 +67,27 @@ impl LogFormat {
 pub enum KekConfig {
     /// An X25519 key pair in `<data_dir>/kek/`.
     Local,
+    /// An RSA key pair in a PKCS#11 token (`pkcs11:module=…;token=…;key-label=…;pin-file=…`).
+    #[cfg(feature = "pkcs11")]
+    Pkcs11(Box<keyward_crypto::pkcs11::Pkcs11Config>),
 }
 
 impl KekConfig {
-    /// The `KEYWARD_KEK` value naming this backend.
+    /// The name of this backend.
     pub fn as_str(&self) -> &'static str {
         match self {
             KekConfig::Local => "local",
+            #[cfg(feature = "pkcs11")]
+            KekConfig::Pkcs11(_) => "pkcs11",
+        }
+    }
+
+    /// The whole `KEYWARD_KEK` value (what the worker is given).
+    pub fn env_value(&self) -> String {
+        match self {
+            KekConfig::Local => "local".to_owned(),
+            #[cfg(feature = "pkcs11")]
+            KekConfig::Pkcs11(c) => c.to_kek_value(),
         }
     }
 }
@@ -249,11 +263,26 @@ impl Config {
         })?;
         let kek = match get("KEYWARD_KEK").unwrap_or("local") {
             "local" => KekConfig::Local,
+            #[cfg(feature = "pkcs11")]
+            value if value.starts_with("pkcs11:") => KekConfig::Pkcs11(Box::new(
+                keyward_crypto::pkcs11::Pkcs11Config::parse(value).map_err(|e| ConfigError::Invalid {
+                    var: "KEYWARD_KEK",
+                    reason: e.to_string(),
+                })?,
+            )),
             other => {
+                let name = other.split(':').next().unwrap_or(other);
                 return Err(ConfigError::Invalid {
                     var: "KEYWARD_KEK",
-                    reason: format!("unknown backend {other:?}: this build supports \"local\""),
-                })
+                    reason: format!(
+                        "unknown backend {name:?}: this build supports {}",
+                        if cfg!(feature = "pkcs11") {
+                            "\"local\" and \"pkcs11:…\""
+                        } else {
+                            "\"local\""
+                        }
+                    ),
+                });
             }
         };
         let workers = parse_num::<u16>(get("KEYWARD_WORKERS"), "KEYWARD_WORKERS", 2, 1, 64)?;

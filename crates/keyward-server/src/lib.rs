@@ -1,5 +1,6 @@
 //! keyward's gateway: configuration, the HTTP API, authentication, the audit log's
-//! readers, metrics, and the operations the CLI runs (admin, audit verify/export).
+//! readers, metrics, and the operations the CLI runs (admin, audit verify/export, KEK
+//! status/rotate/rewrap/retire in [`kek`]).
 //!
 //! Owns: turning requests into store calls and store results into answers, with one
 //! error mapping ([`error`]). Must never: open a sealed key (it holds a `Sealer` only;
@@ -16,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod kek;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;

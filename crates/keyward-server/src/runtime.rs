@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyward_crypto::{local, AuditChainKey, CryptoError, Sealer};
+use keyward_crypto::{local, AuditChainKey, CryptoError, KekSealer};
 use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{PgStore, SqliteStore, Store, StoreError};
@@ -33,8 +33,12 @@ pub fn prepare_data_dir(config: &Config) -> Result<(), RuntimeError> {
     };
     std::fs::create_dir_all(dir).map_err(err)?;
     restrict_dir(dir).map_err(err)?;
-    match config.kek {
+    match &config.kek {
         KekConfig::Local => local::ensure_kek(dir)?,
+        // Versions live in the token; `keyward kek rotate` creates them (it needs the PIN,
+        // which `serve` never reads).
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(_) => {}
     }
     AuditChainKey::ensure(dir)?;
     Ok(())
@@ -46,10 +50,20 @@ fn restrict_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// The seal-only half of the KEK: all the gateway ever loads.
-pub fn load_sealer(config: &Config) -> Result<Sealer, RuntimeError> {
-    match config.kek {
-        KekConfig::Local => Ok(local::load_sealer(&config.data_dir)?),
+/// The seal-only half of the primary KEK version: all the gateway ever loads.
+pub fn load_sealer(config: &Config) -> Result<KekSealer, RuntimeError> {
+    match &config.kek {
+        KekConfig::Local => Ok(KekSealer::Local(local::load_sealer(&config.data_dir)?)),
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(c) => {
+            let version = local::primary_file_version(&config.data_dir)?.ok_or_else(|| {
+                RuntimeError::Other(
+                    "KEYWARD_KEK=pkcs11: no KEK version yet; create one with `keyward kek rotate`".to_owned(),
+                )
+            })?;
+            let kek = keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?;
+            Ok(KekSealer::Pkcs11(kek.sealer(version)?))
+        }
     }
 }
 
@@ -66,7 +80,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RuntimeError>
     }
 }
 
-fn pg_options(config: &Config) -> PgOptions {
+pub(crate) fn pg_options(config: &Config) -> PgOptions {
     PgOptions {
         pool_size: config.database_pool_size,
         statement_timeout: Duration::from_millis(u64::from(config.database_statement_timeout_ms)),

@@ -42,7 +42,9 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         _ => None,
     };
     prepare_data_dir(&config)?;
-    let sealer = load_sealer(&config)?;
+    // Read before the sealer and the workers: the watcher starts from what they loaded.
+    let kek_state = keyward_crypto::local::state(&config.data_dir).ok();
+    let sealer = Arc::new(crate::kek::SealerCell::new(load_sealer(&config)?));
     let store = open_store(&config).await?;
     let clock: SharedClock = Arc::new(SystemClock);
 
@@ -80,7 +82,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     let purge = PurgeHandle::default();
     let state = AppState {
         store: store.clone(),
-        sealer: Arc::new(sealer),
+        sealer: sealer.clone(),
         clock,
         catalogue: Arc::new(load_catalogue(&config)?),
         metrics,
@@ -95,6 +97,12 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         web,
     };
     let purger = tokio::spawn(purge::run(store.clone(), purge.clone()));
+    let kek_watcher = tokio::spawn(crate::kek::watch(
+        config.clone(),
+        kek_state,
+        state.workers.clone(),
+        sealer,
+    ));
     // A purge at start covers removals that a crash interrupted before their checkpoint.
     purge.request();
 
@@ -114,6 +122,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         }
     };
     purger.abort();
+    kek_watcher.abort();
     // Leave no removed ciphertext in the WAL behind us.
     if let Err(e) = store.purge_removed().await {
         tracing::warn!(error = %e, "final checkpoint failed");

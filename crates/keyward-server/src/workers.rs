@@ -47,7 +47,7 @@ impl WorkerCommand {
     pub fn new(exe: PathBuf, config: &crate::config::Config) -> WorkerCommand {
         let env = vec![
             ("KEYWARD_DATA_DIR".to_owned(), config.data_dir.display().to_string()),
-            ("KEYWARD_KEK".to_owned(), config.kek.as_str().to_owned()),
+            ("KEYWARD_KEK".to_owned(), config.kek.env_value()),
             (
                 "KEYWARD_ANTHROPIC_BASE_URL".to_owned(),
                 config.anthropic_base_url.clone(),
@@ -62,7 +62,29 @@ impl WorkerCommand {
             ("KEYWARD_LOG".to_owned(), config.log.clone()),
             ("KEYWARD_LOG_FORMAT".to_owned(), config.log_format.as_str().to_owned()),
         ];
+        #[allow(unused_mut, reason = "only the pkcs11 feature adds to it")]
+        let mut env = env;
+        #[cfg(feature = "pkcs11")]
+        if let crate::config::KekConfig::Pkcs11(c) = &config.kek {
+            // The module's own setting (e.g. SOFTHSM2_CONF), named in KEYWARD_KEK.
+            env.extend(c.env.clone());
+        }
         WorkerCommand { exe, env }
+    }
+
+    /// Starts one worker listening on `socket`, as a child of this process (the only
+    /// process it will accept), killed when the handle drops. For `keyward kek rewrap`.
+    pub fn spawn_worker(&self, socket: &std::path::Path) -> std::io::Result<tokio::process::Child> {
+        Command::new(&self.exe)
+            .arg("worker")
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("KEYWARD_WORKER_SOCKET", socket)
+            .env("KEYWARD_WORKER_PARENT", std::process::id().to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
     }
 }
 
@@ -174,6 +196,44 @@ impl WorkerPool {
             }
         }
         Err(Unavailable)
+    }
+}
+
+impl WorkerPool {
+    /// Restarts every worker, one at a time, each only once the one before is back up, so
+    /// the pool keeps serving (a call in flight on the worker being restarted fails). A
+    /// restarted worker loads the KEK versions present now: this is how a rotation or a
+    /// retirement reaches running workers. Waits at most `timeout` per worker.
+    pub async fn recycle(&self, timeout: Duration) {
+        for slot in &self.slots {
+            let deadline = Instant::now() + timeout;
+            // A worker still starting may have read the old versions: wait for it, then restart it too.
+            while !slot.up.load(Ordering::Acquire) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let generation = slot.generation.load(Ordering::Acquire);
+            let pid = slot.pid.load(Ordering::Acquire);
+            let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+                continue;
+            };
+            if !slot.up.load(Ordering::Acquire) {
+                tracing::warn!(
+                    worker = slot.index,
+                    "worker not up; it loads the current KEK versions when it starts"
+                );
+                continue;
+            }
+            slot.up.store(false, Ordering::Release);
+            if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
+                tracing::warn!(worker = slot.index, error = %e, "could not stop worker");
+                continue;
+            }
+            while !(slot.up.load(Ordering::Acquire) && slot.generation.load(Ordering::Acquire) > generation)
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 }
 

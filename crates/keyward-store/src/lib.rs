@@ -3,7 +3,9 @@
 //! Owns: the schema and its migrations (`migrations/<backend>/`), one repository method
 //! per aggregate change (users and tokens, accounts and memberships, provider keys and
 //! sources, the platform's shared-pool keys, shared-pool credits and usage counters, the
-//! audit chain), and the audit chain's canonical form and verification.
+//! audit chain), and the audit chain's canonical form and verification; and, apart from
+//! [`Store`], what KEK rotation needs ([`kek::KekStore`]: walk every sealed blob, move one
+//! with a compare-and-swap).
 //! A key change and its audit event commit in one transaction, so neither exists without
 //! the other; so do a finished AI call's charge, its usage counters and its audit event.
 //!
@@ -16,6 +18,7 @@
 //! this trait, so SQLite and PostgreSQL stay interchangeable.
 
 pub mod audit;
+pub mod kek;
 mod migrate;
 pub mod postgres;
 pub mod sqlite;
@@ -27,6 +30,7 @@ use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Ro
 use keyward_crypto::SealedKey;
 
 pub use audit::{AuditAction, AuditEvent, ChainBreak, NewAuditEvent};
+pub use kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

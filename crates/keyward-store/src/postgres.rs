@@ -23,6 +23,8 @@
 //! (audit event fields, a key test's message) a NUL is replaced by U+FFFD before the event is
 //! chained, so a provider's odd answer cannot make a batch of audit events fail to commit.
 
+mod kek;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::sync::Arc;

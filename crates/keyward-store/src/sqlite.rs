@@ -6,6 +6,8 @@
 //! cells are zeroed), and `BEGIN IMMEDIATE` for every write transaction so another
 //! process (the admin CLI) waits on the busy timeout instead of failing mid-transaction.
 
+mod kek;
+
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;

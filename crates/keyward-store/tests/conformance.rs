@@ -1324,3 +1324,159 @@ mod postgres_only {
         store.ping().await.unwrap();
     }
 }
+
+/// KEK rotation's storage methods ([`keyward_store::KekStore`]), on each backend: the walk
+/// over every sealed blob and the compare-and-swap that moves one blob.
+mod kek {
+    use super::*;
+    use keyward_store::kek::{count_by_kek, BlobOwner, KekStore};
+
+    /// The store twice over the same handle: as `Store` (to save keys) and as `KekStore`.
+    type Handles = (Arc<dyn Store>, Arc<dyn KekStore>, Cleanup);
+
+    async fn kek_sqlite() -> Option<Handles> {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("k.db").display());
+        let store = Arc::new(
+            SqliteStore::open(
+                &url,
+                AuditChainKey::from_bytes_for_tests(CHAIN_KEY),
+                SqliteOptions::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        Some((store.clone(), store, Cleanup::Dir(dir)))
+    }
+
+    async fn kek_postgres() -> Option<Handles> {
+        let db = pg_database().await?;
+        let store = Arc::new(pg_open(&db, pg_test_options()).await.unwrap());
+        Some((store.clone(), store, Cleanup::Database(db)))
+    }
+
+    /// Blob bytes with a v1 header naming `kek_id` (the store parses nothing beyond it).
+    fn blob(kek_id: &str, fill: u8) -> SealedKey {
+        let mut b = b"KWB\x01".to_vec();
+        b.push(u8::try_from(kek_id.len()).unwrap());
+        b.extend_from_slice(kek_id.as_bytes());
+        b.extend_from_slice(&[fill; 100]);
+        SealedKey::from_bytes(b)
+    }
+
+    async fn walk_and_swap(s: &dyn Store, k: &dyn KekStore) {
+        assert!(k.sealed_blobs(None, 10).await.unwrap().is_empty());
+        // Three accounts with keys for every provider, and two platform keys: 11 blobs.
+        let mut saved = Vec::new();
+        for a in 1..=3u8 {
+            let (_, account) = owner_with_account(s, a, Plan::Pro).await;
+            for (i, p) in Provider::ALL.into_iter().enumerate() {
+                let n = a * 10 + u8::try_from(i).unwrap();
+                let key = NewKey {
+                    sealed: blob("local-1", n),
+                    ..new_key(n, "ab12")
+                };
+                s.save_key(&account, p, key, &Actor("cli".into()), t(5)).await.unwrap();
+                saved.push((account.clone(), p, id(KeyId::from_random, n)));
+            }
+        }
+        for (n, p) in [(90u8, Provider::Anthropic), (91, Provider::OpenAi)] {
+            let key = NewKey {
+                sealed: blob("local-1", n),
+                ..new_key(n, "sh01")
+            };
+            s.save_shared_key(p, key, t(6)).await.unwrap();
+        }
+
+        // A walk in pages of 4 sees every blob once, account keys first, with its binding.
+        let mut rows = Vec::new();
+        let mut after = None;
+        loop {
+            let page = k.sealed_blobs(after.as_ref(), 4).await.unwrap();
+            assert!(page.len() <= 4);
+            let Some(last) = page.last() else { break };
+            after = Some(last.cursor());
+            rows.extend(page);
+        }
+        assert_eq!(rows.len(), 11);
+        assert!(rows.iter().take(9).all(|r| r.owner == BlobOwner::Account));
+        assert!(rows
+            .iter()
+            .skip(9)
+            .all(|r| r.owner == BlobOwner::Platform && r.account_id == "platform"));
+        for (account, p, key_id) in &saved {
+            let row = rows.iter().find(|r| r.key_id == key_id.as_str()).unwrap();
+            assert_eq!((row.account_id.as_str(), row.provider), (account.as_str(), *p));
+            let stored = s.sealed_key(account, *p).await.unwrap().unwrap();
+            assert_eq!(row.sealed.as_bytes(), stored.sealed.as_bytes());
+        }
+        let counts = count_by_kek(k, 3).await.unwrap();
+        assert_eq!(counts.into_iter().collect::<Vec<_>>(), vec![("local-1".to_owned(), 11)]);
+
+        // Compare-and-swap: a stale "old" changes nothing; the right one moves the blob and
+        // nothing else (no updated_at, no audit event); a second swap of the same old fails.
+        let (account, p, key_id) = saved.first().cloned().unwrap();
+        let old = s.sealed_key(&account, p).await.unwrap().unwrap().sealed;
+        let before = s.provider_state(&account, p).await.unwrap();
+        let events = chain_ok(s, &account).await;
+        let new = blob("local-2", 200);
+        assert!(!k
+            .replace_sealed_blob(BlobOwner::Account, key_id.as_str(), &blob("local-1", 7), &new)
+            .await
+            .unwrap());
+        assert_eq!(s.sealed_key(&account, p).await.unwrap().unwrap().sealed, old);
+        assert!(k
+            .replace_sealed_blob(BlobOwner::Account, key_id.as_str(), &old, &new)
+            .await
+            .unwrap());
+        assert_eq!(s.sealed_key(&account, p).await.unwrap().unwrap().sealed, new);
+        assert_eq!(s.provider_state(&account, p).await.unwrap(), before);
+        assert_eq!(chain_ok(s, &account).await, events);
+        assert!(!k
+            .replace_sealed_blob(BlobOwner::Account, key_id.as_str(), &old, &blob("local-3", 1))
+            .await
+            .unwrap());
+        // The owner matters: an account key id is not a shared key's.
+        assert!(!k
+            .replace_sealed_blob(BlobOwner::Platform, key_id.as_str(), &new, &old)
+            .await
+            .unwrap());
+
+        let shared = s.shared_key(Provider::OpenAi).await.unwrap().unwrap();
+        assert!(k
+            .replace_sealed_blob(
+                BlobOwner::Platform,
+                shared.key_id.as_str(),
+                &shared.sealed,
+                &blob("local-2", 201)
+            )
+            .await
+            .unwrap());
+        assert_eq!(
+            s.shared_key(Provider::OpenAi).await.unwrap().unwrap().sealed,
+            blob("local-2", 201)
+        );
+        let counts = count_by_kek(k, 100).await.unwrap();
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            vec![("local-1".to_owned(), 9), ("local-2".to_owned(), 2)]
+        );
+        // A removed key leaves the walk.
+        s.remove_key(&account, Provider::Google, &Actor("cli".into()), t(7))
+            .await
+            .unwrap();
+        assert_eq!(count_by_kek(k, 100).await.unwrap().values().sum::<u64>(), 10);
+    }
+
+    #[tokio::test]
+    async fn sqlite_walk_and_swap() {
+        let Some((s, k, _c)) = kek_sqlite().await else { return };
+        walk_and_swap(s.as_ref(), k.as_ref()).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_walk_and_swap() {
+        let Some((s, k, _c)) = kek_postgres().await else { return };
+        walk_and_swap(s.as_ref(), k.as_ref()).await;
+    }
+}

@@ -70,8 +70,8 @@ pub async fn key_rows(pool: &SqlitePool, account_id: &str) -> Vec<KeyRow> {
     .collect()
 }
 
-/// Opens `sealed` with the KEK private half in `data_dir`, bound to
-/// (account, provider, key_id). The plaintext, or the error as text.
+/// Opens `sealed` with the KEK private halves in `data_dir` (the version the blob names),
+/// bound to (account, provider, key_id). The plaintext, or the error as text.
 pub fn open_blob(
     data_dir: &Path,
     account_id: &str,
@@ -79,16 +79,22 @@ pub fn open_blob(
     key_id: &str,
     sealed: &[u8],
 ) -> Result<Vec<u8>, String> {
-    let opener = keyward_crypto::local::load_opener(data_dir).map_err(|e| format!("load opener: {e}"))?;
+    let ring = keyward_crypto::local::load_keyring(data_dir).map_err(|e| format!("load keyring: {e}"))?;
     let binding = keyward_crypto::Binding {
         account_id,
         provider,
         key_id,
     };
-    opener
-        .open(&binding, &keyward_crypto::SealedKey::from_bytes(sealed.to_vec()))
-        .map(|secret| secret.expose().to_vec())
-        .map_err(|e| e.to_string())
+    let mut out = vec![0u8; sealed.len()];
+    let n = ring
+        .open_into(
+            &binding,
+            &keyward_crypto::SealedKey::from_bytes(sealed.to_vec()),
+            &mut out,
+        )
+        .map_err(|e| e.to_string())?;
+    out.truncate(n);
+    Ok(out)
 }
 
 /// Opens a row's blob with that row's own binding.

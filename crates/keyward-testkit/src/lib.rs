@@ -382,6 +382,12 @@ impl Keyward {
         lock(&self.capture.cli).clone()
     }
 
+    /// A `keyward` command on this data directory (the environment `cli` uses), for a test
+    /// that must start a CLI run and stop it halfway.
+    pub fn cli_command(&self) -> Command {
+        self.command()
+    }
+
     /// Runs `keyward <args>` on this data directory.
     pub fn cli<S: AsRef<str>>(&self, args: &[S]) -> CliOutput {
         self.cli_with_stdin(args, None)

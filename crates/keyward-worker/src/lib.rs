@@ -4,7 +4,8 @@
 //! gateway on a Unix socket), the socket [`protocol`] and the gateway's [`client`] for it,
 //! locked memory for plaintext keys ([`locked`]), a minimal HTTP/1.1 client that writes
 //! the key straight from locked memory ([`http1`]), and the masking of keys a provider
-//! echoes back ([`scrub`]). The sandbox and what each layer stops is described in
+//! echoes back ([`scrub`]), and re-wrapping a blob to another KEK version (`Rewrap`: open
+//! into locked memory, seal again, wipe; only blobs cross the socket). The sandbox and what each layer stops is described in
 //! [`sandbox`].
 //!
 //! Must never: touch the database, write a file after start-up, log anything from a

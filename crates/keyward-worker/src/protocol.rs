@@ -51,6 +51,30 @@ impl fmt::Debug for CallRequest {
     }
 }
 
+/// A re-wrap for a worker: open the blob (bound to account, provider, key id) with
+/// whichever KEK version it names and seal it again to `target_kek_id`. The answer is
+/// `Sealed` with the new blob, or `Fail`. Nothing but blobs crosses the socket.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RewrapRequest {
+    pub request_id: u64,
+    pub provider: String,
+    pub account_id: String,
+    pub key_id: String,
+    pub blob: Vec<u8>,
+    pub target_kek_id: String,
+}
+
+impl fmt::Debug for RewrapRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RewrapRequest")
+            .field("request_id", &self.request_id)
+            .field("provider", &self.provider)
+            .field("blob_len", &self.blob.len())
+            .field("target_kek_id", &self.target_kek_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Gateway → worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToWorker {
@@ -60,6 +84,8 @@ pub enum ToWorker {
     /// Open the blob and wipe it without calling anyone: a health check of the KEK, and
     /// the no-op round trip the benchmarks measure.
     OpenOnly(CallRequest),
+    /// Move a blob to another KEK version (`keyward kek rewrap`).
+    Rewrap(RewrapRequest),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +142,8 @@ pub enum FromWorker {
         kind: FailKind,
         message: String,
     },
+    /// The answer to `Rewrap`: the blob sealed to the target KEK version.
+    Sealed(Vec<u8>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -185,11 +213,13 @@ impl Writer {
 const K_PING: u8 = 1;
 const K_CALL: u8 = 2;
 const K_OPEN_ONLY: u8 = 3;
+const K_REWRAP: u8 = 4;
 const K_PONG: u8 = 10;
 const K_HEAD: u8 = 11;
 const K_CHUNK: u8 = 12;
 const K_END: u8 = 13;
 const K_FAIL: u8 = 14;
+const K_SEALED: u8 = 15;
 
 fn write_call(w: &mut Writer, c: &CallRequest) {
     w.u64(c.request_id);
@@ -222,6 +252,16 @@ impl ToWorker {
                 write_call(&mut w, c);
                 w.finish()
             }
+            ToWorker::Rewrap(r) => {
+                let mut w = Writer::new(K_REWRAP);
+                w.u64(r.request_id);
+                w.str(&r.provider);
+                w.str(&r.account_id);
+                w.str(&r.key_id);
+                w.bytes(&r.blob);
+                w.str(&r.target_kek_id);
+                w.finish()
+            }
         }
     }
 
@@ -232,6 +272,14 @@ impl ToWorker {
             K_PING => ToWorker::Ping,
             K_CALL => ToWorker::Call(read_call(&mut r)?),
             K_OPEN_ONLY => ToWorker::OpenOnly(read_call(&mut r)?),
+            K_REWRAP => ToWorker::Rewrap(RewrapRequest {
+                request_id: r.u64()?,
+                provider: r.string()?,
+                account_id: r.string()?,
+                key_id: r.string()?,
+                blob: r.bytes()?.to_vec(),
+                target_kek_id: r.string()?,
+            }),
             k => return Err(ProtocolError::Kind(k)),
         };
         r.end()?;
@@ -261,6 +309,11 @@ impl FromWorker {
                 w.str(message);
                 w.finish()
             }
+            FromWorker::Sealed(b) => {
+                let mut w = Writer::new(K_SEALED);
+                w.bytes(b);
+                w.finish()
+            }
         }
     }
 
@@ -273,6 +326,7 @@ impl FromWorker {
                 headers: r.pairs()?,
             },
             K_CHUNK => FromWorker::Chunk(r.bytes()?.to_vec()),
+            K_SEALED => FromWorker::Sealed(r.bytes()?.to_vec()),
             K_END => FromWorker::End,
             K_FAIL => {
                 let kind = FailKind::from_code(r.u8()?).ok_or(ProtocolError::Malformed("fail kind"))?;
@@ -433,6 +487,30 @@ mod tests {
 
     fn body(frame: &[u8]) -> &[u8] {
         &frame[4..]
+    }
+
+    fn rewrap() -> RewrapRequest {
+        RewrapRequest {
+            request_id: 9,
+            provider: "google".into(),
+            account_id: "acc_x".into(),
+            key_id: "key_y".into(),
+            blob: vec![4, 5, 6],
+            target_kek_id: "local-2".into(),
+        }
+    }
+
+    #[test]
+    fn rewrap_frames_round_trip_refuse_truncation_and_hide_the_blob() {
+        let f = ToWorker::Rewrap(rewrap()).encode().unwrap();
+        assert_eq!(ToWorker::decode(body(&f)).unwrap(), ToWorker::Rewrap(rewrap()));
+        for cut in 0..body(&f).len() {
+            assert!(ToWorker::decode(&body(&f)[..cut]).is_err(), "cut at {cut}");
+        }
+        let s = FromWorker::Sealed(vec![7, 8]).encode().unwrap();
+        assert_eq!(FromWorker::decode(body(&s)).unwrap(), FromWorker::Sealed(vec![7, 8]));
+        let d = format!("{:?}", rewrap());
+        assert!(d.contains("blob_len: 3") && !d.contains("[4, 5, 6]"), "{d}");
     }
 
     #[test]

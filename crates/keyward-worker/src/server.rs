@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyward_core::Provider;
-use keyward_crypto::{Binding, Opener, SealedKey};
+use keyward_crypto::{Binding, Keyring, SealedKey};
 use keyward_providers::{key_placement, path_allowed, HttpMethod};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
@@ -26,6 +26,9 @@ pub struct WorkerConfig {
     pub base_urls: Vec<(Provider, String)>,
     pub connect_timeout: Duration,
     pub threads: usize,
+    /// Paths the KEK backend still reads after start-up (a PKCS#11 module's state), added
+    /// read-only to the sandbox's list.
+    pub extra_read_only: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,15 +54,18 @@ fn keep_response_header(name: &str) -> bool {
         || name.starts_with("x-ratelimit-")
 }
 
+mod rewrap;
+
 struct Worker {
-    opener: Opener,
+    opener: Keyring,
     upstreams: Vec<(Provider, Arc<Upstream>)>,
     pages: LockedPool,
 }
 
-/// Runs the worker until the gateway goes away. `opener` was loaded by the caller
-/// (it is the only thing read from disk); everything after the sandbox is in memory.
-pub fn run(config: WorkerConfig, opener: Opener) -> Result<(), WorkerError> {
+/// Runs the worker until the gateway goes away. `opener` (every live KEK version) was
+/// loaded by the caller (it is the only thing read from disk); everything after the
+/// sandbox is in memory.
+pub fn run(config: WorkerConfig, opener: Keyring) -> Result<(), WorkerError> {
     sandbox::install_panic_hook();
     let socket_err = |e: std::io::Error| WorkerError::Socket {
         path: config.socket.display().to_string(),
@@ -87,7 +93,13 @@ pub fn run(config: WorkerConfig, opener: Opener) -> Result<(), WorkerError> {
     }
 
     sandbox::clear_env();
-    let status = sandbox::apply(sandbox::READ_ONLY)?;
+    let extra: Vec<String> = config.extra_read_only.iter().map(|p| p.display().to_string()).collect();
+    let read_only: Vec<&str> = sandbox::READ_ONLY
+        .iter()
+        .copied()
+        .chain(extra.iter().map(String::as_str))
+        .collect();
+    let status = sandbox::apply(&read_only)?;
     tracing::info!(landlock = status.landlock, pid = std::process::id(), "worker sandboxed");
 
     let worker = Arc::new(Worker {
@@ -159,6 +171,7 @@ impl Worker {
                     send(&mut stream, &answer).await
                 }
                 Ok(ToWorker::Call(c)) => self.call(c, &mut stream).await,
+                Ok(ToWorker::Rewrap(r)) => send(&mut stream, &self.rewrap(&r)).await,
                 Err(e) => {
                     // A peer that speaks garbage gets one answer and is dropped.
                     let _ = send(&mut stream, &fail(FailKind::BadRequest, &format!("bad frame: {e}"))).await;

@@ -53,6 +53,43 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Key-encryption-key versions: status, rotate, promote, rewrap, retire.
+    Kek {
+        #[command(subcommand)]
+        command: KekCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KekCommand {
+    /// The primary version, every version's files, saved keys per version, re-wrap progress.
+    Status,
+    /// Create a new KEK version and make it primary (new keys are sealed to it).
+    Rotate {
+        /// Create the version without making it primary (several nodes: copy it to every
+        /// node first, then `promote`).
+        #[arg(long)]
+        staged: bool,
+    },
+    /// Make a staged version primary.
+    Promote {
+        #[arg(long)]
+        version: u32,
+    },
+    /// Move every saved key to the primary version (in a worker; resumable).
+    Rewrap {
+        /// Keys per batch (one progress line each).
+        #[arg(long, default_value_t = 100)]
+        batch: u32,
+        /// Pause after each batch, in milliseconds (for tests).
+        #[arg(long, default_value_t = 0, hide = true)]
+        pause_ms: u64,
+    },
+    /// Destroy a version no saved key uses any more (never the primary).
+    Retire {
+        #[arg(long)]
+        version: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -194,6 +231,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&out)?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Kek { command } => {
+                prepare_data_dir(&config)?;
+                run_kek(&config, &worker_command, command).await
+            }
             Command::Audit { command } => {
                 let store = open_store(&config).await?;
                 let key = AuditChainKey::load(&config.data_dir)?;
@@ -231,6 +272,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `keyward kek …`: each prints JSON (re-wrap: one line per batch, then a summary).
+async fn run_kek(
+    config: &keyward_server::Config,
+    worker: &WorkerCommand,
+    command: KekCommand,
+) -> anyhow::Result<ExitCode> {
+    use keyward_server::kek;
+    let out = match command {
+        KekCommand::Rotate { staged } => kek::rotate(config, staged)?,
+        KekCommand::Promote { version } => kek::promote(config, version)?,
+        KekCommand::Status => {
+            let (_, kek_store) = kek::open_stores(config).await?;
+            kek::status(config, kek_store.as_ref()).await?
+        }
+        KekCommand::Retire { version } => {
+            let (_, kek_store) = kek::open_stores(config).await?;
+            kek::retire(config, kek_store.as_ref(), version).await?
+        }
+        KekCommand::Rewrap { batch, pause_ms } => {
+            let (store, kek_store) = kek::open_stores(config).await?;
+            let opts = kek::RewrapOptions {
+                batch,
+                pause: std::time::Duration::from_millis(pause_ms),
+            };
+            let done = kek::rewrap(config, store.as_ref(), kek_store.as_ref(), worker, &opts, |p| {
+                let _ = print_json(&serde_json::json!({ "progress": p }));
+            })
+            .await?;
+            print_json(&serde_json::json!({ "done": done }))?;
+            if done.failed > 0 {
+                return Ok(ExitCode::from(1));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    print_json(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `keyward worker`: load the KEK's opening half, then hand over to the sandboxed worker.
 fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
     // First of all: die with the gateway, and do not start at all if it is already gone
@@ -246,8 +326,31 @@ fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
         .worker_socket
         .clone()
         .context("KEYWARD_WORKER_SOCKET: the worker is started by `keyward serve`")?;
-    let opener = match config.kek {
-        keyward_server::config::KekConfig::Local => keyward_crypto::local::load_opener(&config.data_dir)?,
+    // Every live KEK version, read now: after the sandbox the data dir is out of reach, so a
+    // rotation or retirement reaches a worker when the gateway restarts it.
+    #[allow(unused_mut, reason = "only the pkcs11 backend adds to it")]
+    let mut extra_read_only = Vec::new();
+    let opener = match &config.kek {
+        keyward_server::config::KekConfig::Local => keyward_crypto::local::load_keyring(&config.data_dir)?,
+        #[cfg(feature = "pkcs11")]
+        keyward_server::config::KekConfig::Pkcs11(c) => {
+            // The module is loaded and logged in here, before the sandbox; it may keep
+            // reading its own state (`sandbox-read=`) afterwards, never writing.
+            extra_read_only.clone_from(&c.sandbox_read);
+            let kek = keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?;
+            let primary = keyward_crypto::local::primary_file_version(&config.data_dir)?
+                .context("KEYWARD_KEK=pkcs11: no KEK version yet (run `keyward kek rotate`)")?;
+            let mut openers = Vec::new();
+            for version in 1..=primary {
+                match kek.opener(version) {
+                    Ok(o) => openers.push(keyward_crypto::KekOpener::Pkcs11(o)),
+                    // Retired (destroyed in the token).
+                    Err(keyward_crypto::CryptoError::KekUnavailable { .. }) if version != primary => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            keyward_crypto::Keyring::of(openers)?
+        }
     };
     let worker_config = keyward_worker::WorkerConfig {
         socket,
@@ -258,6 +361,7 @@ fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
         ],
         connect_timeout: std::time::Duration::from_millis(u64::from(config.provider_connect_timeout_ms)),
         threads: usize::from(config.worker_threads),
+        extra_read_only,
     };
     keyward_worker::run(worker_config, opener)?;
     Ok(ExitCode::SUCCESS)

@@ -145,6 +145,7 @@ pub async fn store_key(
     };
     let sealed = state
         .sealer
+        .current()
         .seal(&binding, key.expose_secret().as_bytes())
         .map_err(|e| ApiError::internal(&e))?;
     let new = NewKey {

@@ -20,6 +20,7 @@ mod common;
 mod concurrency;
 mod crypto;
 mod formats;
+mod kek;
 mod lifecycle;
 mod multinode;
 mod relay;

@@ -1,0 +1,440 @@
+//! KEK versions in the gateway: which version it seals to, noticing a rotation or a
+//! retirement while serving, and the `keyward kek` operations (status, rotate, promote,
+//! rewrap, retire).
+//!
+//! # Who holds what
+//! - The gateway seals to the *primary* version with its public half only ([`SealerCell`]).
+//!   It lists `<data_dir>/kek/` and reads `kek/primary`; it never reads a private key file.
+//! - Workers load every live version's private half before sandboxing themselves and pick
+//!   the opener by the kek id a blob names. After the sandbox they cannot read the data dir,
+//!   so they learn of a new or retired version by being restarted.
+//!
+//! # How a running node learns of a rotation
+//! [`watch`] looks at the kek directory once a second (a `readdir` and a 2-byte read).
+//! When the set of versions or the primary changes it restarts the workers one at a time
+//! (each comes back holding the new set; a retired key leaves their memory), and only then
+//! switches the sealer to the new primary, so nothing is ever sealed to a version the
+//! workers cannot open. A call in flight on the worker being restarted fails (`503`/`502`
+//! as for any worker crash); a rotation is an operator's action, not a hot path.
+//!
+//! # Re-wrap
+//! [`rewrap`] starts its own worker (the worker accepts only its parent), walks every sealed
+//! blob in pages, sends each blob not yet under the primary to the worker (`Rewrap`), and
+//! swaps the answer in with a compare-and-swap on the old bytes. It can be killed at any
+//! point (kill -9 included) and run again: every blob is, at every instant, under exactly
+//! one version, and a second run skips blobs already moved. The gateway side never sees a
+//! plaintext key: the worker opens, re-seals and wipes.
+//!
+//! # Audit
+//! KEK actions are platform-level: no account's HMAC chain is theirs (as for the platform's
+//! shared keys). They are logged (`tracing`, target `keyward::kek`) and printed as JSON by
+//! the CLI; they are not in the database's audit log.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use keyward_crypto::{local, CryptoError, KekSealer, SealedKey};
+use keyward_store::kek::{count_by_kek, kek_id_of, BlobCursor, KekStore};
+use keyward_store::{PgStore, SqliteStore, Store, StoreError};
+use keyward_worker::protocol::{FromWorker, RewrapRequest, ToWorker};
+use keyward_worker::WorkerConn;
+
+use crate::config::{Config, DatabaseBackend, KekConfig};
+use crate::workers::{WorkerCommand, WorkerPool};
+
+/// What a `keyward kek` operation can fail with. Messages name versions, counts and paths,
+/// never key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum KekError {
+    #[error("{0}")]
+    Crypto(#[from] CryptoError),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("KEK {kek_id} is the primary version; rotate to a new version first")]
+    RetirePrimary { kek_id: String },
+    #[error("KEK {kek_id} still wraps {count} saved key(s); run `keyward kek rewrap` first")]
+    StillInUse { kek_id: String, count: u64 },
+    #[error("re-wrap worker: {0}")]
+    Worker(String),
+    #[error("{0}")]
+    Runtime(#[from] crate::RuntimeError),
+}
+
+/// The gateway's sealer for the primary KEK version, swapped when the primary changes.
+#[derive(Debug)]
+pub struct SealerCell(RwLock<Arc<KekSealer>>);
+
+impl SealerCell {
+    pub fn new(sealer: KekSealer) -> SealerCell {
+        SealerCell(RwLock::new(Arc::new(sealer)))
+    }
+
+    /// The sealer to use now.
+    pub fn current(&self) -> Arc<KekSealer> {
+        match self.0.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set(&self, sealer: KekSealer) {
+        match self.0.write() {
+            Ok(mut s) => *s = Arc::new(sealer),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(sealer),
+        }
+    }
+}
+
+/// Opens the database as both [`Store`] and [`KekStore`] (one set of connections).
+pub async fn open_stores(config: &Config) -> Result<(Arc<dyn Store>, Arc<dyn KekStore>), KekError> {
+    let chain_key = keyward_crypto::AuditChainKey::load(&config.data_dir)?;
+    let url = config.database_url.as_str();
+    Ok(match config.database_url.backend() {
+        DatabaseBackend::Sqlite => {
+            let s = Arc::new(SqliteStore::open(url, chain_key, keyward_store::sqlite::SqliteOptions::default()).await?);
+            (s.clone(), s)
+        }
+        DatabaseBackend::Postgres => {
+            let s = Arc::new(PgStore::open(url, chain_key, crate::runtime::pg_options(config)).await?);
+            (s.clone(), s)
+        }
+    })
+}
+
+/// Rows per page when walking the sealed blobs.
+pub const PAGE: u32 = 500;
+
+/// The kek id of `version` under the configured backend.
+pub fn kek_id(config: &Config, version: u32) -> String {
+    match &config.kek {
+        KekConfig::Local => local::kek_id(version),
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(c) => keyward_crypto::pkcs11::kek_id(&c.key_label, version),
+    }
+}
+
+/// The primary version (`kek/primary`; local: 1 when absent).
+fn primary(config: &Config) -> Result<u32, KekError> {
+    match &config.kek {
+        KekConfig::Local => Ok(local::primary_version(&config.data_dir)?),
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(_) => local::primary_file_version(&config.data_dir)?
+            .ok_or_else(|| KekError::Worker("no PKCS#11 KEK version yet: run `keyward kek rotate`".to_owned())),
+    }
+}
+
+/// `keyward kek status`: versions, the primary, blobs per version, re-wrap progress.
+pub async fn status(config: &Config, kek: &dyn KekStore) -> Result<serde_json::Value, KekError> {
+    let counts = count_by_kek(kek, PAGE).await?;
+    let primary_version = primary(config)?;
+    let primary = kek_id(config, primary_version);
+    let total: u64 = counts.values().sum();
+    let on_primary = counts.get(&primary).copied().unwrap_or(0);
+    let mut out = serde_json::json!({
+        "backend": config.kek.as_str(),
+        "primary": primary,
+        "blobs_by_kek": counts,
+        "blobs_total": total,
+        "blobs_on_primary": on_primary,
+        "rewrap_remaining": total - on_primary,
+    });
+    if matches!(config.kek, KekConfig::Local) {
+        let st = local::state(&config.data_dir)?;
+        let mut versions: Vec<u32> = st
+            .private
+            .iter()
+            .chain(&st.public)
+            .chain(&st.retired)
+            .copied()
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        let listed: Vec<serde_json::Value> = versions
+            .iter()
+            .map(|&v| {
+                let id = local::kek_id(v);
+                serde_json::json!({
+                    "kek_id": id,
+                    "version": v,
+                    "primary": v == st.primary,
+                    "private_key": st.private.contains(&v),
+                    "public_key": st.public.contains(&v),
+                    "retired": st.retired.contains(&v),
+                    "blobs": counts.get(&id).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        // Blobs naming a kek id with no files here (another backend, garbage).
+        let unknown: BTreeMap<&String, &u64> = counts
+            .iter()
+            .filter(|(id, _)| !versions.iter().any(|&v| &&local::kek_id(v) == id))
+            .collect();
+        out["versions"] = serde_json::json!(listed);
+        out["blobs_under_unknown_kek"] = serde_json::json!(unknown);
+    }
+    Ok(out)
+}
+
+/// `keyward kek rotate`: a new version; primary unless `staged`.
+pub fn rotate(config: &Config, staged: bool) -> Result<serde_json::Value, KekError> {
+    let version = match &config.kek {
+        KekConfig::Local => local::rotate(&config.data_dir, !staged)?,
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(c) => {
+            if staged {
+                return Err(KekError::Worker("--staged is for the local backend".to_owned()));
+            }
+            let next = local::primary_file_version(&config.data_dir)?
+                .unwrap_or(0)
+                .checked_add(1)
+                .ok_or_else(|| KekError::Worker("no KEK version numbers left".to_owned()))?;
+            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.generate(next)?;
+            local::write_primary(&config.data_dir, next)?;
+            next
+        }
+    };
+    let created = kek_id(config, version);
+    tracing::info!(target: "keyward::kek", kek_id = %created, staged, "kek.rotated");
+    Ok(serde_json::json!({ "created": created, "primary": kek_id(config, primary(config)?) }))
+}
+
+/// `keyward kek promote --version N`: makes a staged version primary.
+pub fn promote(config: &Config, version: u32) -> Result<serde_json::Value, KekError> {
+    match &config.kek {
+        KekConfig::Local => local::set_primary(&config.data_dir, version)?,
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(c) => {
+            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.sealer(version)?;
+            local::write_primary(&config.data_dir, version)?;
+        }
+    }
+    tracing::info!(target: "keyward::kek", kek_id = %kek_id(config, version), "kek.promoted");
+    Ok(serde_json::json!({ "primary": kek_id(config, version) }))
+}
+
+/// `keyward kek retire --version N`: refuses the primary and any version a saved key still
+/// uses; otherwise destroys it (local: see [`local::retire`]; PKCS#11: both objects are
+/// destroyed in the token).
+pub async fn retire(config: &Config, kek: &dyn KekStore, version: u32) -> Result<serde_json::Value, KekError> {
+    let id = kek_id(config, version);
+    if version == primary(config)? {
+        return Err(KekError::RetirePrimary { kek_id: id });
+    }
+    let count = count_by_kek(kek, PAGE).await?.get(&id).copied().unwrap_or(0);
+    if count > 0 {
+        return Err(KekError::StillInUse { kek_id: id, count });
+    }
+    let destroyed = match &config.kek {
+        KekConfig::Local => local::retire(&config.data_dir, version)?,
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(c) => keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.destroy(version)? > 0,
+    };
+    tracing::info!(target: "keyward::kek", kek_id = %id, destroyed, "kek.retired");
+    Ok(serde_json::json!({ "retired": id, "destroyed": destroyed }))
+}
+
+/// Tuning for [`rewrap`].
+#[derive(Debug, Clone)]
+pub struct RewrapOptions {
+    /// Blobs per page (one progress line each).
+    pub batch: u32,
+    /// A pause after each page (tests use it to stop a re-wrap halfway).
+    pub pause: Duration,
+}
+
+/// Where a re-wrap stands, after each page and at the end.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RewrapProgress {
+    pub target: String,
+    /// Blobs not under the target when the run started.
+    pub to_move: u64,
+    /// Moved by this run.
+    pub rewrapped: u64,
+    /// Changed by someone else between read and swap (rotated, removed): left as they are.
+    pub changed_meanwhile: u64,
+    /// The worker could not re-wrap them (e.g. sealed to a version not held here).
+    pub failed: u64,
+    pub seconds: f64,
+}
+
+/// `keyward kek rewrap`: moves every blob to the primary version. See the module doc.
+pub async fn rewrap(
+    config: &Config,
+    store: &dyn Store,
+    kek: &dyn KekStore,
+    worker: &WorkerCommand,
+    opts: &RewrapOptions,
+    mut progress: impl FnMut(&RewrapProgress),
+) -> Result<RewrapProgress, KekError> {
+    let started = Instant::now();
+    let target = kek_id(config, primary(config)?);
+    let counts = count_by_kek(kek, PAGE).await?;
+    let mut p = RewrapProgress {
+        to_move: counts.iter().filter(|(id, _)| **id != target).map(|(_, n)| *n).sum(),
+        target: target.clone(),
+        ..RewrapProgress::default()
+    };
+    tracing::info!(target: "keyward::kek", kek_id = %target, to_move = p.to_move, "kek.rewrap_started");
+    let mut conn = RewrapWorker::start(worker, &config.data_dir).await?;
+    let mut after: Option<BlobCursor> = None;
+    let mut request_id = 0u64;
+    loop {
+        let rows = kek.sealed_blobs(after.as_ref(), opts.batch.max(1)).await?;
+        let Some(last) = rows.last() else { break };
+        after = Some(last.cursor());
+        for row in &rows {
+            if kek_id_of(&row.sealed) == target {
+                continue;
+            }
+            request_id += 1;
+            let request = RewrapRequest {
+                request_id,
+                provider: row.provider.as_str().to_owned(),
+                account_id: row.account_id.clone(),
+                key_id: row.key_id.clone(),
+                blob: row.sealed.as_bytes().to_vec(),
+                target_kek_id: target.clone(),
+            };
+            match conn.rewrap(request).await? {
+                Ok(new) => {
+                    if kek
+                        .replace_sealed_blob(row.owner, &row.key_id, &row.sealed, &new)
+                        .await?
+                    {
+                        p.rewrapped += 1;
+                    } else {
+                        p.changed_meanwhile += 1;
+                    }
+                }
+                Err(message) => {
+                    tracing::warn!(target: "keyward::kek", key_id = %row.key_id, from = %kek_id_of(&row.sealed), %message, "re-wrap refused");
+                    p.failed += 1;
+                }
+            }
+        }
+        p.seconds = started.elapsed().as_secs_f64();
+        progress(&p);
+        if !opts.pause.is_zero() {
+            tokio::time::sleep(opts.pause).await;
+        }
+    }
+    drop(conn);
+    // SQLite: old blobs were overwritten with secure_delete on; empty the WAL as well.
+    if let Err(e) = store.purge_removed().await {
+        tracing::warn!(error = %e, "checkpoint after re-wrap failed");
+    }
+    p.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(target: "keyward::kek", kek_id = %target, rewrapped = p.rewrapped, failed = p.failed, "kek.rewrap_finished");
+    Ok(p)
+}
+
+/// A worker started by (and so accepting only) this process, for re-wrapping.
+struct RewrapWorker {
+    conn: WorkerConn,
+    socket: PathBuf,
+    _child: tokio::process::Child,
+}
+
+impl RewrapWorker {
+    async fn start(command: &WorkerCommand, data_dir: &Path) -> Result<RewrapWorker, KekError> {
+        let run = data_dir.join("run");
+        let err = |e: std::io::Error| KekError::Worker(e.to_string());
+        std::fs::create_dir_all(&run).map_err(err)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        }
+        let socket = run.join(format!("rewrap-{}.sock", std::process::id()));
+        let mut child = command.spawn_worker(&socket).map_err(err)?;
+        for _ in 0..500 {
+            if let Ok(mut conn) = WorkerConn::connect(&socket).await {
+                if conn.ping().await.is_ok() {
+                    return Ok(RewrapWorker {
+                        conn,
+                        socket,
+                        _child: child,
+                    });
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(KekError::Worker(format!(
+                    "the worker exited during start-up ({status}); see its log above"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(KekError::Worker("the worker did not become ready".to_owned()))
+    }
+
+    /// `Ok(Ok(blob))`, `Ok(Err(why))` when the worker refused this blob, `Err` when the
+    /// worker is gone.
+    async fn rewrap(&mut self, request: RewrapRequest) -> Result<Result<SealedKey, String>, KekError> {
+        let gone = |e: keyward_worker::protocol::FrameIoError| KekError::Worker(e.to_string());
+        self.conn.send(&ToWorker::Rewrap(request)).await.map_err(gone)?;
+        match self.conn.recv().await.map_err(gone)? {
+            FromWorker::Sealed(b) => Ok(Ok(SealedKey::from_bytes(b))),
+            FromWorker::Fail { message, .. } => Ok(Err(message)),
+            _ => Err(KekError::Worker("unexpected answer to a re-wrap".to_owned())),
+        }
+    }
+}
+
+impl Drop for RewrapWorker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// How often [`watch`] looks at the kek directory.
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Follows rotations and retirements while serving (see the module doc), from `seen` (the
+/// state read before the workers started). Runs until the task is aborted.
+pub async fn watch(
+    config: Config,
+    mut seen: Option<local::LocalKekState>,
+    workers: Arc<WorkerPool>,
+    sealer: Arc<SealerCell>,
+) {
+    let data_dir = config.data_dir.clone();
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let now = match local::state(&data_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(target: "keyward::kek", error = %e, "cannot read the kek directory");
+                continue;
+            }
+        };
+        if seen.as_ref() == Some(&now) {
+            continue;
+        }
+        let local_files_missing = !now.private.contains(&now.primary) || !now.public.contains(&now.primary);
+        if matches!(config.kek, KekConfig::Local) && local_files_missing {
+            // Half-copied onto this node: wait for the files rather than restart workers
+            // that could not start.
+            tracing::warn!(target: "keyward::kek", primary = now.primary, "primary KEK files not all present yet");
+            continue;
+        }
+        let primary_changed = seen.as_ref().map(|s| s.primary) != Some(now.primary);
+        tracing::info!(target: "keyward::kek", primary = now.primary, versions = ?now.private, "KEK versions changed: restarting workers");
+        workers.recycle(Duration::from_secs(30)).await;
+        tracing::info!(target: "keyward::kek", "workers restarted with the current KEK versions");
+        if primary_changed {
+            match crate::runtime::load_sealer(&config) {
+                Ok(s) => {
+                    tracing::info!(target: "keyward::kek", kek_id = %s.kek_id(), "sealing to the new primary KEK");
+                    sealer.set(s);
+                }
+                Err(e) => {
+                    tracing::error!(target: "keyward::kek", error = %e, "cannot load the new primary KEK; still sealing to the old one");
+                    continue;
+                }
+            }
+        }
+        seen = Some(now);
+    }
+}

@@ -1,0 +1,456 @@
+//! KEK versions through the real binary: rotate while serving, re-wrap in a worker, a re-wrap
+//! killed with SIGKILL halfway and resumed, retirement, and a database copy taken before the
+//! rotation that nothing can open afterwards.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use keyward_fakes::{Behaviour, FakeProviders};
+use keyward_testkit::{db, sqlx, Keyward};
+use serde_json::Value;
+
+use crate::ai_support::*;
+use crate::common::*;
+
+/// The kek id a blob names (`local-1`, …), read from its header (v1 and v2 alike).
+fn kek_of(blob: &[u8]) -> String {
+    assert!(
+        blob.starts_with(b"KWB\x01") || blob.starts_with(b"KWB\x02"),
+        "not a blob"
+    );
+    let n = usize::from(blob[4]);
+    String::from_utf8(blob[5..5 + n].to_vec()).unwrap()
+}
+
+/// Every `provider_keys` row in a database file: key id → (account, provider, blob).
+async fn all_blobs(pool: &sqlx::SqlitePool) -> BTreeMap<String, (String, String, Vec<u8>)> {
+    use sqlx::Row;
+    sqlx::query("SELECT account_id, provider, key_id, sealed FROM provider_keys")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.get("key_id"),
+                (r.get("account_id"), r.get("provider"), r.get("sealed")),
+            )
+        })
+        .collect()
+}
+
+fn versions(blobs: &BTreeMap<String, (String, String, Vec<u8>)>) -> BTreeMap<String, usize> {
+    let mut v = BTreeMap::new();
+    for (_, _, b) in blobs.values() {
+        *v.entry(kek_of(b)).or_insert(0) += 1;
+    }
+    v
+}
+
+/// Waits until the server's log has `needle` at least `times` times.
+fn wait_log(kw: &Keyward, needle: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kw.output().matches(needle).count() < times {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} ×{times} in the log:\n{}",
+            kw.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One plain AI call with the account's own key; the fake answers 200 only for the key it
+/// was given, so a 200 proves the worker opened the right key.
+async fn call_ok(kw: &Keyward, token: &str, account: &str, provider: &str) -> bool {
+    let r = ai_call(kw, token, account, &chat_body(provider, false, 16)).await;
+    r.status == 200
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_rewrap_killed_halfway_resume_retire_and_old_dumps_stay_shut() {
+    let fake = FakeProviders::start().expect("start fakes");
+    let mut kw = start_on_fake(&fake, &[]);
+    let (user, first) = pro_owner(&kw, "kek@example.com");
+    let t = user.token.clone();
+    // 4 accounts × 3 providers = 12 own keys, each used for calls.
+    let mut keys: Vec<(String, &str)> = Vec::new();
+    for i in 0..4 {
+        let acc = if i == 0 {
+            first.clone()
+        } else {
+            create_account(&kw, &format!("Acc {i}"), "pro", &user.email)
+        };
+        for p in PROVIDERS {
+            let k = key_for(p);
+            fake.set_key(provider(p), &k, Behaviour::Ok);
+            save_key(&kw, &t, &acc, p, &k).await;
+            set_source(&kw, &t, &acc, p, "own").await;
+            keys.push((acc.clone(), p));
+        }
+    }
+    for (acc, p) in &keys {
+        assert!(call_ok(&kw, &t, acc, p).await, "{acc} {p} before rotation");
+    }
+
+    // The "backup taken before the rotation": a consistent copy of the database.
+    let pool = kw.db().await;
+    let backup_dir = tempfile::tempdir().unwrap();
+    let backup = backup_dir.path().join("before-rotation.db");
+    sqlx::query(&format!("VACUUM INTO '{}'", backup.display()))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let before = all_blobs(&pool).await;
+    assert_eq!(versions(&before), BTreeMap::from([("local-1".to_owned(), 12)]));
+
+    // Rotate while serving: the gateway restarts its workers, then seals to local-2.
+    let out = kw.cli(&["kek", "rotate"]);
+    out.assert_success();
+    assert_eq!(out.json()["created"], "local-2", "{out}");
+    wait_log(&kw, "sealing to the new primary KEK", 1);
+    let acc_new = create_account(&kw, "After rotation", "pro", &user.email);
+    let k = key_for("openai");
+    fake.set_key(provider("openai"), &k, Behaviour::Ok);
+    save_key(&kw, &t, &acc_new, "openai", &k).await;
+    set_source(&kw, &t, &acc_new, "openai", "own").await;
+    let row = db::key_row(&pool, &acc_new, "openai").await.unwrap();
+    assert_eq!(kek_of(&row.sealed), "local-2", "new keys are sealed to the new primary");
+    keys.push((acc_new.clone(), "openai"));
+    for (acc, p) in &keys {
+        assert!(
+            call_ok(&kw, &t, acc, p).await,
+            "{acc} {p} after rotation, before re-wrap"
+        );
+    }
+    let st = kw.cli(&["kek", "status"]);
+    st.assert_success();
+    let st = st.json();
+    assert_eq!(
+        (st["primary"].as_str(), st["rewrap_remaining"].as_u64()),
+        (Some("local-2"), Some(12)),
+        "{st}"
+    );
+
+    // Re-wrap 2 keys a batch, paused between batches; SIGKILL it after the first batch.
+    let mut child = kw
+        .cli_command()
+        .args(["kek", "rewrap", "--batch", "2", "--pause-ms", "2000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first_line: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first_line["progress"]["to_move"], 12, "{first_line}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let halfway = all_blobs(&pool).await;
+    let v = versions(&halfway);
+    let (v1, v2) = (
+        v.get("local-1").copied().unwrap_or(0),
+        v.get("local-2").copied().unwrap_or(0),
+    );
+    assert_eq!(v1 + v2, 13, "every blob under exactly one version: {v:?}");
+    assert!(v1 > 0 && v2 > 1, "killed halfway: {v:?}");
+    for (kid, (acc, p, blob)) in &halfway {
+        let row = db::KeyRow {
+            account_id: acc.clone(),
+            provider: p.clone(),
+            key_id: kid.clone(),
+            sealed: blob.clone(),
+            last4: String::new(),
+        };
+        assert!(db::open_row(kw.data_dir(), &row).is_ok(), "{kid} opens halfway");
+    }
+    for (acc, p) in &keys {
+        assert!(call_ok(&kw, &t, acc, p).await, "{acc} {p} halfway");
+    }
+    // Retirement refuses a version still in use, and the primary.
+    let r = kw.cli(&["kek", "retire", "--version", "1"]);
+    assert!(!r.success() && r.to_string().contains("still wraps"), "{r}");
+    let r = kw.cli(&["kek", "retire", "--version", "2"]);
+    assert!(!r.success() && r.to_string().contains("primary"), "{r}");
+
+    // Resume: the rest moves, nothing moves twice.
+    let out = kw.cli(&["kek", "rewrap"]);
+    out.assert_success();
+    let done = out.json_lines().last().cloned().unwrap();
+    assert_eq!(done["done"]["rewrapped"].as_u64(), Some(v1 as u64), "{out}");
+    assert_eq!(done["done"]["failed"], 0, "{out}");
+    let after = all_blobs(&pool).await;
+    assert_eq!(versions(&after), BTreeMap::from([("local-2".to_owned(), 13)]));
+    for (kid, (_, _, blob)) in &before {
+        assert_ne!(&after[kid].2, blob, "{kid} was re-sealed");
+    }
+    let st = kw.cli(&["kek", "status"]).json();
+    assert_eq!(st["rewrap_remaining"], 0, "{st}");
+    // The audit chains are untouched by a re-wrap.
+    assert_audit_ok(&kw, None);
+
+    // Retire local-1: the key file is gone, the workers forget it, every key still works.
+    let restarts = kw.output().matches(RESTARTED).count();
+    let out = kw.cli(&["kek", "retire", "--version", "1"]);
+    out.assert_success();
+    assert_eq!(out.json()["retired"], "local-1");
+    assert!(!kw.data_dir().join("kek/local-1.key").exists());
+    assert!(!kw.data_dir().join("kek/local-1.pub").exists());
+    wait_log(&kw, RESTARTED, restarts + 1);
+    for (acc, p) in &keys {
+        assert!(call_ok(&kw, &t, acc, p).await, "{acc} {p} after retirement");
+    }
+
+    // The pre-rotation dump: nothing can open any of its blobs any more.
+    let old = db::connect(&backup).await;
+    let old_blobs = all_blobs(&old).await;
+    assert_eq!(old_blobs.len(), 12);
+    for (kid, (acc, p, blob)) in &old_blobs {
+        let err = db::open_blob(kw.data_dir(), acc, p, kid, blob).unwrap_err();
+        assert!(err.contains("not available here"), "{kid}: {err}");
+    }
+    // Restored as the live database, the running gateway's worker refuses every key.
+    kw.stop();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", kw.db_path().display()));
+    }
+    std::fs::copy(&backup, kw.db_path()).unwrap();
+    kw.start_again();
+    wait_workers(&kw, 2, &[], Duration::from_secs(30)).await;
+    for (acc, p) in keys.iter().take(12) {
+        let r = ai_call(&kw, &t, acc, &chat_body(p, false, 16)).await;
+        assert_eq!(r.status, 500, "{acc} {p}: {r}");
+    }
+    let log = kw.output();
+    assert!(
+        log.contains("which is not available here (retired or not installed)"),
+        "the worker names the missing KEK"
+    );
+    let st = kw.cli(&["kek", "status"]).json();
+    let v1 = st["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["kek_id"] == "local-1")
+        .cloned();
+    let v1 = v1.unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(
+        (
+            v1["retired"].as_bool(),
+            v1["private_key"].as_bool(),
+            v1["blobs"].as_u64()
+        ),
+        (Some(true), Some(false), Some(12)),
+        "{st}"
+    );
+}
+
+/// What the gateway logs once its workers hold the current KEK versions.
+const RESTARTED: &str = "workers restarted with the current KEK versions";
+
+/// Re-wrap throughput: `KEYWARD_REWRAP_BENCH_N` keys (default 10,000) written straight into
+/// the database (sealed to local-1 with the real sealer, each bound to its own row), then a
+/// rotation and one timed `keyward kek rewrap`. Ignored by default (a measurement, not a
+/// check): `cargo test -p keyward --test e2e rewrap_throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn rewrap_throughput() {
+    #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
+    let n: usize = std::env::var("KEYWARD_REWRAP_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let kw = start();
+    let pool = kw.db().await;
+    let sealer = keyward_crypto::local::load_sealer(kw.data_dir()).unwrap();
+    let providers = ["anthropic", "openai", "google"];
+    let mut tx = pool.begin().await.unwrap();
+    for i in 0..n.div_ceil(3) {
+        let acc = format!("acc_{:032x}", 0xbe00_0000u64 + i as u64);
+        sqlx::query("INSERT INTO accounts (id, name, plan, created_at) VALUES (?1, 'bench', 'pro', 1)")
+            .bind(&acc)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        for (j, p) in providers.iter().enumerate().take(n - i * 3) {
+            let key_id = format!("key_{:032x}", (i * 3 + j) as u64 + 1);
+            let binding = keyward_crypto::Binding {
+                account_id: &acc,
+                provider: p,
+                key_id: &key_id,
+            };
+            let sealed = sealer.seal(&binding, key_for(p).as_bytes()).unwrap();
+            sqlx::query(
+                "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, 'abcd', 1, 1)",
+            )
+            .bind(&acc)
+            .bind(p)
+            .bind(&key_id)
+            .bind(sealed.as_bytes())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(
+        versions(&all_blobs(&pool).await),
+        BTreeMap::from([("local-1".to_owned(), n)])
+    );
+    kw.cli(&["kek", "rotate"]).assert_success();
+    let started = Instant::now();
+    let out = kw.cli(&["kek", "rewrap", "--batch", "500"]);
+    let wall = started.elapsed();
+    out.assert_success();
+    let done = out.json_lines().last().cloned().unwrap();
+    assert_eq!(done["done"]["rewrapped"].as_u64(), Some(n as u64), "{out}");
+    assert_eq!(
+        versions(&all_blobs(&pool).await),
+        BTreeMap::from([("local-2".to_owned(), n)])
+    );
+    let secs = done["done"]["seconds"].as_f64().unwrap();
+    println!(
+        "re-wrapped {n} keys in {secs:.2} s ({:.0} keys/s; {:.2} s wall clock with process start)",
+        n as f64 / secs,
+        wall.as_secs_f64()
+    );
+}
+
+/// The same life cycle with `KEYWARD_KEK=pkcs11:…` against SoftHSM2 (feature `pkcs11`):
+/// the workers open keys through the token from inside their sandbox, rotation creates a
+/// version in the token, re-wrap moves every key, retirement destroys the old version in
+/// the token, and a pre-rotation copy of the database opens nowhere.
+#[cfg(feature = "pkcs11")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
+    use keyward_crypto::pkcs11::{Pkcs11Config, Pkcs11Kek};
+    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+    if !std::path::Path::new(MODULE).exists() {
+        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
+        let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
+        assert!(
+            !require,
+            "SoftHSM2 is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it"
+        );
+        eprintln!("skipped: SoftHSM2 is not installed (apt-get install -y softhsm2)");
+        return;
+    }
+    let hsm = tempfile::tempdir().unwrap();
+    let tokens = hsm.path().join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = hsm.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "kw",
+            "--so-pin",
+            "1234",
+            "--pin",
+            "5678",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pin = hsm.path().join("pin");
+    std::fs::write(&pin, "5678\n").unwrap();
+    let kek = format!(
+        "pkcs11:module={MODULE};token=kw;key-label=kek;pin-file={};env=SOFTHSM2_CONF={};sandbox-read={}",
+        pin.display(),
+        conf.display(),
+        tokens.display()
+    );
+    // Version 1 before the first start (`serve` never holds the PIN, so it cannot make one).
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    Pkcs11Kek::connect(&Pkcs11Config::parse(&kek).unwrap())
+        .unwrap()
+        .generate(1)
+        .unwrap();
+    let fake = FakeProviders::start().expect("start fakes");
+    let mut opts = fake_options(
+        &fake,
+        &[("KEYWARD_KEK", &kek), ("SOFTHSM2_CONF", &conf.display().to_string())],
+    );
+    opts.seed.push(("kek/primary".into(), b"1\n".to_vec(), 0o600));
+    let mut kw = start_with(opts);
+    let (user, acc) = pro_owner(&kw, "hsm@example.com");
+    let t = user.token.clone();
+    for p in PROVIDERS {
+        let k = key_for(p);
+        fake.set_key(provider(p), &k, Behaviour::Ok);
+        save_key(&kw, &t, &acc, p, &k).await;
+        set_source(&kw, &t, &acc, p, "own").await;
+    }
+    let pool = kw.db().await;
+    let before = all_blobs(&pool).await;
+    assert_eq!(versions(&before), BTreeMap::from([("pkcs11-kek-1".to_owned(), 3)]));
+    assert!(before.values().all(|(_, _, b)| b.starts_with(b"KWB\x02")));
+    for p in PROVIDERS {
+        assert!(
+            call_ok(&kw, &t, &acc, p).await,
+            "{p}: the sandboxed worker opens through the token"
+        );
+    }
+    let backup_dir = tempfile::tempdir().unwrap();
+    let backup = backup_dir.path().join("before.db");
+    sqlx::query(&format!("VACUUM INTO '{}'", backup.display()))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let out = kw.cli(&["kek", "rotate"]);
+    out.assert_success();
+    assert_eq!(out.json()["created"], "pkcs11-kek-2", "{out}");
+    wait_log(&kw, "sealing to the new primary KEK", 1);
+    let out = kw.cli(&["kek", "rewrap"]);
+    out.assert_success();
+    assert_eq!(out.json_lines().last().unwrap()["done"]["rewrapped"], 3, "{out}");
+    assert_eq!(
+        versions(&all_blobs(&pool).await),
+        BTreeMap::from([("pkcs11-kek-2".to_owned(), 3)])
+    );
+    for p in PROVIDERS {
+        assert!(call_ok(&kw, &t, &acc, p).await, "{p} after re-wrap");
+    }
+    let r = kw.cli(&["kek", "retire", "--version", "2"]);
+    assert!(!r.success(), "{r}");
+    let out = kw.cli(&["kek", "retire", "--version", "1"]);
+    out.assert_success();
+    assert_eq!(out.json()["destroyed"], true, "{out}");
+    for p in PROVIDERS {
+        assert!(call_ok(&kw, &t, &acc, p).await, "{p} after retirement");
+    }
+    let st = kw.cli(&["kek", "status"]).json();
+    assert_eq!(
+        (st["primary"].as_str(), st["rewrap_remaining"].as_u64()),
+        (Some("pkcs11-kek-2"), Some(0)),
+        "{st}"
+    );
+
+    // The pre-rotation copy, restored: the worker no longer has version 1 anywhere.
+    kw.stop();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", kw.db_path().display()));
+    }
+    std::fs::copy(&backup, kw.db_path()).unwrap();
+    kw.start_again();
+    wait_workers(&kw, 2, &[], Duration::from_secs(30)).await;
+    for p in PROVIDERS {
+        let r = ai_call(&kw, &t, &acc, &chat_body(p, false, 16)).await;
+        assert_eq!(r.status, 500, "{p}: {r}");
+    }
+    assert!(kw.output().contains("\"pkcs11-kek-1\", which is not available here"));
+}
