@@ -16,10 +16,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
+use sqlx::sqlite::{Sqlite, SqliteArguments};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{Arguments, Row, SqlitePool};
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
@@ -231,95 +232,142 @@ fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEvent> {
 const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
 const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
 
-/// Appends events (in order) to their chains inside the caller's transaction: one head
-/// read per account per call, however many of its events the batch holds, and one head
-/// write per account at the end (in account-id order). Callers that settle a batch
-/// (`finish_calls`, `append_audit`) pass it whole, so the chain reads stay per batch.
 /// Audit rows per INSERT statement: 16 parameters each, well inside SQLite's limit of
 /// 32,766 parameters per statement.
 const AUDIT_ROWS_PER_INSERT: usize = 128;
 
+/// Statements sent to the connection's thread in one round trip (sqlx runs each statement
+/// of a query in turn, consuming the `?` arguments in order). Every round trip is two
+/// thread wake-ups, and a group-commit batch would otherwise make several per event.
+#[derive(Default)]
+struct Batch {
+    sql: String,
+    args: SqliteArguments<'static>,
+}
+
+impl Batch {
+    fn sql(&mut self, sql: &str) {
+        self.sql.push_str(sql);
+    }
+
+    fn arg<T>(&mut self, value: T) -> StoreResult<()>
+    where
+        T: sqlx::Encode<'static, Sqlite> + sqlx::Type<Sqlite> + 'static,
+    {
+        self.args
+            .add(value)
+            .map_err(|e| StoreError::Invalid(format!("cannot encode an argument: {e}")))
+    }
+
+    async fn run(self, conn: &mut SqliteConnection) -> StoreResult<()> {
+        if self.sql.is_empty() {
+            return Ok(());
+        }
+        sqlx::query_with(&self.sql, self.args)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
+
+/// Appends `events` (in order) to their accounts' chains inside the caller's transaction:
+/// reads the heads of every account in the batch (one query, however many events each has),
+/// links each event to the one before, then adds the inserts and one head write per account
+/// to `batch`, which the caller runs. Callers that settle a batch (`finish_calls`,
+/// `append_audit`) pass it whole, so the chain reads stay per batch.
 async fn append_in_tx<'e>(
     conn: &mut SqliteConnection,
     chain_key: &AuditChainKey,
     events: impl IntoIterator<Item = &'e NewAuditEvent> + Send,
+    batch: &mut Batch,
 ) -> StoreResult<()> {
+    let events: Vec<&NewAuditEvent> = events.into_iter().collect();
+    let mut accounts: Vec<&str> = events.iter().map(|e| e.account_id.as_str()).collect();
+    accounts.sort_unstable();
+    accounts.dedup();
     let mut heads: BTreeMap<String, (i64, [u8; 32])> = BTreeMap::new();
-    let mut chained = Vec::new();
+    for chunk in accounts.chunks(500) {
+        let sql = format!(
+            "SELECT account_id, seq, mac FROM audit_heads WHERE account_id IN ({})",
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(&sql);
+        for a in chunk {
+            q = q.bind(*a);
+        }
+        for r in q.fetch_all(&mut *conn).await.map_err(map_err)? {
+            let mac: Vec<u8> = get(&r, "mac")?;
+            heads.insert(
+                get(&r, "account_id")?,
+                (
+                    get(&r, "seq")?,
+                    mac.as_slice().try_into().map_err(|_| corrupt("audit_heads.mac"))?,
+                ),
+            );
+        }
+    }
+    let mut chained = Vec::with_capacity(events.len());
     for new in events {
-        let account = new.account_id.as_str().to_owned();
-        let (seq, prev) = match heads.get(&account) {
-            Some(h) => *h,
-            None => {
-                let row = sqlx::query("SELECT seq, mac FROM audit_heads WHERE account_id = ?1")
-                    .bind(&account)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(map_err)?;
-                match row {
-                    None => (0, GENESIS_MAC),
-                    Some(r) => {
-                        let mac: Vec<u8> = get(&r, "mac")?;
-                        (
-                            get(&r, "seq")?,
-                            mac.as_slice().try_into().map_err(|_| corrupt("audit_heads.mac"))?,
-                        )
-                    }
-                }
-            }
-        };
+        let account = new.account_id.as_str();
+        let (seq, prev) = heads.get(account).copied().unwrap_or((0, GENESIS_MAC));
         let mut event = new.clone().into_event(seq + 1);
         let mac = event.seal_link(chain_key, &prev);
-        heads.insert(account, (event.seq, mac));
+        heads.insert(account.to_owned(), (event.seq, mac));
         chained.push(event);
     }
-    // Many rows per INSERT: one round trip to the connection's thread per chunk instead of
-    // one per event (a group-commit batch holds up to a thousand).
     for chunk in chained.chunks(AUDIT_ROWS_PER_INSERT) {
-        let mut sql = String::from(
+        batch.sql(
             "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac) VALUES ",
         );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        for (i, event) in chunk.iter().enumerate() {
+            batch.sql(if i == 0 {
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            } else {
+                ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            });
+            let e = event.clone();
+            batch.arg(e.account_id)?;
+            batch.arg(e.seq)?;
+            batch.arg(e.at)?;
+            batch.arg(e.actor)?;
+            batch.arg(e.action)?;
+            batch.arg(e.provider)?;
+            batch.arg(e.key_source)?;
+            batch.arg(e.key_last4)?;
+            batch.arg(e.model)?;
+            batch.arg(e.outcome)?;
+            batch.arg(e.detail)?;
+            batch.arg(e.provider_request_id)?;
+            batch.arg(e.input_tokens)?;
+            batch.arg(e.output_tokens)?;
+            batch.arg(e.feature)?;
+            batch.arg(e.mac)?;
         }
-        let mut q = sqlx::query(&sql);
-        for event in chunk {
-            q = q
-                .bind(&event.account_id)
-                .bind(event.seq)
-                .bind(event.at)
-                .bind(&event.actor)
-                .bind(&event.action)
-                .bind(&event.provider)
-                .bind(&event.key_source)
-                .bind(&event.key_last4)
-                .bind(&event.model)
-                .bind(&event.outcome)
-                .bind(&event.detail)
-                .bind(&event.provider_request_id)
-                .bind(event.input_tokens)
-                .bind(event.output_tokens)
-                .bind(&event.feature)
-                .bind(&event.mac);
-        }
-        q.execute(&mut *conn).await.map_err(map_err)?;
+        batch.sql(";\n");
     }
+    // One head write per account (all of them in this batch), in account-id order.
     for (account, (seq, mac)) in heads {
-        sqlx::query(
-            "INSERT INTO audit_heads (account_id, seq, mac) VALUES (?1, ?2, ?3)
-             ON CONFLICT (account_id) DO UPDATE SET seq = excluded.seq, mac = excluded.mac",
-        )
-        .bind(account)
-        .bind(seq)
-        .bind(mac.to_vec())
-        .execute(&mut *conn)
-        .await
-        .map_err(map_err)?;
+        batch.sql(
+            "INSERT INTO audit_heads (account_id, seq, mac) VALUES (?, ?, ?)
+             ON CONFLICT (account_id) DO UPDATE SET seq = excluded.seq, mac = excluded.mac;\n",
+        );
+        batch.arg(account)?;
+        batch.arg(seq)?;
+        batch.arg(mac.to_vec())?;
     }
     Ok(())
+}
+
+/// [`append_in_tx`] and run: for callers with nothing else to write in the same round trip.
+async fn append_now<'e>(
+    conn: &mut SqliteConnection,
+    chain_key: &AuditChainKey,
+    events: impl IntoIterator<Item = &'e NewAuditEvent> + Send,
+) -> StoreResult<()> {
+    let mut batch = Batch::default();
+    append_in_tx(conn, chain_key, events, &mut batch).await?;
+    batch.run(conn).await
 }
 
 /// Releases `release` reserved credits and charges `charge` for one (account, period), inside
@@ -652,7 +700,7 @@ impl Store for SqliteStore {
             None => (AuditAction::KeySaved, None),
         };
         let event = NewAuditEvent::key_action(account, now, &actor.0, action, provider, Some(&key.last4), detail);
-        append_in_tx(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
+        append_now(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
         let state = state_in(&mut tx, account, provider).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(Saved { rotated, state })
@@ -690,7 +738,7 @@ impl Store for SqliteStore {
             Some(&last4),
             None,
         );
-        append_in_tx(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
+        append_now(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -728,7 +776,7 @@ impl Store for SqliteStore {
                 Some(format!("{} -> {}", before.source, source)),
             );
             event.key_source = Some(source);
-            append_in_tx(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
+            append_now(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
         }
         let after = state_in(&mut tx, account, provider).await?;
         tx.commit().await.map_err(map_err)?;
@@ -807,7 +855,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        append_in_tx(&mut tx, &self.chain_key, std::slice::from_ref(event)).await?;
+        append_now(&mut tx, &self.chain_key, std::slice::from_ref(event)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(done.rows_affected() == 1)
     }
@@ -896,27 +944,27 @@ impl Store for SqliteStore {
         for ((account, period), (release, charge)) in credits {
             settle_in_tx(&mut tx, account, period, release, charge).await?;
         }
+        // Counters, audit rows and chain heads: one round trip (see `Batch`).
+        let mut batch = Batch::default();
         for ((account, period, provider, source), (requests, input, output)) in counters {
-            sqlx::query(
+            batch.sql(
                 "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)
                  ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
                    requests = usage_counters.requests + excluded.requests,
                    input_tokens = usage_counters.input_tokens + excluded.input_tokens,
-                   output_tokens = usage_counters.output_tokens + excluded.output_tokens",
-            )
-            .bind(account)
-            .bind(period)
-            .bind(provider)
-            .bind(source)
-            .bind(requests)
-            .bind(input)
-            .bind(output)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+                   output_tokens = usage_counters.output_tokens + excluded.output_tokens;\n",
+            );
+            batch.arg(account.to_owned())?;
+            batch.arg(period.to_owned())?;
+            batch.arg(provider.to_owned())?;
+            batch.arg(source.to_owned())?;
+            batch.arg(requests)?;
+            batch.arg(input)?;
+            batch.arg(output)?;
         }
-        append_in_tx(&mut tx, &self.chain_key, records.iter().map(audit_of)).await?;
+        append_in_tx(&mut tx, &self.chain_key, records.iter().map(audit_of), &mut batch).await?;
+        batch.run(&mut tx).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -985,7 +1033,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        append_in_tx(&mut tx, &self.chain_key, events).await?;
+        append_now(&mut tx, &self.chain_key, events).await?;
         tx.commit().await.map_err(map_err)
     }
 
