@@ -421,7 +421,12 @@ pub async fn watch(
         }
         let primary_changed = seen.as_ref().map(|s| s.primary) != Some(now.primary);
         tracing::info!(target: "keyward::kek", primary = now.primary, versions = ?now.private, "KEK versions changed: restarting workers");
-        workers.recycle(Duration::from_secs(30)).await;
+        if !workers.recycle(Duration::from_secs(30)).await {
+            // Never seal to a version that a worker may not hold: keep the old sealer and try
+            // again on the next tick.
+            tracing::error!(target: "keyward::kek", "not every worker restarted; still sealing to the old primary KEK");
+            continue;
+        }
         tracing::info!(target: "keyward::kek", "workers restarted with the current KEK versions");
         if primary_changed {
             match crate::runtime::load_sealer(&config) {

@@ -203,8 +203,10 @@ impl WorkerPool {
     /// Restarts every worker, one at a time, each only once the one before is back up, so
     /// the pool keeps serving (a call in flight on the worker being restarted fails). A
     /// restarted worker loads the KEK versions present now: this is how a rotation or a
-    /// retirement reaches running workers. Waits at most `timeout` per worker.
-    pub async fn recycle(&self, timeout: Duration) {
+    /// retirement reaches running workers. Waits at most `timeout` per worker; returns whether
+    /// every worker that was up came back (a worker that was down loads them when it starts).
+    pub async fn recycle(&self, timeout: Duration) -> bool {
+        let mut all_back = true;
         for slot in &self.slots {
             let deadline = Instant::now() + timeout;
             // A worker still starting may have read the old versions: wait for it, then restart it too.
@@ -233,7 +235,15 @@ impl WorkerPool {
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            if !(slot.up.load(Ordering::Acquire) && slot.generation.load(Ordering::Acquire) > generation) {
+                tracing::warn!(
+                    worker = slot.index,
+                    "worker did not come back within the recycle timeout"
+                );
+                all_back = false;
+            }
         }
+        all_back
     }
 }
 
