@@ -51,25 +51,34 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Caller> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(ApiError::unauthorized)?;
-        let token = header.strip_prefix("Bearer ").ok_or_else(ApiError::unauthorized)?;
-        authenticate(state, token).await
+        authenticate(state, bearer_token(parts)?).await
     }
 }
 
-/// The user a token belongs to, or 401.
-pub async fn authenticate(state: &AppState, token: &str) -> ApiResult<Caller> {
+/// The token of an `Authorization: Bearer …` header, or 401.
+fn bearer_token(parts: &Parts) -> ApiResult<&str> {
+    parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .ok_or_else(ApiError::unauthorized)
+}
+
+/// The stored hash of a token that has a token's shape, or 401 without a lookup.
+fn well_formed_token_hash(token: &str) -> ApiResult<String> {
     let token = token.trim();
     if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
         return Err(ApiError::unauthorized());
     }
+    Ok(hash_token(token))
+}
+
+/// The user a token belongs to, or 401.
+pub async fn authenticate(state: &AppState, token: &str) -> ApiResult<Caller> {
     let user = state
         .store
-        .user_by_token(&hash_token(token))
+        .user_by_token(&well_formed_token_hash(token)?)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
     Ok(Caller { user })
@@ -78,10 +87,7 @@ pub async fn authenticate(state: &AppState, token: &str) -> ApiResult<Caller> {
 /// The user a token belongs to and their membership of `account`, in one read (the AI
 /// routes' first step): 401 for an unknown token, then 404 (never 403) for a non-member.
 pub async fn authenticate_member(state: &AppState, token: &str, account: &str) -> ApiResult<(Caller, Membership)> {
-    let token = token.trim();
-    if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
-        return Err(ApiError::unauthorized());
-    }
+    let token_hash = well_formed_token_hash(token)?;
     // An account id that cannot exist still needs the token checked first (401 before 404).
     let Ok(account) = AccountId::parse(account) else {
         authenticate(state, token).await?;
@@ -89,7 +95,7 @@ pub async fn authenticate_member(state: &AppState, token: &str, account: &str) -
     };
     let (user, membership) = state
         .store
-        .member_by_token(&hash_token(token), &account)
+        .member_by_token(&token_hash, &account)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
     Ok((Caller { user }, membership.ok_or_else(ApiError::not_found)?))
@@ -107,16 +113,8 @@ impl FromRequestParts<AppState> for AccountMember {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<AccountMember> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(ApiError::unauthorized)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(ApiError::unauthorized)?
-            .to_owned();
-        let token = Zeroizing::new(token);
+        // Owned (and wiped on drop): reading the path parameters needs `parts` mutably.
+        let token = Zeroizing::new(bearer_token(parts)?.to_owned());
         let params = axum::extract::RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::not_found())?;
