@@ -37,6 +37,9 @@ pub fn announce(line: &str) {
 }
 
 pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeError> {
+    // Registered before anything else: a SIGTERM that lands while the workers start is
+    // held until the server is up, and then ends it cleanly instead of killing it mid-way.
+    let stop = ShutdownSignal::install()?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
         _ => None,
@@ -110,14 +113,10 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     tracing::info!(%addr, tls = tls.is_some(), data_dir = %config.data_dir.display(), "keyward serving");
     let app = router(state).into_make_service_with_connect_info::<ClientAddr>();
     let served = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-        }
+        None => axum::serve(listener, app).with_graceful_shutdown(stop.wait()).await,
         Some(acceptor) => {
             axum::serve(TlsListener::start(listener, addr, acceptor), app)
-                .with_graceful_shutdown(shutdown_signal())
+                .with_graceful_shutdown(stop.wait())
                 .await
         }
     };
@@ -269,22 +268,28 @@ fn load_catalogue(config: &Config) -> Result<Catalogue, RuntimeError> {
     Catalogue::from_toml(&text).map_err(|e| RuntimeError::Other(format!("KEYWARD_CATALOGUE {}: {e}", path.display())))
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+/// SIGTERM and SIGINT, registered once; a signal that arrives before [`ShutdownSignal::wait`]
+/// is polled is kept, not lost.
+struct ShutdownSignal {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn install() -> Result<Self, RuntimeError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).map_err(|e| RuntimeError::Other(format!("SIGTERM handler: {e}")))?;
+        let int = signal(SignalKind::interrupt()).map_err(|e| RuntimeError::Other(format!("SIGINT handler: {e}")))?;
+        Ok(Self { term, int })
     }
-    tracing::info!("shutdown requested; finishing in-flight requests");
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        tracing::info!("shutdown requested; finishing in-flight requests");
+    }
 }
 
 #[cfg(test)]
