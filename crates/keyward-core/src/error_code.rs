@@ -21,6 +21,7 @@ pub enum ErrorCode {
     RateLimited,
     ProviderError,
     WorkerUnavailable,
+    KekUnavailable,
     SharedPoolUnavailable,
     DatabaseUnavailable,
     Internal,
@@ -45,6 +46,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ProviderError => "provider_error",
             ErrorCode::WorkerUnavailable => "worker_unavailable",
+            ErrorCode::KekUnavailable => "kek_unavailable",
             ErrorCode::SharedPoolUnavailable => "shared_pool_unavailable",
             ErrorCode::DatabaseUnavailable => "database_unavailable",
             ErrorCode::Internal => "internal",
@@ -66,7 +68,10 @@ impl ErrorCode {
             ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
             ErrorCode::ProviderError => 502,
-            ErrorCode::WorkerUnavailable | ErrorCode::SharedPoolUnavailable | ErrorCode::DatabaseUnavailable => 503,
+            ErrorCode::WorkerUnavailable
+            | ErrorCode::KekUnavailable
+            | ErrorCode::SharedPoolUnavailable
+            | ErrorCode::DatabaseUnavailable => 503,
         }
     }
 }

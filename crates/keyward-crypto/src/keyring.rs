@@ -80,6 +80,15 @@ impl KekSealer {
         }
     }
 
+    /// The backend holding this version: `local` or `pkcs11` (what `/readyz` names).
+    pub fn backend(&self) -> &'static str {
+        match self {
+            KekSealer::Local(_) => "local",
+            #[cfg(feature = "pkcs11")]
+            KekSealer::Pkcs11(_) => "pkcs11",
+        }
+    }
+
     /// Seals `plaintext` for `binding` under a fresh DEK.
     pub fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
         match self {

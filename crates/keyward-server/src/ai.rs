@@ -72,6 +72,8 @@ pub async fn choose_key(state: &AppState, account: &AccountId, provider: Provide
 pub enum CallFailure {
     /// No worker, or the worker died mid-call.
     WorkerUnavailable,
+    /// The KEK backend (HSM, KMS) did not answer or refused: the key could not be opened.
+    KekUnavailable(String),
     /// The provider could not be reached or answered unreadably.
     Provider(ProviderFailure),
     /// Something keyward got wrong (a key that does not open, a refused path).
@@ -85,6 +87,7 @@ impl CallFailure {
                 ErrorCode::WorkerUnavailable,
                 "no isolated worker is available right now; retry shortly",
             ),
+            CallFailure::KekUnavailable(m) => ApiError::new(ErrorCode::KekUnavailable, kek_unavailable_message(&m)),
             CallFailure::Provider(f) => provider_error(&f),
             CallFailure::Internal(m) => ApiError::internal(&m),
         }
@@ -94,10 +97,19 @@ impl CallFailure {
     pub fn outcome(&self) -> String {
         match self {
             CallFailure::WorkerUnavailable => "error:worker_unavailable".to_owned(),
+            CallFailure::KekUnavailable(_) => "error:kek_unavailable".to_owned(),
             CallFailure::Provider(f) => format!("error:{}", f.diagnosis.as_str()),
             CallFailure::Internal(_) => "error:internal".to_owned(),
         }
     }
+}
+
+/// The message of `503 kek_unavailable`: what the backend said (never key material; the
+/// crypto errors carry none), and that retrying later is the remedy.
+pub fn kek_unavailable_message(reason: &str) -> String {
+    format!(
+        "the key-encryption backend is not available, so no key could be opened or sealed; retry shortly ({reason})"
+    )
 }
 
 /// `502 provider_error` carrying the provider's status and message.
@@ -191,6 +203,7 @@ fn worker_fail(provider: Provider, kind: FailKind, message: &str) -> CallFailure
                 provider.display_name()
             ),
         )),
+        FailKind::KekUnavailable => CallFailure::KekUnavailable(message.to_owned()),
         FailKind::OpenFailed | FailKind::PathRefused | FailKind::BadRequest | FailKind::Internal => {
             CallFailure::Internal(format!("worker refused the call ({kind:?}): {message}"))
         }
@@ -282,5 +295,17 @@ mod tests {
         assert_eq!(p, "2026-12");
         assert_eq!(s.unix_timestamp(), 1_796_083_200);
         assert_eq!(e.unix_timestamp(), 1_798_761_600);
+    }
+
+    #[test]
+    fn a_kek_backend_that_does_not_answer_is_503_kek_unavailable() {
+        let f = worker_fail(Provider::OpenAi, FailKind::KekUnavailable, "pkcs11: CKR_DEVICE_REMOVED");
+        assert_eq!(f.outcome(), "error:kek_unavailable");
+        let e = f.into_api_error();
+        assert_eq!((e.code.as_str(), e.code.http_status()), ("kek_unavailable", 503));
+        assert!(e.message.contains("CKR_DEVICE_REMOVED"), "{}", e.message);
+        // A blob that does not open is not an outage: it stays a 500, never a retry hint.
+        let e = worker_fail(Provider::OpenAi, FailKind::OpenFailed, "tampered").into_api_error();
+        assert_eq!(e.code.http_status(), 500);
     }
 }

@@ -216,4 +216,22 @@ pub struct ReadyBody {
     pub ready: bool,
     pub database: String,
     pub workers_ready: usize,
+    /// The key-encryption backend, checked by sealing a random canary and having a worker
+    /// open it.
+    pub kek: KekReady,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct KekReady {
+    /// `local`, `pkcs11` or `awskms`.
+    pub backend: String,
+    /// The KEK version new keys are sealed to.
+    pub kek_id: String,
+    /// `ok`; `unavailable` (the backend did not answer or refused: calls get
+    /// `503 kek_unavailable`); `failing` (the canary did not open for another reason);
+    /// `unchecked` (no worker to check with).
+    pub status: String,
+    /// What went wrong, when something did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub max_ai_body_bytes: usize,
     /// The settings page: sessions, login codes, the login limiter, TLS or not.
     pub web: Arc<WebState>,
+    /// `/readyz`'s check of the KEK backend.
+    pub kek_probe: Arc<crate::kek_probe::KekProbe>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod kek;
+pub mod kek_probe;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;

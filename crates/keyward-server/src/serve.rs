@@ -98,6 +98,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         max_body_bytes: config.max_body_bytes,
         max_ai_body_bytes: config.max_ai_body_bytes,
         web,
+        kek_probe: Arc::default(),
     };
     let purger = tokio::spawn(purge::run(store.clone(), purge.clone()));
     let kek_watcher = tokio::spawn(crate::kek::watch(

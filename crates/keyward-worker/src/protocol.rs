@@ -98,6 +98,8 @@ pub enum FailKind {
     Io,
     UpstreamProtocol,
     Internal,
+    /// The KEK backend (HSM, KMS) is unreachable or refusing: nothing opened, retry later.
+    KekUnavailable,
 }
 
 impl FailKind {
@@ -111,6 +113,7 @@ impl FailKind {
             FailKind::Io => 6,
             FailKind::UpstreamProtocol => 7,
             FailKind::Internal => 8,
+            FailKind::KekUnavailable => 9,
         }
     }
     fn from_code(c: u8) -> Option<FailKind> {
@@ -123,6 +126,7 @@ impl FailKind {
             6 => FailKind::Io,
             7 => FailKind::UpstreamProtocol,
             8 => FailKind::Internal,
+            9 => FailKind::KekUnavailable,
             _ => return None,
         })
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyward_core::Provider;
-use keyward_crypto::{Binding, Keyring, SealedKey};
+use keyward_crypto::{Binding, CryptoError, Keyring, SealedKey};
 use keyward_providers::{key_placement, path_allowed, HttpMethod};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
@@ -43,6 +43,9 @@ pub enum WorkerError {
 
 /// Request headers a provider call may carry besides the key (the gateway's list is
 /// checked again here: the worker trusts nothing it is sent).
+/// Waits before each further attempt when the KEK backend fails: three tries within 0.35 s.
+const KEK_RETRY_DELAYS: [Duration; 2] = [Duration::from_millis(50), Duration::from_millis(300)];
+
 const ALLOWED_REQUEST_HEADERS: &[&str] = &["content-type", "accept", "anthropic-version", "anthropic-beta"];
 
 /// Response headers worth passing back (request ids, rate limits, content type, redirect target).
@@ -164,7 +167,7 @@ impl Worker {
             let result = match request {
                 Ok(ToWorker::Ping) => send(&mut stream, &FromWorker::Pong).await,
                 Ok(ToWorker::OpenOnly(c)) => {
-                    let answer = match self.open(&c) {
+                    let answer = match self.open(&c).await {
                         Ok(_page) => FromWorker::End,
                         Err(f) => f,
                     };
@@ -184,8 +187,10 @@ impl Worker {
         }
     }
 
-    /// Opens the blob into a locked page.
-    fn open(&self, c: &CallRequest) -> Result<crate::locked::PooledBuf<'_>, FromWorker> {
+    /// Opens the blob into a locked page. A KEK backend that fails (HSM, KMS: not this
+    /// blob's fault) is tried again after [`KEK_RETRY_DELAYS`], then reported as
+    /// [`FailKind::KekUnavailable`]; any other failure is final at once. No fallback.
+    async fn open(&self, c: &CallRequest) -> Result<crate::locked::PooledBuf<'_>, FromWorker> {
         let mut page = self
             .pages
             .take()
@@ -196,12 +201,30 @@ impl Worker {
             key_id: &c.key_id,
         };
         let blob = SealedKey::from_bytes(c.blob.clone());
-        let n = self.opener.open_into(&binding, &blob, page.page_mut()).map_err(|e| {
-            fail(
-                FailKind::OpenFailed,
-                &format!("the sealed key could not be opened: {e}"),
-            )
-        })?;
+        let mut delays = KEK_RETRY_DELAYS.iter();
+        let n = loop {
+            match self.opener.open_into(&binding, &blob, page.page_mut()) {
+                Ok(n) => break n,
+                Err(e @ CryptoError::Backend { .. }) => match delays.next() {
+                    Some(delay) => {
+                        tracing::debug!(request_id = c.request_id, error = %e, "KEK backend failed; retrying");
+                        tokio::time::sleep(*delay).await;
+                    }
+                    None => {
+                        return Err(fail(
+                            FailKind::KekUnavailable,
+                            &format!("the key-encryption backend is not answering: {e}"),
+                        ))
+                    }
+                },
+                Err(e) => {
+                    return Err(fail(
+                        FailKind::OpenFailed,
+                        &format!("the sealed key could not be opened: {e}"),
+                    ))
+                }
+            }
+        };
         page.set_len(n);
         Ok(page)
     }
@@ -254,7 +277,7 @@ impl Worker {
             .ok_or_else(|| fail(FailKind::Internal, "no base URL for this provider"))?;
         let timeout = Duration::from_millis(u64::from(c.timeout_ms.clamp(100, 600_000)));
 
-        let key = self.open(&c)?;
+        let key = self.open(&c).await?;
         if key.as_slice().iter().any(|b| !b.is_ascii_graphic()) {
             return Err(fail(FailKind::OpenFailed, "the opened key is not a valid header value").into());
         }

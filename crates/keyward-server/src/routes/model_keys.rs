@@ -49,6 +49,18 @@ pub fn state_body(state: &AppState, s: &ProviderState) -> ProviderStateBody {
     }
 }
 
+/// A sealing failure: a KEK backend that does not answer is `503 kek_unavailable` (retry
+/// later, nothing was saved); anything else is keyward's own fault.
+fn seal_error(e: &keyward_crypto::CryptoError) -> ApiError {
+    match e {
+        keyward_crypto::CryptoError::Backend { .. } => ApiError::new(
+            ErrorCode::KekUnavailable,
+            crate::ai::kek_unavailable_message(&e.to_string()),
+        ),
+        _ => ApiError::internal(e),
+    }
+}
+
 fn actor(caller: &Caller) -> Actor {
     Actor(caller.user.id.to_string())
 }
@@ -147,7 +159,7 @@ pub async fn store_key(
         .sealer
         .current()
         .seal(&binding, key.expose_secret().as_bytes())
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| seal_error(&e))?;
     let new = NewKey {
         key_id,
         sealed,

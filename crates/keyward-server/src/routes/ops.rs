@@ -18,14 +18,15 @@ pub async fn healthz() -> Json<HealthBody> {
     path = "/readyz",
     tag = "operations",
     responses(
-        (status = 200, description = "Database and at least one worker ready", body = ReadyBody),
+        (status = 200, description = "Database, at least one worker and the KEK backend ready", body = ReadyBody),
         (status = 503, description = "Not ready", body = ReadyBody),
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyBody>) {
     let database = state.store.ping().await.is_ok();
     let workers = state.workers.ready();
-    let ready = database && workers > 0;
+    let kek = state.kek_probe.check(&state).await;
+    let ready = database && workers > 0 && kek.status == "ok";
     let status = if ready {
         StatusCode::OK
     } else {
@@ -35,6 +36,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyBod
         ready,
         database: if database { "ok" } else { "unavailable" }.to_owned(),
         workers_ready: workers,
+        kek,
     };
     (status, Json(body))
 }

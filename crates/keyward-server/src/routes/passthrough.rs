@@ -36,9 +36,10 @@ fn provider_envelope(provider: Provider, e: &ApiError) -> Response {
                 ErrorCode::NotFound | ErrorCode::UnknownProvider => "not_found_error",
                 ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "rate_limit_error",
                 ErrorCode::PayloadTooLarge => "request_too_large",
-                ErrorCode::WorkerUnavailable | ErrorCode::SharedPoolUnavailable | ErrorCode::DatabaseUnavailable => {
-                    "overloaded_error"
-                }
+                ErrorCode::WorkerUnavailable
+                | ErrorCode::KekUnavailable
+                | ErrorCode::SharedPoolUnavailable
+                | ErrorCode::DatabaseUnavailable => "overloaded_error",
                 ErrorCode::Internal | ErrorCode::ProviderError => "api_error",
                 _ => "invalid_request_error",
             };
@@ -50,9 +51,10 @@ fn provider_envelope(provider: Provider, e: &ApiError) -> Response {
                 ErrorCode::SharedQuotaExhausted => ("insufficient_quota", "insufficient_quota"),
                 ErrorCode::RateLimited => ("requests", "rate_limit_exceeded"),
                 ErrorCode::NotFound | ErrorCode::UnknownProvider => ("invalid_request_error", "not_found"),
-                ErrorCode::Internal | ErrorCode::ProviderError | ErrorCode::WorkerUnavailable => {
-                    ("server_error", "server_error")
-                }
+                ErrorCode::Internal
+                | ErrorCode::ProviderError
+                | ErrorCode::WorkerUnavailable
+                | ErrorCode::KekUnavailable => ("server_error", "server_error"),
                 _ => ("invalid_request_error", e.code.as_str()),
             };
             json!({ "error": { "message": e.message, "type": kind, "param": null, "code": code } })
@@ -63,9 +65,10 @@ fn provider_envelope(provider: Provider, e: &ApiError) -> Response {
                 ErrorCode::Forbidden | ErrorCode::PlanRequired => "PERMISSION_DENIED",
                 ErrorCode::NotFound | ErrorCode::UnknownProvider => "NOT_FOUND",
                 ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "RESOURCE_EXHAUSTED",
-                ErrorCode::WorkerUnavailable | ErrorCode::SharedPoolUnavailable | ErrorCode::DatabaseUnavailable => {
-                    "UNAVAILABLE"
-                }
+                ErrorCode::WorkerUnavailable
+                | ErrorCode::KekUnavailable
+                | ErrorCode::SharedPoolUnavailable
+                | ErrorCode::DatabaseUnavailable => "UNAVAILABLE",
                 ErrorCode::Internal | ErrorCode::ProviderError => "INTERNAL",
                 _ => "INVALID_ARGUMENT",
             };

@@ -5,7 +5,7 @@
 //! when it goes back to the pool. Only the new blob is sent back. See
 //! `keyward_crypto::Keyring::rewrap` for why v1 blobs cannot keep their DEK.
 
-use keyward_crypto::{Binding, SealedKey};
+use keyward_crypto::{Binding, CryptoError, SealedKey};
 
 use super::{fail, Worker};
 use crate::protocol::{FailKind, FromWorker, RewrapRequest};
@@ -25,6 +25,10 @@ impl Worker {
         let blob = SealedKey::from_bytes(r.blob.clone());
         let answer = match self.opener.rewrap(&binding, &blob, &r.target_kek_id, page.page_mut()) {
             Ok(sealed) => FromWorker::Sealed(sealed.into_bytes()),
+            Err(e @ CryptoError::Backend { .. }) => fail(
+                FailKind::KekUnavailable,
+                &format!("the key-encryption backend is not answering: {e}"),
+            ),
             Err(e) => fail(
                 FailKind::OpenFailed,
                 &format!("the sealed key could not be re-wrapped: {e}"),

@@ -94,6 +94,18 @@ async fn rotate_rewrap_killed_halfway_resume_retire_and_old_dumps_stay_shut() {
     for (acc, p) in &keys {
         assert!(call_ok(&kw, &t, acc, p).await, "{acc} {p} before rotation");
     }
+    let ready = kw.http().get("/readyz", None).await;
+    ready.expect_status(200);
+    assert_eq!(
+        (
+            &ready.json()["kek"]["backend"],
+            &ready.json()["kek"]["kek_id"],
+            &ready.json()["kek"]["status"]
+        ),
+        (&Value::from("local"), &Value::from("local-1"), &Value::from("ok")),
+        "{}",
+        ready.json()
+    );
 
     // The "backup taken before the rotation": a consistent copy of the database.
     let pool = kw.db().await;
@@ -118,6 +130,11 @@ async fn rotate_rewrap_killed_halfway_resume_retire_and_old_dumps_stay_shut() {
     set_source(&kw, &t, &acc_new, "openai", "own").await;
     let row = db::key_row(&pool, &acc_new, "openai").await.unwrap();
     assert_eq!(kek_of(&row.sealed), "local-2", "new keys are sealed to the new primary");
+    // The readiness canary is sealed to the new primary and opened by a restarted worker.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let ready = kw.http().get("/readyz", None).await;
+    ready.expect_status(200);
+    assert_eq!(ready.json()["kek"]["kek_id"], "local-2", "{}", ready.json());
     keys.push((acc_new.clone(), "openai"));
     for (acc, p) in &keys {
         assert!(
