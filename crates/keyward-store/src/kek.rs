@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use keyward_core::Provider;
+use keyward_core::{Provider, UnixMillis};
 use keyward_crypto::SealedKey;
 
 use crate::StoreResult;
@@ -58,6 +58,15 @@ pub struct BlobCursor {
     pub key_id: String,
 }
 
+/// What one serving gateway last said it seals new keys to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealerReport {
+    /// The node (listen address, process id and a random part; new at every start).
+    pub node_id: String,
+    pub kek_id: String,
+    pub reported_at: UnixMillis,
+}
+
 /// The database side of KEK rotation.
 #[async_trait]
 pub trait KekStore: Send + Sync + 'static {
@@ -74,6 +83,15 @@ pub trait KekStore: Send + Sync + 'static {
         old: &SealedKey,
         new: &SealedKey,
     ) -> StoreResult<bool>;
+
+    /// Records (insert or replace) that `node_id` seals new keys to `kek_id`, as of `at`.
+    async fn report_sealer(&self, node_id: &str, kek_id: &str, at: UnixMillis) -> StoreResult<()>;
+
+    /// Removes `node_id`'s report (a gateway stopping cleanly).
+    async fn forget_sealer(&self, node_id: &str) -> StoreResult<()>;
+
+    /// Every report made at or after `since`, by node id.
+    async fn sealers_since(&self, since: UnixMillis) -> StoreResult<Vec<SealerReport>>;
 }
 
 /// The kek id a blob names, or `<malformed>`.

@@ -22,6 +22,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "metering",
         sql: include_str!("../migrations/sqlite/0002_metering.sql"),
     },
+    Migration {
+        version: 3,
+        name: "kek_sealers",
+        sql: include_str!("../migrations/sqlite/0003_kek_sealers.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -34,6 +39,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 2,
         name: "metering",
         sql: include_str!("../migrations/postgres/0002_metering.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "kek_sealers",
+        sql: include_str!("../migrations/postgres/0003_kek_sealers.sql"),
     },
 ];
 

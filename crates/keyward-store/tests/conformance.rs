@@ -1468,6 +1468,43 @@ mod kek {
         assert_eq!(count_by_kek(k, 100).await.unwrap().values().sum::<u64>(), 10);
     }
 
+    async fn sealer_reports(k: &dyn KekStore) {
+        assert!(k.sealers_since(t(0)).await.unwrap().is_empty());
+        k.report_sealer("node-a", "local-1", t(1_000)).await.unwrap();
+        k.report_sealer("node-b", "local-1", t(2_000)).await.unwrap();
+        // A report replaces the node's previous one.
+        k.report_sealer("node-a", "local-2", t(3_000)).await.unwrap();
+        let all = k.sealers_since(t(0)).await.unwrap();
+        let seen: Vec<(&str, &str, i64)> = all
+            .iter()
+            .map(|r| (r.node_id.as_str(), r.kek_id.as_str(), r.reported_at.as_i64()))
+            .collect();
+        assert_eq!(seen, vec![("node-a", "local-2", 3_000), ("node-b", "local-1", 2_000)]);
+        // Only reports at or after `since` count: an old one is a node that went away.
+        let recent = k.sealers_since(t(2_500)).await.unwrap();
+        assert_eq!(recent.len(), 1);
+        assert_eq!(recent[0].node_id, "node-a");
+        k.forget_sealer("node-a").await.unwrap();
+        k.forget_sealer("node-never-seen").await.unwrap();
+        let left = k.sealers_since(t(0)).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].node_id, "node-b");
+    }
+
+    #[tokio::test]
+    async fn sqlite_sealer_reports() {
+        let Some((_s, k, _c)) = kek_sqlite().await else { return };
+        sealer_reports(k.as_ref()).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_sealer_reports() {
+        let Some((_s, k, _c)) = kek_postgres().await else {
+            return;
+        };
+        sealer_reports(k.as_ref()).await;
+    }
+
     #[tokio::test]
     async fn sqlite_walk_and_swap() {
         let Some((s, k, _c)) = kek_sqlite().await else { return };

@@ -1,11 +1,12 @@
 //! The PostgreSQL implementation of [`crate::kek::KekStore`].
 
 use async_trait::async_trait;
+use keyward_core::UnixMillis;
 use keyward_crypto::SealedKey;
 use sqlx::Row;
 
 use super::{map_err, PgStore};
-use crate::kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow};
+use crate::kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow, SealerReport};
 use crate::{StoreError, StoreResult, SHARED_KEY_ACCOUNT};
 
 fn row_of(owner: BlobOwner, row: &sqlx::postgres::PgRow) -> StoreResult<SealedBlobRow> {
@@ -82,5 +83,48 @@ impl KekStore for PgStore {
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn report_sealer(&self, node_id: &str, kek_id: &str, at: UnixMillis) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO kek_sealers (node_id, kek_id, reported_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (node_id) DO UPDATE SET kek_id = excluded.kek_id, reported_at = excluded.reported_at",
+        )
+        .bind(node_id)
+        .bind(kek_id)
+        .bind(at.as_i64())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn forget_sealer(&self, node_id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM kek_sealers WHERE node_id = $1")
+            .bind(node_id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn sealers_since(&self, since: UnixMillis) -> StoreResult<Vec<SealerReport>> {
+        let rows = sqlx::query(
+            "SELECT node_id, kek_id, reported_at FROM kek_sealers WHERE reported_at >= $1 ORDER BY node_id",
+        )
+        .bind(since.as_i64())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r: &sqlx::postgres::PgRow| {
+                let corrupt = |_| StoreError::Corrupt("kek_sealers row".to_owned());
+                Ok(SealerReport {
+                    node_id: r.try_get("node_id").map_err(corrupt)?,
+                    kek_id: r.try_get("kek_id").map_err(corrupt)?,
+                    reported_at: UnixMillis(r.try_get("reported_at").map_err(corrupt)?),
+                })
+            })
+            .collect()
     }
 }
