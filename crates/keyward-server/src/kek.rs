@@ -17,6 +17,12 @@
 //! workers cannot open. A call in flight on the worker being restarted fails (`503`/`502`
 //! as for any worker crash); a rotation is an operator's action, not a hot path.
 //!
+//! # Retire never races a save
+//! Each gateway reports in `kek_sealers` the versions it may seal to ([`SealerReporter`]):
+//! after a switch it keeps naming the old one until no save holding the old sealer is left,
+//! and [`retire`] refuses a version named by any report younger than [`SEALER_LIVE`] before
+//! it counts blobs.
+//!
 //! # Re-wrap
 //! [`rewrap`] starts its own worker (the worker accepts only its parent), walks every sealed
 //! blob in pages, sends each blob not yet under the primary to the worker (`Rewrap`), and
@@ -38,11 +44,11 @@ use std::time::{Duration, Instant};
 
 use keyward_crypto::{local, CryptoError, KekSealer, SealedKey};
 use keyward_store::kek::{count_by_kek, kek_id_of, BlobCursor, KekStore};
-use keyward_store::{PgStore, SqliteStore, Store, StoreError};
+use keyward_store::{Store, StoreError};
 use keyward_worker::protocol::{FromWorker, RewrapRequest, ToWorker};
 use keyward_worker::WorkerConn;
 
-use crate::config::{Config, DatabaseBackend, KekConfig};
+use crate::config::{Config, KekConfig};
 use crate::workers::{WorkerCommand, WorkerPool};
 
 /// What a `keyward kek` operation can fail with. Messages name versions, counts and paths,
@@ -57,6 +63,15 @@ pub enum KekError {
     RetirePrimary { kek_id: String },
     #[error("KEK {kek_id} still wraps {count} saved key(s); run `keyward kek rewrap` first")]
     StillInUse { kek_id: String, count: u64 },
+    #[error(
+        "KEK {kek_id} may still be sealed to by running gateway(s) {nodes}; each switches within \
+         seconds of a rotation (and reports it within {report_every_s} s): try again shortly"
+    )]
+    StillSealing {
+        kek_id: String,
+        nodes: String,
+        report_every_s: u64,
+    },
     #[error("re-wrap worker: {0}")]
     Worker(String),
     #[error("{0}")]
@@ -80,28 +95,20 @@ impl SealerCell {
         }
     }
 
-    fn set(&self, sealer: KekSealer) {
+    /// Swaps in `sealer` and hands back the one it replaces: saves that took the old one
+    /// may still be sealing or storing with it (see [`SealerReporter`]).
+    fn set(&self, sealer: KekSealer) -> Arc<KekSealer> {
+        let new = Arc::new(sealer);
         match self.0.write() {
-            Ok(mut s) => *s = Arc::new(sealer),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(sealer),
+            Ok(mut s) => std::mem::replace(&mut *s, new),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
         }
     }
 }
 
 /// Opens the database as both [`Store`] and [`KekStore`] (one set of connections).
 pub async fn open_stores(config: &Config) -> Result<(Arc<dyn Store>, Arc<dyn KekStore>), KekError> {
-    let chain_key = keyward_crypto::AuditChainKey::load(&config.data_dir)?;
-    let url = config.database_url.as_str();
-    Ok(match config.database_url.backend() {
-        DatabaseBackend::Sqlite => {
-            let s = Arc::new(SqliteStore::open(url, chain_key, keyward_store::sqlite::SqliteOptions::default()).await?);
-            (s.clone(), s)
-        }
-        DatabaseBackend::Postgres => {
-            let s = Arc::new(PgStore::open(url, chain_key, crate::runtime::pg_options(config)).await?);
-            (s.clone(), s)
-        }
-    })
+    Ok(crate::runtime::open_stores(config).await?)
 }
 
 /// Rows per page when walking the sealed blobs.
@@ -215,13 +222,39 @@ pub fn promote(config: &Config, version: u32) -> Result<serde_json::Value, KekEr
     Ok(serde_json::json!({ "primary": kek_id(config, version) }))
 }
 
-/// `keyward kek retire --version N`: refuses the primary and any version a saved key still
-/// uses; otherwise destroys it (local: see [`local::retire`]; PKCS#11: both objects are
-/// destroyed in the token).
-pub async fn retire(config: &Config, kek: &dyn KekStore, version: u32) -> Result<serde_json::Value, KekError> {
+/// `keyward kek retire --version N`: refuses the primary, any version a running gateway
+/// reported (within [`SEALER_LIVE`] before `now`) it may still seal to, and any version a
+/// saved key still uses; otherwise destroys it (local: see [`local::retire`]; PKCS#11: both
+/// objects are destroyed in the token).
+pub async fn retire(
+    config: &Config,
+    kek: &dyn KekStore,
+    version: u32,
+    now: keyward_core::UnixMillis,
+) -> Result<serde_json::Value, KekError> {
     let id = kek_id(config, version);
     if version == primary(config)? {
         return Err(KekError::RetirePrimary { kek_id: id });
+    }
+    // First the gateways, then the blobs: a gateway names a new version only once every
+    // save sealed to the old one is stored, so after this check the count below sees them.
+    let since = keyward_core::UnixMillis(
+        now.as_i64()
+            .saturating_sub(i64::try_from(SEALER_LIVE.as_millis()).unwrap_or(i64::MAX)),
+    );
+    let sealing: Vec<String> = kek
+        .sealers_since(since)
+        .await?
+        .into_iter()
+        .filter(|r| r.kek_ids.contains(&id))
+        .map(|r| r.node_id)
+        .collect();
+    if !sealing.is_empty() {
+        return Err(KekError::StillSealing {
+            kek_id: id,
+            nodes: sealing.join(", "),
+            report_every_s: REPORT_EVERY.as_secs(),
+        });
     }
     let count = count_by_kek(kek, PAGE).await?.get(&id).copied().unwrap_or(0);
     if count > 0 {
@@ -391,17 +424,93 @@ impl Drop for RewrapWorker {
 /// How often [`watch`] looks at the kek directory.
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 
+/// How often a gateway renews its `kek_sealers` row when nothing changed.
+pub const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// A report younger than this is a live gateway. Reports older are gateways that went away
+/// without saying so (killed, partitioned); the margin over [`REPORT_EVERY`] absorbs a slow
+/// database and clock skew between nodes of a few seconds.
+pub const SEALER_LIVE: Duration = Duration::from_secs(30);
+
+/// Tells the database which KEK versions this gateway may seal to (`kek_sealers`), so that
+/// `keyward kek retire` never destroys a version a key is still being sealed to.
+///
+/// A save takes the sealer's `Arc` and holds it until its blob is stored. After a switch the
+/// replaced sealer is kept here and still reported until no save holds it any more, so a
+/// report that omits a version means every blob sealed to it is already in the database,
+/// where retire's count finds it.
+pub struct SealerReporter {
+    kek: Arc<dyn KekStore>,
+    clock: crate::clock::SharedClock,
+    node_id: String,
+    draining: Vec<Arc<KekSealer>>,
+    reported: Option<(Vec<String>, Instant)>,
+}
+
+impl std::fmt::Debug for SealerReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealerReporter")
+            .field("node_id", &self.node_id)
+            .field("reported", &self.reported)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SealerReporter {
+    pub fn new(kek: Arc<dyn KekStore>, clock: crate::clock::SharedClock, node_id: String) -> SealerReporter {
+        SealerReporter {
+            kek,
+            clock,
+            node_id,
+            draining: Vec::new(),
+            reported: None,
+        }
+    }
+
+    /// Reports if the versions changed or the last report is [`REPORT_EVERY`] old.
+    pub async fn tick(&mut self, sealer: &SealerCell) {
+        self.draining.retain(|old| Arc::strong_count(old) > 1);
+        let mut ids = vec![sealer.current().kek_id().to_owned()];
+        for old in &self.draining {
+            if !ids.iter().any(|id| id == old.kek_id()) {
+                ids.push(old.kek_id().to_owned());
+            }
+        }
+        let due = match &self.reported {
+            Some((last, at)) => *last != ids || at.elapsed() >= REPORT_EVERY,
+            None => true,
+        };
+        if !due {
+            return;
+        }
+        match self.kek.report_sealer(&self.node_id, &ids, self.clock.now()).await {
+            Ok(()) => self.reported = Some((ids, Instant::now())),
+            Err(e) => tracing::warn!(target: "keyward::kek", error = %e, "cannot report the sealing KEK version"),
+        }
+    }
+
+    /// Removes this node's row (a clean stop).
+    pub async fn forget(&self) {
+        if let Err(e) = self.kek.forget_sealer(&self.node_id).await {
+            tracing::warn!(target: "keyward::kek", error = %e, "cannot remove this node's sealing report");
+        }
+    }
+}
+
 /// Follows rotations and retirements while serving (see the module doc), from `seen` (the
-/// state read before the workers started). Runs until the task is aborted.
+/// state read before the workers started), and keeps this node's sealing report current.
+/// Runs until the task is aborted.
 pub async fn watch(
     config: Config,
     mut seen: Option<local::LocalKekState>,
     workers: Arc<WorkerPool>,
     sealer: Arc<SealerCell>,
+    reporter: Arc<tokio::sync::Mutex<SealerReporter>>,
 ) {
     let data_dir = config.data_dir.clone();
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
+        reporter.lock().await.tick(&sealer).await;
         let now = match local::state(&data_dir) {
             Ok(s) => s,
             Err(e) => {
@@ -432,7 +541,10 @@ pub async fn watch(
             match crate::runtime::load_sealer(&config) {
                 Ok(s) => {
                     tracing::info!(target: "keyward::kek", kek_id = %s.kek_id(), "sealing to the new primary KEK");
-                    sealer.set(s);
+                    let old = sealer.set(s);
+                    let mut reporter = reporter.lock().await;
+                    reporter.draining.push(old);
+                    reporter.tick(&sealer).await;
                 }
                 Err(e) => {
                     tracing::error!(target: "keyward::kek", error = %e, "cannot load the new primary KEK; still sealing to the old one");

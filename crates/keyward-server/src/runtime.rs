@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyward_crypto::{local, AuditChainKey, CryptoError, KekSealer};
+use keyward_store::kek::KekStore;
 use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{PgStore, SqliteStore, Store, StoreError};
@@ -70,14 +71,23 @@ pub fn load_sealer(config: &Config) -> Result<KekSealer, RuntimeError> {
 /// Opens the database named by the configuration: the backend is chosen here, once, by the
 /// URL's scheme; everything after sees only `dyn Store`.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RuntimeError> {
+    Ok(open_stores(config).await?.0)
+}
+
+/// [`open_store`], also as the [`KekStore`] (one set of connections).
+pub async fn open_stores(config: &Config) -> Result<(Arc<dyn Store>, Arc<dyn KekStore>), RuntimeError> {
     let chain_key = AuditChainKey::load(&config.data_dir)?;
     let url = config.database_url.as_str();
-    match config.database_url.backend() {
-        DatabaseBackend::Sqlite => Ok(Arc::new(
-            SqliteStore::open(url, chain_key, SqliteOptions::default()).await?,
-        )),
-        DatabaseBackend::Postgres => Ok(Arc::new(PgStore::open(url, chain_key, pg_options(config)).await?)),
-    }
+    Ok(match config.database_url.backend() {
+        DatabaseBackend::Sqlite => {
+            let s = Arc::new(SqliteStore::open(url, chain_key, SqliteOptions::default()).await?);
+            (s.clone(), s)
+        }
+        DatabaseBackend::Postgres => {
+            let s = Arc::new(PgStore::open(url, chain_key, pg_options(config)).await?);
+            (s.clone(), s)
+        }
+    })
 }
 
 pub(crate) fn pg_options(config: &Config) -> PgOptions {

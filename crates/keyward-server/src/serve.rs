@@ -25,7 +25,7 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::purge::{self, PurgeHandle};
 use crate::routes::key_test::ProbeLimiter;
-use crate::runtime::{load_sealer, open_store, prepare_data_dir, RuntimeError};
+use crate::runtime::{load_sealer, open_stores, prepare_data_dir, RuntimeError};
 use crate::web::{ClientAddr, WebState};
 use crate::workers::{WorkerCommand, WorkerPool};
 
@@ -48,13 +48,20 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     // Read before the sealer and the workers: the watcher starts from what they loaded.
     let kek_state = keyward_crypto::local::state(&config.data_dir).ok();
     let sealer = Arc::new(crate::kek::SealerCell::new(load_sealer(&config)?));
-    let store = open_store(&config).await?;
+    let (store, kek_store) = open_stores(&config).await?;
     let clock: SharedClock = Arc::new(SystemClock);
 
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| RuntimeError::Other(format!("KEYWARD_LISTEN {}: {e}", config.listen)))?;
     let addr = listener.local_addr().map_err(|e| RuntimeError::Other(e.to_string()))?;
+    // Said before the workers start: `kek retire` must see this node before it can seal.
+    let reporter = Arc::new(tokio::sync::Mutex::new(crate::kek::SealerReporter::new(
+        kek_store,
+        clock.clone(),
+        node_id(addr),
+    )));
+    reporter.lock().await.tick(&sealer).await;
     if tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "serving plain HTTP on a non-loopback address: keys pasted into keyward would cross the network unencrypted; set KEYWARD_TLS_CERT/KEYWARD_TLS_KEY or keep it on loopback behind a TLS proxy");
     }
@@ -106,6 +113,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         kek_state,
         state.workers.clone(),
         sealer,
+        reporter.clone(),
     ));
     // A purge at start covers removals that a crash interrupted before their checkpoint.
     purge.request();
@@ -123,12 +131,28 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     };
     purger.abort();
     kek_watcher.abort();
+    // Nothing seals any more: retire need not wait for this node.
+    reporter.lock().await.forget().await;
     // Leave no removed ciphertext in the WAL behind us.
     if let Err(e) = store.purge_removed().await {
         tracing::warn!(error = %e, "final checkpoint failed");
     }
     tracing::info!("keyward stopped");
     served.map_err(|e| RuntimeError::Other(format!("server: {e}")))
+}
+
+/// This process's name in `kek_sealers`: where it listens, its pid and a random part (a
+/// restarted node is a new one; its old row ages out).
+fn node_id(addr: SocketAddr) -> String {
+    let r = crate::auth::random_id_bytes();
+    format!(
+        "{addr} pid {} {:02x}{:02x}{:02x}{:02x}",
+        std::process::id(),
+        r[0],
+        r[1],
+        r[2],
+        r[3]
+    )
 }
 
 /// The host part of a URL reaching `addr` (an unspecified address becomes loopback).

@@ -63,7 +63,9 @@ pub struct BlobCursor {
 pub struct SealerReport {
     /// The node (listen address, process id and a random part; new at every start).
     pub node_id: String,
-    pub kek_id: String,
+    /// The versions it may seal to: its primary, and an older one while a save sealed to it
+    /// is still in flight.
+    pub kek_ids: Vec<String>,
     pub reported_at: UnixMillis,
 }
 
@@ -84,8 +86,9 @@ pub trait KekStore: Send + Sync + 'static {
         new: &SealedKey,
     ) -> StoreResult<bool>;
 
-    /// Records (insert or replace) that `node_id` seals new keys to `kek_id`, as of `at`.
-    async fn report_sealer(&self, node_id: &str, kek_id: &str, at: UnixMillis) -> StoreResult<()>;
+    /// Records (insert or replace) that `node_id` may seal new keys to `kek_ids` (none
+    /// contains a comma), as of `at`.
+    async fn report_sealer(&self, node_id: &str, kek_ids: &[String], at: UnixMillis) -> StoreResult<()>;
 
     /// Removes `node_id`'s report (a gateway stopping cleanly).
     async fn forget_sealer(&self, node_id: &str) -> StoreResult<()>;

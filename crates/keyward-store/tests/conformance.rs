@@ -1470,16 +1470,25 @@ mod kek {
 
     async fn sealer_reports(k: &dyn KekStore) {
         assert!(k.sealers_since(t(0)).await.unwrap().is_empty());
-        k.report_sealer("node-a", "local-1", t(1_000)).await.unwrap();
-        k.report_sealer("node-b", "local-1", t(2_000)).await.unwrap();
-        // A report replaces the node's previous one.
-        k.report_sealer("node-a", "local-2", t(3_000)).await.unwrap();
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+        k.report_sealer("node-a", &ids(&["local-1"]), t(1_000)).await.unwrap();
+        k.report_sealer("node-b", &ids(&["local-1"]), t(2_000)).await.unwrap();
+        // A report replaces the node's previous one; a node may name two versions.
+        k.report_sealer("node-a", &ids(&["local-1", "local-2"]), t(3_000))
+            .await
+            .unwrap();
         let all = k.sealers_since(t(0)).await.unwrap();
-        let seen: Vec<(&str, &str, i64)> = all
+        let seen: Vec<(&str, Vec<String>, i64)> = all
             .iter()
-            .map(|r| (r.node_id.as_str(), r.kek_id.as_str(), r.reported_at.as_i64()))
+            .map(|r| (r.node_id.as_str(), r.kek_ids.clone(), r.reported_at.as_i64()))
             .collect();
-        assert_eq!(seen, vec![("node-a", "local-2", 3_000), ("node-b", "local-1", 2_000)]);
+        assert_eq!(
+            seen,
+            vec![
+                ("node-a", ids(&["local-1", "local-2"]), 3_000),
+                ("node-b", ids(&["local-1"]), 2_000)
+            ]
+        );
         // Only reports at or after `since` count: an old one is a node that went away.
         let recent = k.sealers_since(t(2_500)).await.unwrap();
         assert_eq!(recent.len(), 1);

@@ -201,7 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Worker | Command::WorkerSelftest { .. } => Ok(ExitCode::FAILURE),
             Command::Admin { command } => {
                 prepare_data_dir(&config)?;
-                let store = open_store(&config).await?;
+                let (store, kek_store) = keyward_server::runtime::open_stores(&config).await?;
                 let clock = Arc::new(SystemClock);
                 let out = match command {
                     AdminCommand::CreateUser { email } => {
@@ -220,7 +220,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut raw)
                             .context("reading the key from standard input")?;
                         let sealer = keyward_server::runtime::load_sealer(&config)?;
-                        admin::set_shared_key(store.as_ref(), &sealer, clock.as_ref(), &provider, &raw).await?
+                        // Counted as a sealer while it seals and stores, as a gateway is, so
+                        // `kek retire` cannot destroy the version under it.
+                        let node = format!("keyward admin set-shared-key pid {}", std::process::id());
+                        let ids = [sealer.kek_id().to_owned()];
+                        kek_store
+                            .report_sealer(&node, &ids, keyward_server::clock::Clock::now(clock.as_ref()))
+                            .await?;
+                        let out = admin::set_shared_key(store.as_ref(), &sealer, clock.as_ref(), &provider, &raw).await;
+                        kek_store.forget_sealer(&node).await?;
+                        out?
                     }
                     AdminCommand::SetPlan {
                         account,
@@ -288,7 +297,8 @@ async fn run_kek(
         }
         KekCommand::Retire { version } => {
             let (_, kek_store) = kek::open_stores(config).await?;
-            kek::retire(config, kek_store.as_ref(), version).await?
+            let now = keyward_server::clock::Clock::now(&keyward_server::clock::SystemClock);
+            kek::retire(config, kek_store.as_ref(), version, now).await?
         }
         KekCommand::Rewrap { batch, pause_ms } => {
             let (store, kek_store) = kek::open_stores(config).await?;

@@ -155,9 +155,10 @@ pub async fn store_key(
         provider: provider.as_str(),
         key_id: key_id.as_str(),
     };
-    let sealed = state
-        .sealer
-        .current()
+    // Held until the blob is stored: while it is, this gateway keeps reporting this KEK
+    // version as one it seals to, so `kek retire` cannot destroy it under this save.
+    let sealer = state.sealer.current();
+    let sealed = sealer
         .seal(&binding, key.expose_secret().as_bytes())
         .map_err(|e| seal_error(&e))?;
     let new = NewKey {
@@ -171,6 +172,7 @@ pub async fn store_key(
         .store
         .save_key(&m.account.id, provider, new, &actor(caller), state.clock.now())
         .await?;
+    drop(sealer);
     if saved.rotated {
         state.purge.request();
     }

@@ -4,6 +4,8 @@
 -- recently reported gateway still names, so a key is never sealed to a destroyed KEK.
 CREATE TABLE kek_sealers (
     node_id      TEXT PRIMARY KEY,
-    kek_id       TEXT NOT NULL,
+    -- The versions it may seal to right now, comma-separated: the current primary, and an
+    -- old one while saves sealed to it are still in flight.
+    kek_ids      TEXT NOT NULL,
     reported_at  INTEGER NOT NULL
 );

@@ -85,13 +85,13 @@ impl KekStore for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn report_sealer(&self, node_id: &str, kek_id: &str, at: UnixMillis) -> StoreResult<()> {
+    async fn report_sealer(&self, node_id: &str, kek_ids: &[String], at: UnixMillis) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO kek_sealers (node_id, kek_id, reported_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (node_id) DO UPDATE SET kek_id = excluded.kek_id, reported_at = excluded.reported_at",
+            "INSERT INTO kek_sealers (node_id, kek_ids, reported_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (node_id) DO UPDATE SET kek_ids = excluded.kek_ids, reported_at = excluded.reported_at",
         )
         .bind(node_id)
-        .bind(kek_id)
+        .bind(kek_ids.join(","))
         .bind(at.as_i64())
         .execute(&self.writer)
         .await
@@ -110,7 +110,7 @@ impl KekStore for SqliteStore {
 
     async fn sealers_since(&self, since: UnixMillis) -> StoreResult<Vec<SealerReport>> {
         let rows = sqlx::query(
-            "SELECT node_id, kek_id, reported_at FROM kek_sealers WHERE reported_at >= ?1 ORDER BY node_id",
+            "SELECT node_id, kek_ids, reported_at FROM kek_sealers WHERE reported_at >= ?1 ORDER BY node_id",
         )
         .bind(since.as_i64())
         .fetch_all(&self.reader)
@@ -121,7 +121,13 @@ impl KekStore for SqliteStore {
                 let corrupt = |_| StoreError::Corrupt("kek_sealers row".to_owned());
                 Ok(SealerReport {
                     node_id: r.try_get("node_id").map_err(corrupt)?,
-                    kek_id: r.try_get("kek_id").map_err(corrupt)?,
+                    kek_ids: r
+                        .try_get::<String, _>("kek_ids")
+                        .map_err(corrupt)?
+                        .split(',')
+                        .filter(|id| !id.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
                     reported_at: UnixMillis(r.try_get("reported_at").map_err(corrupt)?),
                 })
             })

@@ -471,3 +471,104 @@ async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
     }
     assert!(kw.output().contains("\"pkcs11-kek-1\", which is not available here"));
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Retirement must never destroy a version a running gateway may still seal a key to. A
+/// frozen gateway (SIGSTOP) still seals to local-1 and said so moments ago: retire refuses
+/// and destroys nothing. Thawed, it switches to local-2 while keys keep being saved, and
+/// retire, retried meanwhile, goes through only once no save can land under local-1: every
+/// key saved before, during and after opens.
+#[tokio::test]
+async fn retire_waits_until_no_running_gateway_can_seal_to_the_version() {
+    let fake = FakeProviders::start().expect("start fakes");
+    let kw = start_on_fake(&fake, &[]);
+    let (user, acc) = pro_owner(&kw, "retire-race@example.com");
+    let t = user.token.clone();
+    let k = key_for("openai");
+    fake.set_key(provider("openai"), &k, Behaviour::Ok);
+    save_key(&kw, &t, &acc, "openai", &k).await;
+    set_source(&kw, &t, &acc, "openai", "own").await;
+    assert!(call_ok(&kw, &t, &acc, "openai").await);
+    let pid = kw.pid().expect("running");
+
+    signal(pid, "-STOP");
+    kw.cli(&["kek", "rotate"]).assert_success();
+    kw.cli(&["kek", "rewrap"]).assert_success();
+    let r = kw.cli(&["kek", "retire", "--version", "1"]);
+    signal(pid, "-CONT");
+    assert!(
+        !r.success() && r.to_string().contains("may still be sealed to by running gateway"),
+        "retire while a live gateway seals to local-1: {r}"
+    );
+    assert!(
+        kw.data_dir().join("kek").join("local-1.key").exists(),
+        "a refused retire destroys nothing"
+    );
+
+    // Saves run on while the gateway switches; retire is tried every 100 ms meanwhile.
+    let retired = std::sync::atomic::AtomicBool::new(false);
+    let saves = async {
+        let mut after_retire = 0;
+        let mut n = 0;
+        while after_retire < 6 {
+            // Round robin over three rows: a blob landing under local-1 after the retire
+            // would stay there and show below.
+            let p = PROVIDERS[n % 3];
+            let k = key_for(p);
+            fake.set_key(provider(p), &k, Behaviour::Ok);
+            save_key(&kw, &t, &acc, p, &k).await;
+            n += 1;
+            if retired.load(std::sync::atomic::Ordering::SeqCst) {
+                after_retire += 1;
+            }
+        }
+        n
+    };
+    let retire = async {
+        let started = Instant::now();
+        let mut refusals = 0;
+        loop {
+            let mut cmd = kw.cli_command();
+            cmd.args(["kek", "retire", "--version", "1"]);
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap();
+            if out.status.success() {
+                retired.store(true, std::sync::atomic::Ordering::SeqCst);
+                return refusals;
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                err.contains("may still be sealed to by running gateway"),
+                "retire refused for another reason: {err}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "retire never allowed: {err}"
+            );
+            refusals += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (saved, _refusals) = tokio::join!(saves, retire);
+    assert!(saved >= 6, "{saved} saves");
+    assert!(
+        !kw.data_dir().join("kek").join("local-1.key").exists(),
+        "local-1 destroyed"
+    );
+    let pool = kw.db().await;
+    let blobs = all_blobs(&pool).await;
+    assert_eq!(versions(&blobs), BTreeMap::from([("local-2".to_owned(), 3)]));
+    for p in PROVIDERS {
+        set_source(&kw, &t, &acc, p, "own").await;
+        assert!(call_ok(&kw, &t, &acc, p).await, "the last {p} key saved opens");
+    }
+}
