@@ -36,6 +36,7 @@ const KNOWN: &[&str] = &[
     "KEYWARD_WORKER_THREADS",
     "KEYWARD_KEY_TESTS_PER_MINUTE",
     "KEYWARD_CATALOGUE",
+    "KEYWARD_KEK_REWRAP",
     // Internal: set by `serve` for each worker it starts.
     "KEYWARD_WORKER_SOCKET",
 ];
@@ -46,6 +47,16 @@ pub enum ConfigError {
     Invalid { var: &'static str, reason: String },
     #[error("config file {path}: {reason}")]
     File { path: String, reason: String },
+}
+
+/// Who moves saved keys to a new primary KEK version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KekRewrap {
+    /// `serve` does, in a worker of its own, after it switches to a new primary and at start
+    /// when keys are left under older versions.
+    Background,
+    /// Only `keyward kek rewrap` does.
+    Manual,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +191,7 @@ pub struct Config {
     pub google_base_url: String,
     pub log: String,
     pub log_format: LogFormat,
+    pub kek_rewrap: KekRewrap,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub max_body_bytes: usize,
@@ -340,6 +352,16 @@ impl Config {
                 })
             }
         };
+        let kek_rewrap = match get("KEYWARD_KEK_REWRAP").unwrap_or("background") {
+            "background" => KekRewrap::Background,
+            "manual" => KekRewrap::Manual,
+            other => {
+                return Err(ConfigError::Invalid {
+                    var: "KEYWARD_KEK_REWRAP",
+                    reason: format!("expected background or manual, got {other:?}"),
+                })
+            }
+        };
         let tls_cert = get("KEYWARD_TLS_CERT").map(PathBuf::from);
         let tls_key = get("KEYWARD_TLS_KEY").map(PathBuf::from);
         if tls_cert.is_some() != tls_key.is_some() {
@@ -378,6 +400,7 @@ impl Config {
             )?,
             log: get("KEYWARD_LOG").unwrap_or("info").to_owned(),
             log_format,
+            kek_rewrap,
             tls_cert,
             tls_key,
             max_body_bytes,

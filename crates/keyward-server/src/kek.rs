@@ -24,6 +24,8 @@
 //! it counts blobs.
 //!
 //! # Re-wrap
+//! `serve` runs it in the background ([`BackgroundRewrap`]) after each switch and at start,
+//! unless `KEYWARD_KEK_REWRAP=manual`; `keyward kek rewrap` runs the same function.
 //! [`rewrap`] starts its own worker (the worker accepts only its parent), walks every sealed
 //! blob in pages, sends each blob not yet under the primary to the worker (`Rewrap`), and
 //! swaps the answer in with a compare-and-swap on the old bytes. It can be killed at any
@@ -310,6 +312,9 @@ pub async fn rewrap(
         target: target.clone(),
         ..RewrapProgress::default()
     };
+    if p.to_move == 0 {
+        return Ok(p);
+    }
     tracing::info!(target: "keyward::kek", kek_id = %target, to_move = p.to_move, "kek.rewrap_started");
     let mut conn = RewrapWorker::start(worker, &config.data_dir).await?;
     let mut after: Option<BlobCursor> = None;
@@ -380,7 +385,10 @@ impl RewrapWorker {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
         }
-        let socket = run.join(format!("rewrap-{}.sock", std::process::id()));
+        // Unique per start: an aborted re-wrap's worker may still be going away.
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = run.join(format!("rewrap-{}-{n}.sock", std::process::id()));
         let mut child = command.spawn_worker(&socket).map_err(err)?;
         for _ in 0..500 {
             if let Ok(mut conn) = WorkerConn::connect(&socket).await {
@@ -497,17 +505,84 @@ impl SealerReporter {
     }
 }
 
+/// What `serve` needs to re-wrap in the background (`KEYWARD_KEK_REWRAP=background`).
+#[derive(Clone)]
+pub struct BackgroundRewrap {
+    pub store: Arc<dyn Store>,
+    pub kek: Arc<dyn KekStore>,
+    pub worker: WorkerCommand,
+}
+
+impl std::fmt::Debug for BackgroundRewrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackgroundRewrap").finish_non_exhaustive()
+    }
+}
+
+/// A task aborted when this handle drops (so a re-wrap, and its worker, end with `serve`).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl BackgroundRewrap {
+    /// Blobs per page, and the pause after each, so a re-wrap of many keys leaves room for
+    /// the calls being served meanwhile.
+    const BATCH: u32 = 100;
+    const PAUSE: Duration = Duration::from_millis(20);
+
+    /// Starts [`rewrap`] (a no-op when every blob is under the primary already), logging
+    /// its progress after each page.
+    fn start(&self, config: &Config) -> AbortOnDrop {
+        let (this, config) = (self.clone(), config.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            let opts = RewrapOptions {
+                batch: Self::BATCH,
+                pause: Self::PAUSE,
+            };
+            let progress = |p: &RewrapProgress| {
+                tracing::info!(target: "keyward::kek", kek_id = %p.target, to_move = p.to_move, rewrapped = p.rewrapped, changed_meanwhile = p.changed_meanwhile, failed = p.failed, "kek.rewrap_progress");
+            };
+            match rewrap(
+                &config,
+                this.store.as_ref(),
+                this.kek.as_ref(),
+                &this.worker,
+                &opts,
+                progress,
+            )
+            .await
+            {
+                Ok(p) if p.to_move == 0 => {}
+                Ok(p) => {
+                    tracing::info!(target: "keyward::kek", kek_id = %p.target, rewrapped = p.rewrapped, failed = p.failed, seconds = p.seconds, "background re-wrap finished")
+                }
+                Err(e) => {
+                    tracing::warn!(target: "keyward::kek", error = %e, "background re-wrap stopped; it runs again at the next start or rotation, or run `keyward kek rewrap`")
+                }
+            }
+        }))
+    }
+}
+
 /// Follows rotations and retirements while serving (see the module doc), from `seen` (the
 /// state read before the workers started), and keeps this node's sealing report current.
-/// Runs until the task is aborted.
+/// With `rewrap`, moves saved keys to the primary in the background: once at start (what a
+/// crash or stop interrupted) and after each switch to a new primary. Runs until the task
+/// is aborted.
 pub async fn watch(
     config: Config,
     mut seen: Option<local::LocalKekState>,
     workers: Arc<WorkerPool>,
     sealer: Arc<SealerCell>,
     reporter: Arc<tokio::sync::Mutex<SealerReporter>>,
+    rewrap: Option<BackgroundRewrap>,
 ) {
     let data_dir = config.data_dir.clone();
+    let mut rewrapping = rewrap.as_ref().map(|r| r.start(&config));
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
         reporter.lock().await.tick(&sealer).await;
@@ -538,13 +613,23 @@ pub async fn watch(
         }
         tracing::info!(target: "keyward::kek", "workers restarted with the current KEK versions");
         if primary_changed {
-            match crate::runtime::load_sealer(&config) {
+            // The version read before the restart: every worker started after that read,
+            // so each holds it, whatever a later rotation has written since.
+            match crate::runtime::load_sealer_version(&config, now.primary) {
                 Ok(s) => {
                     tracing::info!(target: "keyward::kek", kek_id = %s.kek_id(), "sealing to the new primary KEK");
                     let old = sealer.set(s);
-                    let mut reporter = reporter.lock().await;
-                    reporter.draining.push(old);
-                    reporter.tick(&sealer).await;
+                    {
+                        let mut reporter = reporter.lock().await;
+                        reporter.draining.push(old);
+                        reporter.tick(&sealer).await;
+                    }
+                    if let Some(r) = &rewrap {
+                        // A re-wrap toward the previous primary stops; this one moves
+                        // everything, those included.
+                        drop(rewrapping.take());
+                        rewrapping = Some(r.start(&config));
+                    }
                 }
                 Err(e) => {
                     tracing::error!(target: "keyward::kek", error = %e, "cannot load the new primary KEK; still sealing to the old one");

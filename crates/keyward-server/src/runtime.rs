@@ -53,15 +53,25 @@ fn restrict_dir(dir: &Path) -> std::io::Result<()> {
 
 /// The seal-only half of the primary KEK version: all the gateway ever loads.
 pub fn load_sealer(config: &Config) -> Result<KekSealer, RuntimeError> {
+    let version = match &config.kek {
+        KekConfig::Local => local::primary_version(&config.data_dir)?,
+        #[cfg(feature = "pkcs11")]
+        KekConfig::Pkcs11(_) => local::primary_file_version(&config.data_dir)?.ok_or_else(|| {
+            RuntimeError::Other(
+                "KEYWARD_KEK=pkcs11: no KEK version yet; create one with `keyward kek rotate`".to_owned(),
+            )
+        })?,
+    };
+    load_sealer_version(config, version)
+}
+
+/// The seal-only half of KEK `version` (the watcher loads the version its workers were
+/// restarted for, not whatever `kek/primary` says a moment later).
+pub fn load_sealer_version(config: &Config, version: u32) -> Result<KekSealer, RuntimeError> {
     match &config.kek {
-        KekConfig::Local => Ok(KekSealer::Local(local::load_sealer(&config.data_dir)?)),
+        KekConfig::Local => Ok(KekSealer::Local(local::load_sealer_version(&config.data_dir, version)?)),
         #[cfg(feature = "pkcs11")]
         KekConfig::Pkcs11(c) => {
-            let version = local::primary_file_version(&config.data_dir)?.ok_or_else(|| {
-                RuntimeError::Other(
-                    "KEYWARD_KEK=pkcs11: no KEK version yet; create one with `keyward kek rotate`".to_owned(),
-                )
-            })?;
             let kek = keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?;
             Ok(KekSealer::Pkcs11(kek.sealer(version)?))
         }

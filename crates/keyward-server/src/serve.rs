@@ -57,7 +57,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     let addr = listener.local_addr().map_err(|e| RuntimeError::Other(e.to_string()))?;
     // Said before the workers start: `kek retire` must see this node before it can seal.
     let reporter = Arc::new(tokio::sync::Mutex::new(crate::kek::SealerReporter::new(
-        kek_store,
+        kek_store.clone(),
         clock.clone(),
         node_id(addr),
     )));
@@ -87,6 +87,12 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     }
 
     let metrics = Arc::new(Metrics::default());
+    let background_rewrap =
+        (config.kek_rewrap == crate::config::KekRewrap::Background).then(|| crate::kek::BackgroundRewrap {
+            store: store.clone(),
+            kek: kek_store.clone(),
+            worker: worker.clone(),
+        });
     let workers = WorkerPool::start(config.workers, config.data_dir.join("run"), worker, metrics.clone())
         .map_err(|e| RuntimeError::Other(format!("worker pool: {e}")))?;
     let purge = PurgeHandle::default();
@@ -114,6 +120,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         state.workers.clone(),
         sealer,
         reporter.clone(),
+        background_rewrap,
     ));
     // A purge at start covers removals that a crash interrupted before their checkpoint.
     purge.request();

@@ -72,7 +72,8 @@ async fn call_ok(kw: &Keyward, token: &str, account: &str, provider: &str) -> bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotate_rewrap_killed_halfway_resume_retire_and_old_dumps_stay_shut() {
     let fake = FakeProviders::start().expect("start fakes");
-    let mut kw = start_on_fake(&fake, &[]);
+    // The CLI's re-wrap is under test here, not the server's.
+    let mut kw = start_on_fake(&fake, &[("KEYWARD_KEK_REWRAP", "manual")]);
     let (user, first) = pro_owner(&kw, "kek@example.com");
     let t = user.token.clone();
     // 4 accounts × 3 providers = 12 own keys, each used for calls.
@@ -432,9 +433,11 @@ async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
     out.assert_success();
     assert_eq!(out.json()["created"], "pkcs11-kek-2", "{out}");
     wait_log(&kw, "sealing to the new primary KEK", 1);
+    // The server re-wraps in the background, in a worker of its own that logs in to the token.
+    wait_log(&kw, "background re-wrap finished", 1);
     let out = kw.cli(&["kek", "rewrap"]);
     out.assert_success();
-    assert_eq!(out.json_lines().last().unwrap()["done"]["rewrapped"], 3, "{out}");
+    assert_eq!(out.json_lines().last().unwrap()["done"]["to_move"], 0, "{out}");
     assert_eq!(
         versions(&all_blobs(&pool).await),
         BTreeMap::from([("pkcs11-kek-2".to_owned(), 3)])
@@ -571,4 +574,68 @@ async fn retire_waits_until_no_running_gateway_can_seal_to_the_version() {
         set_source(&kw, &t, &acc, p, "own").await;
         assert!(call_ok(&kw, &t, &acc, p).await, "the last {p} key saved opens");
     }
+}
+
+/// `serve` moves saved keys to a new primary by itself: after a rotation while serving, and
+/// at start for keys a stop or crash left under an older version.
+#[tokio::test]
+async fn serve_rewraps_in_the_background_after_rotation_and_at_start() {
+    let fake = FakeProviders::start().expect("start fakes");
+    let mut kw = start_on_fake(&fake, &[]);
+    let (user, first) = pro_owner(&kw, "bg-rewrap@example.com");
+    let t = user.token.clone();
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let acc = if i == 0 {
+            first.clone()
+        } else {
+            create_account(&kw, &format!("Bg {i}"), "pro", &user.email)
+        };
+        for p in PROVIDERS {
+            let k = key_for(p);
+            fake.set_key(provider(p), &k, Behaviour::Ok);
+            save_key(&kw, &t, &acc, p, &k).await;
+            set_source(&kw, &t, &acc, p, "own").await;
+            keys.push((acc.clone(), p));
+        }
+    }
+    let pool = kw.db().await;
+    assert_eq!(
+        versions(&all_blobs(&pool).await),
+        BTreeMap::from([("local-1".to_owned(), 9)])
+    );
+
+    kw.cli(&["kek", "rotate"]).assert_success();
+    wait_log(&kw, "background re-wrap finished", 1);
+    assert_eq!(
+        versions(&all_blobs(&pool).await),
+        BTreeMap::from([("local-2".to_owned(), 9)])
+    );
+    assert!(kw.output().contains("kek.rewrap_progress"), "progress is logged");
+    let st = kw.cli(&["kek", "status"]).json();
+    assert_eq!(st["rewrap_remaining"].as_u64(), Some(0), "{st}");
+    for (acc, p) in &keys {
+        assert!(call_ok(&kw, &t, acc, p).await, "{acc} {p} after the background re-wrap");
+    }
+
+    // Killed, rotated while down, started again: the start-up re-wrap moves everything.
+    kw.kill();
+    kw.cli(&["kek", "rotate"]).assert_success();
+    kw.start_again();
+    wait_log(&kw, "background re-wrap finished", 2);
+    assert_eq!(
+        versions(&all_blobs(&pool).await),
+        BTreeMap::from([("local-3".to_owned(), 9)])
+    );
+    for (acc, p) in &keys {
+        assert!(call_ok(&kw, &t, acc, p).await, "{acc} {p} after the start-up re-wrap");
+    }
+    kw.cli(&["kek", "retire", "--version", "1"]).assert_success();
+    // The killed server's last report named local-2 and is not 30 s old: it may be a live
+    // node for all retire can tell, so local-2 waits.
+    let r = kw.cli(&["kek", "retire", "--version", "2"]);
+    assert!(
+        !r.success() && r.to_string().contains("may still be sealed to by running gateway"),
+        "{r}"
+    );
 }
