@@ -2,7 +2,7 @@
 # keyward benchmarks: builds in release mode, then runs one measurement against the real
 # binary on loopback. Usage:
 #   bench/run.sh [gateway] [--seconds S] [--runs N] [--rate R] [--connections 1,32,256] [--with-litellm]
-#   bench/run.sh save-list|ai-latency|nodes [--clients N] [--seconds S]
+#   bench/run.sh save-list|nodes [--clients N] [--seconds S]
 # `gateway` (the default) needs nginx (Debian nginx-light) for the fake provider; without it
 # keyward's own fake is used and the report says so. --with-litellm installs LiteLLM proxy
 # into bench/.venv-litellm (PyPI) and measures it in the same run.

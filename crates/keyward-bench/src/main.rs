@@ -53,11 +53,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("save-list") => save_list(&args),
-        Some("ai-latency") => ai_latency(&args),
         Some("nodes") => nodes(&args),
         Some("gateway") => gateway::gateway(&args),
         _ => {
-            eprintln!("usage: keyward-bench save-list [--clients N] [--seconds S] | ai-latency [--seconds S]");
+            eprintln!("usage: keyward-bench gateway [--seconds S] [--runs N] [--rate R] [--connections 1,32,256] | save-list [--clients N] [--seconds S] | nodes");
             std::process::exit(2);
         }
     }
@@ -136,110 +135,6 @@ fn closed_loop(
     })
 }
 
-fn ai_latency(args: &[String]) {
-    let seconds = arg(args, "--seconds", 5);
-    let (mut fakes, fake_url) = start_fakes();
-    let key = "sk-proj-benchbenchbenchbenchbench0001";
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let c = keyward_testkit::reqwest::Client::builder().no_proxy().build().unwrap();
-        let r = c
-            .post(format!("{fake_url}/_fake/keys"))
-            .json(&json!({ "key": key, "behaviour": "ok" }))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "fake key registration: {}", r.status());
-    });
-    let kw = Keyward::start(
-        &keyward_bin(),
-        Options::default()
-            .log("warn")
-            .env("KEYWARD_OPENAI_BASE_URL", &fake_url)
-            .env("KEYWARD_WORKERS", "2"),
-    );
-    let token = kw.owner_token().to_owned();
-    let account = kw.owner_account().to_owned();
-    rt.block_on(async {
-        let http = Http::new(kw.base_url());
-        http.put(
-            &format!("/v1/accounts/{account}/model-keys/openai"),
-            Some(&token),
-            &json!({ "api_key": key }),
-        )
-        .await
-        .expect_status(200);
-        http.put(
-            &format!("/v1/accounts/{account}/model-keys/openai/source"),
-            Some(&token),
-            &json!({ "source": "own" }),
-        )
-        .await
-        .expect_status(200);
-    });
-    let direct_body = json!({ "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": "Say hello" }], "max_completion_tokens": 5 });
-    let through_body = json!({ "provider": "openai", "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": "Say hello" }], "max_tokens": 5 });
-    println!("AI call, own OpenAI key, fake provider on loopback, {seconds} s per run");
-    println!(
-        "{:<10} {:>8} {:>12} {:>12} {:>12} {:>12} {:>7}",
-        "clients", "path", "req/s", "p50", "p99", "added p50", "errors"
-    );
-    for clients in [1usize, 32] {
-        let (u, b) = (fake_url.clone(), direct_body.clone());
-        let direct = closed_loop(
-            &rt,
-            clients,
-            seconds,
-            Arc::new(move |c| c.post(format!("{u}/v1/chat/completions")).bearer_auth(key).json(&b)),
-        );
-        let (u, b, t, a) = (
-            kw.base_url().to_owned(),
-            through_body.clone(),
-            token.clone(),
-            account.clone(),
-        );
-        let through = closed_loop(
-            &rt,
-            clients,
-            seconds,
-            Arc::new(move |c| {
-                c.post(format!("{u}/v1/accounts/{a}/ai/messages"))
-                    .bearer_auth(&t)
-                    .json(&b)
-            }),
-        );
-        for (name, r) in [("direct", &direct), ("keyward", &through)] {
-            let added = if name == "keyward" {
-                ms(r.p50.saturating_sub(direct.p50))
-            } else {
-                String::from("-")
-            };
-            println!(
-                "{:<10} {:>8} {:>12.0} {:>12} {:>12} {:>12} {:>7}",
-                clients,
-                name,
-                r.rps,
-                ms(r.p50),
-                ms(r.p99),
-                added,
-                r.errors
-            );
-        }
-        println!(
-            "{:<10} added latency p50 {} p99 {}; throughput through keyward = {:.2} x direct",
-            clients,
-            ms(through.p50.saturating_sub(direct.p50)),
-            ms(through.p99.saturating_sub(direct.p99)),
-            through.rps / direct.rps
-        );
-    }
-    let _ = fakes.kill();
-}
-
 /// Saves/s and AI calls/s (own key, fake provider): SQLite on one node, PostgreSQL on one
 /// node, PostgreSQL on two nodes (clients split between them), in one run.
 #[allow(clippy::disallowed_methods, reason = "the bench reads where its PostgreSQL is")]
@@ -266,8 +161,8 @@ fn nodes(args: &[String]) {
     let base = |o: Options| o.log("warn").env("KEYWARD_OPENAI_BASE_URL", &fake_url);
     println!("{clients} clients, {seconds} s per run, fake OpenAI on loopback, own key");
     println!(
-        "{:<22} {:>10} {:>10} {:>12} {:>10} {:>10}",
-        "setup", "saves/s", "save p99", "ai calls/s", "ai p99", "errors"
+        "{:<22} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
+        "setup", "saves/s", "save p99", "ai calls/s", "ai p50", "ai p99", "errors"
     );
     let db = rt.block_on(keyward_testkit::pg::TempDatabase::create(&pg));
     let setups: Vec<(&str, Vec<Keyward>)> = vec![
@@ -345,11 +240,12 @@ fn nodes(args: &[String]) {
             }),
         );
         println!(
-            "{:<22} {:>10.0} {:>10} {:>12.0} {:>10} {:>10}",
+            "{:<22} {:>10.0} {:>10} {:>12.0} {:>10} {:>10} {:>10}",
             name,
             saves.rps,
             ms(saves.p99),
             calls.rps,
+            ms(calls.p50),
             ms(calls.p99),
             saves.errors + calls.errors
         );

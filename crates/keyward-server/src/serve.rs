@@ -51,9 +51,8 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     let (store, kek_store) = open_stores(&config).await?;
     let clock: SharedClock = Arc::new(SystemClock);
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| RuntimeError::Other(format!("KEYWARD_LISTEN {}: {e}", config.listen)))?;
+    let listener =
+        listen(config.listen).map_err(|e| RuntimeError::Other(format!("KEYWARD_LISTEN {}: {e}", config.listen)))?;
     let addr = listener.local_addr().map_err(|e| RuntimeError::Other(e.to_string()))?;
     // Said before the workers start: `kek retire` must see this node before it can seal.
     let reporter = Arc::new(tokio::sync::Mutex::new(crate::kek::SealerReporter::new(
@@ -146,6 +145,22 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     }
     tracing::info!("keyward stopped");
     served.map_err(|e| RuntimeError::Other(format!("server: {e}")))
+}
+
+/// Connections the kernel may queue before `accept`: tokio's default (128, as std's) overflowed when
+/// 256 benchmark clients connected at once, and the ones dropped waited a full second for
+/// their SYN to be retransmitted. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// This process's name in `kek_sealers`: where it listens, its pid and a random part (a
