@@ -52,7 +52,7 @@ use crate::wrapped;
 use crate::{Binding, CryptoError, SealedKey, MAX_PLAINTEXT_LEN};
 
 /// The blob format version of PKCS#11-sealed keys.
-pub const BLOB_VERSION_PKCS11: u8 = 2;
+pub const BLOB_VERSION_PKCS11: u8 = wrapped::VERSION_PKCS11;
 /// RSA modulus size of a KEK version.
 pub const MODULUS_BITS: u64 = 3072;
 
@@ -440,11 +440,6 @@ impl Pkcs11Opener {
         };
         wrapped::open_body(&b, &dek, binding, out)
     }
-}
-
-/// The kek id of a format v2 blob.
-pub(crate) fn kek_id_of(bytes: &[u8]) -> Result<String, CryptoError> {
-    wrapped::parse(bytes, BLOB_VERSION_PKCS11).map(|p| p.kek_id.to_owned())
 }
 
 /// For tests: whether the object labelled as KEK `version`'s private key will hand out its
