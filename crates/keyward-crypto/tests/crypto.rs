@@ -939,6 +939,7 @@ mod pkcs11 {
             pin_file.display()
         ))
         .unwrap()
+        .with_data_dir(dir.join("data"))
     }
 
     #[test]
