@@ -91,14 +91,16 @@ impl SealedKey {
         self.0
     }
 
-    /// The id of the KEK this blob was sealed to, parsed from the header (format v1, and
-    /// with the `pkcs11` feature v2).
+    /// The id of the KEK this blob was sealed to, parsed from the header. Every known format
+    /// version is read whatever features this build has (v1: local; v2: PKCS#11; v3: AWS
+    /// KMS; v2 and v3 share the layout of `wrapped.rs`), so a gateway built without a
+    /// backend still counts and lists blobs sealed by it. An unknown version is
+    /// [`CryptoError::UnsupportedVersion`].
     pub fn kek_id(&self) -> Result<String, CryptoError> {
         match parse_header(&self.0) {
             Ok(h) => Ok(h.kek_id.to_owned()),
-            #[cfg(feature = "pkcs11")]
-            Err(CryptoError::UnsupportedVersion(crate::pkcs11::BLOB_VERSION_PKCS11)) => {
-                crate::pkcs11::kek_id_of(&self.0)
+            Err(CryptoError::UnsupportedVersion(v)) if crate::wrapped::is_wrapped_version(v) => {
+                crate::wrapped::parse(&self.0, v).map(|p| p.kek_id.to_owned())
             }
             Err(e) => Err(e),
         }
@@ -109,8 +111,8 @@ impl fmt::Debug for SealedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("SealedKey");
         d.field("len", &self.0.len());
-        match parse_header(&self.0) {
-            Ok(h) => d.field("kek_id", &h.kek_id),
+        match self.kek_id() {
+            Ok(id) => d.field("kek_id", &id),
             Err(_) => d.field("kek_id", &"<malformed>"),
         };
         d.finish()

@@ -63,7 +63,6 @@ pub mod local;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 mod secret;
-#[cfg(any(feature = "pkcs11", feature = "awskms"))]
 mod wrapped;
 
 pub use audit::{AuditChainKey, AUDIT_KEY_FILE, GENESIS_MAC};

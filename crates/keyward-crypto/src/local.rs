@@ -7,6 +7,7 @@
 //! <data_dir>/kek/local-2.pub  … one pair per live version
 //! <data_dir>/kek/local-1.retired  empty marker: version 1 was retired (its key destroyed)
 //! <data_dir>/kek/primary      the primary version, decimal (0600; absent: version 1)
+//! <data_dir>/kek/.lock        empty; `flock`ed by rotate, promote and retire ([`lock`])
 //! ```
 //!
 //! The number in the kek id is the KEK version. The *primary* version is the one new keys
@@ -100,6 +101,41 @@ pub fn load_opener(data_dir: &Path) -> Result<Opener, CryptoError> {
     load_opener_version(data_dir, primary_version(data_dir)?)
 }
 
+/// Name of the lock file inside the kek directory.
+pub const LOCK_FILE: &str = ".lock";
+
+/// An exclusive `flock(2)` on `<data_dir>/kek/.lock`, held until dropped. Every operation
+/// that picks a version number or changes which versions exist or which is primary (rotate,
+/// promote, retire, for every backend) holds it, so two `keyward kek rotate` running at once
+/// (on this machine, or on nodes sharing the directory over a filesystem with working
+/// `flock`) create two distinct versions instead of both taking `max + 1`. Readers (the
+/// gateway's watch, the worker's load) do not take it: every file they read is replaced
+/// atomically. Not re-entrant: a holder must not call another locking function.
+#[derive(Debug)]
+pub struct KekLock {
+    _file: std::fs::File,
+}
+
+/// Takes the kek directory's lock (creating the directory, mode 0700, and the lock file, mode
+/// 0600, if absent), waiting for another holder to drop it.
+pub fn lock(data_dir: &Path) -> Result<KekLock, CryptoError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = data_dir.join(KEK_DIR);
+    fsutil::create_dir_0700(data_dir, KIND)?;
+    fsutil::ensure_private_dir(&dir, KIND)?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| KIND.err(&path, format!("cannot open lock file: {e}")))?;
+    file.lock().map_err(|e| KIND.err(&path, format!("cannot lock: {e}")))?;
+    Ok(KekLock { _file: file })
+}
+
 /// Name of the file, inside the kek directory, naming the primary version.
 pub const PRIMARY_FILE: &str = "primary";
 
@@ -134,7 +170,15 @@ pub fn primary_file_version(data_dir: &Path) -> Result<Option<u32>, CryptoError>
 
 /// Writes `primary` (atomically), for a backend whose versions are not files here.
 /// [`set_primary`] is the local backend's checked form.
+/// Takes the kek directory's [`lock`] (use [`write_primary_locked`] while holding it).
 pub fn write_primary(data_dir: &Path, version: u32) -> Result<(), CryptoError> {
+    let held = lock(data_dir)?;
+    write_primary_locked(&held, data_dir, version)
+}
+
+/// [`write_primary`] for a caller already holding the kek directory's [`lock`] (the guard is
+/// asked for as proof).
+pub fn write_primary_locked(_held: &KekLock, data_dir: &Path, version: u32) -> Result<(), CryptoError> {
     checked_kek_id(data_dir, version)?;
     fsutil::create_dir_0700(data_dir, KIND)?;
     fsutil::ensure_private_dir(&data_dir.join(KEK_DIR), KIND)?;
@@ -235,7 +279,11 @@ pub fn load_keyring(data_dir: &Path) -> Result<Keyring, CryptoError> {
 /// Creates version `highest + 1`. With `make_primary`, also makes it the primary version
 /// (new keys are sealed to it once each gateway notices). Without, it is staged: present for
 /// the workers, not yet sealed to (see [`set_primary`]). Returns the new version.
+///
+/// Holds the kek directory's [`lock`] throughout, so concurrent rotations get distinct
+/// versions.
 pub fn rotate(data_dir: &Path, make_primary: bool) -> Result<u32, CryptoError> {
+    let _lock = lock(data_dir)?;
     ensure_kek(data_dir)?;
     let next = state(data_dir)?
         .highest()
@@ -243,13 +291,19 @@ pub fn rotate(data_dir: &Path, make_primary: bool) -> Result<u32, CryptoError> {
         .ok_or_else(|| KIND.err(&data_dir.join(KEK_DIR), "no KEK version numbers left"))?;
     ensure_kek_version(data_dir, next)?;
     if make_primary {
-        set_primary(data_dir, next)?;
+        set_primary_unlocked(data_dir, next)?;
     }
     Ok(next)
 }
 
-/// Makes `version` the primary. Both of its key files must be present.
+/// Makes `version` the primary. Both of its key files must be present. Holds the kek
+/// directory's [`lock`].
 pub fn set_primary(data_dir: &Path, version: u32) -> Result<(), CryptoError> {
+    let _lock = lock(data_dir)?;
+    set_primary_unlocked(data_dir, version)
+}
+
+fn set_primary_unlocked(data_dir: &Path, version: u32) -> Result<(), CryptoError> {
     checked_kek_id(data_dir, version)?;
     for path in [public_key_path(data_dir, version), private_key_path(data_dir, version)] {
         if !fsutil::exists(&path, KIND)? {
@@ -264,8 +318,11 @@ pub fn set_primary(data_dir: &Path, version: u32) -> Result<(), CryptoError> {
 /// marker (so the number is never reused) and fsyncs the directory. After this, nothing on
 /// this node can open a blob sealed to `version`. Whether live blobs still use it is the
 /// caller's check (it needs the database). Returns false if the version was already gone.
+/// Holds the kek directory's [`lock`] (so a concurrent promote cannot make it primary
+/// between the check and the destruction).
 pub fn retire(data_dir: &Path, version: u32) -> Result<bool, CryptoError> {
     checked_kek_id(data_dir, version)?;
+    let _lock = lock(data_dir)?;
     if version == primary_version(data_dir)? {
         return Err(KIND.err(
             &primary_path(data_dir),

@@ -276,11 +276,15 @@ impl Config {
         let kek = match get("KEYWARD_KEK").unwrap_or("local") {
             "local" => KekConfig::Local,
             #[cfg(feature = "pkcs11")]
+            // The data directory keeps each version's pin and the kek lock (see the module
+            // doc of keyward_crypto::pkcs11).
             value if value.starts_with("pkcs11:") => KekConfig::Pkcs11(Box::new(
-                keyward_crypto::pkcs11::Pkcs11Config::parse(value).map_err(|e| ConfigError::Invalid {
-                    var: "KEYWARD_KEK",
-                    reason: e.to_string(),
-                })?,
+                keyward_crypto::pkcs11::Pkcs11Config::parse(value)
+                    .map_err(|e| ConfigError::Invalid {
+                        var: "KEYWARD_KEK",
+                        reason: e.to_string(),
+                    })?
+                    .with_data_dir(data_dir.clone()),
             )),
             other => {
                 let name = other.split(':').next().unwrap_or(other);

@@ -584,4 +584,101 @@ mod tests {
             let _ = ToWorker::decode(&v);
         }
     }
+
+    fn arb_rewrap() -> impl Strategy<Value = RewrapRequest> {
+        (
+            any::<u64>(),
+            ".{0,16}",
+            ".{0,40}",
+            ".{0,40}",
+            proptest::collection::vec(any::<u8>(), 0..1024),
+            ".{0,64}",
+        )
+            .prop_map(
+                |(request_id, provider, account_id, key_id, blob, target_kek_id)| RewrapRequest {
+                    request_id,
+                    provider,
+                    account_id,
+                    key_id,
+                    blob,
+                    target_kek_id,
+                },
+            )
+    }
+
+    proptest! {
+        /// Any `Rewrap` request survives encode/decode unchanged, its length prefix is the
+        /// body's length, and every strict prefix of its body is refused.
+        #[test]
+        fn rewrap_round_trips(r in arb_rewrap()) {
+            let m = ToWorker::Rewrap(r);
+            let f = m.encode().unwrap();
+            prop_assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
+            prop_assert_eq!(ToWorker::decode(body(&f)).unwrap(), m);
+            // Not a worker frame either.
+            prop_assert!(FromWorker::decode(body(&f)).is_err());
+            let b = body(&f);
+            for cut in [0, 1, 2, b.len() / 2, b.len() - 1] {
+                prop_assert!(ToWorker::decode(&b[..cut]).is_err(), "cut at {}", cut);
+            }
+            let mut longer = b.to_vec();
+            longer.push(0);
+            prop_assert!(ToWorker::decode(&longer).is_err());
+        }
+
+        /// Any `Sealed` answer survives encode/decode unchanged (an empty blob included), and
+        /// truncation or a trailing byte is refused.
+        #[test]
+        fn sealed_round_trips(blob in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let m = FromWorker::Sealed(blob);
+            let f = m.encode().unwrap();
+            prop_assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
+            prop_assert_eq!(FromWorker::decode(body(&f)).unwrap(), m);
+            prop_assert!(ToWorker::decode(body(&f)).is_err());
+            let b = body(&f);
+            for cut in 0..b.len().min(8) {
+                prop_assert!(FromWorker::decode(&b[..cut]).is_err(), "cut at {}", cut);
+            }
+            let mut longer = b.to_vec();
+            longer.push(0);
+            prop_assert!(FromWorker::decode(&longer).is_err());
+        }
+
+        /// Arbitrary bytes behind a valid `Rewrap` or `Sealed` header (version and kind)
+        /// never panic either decoder.
+        #[test]
+        fn rewrap_and_sealed_headers_with_arbitrary_bodies_never_panic(
+            sealed in any::<bool>(),
+            rest in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let f = if sealed {
+                FromWorker::Sealed(Vec::new()).encode().unwrap()
+            } else {
+                ToWorker::Rewrap(rewrap()).encode().unwrap()
+            };
+            let mut v = body(&f)[..2].to_vec();
+            v.extend_from_slice(&rest);
+            let _ = ToWorker::decode(&v);
+            let _ = FromWorker::decode(&v);
+        }
+
+        /// A `Rewrap` or `Sealed` frame with one byte changed never panics the decoder.
+        #[test]
+        fn mutated_rewrap_and_sealed_frames_never_panic(
+            r in arb_rewrap(),
+            at in any::<prop::sample::Index>(),
+            val in any::<u8>(),
+        ) {
+            let f = ToWorker::Rewrap(r.clone()).encode().unwrap();
+            let mut v = body(&f).to_vec();
+            let i = at.index(v.len());
+            v[i] = val;
+            let _ = ToWorker::decode(&v);
+            let s = FromWorker::Sealed(r.blob).encode().unwrap();
+            let mut v = body(&s).to_vec();
+            let i = at.index(v.len());
+            v[i] = val;
+            let _ = FromWorker::decode(&v);
+        }
+    }
 }

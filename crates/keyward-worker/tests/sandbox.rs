@@ -56,12 +56,15 @@ fn token(dir: &Path) -> Option<Pkcs11Config> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pin = dir.join("pin");
     fs::write(&pin, "5678").unwrap();
+    // A PIN file readable by group or others is refused.
+    fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     Some(
         Pkcs11Config::parse(&format!(
             "pkcs11:module={MODULE};token=kw;key-label=kek;pin-file={}",
             pin.display()
         ))
-        .unwrap(),
+        .unwrap()
+        .with_data_dir(dir.join("data")),
     )
 }
 

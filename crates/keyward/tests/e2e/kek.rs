@@ -385,6 +385,10 @@ async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pin = hsm.path().join("pin");
     std::fs::write(&pin, "5678\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let kek = format!(
         "pkcs11:module={MODULE};token=kw;key-label=kek;pin-file={};env=SOFTHSM2_CONF={};sandbox-read={}",
         pin.display(),
@@ -392,17 +396,20 @@ async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
         tokens.display()
     );
     // Version 1 before the first start (`serve` never holds the PIN, so it cannot make one).
+    // Generated into a scratch data dir; its pin file (the public key's hash, without which
+    // the gateway refuses the version) is seeded into the real one with `primary`.
     std::env::set_var("SOFTHSM2_CONF", &conf);
-    Pkcs11Kek::connect(&Pkcs11Config::parse(&kek).unwrap())
-        .unwrap()
-        .generate(1)
-        .unwrap();
+    let scratch = hsm.path().join("data");
+    let first = Pkcs11Kek::connect(&Pkcs11Config::parse(&kek).unwrap().with_data_dir(&scratch)).unwrap();
+    first.generate(1).unwrap();
+    let pin_1 = std::fs::read(first.pin_path(1).unwrap()).unwrap();
     let fake = FakeProviders::start().expect("start fakes");
     let mut opts = fake_options(
         &fake,
         &[("KEYWARD_KEK", &kek), ("SOFTHSM2_CONF", &conf.display().to_string())],
     );
     opts.seed.push(("kek/primary".into(), b"1\n".to_vec(), 0o600));
+    opts.seed.push(("kek/pkcs11-kek-1.pin".into(), pin_1, 0o600));
     let mut kw = start_with(opts);
     let (user, acc) = pro_owner(&kw, "hsm@example.com");
     let t = user.token.clone();
