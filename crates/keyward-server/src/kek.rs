@@ -196,13 +196,8 @@ pub fn rotate(config: &Config, staged: bool) -> Result<serde_json::Value, KekErr
             if staged {
                 return Err(KekError::Worker("--staged is for the local backend".to_owned()));
             }
-            let next = local::primary_file_version(&config.data_dir)?
-                .unwrap_or(0)
-                .checked_add(1)
-                .ok_or_else(|| KekError::Worker("no KEK version numbers left".to_owned()))?;
-            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.generate(next)?;
-            local::write_primary(&config.data_dir, next)?;
-            next
+            // Numbered, generated, pinned and made primary under the kek directory's lock.
+            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.rotate()?
         }
     };
     let created = kek_id(config, version);
@@ -216,8 +211,8 @@ pub fn promote(config: &Config, version: u32) -> Result<serde_json::Value, KekEr
         KekConfig::Local => local::set_primary(&config.data_dir, version)?,
         #[cfg(feature = "pkcs11")]
         KekConfig::Pkcs11(c) => {
-            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.sealer(version)?;
-            local::write_primary(&config.data_dir, version)?;
+            // Checks the public key against its pin and the private key in the token.
+            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.promote(version)?;
         }
     }
     tracing::info!(target: "keyward::kek", kek_id = %kek_id(config, version), "kek.promoted");
