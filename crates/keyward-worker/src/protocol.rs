@@ -543,6 +543,34 @@ mod tests {
     }
 
     #[test]
+    fn every_fail_kind_crosses_the_socket_as_itself() {
+        let kinds = [
+            FailKind::BadRequest,
+            FailKind::OpenFailed,
+            FailKind::PathRefused,
+            FailKind::Connect,
+            FailKind::Timeout,
+            FailKind::Io,
+            FailKind::UpstreamProtocol,
+            FailKind::Internal,
+            FailKind::KekUnavailable,
+        ];
+        for kind in kinds {
+            let m = FromWorker::Fail {
+                kind,
+                message: "m".into(),
+            };
+            assert_eq!(FromWorker::decode(body(&m.encode().unwrap())).unwrap(), m);
+        }
+        let mut codes: Vec<u8> = kinds.iter().map(|k| k.code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), kinds.len(), "distinct wire codes");
+        assert_eq!(FailKind::from_code(0), None);
+        assert_eq!(FailKind::from_code(10), None);
+    }
+
+    #[test]
     fn refuses_versions_kinds_truncation_and_trailing_bytes() {
         let f = ToWorker::Call(call()).encode().unwrap();
         let b = body(&f);
