@@ -30,9 +30,9 @@ pub struct KeyChoice {
 
 /// The account's source for `provider` decides the key. An own-key account whose key is
 /// gone gets `no_key_saved`; a shared call with no platform key configured gets a 503.
-pub async fn choose_key(state: &AppState, account: &AccountId, provider: Provider) -> ApiResult<KeyChoice> {
-    // One read: the source and the key it selects (this is on every AI call's path).
-    let current = state.store.call_key(account, provider).await?;
+/// `current` is [`keyward_store::Store::call_key`]'s answer: one read for the source and the
+/// key it selects (this is on every AI call's path).
+pub fn choose_key(account: &AccountId, provider: Provider, current: keyward_store::CallKey) -> ApiResult<KeyChoice> {
     match current.source {
         KeySource::Own => {
             let key = current.key.ok_or_else(|| {

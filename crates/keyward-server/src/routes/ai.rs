@@ -146,6 +146,9 @@ pub struct CallSpec<'a> {
     pub input_bytes: usize,
     pub max_tokens: u32,
     pub feature: Option<String>,
+    /// The account's source and key for `provider`, when the route already read them
+    /// (alongside the caller's membership); `None`: read them here.
+    pub prefetched_key: Option<keyward_store::CallKey>,
 }
 
 /// `acct` is the caller's account as read with their membership: its plan and limit are
@@ -163,6 +166,7 @@ pub async fn prepare(
         input_bytes,
         max_tokens,
         feature,
+        prefetched_key,
     } = spec;
     let model = match model {
         Some(id) => state.catalogue.model(provider, id).cloned().ok_or_else(|| {
@@ -188,7 +192,11 @@ pub async fn prepare(
             return Err(validation("feature must be 1 to 64 letters, digits, '_', '-' or '.'"));
         }
     }
-    let choice = choose_key(state, account, provider).await?;
+    let current = match prefetched_key {
+        Some(k) => k,
+        None => state.store.call_key(account, provider).await?,
+    };
+    let choice = choose_key(account, provider, current)?;
     let (period, _, _) = period_of(state.clock.now());
     let mut reserved = 0;
     if choice.source == KeySource::Shared {
@@ -302,6 +310,7 @@ async fn messages_call(state: AppState, member: AccountMember, body: JsonBody) -
         input_bytes,
         max_tokens: body.max_tokens,
         feature: body.feature.clone(),
+        prefetched_key: None,
     };
     let ctx = prepare(&state, &caller, &m.account, spec).await?;
     let request = ChatRequest {
