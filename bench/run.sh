@@ -8,8 +8,8 @@
 # into bench/.venv-litellm (PyPI) and measures it in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what="${1:-gateway}"
-[[ $# -gt 0 ]] && shift
+what=gateway
+if [[ $# -gt 0 && "$1" != --* ]]; then what="$1"; shift; fi
 args=()
 litellm=""
 for a in "$@"; do
