@@ -78,7 +78,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::envelope::is_valid_kek_id;
 use crate::fsutil::{self, Created, FileKind};
@@ -831,6 +831,14 @@ impl Pkcs11Opener {
 
     /// Opens `blob` into `out` (zeroed on failure) and returns the plaintext length.
     pub fn open_into(&self, binding: &Binding, blob: &SealedKey, out: &mut [u8]) -> Result<usize, CryptoError> {
+        let opened = self.open_into_unwiped(binding, blob, out);
+        if opened.is_err() {
+            out.zeroize();
+        }
+        opened
+    }
+
+    fn open_into_unwiped(&self, binding: &Binding, blob: &SealedKey, out: &mut [u8]) -> Result<usize, CryptoError> {
         let b = wrapped::parse(blob.as_bytes(), BLOB_VERSION_PKCS11)?;
         if b.kek_id != self.kek_id {
             return Err(CryptoError::KekMismatch {
@@ -840,13 +848,40 @@ impl Pkcs11Opener {
         }
         let dek = {
             let session = self.session.lock().map_err(|_| CryptoError::OpenFailed)?;
-            Zeroizing::new(
-                session
-                    .decrypt(&oaep(), self.key, b.wrapped)
-                    .map_err(|_| CryptoError::OpenFailed)?,
-            )
+            Zeroizing::new(session.decrypt(&oaep(), self.key, b.wrapped).map_err(decrypt_error)?)
         };
         wrapped::open_body(&b, &dek, binding, out)
+    }
+}
+
+/// A token that cannot be reached or has lost our session or key (a handle gone, the
+/// device failing or removed, the token absent) is the backend failing,
+/// [`CryptoError::Backend`]: retryable, and `503 kek_unavailable` to a caller. Anything
+/// else the token says about a decryption is the blob's fault, [`CryptoError::OpenFailed`]:
+/// SoftHSM2, for one, answers `CKR_GENERAL_ERROR` to a wrapped key that does not decrypt, so
+/// only these named conditions count as an outage (an unknown one never turns a tampered
+/// blob into a retry).
+fn decrypt_error(e: cryptoki::error::Error) -> CryptoError {
+    use cryptoki::error::{Error, RvError};
+    match e {
+        Error::Pkcs11(
+            RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::ObjectHandleInvalid
+            | RvError::KeyHandleInvalid
+            | RvError::UserNotLoggedIn
+            | RvError::DeviceError
+            | RvError::DeviceMemory
+            | RvError::DeviceRemoved
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::CryptokiNotInitialized
+            | RvError::HostMemory,
+            _,
+        ) => err(e),
+        Error::Pkcs11(..) => CryptoError::OpenFailed,
+        // Not an answer from the token at all (the library, the call itself).
+        other => err(other),
     }
 }
 

@@ -467,6 +467,57 @@ async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
         "{st}"
     );
 
+    // The token goes away mid-run: calls and saves answer 503 kek_unavailable (after the
+    // worker's bounded retries, no fallback), /readyz names the failing backend, and no
+    // saved key is touched. SoftHSM2 does not come back inside a process that saw its
+    // storage go, so recovery here is a restart once the token is back.
+    let blobs_before_outage = all_blobs(&pool).await;
+    let gone = hsm.path().join("tokens-gone");
+    std::fs::rename(&tokens, &gone).unwrap();
+    let r = ai_call(&kw, &t, &acc, &chat_body("openai", false, 16)).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (503, Some("kek_unavailable")),
+        "{r}"
+    );
+    let r = kw
+        .http()
+        .put(
+            &key_path(&acc, "openai"),
+            Some(&t),
+            &serde_json::json!({ "api_key": key_for("openai") }),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (503, Some("kek_unavailable")),
+        "{r}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let ready = kw.http().get("/readyz", None).await;
+    assert_eq!(ready.status, 503, "{ready}");
+    assert_eq!(
+        (
+            ready.json()["kek"]["backend"].as_str(),
+            ready.json()["kek"]["status"].as_str()
+        ),
+        (Some("pkcs11"), Some("unavailable")),
+        "{}",
+        ready.json()
+    );
+    assert_eq!(
+        all_blobs(&pool).await,
+        blobs_before_outage,
+        "no key changed during the outage"
+    );
+    std::fs::rename(&gone, &tokens).unwrap();
+    kw.restart();
+    wait_workers(&kw, 2, &[], Duration::from_secs(30)).await;
+    for p in PROVIDERS {
+        assert!(call_ok(&kw, &t, &acc, p).await, "{p} after the token came back");
+    }
+    assert_eq!(all_blobs(&pool).await, blobs_before_outage);
+
     // The pre-rotation copy, restored: the worker no longer has version 1 anywhere.
     kw.stop();
     for suffix in ["", "-wal", "-shm"] {
