@@ -7,9 +7,10 @@
 //! the same context, so KMS itself refuses a blob moved to another row or wrapped under
 //! another key. Blob format version 3: the shared wrapped-DEK layout (see `wrapped.rs`).
 //!
-//! Errors: KMS refusing (wrong context, wrong key, tampered ciphertext) is
-//! [`CryptoError::OpenFailed`]; KMS unreachable or failing is [`CryptoError::Backend`]
-//! (retryable; the caller decides, there is no fallback here).
+//! Errors: KMS refusing the blob (wrong context, wrong key, tampered ciphertext) is
+//! [`CryptoError::OpenFailed`]; the key disabled or deleted is [`CryptoError::KekUnavailable`];
+//! KMS unreachable, throttling or failing is [`CryptoError::Backend`] (retryable; the caller
+//! decides, there is no fallback here).
 //!
 //! Not wired into `KEYWARD_KEK`, the gateway or the worker yet (the gateway would need
 //! credentials allowing `kms:Encrypt` only, the worker `kms:Decrypt` only: an IAM matter).
@@ -83,6 +84,30 @@ fn context(binding: &Binding) -> HashMap<String, String> {
         ("keyward:provider".to_owned(), binding.provider.to_owned()),
         ("keyward:key_id".to_owned(), binding.key_id.to_owned()),
     ])
+}
+
+/// What KMS refusing a `Decrypt` means for the blob:
+/// - the ciphertext, key or context is wrong for it (also a policy that denies this
+///   context): [`CryptoError::OpenFailed`], the blob's fault, final;
+/// - the key is disabled, pending deletion or deleted: [`CryptoError::KekUnavailable`],
+///   the version is being (or has been) shredded, final;
+/// - anything else (throttling, KMS internal errors, a dependency timeout, a key
+///   temporarily unavailable): [`CryptoError::Backend`], retryable, `503` to a caller.
+fn decrypt_refusal(kek_id: &str, e: &aws_sdk_kms::operation::decrypt::DecryptError) -> CryptoError {
+    use aws_sdk_kms::error::ProvideErrorMetadata;
+    use aws_sdk_kms::operation::decrypt::DecryptError as D;
+    match e {
+        D::InvalidCiphertextException(_) | D::IncorrectKeyException(_) | D::InvalidKeyUsageException(_) => {
+            CryptoError::OpenFailed
+        }
+        D::DisabledException(_) | D::KmsInvalidStateException(_) | D::NotFoundException(_) => {
+            CryptoError::KekUnavailable {
+                kek_id: kek_id.to_owned(),
+            }
+        }
+        other if other.code() == Some("AccessDeniedException") => CryptoError::OpenFailed,
+        other => err(format!("decrypt: {}", aws_sdk_kms::error::DisplayErrorContext(other))),
+    }
 }
 
 /// One KMS KEK version: a client and the key id it seals to and opens with.
@@ -170,6 +195,31 @@ impl AwsKmsKek {
         )
     }
 
+    /// Shreds this KEK version: disables the key at once (nothing opens from now on) and
+    /// schedules its deletion after `pending_days` (KMS allows 7 to 30), after which no copy
+    /// of a blob it wrapped can ever be opened.
+    pub async fn disable_and_schedule_deletion(&self, pending_days: i32) -> Result<(), CryptoError> {
+        self.client
+            .disable_key()
+            .key_id(&self.key_id)
+            .send()
+            .await
+            .map_err(|e| err(format!("disable key: {}", aws_sdk_kms::error::DisplayErrorContext(&e))))?;
+        self.client
+            .schedule_key_deletion()
+            .key_id(&self.key_id)
+            .pending_window_in_days(pending_days)
+            .send()
+            .await
+            .map_err(|e| {
+                err(format!(
+                    "schedule key deletion: {}",
+                    aws_sdk_kms::error::DisplayErrorContext(&e)
+                ))
+            })?;
+        Ok(())
+    }
+
     /// Opens `blob` into `out` (zeroed on failure): `Decrypt` with the explicit key id and
     /// the binding's encryption context.
     pub async fn open_into(
@@ -195,8 +245,7 @@ impl AwsKmsKek {
             .await;
         let answer = match answer {
             Ok(a) => a,
-            // KMS answered and refused: the blob does not open here.
-            Err(SdkError::ServiceError(_)) => return Err(CryptoError::OpenFailed),
+            Err(SdkError::ServiceError(e)) => return Err(decrypt_refusal(&self.kek_id, e.err())),
             Err(e) => return Err(err(format!("decrypt: {}", aws_sdk_kms::error::DisplayErrorContext(&e)))),
         };
         let dek = Zeroizing::new(
@@ -206,5 +255,61 @@ impl AwsKmsKek {
                 .ok_or(CryptoError::OpenFailed)?,
         );
         wrapped::open_body(&b, &dek, binding, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_kms::error::ErrorMetadata;
+    use aws_sdk_kms::operation::decrypt::DecryptError as D;
+    use aws_sdk_kms::types::error::{
+        DisabledException, IncorrectKeyException, InvalidCiphertextException, KeyUnavailableException,
+        KmsInternalException, KmsInvalidStateException, NotFoundException,
+    };
+
+    fn generic(code: &str) -> D {
+        D::generic(ErrorMetadata::builder().code(code).message("m").build())
+    }
+
+    #[test]
+    fn kms_refusals_are_classified_by_whose_fault_they_are() {
+        let open_failed = [
+            D::InvalidCiphertextException(InvalidCiphertextException::builder().build()),
+            D::IncorrectKeyException(IncorrectKeyException::builder().build()),
+            generic("AccessDeniedException"),
+        ];
+        for e in &open_failed {
+            assert!(
+                matches!(decrypt_refusal("awskms-1", e), CryptoError::OpenFailed),
+                "{e:?}"
+            );
+        }
+        let shredded = [
+            D::DisabledException(DisabledException::builder().build()),
+            D::KmsInvalidStateException(KmsInvalidStateException::builder().build()),
+            D::NotFoundException(NotFoundException::builder().build()),
+        ];
+        for e in &shredded {
+            assert!(
+                matches!(decrypt_refusal("awskms-1", e), CryptoError::KekUnavailable { kek_id } if kek_id == "awskms-1"),
+                "{e:?}"
+            );
+        }
+        let outage = [
+            D::KeyUnavailableException(KeyUnavailableException::builder().build()),
+            D::KmsInternalException(KmsInternalException::builder().build()),
+            generic("ThrottlingException"),
+            generic("SomethingNew"),
+        ];
+        for e in &outage {
+            assert!(
+                matches!(
+                    decrypt_refusal("awskms-1", e),
+                    CryptoError::Backend { backend: "awskms", .. }
+                ),
+                "{e:?}"
+            );
+        }
     }
 }

@@ -1197,9 +1197,15 @@ mod awskms {
             .await
             .is_err());
 
+        // Shredding a version: KMS accepts the disable and the scheduled deletion. (moto does
+        // not refuse a Decrypt under a disabled key, so what a real KMS then answers is
+        // classified by the unit test `kms_refusals_are_classified_by_whose_fault_they_are`.)
+        kek.disable_and_schedule_deletion(7).await.unwrap();
+
         // KMS unreachable: a backend error (retryable), never a silent success.
+        let blob = with_b.seal(&BINDING, b"sk-proj-kms-456").await.unwrap();
         drop(moto);
-        let err = kek.open_into(&BINDING, &blob, &mut out).await.unwrap_err();
+        let err = with_b.open_into(&BINDING, &blob, &mut out).await.unwrap_err();
         assert!(matches!(err, CryptoError::Backend { backend: "awskms", .. }), "{err:?}");
         assert!(!err.to_string().contains("test-secret"));
     }
