@@ -113,8 +113,36 @@ impl FromRequestParts<AppState> for AccountMember {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<AccountMember> {
+        AccountMemberClaim::from_request_parts(parts, state)
+            .await?
+            .check(state)
+            .await
+    }
+}
+
+/// A request's bearer token and `{account_id}`, not yet checked beyond the token's shape
+/// (401 without a lookup): for a route that reads something else while the membership is
+/// checked ([`AccountMemberClaim::check`]). `Debug` shows the account only.
+pub struct AccountMemberClaim {
+    token: Zeroizing<String>,
+    account: String,
+}
+
+impl std::fmt::Debug for AccountMemberClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountMemberClaim")
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FromRequestParts<AppState> for AccountMemberClaim {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<AccountMemberClaim> {
         // Owned (and wiped on drop): reading the path parameters needs `parts` mutably.
         let token = Zeroizing::new(bearer_token(parts)?.to_owned());
+        well_formed_token_hash(&token)?;
         let params = axum::extract::RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::not_found())?;
@@ -123,7 +151,19 @@ impl FromRequestParts<AppState> for AccountMember {
             .find(|(k, _)| *k == "account_id")
             .map(|(_, v)| v.to_owned())
             .ok_or_else(ApiError::not_found)?;
-        let (caller, membership) = authenticate_member(state, &token, &account).await?;
+        Ok(AccountMemberClaim { token, account })
+    }
+}
+
+impl AccountMemberClaim {
+    /// The `{account_id}` as the path gave it (unchecked).
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// The caller and their membership, with one read: 401, then 404.
+    pub async fn check(&self, state: &AppState) -> ApiResult<AccountMember> {
+        let (caller, membership) = authenticate_member(state, &self.token, &self.account).await?;
         Ok(AccountMember { caller, membership })
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::ai::{choose_key, open_and_call, period_of, CallFailure, KeyChoice};
 use crate::api::{AiAnswerBody, ErrorBody, MessagesRequest, UsageCounts};
 use crate::app::AppState;
-use crate::auth::{AccountMember, Caller};
+use crate::auth::{AccountMember, AccountMemberClaim, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{AiJsonBody, JsonBody};
 
@@ -275,19 +275,31 @@ pub async fn prepare(
 )]
 pub async fn messages(
     State(state): State<AppState>,
-    member: AccountMember,
+    claim: AccountMemberClaim,
     AiJsonBody(body): AiJsonBody,
 ) -> ApiResult<Response> {
     // Once a provider is called, the call must be settled and audited even if the client
     // goes away (which drops this handler): the work runs in its own task.
-    tokio::spawn(messages_call(state, member, body))
+    tokio::spawn(messages_call(state, claim, body))
         .await
         .map_err(|e| ApiError::internal(&e))?
 }
 
-async fn messages_call(state: AppState, member: AccountMember, body: JsonBody) -> ApiResult<Response> {
-    let AccountMember { caller, membership: m } = member;
-    let body: MessagesBody = body.parse()?;
+async fn messages_call(state: AppState, claim: AccountMemberClaim, body: JsonBody) -> ApiResult<Response> {
+    // The body names the provider; with it, the account's key is read while the caller's
+    // membership is checked (two reads at once, not in a row). The key is used only once
+    // the membership holds, and errors keep their order: token, membership, then body.
+    let parsed: ApiResult<MessagesBody> = body.parse();
+    let provider = parsed.as_ref().ok().and_then(|b| b.provider.parse::<Provider>().ok());
+    let key = async {
+        match (AccountId::parse(claim.account()), provider) {
+            (Ok(id), Some(p)) => state.store.call_key(&id, p).await.ok(),
+            _ => None,
+        }
+    };
+    let (member, prefetched_key) = tokio::join!(claim.check(&state), key);
+    let AccountMember { caller, membership: m } = member?;
+    let body = parsed?;
     let provider: Provider = body
         .provider
         .parse()
@@ -310,7 +322,7 @@ async fn messages_call(state: AppState, member: AccountMember, body: JsonBody) -
         input_bytes,
         max_tokens: body.max_tokens,
         feature: body.feature.clone(),
-        prefetched_key: None,
+        prefetched_key,
     };
     let ctx = prepare(&state, &caller, &m.account, spec).await?;
     let request = ChatRequest {
