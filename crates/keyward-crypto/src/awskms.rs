@@ -59,6 +59,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The shortest pending window KMS allows before it deletes a key scheduled for deletion.
 pub const DELETION_WINDOW_DAYS: i32 = 7;
 
+/// The tag on every key `keyward kek rotate` creates (`keyward=kek`).
+pub const KEY_TAG: (&str, &str) = ("keyward", "kek");
+
 const KIND: FileKind = FileKind::Kek;
 
 fn err(reason: impl fmt::Display) -> CryptoError {
@@ -366,16 +369,23 @@ impl AwsKmsKek {
         }
     }
 
-    /// Creates a new symmetric encrypt/decrypt key in KMS (what a rotation does) and
-    /// returns its id.
+    /// Creates a new symmetric encrypt/decrypt key in KMS (what a rotation does), tagged
+    /// [`KEY_TAG`] (what the sample IAM policies in the README select on), and returns its
+    /// id.
     pub async fn create_key(
         config: &AwsKmsConfig,
         access_key: &str,
         secret_key: &SecretString,
     ) -> Result<String, CryptoError> {
+        let tag = aws_sdk_kms::types::Tag::builder()
+            .tag_key(KEY_TAG.0)
+            .tag_value(KEY_TAG.1)
+            .build()
+            .map_err(|e| err(format!("create key: {e}")))?;
         let out = client(config, access_key, secret_key)
             .create_key()
             .description("keyward KEK")
+            .tags(tag)
             .send()
             .await
             .map_err(|e| describe("create key", &e))?;
@@ -652,14 +662,14 @@ pub fn sealer(config: &AwsKmsConfig, version: u32) -> Result<AwsKmsKek, CryptoEr
     ))
 }
 
-/// The worker's openers: every live version up to the primary (its credentials file is
-/// read here, once).
+/// The worker's openers: every recorded version not retired, staged ones included (its
+/// credentials file is read here, once). The primary must be among them.
 pub fn openers(config: &AwsKmsConfig) -> Result<Vec<AwsKmsKek>, CryptoError> {
     let credentials = config.worker_credentials()?;
     let primary = primary(config)?;
     let mut out = Vec::new();
     for v in versions(config.data_dir()?)? {
-        if v.retired || v.version > primary {
+        if v.retired {
             continue;
         }
         if let Some(key_id) = v.key_id {
@@ -675,9 +685,14 @@ pub fn openers(config: &AwsKmsConfig) -> Result<Vec<AwsKmsKek>, CryptoError> {
 }
 
 /// Creates the next version: a new KMS key (with `credentials`, which need
-/// `kms:CreateKey`), recorded in `kek/awskms-N.keyid` and made primary, all under the kek
-/// directory's lock. Returns the version and the key id.
-pub async fn rotate(config: &AwsKmsConfig, credentials: &AwsCredentials) -> Result<(u32, String), CryptoError> {
+/// `kms:CreateKey`), recorded in `kek/awskms-N.keyid` and, if `make_primary`, made primary
+/// (else staged: see [`promote`]), all under the kek directory's lock. Returns the version
+/// and the key id.
+pub async fn rotate(
+    config: &AwsKmsConfig,
+    credentials: &AwsCredentials,
+    make_primary: bool,
+) -> Result<(u32, String), CryptoError> {
     let data_dir = config.data_dir()?;
     let held = local::lock(data_dir)?;
     let highest = versions(data_dir)?
@@ -695,7 +710,9 @@ pub async fn rotate(config: &AwsKmsConfig, credentials: &AwsCredentials) -> Resu
              schedule its deletion in KMS"
         ))
     })?;
-    local::write_primary_locked(&held, data_dir, next)?;
+    if make_primary {
+        local::write_primary_locked(&held, data_dir, next)?;
+    }
     Ok((next, key_id))
 }
 

@@ -1222,7 +1222,7 @@ mod awskms {
         let v1 = awskms::AwsKmsKek::with_key(&c, 1, &first, &creds());
         let blob = v1.seal(&BINDING, b"sk-proj-kms-v1").await.unwrap();
 
-        let (v, second) = awskms::rotate(&c, &creds()).await.unwrap();
+        let (v, second) = awskms::rotate(&c, &creds(), true).await.unwrap();
         assert_eq!(v, 2);
         assert_ne!(second, first);
         assert_eq!(awskms::primary(&c).unwrap(), 2);
@@ -1286,8 +1286,12 @@ mod awskms {
             awskms::openers(&c_worker).is_err(),
             "no worker credentials file: refused"
         );
-        let (v3, _) = awskms::rotate(&c, &creds()).await.unwrap();
+        let (v3, _) = awskms::rotate(&c, &creds(), false).await.unwrap();
         assert_eq!(v3, 3);
+        assert_eq!(awskms::primary(&c).unwrap(), 2, "staged: not primary");
+        awskms::promote(&c, 3).unwrap();
+        assert_eq!(awskms::primary(&c).unwrap(), 3);
+        assert!(awskms::promote(&c, 1).is_err(), "a retired version is never promoted");
         let listed: Vec<(u32, bool)> = awskms::versions(dir.path())
             .unwrap()
             .into_iter()

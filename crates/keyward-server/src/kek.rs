@@ -223,12 +223,9 @@ pub async fn rotate(config: &Config, staged: bool) -> Result<serde_json::Value, 
         }
         #[cfg(feature = "awskms")]
         KekConfig::AwsKms(c) => {
-            if staged {
-                return Err(KekError::Worker("--staged is for the local backend".to_owned()));
-            }
             // A new key in KMS (the rotate credentials need kms:CreateKey), recorded in
-            // kek/awskms-N.keyid and made primary under the kek directory's lock.
-            let (version, key_id) = keyward_crypto::awskms::rotate(c, &c.admin_credentials()?).await?;
+            // kek/awskms-N.keyid and (unless staged) made primary under the kek directory's lock.
+            let (version, key_id) = keyward_crypto::awskms::rotate(c, &c.admin_credentials()?, !staged).await?;
             tracing::info!(target: "keyward::kek", kms_key_id = %key_id, version, "kek.kms_key_created");
             version
         }
