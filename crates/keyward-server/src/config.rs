@@ -528,6 +528,24 @@ mod tests {
         assert_eq!(c.sqlite_path(), Some(PathBuf::from("./keyward-data/keyward.db")));
     }
 
+    #[cfg(feature = "awskms")]
+    #[test]
+    fn awskms_is_selectable_and_the_worker_is_not_told_the_gateways_credentials_file() {
+        let value = "awskms:key-id=k1;region=eu-west-1;endpoint=http://127.0.0.1:4566;\
+                     gateway-credentials-file=/etc/kw/gateway;worker-credentials-file=/etc/kw/worker";
+        let c = Config::load(None, env(&[("KEYWARD_KEK", value), ("KEYWARD_DATA_DIR", "/srv/kw")])).unwrap();
+        let KekConfig::AwsKms(k) = &c.kek else {
+            panic!("{:?}", c.kek)
+        };
+        assert_eq!(k.data_dir.as_deref(), Some(std::path::Path::new("/srv/kw")));
+        assert_eq!(c.kek.as_str(), "awskms");
+        let worker = c.kek.env_value();
+        assert!(worker.contains("worker-credentials-file=/etc/kw/worker"), "{worker}");
+        assert!(!worker.contains("/etc/kw/gateway"), "{worker}");
+        let bad = Config::load(None, env(&[("KEYWARD_KEK", "awskms:region=eu-west-1")])).unwrap_err();
+        assert!(bad.to_string().contains("KEYWARD_KEK"), "{bad}");
+    }
+
     #[test]
     fn env_wins_over_file() {
         let dir = tempfile::tempdir().unwrap();
