@@ -250,7 +250,8 @@ impl AwsCredentials {
                 return Err(fail(&format!("line {} is not key=value", n + 1)));
             };
             let (k, v) = (k.trim(), v.trim());
-            if v.is_empty() {
+            // Only a known field name is ever quoted back (the line may be a mangled secret).
+            if v.is_empty() && matches!(k, "access_key_id" | "secret_access_key") {
                 return Err(fail(&format!("{k} is empty")));
             }
             match k {
@@ -831,6 +832,8 @@ mod tests {
             "access_key_id=A\nsecret_access_key=S\nsecret_access_key=T\n",
             "access_key_id=A\nsecret_access_key=\n",
             "access_key_id=A\nsecret_access_key S-SECRET\n",
+            "access_key_id=A\nwJalr-SECRET=\n",
+            "access_key_id=A\nsecret_access_key=S\nwJalr-SECRET=x\n",
         ]
         .iter()
         .enumerate()

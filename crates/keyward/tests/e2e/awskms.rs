@@ -288,6 +288,14 @@ async fn awskms_calls_outage_and_recovery_rotate_rewrap_retire_through_the_binar
         key_1
     );
     all_calls_ok(&kw, &t, &acc, "with KMS up").await;
+    // The platform's shared-pool key, sealed by the CLI with the gateway's credentials.
+    let pool_key = key_for("google");
+    fake.set_key(provider("google"), &pool_key, Behaviour::Ok);
+    set_shared_key(&kw, "google", &pool_key);
+    let (other, acc_2) = pro_owner(&kw, "pool@example.com");
+    set_source(&kw, &other.token, &acc_2, "google", "shared").await;
+    let r = ai_call(&kw, &other.token, &acc_2, &chat_body("google", false, 16)).await;
+    assert_eq!(r.status, 200, "the shared-pool key opens through KMS: {r}");
     let (status, ready) = readyz_kek(&kw).await;
     assert_eq!(
         (status, ready["backend"].as_str(), ready["status"].as_str()),
