@@ -29,6 +29,10 @@ pub enum KekOpener {
     /// A logged-in PKCS#11 session on a token's private key.
     #[cfg(feature = "pkcs11")]
     Pkcs11(crate::pkcs11::Pkcs11Opener),
+    /// A KMS key, used with the worker's credentials (asynchronous: see
+    /// [`Keyring::open_into_async`]).
+    #[cfg(feature = "awskms")]
+    AwsKms(crate::awskms::AwsKmsKek),
 }
 
 impl KekOpener {
@@ -38,6 +42,8 @@ impl KekOpener {
             KekOpener::Local(o) => o.kek_id(),
             #[cfg(feature = "pkcs11")]
             KekOpener::Pkcs11(o) => o.kek_id(),
+            #[cfg(feature = "awskms")]
+            KekOpener::AwsKms(o) => o.kek_id(),
         }
     }
 
@@ -46,7 +52,23 @@ impl KekOpener {
             KekOpener::Local(o) => o.open_into(binding, blob, out),
             #[cfg(feature = "pkcs11")]
             KekOpener::Pkcs11(o) => o.open_into(binding, blob, out),
+            #[cfg(feature = "awskms")]
+            KekOpener::AwsKms(_) => Err(async_only()),
         }
+    }
+
+    /// [`KekOpener::open_into`] for every backend: the synchronous ones inline, KMS awaited.
+    async fn open_into_async(
+        &self,
+        binding: &Binding<'_>,
+        blob: &SealedKey,
+        out: &mut [u8],
+    ) -> Result<usize, CryptoError> {
+        #[cfg(feature = "awskms")]
+        if let KekOpener::AwsKms(o) = self {
+            return o.open_into(binding, blob, out).await;
+        }
+        self.open_into(binding, blob, out)
     }
 
     /// Seals to this same version (what a re-wrap to it writes).
@@ -55,7 +77,26 @@ impl KekOpener {
             KekOpener::Local(o) => o.sealer().seal(binding, plaintext),
             #[cfg(feature = "pkcs11")]
             KekOpener::Pkcs11(o) => o.seal(binding, plaintext),
+            #[cfg(feature = "awskms")]
+            KekOpener::AwsKms(_) => Err(async_only()),
         }
+    }
+
+    async fn seal_async(&self, binding: &Binding<'_>, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
+        #[cfg(feature = "awskms")]
+        if let KekOpener::AwsKms(o) = self {
+            return o.seal(binding, plaintext).await;
+        }
+        self.seal(binding, plaintext)
+    }
+}
+
+/// What a synchronous call answers for a backend that is only reachable asynchronously.
+#[cfg(feature = "awskms")]
+fn async_only() -> CryptoError {
+    CryptoError::Backend {
+        backend: "awskms",
+        reason: "KMS is called asynchronously: use the *_async form".to_owned(),
     }
 }
 
@@ -68,6 +109,10 @@ pub enum KekSealer {
     /// A PKCS#11 public key, used through a session that never logs in.
     #[cfg(feature = "pkcs11")]
     Pkcs11(crate::pkcs11::Pkcs11Sealer),
+    /// A KMS key, used with the gateway's (encrypt-only) credentials; asynchronous (see
+    /// [`KekSealer::seal_async`]).
+    #[cfg(feature = "awskms")]
+    AwsKms(crate::awskms::AwsKmsKek),
 }
 
 impl KekSealer {
@@ -77,25 +122,43 @@ impl KekSealer {
             KekSealer::Local(s) => s.kek_id(),
             #[cfg(feature = "pkcs11")]
             KekSealer::Pkcs11(s) => s.kek_id(),
+            #[cfg(feature = "awskms")]
+            KekSealer::AwsKms(s) => s.kek_id(),
         }
     }
 
-    /// The backend holding this version: `local` or `pkcs11` (what `/readyz` names).
+    /// The backend holding this version: `local`, `pkcs11` or `awskms` (what `/readyz`
+    /// names).
     pub fn backend(&self) -> &'static str {
         match self {
             KekSealer::Local(_) => "local",
             #[cfg(feature = "pkcs11")]
             KekSealer::Pkcs11(_) => "pkcs11",
+            #[cfg(feature = "awskms")]
+            KekSealer::AwsKms(_) => "awskms",
         }
     }
 
-    /// Seals `plaintext` for `binding` under a fresh DEK.
+    /// Seals `plaintext` for `binding` under a fresh DEK. Synchronous backends only: KMS
+    /// answers a backend error here (use [`KekSealer::seal_async`]).
     pub fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
         match self {
             KekSealer::Local(s) => s.seal(binding, plaintext),
             #[cfg(feature = "pkcs11")]
             KekSealer::Pkcs11(s) => s.seal(binding, plaintext),
+            #[cfg(feature = "awskms")]
+            KekSealer::AwsKms(_) => Err(async_only()),
         }
+    }
+
+    /// [`KekSealer::seal`] for every backend: local and PKCS#11 inline, KMS awaited (one
+    /// `Encrypt`, bounded by [`crate::awskms::CALL_TIMEOUT`] when the feature is on).
+    pub async fn seal_async(&self, binding: &Binding<'_>, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
+        #[cfg(feature = "awskms")]
+        if let KekSealer::AwsKms(s) = self {
+            return s.seal(binding, plaintext).await;
+        }
+        self.seal(binding, plaintext)
     }
 }
 
@@ -145,6 +208,56 @@ impl Keyring {
     /// [`Opener::open_into`] with the opener of the blob's KEK version.
     pub fn open_into(&self, binding: &Binding, blob: &SealedKey, out: &mut [u8]) -> Result<usize, CryptoError> {
         self.opener_for(blob)?.open_into(binding, blob, out)
+    }
+
+    /// [`Keyring::open_into`] for every backend (KMS included: one `Decrypt`).
+    pub async fn open_into_async(
+        &self,
+        binding: &Binding<'_>,
+        blob: &SealedKey,
+        out: &mut [u8],
+    ) -> Result<usize, CryptoError> {
+        self.opener_for(blob)?.open_into_async(binding, blob, out).await
+    }
+
+    /// [`Keyring::rewrap`] for every backend (KMS included).
+    pub async fn rewrap_async(
+        &self,
+        binding: &Binding<'_>,
+        blob: &SealedKey,
+        target: &str,
+        scratch: &mut [u8],
+    ) -> Result<SealedKey, CryptoError> {
+        let to = self.opener(target).ok_or_else(|| CryptoError::KekUnavailable {
+            kek_id: target.to_owned(),
+        })?;
+        if blob.kek_id()? == target {
+            let result = to.open_into_async(binding, blob, scratch).await;
+            scratch.zeroize();
+            result?;
+            return Ok(blob.clone());
+        }
+        let result = self.rewrap_inner_async(binding, blob, to, scratch).await;
+        scratch.zeroize();
+        result
+    }
+
+    async fn rewrap_inner_async(
+        &self,
+        binding: &Binding<'_>,
+        blob: &SealedKey,
+        to: &KekOpener,
+        scratch: &mut [u8],
+    ) -> Result<SealedKey, CryptoError> {
+        let n = self.opener_for(blob)?.open_into_async(binding, blob, scratch).await?;
+        let (plaintext, check) = scratch.split_at_mut_checked(n).ok_or(CryptoError::Malformed)?;
+        let fresh = to.seal_async(binding, plaintext).await?;
+        let m = to.open_into_async(binding, &fresh, check).await?;
+        let same = m == n && check.get(..m).is_some_and(|c| c == &*plaintext);
+        if !same {
+            return Err(CryptoError::SealFailed);
+        }
+        Ok(fresh)
     }
 
     /// Re-seals `blob` (for the same `binding`) to KEK `target`, using `scratch` for the

@@ -1197,16 +1197,185 @@ mod awskms {
             .await
             .is_err());
 
-        // Shredding a version: KMS accepts the disable and the scheduled deletion. (moto does
-        // not refuse a Decrypt under a disabled key, so what a real KMS then answers is
-        // classified by the unit test `kms_refusals_are_classified_by_whose_fault_they_are`.)
-        kek.disable_and_schedule_deletion(7).await.unwrap();
-
         // KMS unreachable: a backend error (retryable), never a silent success.
-        let blob = with_b.seal(&BINDING, b"sk-proj-kms-456").await.unwrap();
         drop(moto);
-        let err = with_b.open_into(&BINDING, &blob, &mut out).await.unwrap_err();
+        let err = kek.open_into(&BINDING, &blob, &mut out).await.unwrap_err();
         assert!(matches!(err, CryptoError::Backend { backend: "awskms", .. }), "{err:?}");
         assert!(!err.to_string().contains("test-secret"));
+    }
+
+    /// Versions on disk (`kek/awskms-N.keyid`), rotation in KMS, a keyring re-wrap across
+    /// versions, and retirement (the key disabled and scheduled for deletion).
+    #[tokio::test]
+    async fn kms_versions_rotate_rewrap_and_retire() {
+        use keyward_crypto::awskms::{self, AwsCredentials};
+        use keyward_crypto::{KekOpener, Keyring};
+        let Some(moto) = moto() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let first = AwsKmsKek::create_key(&config(&moto.url, "-"), "test", &secret())
+            .await
+            .unwrap();
+        let creds = || AwsCredentials::new("test", secret());
+        let c = config(&moto.url, &first).with_data_dir(dir.path());
+        awskms::bootstrap(&c).unwrap();
+        assert_eq!(awskms::primary(&c).unwrap(), 1);
+        let v1 = awskms::AwsKmsKek::with_key(&c, 1, &first, &creds());
+        let blob = v1.seal(&BINDING, b"sk-proj-kms-v1").await.unwrap();
+
+        let (v, second) = awskms::rotate(&c, &creds(), true).await.unwrap();
+        assert_eq!(v, 2);
+        assert_ne!(second, first);
+        assert_eq!(awskms::primary(&c).unwrap(), 2);
+        assert_eq!(
+            std::fs::read_to_string(awskms::key_id_path(dir.path(), 2))
+                .unwrap()
+                .trim(),
+            second
+        );
+        let ring = Keyring::of(
+            [1, 2]
+                .into_iter()
+                .map(|v| {
+                    KekOpener::AwsKms(awskms::AwsKmsKek::with_key(
+                        &c,
+                        v,
+                        &awskms::live_key_id(&c, v).unwrap(),
+                        &creds(),
+                    ))
+                })
+                .collect(),
+        )
+        .unwrap();
+        let mut scratch = [0u8; 256];
+        let moved = ring
+            .rewrap_async(&BINDING, &blob, "awskms-2", &mut scratch)
+            .await
+            .unwrap();
+        assert!(scratch.iter().all(|&b| b == 0));
+        let mut out = [0u8; 64];
+        let n = ring.open_into_async(&BINDING, &moved, &mut out).await.unwrap();
+        assert_eq!(&out[..n], b"sk-proj-kms-v1");
+        // The synchronous path refuses KMS plainly instead of blocking.
+        assert!(matches!(
+            ring.open_into(&BINDING, &moved, &mut out),
+            Err(CryptoError::Backend { .. })
+        ));
+
+        assert!(
+            awskms::retire(&c, &creds(), 2).await.is_err(),
+            "the primary is never retired"
+        );
+        let r = awskms::retire(&c, &creds(), 1).await.unwrap();
+        assert_eq!(r.key_id.as_deref(), Some(first.as_str()));
+        assert!(awskms::retired_path(dir.path(), 1).exists());
+        assert!(matches!(
+            awskms::live_key_id(&c, 1),
+            Err(CryptoError::KekUnavailable { .. })
+        ));
+        // Disabled at once and scheduled for deletion (moto does not refuse a Decrypt with a
+        // disabled key, so what that answers is checked against a scripted KMS below).
+        assert_eq!(v1.key_state().await.unwrap(), "PendingDeletion");
+        let v2 = awskms::AwsKmsKek::with_key(&c, 2, &second, &creds());
+        assert_eq!(v2.key_state().await.unwrap(), "Enabled");
+        // Only the live primary is loaded for a worker; numbers are never reused.
+        let c_worker = awskms::AwsKmsConfig {
+            worker_credentials_file: None,
+            ..c.clone()
+        };
+        assert!(
+            awskms::openers(&c_worker).is_err(),
+            "no worker credentials file: refused"
+        );
+        let (v3, _) = awskms::rotate(&c, &creds(), false).await.unwrap();
+        assert_eq!(v3, 3);
+        assert_eq!(awskms::primary(&c).unwrap(), 2, "staged: not primary");
+        awskms::promote(&c, 3).unwrap();
+        assert_eq!(awskms::primary(&c).unwrap(), 3);
+        assert!(awskms::promote(&c, 1).is_err(), "a retired version is never promoted");
+        let listed: Vec<(u32, bool)> = awskms::versions(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.version, v.retired))
+            .collect();
+        assert_eq!(listed, vec![(1, true), (2, false), (3, false)]);
+    }
+
+    /// A "KMS" on loopback that answers every request with one scripted error (AWS JSON
+    /// 1.1), or never answers: how each refusal is classified, through the SDK's own error
+    /// parsing.
+    async fn scripted_kms(answer: Option<(u16, &'static str)>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let _ = s.read(&mut buf).await;
+                    let Some((status, code)) = answer else {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    };
+                    let body = format!("{{\"__type\":\"{code}\",\"message\":\"scripted\"}}");
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/x-amz-json-1.1\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn kms_refusals_are_classified_and_a_silent_kms_is_bounded() {
+        // A real blob, sealed with moto; the scripted KMS never looks at it.
+        let Some(ok_kms) = moto() else { return };
+        let key = AwsKmsKek::create_key(&config(&ok_kms.url, "-"), "test", &secret())
+            .await
+            .unwrap();
+        let blob = AwsKmsKek::new(&config(&ok_kms.url, &key), 1, "test", &secret())
+            .seal(&BINDING, b"sk-proj-kms-c")
+            .await
+            .unwrap();
+        let mut out = [7u8; 64];
+        for (status, code, want) in [
+            (400, "DisabledException", "unavailable"),
+            (400, "KMSInvalidStateException", "unavailable"),
+            (400, "InvalidCiphertextException", "open_failed"),
+            (400, "IncorrectKeyException", "open_failed"),
+            (400, "AccessDeniedException", "open_failed"),
+            (400, "ThrottlingException", "backend"),
+            (500, "KMSInternalException", "backend"),
+            (500, "DependencyTimeoutException", "backend"),
+        ] {
+            let url = scripted_kms(Some((status, code))).await;
+            let kek = AwsKmsKek::new(&config(&url, &key), 1, "test", &secret());
+            let err = kek.open_into(&BINDING, &blob, &mut out).await.unwrap_err();
+            let got = match err {
+                CryptoError::KekUnavailable { .. } => "unavailable",
+                CryptoError::OpenFailed => "open_failed",
+                CryptoError::Backend { .. } => "backend",
+                ref other => panic!("{code}: {other:?}"),
+            };
+            assert_eq!(got, want, "{code}: {err}");
+            assert!(out.iter().all(|&b| b == 0), "{code}: the buffer is wiped");
+        }
+        // A KMS that accepts and never answers: a backend error within the call timeout.
+        let url = scripted_kms(None).await;
+        let kek = AwsKmsKek::new(&config(&url, &key), 1, "test", &secret());
+        let started = Instant::now();
+        let err = kek.open_into(&BINDING, &blob, &mut out).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(err, CryptoError::Backend { .. }), "{err:?}");
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+            "bounded by the 2 s call timeout: {took:?}"
+        );
+        let err = kek.seal(&BINDING, b"x").await.unwrap_err();
+        assert!(matches!(err, CryptoError::Backend { .. }), "{err:?}");
     }
 }

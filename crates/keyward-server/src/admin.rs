@@ -134,7 +134,10 @@ pub async fn set_shared_key(
         provider: provider.as_str(),
         key_id: key_id.as_str(),
     };
-    let sealed = sealer.seal(&binding, key.expose_secret().as_bytes()).map_err(bad)?;
+    let sealed = sealer
+        .seal_async(&binding, key.expose_secret().as_bytes())
+        .await
+        .map_err(bad)?;
     let last4 = key.last4().clone();
     let rotated = store
         .save_shared_key(

@@ -81,6 +81,10 @@ pub enum KekConfig {
     /// An RSA key pair in a PKCS#11 token (`pkcs11:module=…;token=…;key-label=…;pin-file=…`).
     #[cfg(feature = "pkcs11")]
     Pkcs11(Box<keyward_crypto::pkcs11::Pkcs11Config>),
+    /// Symmetric keys in AWS KMS (`awskms:key-id=…;region=…[;endpoint=…]`, plus each side's
+    /// credentials file).
+    #[cfg(feature = "awskms")]
+    AwsKms(Box<keyward_crypto::awskms::AwsKmsConfig>),
 }
 
 impl KekConfig {
@@ -90,6 +94,8 @@ impl KekConfig {
             KekConfig::Local => "local",
             #[cfg(feature = "pkcs11")]
             KekConfig::Pkcs11(_) => "pkcs11",
+            #[cfg(feature = "awskms")]
+            KekConfig::AwsKms(_) => "awskms",
         }
     }
 
@@ -99,6 +105,9 @@ impl KekConfig {
             KekConfig::Local => "local".to_owned(),
             #[cfg(feature = "pkcs11")]
             KekConfig::Pkcs11(c) => c.to_kek_value(),
+            // Without the gateway's credentials file.
+            #[cfg(feature = "awskms")]
+            KekConfig::AwsKms(c) => c.worker_kek_value(),
         }
     }
 }
@@ -286,17 +295,31 @@ impl Config {
                     })?
                     .with_data_dir(data_dir.clone()),
             )),
+            #[cfg(feature = "awskms")]
+            value if value.starts_with("awskms:") => KekConfig::AwsKms(Box::new(
+                keyward_crypto::awskms::AwsKmsConfig::parse(value)
+                    .map_err(|e| ConfigError::Invalid {
+                        var: "KEYWARD_KEK",
+                        reason: e.to_string(),
+                    })?
+                    .with_data_dir(data_dir.clone()),
+            )),
             other => {
                 let name = other.split(':').next().unwrap_or(other);
                 return Err(ConfigError::Invalid {
                     var: "KEYWARD_KEK",
                     reason: format!(
-                        "unknown backend {name:?}: this build supports {}",
+                        "unknown backend {name:?}: this build supports \"local\"{}{}",
                         if cfg!(feature = "pkcs11") {
-                            "\"local\" and \"pkcs11:…\""
+                            ", \"pkcs11:…\""
                         } else {
-                            "\"local\""
-                        }
+                            ""
+                        },
+                        if cfg!(feature = "awskms") {
+                            ", \"awskms:…\""
+                        } else {
+                            ""
+                        },
                     ),
                 });
             }
@@ -503,6 +526,24 @@ mod tests {
         assert_eq!(c.openai_base_url, "https://api.openai.com");
         assert_eq!(c.log, "info");
         assert_eq!(c.sqlite_path(), Some(PathBuf::from("./keyward-data/keyward.db")));
+    }
+
+    #[cfg(feature = "awskms")]
+    #[test]
+    fn awskms_is_selectable_and_the_worker_is_not_told_the_gateways_credentials_file() {
+        let value = "awskms:key-id=k1;region=eu-west-1;endpoint=http://127.0.0.1:4566;\
+                     gateway-credentials-file=/etc/kw/gateway;worker-credentials-file=/etc/kw/worker";
+        let c = Config::load(None, env(&[("KEYWARD_KEK", value), ("KEYWARD_DATA_DIR", "/srv/kw")])).unwrap();
+        let KekConfig::AwsKms(k) = &c.kek else {
+            panic!("{:?}", c.kek)
+        };
+        assert_eq!(k.data_dir.as_deref(), Some(std::path::Path::new("/srv/kw")));
+        assert_eq!(c.kek.as_str(), "awskms");
+        let worker = c.kek.env_value();
+        assert!(worker.contains("worker-credentials-file=/etc/kw/worker"), "{worker}");
+        assert!(!worker.contains("/etc/kw/gateway"), "{worker}");
+        let bad = Config::load(None, env(&[("KEYWARD_KEK", "awskms:region=eu-west-1")])).unwrap_err();
+        assert!(bad.to_string().contains("KEYWARD_KEK"), "{bad}");
     }
 
     #[test]

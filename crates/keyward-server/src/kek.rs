@@ -122,6 +122,8 @@ pub fn kek_id(config: &Config, version: u32) -> String {
         KekConfig::Local => local::kek_id(version),
         #[cfg(feature = "pkcs11")]
         KekConfig::Pkcs11(c) => keyward_crypto::pkcs11::kek_id(&c.key_label, version),
+        #[cfg(feature = "awskms")]
+        KekConfig::AwsKms(_) => keyward_crypto::awskms::kek_id(version),
     }
 }
 
@@ -132,6 +134,8 @@ fn primary(config: &Config) -> Result<u32, KekError> {
         #[cfg(feature = "pkcs11")]
         KekConfig::Pkcs11(_) => local::primary_file_version(&config.data_dir)?
             .ok_or_else(|| KekError::Worker("no PKCS#11 KEK version yet: run `keyward kek rotate`".to_owned())),
+        #[cfg(feature = "awskms")]
+        KekConfig::AwsKms(c) => Ok(keyward_crypto::awskms::primary(c)?),
     }
 }
 
@@ -184,11 +188,29 @@ pub async fn status(config: &Config, kek: &dyn KekStore) -> Result<serde_json::V
         out["versions"] = serde_json::json!(listed);
         out["blobs_under_unknown_kek"] = serde_json::json!(unknown);
     }
+    #[cfg(feature = "awskms")]
+    if let KekConfig::AwsKms(_) = &config.kek {
+        let listed: Vec<serde_json::Value> = keyward_crypto::awskms::versions(&config.data_dir)?
+            .into_iter()
+            .map(|v| {
+                let id = keyward_crypto::awskms::kek_id(v.version);
+                serde_json::json!({
+                    "kek_id": id,
+                    "version": v.version,
+                    "primary": v.version == primary_version,
+                    "kms_key_id": v.key_id,
+                    "retired": v.retired,
+                    "blobs": counts.get(&id).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        out["versions"] = serde_json::json!(listed);
+    }
     Ok(out)
 }
 
 /// `keyward kek rotate`: a new version; primary unless `staged`.
-pub fn rotate(config: &Config, staged: bool) -> Result<serde_json::Value, KekError> {
+pub async fn rotate(config: &Config, staged: bool) -> Result<serde_json::Value, KekError> {
     let version = match &config.kek {
         KekConfig::Local => local::rotate(&config.data_dir, !staged)?,
         #[cfg(feature = "pkcs11")]
@@ -198,6 +220,14 @@ pub fn rotate(config: &Config, staged: bool) -> Result<serde_json::Value, KekErr
             }
             // Numbered, generated, pinned and made primary under the kek directory's lock.
             keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.rotate()?
+        }
+        #[cfg(feature = "awskms")]
+        KekConfig::AwsKms(c) => {
+            // A new key in KMS (the rotate credentials need kms:CreateKey), recorded in
+            // kek/awskms-N.keyid and (unless staged) made primary under the kek directory's lock.
+            let (version, key_id) = keyward_crypto::awskms::rotate(c, &c.admin_credentials()?, !staged).await?;
+            tracing::info!(target: "keyward::kek", kms_key_id = %key_id, version, "kek.kms_key_created");
+            version
         }
     };
     let created = kek_id(config, version);
@@ -214,6 +244,8 @@ pub fn promote(config: &Config, version: u32) -> Result<serde_json::Value, KekEr
             // Checks the public key against its pin and the private key in the token.
             keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.promote(version)?;
         }
+        #[cfg(feature = "awskms")]
+        KekConfig::AwsKms(c) => keyward_crypto::awskms::promote(c, version)?,
     }
     tracing::info!(target: "keyward::kek", kek_id = %kek_id(config, version), "kek.promoted");
     Ok(serde_json::json!({ "primary": kek_id(config, version) }))
@@ -261,6 +293,13 @@ pub async fn retire(
         KekConfig::Local => local::retire(&config.data_dir, version)?,
         #[cfg(feature = "pkcs11")]
         KekConfig::Pkcs11(c) => keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.destroy(version)? > 0,
+        // Disabled in KMS at once, deletion scheduled (KMS deletes it after the pending window).
+        #[cfg(feature = "awskms")]
+        KekConfig::AwsKms(c) => {
+            let r = keyward_crypto::awskms::retire(c, &c.admin_credentials()?, version).await?;
+            tracing::info!(target: "keyward::kek", kek_id = %id, kms_key_id = ?r.key_id, deletion_date = ?r.deletion_date, "kek.kms_key_disabled_and_scheduled_for_deletion");
+            r.key_id.is_some()
+        }
     };
     tracing::info!(target: "keyward::kek", kek_id = %id, destroyed, "kek.retired");
     Ok(serde_json::json!({ "retired": id, "destroyed": destroyed }))

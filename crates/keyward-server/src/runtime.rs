@@ -40,6 +40,9 @@ pub fn prepare_data_dir(config: &Config) -> Result<(), RuntimeError> {
         // which `serve` never reads).
         #[cfg(feature = "pkcs11")]
         KekConfig::Pkcs11(_) => {}
+        // `key-id=` is version 1: recorded (with `primary`) on first start, checked after.
+        #[cfg(feature = "awskms")]
+        KekConfig::AwsKms(c) => keyward_crypto::awskms::bootstrap(c)?,
     }
     AuditChainKey::ensure(dir)?;
     Ok(())
@@ -61,6 +64,8 @@ pub fn load_sealer(config: &Config) -> Result<KekSealer, RuntimeError> {
                 "KEYWARD_KEK=pkcs11: no KEK version yet; create one with `keyward kek rotate`".to_owned(),
             )
         })?,
+        #[cfg(feature = "awskms")]
+        KekConfig::AwsKms(c) => keyward_crypto::awskms::primary(c)?,
     };
     load_sealer_version(config, version)
 }
@@ -75,6 +80,9 @@ pub fn load_sealer_version(config: &Config, version: u32) -> Result<KekSealer, R
             let kek = keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?;
             Ok(KekSealer::Pkcs11(kek.sealer(version)?))
         }
+        // The gateway's credentials (encrypt-only) are read here; never the worker's.
+        #[cfg(feature = "awskms")]
+        KekConfig::AwsKms(c) => Ok(KekSealer::AwsKms(keyward_crypto::awskms::sealer(c, version)?)),
     }
 }
 

@@ -174,7 +174,10 @@ impl Worker {
                     send(&mut stream, &answer).await
                 }
                 Ok(ToWorker::Call(c)) => self.call(c, &mut stream).await,
-                Ok(ToWorker::Rewrap(r)) => send(&mut stream, &self.rewrap(&r)).await,
+                Ok(ToWorker::Rewrap(r)) => {
+                    let answer = self.rewrap(&r).await;
+                    send(&mut stream, &answer).await
+                }
                 Err(e) => {
                     // A peer that speaks garbage gets one answer and is dropped.
                     let _ = send(&mut stream, &fail(FailKind::BadRequest, &format!("bad frame: {e}"))).await;
@@ -203,7 +206,7 @@ impl Worker {
         let blob = SealedKey::from_bytes(c.blob.clone());
         let mut delays = KEK_RETRY_DELAYS.iter();
         let n = loop {
-            match self.opener.open_into(&binding, &blob, page.page_mut()) {
+            match self.opener.open_into_async(&binding, &blob, page.page_mut()).await {
                 Ok(n) => break n,
                 Err(e @ CryptoError::Backend { .. }) => match delays.next() {
                     Some(delay) => {

@@ -70,6 +70,10 @@ enum KekCommand {
         /// node first, then `promote`).
         #[arg(long)]
         staged: bool,
+        /// AWS KMS: the credentials file (0600) allowed `kms:CreateKey`; default: the
+        /// worker's file.
+        #[arg(long)]
+        credentials_file: Option<std::path::PathBuf>,
     },
     /// Make a staged version primary.
     Promote {
@@ -89,6 +93,10 @@ enum KekCommand {
     Retire {
         #[arg(long)]
         version: u32,
+        /// AWS KMS: the credentials file (0600) allowed `kms:DisableKey` and
+        /// `kms:ScheduleKeyDeletion`; default: the worker's file.
+        #[arg(long)]
+        credentials_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -288,14 +296,29 @@ async fn run_kek(
     command: KekCommand,
 ) -> anyhow::Result<ExitCode> {
     use keyward_server::kek;
+    let with_credentials;
+    let config = match &command {
+        KekCommand::Rotate {
+            credentials_file: Some(path),
+            ..
+        }
+        | KekCommand::Retire {
+            credentials_file: Some(path),
+            ..
+        } => {
+            with_credentials = admin_credentials(config, path)?;
+            &with_credentials
+        }
+        _ => config,
+    };
     let out = match command {
-        KekCommand::Rotate { staged } => kek::rotate(config, staged)?,
+        KekCommand::Rotate { staged, .. } => kek::rotate(config, staged).await?,
         KekCommand::Promote { version } => kek::promote(config, version)?,
         KekCommand::Status => {
             let (_, kek_store) = kek::open_stores(config).await?;
             kek::status(config, kek_store.as_ref()).await?
         }
-        KekCommand::Retire { version } => {
+        KekCommand::Retire { version, .. } => {
             let (_, kek_store) = kek::open_stores(config).await?;
             let now = keyward_server::clock::Clock::now(&keyward_server::clock::SystemClock);
             kek::retire(config, kek_store.as_ref(), version, now).await?
@@ -319,6 +342,24 @@ async fn run_kek(
     };
     print_json(&out)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `config` with `--credentials-file` as the credentials `keyward kek rotate` and `retire`
+/// use (AWS KMS only: no other backend reads one).
+fn admin_credentials(
+    config: &keyward_server::Config,
+    path: &std::path::Path,
+) -> anyhow::Result<keyward_server::Config> {
+    #[cfg(feature = "awskms")]
+    if let keyward_server::config::KekConfig::AwsKms(c) = &config.kek {
+        let mut c = c.clone();
+        c.admin_credentials_file = Some(path.to_path_buf());
+        let mut config = config.clone();
+        config.kek = keyward_server::config::KekConfig::AwsKms(c);
+        return Ok(config);
+    }
+    let _ = (config, path);
+    anyhow::bail!("--credentials-file is for KEYWARD_KEK=awskms:…")
 }
 
 /// `keyward worker`: load the KEK's opening half, then hand over to the sandboxed worker.
@@ -361,6 +402,15 @@ fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
             }
             keyward_crypto::Keyring::of(openers)?
         }
+        // The worker's own credentials file is read here, before the sandbox; KMS is then
+        // reached over the network only (connect is allowed; CA roots are under /etc).
+        #[cfg(feature = "awskms")]
+        keyward_server::config::KekConfig::AwsKms(c) => keyward_crypto::Keyring::of(
+            keyward_crypto::awskms::openers(c)?
+                .into_iter()
+                .map(keyward_crypto::KekOpener::AwsKms)
+                .collect(),
+        )?,
     };
     let worker_config = keyward_worker::WorkerConfig {
         socket,

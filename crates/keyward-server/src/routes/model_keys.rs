@@ -159,7 +159,8 @@ pub async fn store_key(
     // version as one it seals to, so `kek retire` cannot destroy it under this save.
     let sealer = state.sealer.current();
     let sealed = sealer
-        .seal(&binding, key.expose_secret().as_bytes())
+        .seal_async(&binding, key.expose_secret().as_bytes())
+        .await
         .map_err(|e| seal_error(&e))?;
     let new = NewKey {
         key_id,

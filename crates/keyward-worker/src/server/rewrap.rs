@@ -11,7 +11,7 @@ use super::{fail, Worker};
 use crate::protocol::{FailKind, FromWorker, RewrapRequest};
 
 impl Worker {
-    pub(super) fn rewrap(&self, r: &RewrapRequest) -> FromWorker {
+    pub(super) async fn rewrap(&self, r: &RewrapRequest) -> FromWorker {
         let started = std::time::Instant::now();
         let mut page = match self.pages.take() {
             Ok(p) => p,
@@ -23,7 +23,11 @@ impl Worker {
             key_id: &r.key_id,
         };
         let blob = SealedKey::from_bytes(r.blob.clone());
-        let answer = match self.opener.rewrap(&binding, &blob, &r.target_kek_id, page.page_mut()) {
+        let answer = match self
+            .opener
+            .rewrap_async(&binding, &blob, &r.target_kek_id, page.page_mut())
+            .await
+        {
             Ok(sealed) => FromWorker::Sealed(sealed.into_bytes()),
             Err(e @ CryptoError::Backend { .. }) => fail(
                 FailKind::KekUnavailable,

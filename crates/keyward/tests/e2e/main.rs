@@ -13,6 +13,7 @@
 mod ai_calls;
 mod ai_support;
 mod audit;
+mod awskms;
 mod bad_input;
 mod browser;
 mod canary;
