@@ -19,6 +19,7 @@ use secrecy::SecretString;
 
 use crate::ai_support::*;
 use crate::common::*;
+use crate::kek::{all_blobs, versions, wait_log};
 
 // ---- moto --------------------------------------------------------------------------------
 
@@ -146,50 +147,6 @@ impl Proxy {
 }
 
 // ---- helpers -----------------------------------------------------------------------------
-
-/// The kek id a v3 blob names, read from its header.
-fn kek_of(blob: &[u8]) -> String {
-    assert!(blob.starts_with(b"KWB\x03"), "not a KMS (v3) blob");
-    let n = usize::from(blob[4]);
-    String::from_utf8(blob[5..5 + n].to_vec()).unwrap()
-}
-
-/// Every `provider_keys` row: key id → (account, provider, blob).
-async fn all_blobs(pool: &sqlx::SqlitePool) -> BTreeMap<String, (String, String, Vec<u8>)> {
-    use sqlx::Row;
-    sqlx::query("SELECT account_id, provider, key_id, sealed FROM provider_keys")
-        .fetch_all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| {
-            (
-                r.get("key_id"),
-                (r.get("account_id"), r.get("provider"), r.get("sealed")),
-            )
-        })
-        .collect()
-}
-
-fn versions(blobs: &BTreeMap<String, (String, String, Vec<u8>)>) -> BTreeMap<String, usize> {
-    let mut v = BTreeMap::new();
-    for (_, _, b) in blobs.values() {
-        *v.entry(kek_of(b)).or_insert(0) += 1;
-    }
-    v
-}
-
-fn wait_log(kw: &Keyward, needle: &str, times: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while kw.output().matches(needle).count() < times {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} ×{times} in the log:\n{}",
-            kw.output()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn credentials_file(dir: &std::path::Path, name: &str, access: &str, secret: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;

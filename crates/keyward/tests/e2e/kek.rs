@@ -14,18 +14,16 @@ use serde_json::Value;
 use crate::ai_support::*;
 use crate::common::*;
 
-/// The kek id a blob names (`local-1`, …), read from its header (v1 and v2 alike).
-fn kek_of(blob: &[u8]) -> String {
-    assert!(
-        blob.starts_with(b"KWB\x01") || blob.starts_with(b"KWB\x02"),
-        "not a blob"
-    );
-    let n = usize::from(blob[4]);
-    String::from_utf8(blob[5..5 + n].to_vec()).unwrap()
+/// The kek id a blob names (`local-1`, `pkcs11-…`, `awskms-…`), read by the crate's own
+/// header parser.
+pub fn kek_of(blob: &[u8]) -> String {
+    keyward_crypto::SealedKey::from_bytes(blob.to_vec())
+        .kek_id()
+        .expect("a sealed key blob")
 }
 
 /// Every `provider_keys` row in a database file: key id → (account, provider, blob).
-async fn all_blobs(pool: &sqlx::SqlitePool) -> BTreeMap<String, (String, String, Vec<u8>)> {
+pub async fn all_blobs(pool: &sqlx::SqlitePool) -> BTreeMap<String, (String, String, Vec<u8>)> {
     use sqlx::Row;
     sqlx::query("SELECT account_id, provider, key_id, sealed FROM provider_keys")
         .fetch_all(pool)
@@ -41,7 +39,7 @@ async fn all_blobs(pool: &sqlx::SqlitePool) -> BTreeMap<String, (String, String,
         .collect()
 }
 
-fn versions(blobs: &BTreeMap<String, (String, String, Vec<u8>)>) -> BTreeMap<String, usize> {
+pub fn versions(blobs: &BTreeMap<String, (String, String, Vec<u8>)>) -> BTreeMap<String, usize> {
     let mut v = BTreeMap::new();
     for (_, _, b) in blobs.values() {
         *v.entry(kek_of(b)).or_insert(0) += 1;
@@ -50,7 +48,7 @@ fn versions(blobs: &BTreeMap<String, (String, String, Vec<u8>)>) -> BTreeMap<Str
 }
 
 /// Waits until the server's log has `needle` at least `times` times.
-fn wait_log(kw: &Keyward, needle: &str, times: usize) {
+pub fn wait_log(kw: &Keyward, needle: &str, times: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while kw.output().matches(needle).count() < times {
         assert!(
