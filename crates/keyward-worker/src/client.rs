@@ -2,28 +2,30 @@
 
 use std::path::Path;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::protocol::{read_frame, FrameIoError, FromWorker, ProtocolError, ToWorker};
 
 #[derive(Debug)]
 pub struct WorkerConn {
-    stream: UnixStream,
+    /// Buffered for reading: the frames of a finished answer (head, body, end) arrive in
+    /// one write and are read with one syscall.
+    stream: BufReader<UnixStream>,
     buf: Vec<u8>,
 }
 
 impl WorkerConn {
     pub async fn connect(path: &Path) -> std::io::Result<WorkerConn> {
         Ok(WorkerConn {
-            stream: UnixStream::connect(path).await?,
+            stream: BufReader::new(UnixStream::connect(path).await?),
             buf: Vec::with_capacity(4096),
         })
     }
 
     pub async fn send(&mut self, msg: &ToWorker) -> Result<(), FrameIoError> {
         let frame = msg.encode().map_err(FrameIoError::Protocol)?;
-        self.stream.write_all(&frame).await.map_err(FrameIoError::Io)
+        self.stream.get_mut().write_all(&frame).await.map_err(FrameIoError::Io)
     }
 
     /// The next frame; an EOF here means the worker died mid-exchange.

@@ -1,15 +1,17 @@
 //! The worker process: accepts the gateway on a Unix socket, opens sealed keys, calls
 //! providers, and streams their answers back.
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use keyward_core::Provider;
 use keyward_crypto::{Binding, CryptoError, Keyring, SealedKey};
 use keyward_providers::{key_placement, path_allowed, HttpMethod};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_rustls::rustls::ClientConfig;
 
@@ -151,10 +153,11 @@ pub fn run(config: WorkerConfig, opener: Keyring) -> Result<(), WorkerError> {
 }
 
 impl Worker {
-    async fn serve_connection(&self, mut stream: UnixStream) {
+    async fn serve_connection(&self, stream: UnixStream) {
+        let mut stream = GatewayConn::new(stream);
         let mut buf = Vec::with_capacity(4096);
         loop {
-            match read_frame(&mut stream, &mut buf).await {
+            match read_frame(&mut stream.io, &mut buf).await {
                 Ok(Some(())) => {}
                 Ok(None) => return,
                 Err(e) => {
@@ -165,22 +168,24 @@ impl Worker {
             let request = ToWorker::decode(&buf);
             buf.clear();
             let result = match request {
-                Ok(ToWorker::Ping) => send(&mut stream, &FromWorker::Pong).await,
+                Ok(ToWorker::Ping) => stream.send(&FromWorker::Pong).await,
                 Ok(ToWorker::OpenOnly(c)) => {
                     let answer = match self.open(&c).await {
                         Ok(_page) => FromWorker::End,
                         Err(f) => f,
                     };
-                    send(&mut stream, &answer).await
+                    stream.send(&answer).await
                 }
                 Ok(ToWorker::Call(c)) => self.call(c, &mut stream).await,
                 Ok(ToWorker::Rewrap(r)) => {
                     let answer = self.rewrap(&r).await;
-                    send(&mut stream, &answer).await
+                    stream.send(&answer).await
                 }
                 Err(e) => {
                     // A peer that speaks garbage gets one answer and is dropped.
-                    let _ = send(&mut stream, &fail(FailKind::BadRequest, &format!("bad frame: {e}"))).await;
+                    let _ = stream
+                        .send(&fail(FailKind::BadRequest, &format!("bad frame: {e}")))
+                        .await;
                     return;
                 }
             };
@@ -232,7 +237,7 @@ impl Worker {
         Ok(page)
     }
 
-    async fn call(&self, c: CallRequest, stream: &mut UnixStream) -> std::io::Result<()> {
+    async fn call(&self, c: CallRequest, stream: &mut GatewayConn) -> std::io::Result<()> {
         let started = std::time::Instant::now();
         let request_id = c.request_id;
         let outcome = self.call_inner(c, stream).await;
@@ -245,11 +250,11 @@ impl Worker {
         match outcome {
             Ok(()) => Ok(()),
             Err(CallError::Gateway(e)) => Err(e),
-            Err(CallError::Fail(f)) => send(stream, &f).await,
+            Err(CallError::Fail(f)) => stream.send(&f).await,
         }
     }
 
-    async fn call_inner(&self, c: CallRequest, stream: &mut UnixStream) -> Result<(), CallError> {
+    async fn call_inner(&self, c: CallRequest, stream: &mut GatewayConn) -> Result<(), CallError> {
         let provider: Provider = c
             .provider
             .parse()
@@ -338,33 +343,41 @@ impl Worker {
                 (k.clone(), String::from_utf8_lossy(&v).into_owned())
             })
             .collect();
-        send(
-            stream,
-            &FromWorker::Head {
-                status: response.status,
-                headers,
-            },
-        )
-        .await
-        .map_err(CallError::Gateway)?;
+        stream.queue(&FromWorker::Head {
+            status: response.status,
+            headers,
+        })?;
         let mut scrubber = EchoMasker::new(key_bytes, response.status >= 300);
         loop {
-            match response.next_chunk().await {
+            // Whatever is queued goes out before waiting on the provider, so a stream passes
+            // through as it arrives; a body already here joins the head in the same write.
+            let next = {
+                let next = response.next_chunk();
+                tokio::pin!(next);
+                match std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => {
+                        stream.flush().await.map_err(CallError::Gateway)?;
+                        next.await
+                    }
+                }
+            };
+            match next {
                 Ok(Some(chunk)) => {
                     let safe = scrubber.feed(&chunk);
                     if !safe.is_empty() {
-                        send(stream, &FromWorker::Chunk(safe))
-                            .await
-                            .map_err(CallError::Gateway)?;
+                        stream.queue(&FromWorker::Chunk(safe))?;
+                    }
+                    // A provider faster than the gateway still never piles up here.
+                    if stream.out.len() >= FLUSH_AT {
+                        stream.flush().await.map_err(CallError::Gateway)?;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     let rest = scrubber.finish();
                     if !rest.is_empty() {
-                        send(stream, &FromWorker::Chunk(rest))
-                            .await
-                            .map_err(CallError::Gateway)?;
+                        stream.queue(&FromWorker::Chunk(rest))?;
                     }
                     return Err(http_fail(&e).into());
                 }
@@ -372,12 +385,55 @@ impl Worker {
         }
         let rest = scrubber.finish();
         if !rest.is_empty() {
-            send(stream, &FromWorker::Chunk(rest))
-                .await
-                .map_err(CallError::Gateway)?;
+            stream.queue(&FromWorker::Chunk(rest))?;
         }
         drop(key);
-        send(stream, &FromWorker::End).await.map_err(CallError::Gateway)
+        stream.send(&FromWorker::End).await.map_err(CallError::Gateway)
+    }
+}
+
+/// The worker's side of one gateway connection. Frames are queued and written together:
+/// an answer that is complete when it arrives (head, body, end) costs one write and one
+/// wake-up of the gateway instead of three. The caller flushes before anything that may
+/// wait, so nothing queued is ever held back behind a slow provider.
+/// Queued bytes that are written at once even when more of the answer is ready.
+const FLUSH_AT: usize = 64 * 1024;
+
+struct GatewayConn {
+    io: BufReader<UnixStream>,
+    out: Vec<u8>,
+}
+
+impl GatewayConn {
+    fn new(stream: UnixStream) -> GatewayConn {
+        GatewayConn {
+            io: BufReader::new(stream),
+            out: Vec::with_capacity(4096),
+        }
+    }
+
+    fn queue(&mut self, msg: &FromWorker) -> Result<(), CallError> {
+        let frame = msg
+            .encode()
+            .map_err(|e| fail(FailKind::Internal, &format!("encode: {e}")))?;
+        self.out.extend_from_slice(&frame);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let written = self.io.get_mut().write_all(&self.out).await;
+        self.out.clear();
+        written
+    }
+
+    /// Queues `msg` and writes everything queued.
+    async fn send(&mut self, msg: &FromWorker) -> std::io::Result<()> {
+        let frame = msg.encode().map_err(std::io::Error::other)?;
+        self.out.extend_from_slice(&frame);
+        self.flush().await
     }
 }
 
@@ -429,9 +485,4 @@ fn http_fail(e: &HttpError) -> FromWorker {
         HttpError::BaseUrl(_) => FailKind::Internal,
     };
     fail(kind, &e.to_string())
-}
-
-async fn send(stream: &mut UnixStream, msg: &FromWorker) -> std::io::Result<()> {
-    let frame = msg.encode().map_err(std::io::Error::other)?;
-    stream.write_all(&frame).await
 }
