@@ -8,7 +8,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use base64::Engine;
 use keyward_core::AccountId;
-use keyward_store::{Membership, User};
+use keyward_store::{CallKey, Membership, User};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -101,6 +101,29 @@ pub async fn authenticate_member(state: &AppState, token: &str, account: &str) -
     Ok((Caller { user }, membership.ok_or_else(ApiError::not_found)?))
 }
 
+/// [`authenticate_member`] and the account's key for `provider`, in one read: the whole
+/// lookup of an AI call before its key is opened. 401, then 404; a non-member's lookup
+/// reads no key.
+pub async fn authenticate_member_with_key(
+    state: &AppState,
+    token: &str,
+    account: &str,
+    provider: keyward_core::Provider,
+) -> ApiResult<(Caller, Membership, CallKey)> {
+    let token_hash = well_formed_token_hash(token)?;
+    let Ok(account) = AccountId::parse(account) else {
+        authenticate(state, token).await?;
+        return Err(ApiError::not_found());
+    };
+    let (user, member) = state
+        .store
+        .member_and_call_key(&token_hash, &account, provider)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    let (membership, key) = member.ok_or_else(ApiError::not_found)?;
+    Ok((Caller { user }, membership, key))
+}
+
 /// An authenticated caller who is a member of the `{account_id}` in the path, found with
 /// one read.
 #[derive(Debug, Clone)]
@@ -165,6 +188,17 @@ impl AccountMemberClaim {
     pub async fn check(&self, state: &AppState) -> ApiResult<AccountMember> {
         let (caller, membership) = authenticate_member(state, &self.token, &self.account).await?;
         Ok(AccountMember { caller, membership })
+    }
+
+    /// [`AccountMemberClaim::check`] and the account's key for `provider`, with one read.
+    pub async fn check_with_key(
+        &self,
+        state: &AppState,
+        provider: keyward_core::Provider,
+    ) -> ApiResult<(AccountMember, CallKey)> {
+        let (caller, membership, key) =
+            authenticate_member_with_key(state, &self.token, &self.account, provider).await?;
+        Ok((AccountMember { caller, membership }, key))
     }
 }
 

@@ -343,6 +343,16 @@ pub trait Store: Send + Sync + 'static {
         token_hash: &str,
         account: &AccountId,
     ) -> StoreResult<Option<(User, Option<Membership>)>>;
+    /// [`Store::member_by_token`] and [`Store::call_key`] in one read: everything an
+    /// own-key AI call looks up before it opens its key. `None` for an unknown token; else
+    /// the user and, only when they are a member of `account`, their membership and the
+    /// account's key for `provider` (a non-member's lookup reads no key).
+    async fn member_and_call_key(
+        &self,
+        token_hash: &str,
+        account: &AccountId,
+        provider: Provider,
+    ) -> StoreResult<Option<(User, Option<(Membership, CallKey)>)>>;
     async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>>;
     async fn count_users(&self) -> StoreResult<i64>;
 

@@ -378,6 +378,25 @@ fn stored_key_from_row(row: &PgRow, table: &str) -> StoreResult<StoredKey> {
     })
 }
 
+/// A [`CallKey`] from the `source`, `key_id`, `sealed` and `last4` columns of a row (a
+/// missing source is the default, shared).
+fn call_key_from_row(row: &PgRow) -> StoreResult<CallKey> {
+    let source = get::<Option<String>>(row, "source")?
+        .map(|s| s.parse::<KeySource>())
+        .transpose()
+        .map_err(|_| corrupt("provider_sources.source"))?
+        .unwrap_or_default();
+    let table = match source {
+        KeySource::Own => "provider_keys",
+        KeySource::Shared => "shared_keys",
+    };
+    let key = match get::<Option<String>>(row, "key_id")? {
+        Some(_) => Some(stored_key_from_row(row, table)?),
+        None => None,
+    };
+    Ok(CallKey { source, key })
+}
+
 const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
 const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
 const AUDIT_COLUMNS: &str = "id, account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac";
@@ -764,6 +783,44 @@ impl Store for PgStore {
         Ok(Some((user, membership)))
     }
 
+    async fn member_and_call_key(
+        &self,
+        token_hash: &str,
+        account: &AccountId,
+        provider: Provider,
+    ) -> StoreResult<Option<(User, Option<(Membership, CallKey)>)>> {
+        // The key tables are joined through the membership row, so a non-member's lookup
+        // never reads a key at all.
+        let row = sqlx::query(&format!(
+            "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}, s.source,
+                    COALESCE(k.key_id, sk.key_id) AS key_id,
+                    COALESCE(k.sealed, sk.sealed) AS sealed,
+                    COALESCE(k.last4, sk.last4) AS last4
+             FROM api_tokens t JOIN users u ON u.id = t.user_id
+             LEFT JOIN memberships m ON m.user_id = u.id AND m.account_id = $2
+             LEFT JOIN accounts a ON a.id = m.account_id
+             LEFT JOIN provider_sources s ON s.account_id = m.account_id AND s.provider = $3
+             LEFT JOIN provider_keys k ON k.account_id = m.account_id AND k.provider = $3
+                                      AND s.source = 'own'
+             LEFT JOIN shared_keys sk ON m.account_id IS NOT NULL AND sk.provider = $3
+                                     AND COALESCE(s.source, 'shared') = 'shared'
+             WHERE t.token_hash = $1"
+        ))
+        .bind(token_hash)
+        .bind(account.as_str())
+        .bind(provider.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let user = user_from_row(&row)?;
+        let member = match get::<Option<String>>(&row, "role")? {
+            Some(_) => Some((membership_from_row(&row)?, call_key_from_row(&row)?)),
+            None => None,
+        };
+        Ok(Some((user, member)))
+    }
+
     async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
         let row = sqlx::query("SELECT id, email FROM users WHERE email = $1")
             .bind(email.as_str())
@@ -1047,20 +1104,7 @@ impl Store for PgStore {
         .fetch_one(&self.pool)
         .await
         .map_err(map_err)?;
-        let source = get::<Option<String>>(&row, "source")?
-            .map(|s| s.parse::<KeySource>())
-            .transpose()
-            .map_err(|_| corrupt("provider_sources.source"))?
-            .unwrap_or_default();
-        let table = match source {
-            KeySource::Own => "provider_keys",
-            KeySource::Shared => "shared_keys",
-        };
-        let key = match get::<Option<String>>(&row, "key_id")? {
-            Some(_) => Some(stored_key_from_row(&row, table)?),
-            None => None,
-        };
-        Ok(CallKey { source, key })
+        call_key_from_row(&row)
     }
 
     async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>> {

@@ -494,6 +494,27 @@ async fn shared_keys_save_rotate_read(s: &dyn Store) {
 }
 
 /// `call_key` (the AI hot path's one read) picks the key the source selects, and only it.
+/// `call_key`, after checking that `member_and_call_key` (the AI routes' single read) gives
+/// the same key and the membership of the account for `token_hash`'s user.
+async fn both(s: &dyn Store, token_hash: &str, account: &AccountId, p: Provider) -> keyward_store::CallKey {
+    let alone = s.call_key(account, p).await.unwrap();
+    let (_, member) = s.member_and_call_key(token_hash, account, p).await.unwrap().unwrap();
+    let (membership, joined) = member.expect("a member");
+    assert_eq!(&membership.account.id, account);
+    assert_eq!(joined.source, alone.source);
+    let parts = |k: &keyward_store::CallKey| {
+        k.key.as_ref().map(|k| {
+            (
+                k.key_id.to_string(),
+                k.sealed.as_bytes().to_vec(),
+                k.last4.as_str().to_owned(),
+            )
+        })
+    };
+    assert_eq!(parts(&joined), parts(&alone));
+    alone
+}
+
 async fn call_key_follows_the_source(s: &dyn Store) {
     let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
     let actor = Actor(user.to_string());
@@ -501,25 +522,22 @@ async fn call_key_follows_the_source(s: &dyn Store) {
     let picked = |k: &keyward_store::CallKey| (k.source, k.key.as_ref().map(|k| k.last4.as_str().to_owned()));
 
     // Nothing configured: shared, and no key to use.
-    assert_eq!(
-        picked(&s.call_key(&account, p).await.unwrap()),
-        (KeySource::Shared, None)
-    );
+    assert_eq!(picked(&both(s, "hash1", &account, p).await), (KeySource::Shared, None));
     s.save_shared_key(p, new_key(1, "pool"), t(10)).await.unwrap();
     assert_eq!(
-        picked(&s.call_key(&account, p).await.unwrap()),
+        picked(&both(s, "hash1", &account, p).await),
         (KeySource::Shared, Some("pool".to_owned()))
     );
     // A saved own key is kept but not used while the source is shared.
     s.save_key(&account, p, new_key(2, "mine"), &actor, t(11))
         .await
         .unwrap();
-    let k = s.call_key(&account, p).await.unwrap();
+    let k = both(s, "hash1", &account, p).await;
     assert_eq!(picked(&k), (KeySource::Shared, Some("pool".to_owned())));
     assert_eq!(k.key.unwrap().sealed.as_bytes(), &[1u8; 64][..]);
     // Switched to own: the own key, with its blob and key id.
     s.set_source(&account, p, KeySource::Own, &actor, t(12)).await.unwrap();
-    let k = s.call_key(&account, p).await.unwrap();
+    let k = both(s, "hash1", &account, p).await;
     assert_eq!(picked(&k), (KeySource::Own, Some("mine".to_owned())));
     let k = k.key.unwrap();
     assert_eq!(
@@ -528,18 +546,23 @@ async fn call_key_follows_the_source(s: &dyn Store) {
     );
     // Other providers and other accounts are untouched.
     assert_eq!(
-        picked(&s.call_key(&account, Provider::Google).await.unwrap()),
+        picked(&both(s, "hash1", &account, Provider::Google).await),
         (KeySource::Shared, None)
     );
-    let (_, other) = owner_with_account(s, 2, Plan::Pro).await;
+    let (user2, other) = owner_with_account(s, 2, Plan::Pro).await;
+    // A non-member gets their user and no key; an unknown token gets nothing.
+    let (u, member) = s.member_and_call_key("hash2", &account, p).await.unwrap().unwrap();
+    assert_eq!(u.id, user2);
+    assert!(member.is_none());
+    assert!(s.member_and_call_key("nope", &account, p).await.unwrap().is_none());
     assert_eq!(
-        picked(&s.call_key(&other, p).await.unwrap()),
+        picked(&both(s, "hash2", &other, p).await),
         (KeySource::Shared, Some("pool".to_owned()))
     );
     // Removing the own key switches the account back to the shared pool.
     s.remove_key(&account, p, &actor, t(13)).await.unwrap();
     assert_eq!(
-        picked(&s.call_key(&account, p).await.unwrap()),
+        picked(&both(s, "hash1", &account, p).await),
         (KeySource::Shared, Some("pool".to_owned()))
     );
 }

@@ -286,19 +286,17 @@ pub async fn messages(
 }
 
 async fn messages_call(state: AppState, claim: AccountMemberClaim, body: JsonBody) -> ApiResult<Response> {
-    // The body names the provider; with it, the account's key is read while the caller's
-    // membership is checked (two reads at once, not in a row). The key is used only once
-    // the membership holds, and errors keep their order: token, membership, then body.
+    // The body names the provider; with it, the caller, their membership and the account's
+    // key are one read. Errors keep their order: token, membership, then body.
     let parsed: ApiResult<MessagesBody> = body.parse();
     let provider = parsed.as_ref().ok().and_then(|b| b.provider.parse::<Provider>().ok());
-    let key = async {
-        match (AccountId::parse(claim.account()), provider) {
-            (Ok(id), Some(p)) => state.store.call_key(&id, p).await.ok(),
-            _ => None,
+    let (AccountMember { caller, membership: m }, prefetched_key) = match provider {
+        Some(p) => {
+            let (member, key) = claim.check_with_key(&state, p).await?;
+            (member, Some(key))
         }
+        None => (claim.check(&state).await?, None),
     };
-    let (member, prefetched_key) = tokio::join!(claim.check(&state), key);
-    let AccountMember { caller, membership: m } = member?;
     let body = parsed?;
     let provider: Provider = body
         .provider

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::ai::{open_and_call, CallFailure};
 use crate::app::AppState;
-use crate::auth::{authenticate_member, Caller};
+use crate::auth::{authenticate_member, authenticate_member_with_key, Caller};
 use crate::error::ApiError;
 use crate::extract::AiBody;
 use crate::routes::ai::{channel_body, fail_call, prepare, CallContext, CallSpec, MAX_ANSWER};
@@ -107,10 +107,8 @@ async fn caller_and_account(
     authenticate_member(state, &token, account).await
 }
 
-/// The caller, their membership of `account` and, read at the same time (the provider is
-/// known from the route), the account's key for `provider`: two reads in parallel instead
-/// of one after the other on every pass-through call. The key is used only once the
-/// membership holds; a failed check answers as before, and drops it unused.
+/// The caller, their membership of `account` and the account's key for `provider` (the
+/// route names it), in one read. The key is used only once the membership holds.
 async fn caller_account_and_key(
     state: &AppState,
     headers: &HeaderMap,
@@ -118,16 +116,8 @@ async fn caller_account_and_key(
     provider: Provider,
 ) -> Result<(Caller, keyward_store::Membership, Option<keyward_store::CallKey>), ApiError> {
     let token = zeroize::Zeroizing::new(sdk_token(headers).ok_or_else(ApiError::unauthorized)?);
-    let key = async {
-        match keyward_core::AccountId::parse(account) {
-            Ok(id) => Some(state.store.call_key(&id, provider).await),
-            Err(_) => None,
-        }
-    };
-    let (member, key) = tokio::join!(authenticate_member(state, &token, account), key);
-    let (caller, membership) = member?;
-    // A read that failed is read again by `prepare` (and answers its own error there).
-    Ok((caller, membership, key.and_then(Result::ok)))
+    let (caller, membership, key) = authenticate_member_with_key(state, &token, account, provider).await?;
+    Ok((caller, membership, Some(key)))
 }
 
 /// What the gateway reads from a client's native request body.
