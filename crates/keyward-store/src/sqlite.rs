@@ -283,14 +283,30 @@ async fn append_in_tx<'e>(
     events: impl IntoIterator<Item = &'e NewAuditEvent> + Send,
     batch: &mut Batch,
 ) -> StoreResult<()> {
+    chain_into_batch(conn, "", chain_key, events, batch).await
+}
+
+/// [`append_in_tx`], with `lead` (statements without parameters, e.g. the `BEGIN` of a
+/// [`RawTx`]) sent in the same round trip as the first read of the heads.
+async fn chain_into_batch<'e>(
+    conn: &mut SqliteConnection,
+    lead: &str,
+    chain_key: &AuditChainKey,
+    events: impl IntoIterator<Item = &'e NewAuditEvent> + Send,
+    batch: &mut Batch,
+) -> StoreResult<()> {
     let events: Vec<&NewAuditEvent> = events.into_iter().collect();
     let mut accounts: Vec<&str> = events.iter().map(|e| e.account_id.as_str()).collect();
     accounts.sort_unstable();
     accounts.dedup();
+    if accounts.is_empty() && !lead.is_empty() {
+        sqlx::query(lead).execute(&mut *conn).await.map_err(map_err)?;
+    }
     let mut heads: BTreeMap<String, (i64, [u8; 32])> = BTreeMap::new();
-    for chunk in accounts.chunks(500) {
+    for (i, chunk) in accounts.chunks(500).enumerate() {
         let sql = format!(
-            "SELECT account_id, seq, mac FROM audit_heads WHERE account_id IN ({})",
+            "{}SELECT account_id, seq, mac FROM audit_heads WHERE account_id IN ({})",
+            if i == 0 { lead } else { "" },
             vec!["?"; chunk.len()].join(",")
         );
         let mut q = sqlx::query(&sql);
@@ -358,6 +374,41 @@ async fn append_in_tx<'e>(
         batch.arg(mac.to_vec())?;
     }
     Ok(())
+}
+
+/// A writer connection inside a transaction that sqlx does not track: the `BEGIN` and the
+/// `COMMIT` travel with the first read and the last write, which saves two round trips to
+/// SQLite's thread per group commit. Dropped before [`RawTx::committed`] (an error or a
+/// cancelled future), the connection is closed instead of pooled, so an open transaction
+/// can never reach the next user of the pool.
+struct RawTx {
+    conn: sqlx::pool::PoolConnection<Sqlite>,
+    open: bool,
+}
+
+impl RawTx {
+    fn new(conn: sqlx::pool::PoolConnection<Sqlite>) -> RawTx {
+        RawTx { conn, open: true }
+    }
+
+    fn committed(&mut self) {
+        self.open = false;
+    }
+
+    /// Best effort; if the ROLLBACK fails too, the connection is closed on drop.
+    async fn roll_back(&mut self) {
+        if sqlx::query("ROLLBACK").execute(&mut *self.conn).await.is_ok() {
+            self.open = false;
+        }
+    }
+}
+
+impl Drop for RawTx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// [`append_in_tx`] and run: for callers with nothing else to write in the same round trip.
@@ -985,32 +1036,55 @@ impl Store for SqliteStore {
         // Check everything before writing anything, and fold the batch into one update per
         // (account, period) and per counter row (see `fold_calls`).
         let FoldedCalls { credits, counters } = fold_calls(records)?;
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        for ((account, period), (release, charge)) in credits {
-            settle_in_tx(&mut tx, account, period, release, charge).await?;
+        // This runs for every AI call (batched), so it spends as few round trips to SQLite's
+        // thread as it can: BEGIN with the read of the chain heads, then (shared-pool
+        // batches only) the credit updates, then every write with the COMMIT.
+        let mut tx = RawTx::new(self.writer.acquire().await.map_err(map_err)?);
+        let written = async {
+            let mut batch = Batch::default();
+            chain_into_batch(
+                &mut tx.conn,
+                "BEGIN IMMEDIATE;\n",
+                &self.chain_key,
+                records.iter().map(audit_of),
+                &mut batch,
+            )
+            .await?;
+            for ((account, period), (release, charge)) in credits {
+                settle_in_tx(&mut tx.conn, account, period, release, charge).await?;
+            }
+            // Counters, audit rows and chain heads: one round trip (see `Batch`).
+            for ((account, period, provider, source), (requests, input, output)) in counters {
+                batch.sql(
+                    "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
+                       requests = usage_counters.requests + excluded.requests,
+                       input_tokens = usage_counters.input_tokens + excluded.input_tokens,
+                       output_tokens = usage_counters.output_tokens + excluded.output_tokens;\n",
+                );
+                batch.arg(account.to_owned())?;
+                batch.arg(period.to_owned())?;
+                batch.arg(provider.to_owned())?;
+                batch.arg(source.to_owned())?;
+                batch.arg(requests)?;
+                batch.arg(input)?;
+                batch.arg(output)?;
+            }
+            batch.sql("COMMIT;");
+            batch.run(&mut tx.conn).await
         }
-        // Counters, audit rows and chain heads: one round trip (see `Batch`).
-        let mut batch = Batch::default();
-        for ((account, period, provider, source), (requests, input, output)) in counters {
-            batch.sql(
-                "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
-                   requests = usage_counters.requests + excluded.requests,
-                   input_tokens = usage_counters.input_tokens + excluded.input_tokens,
-                   output_tokens = usage_counters.output_tokens + excluded.output_tokens;\n",
-            );
-            batch.arg(account.to_owned())?;
-            batch.arg(period.to_owned())?;
-            batch.arg(provider.to_owned())?;
-            batch.arg(source.to_owned())?;
-            batch.arg(requests)?;
-            batch.arg(input)?;
-            batch.arg(output)?;
+        .await;
+        match written {
+            Ok(()) => {
+                tx.committed();
+                Ok(())
+            }
+            Err(e) => {
+                tx.roll_back().await;
+                Err(e)
+            }
         }
-        append_in_tx(&mut tx, &self.chain_key, records.iter().map(audit_of), &mut batch).await?;
-        batch.run(&mut tx).await?;
-        tx.commit().await.map_err(map_err)
     }
 
     async fn release_credits(&self, account: &AccountId, period: &str, amount: i64) -> StoreResult<()> {

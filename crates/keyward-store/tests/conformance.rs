@@ -1549,3 +1549,57 @@ mod kek {
         walk_and_swap(s.as_ref(), k.as_ref()).await;
     }
 }
+
+/// SQLite's group commit sends its BEGIN with the first read and its COMMIT with the last
+/// write, outside sqlx's own transaction tracking. A batch that fails inside that
+/// transaction must leave nothing behind: no rows, no reservation released, no write lock
+/// held; the next batch (on the same pooled writer) and another process both commit.
+#[tokio::test]
+async fn sqlite_a_batch_failing_mid_write_rolls_back_and_the_writer_stays_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    let open = || {
+        SqliteStore::open(
+            &url,
+            AuditChainKey::from_bytes_for_tests(CHAIN_KEY),
+            SqliteOptions {
+                busy_timeout: std::time::Duration::from_millis(500),
+                ..SqliteOptions::default()
+            },
+        )
+    };
+    let s = open().await.unwrap();
+    let twin = open().await.unwrap();
+    let (_, account) = owner_with_account(&s, 1, Plan::Pro).await;
+    assert!(s.reserve_credits(&account, PERIOD, 1_000, 50).await.unwrap());
+    // Refuse one outcome at the database: the batch fails after BEGIN, mid-write.
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON audit_events WHEN NEW.outcome = 'boom'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+
+    let shared = call(&account, Provider::OpenAi, KeySource::Shared, 50, 20, 1);
+    let mut boom = call(&account, Provider::Anthropic, KeySource::Own, 0, 0, 2);
+    boom.audit.outcome = "boom".into();
+    let failed = s.finish_calls(&[shared.clone(), boom]).await;
+    assert!(failed.is_err(), "the trigger must fail the batch");
+    // Nothing of it stayed: no event, no counter, the reservation still held.
+    assert_eq!(chain_ok(&s, &account).await, 0);
+    let usage = s.usage(&account, PERIOD).await.unwrap();
+    assert_eq!((usage.credits_used, usage.credits_reserved), (0, 50));
+    assert_eq!(row(&usage, Provider::OpenAi, KeySource::Shared), (0, 0, 0));
+    // No transaction was left open: another process can write at once (its busy timeout
+    // is 0.5 s), and so can the same store's writer.
+    twin.finish_calls(&[call(&account, Provider::Google, KeySource::Own, 0, 0, 3)])
+        .await
+        .unwrap();
+    s.finish_calls(&[shared]).await.unwrap();
+    assert_eq!(chain_ok(&s, &account).await, 2);
+    let usage = s.usage(&account, PERIOD).await.unwrap();
+    assert_eq!((usage.credits_used, usage.credits_reserved), (20, 0));
+}
