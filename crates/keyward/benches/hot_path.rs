@@ -4,7 +4,9 @@
 //!   asked over its socket to open a key and answer, with no provider call (`OpenOnly`),
 //!   next to a bare `Ping` round trip;
 //! - a durable audit append: `finish_calls` on SQLite (one fsync'd transaction) for a batch
-//!   of 1 and of 64 calls, which is what group commit divides among concurrent calls.
+//!   of 1 and of 64 calls, which is what group commit divides among concurrent calls; next
+//!   to it, the floor any durable append pays on this disk: one 512-byte write and
+//!   `fdatasync` on a file in the same directory.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a benchmark")]
 
 use std::path::Path;
@@ -195,6 +197,19 @@ fn audit_append(c: &mut Criterion) {
     });
     let mut g = c.benchmark_group("audit");
     g.sample_size(30);
+    {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::File::create(dir.path().join("sync-floor")).unwrap();
+        let record = [b'x'; 512];
+        g.bench_function("write_512_and_fdatasync", |b| {
+            b.iter(|| {
+                // Overwrite the same block (as SQLite's WAL does once it wraps).
+                file.rewind().unwrap();
+                file.write_all(&record).unwrap();
+                file.sync_data().unwrap();
+            })
+        });
+    }
     for batch in [1usize, 64] {
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(format!("finish_calls_batch_{batch}"), |b| {
