@@ -40,20 +40,20 @@ enum Cleanup {
 async fn sqlite() -> Option<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("k.db").display());
-    let open = || {
-        SqliteStore::open(
-            &url,
-            AuditChainKey::from_bytes_for_tests(CHAIN_KEY),
-            SqliteOptions::default(),
-        )
-    };
-    let store = open().await.unwrap();
-    let twin = open().await.unwrap();
+    let store = open_sqlite(&url, SqliteOptions::default()).await;
+    let twin = open_sqlite(&url, SqliteOptions::default()).await;
     Some(Backend {
         store: Arc::new(store),
         twin: Arc::new(twin),
         _cleanup: Cleanup::Dir(dir),
     })
+}
+
+/// A SQLite store on `url` with the suite's chain key.
+async fn open_sqlite(url: &str, opts: SqliteOptions) -> SqliteStore {
+    SqliteStore::open(url, AuditChainKey::from_bytes_for_tests(CHAIN_KEY), opts)
+        .await
+        .unwrap()
 }
 
 /// A test's own setting from the environment (not keyward's configuration, which
@@ -1558,18 +1558,12 @@ mod kek {
 async fn sqlite_a_batch_failing_mid_write_rolls_back_and_the_writer_stays_usable() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("k.db").display());
-    let open = || {
-        SqliteStore::open(
-            &url,
-            AuditChainKey::from_bytes_for_tests(CHAIN_KEY),
-            SqliteOptions {
-                busy_timeout: std::time::Duration::from_millis(500),
-                ..SqliteOptions::default()
-            },
-        )
+    let opts = SqliteOptions {
+        busy_timeout: std::time::Duration::from_millis(500),
+        ..SqliteOptions::default()
     };
-    let s = open().await.unwrap();
-    let twin = open().await.unwrap();
+    let s = open_sqlite(&url, opts.clone()).await;
+    let twin = open_sqlite(&url, opts).await;
     let (_, account) = owner_with_account(&s, 1, Plan::Pro).await;
     assert!(s.reserve_credits(&account, PERIOD, 1_000, 50).await.unwrap());
     // Refuse one outcome at the database: the batch fails after BEGIN, mid-write.

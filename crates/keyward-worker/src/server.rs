@@ -413,10 +413,12 @@ impl GatewayConn {
     }
 
     fn queue(&mut self, msg: &FromWorker) -> Result<(), CallError> {
-        let frame = msg
-            .encode()
-            .map_err(|e| fail(FailKind::Internal, &format!("encode: {e}")))?;
-        self.out.extend_from_slice(&frame);
+        self.push(msg)
+            .map_err(|e| fail(FailKind::Internal, &format!("encode: {e}")).into())
+    }
+
+    fn push(&mut self, msg: &FromWorker) -> Result<(), crate::protocol::ProtocolError> {
+        self.out.extend_from_slice(&msg.encode()?);
         Ok(())
     }
 
@@ -431,8 +433,7 @@ impl GatewayConn {
 
     /// Queues `msg` and writes everything queued.
     async fn send(&mut self, msg: &FromWorker) -> std::io::Result<()> {
-        let frame = msg.encode().map_err(std::io::Error::other)?;
-        self.out.extend_from_slice(&frame);
+        self.push(msg).map_err(std::io::Error::other)?;
         self.flush().await
     }
 }

@@ -114,10 +114,9 @@ async fn caller_account_and_key(
     headers: &HeaderMap,
     account: &str,
     provider: Provider,
-) -> Result<(Caller, keyward_store::Membership, Option<keyward_store::CallKey>), ApiError> {
+) -> Result<(Caller, keyward_store::Membership, keyward_store::CallKey), ApiError> {
     let token = zeroize::Zeroizing::new(sdk_token(headers).ok_or_else(ApiError::unauthorized)?);
-    let (caller, membership, key) = authenticate_member_with_key(state, &token, account, provider).await?;
-    Ok((caller, membership, Some(key)))
+    authenticate_member_with_key(state, &token, account, provider).await
 }
 
 /// What the gateway reads from a client's native request body.
@@ -380,7 +379,7 @@ async fn native_inner(
         input_bytes: raw.len(),
         max_tokens: req.max_tokens.max(1),
         feature: None,
-        prefetched_key: key,
+        prefetched_key: Some(key),
     };
     let ctx = prepare(state, &caller, &m.account, spec).await?;
     let mut call_headers = vec![("content-type".to_owned(), "application/json".to_owned())];

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use keyward_crypto::awskms::{AwsKmsConfig, AwsKmsKek};
 use keyward_fakes::{Behaviour, FakeProviders};
-use keyward_testkit::{sqlx, Keyward};
+use keyward_testkit::Keyward;
 use secrecy::SecretString;
 
 use crate::ai_support::*;
 use crate::common::*;
-use crate::kek::{all_blobs, versions, wait_log};
+use crate::kek::{all_blobs, backup_db, restore_db, versions, wait_log};
 
 // ---- moto --------------------------------------------------------------------------------
 
@@ -350,12 +350,7 @@ async fn awskms_calls_outage_and_recovery_rotate_rewrap_retire_through_the_binar
     );
 
     // A database copy taken before the rotation.
-    let backup_dir = tempfile::tempdir().unwrap();
-    let backup = backup_dir.path().join("before.db");
-    sqlx::query(&format!("VACUUM INTO '{}'", backup.display()))
-        .execute(&pool)
-        .await
-        .unwrap();
+    let (_backup_dir, backup) = backup_db(&pool).await;
 
     // Rotate (a new KMS key, with the admin credentials), re-wrap in the background, retire.
     let admin_arg = admin.display().to_string();
@@ -400,13 +395,7 @@ async fn awskms_calls_outage_and_recovery_rotate_rewrap_retire_through_the_binar
     assert_eq!(st["versions"][1]["kms_key_id"].as_str(), Some(key_2.trim()), "{st}");
 
     // The pre-rotation copy, restored: no worker loads the retired version any more.
-    kw.stop();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", kw.db_path().display()));
-    }
-    std::fs::copy(&backup, kw.db_path()).unwrap();
-    kw.start_again();
-    wait_workers(&kw, 2, &[], Duration::from_secs(30)).await;
+    restore_db(&mut kw, &backup).await;
     for p in PROVIDERS {
         let r = ai_call(&kw, &t, &acc, &chat_body(p, false, 16)).await;
         assert_eq!(r.status, 500, "{p}: {r}");

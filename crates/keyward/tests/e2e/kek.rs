@@ -62,6 +62,29 @@ pub fn wait_log(kw: &Keyward, needle: &str, times: usize) {
 
 /// One plain AI call with the account's own key; the fake answers 200 only for the key it
 /// was given, so a 200 proves the worker opened the right key.
+/// A consistent copy of the live database (`VACUUM INTO`), as an operator's backup would
+/// be; the directory holding it is removed when the returned guard drops.
+pub async fn backup_db(pool: &sqlx::SqlitePool) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let backup = dir.path().join("backup.db");
+    sqlx::query(&format!("VACUUM INTO '{}'", backup.display()))
+        .execute(pool)
+        .await
+        .unwrap();
+    (dir, backup)
+}
+
+/// Stops keyward, puts `backup` in place of its database and starts it again on it.
+pub async fn restore_db(kw: &mut Keyward, backup: &std::path::Path) {
+    kw.stop();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", kw.db_path().display()));
+    }
+    std::fs::copy(backup, kw.db_path()).unwrap();
+    kw.start_again();
+    wait_workers(kw, 2, &[], Duration::from_secs(30)).await;
+}
+
 async fn call_ok(kw: &Keyward, token: &str, account: &str, provider: &str) -> bool {
     let r = ai_call(kw, token, account, &chat_body(provider, false, 16)).await;
     r.status == 200
@@ -108,12 +131,7 @@ async fn rotate_rewrap_killed_halfway_resume_retire_and_old_dumps_stay_shut() {
 
     // The "backup taken before the rotation": a consistent copy of the database.
     let pool = kw.db().await;
-    let backup_dir = tempfile::tempdir().unwrap();
-    let backup = backup_dir.path().join("before-rotation.db");
-    sqlx::query(&format!("VACUUM INTO '{}'", backup.display()))
-        .execute(&pool)
-        .await
-        .unwrap();
+    let (_backup_dir, backup) = backup_db(&pool).await;
     let before = all_blobs(&pool).await;
     assert_eq!(versions(&before), BTreeMap::from([("local-1".to_owned(), 12)]));
 
@@ -228,13 +246,7 @@ async fn rotate_rewrap_killed_halfway_resume_retire_and_old_dumps_stay_shut() {
         assert!(err.contains("not available here"), "{kid}: {err}");
     }
     // Restored as the live database, the running gateway's worker refuses every key.
-    kw.stop();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", kw.db_path().display()));
-    }
-    std::fs::copy(&backup, kw.db_path()).unwrap();
-    kw.start_again();
-    wait_workers(&kw, 2, &[], Duration::from_secs(30)).await;
+    restore_db(&mut kw, &backup).await;
     for (acc, p) in keys.iter().take(12) {
         let r = ai_call(&kw, &t, acc, &chat_body(p, false, 16)).await;
         assert_eq!(r.status, 500, "{acc} {p}: {r}");
@@ -427,12 +439,7 @@ async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
             "{p}: the sandboxed worker opens through the token"
         );
     }
-    let backup_dir = tempfile::tempdir().unwrap();
-    let backup = backup_dir.path().join("before.db");
-    sqlx::query(&format!("VACUUM INTO '{}'", backup.display()))
-        .execute(&pool)
-        .await
-        .unwrap();
+    let (_backup_dir, backup) = backup_db(&pool).await;
 
     let out = kw.cli(&["kek", "rotate"]);
     out.assert_success();
@@ -517,13 +524,7 @@ async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
     assert_eq!(all_blobs(&pool).await, blobs_before_outage);
 
     // The pre-rotation copy, restored: the worker no longer has version 1 anywhere.
-    kw.stop();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", kw.db_path().display()));
-    }
-    std::fs::copy(&backup, kw.db_path()).unwrap();
-    kw.start_again();
-    wait_workers(&kw, 2, &[], Duration::from_secs(30)).await;
+    restore_db(&mut kw, &backup).await;
     for p in PROVIDERS {
         let r = ai_call(&kw, &t, &acc, &chat_body(p, false, 16)).await;
         assert_eq!(r.status, 500, "{p}: {r}");
