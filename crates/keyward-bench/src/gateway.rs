@@ -221,6 +221,13 @@ pub fn gateway(args: &[String]) {
         .filter_map(|c| c.parse().ok())
         .collect();
 
+    // `--server-env NAME=VALUE` (repeatable): a setting for keyward, for tuning runs.
+    let server_env: Vec<(String, String)> = args
+        .windows(2)
+        .filter(|w| w[0] == "--server-env")
+        .filter_map(|w| w[1].split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -234,13 +241,14 @@ pub fn gateway(args: &[String]) {
         None => (fakes_url.clone(), "keyward-fakes (nginx not installed)"),
     };
     // Anthropic goes to keyward-fakes, for the streaming measurement (chunks 10 ms apart).
-    let kw = Keyward::start(
-        &keyward_bin(),
-        Options::default()
-            .log("warn")
-            .env("KEYWARD_OPENAI_BASE_URL", &fake_url)
-            .env("KEYWARD_ANTHROPIC_BASE_URL", &fakes_url),
-    );
+    let mut options = Options::default()
+        .log("warn")
+        .env("KEYWARD_OPENAI_BASE_URL", &fake_url)
+        .env("KEYWARD_ANTHROPIC_BASE_URL", &fakes_url);
+    for (name, value) in &server_env {
+        options = options.env(name, value);
+    }
+    let kw = Keyward::start(&keyward_bin(), options);
     let token = kw.owner_token().to_owned();
     let account = kw.owner_account().to_owned();
     rt.block_on(async {

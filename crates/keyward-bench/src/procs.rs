@@ -4,11 +4,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `pid` and its children (the gateway and its workers).
+/// `pid` and its children (the gateway and its workers). Each thread has its own list of
+/// the children it started (a worker is started by whichever runtime thread supervises
+/// it), so every thread's list is read.
 pub fn tree(pid: u32) -> Vec<u32> {
     let mut out = vec![pid];
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    out.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    for task in tasks {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+    }
+    out.sort_unstable();
+    out.dedup();
     out
 }
 
