@@ -9,7 +9,10 @@ use std::time::Duration;
 /// it), so every thread's list is read.
 pub fn tree(pid: u32) -> Vec<u32> {
     let mut out = vec![pid];
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
     for task in tasks {
         let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
         out.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));

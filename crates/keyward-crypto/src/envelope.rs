@@ -8,19 +8,19 @@ use std::fmt;
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
-use hpke::aead::{AeadTag, ChaCha20Poly1305 as HpkeChaCha20Poly1305};
+use hpke::aead::ChaCha20Poly1305 as HpkeChaCha20Poly1305;
 use hpke::kdf::HkdfSha256;
 use hpke::kem::X25519HkdfSha256;
-use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use hpke::{Deserializable, OpModeS, Serializable};
 use rand_core::{OsRng, RngCore};
 use zeroize::Zeroizing;
 
+use crate::hpke_open::HpkeRecipient;
 use crate::{CryptoError, SecretBytes};
 
 type Kem = X25519HkdfSha256;
 type KemPublicKey = <Kem as hpke::Kem>::PublicKey;
 type KemPrivateKey = <Kem as hpke::Kem>::PrivateKey;
-type KemEncappedKey = <Kem as hpke::Kem>::EncappedKey;
 
 /// Magic bytes at the start of every sealed key blob.
 pub const BLOB_MAGIC: [u8; 3] = *b"KWB";
@@ -206,21 +206,29 @@ impl fmt::Debug for Sealer {
     }
 }
 
-/// The opening half: holds the KEK private key (zeroized on drop). Only the worker has one.
+/// The opening half: holds the KEK private key (wiped when freed). Only the worker has one.
 /// Not `Clone`; `Debug` is redacted.
 pub struct Opener {
     kek_id: String,
-    private: KemPrivateKey,
+    recipient: HpkeRecipient,
+    public: KemPublicKey,
 }
 
 impl Opener {
-    pub(crate) fn new(kek_id: String, private: KemPrivateKey) -> Self {
-        Self { kek_id, private }
+    pub(crate) fn new(kek_id: String, private: &KemPrivateKey) -> Result<Self, CryptoError> {
+        let bytes = Zeroizing::new(<[u8; 32]>::from(private.to_bytes()));
+        let recipient = HpkeRecipient::new(&bytes, HPKE_INFO)?;
+        let public = KemPublicKey::from_bytes(recipient.public_key()).map_err(|_| CryptoError::OpenFailed)?;
+        Ok(Self {
+            kek_id,
+            recipient,
+            public,
+        })
     }
 
     /// The public key matching this opener's private key.
     pub(crate) fn public_key(&self) -> KemPublicKey {
-        Kem::sk_to_pk(&self.private)
+        self.public.clone()
     }
 
     /// A [`Sealer`] for this opener's KEK, derived from the private key (so whatever it
@@ -258,20 +266,9 @@ impl Opener {
         let binding_bytes = binding.canonical_bytes();
 
         // Unwrap the DEK in place, inside a zeroizing buffer.
-        let enc = KemEncappedKey::from_bytes(body.enc).map_err(|_| CryptoError::Malformed)?;
-        let hpke_tag =
-            AeadTag::<HpkeChaCha20Poly1305>::from_bytes(body.wrapped_tag).map_err(|_| CryptoError::Malformed)?;
         let mut dek = Zeroizing::new(*body.wrapped_dek);
-        hpke::single_shot_open_in_place_detached::<HpkeChaCha20Poly1305, HkdfSha256, Kem>(
-            &OpModeR::Base,
-            &self.private,
-            &enc,
-            HPKE_INFO,
-            dek.as_mut(),
-            &binding_bytes,
-            &hpke_tag,
-        )
-        .map_err(|_| CryptoError::OpenFailed)?;
+        self.recipient
+            .open_in_place(body.enc, &binding_bytes, dek.as_mut(), body.wrapped_tag)?;
 
         let mut aad = Vec::with_capacity(header.header.len() + binding_bytes.len());
         aad.extend_from_slice(header.header);

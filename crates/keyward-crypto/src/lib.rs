@@ -58,6 +58,7 @@ pub mod awskms;
 mod envelope;
 mod error;
 mod fsutil;
+mod hpke_open;
 mod keyring;
 pub mod local;
 #[cfg(feature = "pkcs11")]

@@ -427,7 +427,7 @@ pub fn load_opener_version(data_dir: &Path, version: u32) -> Result<Opener, Cryp
     let public_path = public_key_path(data_dir, version);
     let found = fsutil::read_public::<KEY_LEN>(&public_path, KIND)?
         .ok_or_else(|| KIND.err(&public_path, "not found (run ensure_kek first)"))?;
-    let opener = Opener::new(kek_id, private);
+    let opener = Opener::new(kek_id, &private)?;
     check_pair(&public_path, &found, &opener.public_key().to_bytes())?;
     Ok(opener)
 }
