@@ -174,8 +174,7 @@ impl Upstream {
     ) -> Result<Response, Attempt> {
         let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let write = async {
-            conn.write_all(head).await?;
-            conn.write_all(body).await?;
+            write_all_two(&mut conn, head, body).await?;
             conn.flush().await
         };
         match timeout(wait, write).await {
@@ -456,6 +455,24 @@ impl Response {
             }
         }
     }
+}
+
+/// Writes `head` then `body` as one vectored write where the stream allows: one segment
+/// on the wire, so the provider reads the whole request in one wake-up instead of two.
+async fn write_all_two(conn: &mut Conn, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let (mut head, mut body) = (head, body);
+    while !head.is_empty() || !body.is_empty() {
+        let n = conn
+            .write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(body)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = head.get(from_head..).unwrap_or_default();
+        body = body.get(n - from_head..).unwrap_or_default();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
