@@ -49,7 +49,65 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    hot_reader: HotReaders,
     chain_key: Arc<AuditChainKey>,
+}
+
+/// Read-only connections for the one read on every AI call, lent out without sqlx's pool:
+/// the pool pings each connection it takes back (a second round trip to SQLite's thread,
+/// on a spawned task, for every query). A connection comes back only after its query
+/// finished; one dropped mid-query (error, cancelled call) is closed instead, and the next
+/// lease opens a fresh one.
+struct HotReaders {
+    idle: std::sync::Mutex<Vec<SqliteConnection>>,
+    permits: tokio::sync::Semaphore,
+    connect: SqliteConnectOptions,
+}
+
+/// One lent connection; [`HotLease::release`] gives it back.
+struct HotLease<'a> {
+    conn: SqliteConnection,
+    readers: &'a HotReaders,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl HotReaders {
+    fn new(connect: SqliteConnectOptions, size: u32) -> HotReaders {
+        HotReaders {
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(usize::try_from(size.max(1)).unwrap_or(1)),
+            connect,
+        }
+    }
+
+    async fn lease(&self) -> StoreResult<HotLease<'_>> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closing".to_owned()))?;
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                use sqlx::ConnectOptions;
+                self.connect.connect().await.map_err(map_err)?
+            }
+        };
+        Ok(HotLease {
+            conn,
+            readers: self,
+            _permit: permit,
+        })
+    }
+}
+
+impl HotLease<'_> {
+    fn release(self) {
+        if let Ok(mut idle) = self.readers.idle.lock() {
+            idle.push(self.conn);
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -81,12 +139,14 @@ impl SqliteStore {
             // No mmap: the file grows with every checkpoint of the audit log, and each
             // growth made every reader unmap and remap it (munmap with TLB shoot-downs was
             // ~3% of all CPU under load); reads of the hot rows come from SQLite's page cache.
-            .connect_with(connect.read_only(true))
+            .connect_with(connect.clone().read_only(true))
             .await
             .map_err(map_err)?;
+        let hot_reader = HotReaders::new(connect.read_only(true), opts.readers);
         let store = SqliteStore {
             writer,
             reader,
+            hot_reader,
             chain_key: Arc::new(chain_key),
         };
         store.migrate().await?;
@@ -609,6 +669,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<(User, Option<(Membership, CallKey)>)>> {
         // The key tables are joined through the membership row, so a non-member's lookup
         // never reads a key at all.
+        let mut lease = self.hot_reader.lease().await?;
         let row = sqlx::query(&format!(
             "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}, s.source,
                     COALESCE(k.key_id, sk.key_id) AS key_id,
@@ -627,9 +688,10 @@ impl Store for SqliteStore {
         .bind(token_hash)
         .bind(account.as_str())
         .bind(provider.as_str())
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut lease.conn)
         .await
         .map_err(map_err)?;
+        lease.release();
         let Some(row) = row else { return Ok(None) };
         let user = user_from_row(&row)?;
         let member = match get::<Option<String>>(&row, "role")? {

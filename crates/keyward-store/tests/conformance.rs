@@ -515,6 +515,44 @@ async fn both(s: &dyn Store, token_hash: &str, account: &AccountId, p: Provider)
     alone
 }
 
+/// The AI routes' one read under a crowd (more lookups at once than the store has reader
+/// connections) and under cancellation (lookups dropped at every point, as a client that
+/// hangs up drops its call): every finished lookup answers the key, and none of the
+/// dropped ones loses a connection for good, so a crowd still gets through afterwards.
+async fn call_key_lookups_survive_crowds_and_cancellation(s: Arc<dyn Store>) {
+    let (user, account) = owner_with_account(s.as_ref(), 1, Plan::Pro).await;
+    let actor = Actor(user.to_string());
+    let p = Provider::OpenAi;
+    s.save_key(&account, p, new_key(2, "mine"), &actor, t(11))
+        .await
+        .unwrap();
+    s.set_source(&account, p, KeySource::Own, &actor, t(12)).await.unwrap();
+
+    let crowd = |s: Arc<dyn Store>, account: AccountId| async move {
+        let lookups = (0..48).map(|_| {
+            let (s, account) = (s.clone(), account.clone());
+            tokio::spawn(async move { s.member_and_call_key("hash1", &account, p).await })
+        });
+        for lookup in lookups.collect::<Vec<_>>() {
+            let (_, member) = lookup.await.unwrap().unwrap().unwrap();
+            let key = member.expect("a member").1.key.expect("a key");
+            assert_eq!(key.last4.as_str(), "mine");
+        }
+    };
+    let within = std::time::Duration::from_secs(20);
+    tokio::time::timeout(within, crowd(s.clone(), account.clone()))
+        .await
+        .expect("a crowd of lookups finishes");
+    for i in 0..200u64 {
+        // Cut off after 0 to ~200 µs: before the lease, while waiting for SQLite, after.
+        let cut = std::time::Duration::from_micros(i % 8 * 25);
+        let _ = tokio::time::timeout(cut, s.member_and_call_key("hash1", &account, p)).await;
+    }
+    tokio::time::timeout(within, crowd(s.clone(), account.clone()))
+        .await
+        .expect("lookups cut off midway left no connection or permit behind");
+}
+
 async fn call_key_follows_the_source(s: &dyn Store) {
     let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
     let actor = Actor(user.to_string());
@@ -1186,6 +1224,11 @@ macro_rules! conformance {
             async fn purge_completes() {
                 let Some(b) = super::$backend().await else { return };
                 super::purge_completes(b.store.as_ref()).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn call_key_lookups_survive_crowds_and_cancellation() {
+                let Some(b) = super::$backend().await else { return };
+                super::call_key_lookups_survive_crowds_and_cancellation(b.store.clone()).await;
             }
             #[tokio::test]
             async fn call_key_follows_the_source() {
