@@ -205,6 +205,7 @@ fn measure(server: &Server, run: &dyn Fn(&Target) -> RunStats) -> Cell {
     let stats = run(&server.target);
     let cpu = procs::cpu_seconds(&pids) - cpu0;
     let rss = sampler.map_or(0.0, PeakRss::finish);
+    procs::wait_idle(&pids, Duration::from_secs(180));
     cell(&stats, rss, cpu)
 }
 

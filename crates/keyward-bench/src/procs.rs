@@ -50,6 +50,21 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
     pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>() as f64 / 100.0
 }
 
+/// Waits (up to `limit`) until the processes of `pids` use under a tenth of a core over a
+/// 300 ms window: a server that is still working off requests cut short at the end of
+/// one cell (LiteLLM keeps going for a minute after an overload) must not eat into the next.
+pub fn wait_idle(pids: &[u32], limit: Duration) {
+    let started = std::time::Instant::now();
+    let window = Duration::from_millis(300);
+    while started.elapsed() < limit {
+        let before = cpu_seconds(pids);
+        std::thread::sleep(window);
+        if cpu_seconds(pids) - before < 0.1 * window.as_secs_f64() {
+            return;
+        }
+    }
+}
+
 /// Samples the summed RSS of a process tree every 20 ms until dropped; keeps the peak.
 #[derive(Debug)]
 pub struct PeakRss {

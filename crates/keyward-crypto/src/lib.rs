@@ -74,9 +74,10 @@ pub use secret::SecretBytes;
 
 #[cfg(test)]
 mod tests {
-    /// The KEK private key inside [`crate::Opener`] is an `x25519_dalek::StaticSecret`; this
-    /// fails to compile if x25519-dalek's `zeroize` feature (which derives both `Zeroize` and a
-    /// zeroizing `Drop` for it) ever gets lost.
+    /// The KEK private key is read from its file into an `x25519_dalek::StaticSecret` (the
+    /// hpke crate's type) before [`crate::Opener`] hands it to aws-lc; this fails to compile
+    /// if x25519-dalek's `zeroize` feature (which derives both `Zeroize` and a zeroizing
+    /// `Drop` for it) ever gets lost.
     #[test]
     fn kek_private_key_is_zeroized_on_drop() {
         fn assert_zeroize<T: zeroize::Zeroize>() {}
