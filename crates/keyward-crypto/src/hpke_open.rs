@@ -68,8 +68,9 @@ impl HpkeRecipient {
     }
 
     /// Opens the first (and only) message of a base-mode context set up by `enc`:
-    /// decrypts `ciphertext` in place, checking `tag` over it and `aad`. On failure the
-    /// buffer is zeroed. Every failure is [`CryptoError::OpenFailed`].
+    /// decrypts `ciphertext` in place, checking `tag` over it and `aad`. A failure leaves no
+    /// plaintext: a failed decryption zeroes the buffer, an earlier failure never touches
+    /// it. Every failure is [`CryptoError::OpenFailed`].
     pub(crate) fn open_in_place(
         &self,
         enc: &[u8; X25519_LEN],

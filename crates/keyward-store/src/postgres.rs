@@ -791,8 +791,10 @@ impl Store for PgStore {
     ) -> StoreResult<Option<(User, Option<(Membership, CallKey)>)>> {
         // The key tables are joined through the membership row, so a non-member's lookup
         // never reads a key at all.
-        let row = sqlx::query(&format!(
-            "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}, s.source,
+        // Formatted once, not on every call.
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}, s.source,
                     COALESCE(k.key_id, sk.key_id) AS key_id,
                     COALESCE(k.sealed, sk.sealed) AS sealed,
                     COALESCE(k.last4, sk.last4) AS last4
@@ -805,13 +807,15 @@ impl Store for PgStore {
              LEFT JOIN shared_keys sk ON m.account_id IS NOT NULL AND sk.provider = $3
                                      AND COALESCE(s.source, 'shared') = 'shared'
              WHERE t.token_hash = $1"
-        ))
-        .bind(token_hash)
-        .bind(account.as_str())
-        .bind(provider.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+            )
+        });
+        let row = sqlx::query(&SQL)
+            .bind(token_hash)
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
         let Some(row) = row else { return Ok(None) };
         let user = user_from_row(&row)?;
         let member = match get::<Option<String>>(&row, "role")? {

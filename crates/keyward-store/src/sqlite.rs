@@ -20,7 +20,7 @@ use sqlx::sqlite::{Sqlite, SqliteArguments};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Arguments, Row, SqlitePool};
+use sqlx::{Arguments, ConnectOptions, Connection as _, Row, SqlitePool};
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
@@ -48,39 +48,38 @@ impl Default for SqliteOptions {
 
 pub struct SqliteStore {
     writer: SqlitePool,
-    reader: SqlitePool,
-    hot_reader: HotReaders,
+    reader: Readers,
     chain_key: Arc<AuditChainKey>,
 }
 
-/// Read-only connections for the one read on every AI call, lent out without sqlx's pool:
-/// the pool pings each connection it takes back (a second round trip to SQLite's thread,
-/// on a spawned task, for every query). A connection comes back only after its query
-/// finished; one dropped mid-query (error, cancelled call) is closed instead, and the next
-/// lease opens a fresh one.
-struct HotReaders {
+/// The read-only connections, lent out one query (or one read transaction) at a time.
+/// Not sqlx's pool: it pings every connection it takes back, a second round trip to
+/// SQLite's thread (on a spawned task) for each read, and every AI call does one. A
+/// connection comes back only after its work finished; one dropped midway (an error, a
+/// cancelled call) is closed instead, and a later lease opens a fresh one.
+struct Readers {
     idle: std::sync::Mutex<Vec<SqliteConnection>>,
     permits: tokio::sync::Semaphore,
     connect: SqliteConnectOptions,
 }
 
-/// One lent connection; [`HotLease::release`] gives it back.
-struct HotLease<'a> {
+/// One lent connection; [`ReadLease::release`] gives it back.
+struct ReadLease<'a> {
     conn: SqliteConnection,
-    readers: &'a HotReaders,
+    readers: &'a Readers,
     _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
-impl HotReaders {
-    fn new(connect: SqliteConnectOptions, size: u32) -> HotReaders {
-        HotReaders {
+impl Readers {
+    fn new(connect: SqliteConnectOptions, size: u32) -> Readers {
+        Readers {
             idle: std::sync::Mutex::new(Vec::new()),
             permits: tokio::sync::Semaphore::new(usize::try_from(size.max(1)).unwrap_or(1)),
             connect,
         }
     }
 
-    async fn lease(&self) -> StoreResult<HotLease<'_>> {
+    async fn lease(&self) -> StoreResult<ReadLease<'_>> {
         let permit = self
             .permits
             .acquire()
@@ -89,12 +88,9 @@ impl HotReaders {
         let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         let conn = match idle {
             Some(conn) => conn,
-            None => {
-                use sqlx::ConnectOptions;
-                self.connect.connect().await.map_err(map_err)?
-            }
+            None => self.connect.connect().await.map_err(map_err)?,
         };
-        Ok(HotLease {
+        Ok(ReadLease {
             conn,
             readers: self,
             _permit: permit,
@@ -102,7 +98,7 @@ impl HotReaders {
     }
 }
 
-impl HotLease<'_> {
+impl ReadLease<'_> {
     fn release(self) {
         if let Ok(mut idle) = self.readers.idle.lock() {
             idle.push(self.conn);
@@ -133,20 +129,13 @@ impl SqliteStore {
             .connect_with(connect.clone())
             .await
             .map_err(map_err)?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(opts.readers.max(1))
-            .acquire_timeout(opts.busy_timeout)
-            // No mmap: the file grows with every checkpoint of the audit log, and each
-            // growth made every reader unmap and remap it (munmap with TLB shoot-downs was
-            // ~3% of all CPU under load); reads of the hot rows come from SQLite's page cache.
-            .connect_with(connect.clone().read_only(true))
-            .await
-            .map_err(map_err)?;
-        let hot_reader = HotReaders::new(connect.read_only(true), opts.readers);
+        // No mmap: the file grows with every checkpoint of the audit log, and each growth
+        // made every reader unmap and remap it (munmap with TLB shoot-downs was ~3% of all
+        // CPU under load); reads of the hot rows come from SQLite's page cache.
+        let reader = Readers::new(connect.read_only(true), opts.readers);
         let store = SqliteStore {
             writer,
             reader,
-            hot_reader,
             chain_key: Arc::new(chain_key),
         };
         store.migrate().await?;
@@ -598,7 +587,9 @@ async fn state_in(conn: &mut SqliteConnection, account: &AccountId, provider: Pr
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.reader).await.map_err(map_err)?;
+        let mut r = self.reader.lease().await?;
+        sqlx::query("SELECT 1").execute(&mut r.conn).await.map_err(map_err)?;
+        r.release();
         Ok(())
     }
 
@@ -625,13 +616,15 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_token(&self, token_hash: &str) -> StoreResult<Option<User>> {
+        let mut r = self.reader.lease().await?;
         let row = sqlx::query(
             "SELECT u.id, u.email FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1",
         )
         .bind(token_hash)
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut r.conn)
         .await
         .map_err(map_err)?;
+        r.release();
         row.as_ref().map(user_from_row).transpose()
     }
 
@@ -640,6 +633,7 @@ impl Store for SqliteStore {
         token_hash: &str,
         account: &AccountId,
     ) -> StoreResult<Option<(User, Option<Membership>)>> {
+        let mut r = self.reader.lease().await?;
         let row = sqlx::query(&format!(
             "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}
              FROM api_tokens t JOIN users u ON u.id = t.user_id
@@ -649,9 +643,10 @@ impl Store for SqliteStore {
         ))
         .bind(token_hash)
         .bind(account.as_str())
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut r.conn)
         .await
         .map_err(map_err)?;
+        r.release();
         let Some(row) = row else { return Ok(None) };
         let user = user_from_row(&row)?;
         let membership = match get::<Option<String>>(&row, "role")? {
@@ -669,9 +664,11 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<(User, Option<(Membership, CallKey)>)>> {
         // The key tables are joined through the membership row, so a non-member's lookup
         // never reads a key at all.
-        let mut lease = self.hot_reader.lease().await?;
-        let row = sqlx::query(&format!(
-            "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}, s.source,
+        let mut lease = self.reader.lease().await?;
+        // Formatted once, not on every call.
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}, s.source,
                     COALESCE(k.key_id, sk.key_id) AS key_id,
                     COALESCE(k.sealed, sk.sealed) AS sealed,
                     COALESCE(k.last4, sk.last4) AS last4
@@ -684,13 +681,15 @@ impl Store for SqliteStore {
              LEFT JOIN shared_keys sk ON m.account_id IS NOT NULL AND sk.provider = ?3
                                      AND COALESCE(s.source, 'shared') = 'shared'
              WHERE t.token_hash = ?1"
-        ))
-        .bind(token_hash)
-        .bind(account.as_str())
-        .bind(provider.as_str())
-        .fetch_optional(&mut lease.conn)
-        .await
-        .map_err(map_err)?;
+            )
+        });
+        let row = sqlx::query(&SQL)
+            .bind(token_hash)
+            .bind(account.as_str())
+            .bind(provider.as_str())
+            .fetch_optional(&mut lease.conn)
+            .await
+            .map_err(map_err)?;
         lease.release();
         let Some(row) = row else { return Ok(None) };
         let user = user_from_row(&row)?;
@@ -702,19 +701,24 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
+        let mut r = self.reader.lease().await?;
         let row = sqlx::query("SELECT id, email FROM users WHERE email = ?1")
             .bind(email.as_str())
-            .fetch_optional(&self.reader)
+            .fetch_optional(&mut r.conn)
             .await
             .map_err(map_err)?;
+        r.release();
         row.as_ref().map(user_from_row).transpose()
     }
 
     async fn count_users(&self) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(&self.reader)
+        let mut r = self.reader.lease().await?;
+        let n = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&mut r.conn)
             .await
-            .map_err(map_err)
+            .map_err(map_err)?;
+        r.release();
+        Ok(n)
     }
 
     async fn create_account(
@@ -776,59 +780,70 @@ impl Store for SqliteStore {
     }
 
     async fn account(&self, account: &AccountId) -> StoreResult<Option<Account>> {
+        let mut r = self.reader.lease().await?;
         let row = sqlx::query(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = ?1"))
             .bind(account.as_str())
-            .fetch_optional(&self.reader)
+            .fetch_optional(&mut r.conn)
             .await
             .map_err(map_err)?;
+        r.release();
         row.as_ref().map(account_from_row).transpose()
     }
 
     async fn account_ids(&self) -> StoreResult<Vec<AccountId>> {
+        let mut r = self.reader.lease().await?;
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM accounts ORDER BY created_at, id")
-            .fetch_all(&self.reader)
+            .fetch_all(&mut r.conn)
             .await
             .map_err(map_err)?;
+        r.release();
         ids.iter()
             .map(|s| AccountId::parse(s).map_err(|_| corrupt("accounts.id")))
             .collect()
     }
 
     async fn membership(&self, account: &AccountId, user: &UserId) -> StoreResult<Option<Membership>> {
+        let mut r = self.reader.lease().await?;
         let row = sqlx::query(&format!(
             "SELECT {ACCOUNT_COLUMNS}, m.role FROM memberships m JOIN accounts a ON a.id = m.account_id WHERE m.account_id = ?1 AND m.user_id = ?2"
         ))
         .bind(account.as_str())
         .bind(user.as_str())
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut r.conn)
         .await
         .map_err(map_err)?;
+        r.release();
         row.as_ref().map(membership_from_row).transpose()
     }
 
     async fn memberships_of(&self, user: &UserId) -> StoreResult<Vec<Membership>> {
+        let mut r = self.reader.lease().await?;
         let rows = sqlx::query(&format!(
             "SELECT {ACCOUNT_COLUMNS}, m.role FROM memberships m JOIN accounts a ON a.id = m.account_id WHERE m.user_id = ?1 ORDER BY a.created_at, a.id"
         ))
         .bind(user.as_str())
-        .fetch_all(&self.reader)
+        .fetch_all(&mut r.conn)
         .await
         .map_err(map_err)?;
+        r.release();
         rows.iter().map(membership_from_row).collect()
     }
 
     async fn provider_states(&self, account: &AccountId) -> StoreResult<Vec<ProviderState>> {
-        let mut conn = self.reader.acquire().await.map_err(map_err)?;
+        let mut r = self.reader.lease().await?;
         let mut out = Vec::with_capacity(Provider::ALL.len());
         for p in Provider::ALL {
-            out.push(state_in(&mut conn, account, p).await?);
+            out.push(state_in(&mut r.conn, account, p).await?);
         }
+        r.release();
         Ok(out)
     }
 
     async fn provider_state(&self, account: &AccountId, provider: Provider) -> StoreResult<ProviderState> {
-        let mut conn = self.reader.acquire().await.map_err(map_err)?;
-        state_in(&mut conn, account, provider).await
+        let mut r = self.reader.lease().await?;
+        let state = state_in(&mut r.conn, account, provider).await?;
+        r.release();
+        Ok(state)
     }
 
     async fn save_key(
@@ -957,6 +972,7 @@ impl Store for SqliteStore {
     async fn call_key(&self, account: &AccountId, provider: Provider) -> StoreResult<CallKey> {
         // One statement, so the source and the key are one snapshot. A missing source row
         // means the default, shared.
+        let mut r = self.reader.lease().await?;
         let row = sqlx::query(
             "SELECT s.source,
                     COALESCE(k.key_id, sk.key_id) AS key_id,
@@ -970,20 +986,23 @@ impl Store for SqliteStore {
         )
         .bind(account.as_str())
         .bind(provider.as_str())
-        .fetch_one(&self.reader)
+        .fetch_one(&mut r.conn)
         .await
         .map_err(map_err)?;
+        r.release();
         call_key_from_row(&row)
     }
 
     async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>> {
+        let mut r = self.reader.lease().await?;
         let row =
             sqlx::query("SELECT key_id, sealed, last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2")
                 .bind(account.as_str())
                 .bind(provider.as_str())
-                .fetch_optional(&self.reader)
+                .fetch_optional(&mut r.conn)
                 .await
                 .map_err(map_err)?;
+        r.release();
         row.as_ref()
             .map(|r| stored_key_from_row(r, "provider_keys"))
             .transpose()
@@ -1045,11 +1064,13 @@ impl Store for SqliteStore {
     }
 
     async fn shared_key(&self, provider: Provider) -> StoreResult<Option<StoredKey>> {
+        let mut r = self.reader.lease().await?;
         let row = sqlx::query("SELECT key_id, sealed, last4 FROM shared_keys WHERE provider = ?1")
             .bind(provider.as_str())
-            .fetch_optional(&self.reader)
+            .fetch_optional(&mut r.conn)
             .await
             .map_err(map_err)?;
+        r.release();
         row.as_ref().map(|r| stored_key_from_row(r, "shared_keys")).transpose()
     }
 
@@ -1162,9 +1183,10 @@ impl Store for SqliteStore {
 
     async fn usage(&self, account: &AccountId, period: &str) -> StoreResult<UsageReport> {
         check_period(period)?;
-        let mut conn = self.reader.begin().await.map_err(map_err)?;
+        let mut r = self.reader.lease().await?;
+        let mut conn = r.conn.begin().await.map_err(map_err)?;
         // One read transaction, so credits and counters are one snapshot.
-        // (the transaction rolls back if this future is dropped: no snapshot left open on a pooled connection)
+        // (if this future is dropped, the lease closes its connection: no snapshot is left open)
         let result = async {
             let credits = sqlx::query(
                 "SELECT credits_used, credits_reserved FROM credit_periods WHERE account_id = ?1 AND period = ?2",
@@ -1187,6 +1209,7 @@ impl Store for SqliteStore {
         }
         .await;
         conn.commit().await.map_err(map_err)?;
+        r.release();
         let (credits, rows) = result?;
         let (credits_used, credits_reserved) = match credits {
             Some(r) => (get(&r, "credits_used")?, get(&r, "credits_reserved")?),
@@ -1219,21 +1242,24 @@ impl Store for SqliteStore {
     }
 
     async fn audit_page(&self, account: &AccountId, limit: u32, before: Option<i64>) -> StoreResult<Vec<AuditEvent>> {
+        let mut r = self.reader.lease().await?;
         let rows =
             sqlx::query("SELECT * FROM audit_events WHERE account_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3")
                 .bind(account.as_str())
                 .bind(before.unwrap_or(i64::MAX))
                 .bind(i64::from(limit))
-                .fetch_all(&self.reader)
+                .fetch_all(&mut r.conn)
                 .await
                 .map_err(map_err)?;
+        r.release();
         rows.iter().map(audit_from_row).collect()
     }
 
     async fn audit_chain(&self, account: &AccountId) -> StoreResult<(Vec<AuditEvent>, Option<ChainHead>)> {
-        let mut conn = self.reader.begin().await.map_err(map_err)?;
+        let mut r = self.reader.lease().await?;
+        let mut conn = r.conn.begin().await.map_err(map_err)?;
         // One read transaction, so the head and the events are one snapshot.
-        // (the transaction rolls back if this future is dropped: no snapshot left open on a pooled connection)
+        // (if this future is dropped, the lease closes its connection: no snapshot is left open)
         let result = async {
             let rows = sqlx::query("SELECT * FROM audit_events WHERE account_id = ?1 ORDER BY seq, id")
                 .bind(account.as_str())
@@ -1257,6 +1283,7 @@ impl Store for SqliteStore {
         }
         .await;
         conn.commit().await.map_err(map_err)?;
+        r.release();
         result
     }
 

@@ -31,15 +31,17 @@ impl KekStore for SqliteStore {
             Some(c) => (c.owner, c.key_id.as_str()),
         };
         if owner == BlobOwner::Account {
+            let mut r = self.reader.lease().await?;
             let rows = sqlx::query(
                 "SELECT account_id, provider, key_id, sealed FROM provider_keys \
                  WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
             )
             .bind(from)
             .bind(limit)
-            .fetch_all(&self.reader)
+            .fetch_all(&mut r.conn)
             .await
             .map_err(map_err)?;
+            r.release();
             for row in &rows {
                 out.push(row_of(BlobOwner::Account, row)?);
             }
@@ -47,6 +49,7 @@ impl KekStore for SqliteStore {
         let left = limit - i64::try_from(out.len()).unwrap_or(limit);
         if left > 0 {
             let from = if owner == BlobOwner::Platform { from } else { "" };
+            let mut r = self.reader.lease().await?;
             let rows = sqlx::query(
                 "SELECT ?3 AS account_id, provider, key_id, sealed FROM shared_keys \
                  WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
@@ -54,9 +57,10 @@ impl KekStore for SqliteStore {
             .bind(from)
             .bind(left)
             .bind(SHARED_KEY_ACCOUNT)
-            .fetch_all(&self.reader)
+            .fetch_all(&mut r.conn)
             .await
             .map_err(map_err)?;
+            r.release();
             for row in &rows {
                 out.push(row_of(BlobOwner::Platform, row)?);
             }
@@ -109,13 +113,15 @@ impl KekStore for SqliteStore {
     }
 
     async fn sealers_since(&self, since: UnixMillis) -> StoreResult<Vec<SealerReport>> {
+        let mut r = self.reader.lease().await?;
         let rows = sqlx::query(
             "SELECT node_id, kek_ids, reported_at FROM kek_sealers WHERE reported_at >= ?1 ORDER BY node_id",
         )
         .bind(since.as_i64())
-        .fetch_all(&self.reader)
+        .fetch_all(&mut r.conn)
         .await
         .map_err(map_err)?;
+        r.release();
         rows.iter()
             .map(|r: &sqlx::sqlite::SqliteRow| {
                 let corrupt = |_| StoreError::Corrupt("kek_sealers row".to_owned());
