@@ -1,23 +1,21 @@
 //! The SQLite implementation of [`crate::kek::KekStore`].
 
+use super::{get, map_err, read_all, SqliteStore};
+use crate::kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow, SealerReport};
+use crate::{StoreError, StoreResult, SHARED_KEY_ACCOUNT};
 use async_trait::async_trait;
 use keyward_core::UnixMillis;
 use keyward_crypto::SealedKey;
-use sqlx::Row;
 
-use super::{map_err, SqliteStore};
-use crate::kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow, SealerReport};
-use crate::{StoreError, StoreResult, SHARED_KEY_ACCOUNT};
-
-fn row_of(owner: BlobOwner, row: &sqlx::sqlite::SqliteRow) -> StoreResult<SealedBlobRow> {
+fn row_of(owner: BlobOwner, row: &rusqlite::Row<'_>) -> StoreResult<SealedBlobRow> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("sealed blob row: {what}"));
-    let provider: String = row.try_get("provider").map_err(|_| corrupt("provider"))?;
+    let provider: String = get(row, "provider")?;
     Ok(SealedBlobRow {
         owner,
-        account_id: row.try_get("account_id").map_err(|_| corrupt("account_id"))?,
+        account_id: get(row, "account_id")?,
         provider: provider.parse().map_err(|_| corrupt("provider"))?,
-        key_id: row.try_get("key_id").map_err(|_| corrupt("key_id"))?,
-        sealed: SealedKey::from_bytes(row.try_get("sealed").map_err(|_| corrupt("sealed"))?),
+        key_id: get(row, "key_id")?,
+        sealed: SealedKey::from_bytes(get(row, "sealed")?),
     })
 }
 
@@ -31,39 +29,29 @@ impl KekStore for SqliteStore {
             Some(c) => (c.owner, c.key_id.as_str()),
         };
         if owner == BlobOwner::Account {
-            let mut r = self.reader.lease().await?;
-            let rows = sqlx::query(
-                "SELECT account_id, provider, key_id, sealed FROM provider_keys \
-                 WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
-            )
-            .bind(from)
-            .bind(limit)
-            .fetch_all(&mut r.conn)
-            .await
-            .map_err(map_err)?;
-            r.release();
-            for row in &rows {
-                out.push(row_of(BlobOwner::Account, row)?);
-            }
+            out = self.reader.read(|c| {
+                read_all(
+                    c,
+                    "SELECT account_id, provider, key_id, sealed FROM provider_keys \
+                     WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
+                    (from, limit),
+                    |row| row_of(BlobOwner::Account, row),
+                )
+            })?;
         }
         let left = limit - i64::try_from(out.len()).unwrap_or(limit);
         if left > 0 {
             let from = if owner == BlobOwner::Platform { from } else { "" };
-            let mut r = self.reader.lease().await?;
-            let rows = sqlx::query(
-                "SELECT ?3 AS account_id, provider, key_id, sealed FROM shared_keys \
-                 WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
-            )
-            .bind(from)
-            .bind(left)
-            .bind(SHARED_KEY_ACCOUNT)
-            .fetch_all(&mut r.conn)
-            .await
-            .map_err(map_err)?;
-            r.release();
-            for row in &rows {
-                out.push(row_of(BlobOwner::Platform, row)?);
-            }
+            let shared = self.reader.read(|c| {
+                read_all(
+                    c,
+                    "SELECT ?3 AS account_id, provider, key_id, sealed FROM shared_keys \
+                     WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
+                    (from, left, SHARED_KEY_ACCOUNT),
+                    |row| row_of(BlobOwner::Platform, row),
+                )
+            })?;
+            out.extend(shared);
         }
         Ok(out)
     }
@@ -113,30 +101,23 @@ impl KekStore for SqliteStore {
     }
 
     async fn sealers_since(&self, since: UnixMillis) -> StoreResult<Vec<SealerReport>> {
-        let mut r = self.reader.lease().await?;
-        let rows = sqlx::query(
-            "SELECT node_id, kek_ids, reported_at FROM kek_sealers WHERE reported_at >= ?1 ORDER BY node_id",
-        )
-        .bind(since.as_i64())
-        .fetch_all(&mut r.conn)
-        .await
-        .map_err(map_err)?;
-        r.release();
-        rows.iter()
-            .map(|r: &sqlx::sqlite::SqliteRow| {
-                let corrupt = |_| StoreError::Corrupt("kek_sealers row".to_owned());
-                Ok(SealerReport {
-                    node_id: r.try_get("node_id").map_err(corrupt)?,
-                    kek_ids: r
-                        .try_get::<String, _>("kek_ids")
-                        .map_err(corrupt)?
-                        .split(',')
-                        .filter(|id| !id.is_empty())
-                        .map(str::to_owned)
-                        .collect(),
-                    reported_at: UnixMillis(r.try_get("reported_at").map_err(corrupt)?),
-                })
-            })
-            .collect()
+        self.reader.read(|c| {
+            read_all(
+                c,
+                "SELECT node_id, kek_ids, reported_at FROM kek_sealers WHERE reported_at >= ?1 ORDER BY node_id",
+                (since.as_i64(),),
+                |r| {
+                    Ok(SealerReport {
+                        node_id: get(r, "node_id")?,
+                        kek_ids: get::<String>(r, "kek_ids")?
+                            .split(',')
+                            .filter(|id| !id.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                        reported_at: UnixMillis(get(r, "reported_at")?),
+                    })
+                },
+            )
+        })
     }
 }
