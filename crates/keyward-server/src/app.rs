@@ -23,9 +23,26 @@ use crate::routes::key_test::ProbeLimiter;
 use crate::web::{self, WebState};
 use crate::workers::WorkerPool;
 
-/// Everything a handler may use. Cheap to clone.
+/// Everything a handler may use. One reference count to clone: axum clones the state for
+/// every extractor and middleware of every request, and with a field-by-field clone that
+/// was a dozen contended atomic increments and decrements per request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl AppState {
+    pub fn new(inner: AppStateInner) -> AppState {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+pub struct AppStateInner {
     pub store: Arc<dyn Store>,
     /// The gateway can seal keys (to the primary KEK version); it holds no way to open one.
     pub sealer: Arc<crate::kek::SealerCell>,
@@ -47,6 +64,12 @@ pub struct AppState {
 }
 
 impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for AppStateInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
             .field("sealer", &self.sealer)

@@ -17,7 +17,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin;
-use crate::app::{router, AppState};
+use crate::app::{router, AppState, AppStateInner};
 use crate::auth::hash_token;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
@@ -95,7 +95,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     let workers = WorkerPool::start(config.workers, config.data_dir.join("run"), worker, metrics.clone())
         .map_err(|e| RuntimeError::Other(format!("worker pool: {e}")))?;
     let purge = PurgeHandle::default();
-    let state = AppState {
+    let state = AppState::new(AppStateInner {
         store: store.clone(),
         sealer: sealer.clone(),
         clock,
@@ -111,7 +111,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         max_ai_body_bytes: config.max_ai_body_bytes,
         web,
         kek_probe: Arc::default(),
-    };
+    });
     let purger = tokio::spawn(purge::run(store.clone(), purge.clone()));
     let kek_watcher = tokio::spawn(crate::kek::watch(
         config.clone(),
