@@ -57,13 +57,14 @@ pub struct SqliteStore {
 /// The read-only connections. Reads run on the calling thread, through rusqlite, rather
 /// than on sqlx's per-connection thread: a point lookup here takes microseconds, while the
 /// hand-off to another thread and back (two wake-ups) cost more than the read itself, and
-/// every AI call makes one. Measured on the gateway benchmark: 32 connections went from
-/// 8,131 to 9,488 calls/s, CPU per call from 180 to 145 us.
+/// every AI call makes one (the gateway benchmark's figures are in the commit that made
+/// this change).
 ///
 /// The rule that keeps the async threads free: [`Readers::read`] is only for reads bounded
 /// by an index and a small row count; a read whose size grows with the data
-/// ([`Readers::read_blocking`]) goes to tokio's blocking pool. A read-only connection in WAL
-/// mode does not wait on the writer.
+/// ([`Readers::read_blocking`]) goes to tokio's blocking pool. In WAL mode a reader does
+/// not wait on the writer; the busy timeout only comes into play while another process
+/// recovers the WAL index after a crash.
 struct Readers {
     idle: std::sync::Mutex<Vec<rusqlite::Connection>>,
     path: std::path::PathBuf,

@@ -16,10 +16,11 @@ use tokio::time::timeout;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 const MAX_HEAD: usize = 64 * 1024;
-const READ_CHUNK: usize = 16 * 1024;
+/// The answer buffer's first size: a whole non-streaming answer of the usual size fits.
+const READ_CHUNK: usize = 4 * 1024;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -280,34 +281,28 @@ struct Reader {
 
 impl Reader {
     /// Reads more bytes, compacting what was handed out. Returns 0 at EOF.
+    ///
+    /// Reads go into the buffer's spare capacity (no zero-fill first); a buffer too full to
+    /// read into is replaced by one twice its size, and the old one is zeroed as it drops.
+    /// So no bytes of an answer are left behind in freed memory, and an answer that fits in
+    /// the first `READ_CHUNK` costs one wipe of it, when the reader drops.
     async fn read_more(&mut self) -> Result<usize, HttpError> {
         if self.start > 0 {
             let start = self.start;
             self.buf.drain(..start);
             self.start = 0;
         }
-        let old = self.buf.len();
-        self.buf.resize(old + READ_CHUNK, 0);
-        let ms = u64::try_from(self.wait.as_millis()).unwrap_or(u64::MAX);
-        let slot = self.buf.get_mut(old..).unwrap_or_default();
-        let read = timeout(self.wait, self.conn.read(slot)).await;
-        let n = match read {
-            Err(_) => {
-                self.buf.truncate(old);
-                return Err(HttpError::Timeout(ms));
-            }
-            Ok(Err(e)) => {
-                self.buf.truncate(old);
-                return Err(HttpError::Io(e.to_string()));
-            }
-            Ok(Ok(n)) => n,
-        };
-        // Zero the unused tail before shrinking, so no stale bytes linger in capacity.
-        if let Some(tail) = self.buf.get_mut(old + n..) {
-            tail.zeroize();
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            let mut bigger = Zeroizing::new(Vec::with_capacity((self.buf.capacity() * 2).max(READ_CHUNK)));
+            bigger.extend_from_slice(&self.buf);
+            self.buf = bigger;
         }
-        self.buf.truncate(old + n);
-        Ok(n)
+        let ms = u64::try_from(self.wait.as_millis()).unwrap_or(u64::MAX);
+        match timeout(self.wait, self.conn.read_buf(&mut *self.buf)).await {
+            Err(_) => Err(HttpError::Timeout(ms)),
+            Ok(Err(e)) => Err(HttpError::Io(e.to_string())),
+            Ok(Ok(n)) => Ok(n),
+        }
     }
 
     async fn fill_head(&mut self) -> Result<usize, HttpError> {
