@@ -541,6 +541,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn answers_larger_than_the_first_buffer_arrive_whole() {
+        // A ~20 KiB head and a 300 KiB body: the answer buffer (4 KiB at first) grows
+        // several times and compacts what it has handed out, and no byte is lost or reordered.
+        let body: Vec<u8> = (0..300 * 1024).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..40 {
+            raw.extend_from_slice(format!("X-Pad-{i}: {}\r\n", "p".repeat(500)).as_bytes());
+        }
+        raw.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+        raw.extend_from_slice(&body);
+        let url = server(vec![Box::leak(raw.into_boxed_slice())]).await;
+        let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
+        let mut r = up
+            .send(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                b"",
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let pads: Vec<_> = r.headers.iter().filter(|(k, _)| k.starts_with("x-pad-")).collect();
+        assert_eq!(pads.len(), 40);
+        assert!(pads.iter().all(|(_, v)| v.len() == 500));
+        assert!(body_of(&mut r).await == body, "the body arrived changed");
+    }
+
+    #[tokio::test]
     async fn redirects_are_answers_not_followed() {
         let url = server(vec![
             b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://evil.example/\r\nContent-Length: 0\r\n\r\n",
