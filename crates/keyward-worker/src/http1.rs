@@ -500,6 +500,17 @@ mod tests {
         format!("http://{addr}")
     }
 
+    /// An empty POST through `up`, which must get an answer.
+    async fn empty_post(up: &Arc<Upstream>) -> Response {
+        up.send(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            b"",
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap()
+    }
+
     async fn body_of(r: &mut Response) -> Vec<u8> {
         let mut out = Vec::new();
         while let Some(c) = r.next_chunk().await.unwrap() {
@@ -516,26 +527,12 @@ mod tests {
         ])
         .await;
         let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
-        let mut r = up
-            .send(
-                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
-                b"",
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
+        let mut r = empty_post(&up).await;
         assert_eq!(r.status, 200);
         assert!(r.headers.iter().any(|(k, v)| k == "x-request-id" && v == "r1"));
         assert_eq!(body_of(&mut r).await, b"hello");
         // Same connection again (the test server accepts only one).
-        let mut r = up
-            .send(
-                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
-                b"",
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
+        let mut r = empty_post(&up).await;
         assert_eq!(r.status, 201);
         assert_eq!(body_of(&mut r).await, b"abcde");
     }
@@ -553,14 +550,7 @@ mod tests {
         raw.extend_from_slice(&body);
         let url = server(vec![Box::leak(raw.into_boxed_slice())]).await;
         let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
-        let mut r = up
-            .send(
-                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
-                b"",
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
+        let mut r = empty_post(&up).await;
         assert_eq!(r.status, 200);
         let pads: Vec<_> = r.headers.iter().filter(|(k, _)| k.starts_with("x-pad-")).collect();
         assert_eq!(pads.len(), 40);
@@ -575,14 +565,7 @@ mod tests {
         ])
         .await;
         let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
-        let mut r = up
-            .send(
-                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
-                b"",
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
+        let mut r = empty_post(&up).await;
         assert_eq!(r.status, 307);
         assert!(body_of(&mut r).await.is_empty());
     }
