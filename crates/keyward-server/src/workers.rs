@@ -92,11 +92,21 @@ impl WorkerCommand {
 pub struct WorkerPool {
     slots: Vec<Arc<Slot>>,
     next: AtomicUsize,
+    /// Signalled whenever a worker comes up.
+    came_up: Arc<tokio::sync::Notify>,
 }
+
+/// How long a call waits for a worker when none is up (at start-up, before the first has
+/// answered its ping, or while the only one restarts) before it fails `worker_unavailable`.
+/// A worker comes up in tens of milliseconds.
+const WAIT_FOR_A_WORKER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 #[error("no worker is available")]
 pub struct Unavailable;
+
+/// No worker is up at all (as opposed to up but not answering).
+struct NoneUp;
 
 /// A connection on loan; give it back with [`Lease::release`] after a complete exchange.
 #[derive(Debug)]
@@ -144,12 +154,19 @@ impl WorkerPool {
                 })
             })
             .collect();
+        let came_up = Arc::new(tokio::sync::Notify::new());
         for slot in &slots {
-            tokio::spawn(supervise(slot.clone(), command.clone(), metrics.clone()));
+            tokio::spawn(supervise(
+                slot.clone(),
+                command.clone(),
+                metrics.clone(),
+                Arc::clone(&came_up),
+            ));
         }
         Ok(Arc::new(WorkerPool {
             slots,
             next: AtomicUsize::new(0),
+            came_up,
         }))
     }
 
@@ -157,9 +174,32 @@ impl WorkerPool {
         self.slots.iter().filter(|s| s.up.load(Ordering::Acquire)).count()
     }
 
-    /// A connection to a live worker, round robin.
+    /// A connection to a live worker, round robin. With no worker up, waits up to
+    /// [`WAIT_FOR_A_WORKER`] for one.
     pub async fn lease(&self) -> Result<Lease, Unavailable> {
+        let deadline = tokio::time::Instant::now() + WAIT_FOR_A_WORKER;
+        loop {
+            // Registered before the slots are looked at, so a worker coming up in between
+            // is not missed.
+            let came_up = self.came_up.notified();
+            tokio::pin!(came_up);
+            came_up.as_mut().enable();
+            match self.try_lease().await {
+                Err(NoneUp) if tokio::time::Instant::now() < deadline => {
+                    if tokio::time::timeout_at(deadline, came_up).await.is_err() {
+                        return Err(Unavailable);
+                    }
+                }
+                Err(_) => return Err(Unavailable),
+                Ok(lease) => return lease.ok_or(Unavailable),
+            }
+        }
+    }
+
+    /// `Ok(None)`: workers are up but none took a connection.
+    async fn try_lease(&self) -> Result<Option<Lease>, NoneUp> {
         let n = self.slots.len();
+        let mut any_up = false;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
             let Some(slot) = self.slots.get((start + i) % n) else {
@@ -168,6 +208,7 @@ impl WorkerPool {
             if !slot.up.load(Ordering::Acquire) {
                 continue;
             }
+            any_up = true;
             let generation = slot.generation.load(Ordering::Acquire);
             let reused = slot.idle.lock().ok().and_then(|mut idle| {
                 while let Some((g, c)) = idle.pop() {
@@ -178,24 +219,28 @@ impl WorkerPool {
                 None
             });
             if let Some(conn) = reused {
-                return Ok(Lease {
+                return Ok(Some(Lease {
                     conn,
                     slot: slot.clone(),
                     generation,
-                });
+                }));
             }
             match WorkerConn::connect(&slot.socket).await {
                 Ok(conn) => {
-                    return Ok(Lease {
+                    return Ok(Some(Lease {
                         conn,
                         slot: slot.clone(),
                         generation,
-                    })
+                    }))
                 }
                 Err(e) => tracing::debug!(worker = slot.index, error = %e, "worker connect failed"),
             }
         }
-        Err(Unavailable)
+        if any_up {
+            Ok(None)
+        } else {
+            Err(NoneUp)
+        }
     }
 }
 
@@ -247,7 +292,7 @@ impl WorkerPool {
     }
 }
 
-async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics>) {
+async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics>, came_up: Arc<tokio::sync::Notify>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let mut cmd = Command::new(&command.exe);
@@ -287,6 +332,7 @@ async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics
                 if ok {
                     slot.generation.fetch_add(1, Ordering::AcqRel);
                     slot.up.store(true, Ordering::Release);
+                    came_up.notify_waiters();
                     tracing::info!(worker = slot.index, pid = slot.pid.load(Ordering::Acquire), "worker ready");
                 } else {
                     tracing::error!(worker = slot.index, "worker did not become ready; restarting it");

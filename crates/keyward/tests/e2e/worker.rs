@@ -144,6 +144,38 @@ async fn wait_requests(fake: &FakeProviders, n: usize) {
     }
 }
 
+/// A call that arrives while no worker is up (the only one was killed and is being
+/// restarted; the same holds at start-up, before the first answers its ping) waits for the
+/// next one rather than failing `worker_unavailable` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_while_no_worker_is_up_waits_for_the_next_one() {
+    let fake = FakeProviders::start().expect("start fakes");
+    let kw = start_on_fake(&fake, &[("KEYWARD_WORKERS", "1")]);
+    let (user, acc) = pro_owner(&kw, "wait@example.com");
+    let key = key_for("openai");
+    fake.set_key(provider("openai"), &key, Behaviour::Ok);
+    save_key(&kw, &user.token, &acc, "openai", &key).await;
+    set_source(&kw, &user.token, &acc, "openai", "own").await;
+    let first = wait_workers(&kw, 1, &[], Duration::from_secs(10)).await;
+
+    sigkill(first[0]);
+    // The supervisor waits 50 ms before it starts the next worker: call inside that window,
+    // once /readyz counts no worker.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while workers_ready(&kw).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never counted 0 workers after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let r = ai_call(&kw, &user.token, &acc, &chat_body("openai", false, 5)).await;
+    r.expect_status(200);
+    assert_eq!(r.json()["content"], fake_reply("openai"), "{r}");
+    let second = wait_workers(&kw, 1, &first, Duration::from_secs(10)).await;
+    assert_ne!(second, first, "the call was served by the restarted worker");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_request_fails_that_call_fast_and_is_replaced() {
     let fake = FakeProviders::start().expect("start fakes");
