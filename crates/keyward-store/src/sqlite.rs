@@ -1,15 +1,14 @@
 //! The SQLite backend: the embedded default.
 //!
-//! One writer connection (writes are serialized by SQLite anyway; one connection makes
-//! that explicit and spares busy-waits) driven through sqlx, read-only connections
-//! driven through rusqlite on the calling thread (see `Readers`), WAL journal,
-//! `synchronous=FULL` (a commit is on disk when it returns), `secure_delete` on (freed
-//! cells are zeroed), and `BEGIN IMMEDIATE` for every write transaction so another
-//! process (the admin CLI) waits on the busy timeout instead of failing mid-transaction.
+//! One read-write connection, owned by its own thread (see `Writer`): writes are serialized
+//! by SQLite anyway, and one writer makes that explicit and spares busy-waits. Read-only
+//! connections run on the calling thread (see `Readers`). WAL journal, `synchronous=FULL`
+//! (a commit is on disk when it returns), `secure_delete` on (freed cells are zeroed), and
+//! `BEGIN IMMEDIATE` for every write transaction so another process (the admin CLI) waits
+//! on the busy timeout instead of failing mid-transaction.
 
 mod kek;
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +16,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
-use sqlx::sqlite::{Sqlite, SqliteArguments};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{Arguments, Row, SqlitePool};
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+use sqlx::sqlite::SqliteConnectOptions;
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
@@ -49,9 +45,161 @@ impl Default for SqliteOptions {
 }
 
 pub struct SqliteStore {
-    writer: SqlitePool,
+    writer: Writer,
     reader: Arc<Readers>,
     chain_key: Arc<AuditChainKey>,
+}
+
+/// A write, run on the writer's thread, given the connection (or why there is none).
+type Job = Box<dyn FnOnce(StoreResult<&mut Connection>) + Send>;
+
+/// The one read-write connection, on a thread of its own.
+///
+/// Every write is a closure sent to that thread, which runs it whole, commit included: one
+/// hand-off there and one back per write transaction, however many statements it runs.
+/// (Through sqlx, every statement was such a round trip, three per group commit, and on
+/// this machine's idle cores each wake-up of another thread costs tens of microseconds.)
+/// A write whose caller stops waiting still runs to its end: it commits or rolls back whole.
+struct Writer {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Opens the connection here, so a bad path or an unusable file fails `open` rather
+    /// than the first write, then hands it to the writer thread.
+    fn start(path: std::path::PathBuf, busy_timeout: Duration) -> StoreResult<Writer> {
+        let conn = open_writer(&path, busy_timeout)?;
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || run_writer(conn, &path, busy_timeout, &queue))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer thread: {e}")))?;
+        Ok(Writer { jobs })
+    }
+
+    /// Runs `f` on the writer's connection and returns what it returned.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> StoreResult<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            // The caller may have stopped waiting; the write is done either way.
+            let _ = done.send(conn.and_then(f));
+        });
+        self.jobs.send(job).map_err(|_| writer_gone())?;
+        result.await.map_err(|_| writer_gone())?
+    }
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Unavailable("the SQLite writer thread has stopped".into())
+}
+
+/// The writer thread: runs jobs in arrival order until the store is dropped.
+fn run_writer(
+    conn: Connection,
+    path: &std::path::Path,
+    busy_timeout: Duration,
+    queue: &std::sync::mpsc::Receiver<Job>,
+) {
+    let mut conn = Some(conn);
+    while let Ok(job) = queue.recv() {
+        if conn.is_none() {
+            match open_writer(path, busy_timeout) {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    job(Err(e));
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        // A job that panics drops its reply, so its caller gets an error; the thread and
+        // the other writes go on.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(&mut *c)))).is_err() {
+            tracing::error!("an SQLite write panicked; its transaction is rolled back");
+        }
+        // Every job ends its transaction (rusqlite rolls back on drop); one that could not
+        // (a failed ROLLBACK, a panic mid-way) must not hand an open transaction to the next
+        // write: roll back here, or close the connection and open a new one next time.
+        if !c.is_autocommit() && (c.execute_batch("ROLLBACK").is_err() || !c.is_autocommit()) {
+            tracing::error!("the SQLite writer connection was left in a transaction; reopening it");
+            conn = None;
+        }
+    }
+}
+
+fn open_writer(path: &std::path::Path, busy_timeout: Duration) -> StoreResult<Connection> {
+    use rusqlite::OpenFlags;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(map_rusqlite)?;
+    conn.busy_timeout(busy_timeout).map_err(map_rusqlite)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(map_rusqlite)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "SQLite refused WAL mode (journal_mode is {mode})"
+        )));
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;")
+        .map_err(map_rusqlite)?;
+    // Every write statement of this file stays prepared.
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// Runs `f` in a `BEGIN IMMEDIATE` transaction and commits what it did; if it fails, the
+/// transaction rolls back (rusqlite does so when it is dropped).
+fn immediate<R>(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> StoreResult<R>) -> StoreResult<R> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(map_rusqlite)?;
+    let out = f(&tx)?;
+    tx.commit().map_err(map_rusqlite)?;
+    Ok(out)
+}
+
+/// Runs one statement (prepared once per connection); the number of rows it changed.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> StoreResult<usize> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.execute(params))
+        .map_err(map_rusqlite)
+}
+
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS keyward_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    )
+    .map_err(map_rusqlite)?;
+    for m in MIGRATIONS {
+        let applied = immediate(conn, |tx| {
+            let done = read_one(
+                tx,
+                "SELECT version FROM keyward_migrations WHERE version = ?1",
+                (m.version,),
+                |_| Ok(()),
+            )?;
+            if done.is_some() {
+                return Ok(false);
+            }
+            tx.execute_batch(m.sql).map_err(map_rusqlite)?;
+            exec(
+                tx,
+                "INSERT INTO keyward_migrations (version, name, applied_at) VALUES (?1, ?2, strftime('%s','now') * 1000)",
+                (m.version, m.name),
+            )?;
+            Ok(true)
+        })?;
+        if applied {
+            tracing::info!(version = m.version, name = m.name, "applied migration");
+        }
+    }
+    Ok(())
 }
 
 /// The read-only connections. Reads run on the calling thread, through rusqlite, rather
@@ -162,15 +310,22 @@ fn read_snapshot<R>(
 }
 
 fn map_rusqlite(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ffi;
     match &e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if matches!(
+        rusqlite::Error::SqliteFailure(f, message) => match f.extended_code {
+            ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                StoreError::Conflict(message.clone().unwrap_or_else(|| e.to_string()))
+            }
+            ffi::SQLITE_CONSTRAINT_FOREIGNKEY => StoreError::NotFound,
+            _ if matches!(
                 f.code,
                 rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
             ) =>
-        {
-            StoreError::Unavailable(e.to_string())
-        }
+            {
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Database(e.to_string()),
+        },
         rusqlite::Error::FromSqlConversionFailure(..)
         | rusqlite::Error::InvalidColumnType(..)
         | rusqlite::Error::IntegralValueOutOfRange(..) => StoreError::Corrupt(e.to_string()),
@@ -187,88 +342,26 @@ impl std::fmt::Debug for SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `url` (`sqlite://path`) and migrates it.
     pub async fn open(url: &str, chain_key: AuditChainKey, opts: SqliteOptions) -> StoreResult<SqliteStore> {
-        let connect = SqliteConnectOptions::from_str(url)
+        let path = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("bad SQLite URL: {e}")))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(opts.busy_timeout)
-            .foreign_keys(true)
-            .pragma("secure_delete", "ON");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(opts.busy_timeout)
-            .connect_with(connect.clone())
-            .await
-            .map_err(map_err)?;
+            .get_filename()
+            .to_owned();
+        let writer = Writer::start(path.clone(), opts.busy_timeout)?;
         // No mmap: the file grows with every checkpoint of the audit log, and each growth
         // made every reader unmap and remap it (munmap with TLB shoot-downs was ~3% of all
         // CPU under load); reads of the hot rows come from SQLite's page cache.
         let reader = Arc::new(Readers {
             idle: std::sync::Mutex::new(Vec::new()),
-            path: connect.get_filename().to_owned(),
+            path,
             busy_timeout: opts.busy_timeout,
             keep_idle: usize::try_from(opts.readers.max(1)).unwrap_or(1),
         });
-        let store = SqliteStore {
+        writer.write(migrate).await?;
+        Ok(SqliteStore {
             writer,
             reader,
             chain_key: Arc::new(chain_key),
-        };
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    async fn migrate(&self) -> StoreResult<()> {
-        let mut conn = self.writer.acquire().await.map_err(map_err)?;
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS keyward_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
-        )
-        .execute(&mut *conn)
-        .await
-        .map_err(map_err)?;
-        drop(conn);
-        for m in MIGRATIONS {
-            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM keyward_migrations WHERE version = ?1")
-                .bind(m.version)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            if done.is_some() {
-                continue;
-            }
-            sqlx::raw_sql(m.sql).execute(&mut *tx).await.map_err(map_err)?;
-            sqlx::query("INSERT INTO keyward_migrations (version, name, applied_at) VALUES (?1, ?2, strftime('%s','now') * 1000)")
-                .bind(m.version)
-                .bind(m.name)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            tx.commit().await.map_err(map_err)?;
-            tracing::info!(version = m.version, name = m.name, "applied migration");
-        }
-        Ok(())
-    }
-}
-
-fn map_err(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::Database(db) => match db.code().as_deref() {
-            // SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY
-            Some("2067") | Some("1555") => StoreError::Conflict(db.message().to_owned()),
-            // SQLITE_CONSTRAINT_FOREIGNKEY
-            Some("787") => StoreError::NotFound,
-            // SQLITE_BUSY, SQLITE_LOCKED and their extended codes
-            Some(c) if c == "5" || c == "6" || c.parse::<i32>().is_ok_and(|n| n & 0xff == 5 || n & 0xff == 6) => {
-                StoreError::Unavailable(db.message().to_owned())
-            }
-            _ => StoreError::Database(db.message().to_owned()),
-        },
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
-            StoreError::Unavailable(e.to_string())
-        }
-        _ => StoreError::Database(e.to_string()),
+        })
     }
 }
 
@@ -276,35 +369,14 @@ fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(what.to_owned())
 }
 
-/// A column type both drivers decode (sqlx for the writer, rusqlite for the readers).
-trait ColumnType: for<'r> sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite> + rusqlite::types::FromSql {}
-impl<T> ColumnType for T where T: for<'r> sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite> + rusqlite::types::FromSql {}
+type Row<'a> = rusqlite::Row<'a>;
 
-/// A row of either driver, read by column name, so one set of `*_from_row` functions
-/// serves both.
-trait Columns {
-    fn column<T: ColumnType>(&self, col: &str) -> StoreResult<T>;
+fn get<T: rusqlite::types::FromSql>(row: &Row<'_>, col: &str) -> StoreResult<T> {
+    row.get(col)
+        .map_err(|e| StoreError::Corrupt(format!("column {col}: {e}")))
 }
 
-impl Columns for SqliteRow {
-    fn column<T: ColumnType>(&self, col: &str) -> StoreResult<T> {
-        self.try_get(col)
-            .map_err(|e| StoreError::Corrupt(format!("column {col}: {e}")))
-    }
-}
-
-impl Columns for rusqlite::Row<'_> {
-    fn column<T: ColumnType>(&self, col: &str) -> StoreResult<T> {
-        self.get(col)
-            .map_err(|e| StoreError::Corrupt(format!("column {col}: {e}")))
-    }
-}
-
-fn get<T: ColumnType>(row: &impl Columns, col: &str) -> StoreResult<T> {
-    row.column(col)
-}
-
-fn account_from_row(row: &impl Columns) -> StoreResult<Account> {
+fn account_from_row(row: &Row<'_>) -> StoreResult<Account> {
     let plan: Plan = get::<String>(row, "plan")?
         .parse()
         .map_err(|_| corrupt("accounts.plan"))?;
@@ -317,7 +389,7 @@ fn account_from_row(row: &impl Columns) -> StoreResult<Account> {
     })
 }
 
-fn membership_from_row(row: &impl Columns) -> StoreResult<Membership> {
+fn membership_from_row(row: &Row<'_>) -> StoreResult<Membership> {
     Ok(Membership {
         account: account_from_row(row)?,
         role: get::<String>(row, "role")?
@@ -326,14 +398,14 @@ fn membership_from_row(row: &impl Columns) -> StoreResult<Membership> {
     })
 }
 
-fn user_from_row(row: &impl Columns) -> StoreResult<User> {
+fn user_from_row(row: &Row<'_>) -> StoreResult<User> {
     Ok(User {
         id: UserId::parse(&get::<String>(row, "id")?).map_err(|_| corrupt("users.id"))?,
         email: Email::parse(&get::<String>(row, "email")?).map_err(|_| corrupt("users.email"))?,
     })
 }
 
-fn key_meta_from_row(row: &impl Columns) -> StoreResult<KeyMeta> {
+fn key_meta_from_row(row: &Row<'_>) -> StoreResult<KeyMeta> {
     let last_test = match (
         get::<Option<i64>>(row, "last_test_ok")?,
         get::<Option<i64>>(row, "last_test_at")?,
@@ -354,7 +426,7 @@ fn key_meta_from_row(row: &impl Columns) -> StoreResult<KeyMeta> {
     })
 }
 
-fn audit_from_row(row: &impl Columns) -> StoreResult<AuditEvent> {
+fn audit_from_row(row: &Row<'_>) -> StoreResult<AuditEvent> {
     Ok(AuditEvent {
         id: get(row, "id")?,
         account_id: get(row, "account_id")?,
@@ -379,221 +451,85 @@ fn audit_from_row(row: &impl Columns) -> StoreResult<AuditEvent> {
 const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
 const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
 
-/// Audit rows per INSERT statement: 16 parameters each, well inside SQLite's limit of
-/// 32,766 parameters per statement.
-const AUDIT_ROWS_PER_INSERT: usize = 128;
-
-/// Statements sent to the connection's thread in one round trip (sqlx runs each statement
-/// of a query in turn, consuming the `?` arguments in order). Every round trip is two
-/// thread wake-ups, and a group-commit batch would otherwise make several per event.
-#[derive(Default)]
-struct Batch {
-    sql: String,
-    args: SqliteArguments<'static>,
-}
-
-impl Batch {
-    fn sql(&mut self, sql: &str) {
-        self.sql.push_str(sql);
-    }
-
-    fn arg<T>(&mut self, value: T) -> StoreResult<()>
-    where
-        T: sqlx::Encode<'static, Sqlite> + sqlx::Type<Sqlite> + 'static,
-    {
-        self.args
-            .add(value)
-            .map_err(|e| StoreError::Invalid(format!("cannot encode an argument: {e}")))
-    }
-
-    async fn run(self, conn: &mut SqliteConnection) -> StoreResult<()> {
-        if self.sql.is_empty() {
-            return Ok(());
-        }
-        sqlx::query_with(&self.sql, self.args)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_err)?;
-        Ok(())
-    }
-}
+const INSERT_EVENT_SQL: &str = "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
 
 /// Appends `events` (in order) to their accounts' chains inside the caller's transaction:
-/// reads the heads of every account in the batch (one query, however many events each has),
-/// links each event to the one before, then adds the inserts and one head write per account
-/// to `batch`, which the caller runs. Callers that settle a batch (`finish_calls`,
-/// `append_audit`) pass it whole, so the chain reads stay per batch.
-async fn append_in_tx<'e>(
-    conn: &mut SqliteConnection,
+/// reads each account's head once, links each event to the one before, inserts the events,
+/// then writes one new head per account.
+fn append_in_tx<'e>(
+    tx: &Connection,
     chain_key: &AuditChainKey,
-    events: impl IntoIterator<Item = &'e NewAuditEvent> + Send,
-    batch: &mut Batch,
+    events: impl IntoIterator<Item = &'e NewAuditEvent>,
 ) -> StoreResult<()> {
-    chain_into_batch(conn, "", chain_key, events, batch).await
-}
-
-/// [`append_in_tx`], with `lead` (statements without parameters, e.g. the `BEGIN` of a
-/// [`RawTx`]) sent in the same round trip as the first read of the heads.
-async fn chain_into_batch<'e>(
-    conn: &mut SqliteConnection,
-    lead: &str,
-    chain_key: &AuditChainKey,
-    events: impl IntoIterator<Item = &'e NewAuditEvent> + Send,
-    batch: &mut Batch,
-) -> StoreResult<()> {
-    let events: Vec<&NewAuditEvent> = events.into_iter().collect();
-    let mut accounts: Vec<&str> = events.iter().map(|e| e.account_id.as_str()).collect();
-    accounts.sort_unstable();
-    accounts.dedup();
-    if accounts.is_empty() && !lead.is_empty() {
-        sqlx::query(lead).execute(&mut *conn).await.map_err(map_err)?;
-    }
-    let mut heads: BTreeMap<String, (i64, [u8; 32])> = BTreeMap::new();
-    for (i, chunk) in accounts.chunks(500).enumerate() {
-        let sql = format!(
-            "{}SELECT account_id, seq, mac FROM audit_heads WHERE account_id IN ({})",
-            if i == 0 { lead } else { "" },
-            vec!["?"; chunk.len()].join(",")
-        );
-        let mut q = sqlx::query(&sql);
-        for a in chunk {
-            q = q.bind(*a);
-        }
-        for r in q.fetch_all(&mut *conn).await.map_err(map_err)? {
-            let mac: Vec<u8> = get(&r, "mac")?;
-            heads.insert(
-                get(&r, "account_id")?,
-                (
-                    get(&r, "seq")?,
-                    mac.as_slice().try_into().map_err(|_| corrupt("audit_heads.mac"))?,
-                ),
-            );
-        }
-    }
-    let mut chained = Vec::with_capacity(events.len());
+    let mut heads: std::collections::BTreeMap<&str, (i64, [u8; 32])> = std::collections::BTreeMap::new();
+    let mut insert = tx.prepare_cached(INSERT_EVENT_SQL).map_err(map_rusqlite)?;
     for new in events {
         let account = new.account_id.as_str();
-        let (seq, prev) = heads.get(account).copied().unwrap_or((0, GENESIS_MAC));
-        let mut event = new.clone().into_event(seq + 1);
-        let mac = event.seal_link(chain_key, &prev);
-        heads.insert(account.to_owned(), (event.seq, mac));
-        chained.push(event);
+        let (seq, prev) = match heads.get(account) {
+            Some(head) => *head,
+            None => read_one(
+                tx,
+                "SELECT seq, mac FROM audit_heads WHERE account_id = ?1",
+                (account,),
+                |r| {
+                    let mac: Vec<u8> = get(r, "mac")?;
+                    let mac: [u8; 32] = mac.as_slice().try_into().map_err(|_| corrupt("audit_heads.mac"))?;
+                    Ok((get(r, "seq")?, mac))
+                },
+            )?
+            .unwrap_or((0, GENESIS_MAC)),
+        };
+        let mut e = new.clone().into_event(seq + 1);
+        let mac = e.seal_link(chain_key, &prev);
+        insert
+            .execute(rusqlite::params![
+                e.account_id,
+                e.seq,
+                e.at,
+                e.actor,
+                e.action,
+                e.provider,
+                e.key_source,
+                e.key_last4,
+                e.model,
+                e.outcome,
+                e.detail,
+                e.provider_request_id,
+                e.input_tokens,
+                e.output_tokens,
+                e.feature,
+                e.mac,
+            ])
+            .map_err(map_rusqlite)?;
+        heads.insert(account, (e.seq, mac));
     }
-    for chunk in chained.chunks(AUDIT_ROWS_PER_INSERT) {
-        batch.sql(
-            "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac) VALUES ",
-        );
-        for (i, event) in chunk.iter().enumerate() {
-            batch.sql(if i == 0 {
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            } else {
-                ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            });
-            let e = event.clone();
-            batch.arg(e.account_id)?;
-            batch.arg(e.seq)?;
-            batch.arg(e.at)?;
-            batch.arg(e.actor)?;
-            batch.arg(e.action)?;
-            batch.arg(e.provider)?;
-            batch.arg(e.key_source)?;
-            batch.arg(e.key_last4)?;
-            batch.arg(e.model)?;
-            batch.arg(e.outcome)?;
-            batch.arg(e.detail)?;
-            batch.arg(e.provider_request_id)?;
-            batch.arg(e.input_tokens)?;
-            batch.arg(e.output_tokens)?;
-            batch.arg(e.feature)?;
-            batch.arg(e.mac)?;
-        }
-        batch.sql(";\n");
-    }
-    // One head write per account (all of them in this batch), in account-id order.
     for (account, (seq, mac)) in heads {
-        batch.sql(
-            "INSERT INTO audit_heads (account_id, seq, mac) VALUES (?, ?, ?)
-             ON CONFLICT (account_id) DO UPDATE SET seq = excluded.seq, mac = excluded.mac;\n",
-        );
-        batch.arg(account)?;
-        batch.arg(seq)?;
-        batch.arg(mac.to_vec())?;
+        exec(
+            tx,
+            "INSERT INTO audit_heads (account_id, seq, mac) VALUES (?1, ?2, ?3)
+             ON CONFLICT (account_id) DO UPDATE SET seq = excluded.seq, mac = excluded.mac",
+            (account, seq, &mac[..]),
+        )?;
     }
     Ok(())
-}
-
-/// A writer connection inside a transaction that sqlx does not track: the `BEGIN` and the
-/// `COMMIT` travel with the first read and the last write, which saves two round trips to
-/// SQLite's thread per group commit. Dropped before [`RawTx::committed`] (an error or a
-/// cancelled future), the connection is closed instead of pooled, so an open transaction
-/// can never reach the next user of the pool.
-struct RawTx {
-    conn: sqlx::pool::PoolConnection<Sqlite>,
-    open: bool,
-}
-
-impl RawTx {
-    fn new(conn: sqlx::pool::PoolConnection<Sqlite>) -> RawTx {
-        RawTx { conn, open: true }
-    }
-
-    fn committed(&mut self) {
-        self.open = false;
-    }
-
-    /// Best effort; if the ROLLBACK fails too, the connection is closed on drop.
-    async fn roll_back(&mut self) {
-        if sqlx::query("ROLLBACK").execute(&mut *self.conn).await.is_ok() {
-            self.open = false;
-        }
-    }
-}
-
-impl Drop for RawTx {
-    fn drop(&mut self) {
-        if self.open {
-            self.conn.close_on_drop();
-        }
-    }
-}
-
-/// [`append_in_tx`] and run: for callers with nothing else to write in the same round trip.
-async fn append_now<'e>(
-    conn: &mut SqliteConnection,
-    chain_key: &AuditChainKey,
-    events: impl IntoIterator<Item = &'e NewAuditEvent> + Send,
-) -> StoreResult<()> {
-    let mut batch = Batch::default();
-    append_in_tx(conn, chain_key, events, &mut batch).await?;
-    batch.run(conn).await
 }
 
 /// Releases `release` reserved credits and charges `charge` for one (account, period), inside
 /// the caller's transaction. A release larger than the reservation (a caller bug, or a row
 /// reset by hand) clamps the reservation at 0 and is logged rather than failing the batch:
 /// the calls it settles have happened and their audit events must not be lost.
-async fn settle_in_tx(
-    conn: &mut SqliteConnection,
-    account: &str,
-    period: &str,
-    release: i64,
-    charge: i64,
-) -> StoreResult<()> {
+fn settle_in_tx(tx: &Connection, account: &str, period: &str, release: i64, charge: i64) -> StoreResult<()> {
     if release == 0 && charge == 0 {
         return Ok(());
     }
-    let done = sqlx::query(
+    let done = exec(
+        tx,
         "UPDATE credit_periods SET credits_reserved = credits_reserved - ?3, credits_used = credits_used + ?4
          WHERE account_id = ?1 AND period = ?2 AND credits_reserved >= ?3",
-    )
-    .bind(account)
-    .bind(period)
-    .bind(release)
-    .bind(charge)
-    .execute(&mut *conn)
-    .await
-    .map_err(map_err)?;
-    if done.rows_affected() == 1 {
+        (account, period, release, charge),
+    )?;
+    if done == 1 {
         return Ok(());
     }
     if release > 0 {
@@ -604,24 +540,19 @@ async fn settle_in_tx(
             "released more shared credits than were reserved; reservation clamped at 0"
         );
     }
-    sqlx::query(
+    exec(
+        tx,
         "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES (?1, ?2, ?3, 0)
          ON CONFLICT (account_id, period) DO UPDATE SET
            credits_used = credit_periods.credits_used + excluded.credits_used,
            credits_reserved = CASE WHEN credit_periods.credits_reserved >= ?4
                                    THEN credit_periods.credits_reserved - ?4 ELSE 0 END",
-    )
-    .bind(account)
-    .bind(period)
-    .bind(charge)
-    .bind(release)
-    .execute(&mut *conn)
-    .await
-    .map_err(map_err)?;
+        (account, period, charge, release),
+    )?;
     Ok(())
 }
 
-fn stored_key_from_row(row: &impl Columns, table: &str) -> StoreResult<StoredKey> {
+fn stored_key_from_row(row: &Row<'_>, table: &str) -> StoreResult<StoredKey> {
     Ok(StoredKey {
         key_id: KeyId::parse(&get::<String>(row, "key_id")?).map_err(|_| corrupt(&format!("{table}.key_id")))?,
         sealed: SealedKey::from_bytes(get(row, "sealed")?),
@@ -631,7 +562,7 @@ fn stored_key_from_row(row: &impl Columns, table: &str) -> StoreResult<StoredKey
 
 /// A [`CallKey`] from the `source`, `key_id`, `sealed` and `last4` columns of a row (a
 /// missing source is the default, shared).
-fn call_key_from_row(row: &impl Columns) -> StoreResult<CallKey> {
+fn call_key_from_row(row: &Row<'_>) -> StoreResult<CallKey> {
     let source = get::<Option<String>>(row, "source")?
         .map(|s| s.parse::<KeySource>())
         .transpose()
@@ -646,12 +577,6 @@ fn call_key_from_row(row: &impl Columns) -> StoreResult<CallKey> {
         None => None,
     };
     Ok(CallKey { source, key })
-}
-
-/// A named fn rather than a closure: the closure's lifetime would not be general enough for
-/// the `Send` future `async_trait` needs.
-fn audit_of(r: &CallRecord) -> &NewAuditEvent {
-    &r.audit
 }
 
 const SOURCE_SQL: &str = "SELECT source FROM provider_sources WHERE account_id = ?1 AND provider = ?2";
@@ -671,28 +596,12 @@ fn provider_state(provider: Provider, source: Option<String>, key: Option<KeyMet
     })
 }
 
-/// A provider's state inside a write transaction (what a change left).
-async fn state_in(conn: &mut SqliteConnection, account: &AccountId, provider: Provider) -> StoreResult<ProviderState> {
-    let source: Option<String> = sqlx::query_scalar(SOURCE_SQL)
-        .bind(account.as_str())
-        .bind(provider.as_str())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_err)?;
-    let key = sqlx::query(&KEY_META_SQL)
-        .bind(account.as_str())
-        .bind(provider.as_str())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_err)?;
-    provider_state(provider, source, key.as_ref().map(key_meta_from_row).transpose()?)
-}
-
-/// A provider's state, read on a reader connection.
+/// A provider's state, read on `conn` (a reader's snapshot, or a write transaction: what
+/// a change left).
 fn state_read(conn: &rusqlite::Connection, account: &AccountId, provider: Provider) -> StoreResult<ProviderState> {
     let params = (account.as_str(), provider.as_str());
     let source = read_one(conn, SOURCE_SQL, params, |r| get::<String>(r, "source"))?;
-    let key = read_one(conn, &KEY_META_SQL, params, |r| key_meta_from_row(r))?;
+    let key = read_one(conn, &KEY_META_SQL, params, key_meta_from_row)?;
     provider_state(provider, source, key)
 }
 
@@ -704,25 +613,30 @@ impl Store for SqliteStore {
     }
 
     async fn create_user(&self, id: &UserId, email: &Email, token_hash: &str, now: UnixMillis) -> StoreResult<()> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        sqlx::query("INSERT INTO users (id, email, created_at) VALUES (?1, ?2, ?3)")
-            .bind(id.as_str())
-            .bind(email.as_str())
-            .bind(now.as_i64())
-            .execute(&mut *tx)
+        let (id, email, token_hash) = (id.clone(), email.clone(), token_hash.to_owned());
+        self.writer
+            .write(move |conn| {
+                immediate(conn, |tx| {
+                    exec(
+                        tx,
+                        "INSERT INTO users (id, email, created_at) VALUES (?1, ?2, ?3)",
+                        (id.as_str(), email.as_str(), now.as_i64()),
+                    )
+                    .map_err(|e| match e {
+                        StoreError::Conflict(_) => {
+                            StoreError::Conflict(format!("a user with email {email} already exists"))
+                        }
+                        other => other,
+                    })?;
+                    exec(
+                        tx,
+                        "INSERT INTO api_tokens (token_hash, user_id, created_at) VALUES (?1, ?2, ?3)",
+                        (token_hash.as_str(), id.as_str(), now.as_i64()),
+                    )?;
+                    Ok(())
+                })
+            })
             .await
-            .map_err(|e| match map_err(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("a user with email {email} already exists")),
-                other => other,
-            })?;
-        sqlx::query("INSERT INTO api_tokens (token_hash, user_id, created_at) VALUES (?1, ?2, ?3)")
-            .bind(token_hash)
-            .bind(id.as_str())
-            .bind(now.as_i64())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)
     }
 
     async fn user_by_token(&self, token_hash: &str) -> StoreResult<Option<User>> {
@@ -731,7 +645,7 @@ impl Store for SqliteStore {
                 c,
                 "SELECT u.id, u.email FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1",
                 (token_hash,),
-                |r| user_from_row(r),
+                user_from_row,
             )
         })
     }
@@ -802,7 +716,7 @@ impl Store for SqliteStore {
                 c,
                 "SELECT id, email FROM users WHERE email = ?1",
                 (email.as_str(),),
-                |r| user_from_row(r),
+                user_from_row,
             )
         })
     }
@@ -822,51 +736,54 @@ impl Store for SqliteStore {
         owner: &UserId,
         now: UnixMillis,
     ) -> StoreResult<()> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        sqlx::query("INSERT INTO accounts (id, name, plan, created_at) VALUES (?1, ?2, ?3, ?4)")
-            .bind(id.as_str())
-            .bind(name)
-            .bind(plan.as_str())
-            .bind(now.as_i64())
-            .execute(&mut *tx)
+        let (id, name, owner) = (id.clone(), name.to_owned(), owner.clone());
+        self.writer
+            .write(move |conn| {
+                immediate(conn, |tx| {
+                    exec(
+                        tx,
+                        "INSERT INTO accounts (id, name, plan, created_at) VALUES (?1, ?2, ?3, ?4)",
+                        (id.as_str(), name.as_str(), plan.as_str(), now.as_i64()),
+                    )?;
+                    exec(
+                        tx,
+                        "INSERT INTO memberships (account_id, user_id, role, created_at) VALUES (?1, ?2, 'owner', ?3)",
+                        (id.as_str(), owner.as_str(), now.as_i64()),
+                    )?;
+                    Ok(())
+                })
+            })
             .await
-            .map_err(map_err)?;
-        sqlx::query("INSERT INTO memberships (account_id, user_id, role, created_at) VALUES (?1, ?2, 'owner', ?3)")
-            .bind(id.as_str())
-            .bind(owner.as_str())
-            .bind(now.as_i64())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)
     }
 
     async fn set_membership(&self, account: &AccountId, user: &UserId, role: Role, now: UnixMillis) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO memberships (account_id, user_id, role, created_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (account_id, user_id) DO UPDATE SET role = excluded.role",
-        )
-        .bind(account.as_str())
-        .bind(user.as_str())
-        .bind(role.as_str())
-        .bind(now.as_i64())
-        .execute(&self.writer)
-        .await
-        .map_err(map_err)?;
-        Ok(())
+        let (account, user) = (account.clone(), user.clone());
+        self.writer
+            .write(move |conn| {
+                exec(
+                    conn,
+                    "INSERT INTO memberships (account_id, user_id, role, created_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (account_id, user_id) DO UPDATE SET role = excluded.role",
+                    (account.as_str(), user.as_str(), role.as_str(), now.as_i64()),
+                )?;
+                Ok(())
+            })
+            .await
     }
 
     async fn set_plan(&self, account: &AccountId, plan: Plan, limit: Option<i64>) -> StoreResult<()> {
-        let done = sqlx::query(
-            "UPDATE accounts SET plan = ?2, shared_credit_limit = COALESCE(?3, shared_credit_limit) WHERE id = ?1",
-        )
-        .bind(account.as_str())
-        .bind(plan.as_str())
-        .bind(limit)
-        .execute(&self.writer)
-        .await
-        .map_err(map_err)?;
-        if done.rows_affected() == 0 {
+        let account = account.clone();
+        let changed = self
+            .writer
+            .write(move |conn| {
+                exec(
+                    conn,
+                    "UPDATE accounts SET plan = ?2, shared_credit_limit = COALESCE(?3, shared_credit_limit) WHERE id = ?1",
+                    (account.as_str(), plan.as_str(), limit),
+                )
+            })
+            .await?;
+        if changed == 0 {
             return Err(StoreError::NotFound);
         }
         Ok(())
@@ -875,7 +792,7 @@ impl Store for SqliteStore {
     async fn account(&self, account: &AccountId) -> StoreResult<Option<Account>> {
         let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = ?1");
         self.reader
-            .read(|c| read_one(c, &sql, (account.as_str(),), |r| account_from_row(r)))
+            .read(|c| read_one(c, &sql, (account.as_str(),), account_from_row))
     }
 
     async fn account_ids(&self) -> StoreResult<Vec<AccountId>> {
@@ -894,7 +811,7 @@ impl Store for SqliteStore {
             "SELECT {ACCOUNT_COLUMNS}, m.role FROM memberships m JOIN accounts a ON a.id = m.account_id WHERE m.account_id = ?1 AND m.user_id = ?2"
         );
         self.reader
-            .read(|c| read_one(c, &sql, (account.as_str(), user.as_str()), |r| membership_from_row(r)))
+            .read(|c| read_one(c, &sql, (account.as_str(), user.as_str()), membership_from_row))
     }
 
     async fn memberships_of(&self, user: &UserId) -> StoreResult<Vec<Membership>> {
@@ -902,7 +819,7 @@ impl Store for SqliteStore {
             "SELECT {ACCOUNT_COLUMNS}, m.role FROM memberships m JOIN accounts a ON a.id = m.account_id WHERE m.user_id = ?1 ORDER BY a.created_at, a.id"
         );
         self.reader
-            .read(|c| read_all(c, &sql, (user.as_str(),), |r| membership_from_row(r)))
+            .read(|c| read_all(c, &sql, (user.as_str(),), membership_from_row))
     }
 
     async fn provider_states(&self, account: &AccountId) -> StoreResult<Vec<ProviderState>> {
@@ -926,42 +843,48 @@ impl Store for SqliteStore {
         actor: &Actor,
         now: UnixMillis,
     ) -> StoreResult<Saved> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        let old_last4: Option<String> =
-            sqlx::query_scalar("SELECT last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2")
-                .bind(account.as_str())
-                .bind(provider.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        // Rotation overwrites the row in place: with secure_delete the old blob's bytes are
-        // zeroed in the page, and the checkpoint that follows clears them from the WAL.
-        sqlx::query(
-            "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-             ON CONFLICT (account_id, provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
-               last4 = excluded.last4, updated_at = excluded.updated_at,
-               last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL",
-        )
-        .bind(account.as_str())
-        .bind(provider.as_str())
-        .bind(key.key_id.as_str())
-        .bind(key.sealed.as_bytes())
-        .bind(key.last4.as_str())
-        .bind(now.as_i64())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let rotated = old_last4.is_some();
-        let (action, detail) = match &old_last4 {
-            Some(old) => (AuditAction::KeyRotated, Some(format!("replaced key ending {old}"))),
-            None => (AuditAction::KeySaved, None),
-        };
-        let event = NewAuditEvent::key_action(account, now, &actor.0, action, provider, Some(&key.last4), detail);
-        append_now(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
-        let state = state_in(&mut tx, account, provider).await?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(Saved { rotated, state })
+        let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
+        self.writer
+            .write(move |conn| {
+                immediate(conn, |tx| {
+                    let old_last4 = read_one(
+                        tx,
+                        "SELECT last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2",
+                        (account.as_str(), provider.as_str()),
+                        |r| get::<String>(r, "last4"),
+                    )?;
+                    // Rotation overwrites the row in place: with secure_delete the old blob's
+                    // bytes are zeroed in the page, and the checkpoint that follows clears them
+                    // from the WAL.
+                    exec(
+                        tx,
+                        "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                         ON CONFLICT (account_id, provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
+                           last4 = excluded.last4, updated_at = excluded.updated_at,
+                           last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL",
+                        (
+                            account.as_str(),
+                            provider.as_str(),
+                            key.key_id.as_str(),
+                            key.sealed.as_bytes(),
+                            key.last4.as_str(),
+                            now.as_i64(),
+                        ),
+                    )?;
+                    let rotated = old_last4.is_some();
+                    let (action, detail) = match &old_last4 {
+                        Some(old) => (AuditAction::KeyRotated, Some(format!("replaced key ending {old}"))),
+                        None => (AuditAction::KeySaved, None),
+                    };
+                    let event =
+                        NewAuditEvent::key_action(&account, now, &actor.0, action, provider, Some(&key.last4), detail);
+                    append_in_tx(tx, &chain_key, [&event])?;
+                    let state = state_read(tx, &account, provider)?;
+                    Ok(Saved { rotated, state })
+                })
+            })
+            .await
     }
 
     async fn remove_key(
@@ -971,33 +894,36 @@ impl Store for SqliteStore {
         actor: &Actor,
         now: UnixMillis,
     ) -> StoreResult<()> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        let last4: Option<String> =
-            sqlx::query_scalar("DELETE FROM provider_keys WHERE account_id = ?1 AND provider = ?2 RETURNING last4")
-                .bind(account.as_str())
-                .bind(provider.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        let last4 = last4.ok_or(StoreError::NoKeySaved)?;
-        sqlx::query("DELETE FROM provider_sources WHERE account_id = ?1 AND provider = ?2")
-            .bind(account.as_str())
-            .bind(provider.as_str())
-            .execute(&mut *tx)
+        let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
+        self.writer
+            .write(move |conn| {
+                immediate(conn, |tx| {
+                    let last4 = read_one(
+                        tx,
+                        "DELETE FROM provider_keys WHERE account_id = ?1 AND provider = ?2 RETURNING last4",
+                        (account.as_str(), provider.as_str()),
+                        |r| get::<String>(r, "last4"),
+                    )?
+                    .ok_or(StoreError::NoKeySaved)?;
+                    exec(
+                        tx,
+                        "DELETE FROM provider_sources WHERE account_id = ?1 AND provider = ?2",
+                        (account.as_str(), provider.as_str()),
+                    )?;
+                    let last4 = Last4::from_stored(&last4).ok_or_else(|| corrupt("provider_keys.last4"))?;
+                    let event = NewAuditEvent::key_action(
+                        &account,
+                        now,
+                        &actor.0,
+                        AuditAction::KeyRemoved,
+                        provider,
+                        Some(&last4),
+                        None,
+                    );
+                    append_in_tx(tx, &chain_key, [&event])
+                })
+            })
             .await
-            .map_err(map_err)?;
-        let last4 = Last4::from_stored(&last4).ok_or_else(|| corrupt("provider_keys.last4"))?;
-        let event = NewAuditEvent::key_action(
-            account,
-            now,
-            &actor.0,
-            AuditAction::KeyRemoved,
-            provider,
-            Some(&last4),
-            None,
-        );
-        append_now(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
-        tx.commit().await.map_err(map_err)
     }
 
     async fn set_source(
@@ -1008,37 +934,37 @@ impl Store for SqliteStore {
         actor: &Actor,
         now: UnixMillis,
     ) -> StoreResult<ProviderState> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        let before = state_in(&mut tx, account, provider).await?;
-        if source == KeySource::Own && before.key.is_none() {
-            return Err(StoreError::NoKeySaved);
-        }
-        if before.source != source {
-            sqlx::query(
-                "INSERT INTO provider_sources (account_id, provider, source) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (account_id, provider) DO UPDATE SET source = excluded.source",
-            )
-            .bind(account.as_str())
-            .bind(provider.as_str())
-            .bind(source.as_str())
-            .execute(&mut *tx)
+        let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
+        self.writer
+            .write(move |conn| {
+                immediate(conn, |tx| {
+                    let before = state_read(tx, &account, provider)?;
+                    if source == KeySource::Own && before.key.is_none() {
+                        return Err(StoreError::NoKeySaved);
+                    }
+                    if before.source != source {
+                        exec(
+                            tx,
+                            "INSERT INTO provider_sources (account_id, provider, source) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (account_id, provider) DO UPDATE SET source = excluded.source",
+                            (account.as_str(), provider.as_str(), source.as_str()),
+                        )?;
+                        let mut event = NewAuditEvent::key_action(
+                            &account,
+                            now,
+                            &actor.0,
+                            AuditAction::KeySourceChanged,
+                            provider,
+                            before.key.as_ref().map(|k| &k.last4),
+                            Some(format!("{} -> {}", before.source, source)),
+                        );
+                        event.key_source = Some(source);
+                        append_in_tx(tx, &chain_key, [&event])?;
+                    }
+                    state_read(tx, &account, provider)
+                })
+            })
             .await
-            .map_err(map_err)?;
-            let mut event = NewAuditEvent::key_action(
-                account,
-                now,
-                &actor.0,
-                AuditAction::KeySourceChanged,
-                provider,
-                before.key.as_ref().map(|k| &k.last4),
-                Some(format!("{} -> {}", before.source, source)),
-            );
-            event.key_source = Some(source);
-            append_now(&mut tx, &self.chain_key, std::slice::from_ref(&event)).await?;
-        }
-        let after = state_in(&mut tx, account, provider).await?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(after)
     }
 
     async fn call_key(&self, account: &AccountId, provider: Provider) -> StoreResult<CallKey> {
@@ -1057,7 +983,7 @@ impl Store for SqliteStore {
                                       AND s.source = 'own'
              LEFT JOIN shared_keys sk ON sk.provider = q.provider AND COALESCE(s.source, 'shared') = 'shared'",
                 (account.as_str(), provider.as_str()),
-                |r| call_key_from_row(r),
+                call_key_from_row,
             )?
             .ok_or_else(|| corrupt("call key query returned no row"))
         })
@@ -1083,50 +1009,67 @@ impl Store for SqliteStore {
         event: &NewAuditEvent,
     ) -> StoreResult<bool> {
         check_event(event, account, AuditAction::KeyTested, "record_key_test")?;
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        // Conditional on key_id: a test that raced a rotation finds no row and labels nothing.
-        let done = sqlx::query(
-            "UPDATE provider_keys SET last_test_ok = ?4, last_test_at = ?5, last_test_message = ?6
-             WHERE account_id = ?1 AND provider = ?2 AND key_id = ?3",
-        )
-        .bind(account.as_str())
-        .bind(provider.as_str())
-        .bind(key_id.as_str())
-        .bind(i64::from(result.ok))
-        .bind(result.at.as_i64())
-        .bind(&result.message)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        append_now(&mut tx, &self.chain_key, std::slice::from_ref(event)).await?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(done.rows_affected() == 1)
+        let (account, key_id, result, event, chain_key) = (
+            account.clone(),
+            key_id.clone(),
+            result.clone(),
+            event.clone(),
+            Arc::clone(&self.chain_key),
+        );
+        self.writer
+            .write(move |conn| {
+                immediate(conn, |tx| {
+                    // Conditional on key_id: a test that raced a rotation finds no row and labels
+                    // nothing.
+                    let labelled = exec(
+                        tx,
+                        "UPDATE provider_keys SET last_test_ok = ?4, last_test_at = ?5, last_test_message = ?6
+                         WHERE account_id = ?1 AND provider = ?2 AND key_id = ?3",
+                        (
+                            account.as_str(),
+                            provider.as_str(),
+                            key_id.as_str(),
+                            i64::from(result.ok),
+                            result.at.as_i64(),
+                            result.message.as_str(),
+                        ),
+                    )?;
+                    append_in_tx(tx, &chain_key, [&event])?;
+                    Ok(labelled == 1)
+                })
+            })
+            .await
     }
 
     async fn save_shared_key(&self, provider: Provider, key: NewKey, now: UnixMillis) -> StoreResult<bool> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        let old: Option<String> = sqlx::query_scalar("SELECT key_id FROM shared_keys WHERE provider = ?1")
-            .bind(provider.as_str())
-            .fetch_optional(&mut *tx)
+        self.writer
+            .write(move |conn| {
+                immediate(conn, |tx| {
+                    let old = read_one(
+                        tx,
+                        "SELECT key_id FROM shared_keys WHERE provider = ?1",
+                        (provider.as_str(),),
+                        |_| Ok(()),
+                    )?;
+                    // Overwritten in place, as account keys are (see save_key).
+                    exec(
+                        tx,
+                        "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                         ON CONFLICT (provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
+                           last4 = excluded.last4, updated_at = excluded.updated_at",
+                        (
+                            provider.as_str(),
+                            key.key_id.as_str(),
+                            key.sealed.as_bytes(),
+                            key.last4.as_str(),
+                            now.as_i64(),
+                        ),
+                    )?;
+                    Ok(old.is_some())
+                })
+            })
             .await
-            .map_err(map_err)?;
-        // Overwritten in place, as account keys are (see save_key).
-        sqlx::query(
-            "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
-             ON CONFLICT (provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
-               last4 = excluded.last4, updated_at = excluded.updated_at",
-        )
-        .bind(provider.as_str())
-        .bind(key.key_id.as_str())
-        .bind(key.sealed.as_bytes())
-        .bind(key.last4.as_str())
-        .bind(now.as_i64())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(old.is_some())
     }
 
     async fn shared_key(&self, provider: Provider) -> StoreResult<Option<StoredKey>> {
@@ -1143,97 +1086,71 @@ impl Store for SqliteStore {
     async fn reserve_credits(&self, account: &AccountId, period: &str, limit: i64, amount: i64) -> StoreResult<bool> {
         check_period(period)?;
         check_amount("amount", amount)?;
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        // An unknown account fails the foreign key here: NotFound.
-        sqlx::query(
-            "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES (?1, ?2, 0, 0)
-             ON CONFLICT (account_id, period) DO NOTHING",
-        )
-        .bind(account.as_str())
-        .bind(period)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        // The cap check and the reservation are one statement: atomic in the database, so it
-        // holds across processes (SQLite serializes writers; PostgreSQL re-checks the WHERE
-        // against the locked row).
-        let done = sqlx::query(
-            "UPDATE credit_periods SET credits_reserved = credits_reserved + ?3
-             WHERE account_id = ?1 AND period = ?2 AND credits_used + credits_reserved + ?3 <= ?4",
-        )
-        .bind(account.as_str())
-        .bind(period)
-        .bind(amount)
-        .bind(limit)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if done.rows_affected() == 1 {
-            tx.commit().await.map_err(map_err)?;
-            Ok(true)
-        } else {
-            // Refused: roll back the empty row too, so a refusal leaves no trace.
-            tx.rollback().await.map_err(map_err)?;
-            Ok(false)
-        }
+        let (account, period) = (account.clone(), period.to_owned());
+        self.writer
+            .write(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(map_rusqlite)?;
+                // An unknown account fails the foreign key here: NotFound.
+                exec(
+                    &tx,
+                    "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES (?1, ?2, 0, 0)
+                     ON CONFLICT (account_id, period) DO NOTHING",
+                    (account.as_str(), period.as_str()),
+                )?;
+                // The cap check and the reservation are one statement: atomic in the database,
+                // so it holds across processes (SQLite serializes writers; PostgreSQL re-checks
+                // the WHERE against the locked row).
+                let reserved = exec(
+                    &tx,
+                    "UPDATE credit_periods SET credits_reserved = credits_reserved + ?3
+                     WHERE account_id = ?1 AND period = ?2 AND credits_used + credits_reserved + ?3 <= ?4",
+                    (account.as_str(), period.as_str(), amount, limit),
+                )? == 1;
+                if reserved {
+                    tx.commit().map_err(map_rusqlite)?;
+                } else {
+                    // Refused: roll back the empty row too, so a refusal leaves no trace.
+                    tx.rollback().map_err(map_rusqlite)?;
+                }
+                Ok(reserved)
+            })
+            .await
     }
 
     async fn finish_calls(&self, records: &[CallRecord]) -> StoreResult<()> {
         if records.is_empty() {
             return Ok(());
         }
-        // Check everything before writing anything, and fold the batch into one update per
-        // (account, period) and per counter row (see `fold_calls`).
-        let FoldedCalls { credits, counters } = fold_calls(records)?;
-        // This runs for every AI call (batched), so it spends as few round trips to SQLite's
-        // thread as it can: BEGIN with the read of the chain heads, then (shared-pool
-        // batches only) the credit updates, then every write with the COMMIT.
-        let mut tx = RawTx::new(self.writer.acquire().await.map_err(map_err)?);
-        let written = async {
-            let mut batch = Batch::default();
-            chain_into_batch(
-                &mut tx.conn,
-                "BEGIN IMMEDIATE;\n",
-                &self.chain_key,
-                records.iter().map(audit_of),
-                &mut batch,
-            )
-            .await?;
-            for ((account, period), (release, charge)) in credits {
-                settle_in_tx(&mut tx.conn, account, period, release, charge).await?;
-            }
-            // Counters, audit rows and chain heads: one round trip (see `Batch`).
-            for ((account, period, provider, source), (requests, input, output)) in counters {
-                batch.sql(
-                    "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
-                     VALUES (?, ?, ?, ?, ?, ?, ?)
-                     ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
-                       requests = usage_counters.requests + excluded.requests,
-                       input_tokens = usage_counters.input_tokens + excluded.input_tokens,
-                       output_tokens = usage_counters.output_tokens + excluded.output_tokens;\n",
-                );
-                batch.arg(account.to_owned())?;
-                batch.arg(period.to_owned())?;
-                batch.arg(provider.to_owned())?;
-                batch.arg(source.to_owned())?;
-                batch.arg(requests)?;
-                batch.arg(input)?;
-                batch.arg(output)?;
-            }
-            batch.sql("COMMIT;");
-            batch.run(&mut tx.conn).await
-        }
-        .await;
-        match written {
-            Ok(()) => {
-                tx.committed();
-                Ok(())
-            }
-            Err(e) => {
-                tx.roll_back().await;
-                Err(e)
-            }
-        }
+        let (records, chain_key) = (records.to_vec(), Arc::clone(&self.chain_key));
+        // One transaction (one fsync) for the whole batch, run whole on the writer's thread.
+        self.writer
+            .write(move |conn| {
+                // Check everything before writing anything, and fold the batch into one update
+                // per (account, period) and per counter row (see `fold_calls`).
+                let FoldedCalls { credits, counters } = fold_calls(&records)?;
+                immediate(conn, |tx| {
+                    append_in_tx(tx, &chain_key, records.iter().map(|r| &r.audit))?;
+                    for ((account, period), (release, charge)) in credits {
+                        settle_in_tx(tx, account, period, release, charge)?;
+                    }
+                    for ((account, period, provider, source), (requests, input, output)) in counters {
+                        exec(
+                            tx,
+                            "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                             ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
+                               requests = usage_counters.requests + excluded.requests,
+                               input_tokens = usage_counters.input_tokens + excluded.input_tokens,
+                               output_tokens = usage_counters.output_tokens + excluded.output_tokens",
+                            (account, period, provider, source, requests, input, output),
+                        )?;
+                    }
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn release_credits(&self, account: &AccountId, period: &str, amount: i64) -> StoreResult<()> {
@@ -1242,9 +1159,10 @@ impl Store for SqliteStore {
         if amount == 0 {
             return Ok(());
         }
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        settle_in_tx(&mut tx, account.as_str(), period, amount, 0).await?;
-        tx.commit().await.map_err(map_err)
+        let (account, period) = (account.clone(), period.to_owned());
+        self.writer
+            .write(move |conn| immediate(conn, |tx| settle_in_tx(tx, account.as_str(), &period, amount, 0)))
+            .await
     }
 
     async fn usage(&self, account: &AccountId, period: &str) -> StoreResult<UsageReport> {
@@ -1288,9 +1206,10 @@ impl Store for SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        append_now(&mut tx, &self.chain_key, events).await?;
-        tx.commit().await.map_err(map_err)
+        let (events, chain_key) = (events.to_vec(), Arc::clone(&self.chain_key));
+        self.writer
+            .write(move |conn| immediate(conn, |tx| append_in_tx(tx, &chain_key, &events)))
+            .await
     }
 
     async fn audit_page(&self, account: &AccountId, limit: u32, before: Option<i64>) -> StoreResult<Vec<AuditEvent>> {
@@ -1299,7 +1218,7 @@ impl Store for SqliteStore {
                 c,
                 "SELECT * FROM audit_events WHERE account_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
                 (account.as_str(), before.unwrap_or(i64::MAX), i64::from(limit)),
-                |r| audit_from_row(r),
+                audit_from_row,
             )
         })
     }
@@ -1315,7 +1234,7 @@ impl Store for SqliteStore {
                         c,
                         "SELECT * FROM audit_events WHERE account_id = ?1 ORDER BY seq, id",
                         (account.as_str(),),
-                        |r| audit_from_row(r),
+                        audit_from_row,
                     )?;
                     let head = read_one(
                         c,
@@ -1335,11 +1254,99 @@ impl Store for SqliteStore {
     }
 
     async fn purge_removed(&self) -> StoreResult<bool> {
-        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .fetch_one(&self.writer)
-            .await
-            .map_err(map_err)?;
-        let busy: i64 = row.try_get(0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let busy: i64 = self
+            .writer
+            .write(|conn| {
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+                    .map_err(map_rusqlite)
+            })
+            .await?;
         Ok(busy == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::future::Future;
+
+    fn writer(dir: &tempfile::TempDir) -> Writer {
+        Writer::start(dir.path().join("w.db"), Duration::from_millis(200)).unwrap()
+    }
+
+    async fn count(w: &Writer) -> i64 {
+        w.write(|c| read_one(c, "SELECT COUNT(*) AS n FROM t", (), |r| get(r, "n")).map(Option::unwrap_or_default))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_write_that_leaves_its_transaction_open_is_rolled_back_before_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(&dir);
+        w.write(|c| c.execute_batch("CREATE TABLE t (x INTEGER)").map_err(map_rusqlite))
+            .await
+            .unwrap();
+        // A job that begins a transaction, writes and returns without ending it.
+        w.write(|c| {
+            c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+                .map_err(map_rusqlite)
+        })
+        .await
+        .unwrap();
+        // The next write starts from a clean connection: its own transaction works, and the
+        // row the abandoned one wrote is gone.
+        w.write(|c| immediate(c, |tx| exec(tx, "INSERT INTO t VALUES (2)", ()).map(drop)))
+            .await
+            .unwrap();
+        assert_eq!(count(&w).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_panics_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(&dir);
+        w.write(|c| c.execute_batch("CREATE TABLE t (x INTEGER)").map_err(map_rusqlite))
+            .await
+            .unwrap();
+        let failed = w
+            .write(|c| -> StoreResult<()> {
+                c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+                    .map_err(map_rusqlite)?;
+                panic!("a bug in a write");
+            })
+            .await;
+        assert!(matches!(failed, Err(StoreError::Unavailable(_))), "{failed:?}");
+        w.write(|c| exec(c, "INSERT INTO t VALUES (2)", ()).map(drop))
+            .await
+            .unwrap();
+        assert_eq!(count(&w).await, 1, "the panicked write's row must be rolled back");
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_caller_stops_waiting_still_commits_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(&dir);
+        w.write(|c| c.execute_batch("CREATE TABLE t (x INTEGER)").map_err(map_rusqlite))
+            .await
+            .unwrap();
+        // Hold the writer thread, queue a write behind it, then drop that write's future
+        // while it waits: the write has been handed over and must still run, whole.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut hold = Box::pin(w.write(move |_| held.recv().map_err(|_| StoreError::NotFound)));
+        assert!(hold.as_mut().poll(&mut cx).is_pending());
+        let mut abandoned = Box::pin(w.write(|c| {
+            immediate(c, |tx| {
+                exec(tx, "INSERT INTO t VALUES (1)", ())?;
+                exec(tx, "INSERT INTO t VALUES (2)", ()).map(drop)
+            })
+        }));
+        assert!(abandoned.as_mut().poll(&mut cx).is_pending());
+        drop(abandoned);
+        release.send(()).unwrap();
+        hold.await.unwrap();
+        assert_eq!(count(&w).await, 2, "the abandoned write must have committed both rows");
     }
 }

@@ -1593,10 +1593,9 @@ mod kek {
     }
 }
 
-/// SQLite's group commit sends its BEGIN with the first read and its COMMIT with the last
-/// write, outside sqlx's own transaction tracking. A batch that fails inside that
-/// transaction must leave nothing behind: no rows, no reservation released, no write lock
-/// held; the next batch (on the same pooled writer) and another process both commit.
+/// SQLite's writes all run on one thread that owns the read-write connection. A batch that
+/// fails inside its transaction must leave nothing behind: no rows, no reservation released,
+/// no write lock held; the next batch (on the same writer) and another process both commit.
 #[tokio::test]
 async fn sqlite_a_batch_failing_mid_write_rolls_back_and_the_writer_stays_usable() {
     let dir = tempfile::tempdir().unwrap();

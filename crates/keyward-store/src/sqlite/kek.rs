@@ -1,6 +1,6 @@
 //! The SQLite implementation of [`crate::kek::KekStore`].
 
-use super::{get, map_err, read_all, SqliteStore};
+use super::{exec, get, read_all, SqliteStore};
 use crate::kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow, SealerReport};
 use crate::{StoreError, StoreResult, SHARED_KEY_ACCOUNT};
 use async_trait::async_trait;
@@ -67,36 +67,34 @@ impl KekStore for SqliteStore {
             BlobOwner::Account => "UPDATE provider_keys SET sealed = ?1 WHERE key_id = ?2 AND sealed = ?3",
             BlobOwner::Platform => "UPDATE shared_keys SET sealed = ?1 WHERE key_id = ?2 AND sealed = ?3",
         };
-        let done = sqlx::query(sql)
-            .bind(new.as_bytes())
-            .bind(key_id)
-            .bind(old.as_bytes())
-            .execute(&self.writer)
-            .await
-            .map_err(map_err)?;
-        Ok(done.rows_affected() == 1)
+        let (key_id, old, new) = (key_id.to_owned(), old.clone(), new.clone());
+        let replaced = self
+            .writer
+            .write(move |conn| exec(conn, sql, (new.as_bytes(), key_id.as_str(), old.as_bytes())))
+            .await?;
+        Ok(replaced == 1)
     }
 
     async fn report_sealer(&self, node_id: &str, kek_ids: &[String], at: UnixMillis) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO kek_sealers (node_id, kek_ids, reported_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (node_id) DO UPDATE SET kek_ids = excluded.kek_ids, reported_at = excluded.reported_at",
-        )
-        .bind(node_id)
-        .bind(kek_ids.join(","))
-        .bind(at.as_i64())
-        .execute(&self.writer)
-        .await
-        .map_err(map_err)?;
+        let (node_id, kek_ids) = (node_id.to_owned(), kek_ids.join(","));
+        self.writer
+            .write(move |conn| {
+                exec(
+                    conn,
+                    "INSERT INTO kek_sealers (node_id, kek_ids, reported_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (node_id) DO UPDATE SET kek_ids = excluded.kek_ids, reported_at = excluded.reported_at",
+                    (node_id.as_str(), kek_ids.as_str(), at.as_i64()),
+                )
+            })
+            .await?;
         Ok(())
     }
 
     async fn forget_sealer(&self, node_id: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM kek_sealers WHERE node_id = ?1")
-            .bind(node_id)
-            .execute(&self.writer)
-            .await
-            .map_err(map_err)?;
+        let node_id = node_id.to_owned();
+        self.writer
+            .write(move |conn| exec(conn, "DELETE FROM kek_sealers WHERE node_id = ?1", (node_id.as_str(),)))
+            .await?;
         Ok(())
     }
 
