@@ -90,6 +90,14 @@ impl Writer {
         self.jobs.send(job).map_err(|_| writer_gone())?;
         result.await.map_err(|_| writer_gone())?
     }
+
+    /// [`Writer::write`] inside one `BEGIN IMMEDIATE` transaction (see [`immediate`]).
+    async fn transaction<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> StoreResult<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        self.write(move |conn| immediate(conn, f)).await
+    }
 }
 
 fn writer_gone() -> StoreError {
@@ -615,26 +623,24 @@ impl Store for SqliteStore {
     async fn create_user(&self, id: &UserId, email: &Email, token_hash: &str, now: UnixMillis) -> StoreResult<()> {
         let (id, email, token_hash) = (id.clone(), email.clone(), token_hash.to_owned());
         self.writer
-            .write(move |conn| {
-                immediate(conn, |tx| {
-                    exec(
-                        tx,
-                        "INSERT INTO users (id, email, created_at) VALUES (?1, ?2, ?3)",
-                        (id.as_str(), email.as_str(), now.as_i64()),
-                    )
-                    .map_err(|e| match e {
-                        StoreError::Conflict(_) => {
-                            StoreError::Conflict(format!("a user with email {email} already exists"))
-                        }
-                        other => other,
-                    })?;
-                    exec(
-                        tx,
-                        "INSERT INTO api_tokens (token_hash, user_id, created_at) VALUES (?1, ?2, ?3)",
-                        (token_hash.as_str(), id.as_str(), now.as_i64()),
-                    )?;
-                    Ok(())
-                })
+            .transaction(move |tx| {
+                exec(
+                    tx,
+                    "INSERT INTO users (id, email, created_at) VALUES (?1, ?2, ?3)",
+                    (id.as_str(), email.as_str(), now.as_i64()),
+                )
+                .map_err(|e| match e {
+                    StoreError::Conflict(_) => {
+                        StoreError::Conflict(format!("a user with email {email} already exists"))
+                    }
+                    other => other,
+                })?;
+                exec(
+                    tx,
+                    "INSERT INTO api_tokens (token_hash, user_id, created_at) VALUES (?1, ?2, ?3)",
+                    (token_hash.as_str(), id.as_str(), now.as_i64()),
+                )?;
+                Ok(())
             })
             .await
     }
@@ -738,20 +744,18 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let (id, name, owner) = (id.clone(), name.to_owned(), owner.clone());
         self.writer
-            .write(move |conn| {
-                immediate(conn, |tx| {
-                    exec(
-                        tx,
-                        "INSERT INTO accounts (id, name, plan, created_at) VALUES (?1, ?2, ?3, ?4)",
-                        (id.as_str(), name.as_str(), plan.as_str(), now.as_i64()),
-                    )?;
-                    exec(
-                        tx,
-                        "INSERT INTO memberships (account_id, user_id, role, created_at) VALUES (?1, ?2, 'owner', ?3)",
-                        (id.as_str(), owner.as_str(), now.as_i64()),
-                    )?;
-                    Ok(())
-                })
+            .transaction(move |tx| {
+                exec(
+                    tx,
+                    "INSERT INTO accounts (id, name, plan, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    (id.as_str(), name.as_str(), plan.as_str(), now.as_i64()),
+                )?;
+                exec(
+                    tx,
+                    "INSERT INTO memberships (account_id, user_id, role, created_at) VALUES (?1, ?2, 'owner', ?3)",
+                    (id.as_str(), owner.as_str(), now.as_i64()),
+                )?;
+                Ok(())
             })
             .await
     }
@@ -845,44 +849,42 @@ impl Store for SqliteStore {
     ) -> StoreResult<Saved> {
         let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
         self.writer
-            .write(move |conn| {
-                immediate(conn, |tx| {
-                    let old_last4 = read_one(
-                        tx,
-                        "SELECT last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2",
-                        (account.as_str(), provider.as_str()),
-                        |r| get::<String>(r, "last4"),
-                    )?;
-                    // Rotation overwrites the row in place: with secure_delete the old blob's
-                    // bytes are zeroed in the page, and the checkpoint that follows clears them
-                    // from the WAL.
-                    exec(
-                        tx,
-                        "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-                         ON CONFLICT (account_id, provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
-                           last4 = excluded.last4, updated_at = excluded.updated_at,
-                           last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL",
-                        (
-                            account.as_str(),
-                            provider.as_str(),
-                            key.key_id.as_str(),
-                            key.sealed.as_bytes(),
-                            key.last4.as_str(),
-                            now.as_i64(),
-                        ),
-                    )?;
-                    let rotated = old_last4.is_some();
-                    let (action, detail) = match &old_last4 {
-                        Some(old) => (AuditAction::KeyRotated, Some(format!("replaced key ending {old}"))),
-                        None => (AuditAction::KeySaved, None),
-                    };
-                    let event =
-                        NewAuditEvent::key_action(&account, now, &actor.0, action, provider, Some(&key.last4), detail);
-                    append_in_tx(tx, &chain_key, [&event])?;
-                    let state = state_read(tx, &account, provider)?;
-                    Ok(Saved { rotated, state })
-                })
+            .transaction(move |tx| {
+                let old_last4 = read_one(
+                    tx,
+                    "SELECT last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2",
+                    (account.as_str(), provider.as_str()),
+                    |r| get::<String>(r, "last4"),
+                )?;
+                // Rotation overwrites the row in place: with secure_delete the old blob's
+                // bytes are zeroed in the page, and the checkpoint that follows clears them
+                // from the WAL.
+                exec(
+                    tx,
+                    "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                     ON CONFLICT (account_id, provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
+                       last4 = excluded.last4, updated_at = excluded.updated_at,
+                       last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL",
+                    (
+                        account.as_str(),
+                        provider.as_str(),
+                        key.key_id.as_str(),
+                        key.sealed.as_bytes(),
+                        key.last4.as_str(),
+                        now.as_i64(),
+                    ),
+                )?;
+                let rotated = old_last4.is_some();
+                let (action, detail) = match &old_last4 {
+                    Some(old) => (AuditAction::KeyRotated, Some(format!("replaced key ending {old}"))),
+                    None => (AuditAction::KeySaved, None),
+                };
+                let event =
+                    NewAuditEvent::key_action(&account, now, &actor.0, action, provider, Some(&key.last4), detail);
+                append_in_tx(tx, &chain_key, [&event])?;
+                let state = state_read(tx, &account, provider)?;
+                Ok(Saved { rotated, state })
             })
             .await
     }
@@ -896,32 +898,30 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
         self.writer
-            .write(move |conn| {
-                immediate(conn, |tx| {
-                    let last4 = read_one(
-                        tx,
-                        "DELETE FROM provider_keys WHERE account_id = ?1 AND provider = ?2 RETURNING last4",
-                        (account.as_str(), provider.as_str()),
-                        |r| get::<String>(r, "last4"),
-                    )?
-                    .ok_or(StoreError::NoKeySaved)?;
-                    exec(
-                        tx,
-                        "DELETE FROM provider_sources WHERE account_id = ?1 AND provider = ?2",
-                        (account.as_str(), provider.as_str()),
-                    )?;
-                    let last4 = Last4::from_stored(&last4).ok_or_else(|| corrupt("provider_keys.last4"))?;
-                    let event = NewAuditEvent::key_action(
-                        &account,
-                        now,
-                        &actor.0,
-                        AuditAction::KeyRemoved,
-                        provider,
-                        Some(&last4),
-                        None,
-                    );
-                    append_in_tx(tx, &chain_key, [&event])
-                })
+            .transaction(move |tx| {
+                let last4 = read_one(
+                    tx,
+                    "DELETE FROM provider_keys WHERE account_id = ?1 AND provider = ?2 RETURNING last4",
+                    (account.as_str(), provider.as_str()),
+                    |r| get::<String>(r, "last4"),
+                )?
+                .ok_or(StoreError::NoKeySaved)?;
+                exec(
+                    tx,
+                    "DELETE FROM provider_sources WHERE account_id = ?1 AND provider = ?2",
+                    (account.as_str(), provider.as_str()),
+                )?;
+                let last4 = Last4::from_stored(&last4).ok_or_else(|| corrupt("provider_keys.last4"))?;
+                let event = NewAuditEvent::key_action(
+                    &account,
+                    now,
+                    &actor.0,
+                    AuditAction::KeyRemoved,
+                    provider,
+                    Some(&last4),
+                    None,
+                );
+                append_in_tx(tx, &chain_key, [&event])
             })
             .await
     }
@@ -936,33 +936,31 @@ impl Store for SqliteStore {
     ) -> StoreResult<ProviderState> {
         let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
         self.writer
-            .write(move |conn| {
-                immediate(conn, |tx| {
-                    let before = state_read(tx, &account, provider)?;
-                    if source == KeySource::Own && before.key.is_none() {
-                        return Err(StoreError::NoKeySaved);
-                    }
-                    if before.source != source {
-                        exec(
-                            tx,
-                            "INSERT INTO provider_sources (account_id, provider, source) VALUES (?1, ?2, ?3)
+            .transaction(move |tx| {
+                let before = state_read(tx, &account, provider)?;
+                if source == KeySource::Own && before.key.is_none() {
+                    return Err(StoreError::NoKeySaved);
+                }
+                if before.source != source {
+                    exec(
+                        tx,
+                        "INSERT INTO provider_sources (account_id, provider, source) VALUES (?1, ?2, ?3)
                              ON CONFLICT (account_id, provider) DO UPDATE SET source = excluded.source",
-                            (account.as_str(), provider.as_str(), source.as_str()),
-                        )?;
-                        let mut event = NewAuditEvent::key_action(
-                            &account,
-                            now,
-                            &actor.0,
-                            AuditAction::KeySourceChanged,
-                            provider,
-                            before.key.as_ref().map(|k| &k.last4),
-                            Some(format!("{} -> {}", before.source, source)),
-                        );
-                        event.key_source = Some(source);
-                        append_in_tx(tx, &chain_key, [&event])?;
-                    }
-                    state_read(tx, &account, provider)
-                })
+                        (account.as_str(), provider.as_str(), source.as_str()),
+                    )?;
+                    let mut event = NewAuditEvent::key_action(
+                        &account,
+                        now,
+                        &actor.0,
+                        AuditAction::KeySourceChanged,
+                        provider,
+                        before.key.as_ref().map(|k| &k.last4),
+                        Some(format!("{} -> {}", before.source, source)),
+                    );
+                    event.key_source = Some(source);
+                    append_in_tx(tx, &chain_key, [&event])?;
+                }
+                state_read(tx, &account, provider)
             })
             .await
     }
@@ -1017,57 +1015,53 @@ impl Store for SqliteStore {
             Arc::clone(&self.chain_key),
         );
         self.writer
-            .write(move |conn| {
-                immediate(conn, |tx| {
-                    // Conditional on key_id: a test that raced a rotation finds no row and labels
-                    // nothing.
-                    let labelled = exec(
-                        tx,
-                        "UPDATE provider_keys SET last_test_ok = ?4, last_test_at = ?5, last_test_message = ?6
+            .transaction(move |tx| {
+                // Conditional on key_id: a test that raced a rotation finds no row and labels
+                // nothing.
+                let labelled = exec(
+                    tx,
+                    "UPDATE provider_keys SET last_test_ok = ?4, last_test_at = ?5, last_test_message = ?6
                          WHERE account_id = ?1 AND provider = ?2 AND key_id = ?3",
-                        (
-                            account.as_str(),
-                            provider.as_str(),
-                            key_id.as_str(),
-                            i64::from(result.ok),
-                            result.at.as_i64(),
-                            result.message.as_str(),
-                        ),
-                    )?;
-                    append_in_tx(tx, &chain_key, [&event])?;
-                    Ok(labelled == 1)
-                })
+                    (
+                        account.as_str(),
+                        provider.as_str(),
+                        key_id.as_str(),
+                        i64::from(result.ok),
+                        result.at.as_i64(),
+                        result.message.as_str(),
+                    ),
+                )?;
+                append_in_tx(tx, &chain_key, [&event])?;
+                Ok(labelled == 1)
             })
             .await
     }
 
     async fn save_shared_key(&self, provider: Provider, key: NewKey, now: UnixMillis) -> StoreResult<bool> {
         self.writer
-            .write(move |conn| {
-                immediate(conn, |tx| {
-                    let old = read_one(
-                        tx,
-                        "SELECT key_id FROM shared_keys WHERE provider = ?1",
-                        (provider.as_str(),),
-                        |_| Ok(()),
-                    )?;
-                    // Overwritten in place, as account keys are (see save_key).
-                    exec(
-                        tx,
-                        "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at)
+            .transaction(move |tx| {
+                let old = read_one(
+                    tx,
+                    "SELECT key_id FROM shared_keys WHERE provider = ?1",
+                    (provider.as_str(),),
+                    |_| Ok(()),
+                )?;
+                // Overwritten in place, as account keys are (see save_key).
+                exec(
+                    tx,
+                    "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?5)
                          ON CONFLICT (provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
                            last4 = excluded.last4, updated_at = excluded.updated_at",
-                        (
-                            provider.as_str(),
-                            key.key_id.as_str(),
-                            key.sealed.as_bytes(),
-                            key.last4.as_str(),
-                            now.as_i64(),
-                        ),
-                    )?;
-                    Ok(old.is_some())
-                })
+                    (
+                        provider.as_str(),
+                        key.key_id.as_str(),
+                        key.sealed.as_bytes(),
+                        key.last4.as_str(),
+                        now.as_i64(),
+                    ),
+                )?;
+                Ok(old.is_some())
             })
             .await
     }
@@ -1161,7 +1155,7 @@ impl Store for SqliteStore {
         }
         let (account, period) = (account.clone(), period.to_owned());
         self.writer
-            .write(move |conn| immediate(conn, |tx| settle_in_tx(tx, account.as_str(), &period, amount, 0)))
+            .transaction(move |tx| settle_in_tx(tx, account.as_str(), &period, amount, 0))
             .await
     }
 
@@ -1208,7 +1202,7 @@ impl Store for SqliteStore {
         }
         let (events, chain_key) = (events.to_vec(), Arc::clone(&self.chain_key));
         self.writer
-            .write(move |conn| immediate(conn, |tx| append_in_tx(tx, &chain_key, &events)))
+            .transaction(move |tx| append_in_tx(tx, &chain_key, &events))
             .await
     }
 
