@@ -105,8 +105,14 @@ const WAIT_FOR_A_WORKER: Duration = Duration::from_secs(1);
 #[error("no worker is available")]
 pub struct Unavailable;
 
-/// No worker is up at all (as opposed to up but not answering).
-struct NoneUp;
+/// What one pass over the slots found.
+enum Attempt {
+    Leased(Lease),
+    /// Workers are up, but none took a connection.
+    NoneAnswered,
+    /// No worker is up at all.
+    NoneUp,
+}
 
 /// A connection on loan; give it back with [`Lease::release`] after a complete exchange.
 #[derive(Debug)]
@@ -185,19 +191,18 @@ impl WorkerPool {
             tokio::pin!(came_up);
             came_up.as_mut().enable();
             match self.try_lease().await {
-                Err(NoneUp) if tokio::time::Instant::now() < deadline => {
+                Attempt::Leased(lease) => return Ok(lease),
+                Attempt::NoneUp if tokio::time::Instant::now() < deadline => {
                     if tokio::time::timeout_at(deadline, came_up).await.is_err() {
                         return Err(Unavailable);
                     }
                 }
-                Err(_) => return Err(Unavailable),
-                Ok(lease) => return lease.ok_or(Unavailable),
+                Attempt::NoneUp | Attempt::NoneAnswered => return Err(Unavailable),
             }
         }
     }
 
-    /// `Ok(None)`: workers are up but none took a connection.
-    async fn try_lease(&self) -> Result<Option<Lease>, NoneUp> {
+    async fn try_lease(&self) -> Attempt {
         let n = self.slots.len();
         let mut any_up = false;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -219,27 +224,27 @@ impl WorkerPool {
                 None
             });
             if let Some(conn) = reused {
-                return Ok(Some(Lease {
+                return Attempt::Leased(Lease {
                     conn,
                     slot: slot.clone(),
                     generation,
-                }));
+                });
             }
             match WorkerConn::connect(&slot.socket).await {
                 Ok(conn) => {
-                    return Ok(Some(Lease {
+                    return Attempt::Leased(Lease {
                         conn,
                         slot: slot.clone(),
                         generation,
-                    }))
+                    })
                 }
                 Err(e) => tracing::debug!(worker = slot.index, error = %e, "worker connect failed"),
             }
         }
         if any_up {
-            Ok(None)
+            Attempt::NoneAnswered
         } else {
-            Err(NoneUp)
+            Attempt::NoneUp
         }
     }
 }

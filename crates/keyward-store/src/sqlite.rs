@@ -113,16 +113,16 @@ fn run_writer(
 ) {
     let mut conn = Some(conn);
     while let Ok(job) = queue.recv() {
-        if conn.is_none() {
-            match open_writer(path, busy_timeout) {
-                Ok(c) => conn = Some(c),
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match open_writer(path, busy_timeout) {
+                Ok(c) => conn.insert(c),
                 Err(e) => {
                     job(Err(e));
                     continue;
                 }
-            }
-        }
-        let Some(c) = conn.as_mut() else { continue };
+            },
+        };
         // A job that panics drops its reply, so its caller gets an error; the thread and
         // the other writes go on.
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(&mut *c)))).is_err() {
@@ -138,14 +138,28 @@ fn run_writer(
     }
 }
 
+/// A connection to `path` whose statements stay prepared (up to `statements` of them).
+fn open_connection(
+    path: &std::path::Path,
+    flags: rusqlite::OpenFlags,
+    busy_timeout: Duration,
+    statements: usize,
+) -> StoreResult<Connection> {
+    let conn =
+        Connection::open_with_flags(path, flags | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(map_rusqlite)?;
+    conn.busy_timeout(busy_timeout).map_err(map_rusqlite)?;
+    conn.set_prepared_statement_cache_capacity(statements);
+    Ok(conn)
+}
+
 fn open_writer(path: &std::path::Path, busy_timeout: Duration) -> StoreResult<Connection> {
     use rusqlite::OpenFlags;
-    let conn = Connection::open_with_flags(
+    let conn = open_connection(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(map_rusqlite)?;
-    conn.busy_timeout(busy_timeout).map_err(map_rusqlite)?;
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        busy_timeout,
+        64,
+    )?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(map_rusqlite)?;
@@ -156,8 +170,6 @@ fn open_writer(path: &std::path::Path, busy_timeout: Duration) -> StoreResult<Co
     }
     conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;")
         .map_err(map_rusqlite)?;
-    // Every write statement of this file stays prepared.
-    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
@@ -210,9 +222,9 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
-/// The read-only connections. Reads run on the calling thread, through rusqlite, rather
-/// than on sqlx's per-connection thread: a point lookup here takes microseconds, while the
-/// hand-off to another thread and back (two wake-ups) cost more than the read itself, and
+/// The read-only connections. Reads run on the calling thread rather than on a thread of
+/// their own: a point lookup here takes microseconds, while the hand-off to another
+/// thread and back (two wake-ups) cost more than the read itself, and
 /// every AI call makes one (the gateway benchmark's figures are in the commit that made
 /// this change).
 ///
@@ -261,16 +273,12 @@ impl Readers {
     }
 
     fn open(&self) -> StoreResult<rusqlite::Connection> {
-        use rusqlite::OpenFlags;
-        let conn = rusqlite::Connection::open_with_flags(
+        open_connection(
             &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            self.busy_timeout,
+            32,
         )
-        .map_err(map_rusqlite)?;
-        conn.busy_timeout(self.busy_timeout).map_err(map_rusqlite)?;
-        // Every read statement of this file stays prepared.
-        conn.set_prepared_statement_cache_capacity(32);
-        Ok(conn)
     }
 }
 
