@@ -24,5 +24,12 @@ if [[ -n "$litellm" ]]; then
   args+=(--litellm "$PWD/$venv/bin/litellm")
 fi
 cargo build --release -p keyward -p keyward-bench -p keyward-fakes
-echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+# How idle CPUs wait matters at 1 connection: in a VM, a halted vCPU takes tens of
+# microseconds to wake, and each hop of a call (client, gateway, worker, provider, audit
+# writer) may wake one; with halt polling (guest_halt_poll_ns > 0) it stays awake briefly.
+idle="cpuidle $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown)"
+if [[ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ]]; then
+  idle="$idle, guest_halt_poll_ns $(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns)"
+fi
+echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), $idle, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 exec target/release/keyward-bench "$what" ${args[@]+"${args[@]}"}

@@ -22,7 +22,27 @@ struct Slot {
     up: AtomicBool,
     generation: AtomicU64,
     pid: AtomicU64,
-    idle: Mutex<Vec<(u64, WorkerConn)>>,
+    /// Connections not on loan, oldest release at the bottom: (generation, released, conn).
+    idle: Mutex<Vec<IdleConn>>,
+}
+
+type IdleConn = (u64, Instant, WorkerConn);
+
+/// How long a connection to a worker may sit unused before it is closed. A burst of
+/// concurrent calls opens one connection per call in flight, each with buffers on both
+/// sides and a descriptor in each process; kept forever, 256 connections from one burst
+/// held ~2 x 256 descriptors and about 10 MiB of gateway and worker memory long after.
+/// Opening one again costs a Unix-socket connect and the worker's peer check.
+const IDLE_CONN_LIMIT: Duration = Duration::from_secs(10);
+
+/// At most this many idle connections per worker.
+const MAX_IDLE_PER_WORKER: usize = 256;
+
+/// Takes out of `idle` the entries released more than `limit` before `now`. Entries are
+/// pushed in release order and reused from the top, so the stale ones are a prefix.
+fn take_stale<T>(idle: &mut Vec<(u64, Instant, T)>, now: Instant, limit: Duration) -> Vec<(u64, Instant, T)> {
+    let stale = idle.partition_point(|(_, released, _)| now.saturating_duration_since(*released) > limit);
+    idle.drain(..stale).collect()
 }
 
 /// How `serve` starts a worker: this same binary, `worker` subcommand, with an
@@ -126,11 +146,15 @@ impl Lease {
     /// Returns the connection for reuse (only after a complete, clean exchange).
     pub fn release(self) {
         if self.slot.up.load(Ordering::Acquire) && self.slot.generation.load(Ordering::Acquire) == self.generation {
-            if let Ok(mut idle) = self.slot.idle.lock() {
-                if idle.len() < 256 {
-                    idle.push((self.generation, self.conn));
+            // Closed after the lock is let go (closing is a syscall).
+            let _stale = self.slot.idle.lock().ok().map(|mut idle| {
+                // Read under the lock, so the stack stays in release order.
+                let now = Instant::now();
+                if idle.len() < MAX_IDLE_PER_WORKER {
+                    idle.push((self.generation, now, self.conn));
                 }
-            }
+                take_stale(&mut idle, now, IDLE_CONN_LIMIT)
+            });
         }
     }
 }
@@ -161,6 +185,7 @@ impl WorkerPool {
             })
             .collect();
         let came_up = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(close_idle_connections(slots.clone()));
         for slot in &slots {
             tokio::spawn(supervise(
                 slot.clone(),
@@ -216,7 +241,7 @@ impl WorkerPool {
             any_up = true;
             let generation = slot.generation.load(Ordering::Acquire);
             let reused = slot.idle.lock().ok().and_then(|mut idle| {
-                while let Some((g, c)) = idle.pop() {
+                while let Some((g, _, c)) = idle.pop() {
                     if g == generation {
                         return Some(c);
                     }
@@ -297,6 +322,23 @@ impl WorkerPool {
     }
 }
 
+/// Closes connections left idle past [`IDLE_CONN_LIMIT`] while no call comes to release
+/// one (a release closes them too).
+async fn close_idle_connections(slots: Vec<Arc<Slot>>) {
+    let mut every = tokio::time::interval(IDLE_CONN_LIMIT);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        for slot in &slots {
+            let _stale = slot
+                .idle
+                .lock()
+                .ok()
+                .map(|mut idle| take_stale(&mut idle, Instant::now(), IDLE_CONN_LIMIT));
+        }
+    }
+}
+
 async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics>, came_up: Arc<tokio::sync::Notify>) {
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -360,5 +402,31 @@ async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_stale_takes_out_only_the_connections_idle_past_the_limit() {
+        let now = Instant::now();
+        let limit = Duration::from_secs(10);
+        let ago = |s: u64| {
+            now.checked_sub(Duration::from_secs(s))
+                .expect("clock far enough from its start")
+        };
+        // Bottom (oldest release) to top, as the pool keeps them.
+        let mut idle = vec![(1, ago(30), 'a'), (1, ago(11), 'b'), (1, ago(9), 'c'), (2, ago(0), 'd')];
+        let stale = take_stale(&mut idle, now, limit);
+        assert_eq!(stale.iter().map(|e| e.2).collect::<String>(), "ab");
+        assert_eq!(idle.iter().map(|e| e.2).collect::<String>(), "cd");
+        // Nothing past the limit: nothing taken, order kept.
+        assert!(take_stale(&mut idle, now, limit).is_empty());
+        assert_eq!(idle.iter().map(|e| e.2).collect::<String>(), "cd");
+        // All past it: all taken.
+        assert_eq!(take_stale(&mut idle, now + limit * 2, limit).len(), 2);
+        assert!(idle.is_empty());
     }
 }
