@@ -227,17 +227,21 @@ impl WorkerPool {
         }
     }
 
+    /// An idle connection to a live worker, trying first the worker whose turn it is in the
+    /// round robin; a new connection only when no worker has one idle. (Opening one whenever
+    /// the worker whose turn it was had none idle let each worker's connections grow to the
+    /// peak concurrency: after 10 s at 256 client connections the gateway held ~480 worker
+    /// connections for at most 256 calls in flight.)
     async fn try_lease(&self) -> Attempt {
         let n = self.slots.len();
-        let mut any_up = false;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            let Some(slot) = self.slots.get((start + i) % n) else {
-                continue;
-            };
-            if !slot.up.load(Ordering::Acquire) {
-                continue;
-            }
+        let in_turn = || {
+            (0..n)
+                .filter_map(move |i| self.slots.get((start + i) % n))
+                .filter(|slot| slot.up.load(Ordering::Acquire))
+        };
+        let mut any_up = false;
+        for slot in in_turn() {
             any_up = true;
             let generation = slot.generation.load(Ordering::Acquire);
             let reused = slot.idle.lock().ok().and_then(|mut idle| {
@@ -255,6 +259,9 @@ impl WorkerPool {
                     generation,
                 });
             }
+        }
+        for slot in in_turn() {
+            let generation = slot.generation.load(Ordering::Acquire);
             match WorkerConn::connect(&slot.socket).await {
                 Ok(conn) => {
                     return Attempt::Leased(Lease {

@@ -1,6 +1,7 @@
 //! The isolated worker: killed mid-request (the call fails fast, the supervisor starts a new
 //! one), its sandbox seen from outside (`/proc`) and from inside (`keyward worker-selftest`),
-//! and a canary run that searches, besides every byte keyward writes, the workers' memory.
+//! a canary run that searches, besides every byte keyward writes, the workers' memory, and
+//! how many connections the gateway holds to its workers.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
@@ -174,6 +175,67 @@ async fn a_call_while_no_worker_is_up_waits_for_the_next_one() {
     assert_eq!(r.json()["content"], fake_reply("openai"), "{r}");
     let second = wait_workers(&kw, 1, &first, Duration::from_secs(10)).await;
     assert_ne!(second, first, "the call was served by the restarted worker");
+}
+
+/// Open connections to the workers of the keyward whose data directory is `data_dir`: the
+/// workers' accepted sockets, which the kernel lists (`/proc/net/unix`) connected (state 03)
+/// under their listener's path, `<data_dir>/run/worker-N.sock`.
+fn worker_connections(data_dir: &std::path::Path) -> usize {
+    let prefix = data_dir.join("run").join("worker-").display().to_string();
+    std::fs::read_to_string("/proc/net/unix")
+        .expect("read /proc/net/unix")
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.get(5) == Some(&"03") && f.get(7).is_some_and(|p| p.starts_with(&prefix)))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_opens_no_more_worker_connections_than_calls_in_flight() {
+    let fake = FakeProviders::start().expect("start fakes");
+    let kw = start_on_fake(&fake, &[("KEYWARD_WORKERS", "2")]);
+    let (user, acc) = pro_owner(&kw, "conns@example.com");
+    let key = key_for("openai");
+    fake.set_key(provider("openai"), &key, Behaviour::Ok);
+    save_key(&kw, &user.token, &acc, "openai", &key).await;
+    set_source(&kw, &user.token, &acc, "openai", "own").await;
+    wait_workers(&kw, 2, &[], Duration::from_secs(10)).await;
+
+    // One call at a time, taking turns between the two workers: one connection serves them all.
+    for _ in 0..20 {
+        ai_call(&kw, &user.token, &acc, &chat_body("openai", false, 5))
+            .await
+            .expect_status(200);
+    }
+    assert_eq!(
+        worker_connections(kw.data_dir()),
+        1,
+        "20 calls one after another should share one worker connection"
+    );
+
+    // At most 8 calls in flight: at most 8 connections.
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let http = kw.http().clone();
+            let (t, a) = (user.token.clone(), acc.clone());
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    http.post(&ai_path(&a), Some(&t), &chat_body("openai", false, 5))
+                        .await
+                        .expect_status(200);
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        c.await.expect("caller");
+    }
+    let open = worker_connections(kw.data_dir());
+    assert!(
+        (1..=8).contains(&open),
+        "8 concurrent callers left {open} worker connections open"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
