@@ -146,15 +146,12 @@ impl Lease {
     /// Returns the connection for reuse (only after a complete, clean exchange).
     pub fn release(self) {
         if self.slot.up.load(Ordering::Acquire) && self.slot.generation.load(Ordering::Acquire) == self.generation {
-            // Closed after the lock is let go (closing is a syscall).
-            let _stale = self.slot.idle.lock().ok().map(|mut idle| {
-                // Read under the lock, so the stack stays in release order.
-                let now = Instant::now();
+            if let Ok(mut idle) = self.slot.idle.lock() {
                 if idle.len() < MAX_IDLE_PER_WORKER {
-                    idle.push((self.generation, now, self.conn));
+                    // Read under the lock, so the stack stays in release order.
+                    idle.push((self.generation, Instant::now(), self.conn));
                 }
-                take_stale(&mut idle, now, IDLE_CONN_LIMIT)
-            });
+            }
         }
     }
 }
@@ -329,10 +326,13 @@ impl WorkerPool {
     }
 }
 
-/// Closes connections left idle past [`IDLE_CONN_LIMIT`] while no call comes to release
-/// one (a release closes them too).
+/// How often idle connections are looked at: one past [`IDLE_CONN_LIMIT`] is closed within
+/// this much more. The sweep, not the release on every call's path, does the closing.
+const IDLE_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Closes connections left idle past [`IDLE_CONN_LIMIT`].
 async fn close_idle_connections(slots: Vec<Arc<Slot>>) {
-    let mut every = tokio::time::interval(IDLE_CONN_LIMIT);
+    let mut every = tokio::time::interval(IDLE_SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;

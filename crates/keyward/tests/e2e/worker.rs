@@ -148,15 +148,21 @@ async fn wait_requests(fake: &FakeProviders, n: usize) {
 /// A call that arrives while no worker is up (the only one was killed and is being
 /// restarted; the same holds at start-up, before the first answers its ping) waits for the
 /// next one rather than failing `worker_unavailable` at once.
+/// A Pro account on `kw` that calls OpenAI with its own key, which the fake answers normally.
+async fn own_openai_account(fake: &FakeProviders, kw: &Keyward, email: &str) -> (User, String) {
+    let (user, acc) = pro_owner(kw, email);
+    let key = key_for("openai");
+    fake.set_key(provider("openai"), &key, Behaviour::Ok);
+    save_key(kw, &user.token, &acc, "openai", &key).await;
+    set_source(kw, &user.token, &acc, "openai", "own").await;
+    (user, acc)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_while_no_worker_is_up_waits_for_the_next_one() {
     let fake = FakeProviders::start().expect("start fakes");
     let kw = start_on_fake(&fake, &[("KEYWARD_WORKERS", "1")]);
-    let (user, acc) = pro_owner(&kw, "wait@example.com");
-    let key = key_for("openai");
-    fake.set_key(provider("openai"), &key, Behaviour::Ok);
-    save_key(&kw, &user.token, &acc, "openai", &key).await;
-    set_source(&kw, &user.token, &acc, "openai", "own").await;
+    let (user, acc) = own_openai_account(&fake, &kw, "wait@example.com").await;
     let first = wait_workers(&kw, 1, &[], Duration::from_secs(10)).await;
 
     sigkill(first[0]);
@@ -195,11 +201,7 @@ fn worker_connections(data_dir: &std::path::Path) -> usize {
 async fn the_gateway_opens_no_more_worker_connections_than_calls_in_flight() {
     let fake = FakeProviders::start().expect("start fakes");
     let kw = start_on_fake(&fake, &[("KEYWARD_WORKERS", "2")]);
-    let (user, acc) = pro_owner(&kw, "conns@example.com");
-    let key = key_for("openai");
-    fake.set_key(provider("openai"), &key, Behaviour::Ok);
-    save_key(&kw, &user.token, &acc, "openai", &key).await;
-    set_source(&kw, &user.token, &acc, "openai", "own").await;
+    let (user, acc) = own_openai_account(&fake, &kw, "conns@example.com").await;
     wait_workers(&kw, 2, &[], Duration::from_secs(10)).await;
 
     // One call at a time, taking turns between the two workers: one connection serves them all.
