@@ -236,7 +236,8 @@ pub fn gateway(args: &[String]) {
         .unwrap();
 
     let nginx = start_nginx();
-    let (mut fakes, fakes_url) = start_fakes();
+    let fakes = start_fakes();
+    let fakes_url = fakes.url.clone();
     let (fake_url, fake_name) = match &nginx {
         Some(n) => (n.url.clone(), "nginx (fixed answers)"),
         None => (fakes_url.clone(), "keyward-fakes (nginx not installed)"),
@@ -524,5 +525,5 @@ pub fn gateway(args: &[String]) {
     drop(litellm);
     drop(kw);
     drop(nginx);
-    let _ = fakes.kill();
+    drop(fakes);
 }

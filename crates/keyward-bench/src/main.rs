@@ -62,9 +62,23 @@ fn main() {
     }
 }
 
+/// `keyward-fakes` run for a benchmark; killed on drop, so a benchmark that panics (a
+/// closed stdout pipe is enough) does not leave it running.
+struct Fakes {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Fakes {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `keyward-fakes` (a separate process, so it does not share the load generator's
-/// runtime) and returns it with its base URL.
-fn start_fakes() -> (std::process::Child, String) {
+/// runtime).
+fn start_fakes() -> Fakes {
     use std::io::BufRead;
     let exe = std::env::current_exe().unwrap().parent().unwrap().join("keyward-fakes");
     let mut child = std::process::Command::new(exe)
@@ -77,7 +91,7 @@ fn start_fakes() -> (std::process::Child, String) {
         .read_line(&mut line)
         .unwrap();
     let url = line.trim().rsplit(' ').next().unwrap().to_owned();
-    (child, url)
+    Fakes { child, url }
 }
 
 struct Run {
@@ -143,7 +157,8 @@ fn nodes(args: &[String]) {
     let clients = arg(args, "--clients", 32) as usize;
     let pg = std::env::var("KEYWARD_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let (mut fakes, fake_url) = start_fakes();
+    let fakes = start_fakes();
+    let fake_url = fakes.url.clone();
     let key = "sk-proj-benchbenchbenchbenchbench0001";
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -252,7 +267,7 @@ fn nodes(args: &[String]) {
     }
     drop(runs);
     drop((db, db2));
-    let _ = fakes.kill();
+    drop(fakes);
 }
 
 fn save_list(args: &[String]) {
