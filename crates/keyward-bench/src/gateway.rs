@@ -11,7 +11,7 @@
 //! - `litellm`: LiteLLM proxy in front of the same fake (only with `--litellm`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keyward_testkit::{Http, Keyward, Options};
@@ -19,23 +19,15 @@ use serde_json::json;
 
 use crate::load::{self, RunStats, Target};
 use crate::procs::{self, PeakRss};
-use crate::{arg, keyward_bin, start_fakes};
+use crate::{arg, keyward_bin, start_fakes, Served};
 
 const OPENAI_KEY: &str = "sk-proj-benchbenchbenchbenchbench0001";
 const ANTHROPIC_KEY: &str = "sk-ant-api03-benchbenchbenchbenchbenchbench0001";
 
-/// A fake provider served by nginx; killed on drop.
+/// A fake provider served by nginx from a configuration in its own directory.
 struct Nginx {
-    child: Child,
-    url: String,
+    served: Served,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn free_port() -> u16 {
@@ -81,28 +73,29 @@ fn start_nginx() -> Option<Nginx> {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for_port(&url, "nginx");
-    Some(Nginx { child, url, _dir: dir })
+    let served = Served {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    wait_for_port(&served.url, "nginx");
+    Some(Nginx { served, _dir: dir })
 }
 
 /// LiteLLM proxy (2 workers) in front of the fake; killed on drop.
 struct LiteLlm {
-    child: Child,
-    url: String,
+    served: Served,
     master_key: String,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for LiteLlm {
     fn drop(&mut self) {
-        // uvicorn's workers are its children: end the whole group.
+        // uvicorn's workers are its children: end the whole group (`served` then reaps
+        // the parent).
         let _ = Command::new("kill")
             .arg("--")
-            .arg(format!("-{}", self.child.id()))
+            .arg(format!("-{}", self.served.child.id()))
             .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -128,14 +121,16 @@ fn start_litellm(exe: &str, fake_url: &str) -> LiteLlm {
         .process_group(0)
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for_port(&url, "litellm");
-    LiteLlm {
-        child,
-        url,
+    let litellm = LiteLlm {
+        served: Served {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        },
         master_key,
         _dir: dir,
-    }
+    };
+    wait_for_port(&litellm.served.url, "litellm");
+    litellm
 }
 
 /// One measured cell: a target at a load.
@@ -239,7 +234,7 @@ pub fn gateway(args: &[String]) {
     let fakes = start_fakes();
     let fakes_url = fakes.url.clone();
     let (fake_url, fake_name) = match &nginx {
-        Some(n) => (n.url.clone(), "nginx (fixed answers)"),
+        Some(n) => (n.served.url.clone(), "nginx (fixed answers)"),
         None => (fakes_url.clone(), "keyward-fakes (nginx not installed)"),
     };
     // Anthropic goes to keyward-fakes, for the streaming measurement (chunks 10 ms apart).
@@ -336,11 +331,11 @@ pub fn gateway(args: &[String]) {
         servers.push(Server {
             name: "litellm",
             target: Target::post(
-                &format!("{}/v1/chat/completions", l.url),
+                &format!("{}/v1/chat/completions", l.served.url),
                 &[json_ct, ("authorization", &bearer_master)],
                 &native_body,
             ),
-            root_pid: Some(l.child.id()),
+            root_pid: Some(l.served.child.id()),
         });
     }
 

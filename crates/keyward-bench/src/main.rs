@@ -62,14 +62,14 @@ fn main() {
     }
 }
 
-/// `keyward-fakes` run for a benchmark; killed on drop, so a benchmark that panics (a
-/// closed stdout pipe is enough) does not leave it running.
-struct Fakes {
-    child: std::process::Child,
-    url: String,
+/// A server process a benchmark runs (a fake provider, LiteLLM), with its base URL; killed on
+/// drop, so a benchmark that panics (a closed stdout pipe is enough) does not leave it running.
+pub(crate) struct Served {
+    pub(crate) child: std::process::Child,
+    pub(crate) url: String,
 }
 
-impl Drop for Fakes {
+impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -78,7 +78,7 @@ impl Drop for Fakes {
 
 /// Starts `keyward-fakes` (a separate process, so it does not share the load generator's
 /// runtime).
-fn start_fakes() -> Fakes {
+fn start_fakes() -> Served {
     use std::io::BufRead;
     let exe = std::env::current_exe().unwrap().parent().unwrap().join("keyward-fakes");
     let mut child = std::process::Command::new(exe)
@@ -91,7 +91,7 @@ fn start_fakes() -> Fakes {
         .read_line(&mut line)
         .unwrap();
     let url = line.trim().rsplit(' ').next().unwrap().to_owned();
-    Fakes { child, url }
+    Served { child, url }
 }
 
 struct Run {

@@ -145,9 +145,6 @@ async fn wait_requests(fake: &FakeProviders, n: usize) {
     }
 }
 
-/// A call that arrives while no worker is up (the only one was killed and is being
-/// restarted; the same holds at start-up, before the first answers its ping) waits for the
-/// next one rather than failing `worker_unavailable` at once.
 /// A Pro account on `kw` that calls OpenAI with its own key, which the fake answers normally.
 async fn own_openai_account(fake: &FakeProviders, kw: &Keyward, email: &str) -> (User, String) {
     let (user, acc) = pro_owner(kw, email);
@@ -158,6 +155,9 @@ async fn own_openai_account(fake: &FakeProviders, kw: &Keyward, email: &str) -> 
     (user, acc)
 }
 
+/// A call that arrives while no worker is up (the only one was killed and is being
+/// restarted; the same holds at start-up, before the first answers its ping) waits for the
+/// next one rather than failing `worker_unavailable` at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_while_no_worker_is_up_waits_for_the_next_one() {
     let fake = FakeProviders::start().expect("start fakes");
