@@ -76,9 +76,9 @@ def random_key(provider: str, tag: str) -> str:
     if provider == "openai":
         return f"sk-proj-kw{tag}" + secrets.token_hex(16)
     if provider == "google":
-        # AIza + exactly 35 of [A-Za-z0-9_-]
-        body = (f"kw{tag}" + secrets.token_hex(20))[:35]
-        return "AIza" + body
+        # An auth key, the kind Google AI Studio issues today: AQ. and what follows
+        # (standard AIza keys are refused by Google, and by the fake).
+        return f"AQ.Ab8RN6kw{tag}" + secrets.token_hex(20)
     raise ValueError(provider)
 
 

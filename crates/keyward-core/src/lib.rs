@@ -14,11 +14,11 @@ pub mod provider;
 pub mod tenancy;
 pub mod time;
 
-pub use catalogue::{Catalogue, CatalogueError, ModelEntry};
+pub use catalogue::{Catalogue, CatalogueError, ModelEntry, ModelRefusal, ModelStatus};
 pub use email::{Email, EmailError};
 pub use error_code::ErrorCode;
 pub use ids::{AccountId, IdError, KeyId, UserId};
-pub use key::{format_hint, ApiKey, KeyFormatError, Last4};
+pub use key::{format_hint, format_rules, ApiKey, KeyFormatError, KeyKind, Last4, UnknownKeyKind};
 pub use provider::{Provider, UnknownProvider};
 pub use tenancy::{KeySource, Plan, Role, UnknownValue};
 pub use time::UnixMillis;

@@ -9,7 +9,10 @@ use axum::response::Response;
 use keyward_core::Provider;
 use serde_json::{json, Value};
 
-use crate::wire::{self, content_words, deliver, reply, set_header, sse_event, transport, Answer, Incoming, Refusal};
+use crate::wire::{
+    self, content_words, deliver, query_value, reply, rfc3339_in, set_header, sse_event, transport, Answer, Incoming,
+    Refusal,
+};
 use crate::Behaviour;
 
 const P: Provider = Provider::Anthropic;
@@ -57,6 +60,7 @@ pub(crate) async fn messages(inc: &Incoming<'_>) -> Response {
     let request_id = new_request_id(inc);
     let mut r = messages_inner(inc, &request_id).await;
     set_header(&mut r, "request-id", &request_id);
+    rate_limit_headers(inc, &mut r);
     r
 }
 
@@ -65,6 +69,36 @@ pub(crate) async fn models(inc: &Incoming<'_>) -> Response {
     let mut r = models_inner(inc, &request_id).await;
     set_header(&mut r, "request-id", &request_id);
     r
+}
+
+/// `anthropic-ratelimit-*` on an answer to a known key, as the API sends them
+/// (<https://platform.claude.com/docs/en/api/rate-limits>): limits, what remains (tokens
+/// rounded to the thousand) and RFC 3339 resets.
+fn rate_limit_headers(inc: &Incoming<'_>, r: &mut Response) {
+    let known = inc
+        .header("x-api-key")
+        .is_some_and(|k| inc.shared.behaviour(P, k).is_some());
+    if !known || r.status().is_redirection() {
+        return;
+    }
+    let used = inc.shared.next_id() % 4000;
+    let reset = rfc3339_in(60);
+    for (name, value) in [
+        ("anthropic-ratelimit-requests-limit", "4000".to_owned()),
+        ("anthropic-ratelimit-requests-remaining", (3999 - used).to_string()),
+        ("anthropic-ratelimit-requests-reset", reset.clone()),
+        ("anthropic-ratelimit-input-tokens-limit", "2000000".to_owned()),
+        ("anthropic-ratelimit-input-tokens-remaining", "2000000".to_owned()),
+        ("anthropic-ratelimit-input-tokens-reset", reset.clone()),
+        ("anthropic-ratelimit-output-tokens-limit", "400000".to_owned()),
+        ("anthropic-ratelimit-output-tokens-remaining", "400000".to_owned()),
+        ("anthropic-ratelimit-output-tokens-reset", reset.clone()),
+        ("anthropic-ratelimit-tokens-limit", "2400000".to_owned()),
+        ("anthropic-ratelimit-tokens-remaining", "2400000".to_owned()),
+        ("anthropic-ratelimit-tokens-reset", reset),
+    ] {
+        set_header(r, name, &value);
+    }
 }
 
 async fn messages_inner(inc: &Incoming<'_>, request_id: &str) -> Response {
@@ -97,16 +131,35 @@ async fn models_inner(inc: &Incoming<'_>, request_id: &str) -> Response {
     if let Some(r) = behaviour_error(behaviour, key, request_id) {
         return r;
     }
-    let models = inc.shared.catalogue.models(P);
-    let data: Vec<Value> = models
+    // `limit` 1–1000 (default 20) and the `after_id` cursor, as the API pages its listing.
+    let limit = match query_value(inc.query, "limit") {
+        None => 20,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return bad_request("limit: Input should be less than or equal to 1000", request_id),
+        },
+    };
+    let all = inc.shared.served_models(P);
+    let start = match query_value(inc.query, "after_id") {
+        None => 0,
+        Some(after) => match all.iter().position(|m| m.id == after) {
+            Some(i) => i + 1,
+            None => return bad_request(&format!("after_id: model {after} not found"), request_id),
+        },
+    };
+    let page: Vec<_> = all.iter().skip(start).take(limit).collect();
+    let data: Vec<Value> = page
         .iter()
-        .map(|m| json!({"type": "model", "id": m.id, "display_name": m.name, "created_at": "2024-10-22T00:00:00Z"}))
+        .map(|m| {
+            json!({"type": "model", "id": m.id, "display_name": m.name, "created_at": "2026-10-07T00:00:00Z",
+                   "max_input_tokens": 1_000_000, "max_tokens": 128_000})
+        })
         .collect();
     let body = json!({
         "data": data,
-        "has_more": false,
-        "first_id": models.first().map(|m| m.id.as_str()),
-        "last_id": models.last().map(|m| m.id.as_str()),
+        "has_more": start + page.len() < all.len(),
+        "first_id": page.first().map(|m| m.id.as_str()),
+        "last_id": page.last().map(|m| m.id.as_str()),
     });
     deliver(inc.shared, Answer::Plain(body.to_string().into_bytes()), behaviour).await
 }
@@ -155,6 +208,19 @@ fn behaviour_error(behaviour: Behaviour, key: &str, request_id: &str) -> Option<
             StatusCode::UNAUTHORIZED,
             "authentication_error",
             &format!("invalid x-api-key: {key}"),
+            request_id,
+        ),
+        // Anthropic revokes a leaked key: from then on it is just an invalid key.
+        Behaviour::Leaked | Behaviour::KeyTypeUnsupported => error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid x-api-key",
+            request_id,
+        ),
+        Behaviour::Suspended => error(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "This organization has been disabled.",
             request_id,
         ),
         _ => return None,

@@ -7,6 +7,10 @@
 //! `INVALID_ARGUMENT` + `google.rpc.ErrorInfo` `API_KEY_INVALID`, refuses unknown body
 //! fields and query parameters, accepts only the roles `user` and `model`, and carries its id
 //! in the body (`responseId`), not in a header.
+//!
+//! As Google does since September 2026, it refuses every standard key (`AIza…`) with the
+//! same `API_KEY_INVALID` answer, registered or not: only auth keys (`AQ.…`) work. It sends
+//! no rate-limit headers (Google never does).
 
 use axum::body::Bytes;
 use axum::http::StatusCode;
@@ -14,7 +18,9 @@ use axum::response::Response;
 use keyward_core::Provider;
 use serde_json::{json, Map, Value};
 
-use crate::wire::{self, content_words, deliver, reply, sse_data_crlf, transport, Answer, Incoming, Refusal};
+use crate::wire::{
+    self, content_words, deliver, query_value, reply, sse_data_crlf, transport, Answer, Incoming, Refusal,
+};
 use crate::Behaviour;
 
 const P: Provider = Provider::Google;
@@ -121,14 +127,6 @@ fn check_query(query: Option<&str>, allowed: &[&str]) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
 fn authenticate<'a>(inc: &Incoming<'a>) -> Result<(&'a str, Behaviour), Refusal> {
     let key = inc
         .headers
@@ -136,7 +134,7 @@ fn authenticate<'a>(inc: &Incoming<'a>) -> Result<(&'a str, Behaviour), Refusal>
         .and_then(|v| v.to_str().ok())
         .filter(|k| !k.is_empty())
         .ok_or_else(|| error(403, "PERMISSION_DENIED", UNREGISTERED, Vec::new()))?;
-    let behaviour = inc.shared.behaviour(P, key).ok_or_else(|| {
+    let not_valid = || {
         let localized = json!({"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
                                "message": KEY_NOT_VALID});
         error(
@@ -145,7 +143,12 @@ fn authenticate<'a>(inc: &Incoming<'a>) -> Result<(&'a str, Behaviour), Refusal>
             KEY_NOT_VALID,
             vec![error_info("API_KEY_INVALID"), localized],
         )
-    })?;
+    };
+    if key.starts_with("AIza") {
+        // Standard keys are no longer accepted at all.
+        return Err(not_valid().into());
+    }
+    let behaviour = inc.shared.behaviour(P, key).ok_or_else(not_valid)?;
     Ok((key, behaviour))
 }
 
@@ -163,7 +166,7 @@ fn behaviour_error(behaviour: Behaviour, key: &str) -> Option<Response> {
                 json!({"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
                     "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
                     "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
-                    "quotaDimensions": {"location": "global", "model": "gemini-1.5-flash"},
+                    "quotaDimensions": {"location": "global", "model": "gemini-3.1-flash-lite"},
                     "quotaValue": "15"}]}),
                 json!({"@type": "type.googleapis.com/google.rpc.Help", "links": [{
                     "description": "Learn more about Gemini API quotas",
@@ -183,6 +186,32 @@ fn behaviour_error(behaviour: Behaviour, key: &str) -> Option<Response> {
             "INVALID_ARGUMENT",
             &format!("API key not valid: {key}. Please pass a valid API key."),
             vec![error_info("API_KEY_INVALID")],
+        ),
+        Behaviour::Leaked => error(
+            403,
+            "PERMISSION_DENIED",
+            "Your API key was reported as leaked. Please use another API key.",
+            Vec::new(),
+        ),
+        Behaviour::Suspended => {
+            // Google quotes the key here: the worker must mask it.
+            let message = format!("Permission denied: Consumer 'api_key:{key}' has been suspended.");
+            let info = json!({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "CONSUMER_SUSPENDED",
+                              "domain": "googleapis.com",
+                              "metadata": {"consumer": "projects/895908428397", "service": "generativelanguage.googleapis.com",
+                                           "containerInfo": format!("api_key:{key}")}});
+            let localized =
+                json!({"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": message});
+            error(403, "PERMISSION_DENIED", &message, vec![info, localized])
+        }
+        Behaviour::KeyTypeUnsupported => error(
+            401,
+            "UNAUTHENTICATED",
+            "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other \
+             valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
+            vec![json!({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "ACCESS_TOKEN_TYPE_UNSUPPORTED",
+                         "metadata": {"method": "google.ai.generativelanguage.v1beta.GenerativeService.GenerateContent",
+                                      "service": "generativelanguage.googleapis.com"}})],
         ),
         _ => return None,
     })
@@ -242,20 +271,36 @@ pub(crate) async fn list(inc: &Incoming<'_>) -> Response {
     if let Some(r) = behaviour_error(behaviour, key) {
         return r;
     }
-    let models: Vec<Value> = inc
-        .shared
-        .catalogue
-        .models(P)
+    // `pageSize` (default 50, at most 1000) and `pageToken` (the index of the next model,
+    // opaque to clients), as the API pages its listing.
+    let size = query_value(inc.query, "pageSize")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .map_or(50, |n| n.min(1000));
+    let start = match query_value(inc.query, "pageToken") {
+        None => 0,
+        Some(t) => match t.strip_prefix("fake-page-").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => return invalid_argument("Invalid page token."),
+        },
+    };
+    let all = inc.shared.served_models(P);
+    let models: Vec<Value> = all
         .iter()
+        .skip(start)
+        .take(size)
         .map(|m| {
             json!({"name": format!("models/{}", m.id), "version": "001", "displayName": m.name,
                    "description": format!("{} (keyward-fakes)", m.name),
-                   "inputTokenLimit": 1_048_576, "outputTokenLimit": 8192,
+                   "inputTokenLimit": 1_048_576, "outputTokenLimit": 65_536,
                    "supportedGenerationMethods": ["generateContent", "countTokens"],
-                   "temperature": 1, "topP": 0.95, "topK": 40, "maxTemperature": 2})
+                   "temperature": 1, "topP": 0.95, "topK": 64, "maxTemperature": 2, "thinking": true})
         })
         .collect();
-    let body = json!({ "models": models });
+    let mut body = json!({ "models": models });
+    if start + size < all.len() {
+        body["nextPageToken"] = json!(format!("fake-page-{}", start + size));
+    }
     deliver(inc.shared, Answer::Plain(body.to_string().into_bytes()), behaviour).await
 }
 

@@ -19,15 +19,25 @@
 //!   (`body` as UTF-8, lossy); `DELETE /_fake/requests` forgets them.
 //! - `GET /_fake/healthz` → `ok`.
 //!
+//! - `POST /_fake/models` `{"provider", "model", "available"}` → `200 {"ok": true}`: takes a
+//!   model away from a provider (a retirement: calls get its not-found error, listings leave
+//!   it out) or serves it again.
+//!
 //! Keys arrive only in each provider's header (`x-api-key`, `Authorization: Bearer`,
 //! `x-goog-api-key`); a key anywhere else (a `?key=` query) counts as missing. An unregistered
-//! key gets the provider's real invalid-key error.
+//! key gets the provider's real invalid-key error. Google refuses every standard (`AIza…`)
+//! key, registered or not, as it does since September 2026: only auth keys (`AQ.…`) work.
+//!
+//! The providers answer as they do today (December 2026): each serves its current models
+//! ([`models`]), answers a retired one with its own not-found error, and Anthropic and OpenAI
+//! send their rate-limit headers on every answer to a known key.
 //!
 //! Must never: log per request or hold a lock across an `.await` (the fake is used in
 //! benchmarks).
 
 mod anthropic;
 mod google;
+pub mod models;
 mod openai;
 mod server;
 mod state;
@@ -75,11 +85,19 @@ pub enum Behaviour {
     EchoKey,
     /// An `Ok` answer with this pause between stream chunks (a plain answer waits it once).
     SlowStream(Duration),
+    /// Google: 403 "Your API key was reported as leaked"; Anthropic and OpenAI revoke a
+    /// leaked key, so it gets their invalid-key error.
+    Leaked,
+    /// Google: 403 `CONSUMER_SUSPENDED` (quoting the key, as Google does); Anthropic 403
+    /// "This organization has been disabled."; OpenAI its missing-permission error.
+    Suspended,
+    /// Google: 401 `ACCESS_TOKEN_TYPE_UNSUPPORTED`; the others their invalid-key error.
+    KeyTypeUnsupported,
 }
 
 impl Behaviour {
     /// The names the HTTP control API takes, in declaration order.
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 16] = [
         "ok",
         "no_credit",
         "missing_permission",
@@ -93,6 +111,9 @@ impl Behaviour {
         "redirect",
         "echo_key",
         "slow_stream",
+        "leaked",
+        "suspended",
+        "key_type_unsupported",
     ];
 
     /// Default gap between chunks for `slow_stream` when `delay_ms` is not given.
@@ -113,6 +134,9 @@ impl Behaviour {
             Behaviour::Redirect => "redirect",
             Behaviour::EchoKey => "echo_key",
             Behaviour::SlowStream(_) => "slow_stream",
+            Behaviour::Leaked => "leaked",
+            Behaviour::Suspended => "suspended",
+            Behaviour::KeyTypeUnsupported => "key_type_unsupported",
         }
     }
 
@@ -132,6 +156,9 @@ impl Behaviour {
             "redirect" => Behaviour::Redirect,
             "echo_key" => Behaviour::EchoKey,
             "slow_stream" => Behaviour::SlowStream(delay_ms.map_or(Behaviour::DEFAULT_DELAY, Duration::from_millis)),
+            "leaked" => Behaviour::Leaked,
+            "suspended" => Behaviour::Suspended,
+            "key_type_unsupported" => Behaviour::KeyTypeUnsupported,
             _ => return None,
         })
     }
@@ -214,6 +241,12 @@ impl FakeProviders {
 
     pub fn clear_requests(&self) {
         self.shared.clear_requests();
+    }
+
+    /// Takes `model` away from `provider` (`available: false`, as a retirement does) or
+    /// serves it (again).
+    pub fn set_model_available(&self, provider: Provider, model: &str, available: bool) {
+        self.shared.set_model_available(provider, model, available);
     }
 
     /// Turns recording on or off (on by default); off saves memory in long benchmarks.

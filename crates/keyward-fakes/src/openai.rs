@@ -97,9 +97,39 @@ fn with_request_id(inc: &Incoming<'_>, mut r: Response) -> Response {
     r
 }
 
+/// `x-ratelimit-*` on an answer to a known key, as the API sends them
+/// (<https://developers.openai.com/api/docs/guides/rate-limits>): limits, what remains and
+/// resets as durations (`1s`, `6m0s`).
+fn with_rate_limits(inc: &Incoming<'_>, mut r: Response) -> Response {
+    let known = bearer(inc).is_some_and(|k| inc.shared.behaviour(P, k).is_some());
+    if known && !r.status().is_redirection() {
+        let used = inc.shared.next_id() % 5000;
+        for (name, value) in [
+            ("x-ratelimit-limit-requests", "5000".to_owned()),
+            ("x-ratelimit-remaining-requests", (4999 - used).to_string()),
+            ("x-ratelimit-reset-requests", "12ms".to_owned()),
+            ("x-ratelimit-limit-tokens", "4000000".to_owned()),
+            ("x-ratelimit-remaining-tokens", "3999986".to_owned()),
+            ("x-ratelimit-reset-tokens", "0s".to_owned()),
+        ] {
+            set_header(&mut r, name, &value);
+        }
+    }
+    r
+}
+
+fn bearer<'a>(inc: &Incoming<'a>) -> Option<&'a str> {
+    inc.headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
 pub(crate) async fn chat(inc: &Incoming<'_>) -> Response {
     let r = chat_inner(inc).await;
-    with_request_id(inc, r)
+    with_request_id(inc, with_rate_limits(inc, r))
 }
 
 pub(crate) async fn models(inc: &Incoming<'_>) -> Response {
@@ -139,24 +169,19 @@ async fn models_inner(inc: &Incoming<'_>) -> Response {
     }
     let data: Vec<Value> = inc
         .shared
-        .catalogue
-        .models(P)
+        .served_models(P)
         .iter()
-        .map(|m| json!({"id": m.id, "object": "model", "created": CREATED, "owned_by": "system"}))
+        .map(
+            |m| json!({"id": m.id, "object": "model", "created": CREATED, "owned_by": "system", "shutdown_date": null}),
+        )
         .collect();
     let body = json!({"object": "list", "data": data});
     deliver(inc.shared, Answer::Plain(body.to_string().into_bytes()), behaviour).await
 }
 
 fn authenticate<'a>(inc: &Incoming<'a>) -> Result<(&'a str, Behaviour), Refusal> {
-    let key = inc
-        .headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| error(StatusCode::UNAUTHORIZED, NO_KEY, "invalid_request_error", None, None))?;
+    let key =
+        bearer(inc).ok_or_else(|| error(StatusCode::UNAUTHORIZED, NO_KEY, "invalid_request_error", None, None))?;
     let behaviour = inc.shared.behaviour(P, key).ok_or_else(|| {
         let message = format!(
             "Incorrect API key provided: {}. You can find your API key at https://platform.openai.com/account/api-keys.",
@@ -176,13 +201,28 @@ fn behaviour_error(behaviour: Behaviour, key: &str, model: &str) -> Option<Respo
             None,
             Some("insufficient_quota"),
         ),
-        Behaviour::MissingPermission => error(
-            StatusCode::FORBIDDEN,
+        // OpenAI answers a restricted key's missing scopes with 401, not 403.
+        Behaviour::MissingPermission | Behaviour::Suspended => error(
+            StatusCode::UNAUTHORIZED,
             NO_PERMISSION,
             "invalid_request_error",
             None,
             None,
         ),
+        // OpenAI revokes a leaked key: from then on it is just an invalid key.
+        Behaviour::Leaked | Behaviour::KeyTypeUnsupported => {
+            let message = format!(
+                "Incorrect API key provided: {}. You can find your API key at https://platform.openai.com/account/api-keys.",
+                mask(key)
+            );
+            error(
+                StatusCode::UNAUTHORIZED,
+                &message,
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            )
+        }
         Behaviour::RateLimited => {
             let message = format!(
                 "Rate limit reached for {model} in organization org-FakeFakeFakeFake on requests per min (RPM): \

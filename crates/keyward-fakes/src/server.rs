@@ -91,6 +91,14 @@ fn not_found(method: &Method, path: &str) -> Response {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ModelControl {
+    provider: Provider,
+    model: String,
+    available: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct KeyControl {
     key: String,
     behaviour: String,
@@ -108,6 +116,16 @@ fn control(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Option<
     };
     Some(match (method.as_str(), path) {
         ("POST", "/_fake/keys") => set_key(shared, body),
+        ("POST", "/_fake/models") => match serde_json::from_slice::<ModelControl>(body) {
+            Ok(c) if !c.model.is_empty() => {
+                shared.set_model_available(c.provider, &c.model, c.available);
+                wire::json(StatusCode::OK, &json!({ "ok": true }))
+            }
+            _ => wire::json(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": "expected {\"provider\", \"model\", \"available\": true|false}" }),
+            ),
+        },
         ("DELETE", "/_fake/keys") => {
             shared.clear_keys();
             no_content()

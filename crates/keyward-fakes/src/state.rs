@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use axum::http::HeaderMap;
-use keyward_core::{Catalogue, Provider};
+use keyward_core::Provider;
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
+use crate::models::{Served, ServedModel};
 use crate::Behaviour;
 
 /// How many recorded requests are kept; older ones are dropped first.
@@ -100,7 +101,7 @@ impl KeyEntry {
 pub(crate) struct Shared {
     pub base_url: String,
     pub shutdown: watch::Receiver<bool>,
-    pub catalogue: Catalogue,
+    served: RwLock<Served>,
     keys: RwLock<HashMap<String, KeyEntry>>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     recording: AtomicBool,
@@ -112,7 +113,7 @@ impl Shared {
         Shared {
             base_url,
             shutdown,
-            catalogue: Catalogue::builtin(),
+            served: RwLock::new(Served::default()),
             keys: RwLock::new(HashMap::new()),
             requests: Mutex::new(VecDeque::new()),
             recording: AtomicBool::new(true),
@@ -196,8 +197,26 @@ impl Shared {
         self.requests.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 
-    /// Whether `model` is one this provider offers.
+    /// Whether `model` is one this provider serves now.
     pub(crate) fn knows_model(&self, provider: Provider, model: &str) -> bool {
-        self.catalogue.model(provider, model).is_some()
+        self.served
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .serves(provider, model)
+    }
+
+    /// The models this provider lists now.
+    pub(crate) fn served_models(&self, provider: Provider) -> Vec<ServedModel> {
+        self.served
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .list(provider)
+    }
+
+    pub(crate) fn set_model_available(&self, provider: Provider, model: &str, available: bool) {
+        self.served
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set(provider, model, available);
     }
 }

@@ -57,6 +57,23 @@ pub(crate) fn json(status: StatusCode, value: &Value) -> Response {
     response(status, "application/json", Body::from(value.to_string()))
 }
 
+/// The value of query parameter `name`, if given.
+pub(crate) fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// `now + secs` as RFC 3339 (seconds, UTC), the form of Anthropic's rate-limit resets.
+pub(crate) fn rfc3339_in(secs: i64) -> String {
+    let t = time::OffsetDateTime::now_utc() + time::Duration::seconds(secs);
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// Sets a header when its value is valid (ids built by the fake always are).
 pub(crate) fn set_header(response: &mut Response, name: &'static str, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {

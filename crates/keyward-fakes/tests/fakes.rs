@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use keyward_core::{Catalogue, Provider};
 use keyward_fakes::{Behaviour, FakeProviders};
 use keyward_providers::{
-    build_chat, build_list_models, build_probe, diagnose, key_placement, parse_chat, request_id_header, ChatMessage,
-    ChatRequest, ChatRole, Diagnosis, HttpCall, HttpMethod, StreamDecoder, StreamEvent, StreamSummary, Usage,
+    build_chat, build_list_models, build_probe, diagnose, key_placement, parse_chat, parse_model_page, rate_limits,
+    request_id_header, ChatMessage, ChatRequest, ChatRole, Diagnosis, HttpCall, HttpMethod, StreamDecoder, StreamEvent,
+    StreamSummary, Usage,
 };
 use serde_json::{json, Value};
 
@@ -27,7 +28,7 @@ fn key(p: Provider, what: &str) -> String {
     match p {
         Provider::Anthropic => format!("sk-ant-api03-{what}-fakeFAKEfakeFAKE-abcd"),
         Provider::OpenAi => format!("sk-proj-{what}-fakeFAKEfakeFAKE-wxyz"),
-        Provider::Google => format!("AIzaSy{what}FakeFakeFake"),
+        Provider::Google => format!("AQ.Ab8RN6{what}FakeFake_Fake-Fake"),
     }
 }
 
@@ -379,10 +380,11 @@ async fn error_behaviours_are_diagnosed_for_every_provider() {
     let fakes = FakeProviders::start().unwrap();
     let table = [
         (Behaviour::NoCredit, Diagnosis::NoCredit, [400, 429, 429]),
+        // OpenAI answers a restricted key's missing scopes with 401.
         (
             Behaviour::MissingPermission,
             Diagnosis::MissingPermission,
-            [403, 403, 403],
+            [403, 401, 403],
         ),
         (Behaviour::RateLimited, Diagnosis::RateLimited, [429, 429, 429]),
         (Behaviour::Unavailable, Diagnosis::ProviderUnavailable, [529, 503, 503]),
@@ -482,6 +484,136 @@ async fn unknown_models_get_each_providers_not_found() {
             Provider::Anthropic => assert_eq!(v["error"]["type"], "not_found_error"),
             Provider::OpenAi => assert_eq!(v["error"]["code"], "model_not_found"),
             Provider::Google => assert_eq!(v["error"]["status"], "NOT_FOUND"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn retired_models_get_each_providers_not_found() {
+    let fakes = FakeProviders::start().unwrap();
+    let retired = [
+        (
+            Provider::Anthropic,
+            "claude-3-haiku-20240307",
+            "model: claude-3-haiku-20240307",
+        ),
+        (
+            Provider::OpenAi,
+            "gpt-4-turbo",
+            "The model `gpt-4-turbo` does not exist or you do not have access to it.",
+        ),
+        (
+            Provider::Google,
+            "gemini-1.5-flash",
+            "models/gemini-1.5-flash is not found for API version v1beta, or is not supported for generateContent.",
+        ),
+    ];
+    for (p, model, says) in retired {
+        let k = key(p, "ok");
+        fakes.set_key(p, &k, Behaviour::Ok);
+        let resp = send(&fakes, p, &build_probe(p, model), Some(&k)).await;
+        assert_eq!(resp.status(), 404, "{p}");
+        let f = diagnose(p, 404, &resp.bytes().await.unwrap());
+        assert!(f.is_model_not_found(), "{p}");
+        assert!(f.message.starts_with(says), "{p}: {}", f.message);
+    }
+    // Anthropic answers the aliases of dated models, like the API.
+    let k = key(Provider::Anthropic, "ok");
+    let resp = send(
+        &fakes,
+        Provider::Anthropic,
+        &build_probe(Provider::Anthropic, "claude-haiku-4-5"),
+        Some(&k),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn google_takes_auth_keys_only_and_says_what_is_wrong_with_a_key() {
+    let fakes = FakeProviders::start().unwrap();
+    let p = Provider::Google;
+    let probe = build_probe(p, &model(p));
+    // A standard key is refused even when registered: Google stopped taking them.
+    let standard = "AIzaSyA1234567890abcdefghijklmnopqrstu";
+    fakes.set_key(p, standard, Behaviour::Ok);
+    let resp = send(&fakes, p, &probe, Some(standard)).await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["details"][0]["reason"], "API_KEY_INVALID");
+    let auth = key(p, "ok");
+    fakes.set_key(p, &auth, Behaviour::Ok);
+    assert_eq!(send(&fakes, p, &probe, Some(&auth)).await.status(), 200);
+
+    let cases = [
+        (
+            Behaviour::Leaked,
+            403,
+            Diagnosis::KeyReportedLeaked,
+            "reported as leaked",
+        ),
+        (Behaviour::Suspended, 403, Diagnosis::InvalidKey, "has been suspended"),
+        (
+            Behaviour::KeyTypeUnsupported,
+            401,
+            Diagnosis::InvalidKey,
+            "invalid authentication credentials",
+        ),
+    ];
+    for (behaviour, status, diagnosis, says) in cases {
+        let k = key(p, behaviour.name());
+        fakes.set_key(p, &k, behaviour);
+        let resp = send(&fakes, p, &probe, Some(&k)).await;
+        assert_eq!(resp.status().as_u16(), status, "{behaviour:?}");
+        let f = diagnose(p, status, &resp.bytes().await.unwrap());
+        assert_eq!(f.diagnosis, diagnosis, "{behaviour:?}");
+        assert!(f.message.contains(says) && f.advice.is_some(), "{behaviour:?}: {f:?}");
+        // Google quotes the key of a suspended consumer: the worker masks it.
+        assert_eq!(
+            f.message.contains(&k),
+            behaviour == Behaviour::Suspended,
+            "{behaviour:?}"
+        );
+    }
+    // The others treat a leaked or unsupported key as an invalid one.
+    for p in [Provider::Anthropic, Provider::OpenAi] {
+        for behaviour in [Behaviour::Leaked, Behaviour::KeyTypeUnsupported] {
+            let k = key(p, behaviour.name());
+            fakes.set_key(p, &k, behaviour);
+            let resp = send(&fakes, p, &build_probe(p, &model(p)), Some(&k)).await;
+            assert_eq!(resp.status(), 401, "{p} {behaviour:?}");
+            let f = diagnose(p, 401, &resp.bytes().await.unwrap());
+            assert_eq!(f.diagnosis, Diagnosis::InvalidKey, "{p} {behaviour:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn successes_carry_the_rate_limit_headers_google_sends_none() {
+    let fakes = FakeProviders::start().unwrap();
+    for p in Provider::ALL {
+        let k = key(p, "ok");
+        fakes.set_key(p, &k, Behaviour::Ok);
+        let resp = send(&fakes, p, &build_probe(p, &model(p)), Some(&k)).await;
+        assert_eq!(resp.status(), 200);
+        let headers: Vec<(String, String)> = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
+            .collect();
+        let limits = rate_limits(p, &headers);
+        match p {
+            Provider::Google => assert_eq!(limits, None),
+            _ => {
+                let l = limits.unwrap_or_else(|| panic!("{p}: no rate-limit headers"));
+                let requests = l.requests.unwrap();
+                assert!(requests.limit.unwrap() > requests.remaining.unwrap(), "{p}");
+                assert!(requests.reset.is_some() && l.tokens.is_some(), "{p}");
+                if p == Provider::Anthropic {
+                    assert!(requests.reset.unwrap().ends_with('Z'), "RFC 3339");
+                    assert!(l.input_tokens.is_some() && l.output_tokens.is_some());
+                }
+            }
         }
     }
 }
@@ -670,64 +802,78 @@ async fn model_lists_have_each_providers_shape() {
     for p in Provider::ALL {
         fakes.set_key(p, &key(p, "ok"), Behaviour::Ok);
     }
-    let ids = |p| Catalogue::builtin().model_ids(p);
+    let list = |p: Provider, page: Option<String>| {
+        let fakes = &fakes;
+        async move {
+            let resp = send(fakes, p, &build_list_models(p, page.as_deref()), Some(&key(p, "ok"))).await;
+            assert_eq!(resp.status(), 200, "{p}");
+            let status = resp.status().as_u16();
+            let body = resp.bytes().await.unwrap();
+            (
+                parse_model_page(p, status, &body).unwrap(),
+                serde_json::from_slice::<Value>(&body).unwrap(),
+            )
+        }
+    };
+    let catalogue = Catalogue::builtin();
+    for p in Provider::ALL {
+        let (page, raw) = list(p, None).await;
+        // The fake lists what the provider serves today: every model keyward offers, and
+        // none of those the provider retired.
+        for m in catalogue.models(p) {
+            assert_eq!(page.ids.contains(&m.id), m.is_served(), "{p} {} ({:?})", m.id, m.status);
+        }
+        let served: Vec<String> = keyward_fakes::models::served(p).into_iter().map(|m| m.id).collect();
+        assert_eq!(page.ids, served, "{p}");
+        assert_eq!(page.next, None, "{p}: one page of 1000 holds them all");
+        match p {
+            Provider::Anthropic => {
+                assert_eq!(raw["has_more"], false);
+                assert_eq!(raw["data"][0]["type"], "model");
+                assert_eq!(raw["first_id"], page.ids[0]);
+            }
+            Provider::OpenAi => assert_eq!(raw["data"][0]["object"], "model"),
+            Provider::Google => assert!(raw["models"][0]["name"].as_str().unwrap().starts_with("models/")),
+        }
+    }
 
-    let resp = send(
-        &fakes,
-        Provider::Anthropic,
-        &build_list_models(Provider::Anthropic),
-        Some(&key(Provider::Anthropic, "ok")),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    assert!(resp.headers().contains_key("request-id"));
-    let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["has_more"], false);
-    assert_eq!(v["data"][0]["type"], "model");
-    let got: Vec<&str> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(got, ids(Provider::Anthropic));
-    assert_eq!(v["first_id"], got[0]);
+    // Smaller pages are followed to the end (Anthropic `limit`/`after_id`, Google
+    // `pageSize`/`pageToken`, as the APIs page them).
+    for (p, first) in [
+        (Provider::Anthropic, "/v1/models?limit=3"),
+        (Provider::Google, "/v1beta/models?pageSize=3"),
+    ] {
+        let mut got = Vec::new();
+        let mut path = first.to_owned();
+        for _ in 0..20 {
+            let call = HttpCall {
+                method: HttpMethod::Get,
+                path_and_query: path.clone(),
+                headers: build_list_models(p, None).headers,
+                body: Vec::new(),
+            };
+            let resp = send(&fakes, p, &call, Some(&key(p, "ok"))).await;
+            let body = resp.bytes().await.unwrap();
+            let page = parse_model_page(p, 200, &body).unwrap();
+            assert!(page.ids.len() <= 3);
+            got.extend(page.ids);
+            match (p, page.next) {
+                (_, None) => break,
+                (Provider::Anthropic, Some(n)) => path = format!("/v1/models?limit=3&after_id={n}"),
+                (_, Some(n)) => path = format!("/v1beta/models?pageSize=3&pageToken={n}"),
+            }
+        }
+        let served: Vec<String> = keyward_fakes::models::served(p).into_iter().map(|m| m.id).collect();
+        assert_eq!(got, served, "{p}: pages in order, none twice");
+    }
 
-    let resp = send(
-        &fakes,
-        Provider::OpenAi,
-        &build_list_models(Provider::OpenAi),
-        Some(&key(Provider::OpenAi, "ok")),
-    )
-    .await;
-    assert!(resp.headers().contains_key("x-request-id"));
-    let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["object"], "list");
-    assert_eq!(v["data"][0]["object"], "model");
-    let got: Vec<&str> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(got, ids(Provider::OpenAi));
-
-    let resp = send(
-        &fakes,
-        Provider::Google,
-        &build_list_models(Provider::Google),
-        Some(&key(Provider::Google, "ok")),
-    )
-    .await;
-    let v: Value = resp.json().await.unwrap();
-    let got: Vec<&str> = v["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
-    let expected: Vec<String> = ids(Provider::Google).iter().map(|id| format!("models/{id}")).collect();
-    assert_eq!(got, expected);
+    // A model taken away (a retirement) leaves the listing and is answered as not found.
+    fakes.set_model_available(Provider::OpenAi, "gpt-6-luna", false);
+    let (page, _) = list(Provider::OpenAi, None).await;
+    assert!(!page.ids.iter().any(|id| id == "gpt-6-luna"));
+    fakes.set_model_available(Provider::OpenAi, "gpt-6-luna", true);
+    let (page, _) = list(Provider::OpenAi, None).await;
+    assert!(page.ids.iter().any(|id| id == "gpt-6-luna"));
 
     // Without anthropic-version, /v1/models is OpenAI's, which wants a Bearer key.
     let resp = client()
@@ -1073,6 +1219,9 @@ async fn behaviour_names_round_trip() {
         Behaviour::Redirect,
         Behaviour::EchoKey,
         Behaviour::SlowStream(Duration::from_millis(7)),
+        Behaviour::Leaked,
+        Behaviour::Suspended,
+        Behaviour::KeyTypeUnsupported,
     ];
     let names: Vec<&str> = all.iter().map(|b| b.name()).collect();
     assert_eq!(names, Behaviour::NAMES);
@@ -1133,7 +1282,7 @@ async fn the_binary_prints_its_address_and_serves() {
     );
     let r = c
         .post(format!("{base}/_fake/keys"))
-        .json(&json!({"key": "AIzaSyBinaryFake", "behaviour": "ok", "provider": "google"}))
+        .json(&json!({"key": "AQ.Ab8RN6BinaryFake", "behaviour": "ok", "provider": "google"}))
         .send()
         .await
         .unwrap();
@@ -1142,7 +1291,7 @@ async fn the_binary_prints_its_address_and_serves() {
     let resp = c
         .post(format!("{base}{}", call.path_and_query))
         .header("content-type", "application/json")
-        .header("x-goog-api-key", "AIzaSyBinaryFake")
+        .header("x-goog-api-key", "AQ.Ab8RN6BinaryFake")
         .body(call.body)
         .send()
         .await

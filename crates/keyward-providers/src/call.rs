@@ -133,21 +133,93 @@ pub fn build_probe(provider: Provider, model: &str) -> HttpCall {
     )
 }
 
-/// The provider's model list: `GET /v1/models` (Anthropic, OpenAI), `GET /v1beta/models` (Google).
-pub fn build_list_models(provider: Provider) -> HttpCall {
-    let (path, headers): (&str, Vec<(String, String)>) = match provider {
+/// Models asked for per page of a listing: the most Anthropic and Google return at once.
+pub const MODELS_PAGE_SIZE: u32 = 1000;
+
+/// One page of the provider's free model listing, after `page` (the token the previous page
+/// gave, see [`crate::ModelPage::next`]):
+/// - Anthropic: `GET /v1/models?limit=1000[&after_id=…]` with `anthropic-version`;
+/// - OpenAI: `GET /v1/models` (one page);
+/// - Google: `GET /v1beta/models?pageSize=1000[&pageToken=…]`.
+///
+/// A page token is percent-encoded unless it is plain `[A-Za-z0-9._~-]`, so it can only ever
+/// be one query value.
+pub fn build_list_models(provider: Provider, page: Option<&str>) -> HttpCall {
+    let token = page.map(percent_encode_query_value);
+    let (path_and_query, headers): (String, Vec<(String, String)>) = match provider {
         Provider::Anthropic => (
-            "/v1/models",
+            match token {
+                Some(t) => format!("/v1/models?limit={MODELS_PAGE_SIZE}&after_id={t}"),
+                None => format!("/v1/models?limit={MODELS_PAGE_SIZE}"),
+            },
             vec![("anthropic-version".to_owned(), ANTHROPIC_VERSION.to_owned())],
         ),
-        Provider::OpenAi => ("/v1/models", Vec::new()),
-        Provider::Google => ("/v1beta/models", Vec::new()),
+        Provider::OpenAi => ("/v1/models".to_owned(), Vec::new()),
+        Provider::Google => (
+            match token {
+                Some(t) => format!("/v1beta/models?pageSize={MODELS_PAGE_SIZE}&pageToken={t}"),
+                None => format!("/v1beta/models?pageSize={MODELS_PAGE_SIZE}"),
+            },
+            Vec::new(),
+        ),
     };
     HttpCall {
         method: HttpMethod::Get,
-        path_and_query: path.to_owned(),
+        path_and_query,
         headers,
         body: Vec::new(),
+    }
+}
+
+fn percent_encode_query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A page token as [`build_list_models`] writes it: 1–512 of `[A-Za-z0-9._~-]` or `%XX`.
+fn page_token_is_safe(token: &str) -> bool {
+    let b = token.as_bytes();
+    if b.is_empty() || b.len() > 512 {
+        return false;
+    }
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            let hex = |j: usize| b.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return false;
+            }
+            i += 3;
+        } else if c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'~' | b'-') {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `query` is a model listing's: exactly `{size_name}=1000`, optionally followed by
+/// `&{token_name}=<safe token>`.
+fn listing_query_allowed(query: Option<&str>, size_name: &str, token_name: &str) -> bool {
+    let Some(q) = query else { return true };
+    let first = format!("{size_name}={MODELS_PAGE_SIZE}");
+    match q.split_once('&') {
+        None => q == first,
+        Some((size, rest)) => {
+            size == first
+                && rest
+                    .strip_prefix(token_name)
+                    .and_then(|r| r.strip_prefix('='))
+                    .is_some_and(page_token_is_safe)
+        }
     }
 }
 
@@ -198,30 +270,31 @@ pub fn model_id_is_safe(model: &str) -> bool {
 
 /// The exact allowlist of calls a worker may send for `provider`:
 ///
-/// - Anthropic: `POST /v1/messages`, `GET /v1/models`.
+/// - Anthropic: `POST /v1/messages`, `GET /v1/models[?limit=1000[&after_id=…]]`.
 /// - OpenAI: `POST /v1/chat/completions`, `GET /v1/models`.
 /// - Google: `POST /v1beta/models/{model}:generateContent`,
 ///   `POST /v1beta/models/{model}:streamGenerateContent` with no query or exactly `?alt=sse`,
-///   `GET /v1beta/models`; `{model}` must be [`model_id_is_safe`].
+///   `GET /v1beta/models[?pageSize=1000[&pageToken=…]]`; `{model}` must be [`model_id_is_safe`].
 ///
 /// Anything else is refused: other paths or methods, any other query (so never `key=`),
-/// an empty query (`…?`), fragments, percent-encoding, `..`, `//`.
+/// an empty query (`…?`), fragments, percent-encoding outside a page token, `..`, `//`.
 pub fn path_allowed(provider: Provider, method: HttpMethod, path_and_query: &str) -> bool {
     let (path, query) = match path_and_query.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (path_and_query, None),
     };
     match provider {
-        Provider::Anthropic => matches!(
-            (method, path, query),
-            (HttpMethod::Post, "/v1/messages", None) | (HttpMethod::Get, "/v1/models", None)
-        ),
+        Provider::Anthropic => match (method, path) {
+            (HttpMethod::Post, "/v1/messages") => query.is_none(),
+            (HttpMethod::Get, "/v1/models") => listing_query_allowed(query, "limit", "after_id"),
+            _ => false,
+        },
         Provider::OpenAi => matches!(
             (method, path, query),
             (HttpMethod::Post, "/v1/chat/completions", None) | (HttpMethod::Get, "/v1/models", None)
         ),
         Provider::Google => match method {
-            HttpMethod::Get => path == "/v1beta/models" && query.is_none(),
+            HttpMethod::Get => path == "/v1beta/models" && listing_query_allowed(query, "pageSize", "pageToken"),
             HttpMethod::Post => {
                 let Some(rest) = path.strip_prefix("/v1beta/models/") else {
                     return false;
@@ -392,7 +465,8 @@ mod tests {
                 build_chat(p, &req(false)),
                 build_chat(p, &req(true)),
                 build_probe(p, "m"),
-                build_list_models(p),
+                build_list_models(p, None),
+                build_list_models(p, Some("next-page")),
             ];
             for call in calls {
                 assert!(call.headers.iter().all(|(k, _)| k != placement.header
@@ -438,14 +512,29 @@ mod tests {
     #[test]
     fn list_models_calls_are_allowed() {
         for p in Provider::ALL {
-            let call = build_list_models(p);
-            assert_eq!(call.method, HttpMethod::Get);
-            assert!(call.body.is_empty());
-            assert!(path_allowed(p, HttpMethod::Get, &call.path_and_query));
+            for page in [None, Some("tok_1"), Some("a/b+c==&key=x"), Some("ü")] {
+                let call = build_list_models(p, page);
+                assert_eq!(call.method, HttpMethod::Get);
+                assert!(call.body.is_empty());
+                assert!(
+                    path_allowed(p, HttpMethod::Get, &call.path_and_query),
+                    "{}",
+                    call.path_and_query
+                );
+                assert!(!call.path_and_query.contains("&key="), "{}", call.path_and_query);
+            }
         }
         assert_eq!(
-            build_list_models(Provider::Anthropic).headers,
+            build_list_models(Provider::Anthropic, None).headers,
             [("anthropic-version".to_owned(), "2023-06-01".to_owned())]
+        );
+        assert_eq!(
+            build_list_models(Provider::Anthropic, Some("claude-x")).path_and_query,
+            "/v1/models?limit=1000&after_id=claude-x"
+        );
+        assert_eq!(
+            build_list_models(Provider::Google, Some("a/b=")).path_and_query,
+            "/v1beta/models?pageSize=1000&pageToken=a%2Fb%3D"
         );
     }
 
@@ -555,6 +644,13 @@ mod tests {
             (Provider::Google, Post, "/v1beta/models/gemini:streamGenerateContent?"),
             (Provider::Google, Get, "/v1beta/models?key=AIza123"),
             (Provider::Google, Get, "/v1beta/models?pageSize=5"),
+            (Provider::Google, Get, "/v1beta/models?pageSize=1000&key=AIza123"),
+            (Provider::Google, Get, "/v1beta/models?pageSize=1000&pageToken=a&key=b"),
+            (Provider::Google, Get, "/v1beta/models?pageSize=1000&pageToken=%2"),
+            (Provider::Google, Get, "/v1beta/models?pageToken=x"),
+            (Provider::Anthropic, Get, "/v1/models?limit=20"),
+            (Provider::Anthropic, Get, "/v1/models?limit=1000&before_id=x"),
+            (Provider::OpenAi, Get, "/v1/models?limit=1000"),
             (Provider::Google, Post, ""),
         ];
         for (p, m, path) in refused {

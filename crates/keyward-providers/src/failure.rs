@@ -26,10 +26,13 @@ pub enum Diagnosis {
     Unreachable,
     BadRequest,
     MalformedResponse,
+    /// The provider says the key was published somewhere and has blocked it (Google:
+    /// "Your API key was reported as leaked"). Calls on it stop until it is replaced.
+    KeyReportedLeaked,
 }
 
 impl Diagnosis {
-    pub const ALL: [Diagnosis; 9] = [
+    pub const ALL: [Diagnosis; 10] = [
         Diagnosis::InvalidKey,
         Diagnosis::NoCredit,
         Diagnosis::MissingPermission,
@@ -39,6 +42,7 @@ impl Diagnosis {
         Diagnosis::Unreachable,
         Diagnosis::BadRequest,
         Diagnosis::MalformedResponse,
+        Diagnosis::KeyReportedLeaked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +56,7 @@ impl Diagnosis {
             Diagnosis::Unreachable => "unreachable",
             Diagnosis::BadRequest => "bad_request",
             Diagnosis::MalformedResponse => "malformed_response",
+            Diagnosis::KeyReportedLeaked => "key_reported_leaked",
         }
     }
 }
@@ -68,12 +73,15 @@ impl fmt::Display for Diagnosis {
 /// answer at all). `message` is the provider's own error message, or a clear sentence when the
 /// answer could not be read, at most [`MAX_MESSAGE_CHARS`] characters. The provider may have
 /// echoed the key in it: callers scrub it before showing it (this crate never sees the key).
+/// `advice` says what to do, where the provider's answer is specific enough to tell (Google's
+/// answers about a key's type and state).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{diagnosis}: {message}")]
 pub struct ProviderFailure {
     pub status: Option<u16>,
     pub diagnosis: Diagnosis,
     pub message: String,
+    pub advice: Option<&'static str>,
 }
 
 impl ProviderFailure {
@@ -83,7 +91,28 @@ impl ProviderFailure {
             status,
             diagnosis,
             message: bound_message(message),
+            advice: None,
         }
+    }
+
+    /// The same failure with what to do about it.
+    pub(crate) fn advising(mut self, advice: &'static str) -> ProviderFailure {
+        self.advice = Some(advice);
+        self
+    }
+
+    /// Whether the key itself is at fault (not the model, the request or the provider): the
+    /// diagnoses after which a key stops working until someone acts on it.
+    pub fn is_key_failure(&self) -> bool {
+        matches!(
+            self.diagnosis,
+            Diagnosis::InvalidKey | Diagnosis::NoCredit | Diagnosis::MissingPermission | Diagnosis::KeyReportedLeaked
+        )
+    }
+
+    /// The provider said the model does not exist (404), as opposed to refusing it to this key.
+    pub fn is_model_not_found(&self) -> bool {
+        self.diagnosis == Diagnosis::ModelNotAvailable && self.status == Some(404)
     }
 
     /// No answer at all: connection refused, DNS, TLS, timeout. `detail` must not hold a key.
@@ -196,7 +225,8 @@ mod tests {
                 "provider_unavailable",
                 "unreachable",
                 "bad_request",
-                "malformed_response"
+                "malformed_response",
+                "key_reported_leaked"
             ]
         );
         for d in Diagnosis::ALL {

@@ -3,16 +3,24 @@
 //! Errors are `{"error": {"code", "message", "status", "details": [...]}}` (a streamed call
 //! without `alt=sse` wraps it in an array). Diagnosis, first match wins:
 //!
-//! | what Google sent | diagnosis |
-//! |---|---|
-//! | a `google.rpc.ErrorInfo` reason `API_KEY_INVALID` / `API_KEY_EXPIRED`, a message "API key not valid" / "API key expired" / "API Key not found" (400 `INVALID_ARGUMENT`), or `UNAUTHENTICATED` | `invalid_key` |
-//! | reason `BILLING_DISABLED`, or a message saying prepaid credits "are depleted" | `no_credit` |
-//! | `RESOURCE_EXHAUSTED` (429) otherwise | `rate_limited` |
-//! | `PERMISSION_DENIED` (403) | `missing_permission` |
-//! | `NOT_FOUND` (404) | `model_not_available` |
-//! | `FAILED_PRECONDITION` (400): `no_credit` if it mentions billing, else `missing_permission` (e.g. "User location is not supported") | |
-//! | `INTERNAL` (500), `UNAVAILABLE` (503), `DEADLINE_EXCEEDED` (504) | `provider_unavailable` |
-//! | `INVALID_ARGUMENT` and other 4xx | `bad_request` |
+//! | what Google sent | diagnosis | advice |
+//! |---|---|---|
+//! | 403 "Your API key was reported as leaked" | `key_reported_leaked` | replace the key |
+//! | `google.rpc.ErrorInfo` reason `ACCESS_TOKEN_TYPE_UNSUPPORTED` (401) | `invalid_key` | Google does not take this kind of key: create an auth key |
+//! | reason `CONSUMER_SUSPENDED`, or "… has been suspended" (403) | `invalid_key` | the key's project is suspended |
+//! | reason `API_KEY_INVALID` / `API_KEY_EXPIRED`, a message "API key not valid" / "API key expired" / "API Key not found" (400 `INVALID_ARGUMENT`), or `UNAUTHENTICATED` | `invalid_key` | check or recreate the key |
+//! | reason `BILLING_DISABLED`, or a message saying prepaid credits "are depleted" | `no_credit` | |
+//! | `RESOURCE_EXHAUSTED` (429) otherwise | `rate_limited` | |
+//! | `PERMISSION_DENIED` (403) | `missing_permission` | |
+//! | `NOT_FOUND` (404) | `model_not_available` | |
+//! | `FAILED_PRECONDITION` (400): `no_credit` if it mentions billing, else `missing_permission` (e.g. "User location is not supported") | | |
+//! | `INTERNAL` (500), `UNAVAILABLE` (503), `DEADLINE_EXCEEDED` (504) | `provider_unavailable` | |
+//! | `INVALID_ARGUMENT` and other 4xx | `bad_request` | |
+//!
+//! The bodies are those Google sends today (December 2026; the README's "Providers" section
+//! cites where each was seen): AI Studio issues only auth keys (`AQ.…`) since mid-2026, and
+//! the API refuses standard keys (`AIza…`), unrestricted ones with 401
+//! `ACCESS_TOKEN_TYPE_UNSUPPORTED` since 19 June 2026 and all of them since September 2026.
 //!
 //! Choice: Google answers an exhausted free-tier or per-minute quota with 429
 //! `RESOURCE_EXHAUSTED` "You exceeded your current quota, please check your plan and billing
@@ -207,9 +215,21 @@ pub(crate) fn read_error(status: u16, body: &[u8]) -> Option<ProviderFailure> {
     Some(failure_from(Some(status), error))
 }
 
+/// What to do about Google's answers on a key's type and state.
+pub(crate) const ADVICE_LEAKED: &str = "Google blocked this key because it was reported as leaked (published \
+somewhere others can read it). It will not work again: delete it in Google AI Studio, create a new auth key, \
+and save the new one here.";
+pub(crate) const ADVICE_KEY_TYPE: &str = "Google does not accept this kind of key for the Gemini API. Create \
+an auth key in Google AI Studio → API keys (aistudio.google.com/apikey; it starts with \"AQ.\") and save it here.";
+pub(crate) const ADVICE_SUSPENDED: &str = "Google has suspended the Google Cloud project this key belongs to. \
+Check the project in the Google Cloud console, or create a key in another project and save it here.";
+pub(crate) const ADVICE_INVALID: &str = "Google does not recognise this key: it may be mistyped, deleted or \
+expired, or a standard (AIza…) key, which Google no longer accepts. Create an auth key in Google AI Studio → \
+API keys and save it here.";
+
 fn failure_from(status: Option<u16>, error: &Value) -> ProviderFailure {
     let message = error.get("message").and_then(Value::as_str);
-    let diagnosis = diagnosis_for(status, error, message.unwrap_or(""));
+    let (diagnosis, advice) = diagnosis_for(status, error, message.unwrap_or(""));
     let message = message_or(message, || {
         let word = error.get("status").and_then(Value::as_str).unwrap_or("an error");
         match status {
@@ -217,10 +237,14 @@ fn failure_from(status: Option<u16>, error: &Value) -> ProviderFailure {
             None => format!("Google reported {word} in the stream"),
         }
     });
-    ProviderFailure::new(status, diagnosis, &message)
+    let failure = ProviderFailure::new(status, diagnosis, &message);
+    match advice {
+        Some(a) => failure.advising(a),
+        None => failure,
+    }
 }
 
-fn diagnosis_for(status: Option<u16>, error: &Value, message: &str) -> Diagnosis {
+fn diagnosis_for(status: Option<u16>, error: &Value, message: &str) -> (Diagnosis, Option<&'static str>) {
     let word = error.get("status").and_then(Value::as_str).unwrap_or("");
     let reasons: Vec<&str> = error
         .get("details")
@@ -238,6 +262,15 @@ fn diagnosis_for(status: Option<u16>, error: &Value, message: &str) -> Diagnosis
         })
         .unwrap_or_default();
     let has_reason = |r: &str| reasons.contains(&r);
+    if contains_ci(message, "reported as leaked") {
+        return (Diagnosis::KeyReportedLeaked, Some(ADVICE_LEAKED));
+    }
+    if has_reason("ACCESS_TOKEN_TYPE_UNSUPPORTED") {
+        return (Diagnosis::InvalidKey, Some(ADVICE_KEY_TYPE));
+    }
+    if has_reason("CONSUMER_SUSPENDED") || contains_ci(message, "has been suspended") {
+        return (Diagnosis::InvalidKey, Some(ADVICE_SUSPENDED));
+    }
     if has_reason("API_KEY_INVALID")
         || has_reason("API_KEY_EXPIRED")
         || contains_ci(message, "api key not valid")
@@ -245,12 +278,12 @@ fn diagnosis_for(status: Option<u16>, error: &Value, message: &str) -> Diagnosis
         || contains_ci(message, "api key not found")
         || word == "UNAUTHENTICATED"
     {
-        return Diagnosis::InvalidKey;
+        return (Diagnosis::InvalidKey, Some(ADVICE_INVALID));
     }
     if has_reason("BILLING_DISABLED") || contains_ci(message, "credits are depleted") {
-        return Diagnosis::NoCredit;
+        return (Diagnosis::NoCredit, None);
     }
-    match word {
+    let diagnosis = match word {
         "RESOURCE_EXHAUSTED" => Diagnosis::RateLimited,
         "PERMISSION_DENIED" => Diagnosis::MissingPermission,
         "NOT_FOUND" => Diagnosis::ModelNotAvailable,
@@ -267,7 +300,8 @@ fn diagnosis_for(status: Option<u16>, error: &Value, message: &str) -> Diagnosis
             });
             code.map_or(Diagnosis::ProviderUnavailable, status_diagnosis)
         }
-    }
+    };
+    (diagnosis, None)
 }
 
 pub(crate) fn on_event(state: &mut StreamState, event: &SseEvent, out: &mut Vec<StreamEvent>) {
@@ -328,6 +362,60 @@ mod tests {
 
     fn envelope(code: u16, status: &str, message: &str, details: Vec<Value>) -> String {
         json!({"error": {"code": code, "message": message, "status": status, "details": details}}).to_string()
+    }
+
+    #[test]
+    fn answers_about_the_key_say_what_to_do() {
+        // The bodies Google sends today (see the module doc).
+        let cases = [
+            (
+                401,
+                envelope(
+                    401,
+                    "UNAUTHENTICATED",
+                    "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
+                    vec![json!({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "ACCESS_TOKEN_TYPE_UNSUPPORTED",
+                                "metadata": {"method": "google.ai.generativelanguage.v1beta.GenerativeService.GenerateContent",
+                                             "service": "generativelanguage.googleapis.com"}})],
+                ),
+                Diagnosis::InvalidKey,
+                ADVICE_KEY_TYPE,
+            ),
+            (
+                400,
+                envelope(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.", vec![error_info("API_KEY_INVALID")]),
+                Diagnosis::InvalidKey,
+                ADVICE_INVALID,
+            ),
+            (
+                403,
+                json!({"error": {"code": 403, "message": "Your API key was reported as leaked. Please use another API key.", "status": "PERMISSION_DENIED"}}).to_string(),
+                Diagnosis::KeyReportedLeaked,
+                ADVICE_LEAKED,
+            ),
+            (
+                403,
+                envelope(
+                    403,
+                    "PERMISSION_DENIED",
+                    "Permission denied: Consumer 'api_key:AQ.xxxx' has been suspended.",
+                    vec![error_info("CONSUMER_SUSPENDED")],
+                ),
+                Diagnosis::InvalidKey,
+                ADVICE_SUSPENDED,
+            ),
+        ];
+        for (status, body, diagnosis, advice) in cases {
+            let f = diagnose(Provider::Google, status, body.as_bytes());
+            assert_eq!((f.diagnosis, f.advice), (diagnosis, Some(advice)), "{body}");
+        }
+        // Answers that are not about the key carry no advice.
+        let f = diagnose(
+            Provider::Google,
+            503,
+            envelope(503, "UNAVAILABLE", "busy", vec![]).as_bytes(),
+        );
+        assert_eq!(f.advice, None);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! | code / type | status | diagnosis |
 //! |---|---|---|
-//! | `insufficient_quota`, `billing_not_active`, `billing_hard_limit_reached` | (429) | `no_credit` |
+//! | `insufficient_quota`, `billing_not_active`, `billing_hard_limit_reached`, and the 2026 codes that say which limit: `credit_balance_exhausted`, `project_spend_limit_exceeded`, `organization_spend_limit_exceeded`, `organization_usage_limit_exceeded` | (429) | `no_credit` |
+//! | a message "You have insufficient permissions for this operation" (missing scopes of a restricted key; OpenAI sends it as 401) | 401, 403 | `missing_permission` |
 //! | `invalid_api_key` | 401 | `invalid_key` |
 //! | `model_not_found` | 404 | `model_not_available` |
 //! | `rate_limit_exceeded` | 429 | `rate_limited` |
@@ -138,7 +139,7 @@ fn failure_from(status: Option<u16>, error: &Value) -> ProviderFailure {
     let code = error.get("code").and_then(Value::as_str).unwrap_or("");
     let kind = error.get("type").and_then(Value::as_str).unwrap_or("");
     let message = error.get("message").and_then(Value::as_str);
-    let diagnosis = diagnosis_for(status, code, kind);
+    let diagnosis = diagnosis_for(status, code, kind, message.unwrap_or(""));
     let message = message_or(message, || {
         let what = if code.is_empty() { kind } else { code };
         match status {
@@ -149,10 +150,25 @@ fn failure_from(status: Option<u16>, error: &Value) -> ProviderFailure {
     ProviderFailure::new(status, diagnosis, &message)
 }
 
-fn diagnosis_for(status: Option<u16>, code: &str, kind: &str) -> Diagnosis {
+/// The codes OpenAI answers with when the account cannot pay (429 `insufficient_quota`,
+/// and since 2026 codes that name the limit reached; retrying does not help).
+const NO_CREDIT_CODES: [&str; 7] = [
+    "insufficient_quota",
+    "billing_not_active",
+    "billing_hard_limit_reached",
+    "credit_balance_exhausted",
+    "project_spend_limit_exceeded",
+    "organization_spend_limit_exceeded",
+    "organization_usage_limit_exceeded",
+];
+
+fn diagnosis_for(status: Option<u16>, code: &str, kind: &str, message: &str) -> Diagnosis {
     let named = |word: &str| code == word || kind == word;
-    if named("insufficient_quota") || named("billing_not_active") || named("billing_hard_limit_reached") {
+    if NO_CREDIT_CODES.iter().any(|c| named(c)) {
         return Diagnosis::NoCredit;
+    }
+    if message.starts_with("You have insufficient permissions for this operation") {
+        return Diagnosis::MissingPermission;
     }
     if named("invalid_api_key") {
         return Diagnosis::InvalidKey;
@@ -249,6 +265,24 @@ mod tests {
                     Some("insufficient_quota"),
                 ),
                 Diagnosis::NoCredit,
+            ),
+            (
+                429,
+                envelope(
+                    "You exceeded your current quota, please check your plan and billing details.",
+                    "insufficient_quota",
+                    Some("project_spend_limit_exceeded"),
+                ),
+                Diagnosis::NoCredit,
+            ),
+            (
+                401,
+                envelope(
+                    "You have insufficient permissions for this operation. Missing scopes: model.request. Check that you have the correct role in your organization (Reader, Writer, Owner) and project (Member, Owner), and if you're using a restricted API key, that it has the necessary scopes.",
+                    "invalid_request_error",
+                    None,
+                ),
+                Diagnosis::MissingPermission,
             ),
             (
                 429,

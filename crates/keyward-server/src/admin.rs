@@ -139,6 +139,7 @@ pub async fn set_shared_key(
         .await
         .map_err(bad)?;
     let last4 = key.last4().clone();
+    let kind = key.kind();
     let rotated = store
         .save_shared_key(
             provider,
@@ -146,6 +147,7 @@ pub async fn set_shared_key(
                 key_id,
                 sealed,
                 last4: last4.clone(),
+                kind,
             },
             clock.now(),
         )
@@ -154,5 +156,9 @@ pub async fn set_shared_key(
         // As for account keys: the old ciphertext goes from the database files now.
         store.purge_removed().await?;
     }
-    Ok(json!({ "provider": provider, "last4": last4, "rotated": rotated }))
+    let mut out = json!({ "provider": provider, "last4": last4, "rotated": rotated, "kind": kind });
+    if let Some(notice) = kind.notice() {
+        out["notice"] = json!(notice);
+    }
+    Ok(out)
 }

@@ -23,6 +23,9 @@ pub struct ErrorDetail {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_status: Option<Option<u16>>,
+    /// On `model_retired`: the catalogued model to use instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -43,12 +46,16 @@ pub struct MeBody {
     pub accounts: Vec<AccountSummary>,
 }
 
+/// The last "Test key" of a saved key: `ok`, when, the message, and what the test found
+/// (the same fields as the test's own answer, where it kept them).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LastTestBody {
     pub ok: bool,
     /// RFC 3339.
     pub at: String,
     pub message: String,
+    #[serde(flatten)]
+    pub found: Option<KeyTestFindings>,
 }
 
 /// What may be shown about a saved key: never the key.
@@ -58,6 +65,15 @@ pub struct KeyBody {
     pub created_at: String,
     pub updated_at: String,
     pub last_test: Option<LastTestBody>,
+    /// The key's format class from its prefix (`anthropic_api`, `openai_project`,
+    /// `openai_service_account`, `openai_legacy`, `google_auth`, `google_standard`); null
+    /// for keys saved before keyward recorded it.
+    pub kind: Option<String>,
+    /// A warning about this kind of key (Google standard keys), if any.
+    pub notice: Option<String>,
+    /// When the provider reported the key as leaked (RFC 3339): calls on it are refused
+    /// (`409 key_reported_leaked`) until it is replaced.
+    pub reported_leaked_at: Option<String>,
 }
 
 /// One provider's state for an account.
@@ -99,7 +115,8 @@ pub struct SourceRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KeyTestBody {
     pub ok: bool,
-    /// `ok`, or the diagnosis (`invalid_key`, `no_credit`, …).
+    /// `ok`, or the diagnosis (`invalid_key`, `no_credit`, `model_not_available`,
+    /// `key_reported_leaked`, …).
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -110,6 +127,36 @@ pub struct KeyTestBody {
     /// The provider's own message (any echo of the key removed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(flatten)]
+    pub found: KeyTestFindings,
+}
+
+/// What a key test found beyond ok and the message. Kept with the key (its `last_test`)
+/// and shown on its card as "what this key can do".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyTestFindings {
+    /// The diagnosis (`ok` when the test worked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// What to do about the failure, where the provider's answer says (Google's answers on
+    /// a key's type and state), or about the kind of key saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advice: Option<String>,
+    /// `model_not_available` only: whether the key itself works, from the provider's free
+    /// model listing (made with the same key, in a worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_valid: Option<bool>,
+    /// `model_not_available` with a valid key: the catalogued models the key can use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// What the provider's rate-limit headers said: `requests`, `tokens` (Anthropic also
+    /// `input_tokens`, `output_tokens`), each `{"limit", "remaining", "reset"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub rate_limits: Option<keyward_providers::RateLimits>,
+    /// Why there are no rate limits, for a provider that never sends them (Google).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits_note: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

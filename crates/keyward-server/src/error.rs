@@ -20,6 +20,8 @@ pub struct ApiError {
     pub message: String,
     /// For `provider_error`: the provider's HTTP status, when it answered.
     pub provider_status: Option<u16>,
+    /// For `model_retired`: the catalogued model to use instead.
+    pub replaced_by: Option<String>,
 }
 
 impl ApiError {
@@ -28,6 +30,7 @@ impl ApiError {
             code,
             message: message.into(),
             provider_status: None,
+            replaced_by: None,
         }
     }
 
@@ -88,6 +91,9 @@ impl IntoResponse for ApiError {
         let mut error = json!({ "code": self.code.as_str(), "message": self.message });
         if self.code == ErrorCode::ProviderError {
             error["provider_status"] = json!(self.provider_status);
+        }
+        if let Some(r) = &self.replaced_by {
+            error["replaced_by"] = json!(r);
         }
         let body = json!({ "error": error });
         (status, Json(body)).into_response()

@@ -39,19 +39,17 @@
 //! the CLI; they are not in the database's audit log.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use keyward_crypto::{local, CryptoError, KekSealer, SealedKey};
+use keyward_crypto::{local, CryptoError, KekSealer};
 use keyward_store::kek::{count_by_kek, kek_id_of, BlobCursor, KekStore};
 use keyward_store::{Store, StoreError};
-use keyward_worker::protocol::{FromWorker, RewrapRequest, ToWorker};
-use keyward_worker::WorkerConn;
+use keyward_worker::protocol::RewrapRequest;
 
 use crate::config::{Config, KekConfig};
-use crate::workers::{WorkerCommand, WorkerPool};
+use crate::workers::{SoloWorker, WorkerCommand, WorkerPool};
 
 /// What a `keyward kek` operation can fail with. Messages name versions, counts and paths,
 /// never key bytes.
@@ -350,7 +348,9 @@ pub async fn rewrap(
         return Ok(p);
     }
     tracing::info!(target: "keyward::kek", kek_id = %target, to_move = p.to_move, "kek.rewrap_started");
-    let mut conn = RewrapWorker::start(worker, &config.data_dir).await?;
+    let mut conn = SoloWorker::start(worker, &config.data_dir, "rewrap")
+        .await
+        .map_err(KekError::Worker)?;
     let mut after: Option<BlobCursor> = None;
     let mut request_id = 0u64;
     loop {
@@ -370,7 +370,7 @@ pub async fn rewrap(
                 blob: row.sealed.as_bytes().to_vec(),
                 target_kek_id: target.clone(),
             };
-            match conn.rewrap(request).await? {
+            match conn.rewrap(request).await.map_err(KekError::Worker)? {
                 Ok(new) => {
                     if kek
                         .replace_sealed_blob(row.owner, &row.key_id, &row.sealed, &new)
@@ -401,66 +401,6 @@ pub async fn rewrap(
     p.seconds = started.elapsed().as_secs_f64();
     tracing::info!(target: "keyward::kek", kek_id = %target, rewrapped = p.rewrapped, failed = p.failed, "kek.rewrap_finished");
     Ok(p)
-}
-
-/// A worker started by (and so accepting only) this process, for re-wrapping.
-struct RewrapWorker {
-    conn: WorkerConn,
-    socket: PathBuf,
-    _child: tokio::process::Child,
-}
-
-impl RewrapWorker {
-    async fn start(command: &WorkerCommand, data_dir: &Path) -> Result<RewrapWorker, KekError> {
-        let run = data_dir.join("run");
-        let err = |e: std::io::Error| KekError::Worker(e.to_string());
-        std::fs::create_dir_all(&run).map_err(err)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-        }
-        // Unique per start: an aborted re-wrap's worker may still be going away.
-        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let socket = run.join(format!("rewrap-{}-{n}.sock", std::process::id()));
-        let mut child = command.spawn_worker(&socket).map_err(err)?;
-        for _ in 0..500 {
-            if let Ok(mut conn) = WorkerConn::connect(&socket).await {
-                if conn.ping().await.is_ok() {
-                    return Ok(RewrapWorker {
-                        conn,
-                        socket,
-                        _child: child,
-                    });
-                }
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(KekError::Worker(format!(
-                    "the worker exited during start-up ({status}); see its log above"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Err(KekError::Worker("the worker did not become ready".to_owned()))
-    }
-
-    /// `Ok(Ok(blob))`, `Ok(Err(why))` when the worker refused this blob, `Err` when the
-    /// worker is gone.
-    async fn rewrap(&mut self, request: RewrapRequest) -> Result<Result<SealedKey, String>, KekError> {
-        let gone = |e: keyward_worker::protocol::FrameIoError| KekError::Worker(e.to_string());
-        self.conn.send(&ToWorker::Rewrap(request)).await.map_err(gone)?;
-        match self.conn.recv().await.map_err(gone)? {
-            FromWorker::Sealed(b) => Ok(Ok(SealedKey::from_bytes(b))),
-            FromWorker::Fail { message, .. } => Ok(Err(message)),
-            _ => Err(KekError::Worker("unexpected answer to a re-wrap".to_owned())),
-        }
-    }
-}
-
-impl Drop for RewrapWorker {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }
 
 /// How often [`watch`] looks at the kek directory.

@@ -13,6 +13,7 @@ pub mod api;
 pub mod app;
 pub mod audit_ops;
 pub mod auth;
+pub mod catalogue_ops;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -62,8 +62,15 @@ impl Drop for ScrubWriter {
     }
 }
 
-const PREFIXES: &[&str] = &["sk-", "AIza", "kw_"];
+/// Prefixes of provider keys (Anthropic and OpenAI `sk-`, Google auth `AQ.` and standard
+/// `AIza`) and keyward tokens (`kw_`).
+const PREFIXES: &[&str] = &["sk-", "AIza", "AQ.", "kw_"];
 const MIN_TAIL: usize = 12;
+
+/// A byte that may continue a key after its prefix (Google auth keys may hold `.`).
+fn key_byte(prefix: &str, b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (prefix == "AQ." && b == b'.')
+}
 
 /// Masks every run that starts with a key prefix and continues with at least
 /// `MIN_TAIL` key characters: `sk-ant-abc…xyz` becomes `sk-[REDACTED]`.
@@ -82,7 +89,7 @@ pub fn scrub(text: &str) -> String {
                 .get(start..)
                 .unwrap_or_default()
                 .iter()
-                .take_while(|b| b.is_ascii_alphanumeric() || **b == b'-' || **b == b'_')
+                .take_while(|b| key_byte(p, **b))
                 .count();
             if tail >= MIN_TAIL {
                 out.push_str(text.get(copied..start).unwrap_or_default());
@@ -107,6 +114,8 @@ mod tests {
         let line = "saved sk-ant-api03-AbCdEfGhIjKlMnOp and AIzaSyA1234567890abcdefgh, kw_abcdefghijklmnop; sk-short";
         let s = scrub(line);
         assert_eq!(s, "saved sk-[REDACTED] and AIza[REDACTED], kw_[REDACTED]; sk-short");
+        let line = "key AQ.Ab8RN6abcdefgh.IJK_lm-nop0123 ended. AQ. then AQ.short";
+        assert_eq!(scrub(line), "key AQ.[REDACTED] ended. AQ. then AQ.short");
     }
 
     #[test]

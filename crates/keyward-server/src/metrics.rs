@@ -13,7 +13,15 @@ pub struct Metrics {
     ai_calls: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
     probes: Mutex<BTreeMap<(&'static str, String), u64>>,
     ai_latency: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+    /// Catalogued models a provider said do not exist: count, and when last logged.
+    model_not_found: Mutex<BTreeMap<(&'static str, String), GoneModel>>,
 }
+
+/// How often a provider said one catalogued model does not exist, and when it was last logged.
+type GoneModel = (u64, Option<std::time::Instant>);
+
+/// How often a model the provider no longer has is logged (every time is counted).
+const MODEL_NOT_FOUND_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Upper bounds of the AI-call latency buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -72,6 +80,23 @@ impl Metrics {
         if let Ok(mut m) = self.probes.lock() {
             *m.entry((provider.as_str(), outcome.to_owned())).or_default() += 1;
         }
+    }
+
+    /// A provider answered that catalogued `model` does not exist. Returns whether to log it:
+    /// the first time, then at most once an hour per model. `model` is a catalogued id (the
+    /// caller checked), so the label set is bounded by the catalogue.
+    pub fn record_model_not_found(&self, provider: keyward_core::Provider, model: &str) -> bool {
+        let Ok(mut m) = self.model_not_found.lock() else {
+            return false;
+        };
+        let (count, logged) = m.entry((provider.as_str(), model.to_owned())).or_default();
+        *count += 1;
+        let now = std::time::Instant::now();
+        let log = logged.is_none_or(|at| now.duration_since(at) >= MODEL_NOT_FOUND_LOG_EVERY);
+        if log {
+            *logged = Some(now);
+        }
+        log
     }
 
     pub fn record_worker_restart(&self) {
@@ -133,6 +158,17 @@ impl Metrics {
             );
             let _ = writeln!(out, "keyward_ai_call_duration_seconds_sum{{{labels}}} {:.6}", h.sum);
             let _ = writeln!(out, "keyward_ai_call_duration_seconds_count{{{labels}}} {}", h.count);
+        }
+        out.push_str(
+            "# HELP keyward_model_not_found_total Calls and key tests on a catalogued model that the provider says does not exist.\n",
+        );
+        out.push_str("# TYPE keyward_model_not_found_total counter\n");
+        let gone = self.model_not_found.lock().map(|m| m.clone()).unwrap_or_default();
+        for ((provider, model), (n, _)) in &gone {
+            let _ = writeln!(
+                out,
+                "keyward_model_not_found_total{{provider=\"{provider}\",model=\"{model}\"}} {n}"
+            );
         }
         out.push_str("# HELP keyward_key_tests_total Key tests by provider and outcome.\n");
         out.push_str("# TYPE keyward_key_tests_total counter\n");

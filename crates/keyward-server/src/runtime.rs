@@ -16,12 +16,26 @@ use crate::config::{Config, DatabaseBackend, KekConfig};
 pub enum RuntimeError {
     #[error("data dir {path}: {reason}")]
     DataDir { path: String, reason: String },
+    // The wrapped errors are part of the message, not a `source`: `{:#}` (how `main` prints
+    // errors) would otherwise say each of them twice.
     #[error("key files: {0}")]
-    Crypto(#[from] CryptoError),
+    Crypto(CryptoError),
     #[error("database: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("{0}")]
     Other(String),
+}
+
+impl From<CryptoError> for RuntimeError {
+    fn from(e: CryptoError) -> RuntimeError {
+        RuntimeError::Crypto(e)
+    }
+}
+
+impl From<StoreError> for RuntimeError {
+    fn from(e: StoreError) -> RuntimeError {
+        RuntimeError::Store(e)
+    }
 }
 
 /// Creates the data dir (0700) and, on first use, the local KEK pair and the audit chain

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
-use keyward_core::Catalogue;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
@@ -99,7 +98,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         store: store.clone(),
         sealer: sealer.clone(),
         clock,
-        catalogue: Arc::new(load_catalogue(&config)?),
+        catalogue: Arc::new(crate::catalogue_ops::load(&config)?),
         metrics,
         purge: purge.clone(),
         workers,
@@ -303,16 +302,6 @@ impl Connected<IncomingStream<'_, TlsListener>> for ClientAddr {
     fn connect_info(stream: IncomingStream<'_, TlsListener>) -> ClientAddr {
         ClientAddr(*stream.remote_addr())
     }
-}
-
-/// The built-in catalogue, or `KEYWARD_CATALOGUE`'s file.
-fn load_catalogue(config: &Config) -> Result<Catalogue, RuntimeError> {
-    let Some(path) = &config.catalogue else {
-        return Ok(Catalogue::builtin());
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| RuntimeError::Other(format!("KEYWARD_CATALOGUE {}: {e}", path.display())))?;
-    Catalogue::from_toml(&text).map_err(|e| RuntimeError::Other(format!("KEYWARD_CATALOGUE {}: {e}", path.display())))
 }
 
 /// SIGTERM and SIGINT, registered once; a signal that arrives before [`ShutdownSignal::wait`]

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use keyward_crypto::SealedKey;
+use keyward_worker::protocol::{CallRequest, FailKind, FromWorker, RewrapRequest, ToWorker};
 use keyward_worker::WorkerConn;
 use tokio::process::Command;
 
@@ -105,6 +107,118 @@ impl WorkerCommand {
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
+    }
+}
+
+/// A worker started by (and so accepting only) this process, for the CLI commands that need
+/// one: `keyward kek rewrap` and `keyward catalogue check`. Killed when dropped.
+pub struct SoloWorker {
+    conn: WorkerConn,
+    socket: PathBuf,
+    _child: tokio::process::Child,
+}
+
+impl std::fmt::Debug for SoloWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoloWorker")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A provider's whole answer, as a worker relayed it.
+#[derive(Debug)]
+pub struct SoloAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl SoloWorker {
+    /// Starts a worker on `<data_dir>/run/<purpose>-<pid>-<n>.sock` and waits for its pong.
+    pub async fn start(
+        command: &WorkerCommand,
+        data_dir: &std::path::Path,
+        purpose: &str,
+    ) -> Result<SoloWorker, String> {
+        let run = data_dir.join("run");
+        let err = |e: std::io::Error| e.to_string();
+        std::fs::create_dir_all(&run).map_err(err)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        }
+        // Unique per start: an earlier one's worker may still be going away.
+        static STARTS: AtomicU64 = AtomicU64::new(0);
+        let n = STARTS.fetch_add(1, Ordering::Relaxed);
+        let socket = run.join(format!("{purpose}-{}-{n}.sock", std::process::id()));
+        let mut child = command.spawn_worker(&socket).map_err(err)?;
+        for _ in 0..500 {
+            if let Ok(mut conn) = WorkerConn::connect(&socket).await {
+                if conn.ping().await.is_ok() {
+                    return Ok(SoloWorker {
+                        conn,
+                        socket,
+                        _child: child,
+                    });
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "the worker exited during start-up ({status}); see its log above"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err("the worker did not become ready".to_owned())
+    }
+
+    /// `Ok(Ok(blob))`, `Ok(Err(why))` when the worker refused this blob, `Err` when the
+    /// worker is gone.
+    pub async fn rewrap(&mut self, request: RewrapRequest) -> Result<Result<SealedKey, String>, String> {
+        let gone = |e: keyward_worker::protocol::FrameIoError| e.to_string();
+        self.conn.send(&ToWorker::Rewrap(request)).await.map_err(gone)?;
+        match self.conn.recv().await.map_err(gone)? {
+            FromWorker::Sealed(b) => Ok(Ok(SealedKey::from_bytes(b))),
+            FromWorker::Fail { message, .. } => Ok(Err(message)),
+            _ => Err("unexpected answer to a re-wrap".to_owned()),
+        }
+    }
+
+    /// One provider call with a sealed key: the whole answer (at most `limit` body bytes),
+    /// `Ok(Err((kind, why)))` when the worker could not make it, `Err` when the worker is gone.
+    pub async fn call(
+        &mut self,
+        request: CallRequest,
+        limit: usize,
+    ) -> Result<Result<SoloAnswer, (FailKind, String)>, String> {
+        let gone = |e: keyward_worker::protocol::FrameIoError| e.to_string();
+        self.conn.send(&ToWorker::Call(request)).await.map_err(gone)?;
+        let (status, headers) = match self.conn.recv().await.map_err(gone)? {
+            FromWorker::Head { status, headers } => (status, headers),
+            FromWorker::Fail { kind, message } => return Ok(Err((kind, message))),
+            _ => return Err("unexpected answer to a call".to_owned()),
+        };
+        let mut body = Vec::new();
+        loop {
+            match self.conn.recv().await.map_err(gone)? {
+                FromWorker::Chunk(c) => {
+                    if body.len() + c.len() > limit {
+                        return Err("the provider's answer is larger than keyward accepts".to_owned());
+                    }
+                    body.extend_from_slice(&c);
+                }
+                FromWorker::End => return Ok(Ok(SoloAnswer { status, headers, body })),
+                FromWorker::Fail { kind, message } => return Ok(Err((kind, message))),
+                _ => return Err("unexpected frame in an answer".to_owned()),
+            }
+        }
+    }
+}
+
+impl Drop for SoloWorker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 

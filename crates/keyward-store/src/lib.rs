@@ -26,7 +26,7 @@ pub mod sqlite;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
+use keyward_core::{AccountId, Email, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::SealedKey;
 
 pub use audit::{AuditAction, AuditEvent, ChainBreak, NewAuditEvent};
@@ -39,7 +39,8 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("not found")]
     NotFound,
-    #[error("already exists: {0}")]
+    /// What already exists, as a sentence (`a user with email … already exists`).
+    #[error("{0}")]
     Conflict(String),
     #[error("no key is saved for this provider")]
     NoKeySaved,
@@ -87,6 +88,9 @@ pub struct LastTest {
     pub ok: bool,
     pub at: UnixMillis,
     pub message: String,
+    /// What the test found beyond ok and message, as the server wrote it (JSON): rate-limit
+    /// headroom, whether the key is valid, the models it can use. Never any part of a key.
+    pub detail: Option<String>,
 }
 
 /// What may be shown about a saved key: never the key.
@@ -99,6 +103,11 @@ pub struct KeyMeta {
     /// When the current key was saved (the last rotation).
     pub updated_at: UnixMillis,
     pub last_test: Option<LastTest>,
+    /// The key's format class; `None` for keys saved before keyward recorded it.
+    pub kind: Option<KeyKind>,
+    /// When the provider said the key was reported as leaked (cleared by a rotation or a
+    /// test that succeeds).
+    pub reported_leaked_at: Option<UnixMillis>,
 }
 
 /// One provider's state for an account.
@@ -115,6 +124,8 @@ pub struct StoredKey {
     pub key_id: KeyId,
     pub sealed: SealedKey,
     pub last4: Last4,
+    /// An account key the provider reported as leaked (never set for the platform's keys).
+    pub reported_leaked_at: Option<UnixMillis>,
 }
 
 /// The key an AI call would use now: see [`Store::call_key`].
@@ -130,6 +141,7 @@ pub struct NewKey {
     pub key_id: KeyId,
     pub sealed: SealedKey,
     pub last4: Last4,
+    pub kind: KeyKind,
 }
 
 /// The result of a save: whether it replaced a key, and the provider's new state.
@@ -417,8 +429,9 @@ pub trait Store: Send + Sync + 'static {
     async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>>;
     /// Stores `result` as the key's last_test only if the saved key is still `key_id` (a test
     /// that raced a rotation must not label the new key), and appends `event` (action
-    /// `key.tested`, for `account`) in the same transaction either way. Returns whether
-    /// last_test was stored. `Invalid` when `event` is for another account or action.
+    /// `key.tested`, for `account`) in the same transaction either way. A test that worked
+    /// clears the key's leaked mark. Returns whether last_test was stored. `Invalid` when
+    /// `event` is for another account or action.
     async fn record_key_test(
         &self,
         account: &AccountId,
@@ -426,6 +439,16 @@ pub trait Store: Send + Sync + 'static {
         key_id: &KeyId,
         result: &LastTest,
         event: &NewAuditEvent,
+    ) -> StoreResult<bool>;
+    /// Marks the key as reported leaked by its provider, only if the saved key is still
+    /// `key_id` (and keeps the first time it was marked). Returns whether it was marked now.
+    /// The call or test that found it is audited by its caller.
+    async fn mark_key_leaked(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        key_id: &KeyId,
+        now: UnixMillis,
     ) -> StoreResult<bool>;
 
     // ---- the platform's shared-pool keys ---------------------------------------------------

@@ -27,6 +27,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "kek_sealers",
         sql: include_str!("../migrations/sqlite/0003_kek_sealers.sql"),
     },
+    Migration {
+        version: 4,
+        name: "key_health",
+        sql: include_str!("../migrations/sqlite/0004_key_health.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -44,6 +49,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 3,
         name: "kek_sealers",
         sql: include_str!("../migrations/postgres/0003_kek_sealers.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "key_health",
+        sql: include_str!("../migrations/postgres/0004_key_health.sql"),
     },
 ];
 

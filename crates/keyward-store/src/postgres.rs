@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
+use keyward_core::{AccountId, Email, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
@@ -247,7 +247,7 @@ fn map_err(e: sqlx::Error) -> StoreError {
             let code = code.as_deref().unwrap_or("");
             match code {
                 // unique_violation
-                "23505" => StoreError::Conflict(db.message().to_owned()),
+                "23505" => StoreError::Conflict(format!("already exists: {}", db.message())),
                 // foreign_key_violation
                 "23503" => StoreError::NotFound,
                 // character_not_in_repertoire: a NUL in text
@@ -336,6 +336,7 @@ fn key_meta_from_row(row: &PgRow) -> StoreResult<KeyMeta> {
             ok,
             at: UnixMillis(at),
             message: get::<Option<String>>(row, "last_test_message")?.unwrap_or_default(),
+            detail: get(row, "last_test_detail")?,
         }),
         _ => None,
     };
@@ -345,6 +346,11 @@ fn key_meta_from_row(row: &PgRow) -> StoreResult<KeyMeta> {
         created_at: UnixMillis(get(row, "created_at")?),
         updated_at: UnixMillis(get(row, "updated_at")?),
         last_test,
+        kind: get::<Option<String>>(row, "kind")?
+            .map(|k| k.parse::<KeyKind>())
+            .transpose()
+            .map_err(|_| corrupt("provider_keys.kind"))?,
+        reported_leaked_at: get::<Option<i64>>(row, "reported_leaked_at")?.map(UnixMillis),
     })
 }
 
@@ -370,11 +376,13 @@ fn audit_from_row(row: &PgRow) -> StoreResult<AuditEvent> {
     })
 }
 
+/// A [`StoredKey`] from the `key_id`, `sealed`, `last4` and `reported_leaked_at` columns.
 fn stored_key_from_row(row: &PgRow, table: &str) -> StoreResult<StoredKey> {
     Ok(StoredKey {
         key_id: KeyId::parse(&get::<String>(row, "key_id")?).map_err(|_| corrupt(&format!("{table}.key_id")))?,
         sealed: SealedKey::from_bytes(get(row, "sealed")?),
         last4: Last4::from_stored(&get::<String>(row, "last4")?).ok_or_else(|| corrupt(&format!("{table}.last4")))?,
+        reported_leaked_at: get::<Option<i64>>(row, "reported_leaked_at")?.map(UnixMillis),
     })
 }
 
@@ -398,7 +406,8 @@ fn call_key_from_row(row: &PgRow) -> StoreResult<CallKey> {
 }
 
 const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
-const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
+const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message, \
+     last_test_detail, kind, reported_leaked_at";
 const AUDIT_COLUMNS: &str = "id, account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac";
 
 /// The columns of a batch of audit rows, for one `INSERT … SELECT FROM UNNEST(…)`.
@@ -635,8 +644,8 @@ fn parse_source(source: Option<String>) -> StoreResult<KeySource> {
 }
 
 /// The statements of one key slot: an account's key for a provider, or the platform's.
-/// Parameters: `$1` provider, `$2` key_id, `$3` sealed, `$4` last4, `$5` now, and for an
-/// account's slot the account id last (`$2` in `lock`, `$6` in the others).
+/// Parameters: `$1` provider, `$2` key_id, `$3` sealed, `$4` last4, `$5` now, `$6` kind, and
+/// for an account's slot the account id last (`$2` in `lock`, `$7` in the others).
 struct KeySlot {
     lock: &'static str,
     overwrite: &'static str,
@@ -645,19 +654,21 @@ struct KeySlot {
 
 const ACCOUNT_KEY_SLOT: KeySlot = KeySlot {
     lock: "SELECT last4 FROM provider_keys WHERE provider = $1 AND account_id = $2 FOR UPDATE",
-    overwrite: "UPDATE provider_keys SET key_id = $2, sealed = $3, last4 = $4, updated_at = $5,
-                  last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL
-                WHERE provider = $1 AND account_id = $6",
-    insert: "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at)
-             VALUES ($6, $1, $2, $3, $4, $5, $5)
+    overwrite: "UPDATE provider_keys SET key_id = $2, sealed = $3, last4 = $4, updated_at = $5, kind = $6,
+                  last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL, last_test_detail = NULL,
+                  reported_leaked_at = NULL
+                WHERE provider = $1 AND account_id = $7",
+    insert: "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at, kind)
+             VALUES ($7, $1, $2, $3, $4, $5, $5, $6)
              ON CONFLICT (account_id, provider) DO NOTHING",
 };
 
 const SHARED_KEY_SLOT: KeySlot = KeySlot {
     lock: "SELECT last4 FROM shared_keys WHERE provider = $1 FOR UPDATE",
-    overwrite: "UPDATE shared_keys SET key_id = $2, sealed = $3, last4 = $4, updated_at = $5 WHERE provider = $1",
-    insert: "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $5)
+    overwrite: "UPDATE shared_keys SET key_id = $2, sealed = $3, last4 = $4, updated_at = $5, kind = $6
+                WHERE provider = $1",
+    insert: "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at, kind)
+             VALUES ($1, $2, $3, $4, $5, $5, $6)
              ON CONFLICT (provider) DO NOTHING",
 };
 
@@ -685,7 +696,8 @@ async fn write_key_slot(
                 .bind(key.key_id.as_str())
                 .bind(key.sealed.as_bytes())
                 .bind(key.last4.as_str())
-                .bind(now.as_i64());
+                .bind(now.as_i64())
+                .bind(key.kind.as_str());
             if let Some(account) = account {
                 overwrite = overwrite.bind(account);
             }
@@ -697,7 +709,8 @@ async fn write_key_slot(
             .bind(key.key_id.as_str())
             .bind(key.sealed.as_bytes())
             .bind(key.last4.as_str())
-            .bind(now.as_i64());
+            .bind(now.as_i64())
+            .bind(key.kind.as_str());
         if let Some(account) = account {
             insert = insert.bind(account);
         }
@@ -797,7 +810,8 @@ impl Store for PgStore {
                 "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}, s.source,
                     COALESCE(k.key_id, sk.key_id) AS key_id,
                     COALESCE(k.sealed, sk.sealed) AS sealed,
-                    COALESCE(k.last4, sk.last4) AS last4
+                    COALESCE(k.last4, sk.last4) AS last4,
+                    k.reported_leaked_at
              FROM api_tokens t JOIN users u ON u.id = t.user_id
              LEFT JOIN memberships m ON m.user_id = u.id AND m.account_id = $2
              LEFT JOIN accounts a ON a.id = m.account_id
@@ -1096,7 +1110,8 @@ impl Store for PgStore {
             "SELECT s.source,
                     COALESCE(k.key_id, sk.key_id) AS key_id,
                     COALESCE(k.sealed, sk.sealed) AS sealed,
-                    COALESCE(k.last4, sk.last4) AS last4
+                    COALESCE(k.last4, sk.last4) AS last4,
+                    k.reported_leaked_at
              FROM (SELECT $1::text AS account_id, $2::text AS provider) q
              LEFT JOIN provider_sources s ON s.account_id = q.account_id AND s.provider = q.provider
              LEFT JOIN provider_keys k ON k.account_id = q.account_id AND k.provider = q.provider
@@ -1113,7 +1128,7 @@ impl Store for PgStore {
 
     async fn sealed_key(&self, account: &AccountId, provider: Provider) -> StoreResult<Option<StoredKey>> {
         let row =
-            sqlx::query("SELECT key_id, sealed, last4 FROM provider_keys WHERE account_id = $1 AND provider = $2")
+            sqlx::query("SELECT key_id, sealed, last4, reported_leaked_at FROM provider_keys WHERE account_id = $1 AND provider = $2")
                 .bind(account.as_str())
                 .bind(provider.as_str())
                 .fetch_optional(&self.pool)
@@ -1134,10 +1149,13 @@ impl Store for PgStore {
     ) -> StoreResult<bool> {
         check_event(event, account, AuditAction::KeyTested, "record_key_test")?;
         let message = storable(&result.message);
+        let detail = result.detail.as_deref().map(storable);
         transaction!(self, |conn| {
             // Conditional on key_id: a test that raced a rotation finds no row and labels nothing.
             let done = sqlx::query(
-                "UPDATE provider_keys SET last_test_ok = $4, last_test_at = $5, last_test_message = $6
+                "UPDATE provider_keys SET last_test_ok = $4, last_test_at = $5, last_test_message = $6,
+                     last_test_detail = $7,
+                     reported_leaked_at = CASE WHEN $4 THEN NULL ELSE reported_leaked_at END
                  WHERE account_id = $1 AND provider = $2 AND key_id = $3",
             )
             .bind(account.as_str())
@@ -1146,12 +1164,34 @@ impl Store for PgStore {
             .bind(result.ok)
             .bind(result.at.as_i64())
             .bind(&message)
+            .bind(&detail)
             .execute(&mut *conn)
             .await
             .map_err(pg)?;
             append_in_tx(conn, &self.chain_key, &[event]).await?;
             Finish::Commit(done.rows_affected() == 1)
         })
+    }
+
+    async fn mark_key_leaked(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        key_id: &KeyId,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE provider_keys SET reported_leaked_at = $4
+             WHERE account_id = $1 AND provider = $2 AND key_id = $3 AND reported_leaked_at IS NULL",
+        )
+        .bind(account.as_str())
+        .bind(provider.as_str())
+        .bind(key_id.as_str())
+        .bind(now.as_i64())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn save_shared_key(&self, provider: Provider, key: NewKey, now: UnixMillis) -> StoreResult<bool> {
@@ -1162,11 +1202,13 @@ impl Store for PgStore {
     }
 
     async fn shared_key(&self, provider: Provider) -> StoreResult<Option<StoredKey>> {
-        let row = sqlx::query("SELECT key_id, sealed, last4 FROM shared_keys WHERE provider = $1")
-            .bind(provider.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
+        let row = sqlx::query(
+            "SELECT key_id, sealed, last4, NULL::BIGINT AS reported_leaked_at FROM shared_keys WHERE provider = $1",
+        )
+        .bind(provider.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
         row.as_ref().map(|r| stored_key_from_row(r, "shared_keys")).transpose()
     }
 

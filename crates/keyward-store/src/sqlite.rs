@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
+use keyward_core::{AccountId, Email, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use sqlx::sqlite::SqliteConnectOptions;
@@ -329,9 +329,10 @@ fn map_rusqlite(e: rusqlite::Error) -> StoreError {
     use rusqlite::ffi;
     match &e {
         rusqlite::Error::SqliteFailure(f, message) => match f.extended_code {
-            ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
-                StoreError::Conflict(message.clone().unwrap_or_else(|| e.to_string()))
-            }
+            ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => StoreError::Conflict(format!(
+                "already exists: {}",
+                message.clone().unwrap_or_else(|| e.to_string())
+            )),
             ffi::SQLITE_CONSTRAINT_FOREIGNKEY => StoreError::NotFound,
             _ if matches!(
                 f.code,
@@ -430,6 +431,7 @@ fn key_meta_from_row(row: &Row<'_>) -> StoreResult<KeyMeta> {
             ok: ok != 0,
             at: UnixMillis(at),
             message: get::<Option<String>>(row, "last_test_message")?.unwrap_or_default(),
+            detail: get(row, "last_test_detail")?,
         }),
         _ => None,
     };
@@ -439,7 +441,15 @@ fn key_meta_from_row(row: &Row<'_>) -> StoreResult<KeyMeta> {
         created_at: UnixMillis(get(row, "created_at")?),
         updated_at: UnixMillis(get(row, "updated_at")?),
         last_test,
+        kind: parse_kind(get(row, "kind")?)?,
+        reported_leaked_at: get::<Option<i64>>(row, "reported_leaked_at")?.map(UnixMillis),
     })
+}
+
+fn parse_kind(kind: Option<String>) -> StoreResult<Option<KeyKind>> {
+    kind.map(|k| k.parse::<KeyKind>())
+        .transpose()
+        .map_err(|_| corrupt("provider_keys.kind"))
 }
 
 fn audit_from_row(row: &Row<'_>) -> StoreResult<AuditEvent> {
@@ -465,7 +475,8 @@ fn audit_from_row(row: &Row<'_>) -> StoreResult<AuditEvent> {
 }
 
 const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
-const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message";
+const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message, \
+     last_test_detail, kind, reported_leaked_at";
 
 const INSERT_EVENT_SQL: &str = "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
@@ -568,16 +579,18 @@ fn settle_in_tx(tx: &Connection, account: &str, period: &str, release: i64, char
     Ok(())
 }
 
+/// A [`StoredKey`] from the `key_id`, `sealed`, `last4` and `reported_leaked_at` columns.
 fn stored_key_from_row(row: &Row<'_>, table: &str) -> StoreResult<StoredKey> {
     Ok(StoredKey {
         key_id: KeyId::parse(&get::<String>(row, "key_id")?).map_err(|_| corrupt(&format!("{table}.key_id")))?,
         sealed: SealedKey::from_bytes(get(row, "sealed")?),
         last4: Last4::from_stored(&get::<String>(row, "last4")?).ok_or_else(|| corrupt(&format!("{table}.last4")))?,
+        reported_leaked_at: get::<Option<i64>>(row, "reported_leaked_at")?.map(UnixMillis),
     })
 }
 
-/// A [`CallKey`] from the `source`, `key_id`, `sealed` and `last4` columns of a row (a
-/// missing source is the default, shared).
+/// A [`CallKey`] from the `source`, `key_id`, `sealed`, `last4` and `reported_leaked_at`
+/// columns of a row (a missing source is the default, shared).
 fn call_key_from_row(row: &Row<'_>) -> StoreResult<CallKey> {
     let source = get::<Option<String>>(row, "source")?
         .map(|s| s.parse::<KeySource>())
@@ -701,7 +714,8 @@ impl Store for SqliteStore {
                 "SELECT u.id, u.email, m.role, {ACCOUNT_COLUMNS}, s.source,
                     COALESCE(k.key_id, sk.key_id) AS key_id,
                     COALESCE(k.sealed, sk.sealed) AS sealed,
-                    COALESCE(k.last4, sk.last4) AS last4
+                    COALESCE(k.last4, sk.last4) AS last4,
+                    k.reported_leaked_at
              FROM api_tokens t JOIN users u ON u.id = t.user_id
              LEFT JOIN memberships m ON m.user_id = u.id AND m.account_id = ?2
              LEFT JOIN accounts a ON a.id = m.account_id
@@ -869,11 +883,12 @@ impl Store for SqliteStore {
                 // from the WAL.
                 exec(
                     tx,
-                    "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                    "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at, kind)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)
                      ON CONFLICT (account_id, provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
-                       last4 = excluded.last4, updated_at = excluded.updated_at,
-                       last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL",
+                       last4 = excluded.last4, updated_at = excluded.updated_at, kind = excluded.kind,
+                       last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL, last_test_detail = NULL,
+                       reported_leaked_at = NULL",
                     (
                         account.as_str(),
                         provider.as_str(),
@@ -881,6 +896,7 @@ impl Store for SqliteStore {
                         key.sealed.as_bytes(),
                         key.last4.as_str(),
                         now.as_i64(),
+                        key.kind.as_str(),
                     ),
                 )?;
                 let rotated = old_last4.is_some();
@@ -982,7 +998,8 @@ impl Store for SqliteStore {
                 "SELECT s.source,
                     COALESCE(k.key_id, sk.key_id) AS key_id,
                     COALESCE(k.sealed, sk.sealed) AS sealed,
-                    COALESCE(k.last4, sk.last4) AS last4
+                    COALESCE(k.last4, sk.last4) AS last4,
+                    k.reported_leaked_at
              FROM (SELECT ?1 AS account_id, ?2 AS provider) q
              LEFT JOIN provider_sources s ON s.account_id = q.account_id AND s.provider = q.provider
              LEFT JOIN provider_keys k ON k.account_id = q.account_id AND k.provider = q.provider
@@ -999,7 +1016,7 @@ impl Store for SqliteStore {
         self.reader.read(|c| {
             read_one(
                 c,
-                "SELECT key_id, sealed, last4 FROM provider_keys WHERE account_id = ?1 AND provider = ?2",
+                "SELECT key_id, sealed, last4, reported_leaked_at FROM provider_keys WHERE account_id = ?1 AND provider = ?2",
                 (account.as_str(), provider.as_str()),
                 |row| stored_key_from_row(row, "provider_keys"),
             )
@@ -1028,7 +1045,9 @@ impl Store for SqliteStore {
                 // nothing.
                 let labelled = exec(
                     tx,
-                    "UPDATE provider_keys SET last_test_ok = ?4, last_test_at = ?5, last_test_message = ?6
+                    "UPDATE provider_keys SET last_test_ok = ?4, last_test_at = ?5, last_test_message = ?6,
+                         last_test_detail = ?7,
+                         reported_leaked_at = CASE WHEN ?4 = 1 THEN NULL ELSE reported_leaked_at END
                          WHERE account_id = ?1 AND provider = ?2 AND key_id = ?3",
                     (
                         account.as_str(),
@@ -1037,10 +1056,32 @@ impl Store for SqliteStore {
                         i64::from(result.ok),
                         result.at.as_i64(),
                         result.message.as_str(),
+                        result.detail.as_deref(),
                     ),
                 )?;
                 append_in_tx(tx, &chain_key, [&event])?;
                 Ok(labelled == 1)
+            })
+            .await
+    }
+
+    async fn mark_key_leaked(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        key_id: &KeyId,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
+        let (account, key_id) = (account.clone(), key_id.clone());
+        self.writer
+            .transaction(move |tx| {
+                let marked = exec(
+                    tx,
+                    "UPDATE provider_keys SET reported_leaked_at = ?4
+                         WHERE account_id = ?1 AND provider = ?2 AND key_id = ?3 AND reported_leaked_at IS NULL",
+                    (account.as_str(), provider.as_str(), key_id.as_str(), now.as_i64()),
+                )?;
+                Ok(marked == 1)
             })
             .await
     }
@@ -1057,16 +1098,17 @@ impl Store for SqliteStore {
                 // Overwritten in place, as account keys are (see save_key).
                 exec(
                     tx,
-                    "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                    "INSERT INTO shared_keys (provider, key_id, sealed, last4, created_at, updated_at, kind)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
                          ON CONFLICT (provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
-                           last4 = excluded.last4, updated_at = excluded.updated_at",
+                           last4 = excluded.last4, updated_at = excluded.updated_at, kind = excluded.kind",
                     (
                         provider.as_str(),
                         key.key_id.as_str(),
                         key.sealed.as_bytes(),
                         key.last4.as_str(),
                         now.as_i64(),
+                        key.kind.as_str(),
                     ),
                 )?;
                 Ok(old.is_some())
@@ -1078,7 +1120,7 @@ impl Store for SqliteStore {
         self.reader.read(|c| {
             read_one(
                 c,
-                "SELECT key_id, sealed, last4 FROM shared_keys WHERE provider = ?1",
+                "SELECT key_id, sealed, last4, NULL AS reported_leaked_at FROM shared_keys WHERE provider = ?1",
                 (provider.as_str(),),
                 |row| stored_key_from_row(row, "shared_keys"),
             )

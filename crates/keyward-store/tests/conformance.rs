@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyward_core::{AccountId, Email, KeyId, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
+use keyward_core::{AccountId, Email, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::{AuditChainKey, SealedKey};
 use keyward_store::audit::verify_chain;
 use keyward_store::postgres::PgOptions;
@@ -182,6 +182,7 @@ fn new_key(n: u8, last4: &str) -> NewKey {
         key_id: id(KeyId::from_random, n),
         sealed: SealedKey::from_bytes(vec![n; 64]),
         last4: Last4::from_stored(last4).unwrap(),
+        kind: KeyKind::OpenAiProject,
     }
 }
 
@@ -627,6 +628,7 @@ async fn key_test_labels_only_the_current_key(s: &dyn Store) {
         ok: true,
         at: t(5),
         message: "ok".into(),
+        detail: None,
     };
     let stray = id(KeyId::from_random, 9);
     assert!(!s
@@ -642,6 +644,7 @@ async fn key_test_labels_only_the_current_key(s: &dyn Store) {
         ok: true,
         at: t(11),
         message: "ok".into(),
+        detail: None,
     };
     assert!(s
         .record_key_test(&account, p, &first, &ok, &tested(&account, 11, true))
@@ -659,6 +662,7 @@ async fn key_test_labels_only_the_current_key(s: &dyn Store) {
         ok: false,
         at: t(13),
         message: "Incorrect API key provided".into(),
+        detail: None,
     };
     assert!(!s
         .record_key_test(&account, p, &first, &stale, &tested(&account, 13, false))
@@ -672,6 +676,7 @@ async fn key_test_labels_only_the_current_key(s: &dyn Store) {
         ok: false,
         at: t(14),
         message: "Your credit balance is too low".into(),
+        detail: None,
     };
     assert!(s
         .record_key_test(&account, p, &second, &bad, &tested(&account, 14, false))
@@ -1173,6 +1178,7 @@ async fn odd_text_is_stored_and_chained(s: &dyn Store) {
         ok: false,
         at: t(7),
         message: odd.to_owned(),
+        detail: None,
     };
     assert!(s
         .record_key_test(
@@ -1196,6 +1202,96 @@ async fn odd_text_is_stored_and_chained(s: &dyn Store) {
     assert_eq!(chain_ok(s, &account).await, 3);
 }
 
+/// The leaked mark: set only on the key it was found on, kept through failures, read with
+/// the key on the call path, cleared by a rotation or a test that works.
+async fn leaked_mark_follows_the_key(s: &dyn Store) {
+    let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let actor = Actor(user.to_string());
+    let p = Provider::Google;
+    let mut key = new_key(1, "b.x_");
+    key.kind = KeyKind::GoogleAuth;
+    s.save_key(&account, p, key, &actor, t(10)).await.unwrap();
+    s.set_source(&account, p, KeySource::Own, &actor, t(11)).await.unwrap();
+    let meta = s.provider_state(&account, p).await.unwrap().key.unwrap();
+    assert_eq!(
+        (meta.kind, meta.reported_leaked_at, meta.last4.as_str()),
+        (Some(KeyKind::GoogleAuth), None, "b.x_")
+    );
+    let first = meta.key_id;
+
+    // A stale key id marks nothing.
+    assert!(!s
+        .mark_key_leaked(&account, p, &id(KeyId::from_random, 9), t(12))
+        .await
+        .unwrap());
+    assert!(s.mark_key_leaked(&account, p, &first, t(13)).await.unwrap());
+    // The first time is kept.
+    assert!(!s.mark_key_leaked(&account, p, &first, t(14)).await.unwrap());
+    assert_eq!(
+        s.provider_state(&account, p)
+            .await
+            .unwrap()
+            .key
+            .unwrap()
+            .reported_leaked_at,
+        Some(t(13))
+    );
+    assert_eq!(
+        s.call_key(&account, p).await.unwrap().key.unwrap().reported_leaked_at,
+        Some(t(13))
+    );
+    assert_eq!(
+        s.sealed_key(&account, p).await.unwrap().unwrap().reported_leaked_at,
+        Some(t(13))
+    );
+    let (_, member) = s.member_and_call_key("hash1", &account, p).await.unwrap().unwrap();
+    assert_eq!(member.unwrap().1.key.unwrap().reported_leaked_at, Some(t(13)));
+
+    // A failed test keeps it; its detail is stored as given.
+    let failed = LastTest {
+        ok: false,
+        at: t(15),
+        message: "key_reported_leaked: Your API key was reported as leaked.".into(),
+        detail: Some(r#"{"advice":"replace it"}"#.into()),
+    };
+    let event = NewAuditEvent::key_action(&account, t(15), "usr_t", AuditAction::KeyTested, p, None, None);
+    assert!(s.record_key_test(&account, p, &first, &failed, &event).await.unwrap());
+    let meta = s.provider_state(&account, p).await.unwrap().key.unwrap();
+    assert_eq!((meta.reported_leaked_at, meta.last_test), (Some(t(13)), Some(failed)));
+
+    // A test that works clears it.
+    let worked = LastTest {
+        ok: true,
+        at: t(16),
+        message: "ok".into(),
+        detail: None,
+    };
+    let event = NewAuditEvent::key_action(&account, t(16), "usr_t", AuditAction::KeyTested, p, None, None);
+    assert!(s.record_key_test(&account, p, &first, &worked, &event).await.unwrap());
+    assert_eq!(
+        s.call_key(&account, p).await.unwrap().key.unwrap().reported_leaked_at,
+        None
+    );
+
+    // Marked again, then rotated: the new key starts clean, with its own kind.
+    assert!(s.mark_key_leaked(&account, p, &first, t(17)).await.unwrap());
+    let mut second = new_key(2, "ZZZZ");
+    second.kind = KeyKind::GoogleStandard;
+    s.save_key(&account, p, second, &actor, t(18)).await.unwrap();
+    let meta = s.provider_state(&account, p).await.unwrap().key.unwrap();
+    assert_eq!(
+        (meta.kind, meta.reported_leaked_at),
+        (Some(KeyKind::GoogleStandard), None)
+    );
+
+    // The shared pool's keys are never marked.
+    let mut pool = new_key(3, "pool");
+    pool.kind = KeyKind::GoogleAuth;
+    s.save_shared_key(p, pool, t(19)).await.unwrap();
+    assert_eq!(s.shared_key(p).await.unwrap().unwrap().reported_leaked_at, None);
+    chain_ok(s, &account).await;
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
@@ -1204,6 +1300,11 @@ macro_rules! conformance {
             async fn users_tokens_and_memberships() {
                 let Some(b) = super::$backend().await else { return };
                 super::users_tokens_and_memberships(b.store.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn leaked_mark_follows_the_key() {
+                let Some(b) = super::$backend().await else { return };
+                super::leaked_mark_follows_the_key(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn key_lifecycle_with_audit() {

@@ -58,6 +58,25 @@ enum Command {
         #[command(subcommand)]
         command: KekCommand,
     },
+    /// The model catalogue: show it, or check it against what the providers list today.
+    Catalogue {
+        #[command(subcommand)]
+        command: CatalogueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogueCommand {
+    /// Print the catalogue in force (built in, or KEYWARD_CATALOGUE) as JSON.
+    Show,
+    /// Ask each provider's model listing (through a worker, with the platform's shared key)
+    /// and name every catalogued model it no longer lists. Exit 0: every active and probe
+    /// model is listed; 1: one is gone; 2: a provider could not be asked.
+    Check {
+        /// Check one provider only: anthropic, openai or google.
+        #[arg(long)]
+        provider: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -251,6 +270,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Kek { command } => {
                 prepare_data_dir(&config)?;
                 run_kek(&config, &worker_command, command).await
+            }
+            Command::Catalogue { command } => {
+                use keyward_server::catalogue_ops::{self, CheckVerdict};
+                let catalogue = catalogue_ops::load(&config)?;
+                match command {
+                    CatalogueCommand::Show => {
+                        print_json(&catalogue_ops::show(&catalogue))?;
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    CatalogueCommand::Check { provider } => {
+                        let only = provider
+                            .map(|p| p.parse::<keyward_core::Provider>())
+                            .transpose()
+                            .map_err(|e| anyhow::anyhow!("--provider: {e}"))?;
+                        let store = open_store(&config).await?;
+                        let (report, verdict) = catalogue_ops::check(
+                            &catalogue,
+                            store.as_ref(),
+                            &worker_command,
+                            &config.data_dir,
+                            config.provider_timeout_ms,
+                            only,
+                        )
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                        print_json(&report)?;
+                        Ok(match verdict {
+                            CheckVerdict::Current => ExitCode::SUCCESS,
+                            CheckVerdict::ModelsGone(gone) => {
+                                let _ = writeln!(
+                                    std::io::stderr(),
+                                    "keyward: the providers no longer list these catalogued models: {}; update the catalogue",
+                                    gone.join(", ")
+                                );
+                                ExitCode::from(1)
+                            }
+                            CheckVerdict::Unchecked => {
+                                let _ = writeln!(
+                                    std::io::stderr(),
+                                    "keyward: some providers could not be checked (see \"reason\")"
+                                );
+                                ExitCode::from(2)
+                            }
+                        })
+                    }
+                }
             }
             Command::Audit { command } => {
                 let store = open_store(&config).await?;

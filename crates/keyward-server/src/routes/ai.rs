@@ -9,8 +9,10 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use keyward_core::{AccountId, ErrorCode, KeySource, ModelEntry, Provider};
-use keyward_providers::{build_chat, parse_chat, ChatMessage, ChatRequest, StreamDecoder, StreamEvent, Usage};
+use keyward_core::{AccountId, Catalogue, ErrorCode, KeyId, KeySource, ModelEntry, ModelRefusal, Provider};
+use keyward_providers::{
+    build_chat, parse_chat, ChatMessage, ChatRequest, Diagnosis, ProviderFailure, StreamDecoder, StreamEvent, Usage,
+};
 use keyward_store::{AuditAction, CallRecord, NewAuditEvent};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -169,16 +171,10 @@ pub async fn prepare(
         prefetched_key,
     } = spec;
     let model = match model {
-        Some(id) => state.catalogue.model(provider, id).cloned().ok_or_else(|| {
-            ApiError::validation(format!(
-                "model is not offered for {provider}: choose one of {}",
-                state.catalogue.model_ids(provider).join(", ")
-            ))
-        })?,
+        Some(id) => resolve_model(&state.catalogue, provider, id)?.clone(),
         None => state
             .catalogue
-            .models(provider)
-            .first()
+            .default_model(provider)
             .cloned()
             .ok_or_else(|| validation("no model is catalogued for this provider"))?,
     };
@@ -197,6 +193,12 @@ pub async fn prepare(
         None => state.store.call_key(account, provider).await?,
     };
     let choice = choose_key(account, provider, current)?;
+    if choice.source == KeySource::Own && choice.key.reported_leaked_at.is_some() {
+        // The provider blocked this key; the account chose it, so no fallback to the pool.
+        let refusal = leaked_key_refusal(provider, &choice.key.last4);
+        refuse_on_record(state, caller, account, provider, &model, &choice, &feature, &refusal).await?;
+        return Err(refusal);
+    }
     let (period, _, _) = period_of(state.clock.now());
     let mut reserved = 0;
     if choice.source == KeySource::Shared {
@@ -208,35 +210,22 @@ pub async fn prepare(
             .reserve_credits(account, &period, acct.shared_credit_limit, reserved)
             .await?;
         if !ok {
-            state
-                .metrics
-                .record_ai_call(provider, KeySource::Shared, "refused:shared_quota_exhausted");
-            // A refused call is still an AI call on record (no tokens, nothing charged).
-            let mut event = NewAuditEvent::key_action(
-                account,
-                state.clock.now(),
-                caller.user.id.as_str(),
-                AuditAction::AiRequest,
-                provider,
-                None,
-                Some(format!(
-                    "needed {reserved} credits; the month's limit is {}",
-                    acct.shared_credit_limit
-                )),
-            );
-            event.key_source = Some(KeySource::Shared);
-            event.model = Some(model.id.clone());
-            event.outcome = "refused:shared_quota_exhausted".to_owned();
-            event.feature = feature.clone();
-            state.store.append_audit(std::slice::from_ref(&event)).await?;
-            return Err(ApiError::new(
+            let refusal = ApiError::new(
                 ErrorCode::SharedQuotaExhausted,
                 format!(
                     "this month's shared-pool credits ({} in all) do not cover this call; add your own {} key in Settings → AI → Model keys to run without caps",
                     acct.shared_credit_limit,
                     provider.display_name()
                 ),
-            ));
+            );
+            // The record says what was needed; the answer says what to do.
+            let detail = format!(
+                "needed {reserved} credits; the month's limit is {}",
+                acct.shared_credit_limit
+            );
+            let recorded = ApiError::new(refusal.code, detail);
+            refuse_on_record(state, caller, account, provider, &model, &choice, &feature, &recorded).await?;
+            return Err(refusal);
         }
     }
     Ok(CallContext {
@@ -250,6 +239,120 @@ pub async fn prepare(
         feature,
         started: std::time::Instant::now(),
     })
+}
+
+/// The catalogue entry a call naming `id` uses: served models only. A retired model is
+/// `422 model_retired` naming its replacement (never a silent substitution); an unknown one
+/// is a validation error listing what is offered.
+pub fn resolve_model<'c>(catalogue: &'c Catalogue, provider: Provider, id: &str) -> ApiResult<&'c ModelEntry> {
+    match catalogue.resolve(provider, id) {
+        Ok(m) => Ok(m),
+        Err(ModelRefusal::Retired(m)) => {
+            let replacement = m.replaced_by.as_deref().and_then(|r| catalogue.model(provider, r));
+            let when = m.retires_on.as_deref().map_or_else(String::new, |d| format!(" on {d}"));
+            let instead = replacement.map_or_else(String::new, |r| format!("; use {} ({}) instead", r.id, r.name));
+            let mut e = ApiError::new(
+                ErrorCode::ModelRetired,
+                format!(
+                    "{} ({}) was retired by {}{when}{instead}",
+                    m.id,
+                    m.name,
+                    provider.display_name()
+                ),
+            );
+            e.replaced_by = replacement.map(|r| r.id.clone());
+            Err(e)
+        }
+        Err(ModelRefusal::Unknown) => Err(ApiError::validation(format!(
+            "model is not offered for {}: choose one of {}",
+            provider.display_name(),
+            catalogue.model_ids(provider).join(", ")
+        ))),
+    }
+}
+
+/// `409 key_reported_leaked` for an own key its provider blocked.
+fn leaked_key_refusal(provider: Provider, last4: &keyward_core::Last4) -> ApiError {
+    ApiError::new(
+        ErrorCode::KeyReportedLeaked,
+        format!(
+            "{name} reported this account's {name} key (ending {last4}) as leaked and blocks it; an owner or admin must \
+             replace it in Settings → AI → Model keys. Calls do not fall back to the shared pool",
+            name = provider.display_name()
+        ),
+    )
+}
+
+/// A call refused before any provider was reached is still an AI call on record (no tokens,
+/// nothing charged): `refused:<code>`, with the refusal's message as its detail.
+#[allow(clippy::too_many_arguments)]
+async fn refuse_on_record(
+    state: &AppState,
+    caller: &Caller,
+    account: &AccountId,
+    provider: Provider,
+    model: &ModelEntry,
+    choice: &KeyChoice,
+    feature: &Option<String>,
+    refusal: &ApiError,
+) -> ApiResult<()> {
+    let outcome = format!("refused:{}", refusal.code.as_str());
+    state.metrics.record_ai_call(provider, choice.source, &outcome);
+    let mut event = NewAuditEvent::key_action(
+        account,
+        state.clock.now(),
+        caller.user.id.as_str(),
+        AuditAction::AiRequest,
+        provider,
+        (choice.source == KeySource::Own).then_some(&choice.key.last4),
+        Some(refusal.message.clone()),
+    );
+    event.key_source = Some(choice.source);
+    event.model = Some(model.id.clone());
+    event.outcome = outcome;
+    event.feature = feature.clone();
+    state.store.append_audit(std::slice::from_ref(&event)).await?;
+    Ok(())
+}
+
+/// Marks an account's key as reported leaked (the provider said so), so calls on it stop.
+pub async fn mark_leaked(state: &AppState, account: &AccountId, provider: Provider, key_id: &KeyId) {
+    match state
+        .store
+        .mark_key_leaked(account, provider, key_id, state.clock.now())
+        .await
+    {
+        Ok(true) => {
+            tracing::warn!(%account, %provider, "provider reported the account's key as leaked; calls on it stop")
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, %account, %provider, "could not mark a leaked key"),
+    }
+}
+
+/// A provider said a catalogued model does not exist: counted, and logged at most once per
+/// model per hour (`keyward catalogue check` lists what else is gone).
+pub fn note_model_not_found(state: &AppState, provider: Provider, model: &str) {
+    if state.metrics.record_model_not_found(provider, model) {
+        tracing::warn!(
+            %provider,
+            model,
+            "the provider says a catalogued model does not exist: run `keyward catalogue check`"
+        );
+    }
+}
+
+impl CallContext {
+    /// What a failed call teaches beyond its own answer: a leaked own key is marked, and a
+    /// catalogued model the provider no longer has is counted.
+    pub async fn learn_from(&self, state: &AppState, f: &ProviderFailure) {
+        if f.diagnosis == Diagnosis::KeyReportedLeaked && self.choice.source == KeySource::Own {
+            mark_leaked(state, &self.account, self.provider, &self.choice.key.key_id).await;
+        }
+        if f.is_model_not_found() {
+            note_model_not_found(state, self.provider, &self.model.id);
+        }
+    }
 }
 
 #[utoipa::path(
@@ -383,7 +486,10 @@ async fn plain_answer(
 /// Settles a failed call (nothing charged) and turns it into the answer.
 pub async fn fail_call(state: &AppState, ctx: &CallContext, f: CallFailure, req_id: Option<String>) -> ApiError {
     let detail = match &f {
-        CallFailure::Provider(p) => Some(p.message.clone()),
+        CallFailure::Provider(p) => {
+            ctx.learn_from(state, p).await;
+            Some(p.message.clone())
+        }
         _ => None,
     };
     if let Err(e) = ctx.settle(state, &f.outcome(), Usage::default(), req_id, detail).await {

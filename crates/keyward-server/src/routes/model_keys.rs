@@ -7,13 +7,14 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use keyward_core::{ApiKey, ErrorCode, KeyId, KeySource, Plan, Provider};
+use keyward_core::{ApiKey, ErrorCode, KeyId, KeyKind, KeySource, Plan, Provider};
 use keyward_crypto::Binding;
 use keyward_store::{Actor, Membership, NewKey, ProviderState, Saved};
 use secrecy::ExposeSecret;
 
 use crate::api::{
-    ErrorBody, KeyBody, LastTestBody, ProviderListBody, ProviderStateBody, SaveKeyRequest, SourceRequest,
+    ErrorBody, KeyBody, KeyTestFindings, LastTestBody, ProviderListBody, ProviderStateBody, SaveKeyRequest,
+    SourceRequest,
 };
 use crate::app::AppState;
 use crate::auth::{random_id_bytes, Caller};
@@ -43,10 +44,20 @@ pub fn state_body(state: &AppState, s: &ProviderState) -> ProviderStateBody {
                 ok: t.ok,
                 at: rfc3339(t.at),
                 message: t.message.clone(),
+                found: test_findings(t),
             }),
+            kind: k.kind.map(|kind| kind.as_str().to_owned()),
+            notice: k.kind.and_then(KeyKind::notice).map(str::to_owned),
+            reported_leaked_at: k.reported_leaked_at.map(rfc3339),
         }),
         models: state.catalogue.model_ids(s.provider),
     }
+}
+
+/// What a stored test found, as it was kept; a detail that does not read is left out (it
+/// is only ever written by this version's key test).
+pub fn test_findings(t: &keyward_store::LastTest) -> Option<KeyTestFindings> {
+    t.detail.as_deref().and_then(|d| serde_json::from_str(d).ok())
 }
 
 /// A sealing failure: a KEK backend that does not answer is `503 kek_unavailable` (retry
@@ -166,6 +177,7 @@ pub async fn store_key(
         key_id,
         sealed,
         last4: key.last4().clone(),
+        kind: key.kind(),
     };
     drop(key);
 

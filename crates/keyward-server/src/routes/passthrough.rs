@@ -25,14 +25,37 @@ use crate::routes::ai::{channel_body, fail_call, prepare, CallContext, CallSpec,
 /// The output bound keyward sets when a native request names none.
 const DEFAULT_MAX_OUTPUT: u32 = 4096;
 
+/// The header each provider's SDK sends its API key in, where keyward takes its token.
+fn token_header(provider: Provider) -> &'static str {
+    match provider {
+        Provider::Anthropic => "x-api-key",
+        Provider::OpenAi => "Authorization: Bearer",
+        Provider::Google => "x-goog-api-key",
+    }
+}
+
 /// A keyward refusal in the provider's own error envelope.
 fn provider_envelope(provider: Provider, e: &ApiError) -> Response {
     let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let unauthorized;
+    let e = if e.code == ErrorCode::Unauthorized {
+        // The SDK's own header, not the JSON API's `Authorization: Bearer`.
+        unauthorized = ApiError::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "a valid keyward token is required as this SDK's API key (sent in {}: kw_…)",
+                token_header(provider)
+            ),
+        );
+        &unauthorized
+    } else {
+        e
+    };
     let body = match provider {
         Provider::Anthropic => {
             let kind = match e.code {
                 ErrorCode::Unauthorized => "authentication_error",
-                ErrorCode::Forbidden | ErrorCode::PlanRequired => "permission_error",
+                ErrorCode::Forbidden | ErrorCode::PlanRequired | ErrorCode::KeyReportedLeaked => "permission_error",
                 ErrorCode::NotFound | ErrorCode::UnknownProvider => "not_found_error",
                 ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "rate_limit_error",
                 ErrorCode::PayloadTooLarge => "request_too_large",
@@ -62,7 +85,7 @@ fn provider_envelope(provider: Provider, e: &ApiError) -> Response {
         Provider::Google => {
             let status_word = match e.code {
                 ErrorCode::Unauthorized => "UNAUTHENTICATED",
-                ErrorCode::Forbidden | ErrorCode::PlanRequired => "PERMISSION_DENIED",
+                ErrorCode::Forbidden | ErrorCode::PlanRequired | ErrorCode::KeyReportedLeaked => "PERMISSION_DENIED",
                 ErrorCode::NotFound | ErrorCode::UnknownProvider => "NOT_FOUND",
                 ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "RESOURCE_EXHAUSTED",
                 ErrorCode::WorkerUnavailable
@@ -297,6 +320,16 @@ pub async fn google_generate(
     AiBody(body): AiBody,
 ) -> Response {
     let bad = |m: &str| provider_envelope(Provider::Google, &invalid(m));
+    let query_has_key = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|p| p == "key" || p.starts_with("key=")));
+    if query_has_key {
+        // Keys never travel in URLs (they end up in logs); the SDK sends them in a header.
+        return bad(
+            "keyward takes the token only in the x-goog-api-key header (where the google-genai SDK sends it), \
+             never in the URL: remove ?key= and send x-goog-api-key: kw_…",
+        );
+    }
     let Some((model, action)) = model_action.rsplit_once(':') else {
         return bad("expected models/{model}:generateContent or :streamGenerateContent");
     };
@@ -426,11 +459,14 @@ async fn native_inner(
         };
         let (outcome, usage, detail) = match parse_chat(provider, upstream.status, &body) {
             Ok(answer) => ("ok".to_owned(), answer.usage, None),
-            Err(f) => (
-                format!("error:{}", f.diagnosis.as_str()),
-                Usage::default(),
-                Some(f.message),
-            ),
+            Err(f) => {
+                ctx.learn_from(state, &f).await;
+                (
+                    format!("error:{}", f.diagnosis.as_str()),
+                    Usage::default(),
+                    Some(f.message),
+                )
+            }
         };
         ctx.settle(state, &outcome, usage, req_id, detail).await?;
         return Ok((status, out_headers, body).into_response());
@@ -552,7 +588,7 @@ pub async fn list_models(
     if let Err(e) = caller_and_account(&state, &headers, &account).await {
         return provider_envelope(provider, &e);
     }
-    let models = state.catalogue.models(provider);
+    let models: Vec<&keyward_core::ModelEntry> = state.catalogue.served(provider).collect();
     let body = match provider {
         Provider::Anthropic => json!({
             "data": models.iter().map(|m| json!({ "type": "model", "id": m.id, "display_name": m.name, "created_at": "2024-01-01T00:00:00Z" })).collect::<Vec<_>>(),

@@ -5,10 +5,14 @@
 //! Content-Security-Policy (`default-src 'self'`) would refuse them; styles and the small
 //! script are served from `/assets/`.
 
-use keyward_core::{format_hint, Catalogue, KeySource, Plan, Provider, Role, UnixMillis};
+use keyward_core::{
+    format_hint, format_rules, Catalogue, KeyKind, KeySource, ModelStatus, Plan, Provider, Role, UnixMillis,
+};
 use keyward_store::{KeyMeta, Membership, ProviderState};
 
 use super::sessions::{Control, Flash};
+use crate::api::KeyTestFindings;
+use crate::routes::model_keys::test_findings;
 use crate::routes::usage::MonthUsage;
 
 /// Escapes text for HTML element content and double- or single-quoted attribute values.
@@ -80,6 +84,7 @@ pub fn diagnosis_words(status: &str) -> &'static str {
         "no_credit" => "The key is valid, but its provider account has no credit left.",
         "missing_permission" => "The key is not allowed to run this model: check its permissions or project.",
         "model_not_available" => "The test model is not available to this key.",
+        "key_reported_leaked" => "The provider reported this key as leaked and blocks it: replace it with a new key.",
         "rate_limited" => "The provider is rate-limiting this key right now: try again in a moment.",
         "provider_unavailable" => "The provider is unavailable or overloaded right now: try again later.",
         "unreachable" => "keyward could not reach the provider.",
@@ -345,26 +350,121 @@ pub fn message_html(f: &Flash) -> String {
     )
 }
 
-/// The "Last test" of a saved key.
+/// What a failed test means, in words: the provider's own advice where it gave one that
+/// keyward recognised, else the diagnosis in plain words.
+pub fn failure_words(status: &str, found: Option<&KeyTestFindings>) -> String {
+    if let Some(advice) = found.and_then(|f| f.advice.as_deref()) {
+        return advice.to_owned();
+    }
+    if status == "model_not_available" {
+        if let Some(f) = found.filter(|f| f.key_valid == Some(true)) {
+            let models = f.models.as_deref().unwrap_or_default();
+            return if models.is_empty() {
+                "The key works, but the test model is not available to it, and none of the catalogued models is."
+                    .to_owned()
+            } else {
+                format!(
+                    "The key works, but the test model is not available to it. It can use: {}.",
+                    models.join(", ")
+                )
+            };
+        }
+    }
+    diagnosis_words(status).to_owned()
+}
+
+/// One limit in words: "999 of 1,000 requests left, full again at 2026-12-07T12:40:59Z".
+fn limit_words(what: &str, l: &keyward_providers::Limit) -> Option<String> {
+    let amount = match (l.remaining, l.limit) {
+        (Some(r), Some(n)) => format!("{} of {} {what} left", group_u(r), group_u(n)),
+        (Some(r), None) => format!("{} {what} left", group_u(r)),
+        (None, Some(n)) => format!("limit {} {what}", group_u(n)),
+        (None, None) => return None,
+    };
+    // Anthropic gives the time the bucket is full again, OpenAI how long until then.
+    Some(match &l.reset {
+        Some(reset) if reset.contains('T') => format!("{amount}, full again at {}", esc(reset)),
+        Some(reset) => format!("{amount}, full again in {}", esc(reset)),
+        None => amount,
+    })
+}
+
+fn group_u(n: u64) -> String {
+    group(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// "What this key can do": the rate-limit headroom and the models the last test saw.
+pub fn abilities_html(found: &KeyTestFindings) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    if let Some(l) = &found.rate_limits {
+        for (what, limit) in [
+            ("requests", &l.requests),
+            ("tokens", &l.tokens),
+            ("input tokens", &l.input_tokens),
+            ("output tokens", &l.output_tokens),
+        ] {
+            if let Some(words) = limit.as_ref().and_then(|l| limit_words(what, l)) {
+                lines.push(words);
+            }
+        }
+    }
+    if let Some(note) = &found.rate_limits_note {
+        lines.push(esc(note));
+    }
+    if let (Some(true), Some(models)) = (found.key_valid, &found.models) {
+        let list = if models.is_empty() {
+            "none of the catalogued models".to_owned()
+        } else {
+            esc(&models.join(", "))
+        };
+        lines.push(format!("Models this key can use: {list}"));
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    let items: String = lines.iter().map(|l| format!("<li>{l}</li>")).collect();
+    format!(r#"<div class="abilities"><span class="label">What this key can do</span><ul>{items}</ul></div>"#)
+}
+
+/// The "Last test" of a saved key, with what the test found.
 pub fn last_test_html(key: &KeyMeta) -> String {
     let Some(t) = &key.last_test else {
         return r#"<span class="muted">Not tested yet</span>"#.to_owned();
     };
     let at = format!(r#"<time datetime="{}">{}</time>"#, iso(t.at), when(t.at));
+    let found = test_findings(t);
+    let abilities = found.as_ref().map_or_else(String::new, abilities_html);
     if t.ok {
         let what = t.message.strip_prefix("ok: ").unwrap_or(&t.message);
         format!(
-            r#"<span class="good">Worked</span> · {at} <span class="muted">({})</span>"#,
+            r#"<span class="good">Worked</span> · {at} <span class="muted">({})</span>{abilities}"#,
             esc(what)
         )
     } else {
         let (status, message) = t.message.split_once(": ").unwrap_or(("", t.message.as_str()));
         format!(
-            r#"<span class="bad">Failed</span> · {at}<br><span class="muted">{} The provider said: “{}”</span>"#,
-            esc(diagnosis_words(status)),
+            r#"<span class="bad">Failed</span> · {at}<br><span class="muted">{} The provider said: “{}”</span>{abilities}"#,
+            esc(&failure_words(status, found.as_ref())),
             esc(message)
         )
     }
+}
+
+/// The models of a card: served ones, a deprecated one with its retirement date.
+fn models_html(catalogue: &Catalogue, p: Provider) -> String {
+    let models: Vec<String> = catalogue
+        .served(p)
+        .map(|m| match (m.status, &m.retires_on) {
+            (ModelStatus::Deprecated, Some(d)) => format!(
+                r#"{} <span class="deprecated">(deprecated, retires <time datetime="{d}">{}</time>)</span>"#,
+                esc(&m.name),
+                esc(d),
+                d = esc(d)
+            ),
+            _ => esc(&m.name),
+        })
+        .collect();
+    models.join(" · ")
 }
 
 fn card(v: &PageView<'_>, s: &ProviderState) -> String {
@@ -375,7 +475,6 @@ fn card(v: &PageView<'_>, s: &ProviderState) -> String {
     let manage = m.role.can_manage_keys();
     let paid = m.account.plan.allows_own_keys();
     let account_id = m.account.id.as_str();
-    let models: Vec<String> = v.catalogue.models(p).iter().map(|e| esc(&e.name)).collect();
     let own = s.source == KeySource::Own;
     let badge = if own {
         r#"<span class="badge own">Using My key</span>"#
@@ -395,13 +494,29 @@ fn card(v: &PageView<'_>, s: &ProviderState) -> String {
         ),
         None => r#"<span class="muted">No key saved</span>"#.to_owned(),
     };
+    let mut warnings = String::new();
+    if let Some(k) = &s.key {
+        if let Some(at) = k.reported_leaked_at {
+            warnings.push_str(&format!(
+                r#"<div class="notice danger" role="alert" id="leaked-{id}"><strong>{name} reported this key as leaked</strong> (<time datetime="{iso}">{when}</time>) and blocks it. Calls that use it are refused, and they do not fall back to Aiemaily shared. Create a new key in your {name} dashboard, save it here to replace this one, and delete the leaked one.</div>"#,
+                iso = iso(at),
+                when = when(at),
+            ));
+        }
+        if let Some(notice) = k.kind.and_then(KeyKind::notice) {
+            warnings.push_str(&format!(
+                r#"<div class="notice warn" role="note" id="notice-{id}">{}</div>"#,
+                esc(notice)
+            ));
+        }
+    }
     let mut facts = format!(
         r#"<dl class="facts">
 <div><dt>Models</dt><dd>{models}</dd></div>
-<div><dt>Key format</dt><dd><code>{hint}</code></dd></div>
+<div><dt>Key format</dt><dd><code>{rules}</code></dd></div>
 <div><dt>Saved key</dt><dd>{saved}</dd></div>"#,
-        models = models.join(" · "),
-        hint = esc(format_hint(p)),
+        models = models_html(v.catalogue, p),
+        rules = esc(format_rules(p)),
     );
     if let Some(k) = &s.key {
         facts.push_str(&format!(
@@ -544,7 +659,7 @@ fn card(v: &PageView<'_>, s: &ProviderState) -> String {
     format!(
         r#"<section class="card provider" id="provider-{id}" aria-labelledby="h-{id}">
 <div class="card-head"><h2 id="h-{id}">{name}</h2>{badge}</div>
-{facts}
+{warnings}{facts}
 {controls}
 </section>"#
     )

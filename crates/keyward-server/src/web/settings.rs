@@ -26,7 +26,7 @@ use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiQuery;
-use crate::routes::key_test::{run_key_test, KeyTestResult};
+use crate::routes::key_test::run_key_test;
 use crate::routes::model_keys::{delete_key, parse_source, require_paid, store_key, switch_source};
 use crate::routes::usage::month_usage;
 
@@ -196,15 +196,23 @@ pub async fn action(
             match saved {
                 Ok(saved) => {
                     let masked = saved.state.key.as_ref().map(|k| k.last4.masked()).unwrap_or_default();
+                    // A kind of key the provider no longer takes is saved, with the warning.
+                    let notice = saved
+                        .state
+                        .key
+                        .as_ref()
+                        .and_then(|k| k.kind)
+                        .and_then(keyward_core::KeyKind::notice)
+                        .map_or_else(String::new, |n| format!(" {n}"));
                     let (title, detail) = if saved.rotated {
                         (
                             "Key replaced.",
-                            format!("The old {name} key was overwritten; the new one shows as {masked}."),
+                            format!("The old {name} key was overwritten; the new one shows as {masked}.{notice}"),
                         )
                     } else {
                         (
                             "Key saved.",
-                            format!("Your {name} key shows as {masked}. Switch to My key to use it."),
+                            format!("Your {name} key shows as {masked}. Switch to My key to use it.{notice}"),
                         )
                     };
                     ok(&account, provider, control, title, Some(detail))
@@ -236,26 +244,25 @@ pub async fn action(
             }
         }
         Control::Test => match run_key_test(&state, &caller, &m, provider).await {
-            Ok(KeyTestResult::Ok { model, latency_ms }) => ok(
+            Ok(r) if r.ok => ok(
                 &account,
                 provider,
                 control,
                 "Key works.",
-                Some(format!("{model} answered in {latency_ms} ms.")),
+                Some(format!("{} answered in {} ms.", r.model, r.latency_ms)),
             ),
-            Ok(KeyTestResult::Failed {
-                diagnosis,
-                provider_status,
-                message,
-            }) => {
-                let status = provider_status.map_or_else(String::new, |s| format!(" (HTTP {s})"));
+            Ok(r) => {
+                let status = r.provider_status.map_or_else(String::new, |s| format!(" (HTTP {s})"));
                 Flash {
                     account: account.clone(),
                     provider,
                     control,
                     ok: false,
-                    title: format!("Test failed. {}", pages::diagnosis_words(diagnosis.as_str())),
-                    detail: Some(format!("{name} said{status}: “{message}”")),
+                    title: format!("Test failed. {}", pages::failure_words(r.status(), Some(&r.found))),
+                    detail: Some(format!(
+                        "{name} said{status}: “{}”",
+                        r.message.as_deref().unwrap_or_default()
+                    )),
                 }
             }
             Err(e) => failure(&account, provider, control, &e),

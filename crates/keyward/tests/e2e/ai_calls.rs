@@ -323,10 +323,11 @@ fn diagnosis_table() -> Vec<DiagnosisRow> {
                 "prepayment credits are depleted",
             ],
         ),
+        // OpenAI answers a restricted key's missing scopes with 401.
         (
             Some(Behaviour::MissingPermission),
             "missing_permission",
-            [403, 403, 403],
+            [403, 401, 403],
             [
                 "does not have permission",
                 "insufficient permissions",
@@ -1090,7 +1091,7 @@ async fn shared_credits_hold_under_forty_racing_calls_and_own_keys_stay_uncapped
 
     // Round 1: every call reserves 1 credit and costs 1; a limit of 5 fits exactly 5.
     set_limit(&kw, &acc, 5);
-    let model = "claude-3-5-sonnet-20241022";
+    let model = "claude-sonnet-5-5";
     let body = json!({"provider": "anthropic", "model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4});
     let each = expected_credits("anthropic", model, 11, 4, 2, 4);
     assert_eq!(each, 1, "the arithmetic of this test");
@@ -1129,10 +1130,10 @@ async fn shared_credits_hold_under_forty_racing_calls_and_own_keys_stay_uncapped
     // Round 2: calls reserve more than they cost (the input's bytes bound its tokens), so
     // settling hands credits back mid-race; still never past the limit.
     set_limit(&kw, &heavy_acc, 20);
-    let model = "claude-3-opus-20240229";
-    let words = vec!["w"; 200].join(" ");
+    let model = "claude-opus-5-5";
+    let words = vec!["w"; 1000].join(" ");
     let body = json!({"provider": "anthropic", "model": model, "messages": [{"role": "user", "content": words}], "max_tokens": 4});
-    let each = expected_credits("anthropic", model, words.len() as u64, 4, 200, 4);
+    let each = expected_credits("anthropic", model, words.len() as u64, 4, 1000, 4);
     let reserve = catalogue()
         .model(provider("anthropic"), model)
         .map(|m| m.credits_for(words.len() as u64, 4))

@@ -81,11 +81,10 @@ pub fn catalogue() -> Catalogue {
     Catalogue::builtin()
 }
 
-/// The model keyward uses when a call names none: the provider's first catalogued model.
+/// The model keyward uses when a call names none: the provider's first active model.
 pub fn default_model(p: &str) -> String {
     catalogue()
-        .models(provider(p))
-        .first()
+        .default_model(provider(p))
         .map(|m| m.id.clone())
         .unwrap_or_else(|| panic!("no model for {p}"))
 }

@@ -349,7 +349,7 @@ async fn owner_manages_keys_in_a_real_browser() {
         .unwrap();
     b.click("#provider-anthropic form[data-enhance=test] button").await;
     let shown = b.wait_text("#msg-anthropic-test", "Key works.").await;
-    assert!(shown.contains("claude-3-haiku-20240307 answered in"), "{shown}");
+    assert!(shown.contains("claude-haiku-5-5 answered in"), "{shown}");
     let same_page = b
         .client
         .execute("return window.keywardMarker === 1", vec![])
@@ -572,5 +572,99 @@ async fn members_and_free_plans_in_a_real_browser() {
     assert!(b.text(".usage").await.contains("of 1,000 credits used"));
     assert!(b.path().await.contains(&freebie));
     b.logout().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_todays_models_the_headroom_and_a_leaked_key() {
+    let Some(b) = Browser::start("the_page_shows_todays_models_the_headroom_and_a_leaked_key", true).await else {
+        return;
+    };
+    let fake = FakeProviders::start().unwrap();
+    let kw = start_on_fake(&fake, &[]);
+    b.goto(&login_url(&kw)).await;
+    b.wait_text("h1", "Model keys").await;
+
+    // Current models, a deprecated one with its retirement date, no retired one.
+    let anthropic = b.text("#provider-anthropic .facts").await;
+    assert!(
+        anthropic.contains("Claude Haiku 5.5") && anthropic.contains("Claude Sonnet 5.5"),
+        "{anthropic}"
+    );
+    assert!(
+        anthropic.contains("Claude Opus 4.5 (deprecated, retires 2027-01-22)"),
+        "{anthropic}"
+    );
+    assert!(
+        !anthropic.contains("Claude 3"),
+        "retired models are not offered: {anthropic}"
+    );
+    let openai = b.text("#provider-openai .facts").await;
+    assert!(
+        openai.contains("GPT-6 Luna") && openai.contains("GPT-4o (deprecated, retires 2027-01-14)"),
+        "{openai}"
+    );
+    assert!(!openai.contains("GPT-4 Turbo"), "{openai}");
+    let google = b.text("#provider-google .facts").await;
+    assert!(
+        google.contains("Gemini 3.8 Flash") && !google.contains("Gemini 1.5"),
+        "{google}"
+    );
+    assert!(
+        google.contains("AQ."),
+        "the card names the key format of today: {google}"
+    );
+
+    // A test shows what the key can do: the provider's rate-limit headroom.
+    let key = key_for("anthropic");
+    fake.set_key(Provider::Anthropic, &key, Behaviour::Ok);
+    b.save_key("anthropic", &key).await;
+    b.click("#provider-anthropic form[data-enhance=test] button").await;
+    b.wait_text("#msg-anthropic-test", "Key works.").await;
+    let last_test = b.wait_text("#last-test-anthropic", "requests left").await;
+    assert!(
+        last_test.to_lowercase().contains("what this key can do") && last_test.contains("tokens left, full again at"),
+        "{last_test}"
+    );
+    // Google sends no headroom, and the card says so.
+    let gkey = key_for("google");
+    fake.set_key(Provider::Google, &gkey, Behaviour::Leaked);
+    b.save_key("google", &gkey).await;
+    b.click("#provider-google form[data-enhance=test] button").await;
+    let shown = b.wait_text("#msg-google-test", "Test failed.").await;
+    assert!(shown.contains("reported as leaked"), "{shown}");
+
+    // After a reload the card says the key was reported as leaked and must be replaced.
+    b.goto(&format!("{}{SETTINGS}", kw.base_url())).await;
+    let leaked = b.text("#leaked-google").await;
+    assert!(
+        leaked.contains("reported this key as leaked") && leaked.contains("save it here to replace"),
+        "{leaked}"
+    );
+    assert_eq!(
+        b.find("#leaked-google").await.attr("role").await.unwrap().as_deref(),
+        Some("alert")
+    );
+
+    let dir = screenshot_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let height = u32::try_from(b.number("return document.documentElement.scrollHeight").await.max(800)).unwrap();
+    b.client.set_window_size(1280, height + 100).await.unwrap();
+    std::fs::write(dir.join("model-keys-leaked.png"), b.client.screenshot().await.unwrap()).unwrap();
+    b.client.set_window_size(1280, 1000).await.unwrap();
+
+    // Replacing it with a standard key clears the leak and shows the standard-key warning.
+    let standard = google_standard_key();
+    b.save_key("google", &standard).await;
+    b.wait_text("#msg-google-key", "Key replaced.").await;
+    assert!(b.text("#msg-google-key").await.contains("auth key"));
+    assert_eq!(b.count("#leaked-google").await, 0);
+    assert!(b
+        .text("#notice-google")
+        .await
+        .contains("stopped accepting standard keys"));
+    for k in [&key, &gkey, &standard] {
+        b.assert_key_gone(k, "the page of today's providers").await;
+    }
     b.close().await;
 }

@@ -45,8 +45,14 @@ impl Canaries {
         self.key(format!("sk-proj-{c}{d}"))
     }
 
+    /// A Google auth key (`AQ.…`, what AI Studio issues today), with a `.` inside.
     fn google(&mut self) -> String {
-        // AIza + 35: a core of its own, cut to fit.
+        let (c, d) = (self.core(), self.core());
+        self.key(format!("AQ.Ab8RN6{c}.{d}"))
+    }
+
+    /// A Google standard key: AIza + 35, a core of its own, cut to fit.
+    fn google_standard(&mut self) -> String {
         let c = format!("Cy{}", random_string(33, ALNUM));
         self.secrets.push(c.clone());
         self.key(format!("AIza{c}"))
@@ -137,7 +143,13 @@ async fn canary_scenario(opts: Options) {
     let pool = kw.db().await;
     let t = user.tok();
     let c = &mut run.canaries;
-    let (a1, a2, o1, g1, g2) = (c.anthropic(), c.anthropic(), c.openai(), c.google(), c.google());
+    let (a1, a2, o1, g1, g2) = (
+        c.anthropic(),
+        c.anthropic(),
+        c.openai(),
+        c.google(),
+        c.google_standard(),
+    );
 
     // Save, rotate, remove: old ciphertext must leave the database files within 5 s.
     for (p, k) in [("anthropic", &a1), ("openai", &o1), ("google", &g1)] {
@@ -186,6 +198,9 @@ async fn canary_scenario(opts: Options) {
     let wrong_slot_g = c.google();
     let admin_a = format!("sk-ant-admin01-{}", c.core());
     let admin_o = format!("sk-admin-{}", c.core());
+    let oauth_access = format!("sk-ant-oat01-{}", c.core());
+    let oauth_refresh = format!("sk-ant-ort01-{}", c.core());
+    let auth_bad_chars = format!("AQ.Ab8RN6{}/{}", c.core(), c.core());
     let free_key = c.openai();
     let member_key = c.anthropic();
     let outsider_key = c.anthropic();
@@ -236,6 +251,21 @@ async fn canary_scenario(opts: Options) {
         ),
         (
             put_json(&key_path(&acc, "openai"), t, json!({ "api_key": admin_o })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&kp, t, json!({ "api_key": oauth_access })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&kp, t, json!({ "api_key": oauth_refresh })),
+            422,
+            "invalid_key_format",
+        ),
+        (
+            put_json(&key_path(&acc, "google"), t, json!({ "api_key": auth_bad_chars })),
             422,
             "invalid_key_format",
         ),
@@ -576,7 +606,10 @@ async fn the_cli_takes_keys_on_stdin_only_and_never_prints_one() {
         &["admin", "set-shared-key", "--provider", "openai"],
         Some(wrong_slot.as_bytes()),
     );
-    assert!(!out3.success() && out3.stderr.contains("anthropic"), "{out3}");
+    assert!(
+        !out3.success() && out3.stderr.contains("save it under Anthropic"),
+        "{out3}"
+    );
     runs.push(("set-shared-key with a wrong-slot key on stdin", out3));
     let admin = format!("sk-admin-{}", canaries.core());
     let out4 = kw.cli_with_stdin(

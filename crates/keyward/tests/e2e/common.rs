@@ -130,8 +130,14 @@ pub fn openai_key_len(len: usize) -> String {
     k
 }
 
-/// A valid google key (always 39 characters).
+/// A valid Google auth key, the kind AI Studio issues today (`AQ.Ab8RN6` and 44 more, as
+/// seen in the wild).
 pub fn google_key() -> String {
+    format!("AQ.Ab8RN6{}", random_string(44, KEY_ALPHABET))
+}
+
+/// A valid Google standard key (always 39 characters), which Google no longer accepts.
+pub fn google_standard_key() -> String {
     format!("AIza{}", random_string(35, KEY_ALPHABET))
 }
 

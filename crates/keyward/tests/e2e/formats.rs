@@ -44,12 +44,77 @@ fn cases() -> Vec<(&'static str, &'static str, String, Want)> {
         c.push((p, "257 characters", k(257), Refused));
         c.push((p, "just the prefix", prefix.to_owned(), Refused));
     }
-    // google: "AIza" and exactly 35 more.
-    c.push(("google", "38 characters", format!("AIza{}", body(34)), Refused));
-    c.push(("google", "39 characters", format!("AIza{}", body(35)), Saved));
-    c.push(("google", "40 characters", format!("AIza{}", body(36)), Refused));
-    c.push(("google", "just the prefix", "AIza".to_owned(), Refused));
-    c.push(("google", "lower-case prefix", format!("aiza{}", body(35)), Refused));
+    // google auth keys: "AQ." and what follows, '.' included, 20..=256 in all.
+    let g = |n: usize| format!("AQ.Ab8RN6{}", body(n - 9));
+    c.push(("google", "auth key, 19 characters", g(19), Refused));
+    c.push(("google", "auth key, 20 characters", g(20), Saved));
+    c.push(("google", "auth key, 53 characters (as issued)", g(53), Saved));
+    c.push(("google", "auth key, 256 characters", g(256), Saved));
+    c.push(("google", "auth key, 257 characters", g(257), Refused));
+    c.push((
+        "google",
+        "auth key with dots",
+        format!("AQ.Ab8R.{}.x{}", body(20), body(20)),
+        Saved,
+    ));
+    c.push(("google", "auth key prefix only", "AQ.".to_owned(), Refused));
+    c.push((
+        "google",
+        "auth key, lower-case prefix",
+        format!("aq.{}", body(50)),
+        Refused,
+    ));
+    // google standard keys: "AIza" and exactly 35 more (accepted, with a warning).
+    c.push((
+        "google",
+        "standard key, 38 characters",
+        format!("AIza{}", body(34)),
+        Refused,
+    ));
+    c.push((
+        "google",
+        "standard key, 39 characters",
+        format!("AIza{}", body(35)),
+        Saved,
+    ));
+    c.push((
+        "google",
+        "standard key, 40 characters",
+        format!("AIza{}", body(36)),
+        Refused,
+    ));
+    c.push((
+        "google",
+        "standard key with a dot",
+        format!("AIza{}.{}", body(17), body(17)),
+        Refused,
+    ));
+    c.push(("google", "just the standard prefix", "AIza".to_owned(), Refused));
+    c.push((
+        "google",
+        "lower-case standard prefix",
+        format!("aiza{}", body(35)),
+        Refused,
+    ));
+    // openai: project, service-account and legacy keys.
+    c.push((
+        "openai",
+        "project key (164 characters)",
+        format!("sk-proj-{}", body(156)),
+        Saved,
+    ));
+    c.push((
+        "openai",
+        "service-account key (167 characters)",
+        format!("sk-svcacct-{}", body(156)),
+        Saved,
+    ));
+    c.push((
+        "openai",
+        "legacy key (51 characters)",
+        format!("sk-{}", body(48)),
+        Saved,
+    ));
 
     for p in PROVIDERS {
         let valid = key_for(p);
@@ -71,13 +136,10 @@ fn cases() -> Vec<(&'static str, &'static str, String, Want)> {
             ("quote inside", "\""),
             ("backslash inside", "\\"),
         ] {
-            let mut k = format!("{head}{bad}{tail}");
-            if p == "google" {
-                // Keep google at 39 characters so only the character rule can refuse it.
-                let drop = bad.chars().count();
-                k = format!("{head}{bad}{}", &tail[drop.min(tail.len())..]);
-            }
-            c.push((p, what, k, Refused));
+            let k = format!("{head}{bad}{tail}");
+            // Google auth keys may hold a '.'.
+            let want = if p == "google" && bad == "." { Saved } else { Refused };
+            c.push((p, what, k, want));
         }
         // Surrounding white space is trimmed and the key accepted.
         c.push((p, "surrounding spaces", format!("  {valid}  "), Saved));
@@ -90,18 +152,30 @@ fn cases() -> Vec<(&'static str, &'static str, String, Want)> {
         c.push((p, "Bearer prefix", format!("Bearer {valid}"), Refused));
         c.push((p, "quoted key", format!("\"{valid}\""), Refused));
         c.push((p, "10 KB key", format!("sk-ant-{}", body(10 * 1024)), Refused));
-        // Admin keys are refused in every slot, saying why.
+        // Keys that cannot run models are refused in every slot, saying which to create.
         c.push((
             p,
             "anthropic admin key",
-            format!("sk-ant-admin01-{}", body(80)),
-            RefusedSaying("admin key"),
+            format!("sk-ant-admin01-{}", body(93)),
+            RefusedSaying("Admin API key"),
         ));
         c.push((
             p,
             "openai admin key",
-            format!("sk-admin-{}", body(60)),
+            format!("sk-admin-{}", body(124)),
             RefusedSaying("admin key"),
+        ));
+        c.push((
+            p,
+            "claude subscription access token",
+            format!("sk-ant-oat01-{}", body(80)),
+            RefusedSaying("subscription token"),
+        ));
+        c.push((
+            p,
+            "claude subscription refresh token",
+            format!("sk-ant-ort01-{}", body(80)),
+            RefusedSaying("Create an API key"),
         ));
     }
     // "sk-ant" without its dash is an ordinary OpenAI key.
@@ -110,7 +184,7 @@ fn cases() -> Vec<(&'static str, &'static str, String, Want)> {
         "anthropic",
         "sk-antelope key in the anthropic slot",
         format!("sk-antelope{}", body(30)),
-        RefusedSaying("openai"),
+        RefusedSaying("OpenAI"),
     ));
     // A 10 KB key that is otherwise well formed for its own slot.
     c.push((
@@ -125,7 +199,7 @@ fn cases() -> Vec<(&'static str, &'static str, String, Want)> {
         format!("sk-ant-x{}", body(10 * 1024)),
         Refused,
     ));
-    // Wrong slot: the message names the right provider's API name.
+    // Wrong slot: the message names the right provider as a person reads it.
     let wrong = [
         ("openai", anthropic_key(), "anthropic"),
         ("google", anthropic_key(), "anthropic"),
@@ -141,9 +215,9 @@ fn cases() -> Vec<(&'static str, &'static str, String, Want)> {
             _ => "google key in wrong slot",
         };
         let saying: &'static str = match right {
-            "anthropic" => "anthropic",
-            "openai" => "openai",
-            _ => "google",
+            "anthropic" => "save it under Anthropic",
+            "openai" => "save it under OpenAI",
+            _ => "save it under Google AI (Gemini)",
         };
         c.push((slot, what, k, RefusedSaying(saying)));
     }
@@ -172,6 +246,12 @@ async fn key_format_table() {
                 let got = r.json()["key"]["last4"].as_str().unwrap_or_default().to_owned();
                 if got != last4(&key) {
                     failures.push(format!("{label} last4 {got:?}, expected {:?}", last4(&key)));
+                }
+                // A standard Google key is saved with the warning that Google refuses them.
+                let notice = r.json()["key"]["notice"].as_str().unwrap_or_default().to_owned();
+                let standard = key.trim().starts_with("AIza");
+                if standard != notice.contains("auth key") {
+                    failures.push(format!("{label} notice {notice:?}"));
                 }
                 last_saved.insert(provider, key.trim().to_owned());
             }

@@ -29,7 +29,16 @@ fn assert_state(state: &Value, provider: &str, source: &str, last4: Option<&str>
                 .unwrap_or_default();
             for f in &fields {
                 assert!(
-                    ["last4", "created_at", "updated_at", "last_test"].contains(f),
+                    [
+                        "last4",
+                        "created_at",
+                        "updated_at",
+                        "last_test",
+                        "kind",
+                        "notice",
+                        "reported_leaked_at"
+                    ]
+                    .contains(f),
                     "unexpected field {f:?} in a saved key's state: {state}"
                 );
             }

@@ -42,7 +42,7 @@ async fn caps_hold_across_two_nodes() {
         let (nodes, token, account) = (nodes.clone(), token.clone(), account.clone());
         tasks.push(tokio::spawn(async move {
             let node = &nodes[i % 2];
-            let body = json!({"provider": "openai", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2000});
+            let body = json!({"provider": "openai", "model": "gpt-6-luna", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2000});
             node.http().post(&ai_path(&account), Some(&token), &body).await
         }));
     }

@@ -48,17 +48,17 @@ fn native_case(p: Provider) -> (&'static str, &'static str, Value, &'static str)
         Provider::OpenAi => (
             "/v1/chat/completions",
             "authorization",
-            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}], "max_completion_tokens": 8, "stream": true}),
+            json!({"model": "gpt-6-luna", "messages": [{"role": "user", "content": PROMPT}], "max_completion_tokens": 8, "stream": true}),
             "\"content\":\"Hello",
         ),
         Provider::Anthropic => (
             "/v1/messages",
             "x-api-key",
-            json!({"model": "claude-3-haiku-20240307", "max_tokens": 8, "stream": true, "messages": [{"role": "user", "content": PROMPT}]}),
+            json!({"model": "claude-haiku-5-5", "max_tokens": 8, "stream": true, "messages": [{"role": "user", "content": PROMPT}]}),
             "text_delta",
         ),
         Provider::Google => (
-            "/v1beta/models/gemini-1.5-flash:streamGenerateContent?alt=sse",
+            "/v1beta/models/gemini-3.1-flash-lite:streamGenerateContent?alt=sse",
             "x-goog-api-key",
             json!({"contents": [{"role": "user", "parts": [{"text": PROMPT}]}], "generationConfig": {"maxOutputTokens": 8}}),
             "Hello",

@@ -615,7 +615,7 @@ async fn page_forms_do_what_the_api_does_and_show_errors_next_to_their_control()
     let page = web.page(&acc).await;
     let test = region(&page.text, "msg-openai-test");
     assert!(
-        test.contains("Key works.") && test.contains("gpt-4o-mini answered in"),
+        test.contains("Key works.") && test.contains("gpt-6-luna answered in"),
         "{test}"
     );
     assert_eq!(list_keys(&kw, &t, &acc).await["openai"]["key"]["last_test"]["ok"], true);
