@@ -280,13 +280,13 @@ pub fn gateway(args: &[String]) {
     let litellm = litellm_exe.as_deref().map(|exe| start_litellm(exe, &fake_url));
 
     let native_body = serde_json::to_vec(&json!({
-        "model": "gpt-4o-mini",
+        "model": "gpt-6-luna",
         "messages": [{ "role": "user", "content": "Say hello" }],
         "max_completion_tokens": 5
     }))
     .unwrap();
     let messages_body = serde_json::to_vec(&json!({
-        "provider": "openai", "model": "gpt-4o-mini",
+        "provider": "openai", "model": "gpt-6-luna",
         "messages": [{ "role": "user", "content": "Say hello" }], "max_tokens": 5
     }))
     .unwrap();
@@ -448,12 +448,12 @@ pub fn gateway(args: &[String]) {
     // Streaming: time to the first text, chunks 10 ms apart (Anthropic format, keyward-fakes).
     let samples = 21;
     let stream_native = serde_json::to_vec(&json!({
-        "model": "claude-3-haiku-20240307", "max_tokens": 8, "stream": true,
+        "model": "claude-haiku-5-5", "max_tokens": 8, "stream": true,
         "messages": [{ "role": "user", "content": "Say hello" }]
     }))
     .unwrap();
     let stream_messages = serde_json::to_vec(&json!({
-        "provider": "anthropic", "model": "claude-3-haiku-20240307", "max_tokens": 8, "stream": true,
+        "provider": "anthropic", "model": "claude-haiku-5-5", "max_tokens": 8, "stream": true,
         "messages": [{ "role": "user", "content": "Say hello" }]
     }))
     .unwrap();

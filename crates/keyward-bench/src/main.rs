@@ -238,11 +238,11 @@ fn nodes(args: &[String]) {
                 let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 c.put(format!("{}/v1/accounts/{a}/model-keys/google", u[i % u.len()]))
                     .bearer_auth(&t)
-                    .json(&json!({ "api_key": format!("AIza{i:035}") }))
+                    .json(&json!({ "api_key": format!("AQ.Ab8RN6{i:044}") }))
             }),
         );
         let (u, t, a, n) = (urls.clone(), token.clone(), account.clone(), next.clone());
-        let body = json!({ "provider": "openai", "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": "Say hello" }], "max_tokens": 5 });
+        let body = json!({ "provider": "openai", "model": "gpt-6-luna", "messages": [{ "role": "user", "content": "Say hello" }], "max_tokens": 5 });
         let calls = closed_loop(
             &rt,
             clients,

@@ -114,7 +114,7 @@ fn worker_round_trip(c: &mut Criterion) {
         method: Method::Post,
         path_and_query: "/v1/chat/completions".into(),
         headers: vec![("content-type".into(), "application/json".into())],
-        body: br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#.to_vec(),
+        body: br#"{"model":"gpt-6-luna","messages":[{"role":"user","content":"Say hello"}]}"#.to_vec(),
         timeout_ms: 5_000,
     };
     let mut g = c.benchmark_group("worker");
@@ -151,7 +151,7 @@ fn record(account: &AccountId, n: i64) -> CallRecord {
             provider: Some(Provider::OpenAi),
             key_source: Some(KeySource::Own),
             key_last4: Last4::from_stored("0001"),
-            model: Some("gpt-4o-mini".into()),
+            model: Some("gpt-6-luna".into()),
             outcome: "ok".into(),
             detail: None,
             provider_request_id: Some(format!("req_{n}")),
