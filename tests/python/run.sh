@@ -25,6 +25,9 @@ unavailable() {
     exit 1
   fi
   echo "tests/python: SKIPPED the Python SDK suite: $1 (set KEYWARD_TEST_REQUIRE_ALL=1 to make this a failure)"
+  if [ -n "${KEYWARD_TEST_SKIP_LOG:-}" ]; then
+    printf 'Python: %s\ttests/python (the whole SDK suite)\n' "$1" >>"$KEYWARD_TEST_SKIP_LOG"
+  fi
   exit 0
 }
 

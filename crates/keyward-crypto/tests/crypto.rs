@@ -877,14 +877,7 @@ mod pkcs11 {
         if Path::new(MODULE).exists() && which("softhsm2-util") {
             return true;
         }
-        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
-        let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
-        assert!(
-            !require,
-            "SoftHSM2 ({MODULE}, softhsm2-util) is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it \
-             (apt-get install -y softhsm2)"
-        );
-        eprintln!("skipped: SoftHSM2 is not installed (apt-get install -y softhsm2)");
+        keyward_testenv::skip(keyward_testenv::reasons::SOFTHSM);
         false
     }
 
@@ -1089,13 +1082,7 @@ mod awskms {
             .output()
             .is_ok_and(|o| o.status.success());
         if !present {
-            #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
-            let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
-            assert!(
-                !require,
-                "moto's server is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it (pip install 'moto[server]')"
-            );
-            eprintln!("skipped: moto's server is not installed (pip install 'moto[server]')");
+            keyward_testenv::skip(keyward_testenv::reasons::MOTO);
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -127,21 +127,7 @@ fn with_database(server: &str, name: &str) -> String {
 /// Fails instead when `KEYWARD_TEST_REQUIRE_ALL=1`.
 async fn pg_database() -> Option<TestDatabase> {
     let Some(server) = test_env("KEYWARD_TEST_POSTGRES_URL") else {
-        if test_env("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Some("1") {
-            panic!(
-                "PostgreSQL is required (KEYWARD_TEST_REQUIRE_ALL=1) but KEYWARD_TEST_POSTGRES_URL is not set; \
-                 set it to a server URL such as postgres://postgres@127.0.0.1:5432/postgres"
-            );
-        }
-        // Once per run, and past the harness's output capture, so a plain `cargo test` shows it.
-        static SAID: std::sync::Once = std::sync::Once::new();
-        SAID.call_once(|| {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped: KEYWARD_TEST_POSTGRES_URL is not set; PostgreSQL conformance not run"
-            );
-        });
+        keyward_testenv::skip(keyward_testenv::reasons::POSTGRES);
         return None;
     };
     Some(TestDatabase::create(&server).await)

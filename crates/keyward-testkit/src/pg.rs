@@ -23,14 +23,10 @@ pub struct TempDatabase {
     reason = "test configuration, read where the test needs it"
 )]
 pub fn server_url(test: &str) -> Option<String> {
-    match std::env::var("KEYWARD_TEST_POSTGRES_URL") {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() != Ok("1"),
-                "{test}: KEYWARD_TEST_POSTGRES_URL is not set, and KEYWARD_TEST_REQUIRE_ALL=1 requires PostgreSQL"
-            );
-            eprintln!("{test}: skipped: KEYWARD_TEST_POSTGRES_URL is not set; PostgreSQL tests not run");
+    match keyward_testenv::setting("KEYWARD_TEST_POSTGRES_URL") {
+        Some(url) => Some(url),
+        None => {
+            keyward_testenv::skip_named(test, keyward_testenv::reasons::POSTGRES);
             None
         }
     }

@@ -19,13 +19,7 @@ const BINDING: Binding<'static> = Binding {
 
 fn token(dir: &Path) -> Option<Pkcs11Config> {
     if !Path::new(MODULE).exists() {
-        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
-        let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
-        assert!(
-            !require,
-            "SoftHSM2 is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it"
-        );
-        eprintln!("skipped: SoftHSM2 is not installed (apt-get install -y softhsm2)");
+        keyward_testenv::skip(keyward_testenv::reasons::SOFTHSM);
         return None;
     }
     let tokens = dir.join("tokens");

@@ -49,13 +49,7 @@ fn moto() -> Option<Moto> {
         .output()
         .is_ok_and(|o| o.status.success());
     if !present {
-        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
-        let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
-        assert!(
-            !require,
-            "moto's server is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it (pip install 'moto[server]')"
-        );
-        eprintln!("skipped: moto's server is not installed (pip install 'moto[server]')");
+        keyward_testenv::skip(keyward_testenv::reasons::MOTO);
         return None;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -22,12 +22,6 @@ use crate::ai_support::start_on_fake;
 use crate::common::*;
 use crate::web::{login_url, SETTINGS};
 
-/// A test's own setting from the environment (not keyward's configuration).
-#[allow(clippy::disallowed_methods, reason = "test settings, not keyward configuration")]
-fn test_env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
 /// `name` on the PATH (or in /usr/bin).
 #[allow(
     clippy::disallowed_methods,
@@ -46,20 +40,8 @@ fn program(name: &str) -> Option<PathBuf> {
 fn browser_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
     match (program("chromium"), program("chromedriver")) {
         (Some(chromium), Some(driver)) => Some((chromium, driver)),
-        (chromium, driver) => {
-            let missing: Vec<&str> = [("chromium", chromium.is_none()), ("chromedriver", driver.is_none())]
-                .iter()
-                .filter(|(_, m)| *m)
-                .map(|(n, _)| *n)
-                .collect();
-            let why = format!(
-                "{} not found (install Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver)",
-                missing.join(" and ")
-            );
-            if test_env("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Some("1") {
-                panic!("{test}: the browser tests are required (KEYWARD_TEST_REQUIRE_ALL=1) but {why}");
-            }
-            eprintln!("skipped: {test}: {why}");
+        _ => {
+            keyward_testenv::skip_named(test, keyward_testenv::reasons::BROWSER);
             None
         }
     }

@@ -357,13 +357,7 @@ async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
     use keyward_crypto::pkcs11::{Pkcs11Config, Pkcs11Kek};
     const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
     if !std::path::Path::new(MODULE).exists() {
-        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
-        let require = std::env::var("KEYWARD_TEST_REQUIRE_ALL").as_deref() == Ok("1");
-        assert!(
-            !require,
-            "SoftHSM2 is missing and KEYWARD_TEST_REQUIRE_ALL=1 requires it"
-        );
-        eprintln!("skipped: SoftHSM2 is not installed (apt-get install -y softhsm2)");
+        keyward_testenv::skip(keyward_testenv::reasons::SOFTHSM);
         return;
     }
     let hsm = tempfile::tempdir().unwrap();
