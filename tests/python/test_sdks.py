@@ -355,8 +355,66 @@ class TestOpenAI:
     def test_models_list(self, keyward: Keyward, accounts: Accounts, fake: Fakes):
         c = openai_client(keyward, accounts.own)
         ids = [m.id for m in c.models.list()]
-        assert ids == keyward.models(accounts.own, self.P)
+        # Every chat model the account can name, and the embedding models.
+        chat = keyward.models(accounts.own, self.P)
+        assert ids[: len(chat)] == chat, ids
+        assert "text-embedding-3-small" in ids, ids
         assert fake.requests() == [], "the listing is answered from keyward's catalogue"
+
+    def test_responses_plain(self, keyward: Keyward, accounts: Accounts, fake: Fakes):
+        model = first_model(keyward, accounts.own, self.P)
+        c = openai_client(keyward, accounts.own)
+        r = c.responses.create(model=model, input=PROMPT, max_output_tokens=MAX_TOKENS)
+        assert r.output_text == reply(self.P)
+        assert r.id.startswith("resp_") and r.status == "completed"
+        assert (r.usage.input_tokens, r.usage.output_tokens) == (PROMPT_WORDS, 4)
+        (req,) = assert_fake_saw(fake, keyward, self.P, accounts.own_keys[self.P], calls=1, path="/v1/responses")
+        sent = json.loads(req["body"])
+        assert sent["model"] == model and sent["max_output_tokens"] == MAX_TOKENS, sent
+        assert_audited(keyward, accounts.own, self.P, "own", accounts.own_keys[self.P], model)
+        e = last_ai_event(keyward, accounts.own)
+        assert (e["input_tokens"], e["output_tokens"]) == (PROMPT_WORDS, 4), e
+
+    def test_responses_streamed(self, keyward: Keyward, accounts: Accounts, fake: Fakes):
+        model = first_model(keyward, accounts.own, self.P)
+        c = openai_client(keyward, accounts.own)
+        events = list(c.responses.create(model=model, input=PROMPT, max_output_tokens=MAX_TOKENS, stream=True))
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert len(deltas) >= 2 and "".join(deltas) == reply(self.P), deltas
+        assert events[-1].type == "response.completed", [e.type for e in events]
+        assert events[-1].response.usage.output_tokens == 4
+        (req,) = assert_fake_saw(fake, keyward, self.P, accounts.own_keys[self.P], calls=1, path="/v1/responses")
+        assert json.loads(req["body"])["stream"] is True
+        e = last_ai_event(keyward, accounts.own)
+        assert (e["input_tokens"], e["output_tokens"], e["outcome"]) == (PROMPT_WORDS, 4, "ok"), e
+
+    def test_responses_echoed_key_is_removed(self, keyward: Keyward, accounts: Accounts, fake: Fakes):
+        key = accounts.echo_keys[self.P]
+        c = openai_client(keyward, accounts.echo)
+        with pytest.raises(openai.AuthenticationError) as info:
+            c.responses.create(model=first_model(keyward, accounts.echo, self.P), input=PROMPT)
+        text = info.value.response.text
+        assert key not in text and key[:-4] not in text, text
+        assert_fake_saw(fake, keyward, self.P, key, calls=1)
+
+    def test_embeddings(self, keyward: Keyward, accounts: Accounts, fake: Fakes):
+        c = openai_client(keyward, accounts.own)
+        r = c.embeddings.create(model="text-embedding-3-small", input=PROMPT)
+        assert len(r.data) == 1 and len(r.data[0].embedding) > 0
+        assert all(isinstance(x, float) for x in r.data[0].embedding)
+        assert r.usage.prompt_tokens == PROMPT_WORDS
+        assert_fake_saw(fake, keyward, self.P, accounts.own_keys[self.P], calls=1, path="/v1/embeddings")
+        assert_audited(keyward, accounts.own, self.P, "own", accounts.own_keys[self.P], "text-embedding-3-small")
+        e = last_ai_event(keyward, accounts.own)
+        assert (e["input_tokens"], e["output_tokens"]) == (PROMPT_WORDS, 0), e
+
+    def test_an_endpoint_not_carried_is_refused_in_openai_format(self, keyward: Keyward, accounts: Accounts, fake):
+        c = openai_client(keyward, accounts.own)
+        with pytest.raises(openai.NotFoundError) as info:
+            c.images.generate(model="gpt-image-1", prompt="a cat")
+        msg = info.value.body["message"]
+        assert "/v1/responses" in msg and "/v1/embeddings" in msg, info.value.body
+        assert fake.requests() == []
 
 
 # =========================================================================== Anthropic
@@ -484,6 +542,26 @@ class TestAnthropic:
             assert e.body["error"]["type"] == "rate_limit_error", e.body
             assert "shared-pool credits" in e.body["error"]["message"], e.body
         assert fake.requests() == [], "a refused call must not reach the provider"
+
+    def test_count_tokens(self, keyward: Keyward, accounts: Accounts, fake: Fakes):
+        model = first_model(keyward, accounts.own, self.P)
+        c = anthropic_client(keyward, accounts.own)
+        r = c.messages.count_tokens(model=model, messages=[{"role": "user", "content": PROMPT}])
+        assert r.input_tokens == PROMPT_WORDS
+        (req,) = assert_fake_saw(
+            fake, keyward, self.P, accounts.own_keys[self.P], calls=1, path="/v1/messages/count_tokens"
+        )
+        assert req["headers"].get("anthropic-version"), req
+        assert_audited(keyward, accounts.own, self.P, "own", accounts.own_keys[self.P], model)
+
+    def test_an_endpoint_not_carried_is_refused_in_anthropic_format(self, keyward: Keyward, accounts: Accounts, fake):
+        c = anthropic_client(keyward, accounts.own)
+        with pytest.raises(anthropic.NotFoundError) as info:
+            c.messages.batches.list()
+        body = info.value.body
+        assert body["type"] == "error" and body["error"]["type"] == "not_found_error", body
+        assert "/v1/messages/count_tokens" in body["error"]["message"], body
+        assert fake.requests() == []
 
     def test_models_list(self, keyward: Keyward, accounts: Accounts, fake: Fakes):
         c = anthropic_client(keyward, accounts.own)
@@ -616,6 +694,37 @@ class TestGoogle:
             assert "shared-pool credits" in e.message, e.details
         assert fake.requests() == [], "a refused call must not reach the provider"
 
+    @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+    def test_default_settings_call_v1(self, keyward: Keyward, accounts: Accounts, fake: Fakes, stream):
+        # google-genai 3.x with only a base URL and a key: it calls the v1 API.
+        model = first_model(keyward, accounts.own, self.P)
+        c = genai.Client(
+            api_key=keyward.token,
+            http_options=genai_types.HttpOptions(base_url=keyward.provider_base(accounts.own, self.P)),
+        )
+        if stream:
+            text = "".join(ch.text or "" for ch in c.models.generate_content_stream(model=model, contents=PROMPT))
+            path = f"/v1/models/{model}:streamGenerateContent"
+        else:
+            text = c.models.generate_content(model=model, contents=PROMPT).text
+            path = f"/v1/models/{model}:generateContent"
+        assert text == reply(self.P)
+        (req,) = assert_fake_saw(fake, keyward, self.P, accounts.own_keys[self.P], calls=1, path=path)
+        assert req["query"] == ("alt=sse" if stream else None), req
+        e = last_ai_event(keyward, accounts.own)
+        assert (e["model"], e["input_tokens"], e["outcome"]) == (model, PROMPT_WORDS, "ok"), e
+        # Its model listing works with the same settings.
+        assert [m.name for m in c.models.list()] == [f"models/{m}" for m in keyward.models(accounts.own, self.P)]
+
+    def test_an_endpoint_not_carried_is_refused_in_google_format(self, keyward: Keyward, accounts: Accounts, fake):
+        c = google_client(keyward, accounts.own)
+        with pytest.raises(genai_errors.ClientError) as info:
+            c.models.count_tokens(model=first_model(keyward, accounts.own, self.P), contents=PROMPT)
+        e = info.value
+        assert e.status in ("NOT_FOUND", "INVALID_ARGUMENT"), e.details
+        assert "generateContent" in e.message, e.details
+        assert fake.requests() == []
+
     def test_models_list(self, keyward: Keyward, accounts: Accounts, fake: Fakes):
         c = google_client(keyward, accounts.own)
         models = list(c.models.list())
@@ -641,3 +750,34 @@ def assert_relayed_as_sent(arrivals: list[tuple[float, str]], first_chunk: int) 
     assert not late, "stream pieces reached the SDK late (held back, not relayed as they arrived):\n" + "\n".join(
         late
     ) + f"\narrivals: {timeline}"
+
+
+# =========================================================================== metering
+
+
+def test_every_endpoint_that_costs_money_is_metered_and_token_counting_is_free(keyward: Keyward, fake: Fakes):
+    """On the shared pool: a Responses call and an embedding each cost credits (as the
+    catalogue prices them); a token count is audited and costs nothing."""
+    account = quota_account(keyward, "openai")
+    c = openai_client(keyward, account)
+    model = first_model(keyward, account, "openai")
+    used = keyward.usage(account)["shared"]["credits_used"]
+    c.responses.create(model=model, input=PROMPT, max_output_tokens=MAX_TOKENS)
+    after_response = keyward.usage(account)["shared"]["credits_used"]
+    assert after_response > used, "a Responses call is charged"
+    assert_audited(keyward, account, "openai", "shared", keyward.shared_keys["openai"], model)
+    c.embeddings.create(model="text-embedding-3-small", input=PROMPT)
+    after_embedding = keyward.usage(account)["shared"]["credits_used"]
+    assert after_embedding > after_response, "an embedding is charged"
+    assert keyward.usage(account)["by_provider"]["openai"]["shared"]["requests"] == 2
+
+    account = quota_account(keyward, "anthropic")
+    a = anthropic_client(keyward, account)
+    before = keyward.usage(account)
+    r = a.messages.count_tokens(model=first_model(keyward, account, "anthropic"), messages=[{"role": "user", "content": PROMPT}])
+    assert r.input_tokens == PROMPT_WORDS
+    after = keyward.usage(account)
+    assert after["shared"]["credits_used"] == before["shared"]["credits_used"], "token counting is free"
+    assert after["by_provider"]["anthropic"]["shared"]["requests"] == before["by_provider"]["anthropic"]["shared"]["requests"] + 1
+    e = last_ai_event(keyward, account)
+    assert (e["outcome"], e["key_source"]) == ("ok", "shared"), e

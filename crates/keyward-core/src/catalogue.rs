@@ -11,6 +11,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::Provider;
 
+/// What a model does: answer chats (every chat route and "Test key"), or turn text into
+/// embeddings (the embeddings routes only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    #[default]
+    Chat,
+    Embedding,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Chat => "chat",
+            ModelKind::Embedding => "embedding",
+        }
+    }
+
+    fn is_chat(&self) -> bool {
+        *self == ModelKind::Chat
+    }
+}
+
 /// Where a model is in its provider's lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +61,9 @@ pub struct ModelEntry {
     pub id: String,
     /// The name a person reads, e.g. `GPT-6 Luna`.
     pub name: String,
+    /// `chat` when omitted.
+    #[serde(default, skip_serializing_if = "ModelKind::is_chat")]
+    pub kind: ModelKind,
     /// `active` when omitted.
     #[serde(default)]
     pub status: ModelStatus,
@@ -176,8 +202,19 @@ impl Catalogue {
                 }
                 _ => {}
             }
+            if m.probe && m.kind != ModelKind::Chat {
+                return Err(format!(
+                    "the probe model \"{id}\" is an {} model: the probe must be a chat model",
+                    m.kind.as_str()
+                ));
+            }
             if let Some(r) = &m.replaced_by {
                 match models.iter().find(|o| &o.id == r) {
+                    Some(o) if o.kind != m.kind => {
+                        return Err(format!(
+                            "model \"{id}\" is replaced_by \"{r}\", which is of another kind"
+                        ))
+                    }
                     Some(o) if o.is_served() => {}
                     Some(_) => {
                         return Err(format!(
@@ -239,9 +276,11 @@ impl Catalogue {
         self.models(provider).iter().filter(|m| m.is_served())
     }
 
-    /// The model a call that names none uses: the provider's first active model.
+    /// The model a chat that names none uses: the provider's first active chat model.
     pub fn default_model(&self, provider: Provider) -> Option<&ModelEntry> {
-        self.models(provider).iter().find(|m| m.status == ModelStatus::Active)
+        self.models(provider)
+            .iter()
+            .find(|m| m.status == ModelStatus::Active && m.kind == ModelKind::Chat)
     }
 
     /// The model "Test key" uses: the provider's cheapest active one.
@@ -249,9 +288,14 @@ impl Catalogue {
         self.models(provider).iter().find(|m| m.probe)
     }
 
-    /// The ids calls may name (active and deprecated).
+    /// The chat models calls may name (active and deprecated), in file order.
+    pub fn served_chat(&self, provider: Provider) -> impl Iterator<Item = &ModelEntry> {
+        self.served(provider).filter(|m| m.kind == ModelKind::Chat)
+    }
+
+    /// The ids of the chat models calls may name (active and deprecated).
     pub fn model_ids(&self, provider: Provider) -> Vec<String> {
-        self.served(provider).map(|m| m.id.clone()).collect()
+        self.served_chat(provider).map(|m| m.id.clone()).collect()
     }
 }
 
@@ -306,7 +350,7 @@ mod tests {
         let cat = Catalogue::builtin();
         for p in Provider::ALL {
             let probe = cat.probe_model(p).unwrap();
-            for m in cat.served(p) {
+            for m in cat.served_chat(p) {
                 assert!(
                     probe.output_per_mtok <= m.output_per_mtok && probe.input_per_mtok <= m.input_per_mtok,
                     "{p}: {} cheaper than probe",
@@ -321,6 +365,7 @@ mod tests {
         let m = ModelEntry {
             id: "m".into(),
             name: "M".into(),
+            kind: ModelKind::Chat,
             status: ModelStatus::Active,
             retires_on: None,
             replaced_by: None,
@@ -379,6 +424,12 @@ mod tests {
         )))
         .contains("does not list"));
         assert!(problem(&one_provider(&format!("{}\n{second}probe = true", m("")))).contains("2 models have probe"));
+        assert!(problem(&one_provider(&m("kind = \"embedding\""))).contains("must be a chat model"));
+        assert!(problem(&one_provider(&format!(
+            "{}\n{second}kind = \"embedding\"\nstatus = \"retired\"\nreplaced_by = \"a\"",
+            m("")
+        )))
+        .contains("of another kind"));
         assert!(problem(&one_provider(&format!(
             "{}\n{}",
             m(""),

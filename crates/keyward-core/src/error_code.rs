@@ -30,6 +30,33 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order of the reference table (`docs/API.md`, whose test checks it
+    /// names each one).
+    pub const ALL: [ErrorCode; 22] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::PlanRequired,
+        ErrorCode::NotFound,
+        ErrorCode::UnknownProvider,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::NoKeySaved,
+        ErrorCode::KeyReportedLeaked,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::InvalidKeyFormat,
+        ErrorCode::ValidationError,
+        ErrorCode::ModelRetired,
+        ErrorCode::SharedQuotaExhausted,
+        ErrorCode::RateLimited,
+        ErrorCode::Internal,
+        ErrorCode::ProviderError,
+        ErrorCode::WorkerUnavailable,
+        ErrorCode::KekUnavailable,
+        ErrorCode::SharedPoolUnavailable,
+        ErrorCode::DatabaseUnavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Unauthorized => "unauthorized",
@@ -76,6 +103,20 @@ impl ErrorCode {
             | ErrorCode::KekUnavailable
             | ErrorCode::SharedPoolUnavailable
             | ErrorCode::DatabaseUnavailable => 503,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn every_code_is_listed_once_and_serializes_as_its_string() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "{} listed twice", code.as_str());
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
     }
 }

@@ -14,7 +14,7 @@ pub mod provider;
 pub mod tenancy;
 pub mod time;
 
-pub use catalogue::{Catalogue, CatalogueError, ModelEntry, ModelRefusal, ModelStatus};
+pub use catalogue::{Catalogue, CatalogueError, ModelEntry, ModelKind, ModelRefusal, ModelStatus};
 pub use email::{Email, EmailError};
 pub use error_code::ErrorCode;
 pub use ids::{AccountId, IdError, KeyId, UserId};

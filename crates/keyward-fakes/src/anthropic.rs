@@ -1,4 +1,4 @@
-//! Fake Anthropic: `POST /v1/messages` and `GET /v1/models`.
+//! Fake Anthropic: `POST /v1/messages`, `POST /v1/messages/count_tokens` and `GET /v1/models`.
 //!
 //! Like the real API it wants `x-api-key` and `anthropic-version`, refuses unknown body fields
 //! ("…: Extra inputs are not permitted"), answers `{"type":"error","error":{…},"request_id"}`
@@ -62,6 +62,37 @@ pub(crate) async fn messages(inc: &Incoming<'_>) -> Response {
     set_header(&mut r, "request-id", &request_id);
     rate_limit_headers(inc, &mut r);
     r
+}
+
+/// `POST /v1/messages/count_tokens`: the Messages body without `max_tokens`, answered
+/// `{"input_tokens": N}` (free; its own rate limit, so no rate-limit headers here).
+pub(crate) async fn count_tokens(inc: &Incoming<'_>) -> Response {
+    let request_id = new_request_id(inc);
+    let mut r = count_tokens_inner(inc, &request_id).await;
+    set_header(&mut r, "request-id", &request_id);
+    r
+}
+
+async fn count_tokens_inner(inc: &Incoming<'_>, request_id: &str) -> Response {
+    let (key, behaviour) = match authenticate(inc, request_id) {
+        Ok(found) => found,
+        Err(r) => return *r,
+    };
+    let req = match validate_body(inc, request_id, COUNT_FIELDS, false) {
+        Ok(req) => req,
+        Err(r) => return *r,
+    };
+    if let Some(r) = transport(inc.shared, behaviour).await {
+        return r;
+    }
+    // Token counting answers even when the balance is empty; the key's own failures hold.
+    if behaviour != Behaviour::NoCredit {
+        if let Some(r) = behaviour_error(behaviour, key, request_id) {
+            return r;
+        }
+    }
+    let body = json!({ "input_tokens": req.input_words });
+    deliver(inc.shared, Answer::Plain(body.to_string().into_bytes()), behaviour).await
 }
 
 pub(crate) async fn models(inc: &Incoming<'_>) -> Response {
@@ -236,6 +267,26 @@ struct MessagesRequest {
 }
 
 fn validate(inc: &Incoming<'_>, request_id: &str) -> Result<MessagesRequest, Refusal> {
+    validate_body(inc, request_id, BODY_FIELDS, true)
+}
+
+/// The fields of a token count: the Messages body less `max_tokens`, `stream` and sampling.
+const COUNT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "system",
+    "tools",
+    "tool_choice",
+    "thinking",
+    "mcp_servers",
+];
+
+fn validate_body(
+    inc: &Incoming<'_>,
+    request_id: &str,
+    fields: &[&str],
+    needs_max_tokens: bool,
+) -> Result<MessagesRequest, Refusal> {
     let bad = |message: &str| bad_request(message, request_id);
     if inc.header("anthropic-version").is_none() {
         return Err(bad("anthropic-version: header is required").into());
@@ -243,16 +294,17 @@ fn validate(inc: &Incoming<'_>, request_id: &str) -> Result<MessagesRequest, Ref
     let v: Value = serde_json::from_slice(inc.body)
         .map_err(|_| bad("There was an issue with the formatting of your request: the body is not valid JSON."))?;
     let obj = v.as_object().ok_or_else(|| bad("Input should be a valid dictionary"))?;
-    if let Some(extra) = obj.keys().find(|k| !BODY_FIELDS.contains(&k.as_str())) {
+    if let Some(extra) = obj.keys().find(|k| !fields.contains(&k.as_str())) {
         return Err(bad(&format!("{extra}: Extra inputs are not permitted")).into());
     }
     let model = obj
         .get("model")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("model: Field required"))?;
-    let max_tokens = match obj.get("max_tokens") {
-        None => return Err(bad("max_tokens: Field required").into()),
-        Some(n) => n
+    let max_tokens = match (obj.get("max_tokens"), needs_max_tokens) {
+        (None, true) => return Err(bad("max_tokens: Field required").into()),
+        (None, false) => 0,
+        (Some(n), _) => n
             .as_u64()
             .filter(|n| *n >= 1)
             .ok_or_else(|| bad("max_tokens: Input should be greater than or equal to 1"))?,

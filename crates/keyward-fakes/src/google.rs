@@ -224,8 +224,9 @@ enum Mode {
     JsonArray,
 }
 
-/// `POST /v1beta/models/{rest}` where `rest` is `{model}:{method}`.
-pub(crate) async fn generate(inc: &Incoming<'_>, rest: &str) -> Response {
+/// `POST /{version}/models/{rest}` where `rest` is `{model}:{method}` and `version` is `v1`
+/// (google-genai 3.x's default) or `v1beta`: the same API.
+pub(crate) async fn generate(inc: &Incoming<'_>, rest: &str, version: &str) -> Response {
     let Some((model, method)) = rest.split_once(':') else {
         return error(404, "NOT_FOUND", "Method not found.", Vec::new());
     };
@@ -242,7 +243,7 @@ pub(crate) async fn generate(inc: &Incoming<'_>, rest: &str) -> Response {
     if let Err(r) = check_query(inc.query, &["alt", "key", "$alt"]) {
         return *r;
     }
-    let req = match validate(inc, model) {
+    let req = match validate(inc, model, version) {
         Ok(req) => req,
         Err(r) => return *r,
     };
@@ -314,7 +315,7 @@ fn parts_words(content: &Value) -> u64 {
     content.get("parts").map_or(0, content_words)
 }
 
-fn validate(inc: &Incoming<'_>, model: &str) -> Result<GenerateRequest, Refusal> {
+fn validate(inc: &Incoming<'_>, model: &str, version: &str) -> Result<GenerateRequest, Refusal> {
     let v: Value = serde_json::from_slice(inc.body)
         .map_err(|_| invalid_argument("Invalid JSON payload received. Unexpected token."))?;
     let obj = v
@@ -361,7 +362,7 @@ fn validate(inc: &Incoming<'_>, model: &str) -> Result<GenerateRequest, Refusal>
             404,
             "NOT_FOUND",
             &format!(
-                "models/{model} is not found for API version v1beta, or is not supported for generateContent. \
+                "models/{model} is not found for API version {version}, or is not supported for generateContent. \
                  Call ListModels to see the list of available models and their supported methods."
             ),
             Vec::new(),

@@ -140,6 +140,57 @@ impl Behaviour {
         }
     }
 
+    /// The marker words a key may hold in "any key" mode ([`FakeProviders::accept_any_key`]),
+    /// checked in this order (case and `-`/`_` ignored), with what each makes the fake do;
+    /// a key with none of them answers normally.
+    pub const MARKERS: [(&'static str, &'static str); 11] = [
+        ("invalid", "the provider's invalid-key error"),
+        ("leaked", "Google: \"reported as leaked\" (the others: invalid key)"),
+        ("suspended", "Google: the key's project is suspended"),
+        ("keytype", "Google: ACCESS_TOKEN_TYPE_UNSUPPORTED"),
+        (
+            "nocredit",
+            "no credit left (Anthropic 400, OpenAI 429 insufficient_quota, Google 429)",
+        ),
+        ("noperm", "missing permission"),
+        ("ratelimited", "rate limited (429)"),
+        ("unavailable", "overloaded (Anthropic 529, OpenAI and Google 503)"),
+        (
+            "echo",
+            "an invalid-key error that quotes the key back (keyward masks it)",
+        ),
+        ("slow", "a normal answer, streamed with a pause between chunks"),
+        ("garbage", "HTML instead of JSON"),
+    ];
+
+    /// What a key's marker word asks for: `None` for an `invalid` key (unknown to the
+    /// provider), else the first marker's behaviour, `Ok` without one.
+    pub fn from_marker(key: &str) -> Option<Behaviour> {
+        let plain: String = key
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .flat_map(char::to_lowercase)
+            .collect();
+        let word = Behaviour::MARKERS
+            .iter()
+            .find(|(w, _)| plain.contains(w))
+            .map(|(w, _)| *w);
+        Some(match word {
+            Some("invalid") => return None,
+            Some("leaked") => Behaviour::Leaked,
+            Some("suspended") => Behaviour::Suspended,
+            Some("keytype") => Behaviour::KeyTypeUnsupported,
+            Some("nocredit") => Behaviour::NoCredit,
+            Some("noperm") => Behaviour::MissingPermission,
+            Some("ratelimited") => Behaviour::RateLimited,
+            Some("unavailable") => Behaviour::Unavailable,
+            Some("echo") => Behaviour::EchoKey,
+            Some("slow") => Behaviour::SlowStream(Behaviour::DEFAULT_DELAY),
+            Some("garbage") => Behaviour::Garbage,
+            _ => Behaviour::Ok,
+        })
+    }
+
     /// Parses a control-API name; `delay_ms` only matters for `slow_stream`.
     pub fn parse(name: &str, delay_ms: Option<u64>) -> Option<Behaviour> {
         Some(match name {
@@ -247,6 +298,13 @@ impl FakeProviders {
     /// serves it (again).
     pub fn set_model_available(&self, provider: Provider, model: &str, available: bool) {
         self.shared.set_model_available(provider, model, available);
+    }
+
+    /// "Any key" mode (`keyward demo`): a key the test did not register answers as its marker
+    /// words say ([`Behaviour::from_marker`]) instead of with the invalid-key error. Google
+    /// still refuses standard (`AIza…`) keys.
+    pub fn accept_any_key(&self, on: bool) {
+        self.shared.set_any_key(on);
     }
 
     /// Turns recording on or off (on by default); off saves memory in long benchmarks.

@@ -7,13 +7,20 @@ use std::process::ExitCode;
 
 use keyward_fakes::FakeProviders;
 
-const USAGE: &str = "usage: keyward-fakes [--listen ADDR]   (default 127.0.0.1:0)";
+const USAGE: &str = "usage: keyward-fakes [--listen ADDR] [--any-key]   (default 127.0.0.1:0)\n\
+  --any-key  accept any key not registered over /_fake/keys, steered by marker words in it";
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<SocketAddr, String> {
+/// `(listen address, any-key mode)`.
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<(SocketAddr, bool), String> {
     let mut listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut any_key = false;
     while let Some(arg) = args.next() {
         let value = match arg.as_str() {
             "--listen" => args.next().ok_or("--listen needs an address, e.g. 127.0.0.1:9000")?,
+            "--any-key" => {
+                any_key = true;
+                continue;
+            }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => match other.strip_prefix("--listen=") {
                 Some(v) => v.to_owned(),
@@ -24,7 +31,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<SocketAddr, Stri
             .parse()
             .map_err(|e| format!("--listen {value:?} is not an address like 127.0.0.1:9000: {e}"))?;
     }
-    Ok(listen)
+    Ok((listen, any_key))
 }
 
 async fn stopped() {
@@ -44,8 +51,8 @@ async fn stopped() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let addr = match parse_args(std::env::args().skip(1)) {
-        Ok(addr) => addr,
+    let (addr, any_key) = match parse_args(std::env::args().skip(1)) {
+        Ok(found) => found,
         Err(message) => {
             eprintln!("keyward-fakes: {message}");
             return ExitCode::from(2);
@@ -58,6 +65,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    fakes.accept_any_key(any_key);
     {
         let mut out = std::io::stdout().lock();
         let written = writeln!(out, "keyward-fakes: listening on {}", fakes.base_url()).and_then(|()| out.flush());
@@ -80,13 +88,13 @@ mod tests {
 
     #[test]
     fn listen_flag_forms() {
-        assert_eq!(parse_args(args(&[])).unwrap(), "127.0.0.1:0".parse().unwrap());
+        assert_eq!(parse_args(args(&[])).unwrap(), ("127.0.0.1:0".parse().unwrap(), false));
         assert_eq!(
-            parse_args(args(&["--listen", "127.0.0.1:9000"])).unwrap(),
-            "127.0.0.1:9000".parse().unwrap()
+            parse_args(args(&["--listen", "127.0.0.1:9000", "--any-key"])).unwrap(),
+            ("127.0.0.1:9000".parse().unwrap(), true)
         );
         assert_eq!(
-            parse_args(args(&["--listen=[::1]:9001"])).unwrap(),
+            parse_args(args(&["--listen=[::1]:9001"])).unwrap().0,
             "[::1]:9001".parse().unwrap()
         );
         assert!(parse_args(args(&["--listen"])).is_err());

@@ -1,4 +1,5 @@
-//! Fake OpenAI: `POST /v1/chat/completions` and `GET /v1/models`.
+//! Fake OpenAI: `POST /v1/chat/completions`, `POST /v1/responses` (plain and streamed),
+//! `POST /v1/embeddings` and `GET /v1/models`.
 //!
 //! Like the real API it wants `Authorization: Bearer`, refuses unknown body fields
 //! ("Unrecognized request argument supplied"), answers `{"error":{message,type,param,code}}`
@@ -11,7 +12,9 @@ use axum::response::Response;
 use keyward_core::Provider;
 use serde_json::{json, Map, Value};
 
-use crate::wire::{self, content_words, deliver, reply, set_header, sse_data, transport, Answer, Incoming, Refusal};
+use crate::wire::{
+    self, content_words, count_words, deliver, reply, set_header, sse_data, transport, Answer, Incoming, Refusal,
+};
 use crate::Behaviour;
 
 const P: Provider = Provider::OpenAi;
@@ -129,6 +132,18 @@ fn bearer<'a>(inc: &Incoming<'a>) -> Option<&'a str> {
 
 pub(crate) async fn chat(inc: &Incoming<'_>) -> Response {
     let r = chat_inner(inc).await;
+    with_request_id(inc, with_rate_limits(inc, r))
+}
+
+/// `POST /v1/responses`.
+pub(crate) async fn responses(inc: &Incoming<'_>) -> Response {
+    let r = responses_inner(inc).await;
+    with_request_id(inc, with_rate_limits(inc, r))
+}
+
+/// `POST /v1/embeddings`.
+pub(crate) async fn embeddings(inc: &Incoming<'_>) -> Response {
+    let r = embeddings_inner(inc).await;
     with_request_id(inc, with_rate_limits(inc, r))
 }
 
@@ -483,6 +498,300 @@ fn answer(req: &ChatRequest, n: u64) -> Answer {
         content_type: "text/event-stream; charset=utf-8",
         chunks,
     }
+}
+
+/// The fields `POST /v1/responses` takes
+/// (<https://developers.openai.com/api/reference/resources/responses>).
+const RESPONSE_FIELDS: &[&str] = &[
+    "model",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "max_tool_calls",
+    "stream",
+    "stream_options",
+    "store",
+    "temperature",
+    "top_p",
+    "reasoning",
+    "text",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "metadata",
+    "previous_response_id",
+    "conversation",
+    "include",
+    "truncation",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "service_tier",
+    "background",
+    "prompt",
+];
+
+#[derive(Debug)]
+struct ResponseRequest {
+    model: String,
+    max_tokens: u64,
+    stream: bool,
+    input_words: u64,
+}
+
+fn validate_response(inc: &Incoming<'_>) -> Result<ResponseRequest, Refusal> {
+    let v: Value = serde_json::from_slice(inc.body).map_err(|_| invalid(NOT_JSON, None, None))?;
+    let obj = v.as_object().ok_or_else(|| invalid(NOT_JSON, None, None))?;
+    if let Some(extra) = obj.keys().find(|k| !RESPONSE_FIELDS.contains(&k.as_str())) {
+        return Err(invalid(
+            &format!("Unknown parameter: '{extra}'."),
+            Some(extra),
+            Some("unknown_parameter"),
+        )
+        .into());
+    }
+    let model = obj.get("model").and_then(Value::as_str).ok_or_else(|| {
+        invalid(
+            "Missing required parameter: 'model'.",
+            Some("model"),
+            Some("missing_required_parameter"),
+        )
+    })?;
+    let mut input_words = obj.get("instructions").map_or(0, content_words);
+    match obj.get("input") {
+        None => {}
+        Some(Value::String(text)) => input_words += count_words(text),
+        Some(Value::Array(items)) => {
+            for item in items {
+                input_words += item.get("content").map_or(0, content_words);
+            }
+        }
+        Some(other) => {
+            return Err(invalid(
+                &format!(
+                    "Invalid type for 'input': expected a string or an array, but got {} instead.",
+                    type_name(other)
+                ),
+                Some("input"),
+                Some("invalid_type"),
+            )
+            .into())
+        }
+    }
+    // The Responses API wants at least 16 output tokens.
+    let max_tokens = match obj.get("max_output_tokens").filter(|v| !v.is_null()) {
+        None => u64::MAX,
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 16 => n,
+            _ => {
+                return Err(invalid(
+                    &format!("Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, but got {v} instead."),
+                    Some("max_output_tokens"),
+                    Some("integer_below_min_value"),
+                )
+                .into())
+            }
+        },
+    };
+    if !inc.shared.knows_model(P, model) {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            &format!("The model `{model}` does not exist or you do not have access to it."),
+            "invalid_request_error",
+            None,
+            Some("model_not_found"),
+        )
+        .into());
+    }
+    Ok(ResponseRequest {
+        model: model.to_owned(),
+        max_tokens,
+        stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        input_words,
+    })
+}
+
+async fn responses_inner(inc: &Incoming<'_>) -> Response {
+    let (key, behaviour) = match authenticate(inc) {
+        Ok(found) => found,
+        Err(r) => return *r,
+    };
+    let req = match validate_response(inc) {
+        Ok(req) => req,
+        Err(r) => return *r,
+    };
+    if let Some(r) = transport(inc.shared, behaviour).await {
+        return r;
+    }
+    if let Some(r) = behaviour_error(behaviour, key, &req.model) {
+        return r;
+    }
+    let answer = response_answer(&req, inc.shared.next_id());
+    deliver(inc.shared, answer, behaviour).await
+}
+
+/// A Responses API answer: one `message` output item with the canned text; streamed as
+/// `response.created` … `response.output_text.delta`* … `response.completed` (no `[DONE]`).
+fn response_answer(req: &ResponseRequest, n: u64) -> Answer {
+    let id = format!("resp_fake{n:024}");
+    let item_id = format!("msg_fake{n:024}");
+    let (words, cut) = reply("openai", req.max_tokens);
+    let output = u64::try_from(words.len()).unwrap_or(u64::MAX);
+    let text = words.concat();
+    let (status, incomplete) = if cut {
+        ("incomplete", json!({"reason": "max_output_tokens"}))
+    } else {
+        ("completed", Value::Null)
+    };
+    let usage = json!({"input_tokens": req.input_words, "input_tokens_details": {"cached_tokens": 0},
+                       "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
+                       "total_tokens": req.input_words.saturating_add(output)});
+    let message = |text: &str, done: bool| {
+        json!({"type": "message", "id": item_id, "status": if done { "completed" } else { "in_progress" },
+               "role": "assistant", "content": if done { json!([{"type": "output_text", "text": text, "annotations": []}]) } else { json!([]) }})
+    };
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": id, "object": "response", "created_at": CREATED, "status": status, "model": req.model,
+               "output": output, "incomplete_details": if status == "incomplete" { incomplete.clone() } else { Value::Null },
+               "error": null, "usage": usage})
+    };
+    if !req.stream {
+        let body = response(status, json!([message(&text, true)]), usage);
+        return Answer::Plain(body.to_string().into_bytes());
+    }
+    let mut seq = 0u64;
+    let mut event = |kind: &str, mut data: Value| {
+        if let Some(o) = data.as_object_mut() {
+            o.insert("type".to_owned(), json!(kind));
+            o.insert("sequence_number".to_owned(), json!(seq));
+        }
+        seq += 1;
+        wire::sse_event(kind, &data)
+    };
+    let mut chunks = vec![
+        event(
+            "response.created",
+            json!({"response": response("in_progress", json!([]), Value::Null)}),
+        ),
+        event(
+            "response.in_progress",
+            json!({"response": response("in_progress", json!([]), Value::Null)}),
+        ),
+        event(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": message("", false)}),
+        ),
+        event(
+            "response.content_part.added",
+            json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                   "part": {"type": "output_text", "text": "", "annotations": []}}),
+        ),
+    ];
+    for w in &words {
+        chunks.push(event(
+            "response.output_text.delta",
+            json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": w, "logprobs": []}),
+        ));
+    }
+    chunks.push(event(
+        "response.output_text.done",
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+    ));
+    chunks.push(event(
+        "response.content_part.done",
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+               "part": {"type": "output_text", "text": text, "annotations": []}}),
+    ));
+    chunks.push(event(
+        "response.output_item.done",
+        json!({"output_index": 0, "item": message(&text, true)}),
+    ));
+    let end = if cut {
+        "response.incomplete"
+    } else {
+        "response.completed"
+    };
+    chunks.push(event(
+        end,
+        json!({"response": response(status, json!([message(&text, true)]), usage)}),
+    ));
+    Answer::Stream {
+        content_type: "text/event-stream; charset=utf-8",
+        chunks,
+    }
+}
+
+/// The fields `POST /v1/embeddings` takes.
+const EMBEDDING_FIELDS: &[&str] = &["model", "input", "encoding_format", "dimensions", "user"];
+
+async fn embeddings_inner(inc: &Incoming<'_>) -> Response {
+    let (key, behaviour) = match authenticate(inc) {
+        Ok(found) => found,
+        Err(r) => return *r,
+    };
+    let v: Value = match serde_json::from_slice(inc.body) {
+        Ok(v) => v,
+        Err(_) => return invalid(NOT_JSON, None, None),
+    };
+    let Some(obj) = v.as_object() else {
+        return invalid(NOT_JSON, None, None);
+    };
+    if let Some(extra) = obj.keys().find(|k| !EMBEDDING_FIELDS.contains(&k.as_str())) {
+        return invalid(&format!("Unrecognized request argument supplied: {extra}"), None, None);
+    }
+    let Some(model) = obj.get("model").and_then(Value::as_str) else {
+        return invalid("you must provide a model parameter", None, None);
+    };
+    let inputs: Vec<String> =
+        match obj.get("input") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_string) => {
+                items.iter().filter_map(Value::as_str).map(str::to_owned).collect()
+            }
+            _ => return invalid(
+                "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference.",
+                None,
+                None,
+            ),
+        };
+    if !inc.shared.knows_model(P, model) {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("The model `{model}` does not exist or you do not have access to it."),
+            "invalid_request_error",
+            None,
+            Some("model_not_found"),
+        );
+    }
+    if let Some(r) = transport(inc.shared, behaviour).await {
+        return r;
+    }
+    if let Some(r) = behaviour_error(behaviour, key, model) {
+        return r;
+    }
+    let dims = obj.get("dimensions").and_then(Value::as_u64).map_or(8, |d| d.min(64));
+    let base64 = obj.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    let mut words = 0u64;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            words += count_words(text);
+            // A deterministic vector: the fake's embeddings mean nothing.
+            let vector: Vec<f32> = (0..dims).map(|d| ((i as u64 + d) % 7) as f32 / 7.0).collect();
+            let embedding = if base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let body = json!({"object": "list", "data": data, "model": model,
+                      "usage": {"prompt_tokens": words, "total_tokens": words}});
+    deliver(inc.shared, Answer::Plain(body.to_string().into_bytes()), behaviour).await
 }
 
 #[cfg(test)]

@@ -61,7 +61,10 @@ async fn handle(
     };
     match (method.as_str(), path) {
         ("POST", "/v1/messages") => anthropic::messages(&inc).await,
+        ("POST", "/v1/messages/count_tokens") => anthropic::count_tokens(&inc).await,
         ("POST", "/v1/chat/completions") => openai::chat(&inc).await,
+        ("POST", "/v1/responses") => openai::responses(&inc).await,
+        ("POST", "/v1/embeddings") => openai::embeddings(&inc).await,
         ("GET", "/v1/models") => {
             if headers.contains_key("x-api-key") && headers.contains_key("anthropic-version") {
                 anthropic::models(&inc).await
@@ -75,8 +78,11 @@ async fn handle(
             &json!({"stolen": true, "note": "keyward-fakes recorded this request: a client followed a redirect"}),
         ),
         ("POST", p) => match p.strip_prefix("/v1beta/models/") {
-            Some(rest) => google::generate(&inc, rest).await,
-            None => not_found(&method, path),
+            Some(rest) => google::generate(&inc, rest, "v1beta").await,
+            None => match p.strip_prefix("/v1/models/") {
+                Some(rest) => google::generate(&inc, rest, "v1").await,
+                None => not_found(&method, path),
+            },
         },
         _ => not_found(&method, path),
     }

@@ -105,6 +105,7 @@ pub(crate) struct Shared {
     keys: RwLock<HashMap<String, KeyEntry>>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     recording: AtomicBool,
+    any_key: AtomicBool,
     counter: AtomicU64,
 }
 
@@ -117,6 +118,7 @@ impl Shared {
             keys: RwLock::new(HashMap::new()),
             requests: Mutex::new(VecDeque::new()),
             recording: AtomicBool::new(true),
+            any_key: AtomicBool::new(false),
             counter: AtomicU64::new(1),
         }
     }
@@ -152,10 +154,22 @@ impl Shared {
         self.keys.write().unwrap_or_else(PoisonError::into_inner).clear();
     }
 
-    /// What `key` does at `provider`; `None` for an unregistered key.
+    /// What `key` does at `provider`; `None` for an unregistered key (in "any key" mode, what
+    /// its marker words say).
     pub(crate) fn behaviour(&self, provider: Provider, key: &str) -> Option<Behaviour> {
-        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
-        keys.get(key).and_then(|e| e.get(provider))
+        let registered = {
+            let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+            keys.get(key).and_then(|e| e.get(provider))
+        };
+        match registered {
+            Some(b) => Some(b),
+            None if self.any_key.load(Ordering::Relaxed) => Behaviour::from_marker(key),
+            None => None,
+        }
+    }
+
+    pub(crate) fn set_any_key(&self, on: bool) {
+        self.any_key.store(on, Ordering::Relaxed);
     }
 
     pub(crate) fn set_recording(&self, on: bool) {

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use keyward_core::{Catalogue, Provider};
 use keyward_fakes::{Behaviour, FakeProviders};
 use keyward_providers::{
-    build_chat, build_list_models, build_probe, diagnose, key_placement, parse_chat, parse_model_page, rate_limits,
-    request_id_header, ChatMessage, ChatRequest, ChatRole, Diagnosis, HttpCall, HttpMethod, StreamDecoder, StreamEvent,
-    StreamSummary, Usage,
+    build_chat, build_list_models, build_probe, diagnose, key_placement, native_call, parse_chat, parse_model_page,
+    parse_native, rate_limits, read_native_request, request_id_header, ChatMessage, ChatRequest, ChatRole, Diagnosis,
+    GoogleVersion, HttpCall, HttpMethod, NativeApi, StreamDecoder, StreamEvent, StreamSummary, Usage,
 };
 use serde_json::{json, Value};
 
@@ -1301,4 +1301,178 @@ async fn the_binary_prints_its_address_and_serves() {
     assert_eq!(answer.content, "Hello");
     child.start_kill().unwrap();
     let _ = child.wait().await;
+}
+
+/// The native APIs beyond chat answer in their own shapes, and keyward-providers reads them.
+#[tokio::test]
+async fn native_apis_answer_in_their_own_shapes() {
+    let fakes = FakeProviders::start().unwrap();
+    for p in Provider::ALL {
+        fakes.set_key(p, &key(p, "ok"), Behaviour::Ok);
+    }
+    let cases = [
+        (
+            NativeApi::AnthropicCountTokens,
+            json!({"model": "claude-haiku-5-5", "messages": [{"role": "user", "content": "one two three"}]}),
+            None,
+        ),
+        (
+            NativeApi::OpenAiResponses,
+            json!({"model": "gpt-6-luna", "input": "one two three", "max_output_tokens": 16}),
+            None,
+        ),
+        (
+            NativeApi::OpenAiEmbeddings,
+            json!({"model": "text-embedding-3-small", "input": ["one two", "three"]}),
+            None,
+        ),
+        (
+            NativeApi::GoogleGenerate(GoogleVersion::V1),
+            json!({"contents": [{"role": "user", "parts": [{"text": "one two three"}]}]}),
+            Some(("gemini-3.8-flash", false)),
+        ),
+    ];
+    for (api, body, google) in cases {
+        let p = api.provider();
+        let req = read_native_request(api, body.to_string().as_bytes(), google).unwrap();
+        let call = native_call(&req, |_| None);
+        let resp = send(&fakes, p, &call, Some(&key(p, "ok"))).await;
+        assert_eq!(resp.status(), 200, "{api:?}");
+        let bytes = resp.bytes().await.unwrap();
+        let answer = parse_native(api, 200, &bytes).unwrap();
+        assert_eq!(
+            answer.usage.input_tokens,
+            3,
+            "{api:?}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    // The Responses API streams its own events, ending with response.completed.
+    let req = read_native_request(
+        NativeApi::OpenAiResponses,
+        json!({"model": "gpt-6-luna", "input": "one two three", "stream": true})
+            .to_string()
+            .as_bytes(),
+        None,
+    )
+    .unwrap();
+    let resp = send(
+        &fakes,
+        Provider::OpenAi,
+        &native_call(&req, |_| None),
+        Some(&key(Provider::OpenAi, "ok")),
+    )
+    .await;
+    let mut d = StreamDecoder::for_native(NativeApi::OpenAiResponses);
+    let mut text = String::new();
+    for e in d.feed(&resp.bytes().await.unwrap()) {
+        if let StreamEvent::Delta(t) = e {
+            text.push_str(&t);
+        }
+    }
+    assert_eq!(text, "Hello from fake openai.");
+    let s = d.finish().unwrap();
+    assert_eq!((s.usage.input_tokens, s.usage.output_tokens), (3, 4));
+    // Embeddings in base64, as the openai SDK asks for them by default: little-endian f32s.
+    let req = read_native_request(
+        NativeApi::OpenAiEmbeddings,
+        json!({"model": "text-embedding-3-small", "input": "x", "encoding_format": "base64", "dimensions": 4})
+            .to_string()
+            .as_bytes(),
+        None,
+    )
+    .unwrap();
+    let v: Value = send(
+        &fakes,
+        Provider::OpenAi,
+        &native_call(&req, |_| None),
+        Some(&key(Provider::OpenAi, "ok")),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw.len(), 16);
+    // The Responses API's own limits.
+    let req = read_native_request(
+        NativeApi::OpenAiResponses,
+        json!({"model": "gpt-6-luna", "input": "x", "max_output_tokens": 1})
+            .to_string()
+            .as_bytes(),
+        None,
+    )
+    .unwrap();
+    let resp = send(
+        &fakes,
+        Provider::OpenAi,
+        &native_call(&req, |_| None),
+        Some(&key(Provider::OpenAi, "ok")),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "integer_below_min_value");
+    // A retired Google model through v1 names its version.
+    let req = read_native_request(
+        NativeApi::GoogleGenerate(GoogleVersion::V1),
+        json!({"contents": [{"role": "user", "parts": [{"text": "x"}]}]})
+            .to_string()
+            .as_bytes(),
+        Some(("gemini-1.5-flash", false)),
+    )
+    .unwrap();
+    let resp = send(
+        &fakes,
+        Provider::Google,
+        &native_call(&req, |_| None),
+        Some(&key(Provider::Google, "ok")),
+    )
+    .await;
+    assert_eq!(resp.status(), 404);
+    let f = parse_native(req.api, 404, &resp.bytes().await.unwrap()).unwrap_err();
+    assert!(f.message.contains("for API version v1,"), "{}", f.message);
+}
+
+#[tokio::test]
+async fn any_key_mode_is_steered_by_marker_words() {
+    let fakes = FakeProviders::start().unwrap();
+    let p = Provider::OpenAi;
+    let probe = build_probe(p, &model(p));
+    // Off: an unregistered key is unknown.
+    assert_eq!(send(&fakes, p, &probe, Some(&key(p, "anything"))).await.status(), 401);
+    fakes.accept_any_key(true);
+    assert_eq!(send(&fakes, p, &probe, Some(&key(p, "anything"))).await.status(), 200);
+    for (word, status) in [
+        ("Invalid", 401),
+        ("no-credit", 429),
+        ("RATE_LIMITED", 429),
+        ("unavailable", 503),
+    ] {
+        let resp = send(&fakes, p, &probe, Some(&key(p, word))).await;
+        assert_eq!(resp.status().as_u16(), status, "{word}");
+    }
+    let g = Provider::Google;
+    let resp = send(&fakes, g, &build_probe(g, &model(g)), Some(&key(g, "leaked"))).await;
+    let f = diagnose(g, 403, &resp.bytes().await.unwrap());
+    assert_eq!(f.diagnosis, Diagnosis::KeyReportedLeaked);
+    // A registered key still wins, and Google still refuses standard keys.
+    fakes.set_key(p, &key(p, "leaked-but-registered"), Behaviour::Ok);
+    assert_eq!(
+        send(&fakes, p, &probe, Some(&key(p, "leaked-but-registered")))
+            .await
+            .status(),
+        200
+    );
+    let standard = "AIzaSyA1234567890abcdefghijklmnopqrstu";
+    assert_eq!(
+        send(&fakes, g, &build_probe(g, &model(g)), Some(standard))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(Behaviour::from_marker("sk-proj-plain"), Some(Behaviour::Ok));
 }

@@ -270,10 +270,13 @@ pub fn model_id_is_safe(model: &str) -> bool {
 
 /// The exact allowlist of calls a worker may send for `provider`:
 ///
-/// - Anthropic: `POST /v1/messages`, `GET /v1/models[?limit=1000[&after_id=…]]`.
-/// - OpenAI: `POST /v1/chat/completions`, `GET /v1/models`.
+/// - Anthropic: `POST /v1/messages`, `POST /v1/messages/count_tokens`,
+///   `GET /v1/models[?limit=1000[&after_id=…]]`.
+/// - OpenAI: `POST /v1/chat/completions`, `POST /v1/responses`, `POST /v1/embeddings`,
+///   `GET /v1/models`.
 /// - Google: `POST /v1beta/models/{model}:generateContent`,
 ///   `POST /v1beta/models/{model}:streamGenerateContent` with no query or exactly `?alt=sse`,
+///   the same two under `/v1/models/` (google-genai 3.x calls `v1`),
 ///   `GET /v1beta/models[?pageSize=1000[&pageToken=…]]`; `{model}` must be [`model_id_is_safe`].
 ///
 /// Anything else is refused: other paths or methods, any other query (so never `key=`),
@@ -285,18 +288,25 @@ pub fn path_allowed(provider: Provider, method: HttpMethod, path_and_query: &str
     };
     match provider {
         Provider::Anthropic => match (method, path) {
-            (HttpMethod::Post, "/v1/messages") => query.is_none(),
+            (HttpMethod::Post, "/v1/messages" | "/v1/messages/count_tokens") => query.is_none(),
             (HttpMethod::Get, "/v1/models") => listing_query_allowed(query, "limit", "after_id"),
             _ => false,
         },
         Provider::OpenAi => matches!(
             (method, path, query),
-            (HttpMethod::Post, "/v1/chat/completions", None) | (HttpMethod::Get, "/v1/models", None)
+            (
+                HttpMethod::Post,
+                "/v1/chat/completions" | "/v1/responses" | "/v1/embeddings",
+                None
+            ) | (HttpMethod::Get, "/v1/models", None)
         ),
         Provider::Google => match method {
             HttpMethod::Get => path == "/v1beta/models" && listing_query_allowed(query, "pageSize", "pageToken"),
             HttpMethod::Post => {
-                let Some(rest) = path.strip_prefix("/v1beta/models/") else {
+                let Some(rest) = path
+                    .strip_prefix("/v1beta/models/")
+                    .or_else(|| path.strip_prefix("/v1/models/"))
+                else {
                     return false;
                 };
                 let Some((model, action)) = rest.split_once(':') else {
@@ -590,6 +600,11 @@ mod tests {
                 "/v1beta/models/gemini-1.5-flash:generateContent",
             ),
             (Provider::Google, Post, "/v1/messages"),
+            (Provider::Google, Post, "/v1/models/gemini:countTokens"),
+            (Provider::Google, Post, "/v2/models/gemini:generateContent"),
+            (Provider::OpenAi, Post, "/v1/responses/resp_1/cancel"),
+            (Provider::OpenAi, Get, "/v1/responses"),
+            (Provider::Anthropic, Post, "/v1/messages/batches"),
             (Provider::Google, Get, "/v1/models"),
             // traversal and odd paths
             (Provider::Anthropic, Post, "/v1/messages/../../admin"),

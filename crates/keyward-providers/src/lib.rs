@@ -23,6 +23,7 @@ mod failure;
 mod google;
 mod limits;
 mod models;
+mod native;
 mod openai;
 mod response;
 mod sse;
@@ -36,5 +37,9 @@ pub use call::{
 pub use failure::{diagnose, Diagnosis, ProviderFailure, MAX_MESSAGE_CHARS};
 pub use limits::{rate_limits, rate_limits_note, Limit, RateLimits};
 pub use models::{parse_model_page, ModelPage};
+pub use native::{
+    google_action, native_call, native_routes, parse_native, read_native_request, GoogleActionError, GoogleVersion,
+    NativeAnswer, NativeApi, NativeRequest, NativeRequestError, DEFAULT_MAX_OUTPUT,
+};
 pub use response::{parse_chat, ChatResponse, Usage};
 pub use stream::{openai_is_usage_only_chunk, StreamDecoder, StreamEvent, StreamSummary, MAX_EVENT_BYTES};

@@ -231,6 +231,75 @@ pub(crate) fn on_event(state: &mut StreamState, event: &SseEvent, out: &mut Vec<
     }
 }
 
+/// A plain Responses API answer (`{"id": "resp_…", "object": "response", "status", "usage":
+/// {"input_tokens", "output_tokens"}, "error"}`): `None` when it is not one; a `failed`
+/// response is its error.
+pub(crate) fn parse_response(status: u16, v: &Value) -> Option<Result<crate::NativeAnswer, ProviderFailure>> {
+    if v.get("object").and_then(Value::as_str) != Some("response") {
+        return None;
+    }
+    if let Some(error) = v.get("error").filter(|e| e.is_object()) {
+        return Some(Err(failure_from(Some(status), error)));
+    }
+    let usage = v.get("usage")?;
+    Some(Ok(crate::NativeAnswer {
+        id: v.get("id").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        usage: Usage {
+            input_tokens: usage.get("input_tokens").and_then(Value::as_u64)?,
+            output_tokens: usage.get("output_tokens").and_then(Value::as_u64)?,
+        },
+    }))
+}
+
+/// One event of a streamed Responses API answer: `response.output_text.delta` carries text;
+/// `response.completed` (or `response.incomplete`) ends it with the final response and its
+/// usage; `response.failed` and `error` are failures. There is no `[DONE]`.
+pub(crate) fn on_responses_event(state: &mut StreamState, event: &SseEvent, out: &mut Vec<StreamEvent>) {
+    let Some(v) = state.json(P, &event.data, out) else {
+        return;
+    };
+    let kind = v.get("type").and_then(Value::as_str).unwrap_or(&event.event);
+    let response = v.get("response").unwrap_or(&Value::Null);
+    if let Some(id) = response.get("id").and_then(Value::as_str) {
+        id.clone_into(&mut state.summary.id);
+    }
+    if let Some(model) = response.get("model").and_then(Value::as_str) {
+        model.clone_into(&mut state.summary.model);
+    }
+    match kind {
+        "response.output_text.delta" => {
+            if let Some(text) = v.get("delta").and_then(Value::as_str) {
+                StreamState::delta(text, out);
+            }
+        }
+        "response.completed" | "response.incomplete" => {
+            if let Some(usage) = response.get("usage") {
+                if let (Some(input), Some(output)) = (
+                    usage.get("input_tokens").and_then(Value::as_u64),
+                    usage.get("output_tokens").and_then(Value::as_u64),
+                ) {
+                    state.summary.usage = Usage {
+                        input_tokens: input,
+                        output_tokens: output,
+                    };
+                    state.usage_seen = true;
+                }
+            }
+            if let Some(status) = response.get("status").and_then(Value::as_str) {
+                status.clone_into(&mut state.summary.stop_reason);
+            }
+            state.ended = true;
+        }
+        "response.failed" => {
+            let error = response.get("error").unwrap_or(&Value::Null);
+            state.fail(failure_from(None, error), out);
+        }
+        "error" => state.fail(failure_from(None, &v), out),
+        // response.created, output_item.added, content_part.added, … carry nothing metered.
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

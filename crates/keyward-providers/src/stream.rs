@@ -41,6 +41,8 @@ pub struct StreamSummary {
 #[derive(Debug)]
 pub struct StreamDecoder {
     provider: Provider,
+    /// OpenAI's Responses API streams other events than its chat completions.
+    responses: bool,
     sse: SseParser,
     state: StreamState,
     events: Vec<SseEvent>,
@@ -90,9 +92,18 @@ impl StreamState {
 }
 
 impl StreamDecoder {
+    /// The decoder for a streamed native answer of `api` (OpenAI's Responses API ends with
+    /// `response.completed`, which carries the usage; the others as their chats do).
+    pub fn for_native(api: crate::NativeApi) -> StreamDecoder {
+        let mut d = StreamDecoder::new(api.provider());
+        d.responses = api == crate::NativeApi::OpenAiResponses;
+        d
+    }
+
     pub fn new(provider: Provider) -> StreamDecoder {
         StreamDecoder {
             provider,
+            responses: false,
             sse: SseParser::default(),
             state: StreamState::default(),
             events: Vec::new(),
@@ -126,6 +137,7 @@ impl StreamDecoder {
             self.state.events += 1;
             match self.provider {
                 Provider::Anthropic => anthropic::on_event(&mut self.state, &event, &mut out),
+                Provider::OpenAi if self.responses => openai::on_responses_event(&mut self.state, &event, &mut out),
                 Provider::OpenAi => openai::on_event(&mut self.state, &event, &mut out),
                 Provider::Google => google::on_event(&mut self.state, &event, &mut out),
             }
@@ -162,6 +174,7 @@ impl StreamDecoder {
             } else {
                 let marker = match p {
                     Provider::Anthropic => "message_stop",
+                    Provider::OpenAi if self.responses => "response.completed",
                     Provider::OpenAi => "[DONE]",
                     Provider::Google => "a finishReason",
                 };
@@ -489,6 +502,49 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,
         assert!(matches!(&events[0], StreamEvent::Error(f) if f.diagnosis == Diagnosis::MalformedResponse));
         assert!(d.feed(b"\n\n").is_empty());
         assert!(d.finish().is_err());
+    }
+
+    #[test]
+    fn responses_streams_end_with_response_completed() {
+        let stream = "event: response.created\n\
+data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"gpt-6-luna\",\"output\":[],\"usage\":null}}\n\n\
+event: response.output_text.delta\n\
+data: {\"type\":\"response.output_text.delta\",\"sequence_number\":3,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hé\"}\n\n\
+event: response.output_text.delta\n\
+data: {\"type\":\"response.output_text.delta\",\"sequence_number\":4,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"llo\"}\n\n\
+event: response.completed\n\
+data: {\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"gpt-6-luna\",\"usage\":{\"input_tokens\":12,\"output_tokens\":2,\"total_tokens\":14}}}\n\n";
+        for cut in 0..stream.len() {
+            if !stream.is_char_boundary(cut) {
+                continue;
+            }
+            let mut d = StreamDecoder::for_native(crate::NativeApi::OpenAiResponses);
+            let mut text = String::new();
+            for part in [&stream[..cut], &stream[cut..]] {
+                for e in d.feed(part.as_bytes()) {
+                    if let StreamEvent::Delta(t) = e {
+                        text.push_str(&t);
+                    }
+                }
+            }
+            assert_eq!(text, "Héllo");
+            assert!(d.is_complete());
+            let s = d.finish().unwrap();
+            assert_eq!(
+                (s.id.as_str(), s.usage.input_tokens, s.usage.output_tokens),
+                ("resp_1", 12, 2)
+            );
+        }
+        // Cut before response.completed: incomplete, naming the marker.
+        let mut d = StreamDecoder::for_native(crate::NativeApi::OpenAiResponses);
+        let half = stream.find("event: response.completed").unwrap();
+        d.feed(&stream.as_bytes()[..half]);
+        assert!(d.finish().unwrap_err().message.contains("response.completed"));
+        // A failed response is a failure.
+        let mut d = StreamDecoder::for_native(crate::NativeApi::OpenAiResponses);
+        let failed = "data: {\"type\":\"response.failed\",\"response\":{\"id\":\"resp_2\",\"status\":\"failed\",\"error\":{\"code\":\"server_error\",\"message\":\"boom\"}}}\n\n";
+        let events = d.feed(failed.as_bytes());
+        assert!(matches!(&events[..], [StreamEvent::Error(f)] if f.message == "boom"));
     }
 
     #[test]

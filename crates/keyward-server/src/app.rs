@@ -8,7 +8,7 @@ use axum::http::header::{CACHE_CONTROL, X_CONTENT_TYPE_OPTIONS};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{any, get};
 use axum::Router;
 use keyward_core::{Catalogue, ErrorCode};
 use keyward_store::Store;
@@ -57,6 +57,8 @@ pub struct AppStateInner {
     pub key_tests_per_minute: u32,
     pub max_body_bytes: usize,
     pub max_ai_body_bytes: usize,
+    /// `/metrics` on the API's listener (false when `KEYWARD_METRICS_LISTEN` serves it apart).
+    pub metrics_on_api: bool,
     /// The settings page: sessions, login codes, the login limiter, TLS or not.
     pub web: Arc<WebState>,
     /// `/readyz`'s check of the KEK backend.
@@ -82,25 +84,45 @@ pub fn router(state: AppState) -> Router {
     // route in it is documented (see `openapi`).
     let (api, doc) = crate::openapi::api_router();
     let doc = Arc::new(doc);
+    use keyward_providers::{GoogleVersion, NativeApi};
+    use routes::passthrough::{google_route, native_route};
     let native = Router::new()
         .route(
             "/providers/anthropic/v1/messages",
-            post(routes::passthrough::anthropic_messages),
+            native_route(NativeApi::AnthropicMessages),
+        )
+        .route(
+            "/providers/anthropic/v1/messages/count_tokens",
+            native_route(NativeApi::AnthropicCountTokens),
         )
         .route(
             "/providers/openai/v1/chat/completions",
-            post(routes::passthrough::openai_chat),
+            native_route(NativeApi::OpenAiChat),
+        )
+        .route(
+            "/providers/openai/v1/responses",
+            native_route(NativeApi::OpenAiResponses),
+        )
+        .route(
+            "/providers/openai/v1/embeddings",
+            native_route(NativeApi::OpenAiEmbeddings),
         )
         .route(
             "/providers/google/v1beta/models/{model_action}",
-            post(routes::passthrough::google_generate),
+            google_route(GoogleVersion::V1Beta),
+        )
+        .route(
+            "/providers/google/v1/models/{model_action}",
+            google_route(GoogleVersion::V1),
         )
         .route("/providers/{provider}/v1/models", get(routes::passthrough::list_models))
         .route(
             "/providers/{provider}/v1beta/models",
             get(routes::passthrough::list_models),
-        );
-    Router::new()
+        )
+        .route("/providers/{provider}/{*rest}", any(routes::passthrough::not_carried));
+    let metrics_on_api = state.metrics_on_api;
+    let router = Router::new()
         .merge(api)
         .route(
             "/openapi.json",
@@ -109,15 +131,27 @@ pub fn router(state: AppState) -> Router {
                 async move { axum::Json(doc.as_ref().clone()) }
             }),
         )
-        .route("/metrics", get(routes::ops::metrics))
         .nest("/v1/accounts/{account_id}", native)
         .merge(web::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read by `extract::JsonBody`/`AiBody` with their own limits; this is a backstop.
         .layer(DefaultBodyLimit::max(state.max_ai_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), web::banner))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(middleware::from_fn_with_state(state.clone(), web::transport_headers))
+        .with_state(state.clone());
+    if metrics_on_api {
+        router.merge(metrics_router(state))
+    } else {
+        router
+    }
+}
+
+/// `/metrics` alone, for the API's listener or `KEYWARD_METRICS_LISTEN`'s.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(routes::ops::metrics))
         .with_state(state)
 }
 

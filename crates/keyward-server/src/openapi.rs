@@ -4,7 +4,10 @@
 //! handlers, and the router for those routes is built from the same annotations
 //! ([`api_router`]), so a route cannot exist without being documented; the bodies are the
 //! types of [`crate::api`], which the handlers serialize. The native pass-through routes
-//! are the providers' own APIs and the settings page is HTML: neither is in it.
+//! carry the providers' own APIs: they are listed (tag "native pass-through") with their
+//! paths and what keyward checks, their bodies and answers being the provider's (see each
+//! provider's reference). The settings page is HTML and is not in it. `servers` is this
+//! keyward itself (`/`, relative to where the document was fetched).
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -20,13 +23,15 @@ use crate::routes;
         title = "keyward",
         description = "Bring-your-own-key vault and gateway for AI model keys (Aiemaily). Authenticate with `Authorization: Bearer kw_…`.",
     ),
-    modifiers(&BearerAuth),
+    servers((url = "/", description = "this keyward (the URL the document was fetched from)")),
+    modifiers(&BearerAuth, &NativePassThrough),
     tags(
         (name = "me", description = "The caller"),
         (name = "model keys", description = "Save, rotate, remove, switch and test provider keys"),
         (name = "ai", description = "AI calls, metered and audited"),
         (name = "usage and audit"),
         (name = "operations"),
+        (name = "native pass-through", description = "Each provider's own API, for its official SDK: base URL `/v1/accounts/{account_id}/providers/{provider}`, a keyward token as the API key in the SDK's own header (`x-api-key`, `Authorization: Bearer`, `x-goog-api-key`). Bodies and answers are the provider's; keyward's refusals use the provider's error format."),
     )
 )]
 struct ApiDoc;
@@ -45,6 +50,191 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// The pass-through routes, documented by hand: their bodies are the providers' own.
+struct NativePassThrough;
+
+impl Modify for NativePassThrough {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
+        use utoipa::openapi::request_body::RequestBodyBuilder;
+        use utoipa::openapi::{ContentBuilder, ObjectBuilder, Required, ResponseBuilder};
+
+        let object = || {
+            ObjectBuilder::new()
+                .description(Some("the provider's own JSON"))
+                .build()
+        };
+        let json = || ContentBuilder::new().schema(Some(object())).build();
+        let path_param = |name: &str, what: &str| {
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some(what))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::Type::String)
+                        .build(),
+                ))
+                .build()
+        };
+        let answer = |what: &str| {
+            ResponseBuilder::new()
+                .description(what)
+                .content("application/json", json())
+                .build()
+        };
+        let refusals = [
+            ("400", "The body is not JSON (the provider's error format)"),
+            ("401", "No or unknown keyward token (the provider's error format)"),
+            (
+                "404",
+                "Not a member of this account, or an API keyward does not carry (the provider's error format)",
+            ),
+            (
+                "409",
+                "Own key selected but none saved, or reported as leaked (the provider's error format)",
+            ),
+            ("413", "Body too large"),
+            (
+                "422",
+                "A model that is retired, unknown or of another kind, or a bad bound (the provider's error format)",
+            ),
+            ("429", "Shared-pool credits spent (the provider's error format)"),
+            (
+                "503",
+                "No worker, no database, or no shared key for this provider (the provider's error format)",
+            ),
+        ];
+        let operation = |summary: &str, provider: &str, has_body: bool, google: bool| {
+            let mut op = OperationBuilder::new()
+                .tag("native pass-through")
+                .summary(Some(summary))
+                .description(Some(format!(
+                    "{summary}, as {provider}'s SDK calls it. keyward checks the token and membership, the model against its catalogue and the shared pool's credits, then puts the account's real key (own or shared) in place of the token; the call is metered and audited. Streamed answers are relayed as they arrive."
+                )))
+                .parameter(path_param("account_id", "The account (acc_…)"))
+                .response("200", answer("The provider's answer (JSON, or text/event-stream when streamed), relayed as it arrives"));
+            if google {
+                op = op.parameter(path_param(
+                    "model_action",
+                    "{model}:generateContent, or {model}:streamGenerateContent with ?alt=sse",
+                ));
+            }
+            if has_body {
+                op = op.request_body(Some(
+                    RequestBodyBuilder::new()
+                        .content("application/json", json())
+                        .required(Some(Required::True))
+                        .build(),
+                ));
+            }
+            for (status, what) in refusals {
+                op = op.response(status, answer(what));
+            }
+            op.build()
+        };
+        let base = "/v1/accounts/{account_id}/providers";
+        let routes: [(&str, HttpMethod, &str, &str, bool, bool); 11] = [
+            (
+                "anthropic/v1/messages",
+                HttpMethod::Post,
+                "Anthropic Messages",
+                "Anthropic",
+                true,
+                false,
+            ),
+            (
+                "anthropic/v1/messages/count_tokens",
+                HttpMethod::Post,
+                "Anthropic token counting (free: audited, never charged)",
+                "Anthropic",
+                true,
+                false,
+            ),
+            (
+                "anthropic/v1/models",
+                HttpMethod::Get,
+                "Anthropic's models that keyward offers (from its catalogue)",
+                "Anthropic",
+                false,
+                false,
+            ),
+            (
+                "openai/v1/chat/completions",
+                HttpMethod::Post,
+                "OpenAI Chat Completions",
+                "OpenAI",
+                true,
+                false,
+            ),
+            (
+                "openai/v1/responses",
+                HttpMethod::Post,
+                "OpenAI Responses",
+                "OpenAI",
+                true,
+                false,
+            ),
+            (
+                "openai/v1/embeddings",
+                HttpMethod::Post,
+                "OpenAI Embeddings",
+                "OpenAI",
+                true,
+                false,
+            ),
+            (
+                "openai/v1/models",
+                HttpMethod::Get,
+                "OpenAI's models that keyward offers (from its catalogue)",
+                "OpenAI",
+                false,
+                false,
+            ),
+            (
+                "google/v1/models/{model_action}",
+                HttpMethod::Post,
+                "Google generateContent (v1, google-genai's default)",
+                "Google",
+                true,
+                true,
+            ),
+            (
+                "google/v1beta/models/{model_action}",
+                HttpMethod::Post,
+                "Google generateContent (v1beta)",
+                "Google",
+                true,
+                true,
+            ),
+            (
+                "google/v1/models",
+                HttpMethod::Get,
+                "Google's models that keyward offers (from its catalogue; v1)",
+                "Google",
+                false,
+                false,
+            ),
+            (
+                "google/v1beta/models",
+                HttpMethod::Get,
+                "Google's models that keyward offers (from its catalogue)",
+                "Google",
+                false,
+                false,
+            ),
+        ];
+        for (path, method, summary, provider, has_body, google) in routes {
+            openapi.paths.add_path_operation(
+                format!("{base}/{path}"),
+                vec![method],
+                operation(summary, provider, has_body, google),
+            );
+        }
     }
 }
 
@@ -68,6 +258,64 @@ pub fn api_router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
 mod tests {
     use super::*;
 
+    /// `docs/openapi.json` is this document, so the repository's reference cannot drift from
+    /// the code. `KEYWARD_UPDATE_DOCS=1 cargo test -p keyward-server --lib openapi` rewrites it.
+    #[test]
+    fn the_documents_copy_in_docs_is_current() {
+        let (_, doc) = api_router();
+        let current = format!("{}\n", doc.to_pretty_json().unwrap());
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a test's own switch, not keyward configuration"
+        )]
+        if std::env::var("KEYWARD_UPDATE_DOCS").as_deref() == Ok("1") {
+            std::fs::write(&path, &current).unwrap();
+        }
+        let copy = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            copy == current,
+            "docs/openapi.json is not the document keyward serves: run KEYWARD_UPDATE_DOCS=1 cargo test -p keyward-server --lib openapi"
+        );
+    }
+
+    /// `docs/API.md`, the reference a clone carries, names every route of this document and
+    /// every error code (a pass-through route by its path after the SDK's base URL).
+    #[test]
+    fn the_reference_names_every_route_and_error_code() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/API.md");
+        let reference = std::fs::read_to_string(&path).unwrap();
+        let (_, doc) = api_router();
+        let mut missing = Vec::new();
+        for route in doc.paths.paths.keys() {
+            let short = match route.split_once("/providers/") {
+                Some((_, rest)) => rest
+                    .split_once('/')
+                    .map_or(rest, |(_, p)| p)
+                    .replace("{model_action}", "{model}:generateContent"),
+                None => route.replace("{account_id}", "{id}"),
+            };
+            let short = format!("/{}", short.trim_start_matches('/'));
+            // The whole path, not a prefix of a longer one.
+            let named = reference.match_indices(&short).any(|(at, _)| {
+                reference[at + short.len()..]
+                    .chars()
+                    .next()
+                    .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            });
+            if !named {
+                missing.push(short);
+            }
+        }
+        for code in keyward_core::ErrorCode::ALL {
+            let row = format!("| `{}` | {} |", code.as_str(), code.http_status());
+            if !reference.contains(&row) {
+                missing.push(row);
+            }
+        }
+        assert!(missing.is_empty(), "docs/API.md does not name: {missing:?}");
+    }
+
     #[test]
     fn every_json_route_is_documented_with_its_bodies() {
         let (_, doc) = api_router();
@@ -86,11 +334,17 @@ mod tests {
             ("/v1/accounts/{account_id}/audit", &["get"]),
             ("/healthz", &["get"]),
             ("/readyz", &["get"]),
+            ("/v1/accounts/{account_id}/providers/openai/v1/responses", &["post"]),
+            (
+                "/v1/accounts/{account_id}/providers/google/v1/models/{model_action}",
+                &["post"],
+            ),
         ] {
             for m in methods {
                 assert!(paths[path][m].is_object(), "{m} {path} is not documented");
             }
         }
+        assert_eq!(v["servers"][0]["url"], "/");
         let schemas = v["components"]["schemas"].as_object().unwrap();
         for s in [
             "ProviderStateBody",

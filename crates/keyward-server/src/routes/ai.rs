@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use keyward_core::{AccountId, Catalogue, ErrorCode, KeyId, KeySource, ModelEntry, ModelRefusal, Provider};
+use keyward_core::{AccountId, Catalogue, ErrorCode, KeyId, KeySource, ModelEntry, ModelKind, ModelRefusal, Provider};
 use keyward_providers::{
     build_chat, parse_chat, ChatMessage, ChatRequest, Diagnosis, ProviderFailure, StreamDecoder, StreamEvent, Usage,
 };
@@ -56,6 +56,8 @@ pub struct CallContext {
     pub reserved: i64,
     pub feature: Option<String>,
     pub started: std::time::Instant,
+    /// Whether the provider bills the call (token counting is free: audited, never charged).
+    pub billed: bool,
 }
 
 impl CallContext {
@@ -63,6 +65,7 @@ impl CallContext {
     pub fn charge(&self, usage: Usage) -> i64 {
         match self.choice.source {
             KeySource::Own => 0,
+            KeySource::Shared if !self.billed => 0,
             KeySource::Shared => i64::try_from(self.model.credits_for(usage.input_tokens, usage.output_tokens))
                 .unwrap_or(i64::MAX)
                 .min(self.reserved),
@@ -146,7 +149,12 @@ pub struct CallSpec<'a> {
     pub model: Option<&'a str>,
     /// The request's size: an upper bound on its input tokens.
     pub input_bytes: usize,
+    /// The output bound (0 for APIs without output: embeddings, token counting).
     pub max_tokens: u32,
+    /// The kind of model the route takes.
+    pub kind: ModelKind,
+    /// Whether the provider bills it: only billed calls reserve shared credits.
+    pub billed: bool,
     pub feature: Option<String>,
     /// The account's source and key for `provider`, when the route already read them
     /// (alongside the caller's membership); `None`: read them here.
@@ -167,18 +175,20 @@ pub async fn prepare(
         model,
         input_bytes,
         max_tokens,
+        kind,
+        billed,
         feature,
         prefetched_key,
     } = spec;
     let model = match model {
-        Some(id) => resolve_model(&state.catalogue, provider, id)?.clone(),
+        Some(id) => resolve_model(&state.catalogue, provider, id, kind)?.clone(),
         None => state
             .catalogue
             .default_model(provider)
             .cloned()
             .ok_or_else(|| validation("no model is catalogued for this provider"))?,
     };
-    if max_tokens == 0 || max_tokens > MAX_OUTPUT_TOKENS {
+    if kind == ModelKind::Chat && billed && (max_tokens == 0 || max_tokens > MAX_OUTPUT_TOKENS) {
         return Err(ApiError::validation(format!(
             "max_tokens must be from 1 to {MAX_OUTPUT_TOKENS}"
         )));
@@ -192,7 +202,13 @@ pub async fn prepare(
         Some(k) => k,
         None => state.store.call_key(account, provider).await?,
     };
-    let choice = choose_key(account, provider, current)?;
+    let choice = match choose_key(account, provider, current) {
+        Ok(choice) => choice,
+        Err(e) if e.code == ErrorCode::SharedPoolUnavailable => {
+            return Err(no_shared_key(state, account, provider).await);
+        }
+        Err(e) => return Err(e),
+    };
     if choice.source == KeySource::Own && choice.key.reported_leaked_at.is_some() {
         // The provider blocked this key; the account chose it, so no fallback to the pool.
         let refusal = leaked_key_refusal(provider, &choice.key.last4);
@@ -201,7 +217,7 @@ pub async fn prepare(
     }
     let (period, _, _) = period_of(state.clock.now());
     let mut reserved = 0;
-    if choice.source == KeySource::Shared {
+    if choice.source == KeySource::Shared && billed {
         // Input tokens are not known before the call; the input's byte count bounds them.
         let estimate = model.credits_for(input_bytes as u64, u64::from(max_tokens)).max(1);
         reserved = i64::try_from(estimate).unwrap_or(i64::MAX);
@@ -238,15 +254,38 @@ pub async fn prepare(
         reserved,
         feature,
         started: std::time::Instant::now(),
+        billed,
     })
 }
 
-/// The catalogue entry a call naming `id` uses: served models only. A retired model is
-/// `422 model_retired` naming its replacement (never a silent substitution); an unknown one
-/// is a validation error listing what is offered.
-pub fn resolve_model<'c>(catalogue: &'c Catalogue, provider: Provider, id: &str) -> ApiResult<&'c ModelEntry> {
+/// The catalogue entry a call naming `id` uses: served models of the route's `kind` only. A
+/// retired model is `422 model_retired` naming its replacement (never a silent
+/// substitution); an unknown one, or one of another kind, is a validation error listing what
+/// is offered.
+pub fn resolve_model<'c>(
+    catalogue: &'c Catalogue,
+    provider: Provider,
+    id: &str,
+    kind: ModelKind,
+) -> ApiResult<&'c ModelEntry> {
+    let offered = || {
+        catalogue
+            .served(provider)
+            .filter(|m| m.kind == kind)
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match catalogue.resolve(provider, id) {
-        Ok(m) => Ok(m),
+        Ok(m) if m.kind == kind => Ok(m),
+        Ok(m) => Err(ApiError::validation(format!(
+            "{} is {} {} model, and this route takes {} models: {}",
+            m.id,
+            if m.kind == ModelKind::Embedding { "an" } else { "a" },
+            m.kind.as_str(),
+            kind.as_str(),
+            offered()
+        ))),
         Err(ModelRefusal::Retired(m)) => {
             let replacement = m.replaced_by.as_deref().and_then(|r| catalogue.model(provider, r));
             let when = m.retires_on.as_deref().map_or_else(String::new, |d| format!(" on {d}"));
@@ -266,9 +305,31 @@ pub fn resolve_model<'c>(catalogue: &'c Catalogue, provider: Provider, id: &str)
         Err(ModelRefusal::Unknown) => Err(ApiError::validation(format!(
             "model is not offered for {}: choose one of {}",
             provider.display_name(),
-            catalogue.model_ids(provider).join(", ")
+            offered()
         ))),
     }
+}
+
+/// `503 shared_pool_unavailable`, with the advice that fits the account: switch to its saved
+/// key when it has one, else save one.
+async fn no_shared_key(state: &AppState, account: &AccountId, provider: Provider) -> ApiError {
+    let name = provider.display_name();
+    let has_own_key = state
+        .store
+        .provider_state(account, provider)
+        .await
+        .is_ok_and(|s| s.key.is_some());
+    let advice = if has_own_key {
+        format!(
+            "this account's own {name} key is saved but not in use: switch {name} to My key in Settings → AI → Model keys"
+        )
+    } else {
+        format!("save your own {name} key in Settings → AI → Model keys and switch to it")
+    };
+    ApiError::new(
+        ErrorCode::SharedPoolUnavailable,
+        format!("the shared pool has no {name} key configured; {advice}"),
+    )
 }
 
 /// `409 key_reported_leaked` for an own key its provider blocked.
@@ -422,6 +483,8 @@ async fn messages_call(state: AppState, claim: AccountMemberClaim, body: JsonBod
         model: body.model.as_deref(),
         input_bytes,
         max_tokens: body.max_tokens,
+        kind: ModelKind::Chat,
+        billed: true,
         feature: body.feature.clone(),
         prefetched_key,
     };

@@ -1,6 +1,9 @@
 //! Native pass-through: each provider's official SDK, pointed at
 //! `…/v1/accounts/{id}/providers/{provider}` with a keyward token as its API key, works
-//! unchanged. keyward takes its token from the header that SDK uses (`x-api-key`,
+//! unchanged for the APIs keyward carries ([`keyward_providers::NativeApi`]: Anthropic
+//! Messages and token counting, OpenAI Chat Completions, Responses and Embeddings, Google
+//! generateContent under `v1` and `v1beta`); anything else is refused in the provider's own
+//! error format, naming what is carried. keyward takes its token from the header that SDK uses (`x-api-key`,
 //! `Authorization: Bearer`, `x-goog-api-key`), never forwards it, and the worker puts the
 //! account's real key (own or shared) in its place. The same engine as `ai/messages`
 //! meters, caps and audits the call; answers stream through as they arrive. keyward's own
@@ -8,11 +11,15 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{post, MethodRouter};
 use keyward_core::{ErrorCode, Provider};
-use keyward_providers::{openai_is_usage_only_chunk, parse_chat, HttpCall, HttpMethod, StreamDecoder, Usage};
-use serde_json::{json, Value};
+use keyward_providers::{
+    google_action, native_call, native_routes, openai_is_usage_only_chunk, parse_native, read_native_request,
+    GoogleActionError, GoogleVersion, NativeApi, NativeRequestError, StreamDecoder, Usage,
+};
+use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::ai::{open_and_call, CallFailure};
@@ -21,9 +28,6 @@ use crate::auth::{authenticate_member, authenticate_member_with_key, Caller};
 use crate::error::ApiError;
 use crate::extract::AiBody;
 use crate::routes::ai::{channel_body, fail_call, prepare, CallContext, CallSpec, MAX_ANSWER};
-
-/// The output bound keyward sets when a native request names none.
-const DEFAULT_MAX_OUTPUT: u32 = 4096;
 
 /// The header each provider's SDK sends its API key in, where keyward takes its token.
 fn token_header(provider: Provider) -> &'static str {
@@ -59,11 +63,11 @@ fn provider_envelope(provider: Provider, e: &ApiError) -> Response {
                 ErrorCode::NotFound | ErrorCode::UnknownProvider => "not_found_error",
                 ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "rate_limit_error",
                 ErrorCode::PayloadTooLarge => "request_too_large",
-                ErrorCode::WorkerUnavailable
-                | ErrorCode::KekUnavailable
-                | ErrorCode::SharedPoolUnavailable
-                | ErrorCode::DatabaseUnavailable => "overloaded_error",
-                ErrorCode::Internal | ErrorCode::ProviderError => "api_error",
+                ErrorCode::WorkerUnavailable | ErrorCode::KekUnavailable | ErrorCode::DatabaseUnavailable => {
+                    "overloaded_error"
+                }
+                // A configuration problem, not load: no shared key for this provider.
+                ErrorCode::Internal | ErrorCode::ProviderError | ErrorCode::SharedPoolUnavailable => "api_error",
                 _ => "invalid_request_error",
             };
             json!({ "type": "error", "error": { "type": kind, "message": e.message } })
@@ -88,10 +92,10 @@ fn provider_envelope(provider: Provider, e: &ApiError) -> Response {
                 ErrorCode::Forbidden | ErrorCode::PlanRequired | ErrorCode::KeyReportedLeaked => "PERMISSION_DENIED",
                 ErrorCode::NotFound | ErrorCode::UnknownProvider => "NOT_FOUND",
                 ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "RESOURCE_EXHAUSTED",
-                ErrorCode::WorkerUnavailable
-                | ErrorCode::KekUnavailable
-                | ErrorCode::SharedPoolUnavailable
-                | ErrorCode::DatabaseUnavailable => "UNAVAILABLE",
+                ErrorCode::WorkerUnavailable | ErrorCode::KekUnavailable | ErrorCode::DatabaseUnavailable => {
+                    "UNAVAILABLE"
+                }
+                ErrorCode::SharedPoolUnavailable => "FAILED_PRECONDITION",
                 ErrorCode::Internal | ErrorCode::ProviderError => "INTERNAL",
                 _ => "INVALID_ARGUMENT",
             };
@@ -142,250 +146,85 @@ async fn caller_account_and_key(
     authenticate_member_with_key(state, &token, account, provider).await
 }
 
-/// What the gateway reads from a client's native request body.
-struct NativeRequest {
-    body: Vec<u8>,
-    model: String,
-    max_tokens: u32,
-    stream: bool,
-    /// OpenAI: keyward asked for the usage chunk, so it must not show it to the client.
-    hide_usage_chunk: bool,
-}
-
 fn invalid(m: &str) -> ApiError {
     ApiError::validation(m.to_owned())
 }
 
-fn read_native(
-    provider: Provider,
-    raw: &[u8],
-    google_model: Option<&str>,
-    google_stream: bool,
-) -> Result<NativeRequest, ApiError> {
-    let mut v: Value =
-        serde_json::from_slice(raw).map_err(|_| ApiError::new(ErrorCode::InvalidJson, "the body is not valid JSON"))?;
-    let obj = v
-        .as_object_mut()
-        .ok_or_else(|| invalid("the body must be a JSON object"))?;
-    let as_u32 = |x: Option<&Value>| x.and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok());
-    match provider {
-        Provider::Anthropic => {
-            let model = obj
-                .get("model")
-                .and_then(Value::as_str)
-                .ok_or_else(|| invalid("model: required"))?
-                .to_owned();
-            let max_tokens = as_u32(obj.get("max_tokens")).ok_or_else(|| invalid("max_tokens: required"))?;
-            let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
-            Ok(NativeRequest {
-                body: raw.to_vec(),
-                model,
-                max_tokens,
-                stream,
-                hide_usage_chunk: false,
-            })
-        }
-        Provider::OpenAi => {
-            let model = obj
-                .get("model")
-                .and_then(Value::as_str)
-                .ok_or_else(|| invalid("model: required"))?
-                .to_owned();
-            if obj.get("n").and_then(Value::as_u64).is_some_and(|n| n != 1) {
-                return Err(invalid("n: keyward relays one choice per call (n must be 1)"));
-            }
-            // The reservation covers max_tokens: without one, keyward sets it, so the
-            // provider cannot produce more than was reserved.
-            let mut changed = false;
-            let max_tokens = match as_u32(obj.get("max_completion_tokens")).or_else(|| as_u32(obj.get("max_tokens"))) {
-                Some(n) => n,
-                None => {
-                    obj.insert("max_completion_tokens".into(), json!(DEFAULT_MAX_OUTPUT));
-                    changed = true;
-                    DEFAULT_MAX_OUTPUT
-                }
-            };
-            let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
-            let mut hide = false;
-            if stream {
-                let asked = obj
-                    .get("stream_options")
-                    .and_then(|o| o.get("include_usage"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                if !asked {
-                    // Metering needs the usage; the client did not ask for it, so it will not see it.
-                    let opts = obj.entry("stream_options").or_insert_with(|| json!({}));
-                    if let Some(o) = opts.as_object_mut() {
-                        o.insert("include_usage".into(), Value::Bool(true));
-                    }
-                    hide = true;
-                }
-            }
-            let body = if hide || changed {
-                serde_json::to_vec(&v).map_err(|e| ApiError::internal(&e))?
-            } else {
-                raw.to_vec()
-            };
-            Ok(NativeRequest {
-                body,
-                model,
-                max_tokens,
-                stream,
-                hide_usage_chunk: hide,
-            })
-        }
-        Provider::Google => {
-            let config = obj.entry("generationConfig").or_insert_with(|| json!({}));
-            let config = config
-                .as_object_mut()
-                .ok_or_else(|| invalid("generationConfig must be an object"))?;
-            if config
-                .get("candidateCount")
-                .and_then(Value::as_u64)
-                .is_some_and(|n| n != 1)
-            {
-                return Err(invalid(
-                    "candidateCount: keyward relays one candidate per call (it must be 1)",
-                ));
-            }
-            // As for OpenAI: the reservation's bound is made the provider's bound.
-            let (max_tokens, changed) = match as_u32(config.get("maxOutputTokens")) {
-                Some(n) => (n, false),
-                None => {
-                    config.insert("maxOutputTokens".into(), json!(DEFAULT_MAX_OUTPUT));
-                    (DEFAULT_MAX_OUTPUT, true)
-                }
-            };
-            let body = if changed {
-                serde_json::to_vec(&v).map_err(|e| ApiError::internal(&e))?
-            } else {
-                raw.to_vec()
-            };
-            Ok(NativeRequest {
-                body,
-                model: google_model.unwrap_or_default().to_owned(),
-                max_tokens,
-                stream: google_stream,
-                hide_usage_chunk: false,
-            })
-        }
-    }
-}
-
-pub async fn anthropic_messages(
-    State(state): State<AppState>,
-    Path(account): Path<String>,
-    headers: HeaderMap,
-    AiBody(body): AiBody,
-) -> Response {
-    native(
-        state,
-        account,
-        headers,
-        body,
-        Provider::Anthropic,
-        "/v1/messages".to_owned(),
-        None,
-        false,
+/// The route handler of one carried API (every one but Google's, whose model is in the path).
+pub fn native_route(api: NativeApi) -> MethodRouter<AppState> {
+    post(
+        move |State(state): State<AppState>, Path(account): Path<String>, headers: HeaderMap, AiBody(body): AiBody| {
+            native(state, account, headers, body, api, None)
+        },
     )
-    .await
 }
 
-pub async fn openai_chat(
-    State(state): State<AppState>,
-    Path(account): Path<String>,
-    headers: HeaderMap,
-    AiBody(body): AiBody,
-) -> Response {
-    native(
-        state,
-        account,
-        headers,
-        body,
-        Provider::OpenAi,
-        "/v1/chat/completions".to_owned(),
-        None,
-        false,
+/// Google's `…/{version}/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`.
+pub fn google_route(version: GoogleVersion) -> MethodRouter<AppState> {
+    post(
+        move |State(state): State<AppState>,
+              Path((account, model_action)): Path<(String, String)>,
+              RawQuery(query): RawQuery,
+              headers: HeaderMap,
+              AiBody(body): AiBody| async move {
+            let api = NativeApi::GoogleGenerate(version);
+            let bad = |m: &str| provider_envelope(Provider::Google, &invalid(m));
+            let query_has_key = query
+                .as_deref()
+                .is_some_and(|q| q.split('&').any(|p| p == "key" || p.starts_with("key=")));
+            if query_has_key {
+                // Keys never travel in URLs (they end up in logs); the SDK sends them in a header.
+                return bad(
+                    "keyward takes the token only in the x-goog-api-key header (where the google-genai SDK sends it), \
+                     never in the URL: remove ?key= and send x-goog-api-key: kw_…",
+                );
+            }
+            let (model, stream) = match google_action(&model_action, query.as_deref()) {
+                Ok(found) => found,
+                Err(GoogleActionError::NotCarried(why)) => {
+                    return provider_envelope(Provider::Google, &ApiError::new(ErrorCode::NotFound, why))
+                }
+                Err(GoogleActionError::Invalid(why)) => return bad(&why),
+            };
+            let google = Some((model.to_owned(), stream));
+            native(state, account, headers, body, api, google).await
+        },
     )
-    .await
 }
 
-/// `…/v1beta/models/{model}:generateContent` and `:streamGenerateContent[?alt=sse]`.
-pub async fn google_generate(
-    State(state): State<AppState>,
-    Path((account, model_action)): Path<(String, String)>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    AiBody(body): AiBody,
-) -> Response {
-    let bad = |m: &str| provider_envelope(Provider::Google, &invalid(m));
-    let query_has_key = query
-        .as_deref()
-        .is_some_and(|q| q.split('&').any(|p| p == "key" || p.starts_with("key=")));
-    if query_has_key {
-        // Keys never travel in URLs (they end up in logs); the SDK sends them in a header.
-        return bad(
-            "keyward takes the token only in the x-goog-api-key header (where the google-genai SDK sends it), \
-             never in the URL: remove ?key= and send x-goog-api-key: kw_…",
-        );
-    }
-    let Some((model, action)) = model_action.rsplit_once(':') else {
-        return bad("expected models/{model}:generateContent or :streamGenerateContent");
+/// Anything else under a provider's base URL: refused in that provider's own error format,
+/// naming what is carried.
+pub async fn not_carried(Path((_, provider, rest)): Path<(String, String, String)>, method: Method) -> Response {
+    let Ok(provider) = provider.parse::<Provider>() else {
+        return ApiError::new(
+            ErrorCode::UnknownProvider,
+            "unknown provider: expected anthropic, openai or google",
+        )
+        .into_response();
     };
-    let stream = match (action, query.as_deref()) {
-        ("generateContent", None) => false,
-        ("streamGenerateContent", Some("alt=sse")) => true,
-        ("streamGenerateContent", _) => {
-            return bad("keyward relays streamGenerateContent as server-sent events only: add ?alt=sse")
-        }
-        _ => return bad("unsupported method: generateContent or streamGenerateContent?alt=sse"),
-    };
-    let path = if stream {
-        format!("/v1beta/models/{model}:streamGenerateContent?alt=sse")
-    } else {
-        format!("/v1beta/models/{model}:generateContent")
-    };
-    let model = model.to_owned();
-    native(
-        state,
-        account,
-        headers,
-        body,
-        Provider::Google,
-        path,
-        Some(model),
-        stream,
-    )
-    .await
+    let e = ApiError::new(
+        ErrorCode::NotFound,
+        format!(
+            "{method} /{rest} is not carried by keyward's {} pass-through: it carries {}",
+            provider.display_name(),
+            native_routes(provider)
+        ),
+    );
+    provider_envelope(provider, &e)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn native(
     state: AppState,
     account: String,
     headers: HeaderMap,
     raw: Bytes,
-    provider: Provider,
-    path: String,
-    google_model: Option<String>,
-    google_stream: bool,
+    api: NativeApi,
+    google: Option<(String, bool)>,
 ) -> Response {
+    let provider = api.provider();
     // As for ai/messages: a call that reached the provider is settled and audited even if
     // the client goes away, so it runs in its own task.
-    let call = tokio::spawn(async move {
-        native_inner(
-            &state,
-            &account,
-            &headers,
-            &raw,
-            provider,
-            path,
-            google_model.as_deref(),
-            google_stream,
-        )
-        .await
-    });
+    let call = tokio::spawn(async move { native_inner(&state, &account, &headers, &raw, api, google).await });
     match call.await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => provider_envelope(provider, &e),
@@ -393,45 +232,34 @@ async fn native(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn native_inner(
     state: &AppState,
     account: &str,
     headers: &HeaderMap,
     raw: &[u8],
-    provider: Provider,
-    path: String,
-    google_model: Option<&str>,
-    google_stream: bool,
+    api: NativeApi,
+    google: Option<(String, bool)>,
 ) -> Result<Response, ApiError> {
+    let provider = api.provider();
     let (caller, m, key) = caller_account_and_key(state, headers, account, provider).await?;
-    let req = read_native(provider, raw, google_model, google_stream)?;
+    let req = read_native_request(api, raw, google.as_ref().map(|(m, s)| (m.as_str(), *s))).map_err(|e| match e {
+        NativeRequestError::NotJson => ApiError::new(ErrorCode::InvalidJson, e.to_string()),
+        NativeRequestError::Invalid(m) => ApiError::validation(m),
+    })?;
     let spec = CallSpec {
         provider,
         model: Some(&req.model),
         input_bytes: raw.len(),
-        max_tokens: req.max_tokens.max(1),
+        max_tokens: req.max_output,
+        kind: api.model_kind(),
+        billed: api.costs_money(),
         feature: None,
         prefetched_key: Some(key),
     };
     let ctx = prepare(state, &caller, &m.account, spec).await?;
-    let mut call_headers = vec![("content-type".to_owned(), "application/json".to_owned())];
-    if provider == Provider::Anthropic {
-        let version = headers
-            .get("anthropic-version")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(keyward_providers::ANTHROPIC_VERSION);
-        call_headers.push(("anthropic-version".to_owned(), version.to_owned()));
-        if let Some(beta) = headers.get("anthropic-beta").and_then(|v| v.to_str().ok()) {
-            call_headers.push(("anthropic-beta".to_owned(), beta.to_owned()));
-        }
-    }
-    let call = HttpCall {
-        method: HttpMethod::Post,
-        path_and_query: path,
-        headers: call_headers,
-        body: req.body,
-    };
+    let call = native_call(&req, |name| {
+        headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    });
     let mut upstream = match open_and_call(state, provider, &ctx.choice, call).await {
         Ok(u) => u,
         Err(f) => return Err(fail_call(state, &ctx, f, None).await),
@@ -457,24 +285,38 @@ async fn native_inner(
             Ok(b) => b,
             Err(f) => return Err(fail_call(state, &ctx, f, req_id).await),
         };
-        let (outcome, usage, detail) = match parse_chat(provider, upstream.status, &body) {
-            Ok(answer) => ("ok".to_owned(), answer.usage, None),
+        let (outcome, usage, detail, answer_id) = match parse_native(api, upstream.status, &body) {
+            Ok(answer) => (
+                "ok".to_owned(),
+                answer.usage,
+                None,
+                Some(answer.id).filter(|id| !id.is_empty()),
+            ),
             Err(f) => {
                 ctx.learn_from(state, &f).await;
                 (
                     format!("error:{}", f.diagnosis.as_str()),
                     Usage::default(),
                     Some(f.message),
+                    None,
                 )
             }
         };
-        ctx.settle(state, &outcome, usage, req_id, detail).await?;
+        ctx.settle(state, &outcome, usage, req_id.or(answer_id), detail).await?;
         return Ok((status, out_headers, body).into_response());
     }
 
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let state = state.clone();
-    tokio::spawn(relay_stream(state, ctx, upstream, tx, req_id, req.hide_usage_chunk));
+    tokio::spawn(relay_stream(
+        state,
+        ctx,
+        upstream,
+        tx,
+        req_id,
+        req.hide_usage_chunk,
+        api,
+    ));
     let body = channel_body(rx);
     Ok((status, out_headers, body).into_response())
 }
@@ -489,8 +331,9 @@ async fn relay_stream(
     tx: mpsc::Sender<Bytes>,
     req_id: Option<String>,
     hide_usage_chunk: bool,
+    api: NativeApi,
 ) {
-    let mut decoder = StreamDecoder::new(ctx.provider);
+    let mut decoder = StreamDecoder::for_native(api);
     let mut filter = UsageChunkFilter::default();
     let mut held: Vec<u8> = Vec::new();
     let failure = loop {
