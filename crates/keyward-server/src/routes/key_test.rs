@@ -308,7 +308,7 @@ async fn list_usable_models(
             result.found.models = Some(
                 state
                     .catalogue
-                    .served(provider)
+                    .served_chat(provider)
                     .filter(|m| page.ids.iter().any(|id| id == &m.id))
                     .map(|m| m.id.clone())
                     .collect(),

@@ -74,12 +74,18 @@ fn bucket(ip: IpAddr) -> IpAddr {
 #[derive(Debug, Deserialize)]
 pub struct LoginQuery {
     code: Option<String>,
+    /// Set by `/logout`'s redirect: the page says the person is signed out.
+    signed_out: Option<String>,
 }
 
 /// The login form, with a fresh double-submit cookie for its CSRF token.
 fn form(state: &AppState, status: StatusCode, error: Option<&str>) -> Response {
+    form_with(state, status, error, None)
+}
+
+fn form_with(state: &AppState, status: StatusCode, error: Option<&str>, notice: Option<&str>) -> Response {
     let token = random_secret();
-    let mut res = html(status, pages::login_page(&token, error));
+    let mut res = html(status, pages::login_page(&token, error, notice));
     if let Some(c) = state.web.set_cookie(state.web.login_cookie(), &token) {
         res.headers_mut().append(SET_COOKIE, c);
     }
@@ -135,7 +141,11 @@ pub async fn login_form(
     if session(&state, &headers).is_some() {
         return see_other(SETTINGS_PATH);
     }
-    form(&state, StatusCode::OK, None)
+    let notice = q
+        .signed_out
+        .is_some()
+        .then_some("You are signed out. Your session has ended on this browser.");
+    form_with(&state, StatusCode::OK, None, notice)
 }
 
 #[derive(Deserialize)]
@@ -211,7 +221,7 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap, body: Bod
         return super::forbidden_form_page();
     }
     state.web.sessions.end(&s.id);
-    let mut res = see_other("/login");
+    let mut res = see_other("/login?signed_out=1");
     if let Some(c) = state.web.clear_cookie(state.web.session_cookie()) {
         res.headers_mut().append(SET_COOKIE, c);
     }

@@ -87,7 +87,7 @@ pub fn diagnosis_words(status: &str) -> &'static str {
         "key_reported_leaked" => "The provider reported this key as leaked and blocks it: replace it with a new key.",
         "rate_limited" => "The provider is rate-limiting this key right now: try again in a moment.",
         "provider_unavailable" => "The provider is unavailable or overloaded right now: try again later.",
-        "unreachable" => "keyward could not reach the provider.",
+        "unreachable" => "keyward could not connect to the provider from this server (its own network, DNS or TLS, or the provider is down); the provider said nothing.",
         "bad_request" => "The provider refused the test request.",
         "malformed_response" => "The provider's answer could not be read.",
         _ => "The test failed.",
@@ -157,8 +157,11 @@ pub fn message_page(title: &str, text: &str, link: Option<(&str, &str)>) -> Stri
     document(title, "", &main)
 }
 
-/// `/login`: a token field (masked) and "Log in".
-pub fn login_page(csrf: &str, error: Option<&str>) -> String {
+/// `/login`: a token field (masked) and "Log in"; `notice` says something went well (signed out).
+pub fn login_page(csrf: &str, error: Option<&str>, notice: Option<&str>) -> String {
+    let notice = notice.map_or_else(String::new, |n| {
+        format!(r#"<p class="msg ok" role="status" id="login-notice">{}</p>"#, esc(n))
+    });
     let (error_html, invalid) = match error {
         Some(e) => (
             format!(r#"<p class="msg err" id="token-error">{}</p>"#, esc(e)),
@@ -169,6 +172,7 @@ pub fn login_page(csrf: &str, error: Option<&str>) -> String {
     let main = format!(
         r#"<div class="narrow">
 <h1>Log in</h1>
+{notice}
 <p class="lede">Sign in to manage your account's AI model keys.</p>
 <form class="card login" method="post" action="/login">
 <input type="hidden" name="csrf" value="{csrf}">
@@ -311,7 +315,7 @@ fn usage_panel(v: &PageView<'_>) -> String {
 <div class="usage-head"><h2 id="usage-h">Aiemaily shared usage this month</h2><span class="muted">{period}</span></div>
 <p class="usage-figure"><strong>{used}</strong> of {limit} credits used <span class="muted">· {remaining} left · {plan} plan</span></p>
 <progress id="usage-bar" max="{max}" value="{value}" aria-label="Shared credits used this month">{used} of {limit}</progress>
-<p class="hint">Calls on Aiemaily shared are metered against these credits and stop when they run out. Calls on your own key are not capped ({own} this month).</p>
+<p class="hint">Calls on Aiemaily shared are metered against these credits and stop when they run out. {own_keys}</p>
 </section>"#,
         used = group(used),
         limit = group(limit),
@@ -319,9 +323,19 @@ fn usage_panel(v: &PageView<'_>) -> String {
         plan = plan_name(v.current.account.plan),
         max = limit.max(1),
         value = used.min(limit.max(1)).max(0),
-        own = match own_total {
-            1 => "1 request".to_owned(),
-            n => format!("{} requests", group(n)),
+        own_keys = if v.current.account.plan.allows_own_keys() {
+            format!(
+                "Calls on your own key are not capped ({} this month).",
+                match own_total {
+                    1 => "1 request".to_owned(),
+                    n => format!("{} requests", group(n)),
+                }
+            )
+        } else {
+            format!(
+                "Your own keys, which are not capped, need the {} or Business plan.",
+                plan_name(Plan::FIRST_PAID)
+            )
         },
     )
 }
@@ -442,8 +456,14 @@ pub fn last_test_html(key: &KeyMeta) -> String {
         )
     } else {
         let (status, message) = t.message.split_once(": ").unwrap_or(("", t.message.as_str()));
+        // keyward's own failure to connect is not something the provider said.
+        let said = if status == "unreachable" {
+            ""
+        } else {
+            "The provider said: "
+        };
         format!(
-            r#"<span class="bad">Failed</span> · {at}<br><span class="muted">{} The provider said: “{}”</span>{abilities}"#,
+            r#"<span class="bad">Failed</span> · {at}<br><span class="muted">{} {said}“{}”</span>{abilities}"#,
             esc(&failure_words(status, found.as_ref())),
             esc(message)
         )
@@ -453,7 +473,7 @@ pub fn last_test_html(key: &KeyMeta) -> String {
 /// The models of a card: served ones, a deprecated one with its retirement date.
 fn models_html(catalogue: &Catalogue, p: Provider) -> String {
     let models: Vec<String> = catalogue
-        .served(p)
+        .served_chat(p)
         .map(|m| match (m.status, &m.retires_on) {
             (ModelStatus::Deprecated, Some(d)) => format!(
                 r#"{} <span class="deprecated">(deprecated, retires <time datetime="{d}">{}</time>)</span>"#,
@@ -709,7 +729,7 @@ mod tests {
         let page = message_page("<b>", "a < b", Some(("/x?a=1&b=2", "Go")));
         assert!(page.contains("&lt;b&gt;") && !page.contains("<b>"));
         assert!(page.contains("/x?a=1&amp;b=2"));
-        let login = login_page("tok\"en", Some("<no>"));
+        let login = login_page("tok\"en", Some("<no>"), None);
         assert!(login.contains("value=\"tok&quot;en\""));
         assert!(login.contains("&lt;no&gt;"));
         assert!(!login.contains("<script>") && !login.contains("style="));

@@ -253,16 +253,20 @@ pub async fn action(
             ),
             Ok(r) => {
                 let status = r.provider_status.map_or_else(String::new, |s| format!(" (HTTP {s})"));
+                let message = r.message.as_deref().unwrap_or_default();
+                // keyward's own failure to connect is not something the provider said.
+                let detail = if r.diagnosis == Some(keyward_providers::Diagnosis::Unreachable) {
+                    format!("keyward's connection to {name} failed: {message}")
+                } else {
+                    format!("{name} said{status}: “{message}”")
+                };
                 Flash {
                     account: account.clone(),
                     provider,
                     control,
                     ok: false,
                     title: format!("Test failed. {}", pages::failure_words(r.status(), Some(&r.found))),
-                    detail: Some(format!(
-                        "{name} said{status}: “{}”",
-                        r.message.as_deref().unwrap_or_default()
-                    )),
+                    detail: Some(detail),
                 }
             }
             Err(e) => failure(&account, provider, control, &e),

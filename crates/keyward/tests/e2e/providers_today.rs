@@ -180,9 +180,9 @@ async fn retired_seed_models_are_refused_naming_the_replacement_and_current_ones
         "{r}"
     );
 
-    // Every model keyward offers today is served, for every provider.
+    // Every chat model keyward offers today is served, for every provider.
     for p in PROVIDERS {
-        for m in cat.served(provider(p)) {
+        for m in cat.served_chat(provider(p)) {
             let mut body = chat_body(p, false, 8);
             body["model"] = json!(m.id);
             let r = ai_call(&kw, t, &acc, &body).await;
@@ -190,12 +190,18 @@ async fn retired_seed_models_are_refused_naming_the_replacement_and_current_ones
             assert_eq!(r.json()["model"], m.id.as_str(), "{r}");
         }
     }
-    // The listing shows the served models only.
+    // The listing shows the served chat models only.
     let listed = list_keys(&kw, t, &acc).await;
     for p in PROVIDERS {
-        let ids: Vec<String> = cat.served(provider(p)).map(|m| m.id.clone()).collect();
+        let ids: Vec<String> = cat.served_chat(provider(p)).map(|m| m.id.clone()).collect();
         assert_eq!(listed[p]["models"], json!(ids), "{p}");
     }
+    // An embedding model is not a chat model: refused, saying which route takes it.
+    let mut body = chat_body("openai", false, 8);
+    body["model"] = json!("text-embedding-3-small");
+    let r = ai_call(&kw, t, &acc, &body).await;
+    r.expect_error(422, "validation_error");
+    assert!(r.error_message().unwrap_or_default().contains("embedding model"), "{r}");
     assert_audit_ok(&kw, None);
 }
 
@@ -216,7 +222,7 @@ async fn key_test_tells_a_missing_model_from_a_bad_key() {
         assert_eq!(v["status"], "model_not_available", "{r}");
         assert_eq!(v["key_valid"], true, "{p}: the key itself works: {r}");
         let expected: Vec<String> = catalogue()
-            .served(provider(p))
+            .served_chat(provider(p))
             .filter(|m| m.id != probe)
             .map(|m| m.id.clone())
             .collect();
@@ -544,4 +550,76 @@ async fn pass_through_refusals_name_the_header_each_sdk_uses() {
             assert!(!r.text.contains("Authorization: Bearer"), "{path}: {r}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_shared_key_the_advice_fits_the_account() {
+    let fake = FakeProviders::start().unwrap();
+    let kw = start_on_fake(&fake, &[]);
+    let (user, acc) = pro_owner(&kw, "advice@example.com");
+    let t = user.token.as_str();
+    // No shared key and no own key: save one.
+    let r = ai_call(&kw, t, &acc, &chat_body("anthropic", false, 8)).await;
+    r.expect_error(503, "shared_pool_unavailable");
+    assert!(
+        r.error_message()
+            .unwrap_or_default()
+            .contains("save your own Anthropic key"),
+        "{r}"
+    );
+    // A saved key with the switch on shared: switch, not save.
+    save_key(&kw, t, &acc, "anthropic", &key_for("anthropic")).await;
+    let r = ai_call(&kw, t, &acc, &chat_body("anthropic", false, 8)).await;
+    r.expect_error(503, "shared_pool_unavailable");
+    let msg = r.error_message().unwrap_or_default();
+    assert!(
+        msg.contains("saved but not in use") && msg.contains("switch Anthropic to My key"),
+        "{msg}"
+    );
+    assert!(!msg.contains("save your own"), "{msg}");
+    // Through the SDK pass-through it is a configuration error, not an overload.
+    let r = kw
+        .http()
+        .raw(
+            keyward_testkit::http::RawRequest::new(
+                keyward_testkit::reqwest::Method::POST,
+                &format!("/v1/accounts/{acc}/providers/anthropic/v1/messages"),
+            )
+            .header("x-api-key", t)
+            .json_bytes(
+                json!({"model": "claude-haiku-5-5", "max_tokens": 8, "messages": [{"role": "user", "content": PROMPT}]})
+                    .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{r}");
+    assert_eq!(r.json()["error"]["type"], "api_error", "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keywards_own_connection_failure_is_not_what_the_provider_said() {
+    // A provider that cannot be reached: nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let kw = start_with(
+        keyward_testkit::Options::default()
+            .env("KEYWARD_OPENAI_BASE_URL", &url)
+            .env("KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS", "1000"),
+    );
+    let web = crate::web::login_with_code(&kw).await;
+    let acc = kw.owner_account().to_owned();
+    save_key(&kw, kw.owner_token(), &acc, "openai", &key_for("openai")).await;
+    web.act(&acc, "openai", "test", &[]).await;
+    let page = web.page(&acc).await;
+    let shown = crate::web::region(&page.text, "msg-openai-test");
+    assert!(shown.contains("keyward&#39;s connection to OpenAI failed"), "{shown}");
+    assert!(!shown.contains("OpenAI said"), "{shown}");
+    assert!(
+        !page.text.contains("The provider said: “OpenAI could not be reached"),
+        "{page}"
+    );
 }

@@ -484,7 +484,11 @@ async fn logging_out_ends_the_session() {
     let csrf = web.csrf().await;
     let out = web.post("/logout", &[("csrf", &csrf)]).await;
     assert_eq!(out.status, 303, "{out}");
-    assert_eq!(location(&out), "/login");
+    assert_eq!(location(&out), "/login?signed_out=1");
+    // The page it leads to says so.
+    let page = web.get("/login?signed_out=1").await;
+    assert!(page.text.contains("You are signed out."), "{page}");
+    assert!(!web.get("/login").await.text.contains("You are signed out."));
     let cleared = set_cookies(&out).join("\n");
     assert!(
         cleared.contains("keyward_session=;") && cleared.contains("Max-Age=0"),
@@ -658,6 +662,9 @@ async fn page_forms_do_what_the_api_does_and_show_errors_next_to_their_control()
     let page = web.page(&acc).await;
     assert!(page.text.contains("Your own keys need a paid plan."), "{page}");
     assert!(!page.text.contains(r#"type="password""#), "no key field on a free plan");
+    // The usage panel does not promise uncapped own keys to a plan that cannot have them.
+    assert!(!page.text.contains("Calls on your own key are not capped"), "{page}");
+    assert!(page.text.contains("need the Pro or Business plan"), "{page}");
     web.act(&acc, "anthropic", "save", &[("api_key", &anthropic_key())])
         .await;
     let a = region(&web.page(&acc).await.text, "msg-anthropic-key");
