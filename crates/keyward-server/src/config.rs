@@ -30,6 +30,7 @@ const KNOWN: &[&str] = &[
     "KEYWARD_TLS_KEY",
     "KEYWARD_MAX_BODY_BYTES",
     "KEYWARD_MAX_AI_BODY_BYTES",
+    "KEYWARD_METRICS_LISTEN",
     "KEYWARD_WORKER_PARENT",
     "KEYWARD_PROVIDER_TIMEOUT_MS",
     "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
@@ -127,6 +128,11 @@ pub enum DatabaseBackend {
 pub struct DatabaseUrl(String);
 
 impl DatabaseUrl {
+    /// The embedded default: `sqlite://<data_dir>/keyward.db`.
+    pub fn sqlite_in(data_dir: &Path) -> DatabaseUrl {
+        DatabaseUrl(format!("sqlite://{}", data_dir.join("keyward.db").display()))
+    }
+
     fn parse(raw: &str) -> Option<DatabaseUrl> {
         let url = DatabaseUrl(raw.to_owned());
         url.scheme_backend().map(|_| url)
@@ -206,6 +212,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Limit for AI request bodies (prompts carry whole email threads).
     pub max_ai_body_bytes: usize,
+    /// Where `/metrics` is served, if not on the API's own listener (an internal address).
+    pub metrics_listen: Option<SocketAddr>,
     /// Set only in a worker process: the pid of the gateway that started it.
     pub worker_parent: Option<u32>,
     /// How long a provider may take to start answering, and may pause mid-stream.
@@ -249,7 +257,7 @@ impl Config {
         let get = |k: &str| v.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
         let data_dir = PathBuf::from(get("KEYWARD_DATA_DIR").unwrap_or("./keyward-data"));
         let database_url = match get("KEYWARD_DATABASE_URL") {
-            None => DatabaseUrl(format!("sqlite://{}", data_dir.join("keyward.db").display())),
+            None => DatabaseUrl::sqlite_in(&data_dir),
             // The value is not echoed: it may hold a password.
             Some(u) => DatabaseUrl::parse(u).ok_or_else(|| ConfigError::Invalid {
                 var: "KEYWARD_DATABASE_URL",
@@ -439,6 +447,14 @@ impl Config {
             key_tests_per_minute,
             worker_socket: get("KEYWARD_WORKER_SOCKET").map(PathBuf::from),
             catalogue: get("KEYWARD_CATALOGUE").map(PathBuf::from),
+            metrics_listen: get("KEYWARD_METRICS_LISTEN")
+                .map(|v| {
+                    v.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid {
+                        var: "KEYWARD_METRICS_LISTEN",
+                        reason: format!("expected IP:PORT such as 127.0.0.1:9100, got {v:?}"),
+                    })
+                })
+                .transpose()?,
             data_dir,
         })
     }

@@ -1,5 +1,10 @@
-//! Prometheus metrics, rendered by hand: a few counters do not need a metrics framework.
-//! Labels are route templates and status codes only: never a path with ids, never a key.
+//! Prometheus metrics, rendered by hand in the text exposition format (version 0.0.4): a few
+//! counters and histograms do not need a metrics framework. Labels are route templates,
+//! status codes, providers, key sources, outcomes and catalogued model ids only: never a path
+//! with ids, never a key.
+//!
+//! Histograms have cumulative `_bucket{le}` series ending in `+Inf`, then `_sum` and `_count`;
+//! the `process_*` gauges follow the names of Prometheus' own client libraries.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -7,7 +12,7 @@ use std::sync::Mutex;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    http: Mutex<BTreeMap<(String, String, u16), HttpStat>>,
+    http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
     key_actions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     worker_restarts: std::sync::atomic::AtomicU64,
     ai_calls: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
@@ -24,27 +29,58 @@ type GoneModel = (u64, Option<std::time::Instant>);
 const MODEL_NOT_FOUND_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Upper bounds of the AI-call latency buckets, in seconds.
-const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const AI_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// Upper bounds of the HTTP request latency buckets, in seconds (answers stream: a streamed
+/// AI call counts until its head is sent).
+const HTTP_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// A histogram with fixed bucket bounds (cumulative counts, one per bound).
 #[derive(Debug, Default, Clone)]
 struct Histogram {
-    buckets: [u64; 12],
+    buckets: Vec<u64>,
     count: u64,
     sum: f64,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct HttpStat {
-    count: u64,
-    micros_sum: u64,
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], value: f64) {
+        if self.buckets.len() != bounds.len() {
+            self.buckets = vec![0; bounds.len()];
+        }
+        for (bucket, bound) in self.buckets.iter_mut().zip(bounds) {
+            if value <= *bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += value;
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines of one series.
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
+        for (n, bound) in self.buckets.iter().zip(bounds) {
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {:.6}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 impl Metrics {
     pub fn record_http(&self, method: &str, route: &str, status: u16, micros: u64) {
         if let Ok(mut m) = self.http.lock() {
-            let s = m.entry((method.to_owned(), route.to_owned(), status)).or_default();
-            s.count += 1;
-            s.micros_sum = s.micros_sum.saturating_add(micros);
+            m.entry((method.to_owned(), route.to_owned(), status))
+                .or_default()
+                .observe(&HTTP_BUCKETS, micros as f64 / 1e6);
         }
     }
 
@@ -65,14 +101,9 @@ impl Metrics {
     /// How long an AI call took, end to end through keyward.
     pub fn observe_ai_latency(&self, provider: keyward_core::Provider, source: keyward_core::KeySource, seconds: f64) {
         if let Ok(mut m) = self.ai_latency.lock() {
-            let h = m.entry((provider.as_str(), source.as_str())).or_default();
-            for (bucket, bound) in h.buckets.iter_mut().zip(LATENCY_BUCKETS) {
-                if seconds <= bound {
-                    *bucket += 1;
-                }
-            }
-            h.count += 1;
-            h.sum += seconds;
+            m.entry((provider.as_str(), source.as_str()))
+                .or_default()
+                .observe(&AI_BUCKETS, seconds);
         }
     }
 
@@ -105,34 +136,52 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP keyward_worker_restarts_total Worker processes that exited and were restarted.\n");
-        out.push_str("# TYPE keyward_worker_restarts_total counter\n");
+        header(
+            &mut out,
+            "keyward_worker_restarts_total",
+            "counter",
+            "Worker processes that exited and were restarted.",
+        );
         let _ = writeln!(
             out,
             "keyward_worker_restarts_total {}",
             self.worker_restarts.load(std::sync::atomic::Ordering::Relaxed)
         );
-        out.push_str("# HELP keyward_http_requests_total HTTP requests by method, route template and status.\n");
-        out.push_str("# TYPE keyward_http_requests_total counter\n");
         let http = self.http.lock().map(|m| m.clone()).unwrap_or_default();
-        for ((method, route, status), s) in &http {
+        header(
+            &mut out,
+            "keyward_http_requests_total",
+            "counter",
+            "HTTP requests by method, route template and status.",
+        );
+        for ((method, route, status), h) in &http {
             let _ = writeln!(
                 out,
                 "keyward_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}",
-                s.count
+                h.count
             );
         }
-        out.push_str("# HELP keyward_http_request_duration_seconds_sum Total time spent answering, by route.\n");
-        out.push_str("# TYPE keyward_http_request_duration_seconds_sum counter\n");
-        for ((method, route, status), s) in &http {
-            let _ = writeln!(
-                out,
-                "keyward_http_request_duration_seconds_sum{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {:.6}",
-                s.micros_sum as f64 / 1e6
+        header(
+            &mut out,
+            "keyward_http_request_duration_seconds",
+            "histogram",
+            "Time to answer an HTTP request (to the head of a streamed answer), by method, route template and status.",
+        );
+        for ((method, route, status), h) in &http {
+            let labels = format!("method=\"{method}\",route=\"{route}\",status=\"{status}\"");
+            h.render(
+                &mut out,
+                "keyward_http_request_duration_seconds",
+                &labels,
+                &HTTP_BUCKETS,
             );
         }
-        out.push_str("# HELP keyward_ai_calls_total AI calls by provider, key source and outcome.\n");
-        out.push_str("# TYPE keyward_ai_calls_total counter\n");
+        header(
+            &mut out,
+            "keyward_ai_calls_total",
+            "counter",
+            "AI calls by provider, key source and outcome.",
+        );
         let calls = self.ai_calls.lock().map(|m| m.clone()).unwrap_or_default();
         for ((provider, source, outcome), n) in &calls {
             let _ = writeln!(
@@ -140,29 +189,23 @@ impl Metrics {
                 "keyward_ai_calls_total{{provider=\"{provider}\",source=\"{source}\",outcome=\"{outcome}\"}} {n}"
             );
         }
-        out.push_str("# HELP keyward_ai_call_duration_seconds AI call latency through keyward.\n");
-        out.push_str("# TYPE keyward_ai_call_duration_seconds histogram\n");
+        header(
+            &mut out,
+            "keyward_ai_call_duration_seconds",
+            "histogram",
+            "AI call latency through keyward.",
+        );
         let latency = self.ai_latency.lock().map(|m| m.clone()).unwrap_or_default();
         for ((provider, source), h) in &latency {
             let labels = format!("provider=\"{provider}\",source=\"{source}\"");
-            for (n, bound) in h.buckets.iter().zip(LATENCY_BUCKETS) {
-                let _ = writeln!(
-                    out,
-                    "keyward_ai_call_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "keyward_ai_call_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(out, "keyward_ai_call_duration_seconds_sum{{{labels}}} {:.6}", h.sum);
-            let _ = writeln!(out, "keyward_ai_call_duration_seconds_count{{{labels}}} {}", h.count);
+            h.render(&mut out, "keyward_ai_call_duration_seconds", &labels, &AI_BUCKETS);
         }
-        out.push_str(
-            "# HELP keyward_model_not_found_total Calls and key tests on a catalogued model that the provider says does not exist.\n",
+        header(
+            &mut out,
+            "keyward_model_not_found_total",
+            "counter",
+            "Calls and key tests on a catalogued model that the provider says does not exist.",
         );
-        out.push_str("# TYPE keyward_model_not_found_total counter\n");
         let gone = self.model_not_found.lock().map(|m| m.clone()).unwrap_or_default();
         for ((provider, model), (n, _)) in &gone {
             let _ = writeln!(
@@ -170,8 +213,12 @@ impl Metrics {
                 "keyward_model_not_found_total{{provider=\"{provider}\",model=\"{model}\"}} {n}"
             );
         }
-        out.push_str("# HELP keyward_key_tests_total Key tests by provider and outcome.\n");
-        out.push_str("# TYPE keyward_key_tests_total counter\n");
+        header(
+            &mut out,
+            "keyward_key_tests_total",
+            "counter",
+            "Key tests by provider and outcome.",
+        );
         let probes = self.probes.lock().map(|m| m.clone()).unwrap_or_default();
         for ((provider, outcome), n) in &probes {
             let _ = writeln!(
@@ -179,8 +226,12 @@ impl Metrics {
                 "keyward_key_tests_total{{provider=\"{provider}\",outcome=\"{outcome}\"}} {n}"
             );
         }
-        out.push_str("# HELP keyward_key_actions_total Key-management actions by action and provider.\n");
-        out.push_str("# TYPE keyward_key_actions_total counter\n");
+        header(
+            &mut out,
+            "keyward_key_actions_total",
+            "counter",
+            "Key-management actions by action and provider.",
+        );
         let keys = self.key_actions.lock().map(|m| m.clone()).unwrap_or_default();
         for ((action, provider), n) in &keys {
             let _ = writeln!(
@@ -188,6 +239,127 @@ impl Metrics {
                 "keyward_key_actions_total{{action=\"{action}\",provider=\"{provider}\"}} {n}"
             );
         }
+        process::render(&mut out);
         out
+    }
+}
+
+/// The gateway process's own figures, from `/proc/self` (Linux): CPU time, memory, open
+/// descriptors and start time, under the names Prometheus' client libraries use.
+mod process {
+    use std::fmt::Write as _;
+
+    use super::header;
+
+    /// Fields of `/proc/self/stat` after the command name: (utime, stime, starttime, vsize,
+    /// rss) in clock ticks, ticks, ticks since boot, bytes, pages.
+    fn stat() -> Option<(u64, u64, u64, u64, u64)> {
+        let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name is in parentheses and may hold spaces: read after the last ')'.
+        let (_, rest) = text.rsplit_once(')')?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // `rest` starts at field 3 (state): field n is f[n - 3].
+        let n = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+        Some((n(14)?, n(15)?, n(22)?, n(23)?, n(24)?))
+    }
+
+    fn boot_time() -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    fn max_fds() -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+        line.split_whitespace().nth(3)?.parse().ok()
+    }
+
+    pub(super) fn render(out: &mut String) {
+        let ticks = rustix::param::clock_ticks_per_second() as f64;
+        let page = rustix::param::page_size() as u64;
+        if let Some((utime, stime, start, vsize, rss)) = stat() {
+            header(
+                out,
+                "process_cpu_seconds_total",
+                "counter",
+                "Total user and system CPU time spent in seconds.",
+            );
+            let _ = writeln!(out, "process_cpu_seconds_total {:.2}", (utime + stime) as f64 / ticks);
+            header(
+                out,
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+            );
+            let _ = writeln!(out, "process_resident_memory_bytes {}", rss.saturating_mul(page));
+            header(
+                out,
+                "process_virtual_memory_bytes",
+                "gauge",
+                "Virtual memory size in bytes.",
+            );
+            let _ = writeln!(out, "process_virtual_memory_bytes {vsize}");
+            if let Some(boot) = boot_time() {
+                header(
+                    out,
+                    "process_start_time_seconds",
+                    "gauge",
+                    "Start time of the process since unix epoch in seconds.",
+                );
+                let _ = writeln!(
+                    out,
+                    "process_start_time_seconds {:.2}",
+                    boot as f64 + start as f64 / ticks
+                );
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            header(out, "process_open_fds", "gauge", "Number of open file descriptors.");
+            let _ = writeln!(out, "process_open_fds {}", fds.count());
+        }
+        if let Some(max) = max_fds() {
+            header(
+                out,
+                "process_max_fds",
+                "gauge",
+                "Maximum number of open file descriptors.",
+            );
+            let _ = writeln!(out, "process_max_fds {max}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_complete() {
+        let m = Metrics::default();
+        m.record_http("GET", "/v1/me", 200, 700);
+        m.record_http("GET", "/v1/me", 200, 30_000);
+        let text = m.render();
+        let line = |s: &str| text.lines().find(|l| l.starts_with(s)).unwrap_or_default().to_owned();
+        let l = "keyward_http_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/me\",status=\"200\"";
+        assert!(line(&format!("{l},le=\"0.0005\"}}")).ends_with(" 0"));
+        assert!(line(&format!("{l},le=\"0.001\"}}")).ends_with(" 1"));
+        assert!(line(&format!("{l},le=\"0.05\"}}")).ends_with(" 2"));
+        assert!(line(&format!("{l},le=\"+Inf\"}}")).ends_with(" 2"));
+        assert!(text
+            .contains("keyward_http_request_duration_seconds_count{method=\"GET\",route=\"/v1/me\",status=\"200\"} 2"));
+        assert!(text.contains("# TYPE keyward_http_request_duration_seconds histogram"));
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "{name}:\n{text}"
+            );
+        }
     }
 }

@@ -35,7 +35,55 @@ pub fn announce(line: &str) {
     let _ = out.flush();
 }
 
+/// What a server that just started can tell its starter.
+#[derive(Debug)]
+pub struct Ready<'a> {
+    /// `http://127.0.0.1:PORT` (or `https://…`).
+    pub base_url: String,
+    /// Set on the first start of an empty database.
+    pub first_start: Option<FirstStartInfo<'a>>,
+}
+
+/// The first start's owner, account and one-time login URL.
+pub struct FirstStartInfo<'a> {
+    pub token: &'a str,
+    pub account_id: String,
+    pub login_url: String,
+}
+
+/// The token and the login code are secrets: `Debug` names neither.
+impl std::fmt::Debug for FirstStartInfo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirstStartInfo")
+            .field("account_id", &self.account_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Called once the server listens (the demo prints its guide from it).
+pub type OnReady = Box<dyn FnOnce(&Ready<'_>) + Send>;
+
+/// What `keyward demo` adds to `serve`: a banner on every page and a hook called once the
+/// server listens.
+#[derive(Default)]
+pub struct ServeExtras {
+    pub banner: Option<String>,
+    pub on_ready: Option<OnReady>,
+}
+
+impl std::fmt::Debug for ServeExtras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeExtras")
+            .field("banner", &self.banner)
+            .finish_non_exhaustive()
+    }
+}
+
 pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeError> {
+    serve_with(config, worker, ServeExtras::default()).await
+}
+
+pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtras) -> Result<(), RuntimeError> {
     // Registered before anything else: a SIGTERM that lands while the workers start is
     // held until the server is up, and then ends it cleanly instead of killing it mid-way.
     let stop = ShutdownSignal::install()?;
@@ -64,9 +112,14 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         tracing::warn!(%addr, "serving plain HTTP on a non-loopback address: keys pasted into keyward would cross the network unencrypted; set KEYWARD_TLS_CERT/KEYWARD_TLS_KEY or keep it on loopback behind a TLS proxy");
     }
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let web = Arc::new(WebState::new(tls.is_some()));
+    let mut web = WebState::new(tls.is_some());
+    web.banner = extras.banner;
+    let web = Arc::new(web);
+    let base_url = format!("{scheme}://{}", url_host(addr));
+    let mut first_start_info = None;
 
-    if let Some(first) = admin::first_start(store.as_ref(), clock.as_ref()).await? {
+    let first = admin::first_start(store.as_ref(), clock.as_ref()).await?;
+    if let Some(first) = &first {
         announce(&format!(
             "first start: created user {} and account Personal (plan pro)",
             admin::FIRST_OWNER_EMAIL
@@ -76,11 +129,9 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         // The owner, found the way every login finds a user: by the token's hash.
         if let Some(owner) = store.user_by_token(&hash_token(&first.token)).await? {
             let code = web.login_codes.issue(owner, clock.now());
-            announce(&format!(
-                "one-time login URL: {scheme}://{}/login?code={}",
-                url_host(addr),
-                code.as_str()
-            ));
+            let login_url = format!("{base_url}/login?code={}", code.as_str());
+            announce(&format!("one-time login URL: {login_url}"));
+            first_start_info = Some((first.account_id.to_string(), login_url));
         }
     }
 
@@ -108,6 +159,7 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
         key_tests_per_minute: config.key_tests_per_minute,
         max_body_bytes: config.max_body_bytes,
         max_ai_body_bytes: config.max_ai_body_bytes,
+        metrics_on_api: config.metrics_listen.is_none(),
         web,
         kek_probe: Arc::default(),
     });
@@ -123,7 +175,34 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     // A purge at start covers removals that a crash interrupted before their checkpoint.
     purge.request();
 
+    let metrics_server = match config.metrics_listen {
+        Some(at) => {
+            let listener = listen(at).map_err(|e| RuntimeError::Other(format!("KEYWARD_METRICS_LISTEN {at}: {e}")))?;
+            let local = listener.local_addr().map_err(|e| RuntimeError::Other(e.to_string()))?;
+            announce(&format!("metrics on http://{local}/metrics"));
+            let app = crate::app::metrics_router(state.clone());
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }))
+        }
+        None => None,
+    };
     announce(&format!("listening on {scheme}://{addr}"));
+    if let Some(on_ready) = extras.on_ready {
+        let ready = Ready {
+            base_url,
+            first_start: match (&first, first_start_info) {
+                (Some(f), Some((account_id, login_url))) => Some(FirstStartInfo {
+                    token: f.token.as_str(),
+                    account_id,
+                    login_url,
+                }),
+                _ => None,
+            },
+        };
+        on_ready(&ready);
+    }
+    drop(first);
     tracing::info!(%addr, tls = tls.is_some(), data_dir = %config.data_dir.display(), "keyward serving");
     let app = router(state).into_make_service_with_connect_info::<ClientAddr>();
     let served = match tls {
@@ -136,6 +215,9 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     };
     purger.abort();
     kek_watcher.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     // Nothing seals any more: retire need not wait for this node.
     reporter.lock().await.forget().await;
     // Leave no removed ciphertext in the WAL behind us.

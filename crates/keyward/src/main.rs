@@ -16,24 +16,56 @@ use keyward_server::runtime::{open_store, prepare_data_dir};
 use keyward_server::workers::WorkerCommand;
 use keyward_server::{admin, logging, serve, Config};
 
+mod demo;
+
+/// What every command's exit code means (shown at the end of `--help`).
+const EXIT_CODES: &str = "Exit codes:
+  0  success
+  1  an error (the message says which), or a check that found a problem:
+     `audit verify` a broken chain, `catalogue check` a model the provider no longer lists,
+     `kek rewrap` a key that could not be moved
+  2  the command line is wrong, the data directory does not exist (see --init), or
+     `catalogue check` could not ask a provider
+
+Settings come from KEYWARD_* environment variables (and --config); see the README's
+Configuration section. Data-changing commands print JSON on stdout; messages go to stderr.";
+
 #[derive(Parser)]
 #[command(
     name = "keyward",
     version,
-    about = "Bring-your-own-key vault and gateway for AI model keys"
+    about = "Bring-your-own-key vault and gateway for AI model keys",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// A TOML file of settings (environment variables win over it).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// The data directory (SQLite database, key-encryption keys, audit-chain key); wins over
+    /// KEYWARD_DATA_DIR. Default: ./keyward-data.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Create the data directory when it does not exist (admin, audit, kek and catalogue
+    /// check otherwise refuse to start on a missing one, so a typo cannot open a new, empty vault).
+    #[arg(long, global = true)]
+    init: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the HTTP API (and, on first start, create the owner and print their token).
+    /// Serve the HTTP API and the settings page (on first start, create the owner and print
+    /// their token and a one-time login URL).
     Serve,
+    /// Try keyward with nothing else installed: keyward with built-in fake Anthropic, OpenAI
+    /// and Google on loopback (no real provider is ever called), printing the login URL, a
+    /// token and copy-paste snippets for curl and each provider's SDK.
+    Demo {
+        /// Where keyward listens (port 0: any free port, printed).
+        #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+    },
     /// The isolated worker. Started by `serve`, not by hand.
     #[command(hide = true)]
     Worker,
@@ -43,7 +75,7 @@ enum Command {
         /// `write` or `exec`.
         probe: String,
     },
-    /// Users, accounts, memberships and plans.
+    /// Users, accounts, memberships, plans and the shared pool's keys.
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
@@ -73,8 +105,8 @@ enum CatalogueCommand {
     /// and name every catalogued model it no longer lists. Exit 0: every active and probe
     /// model is listed; 1: one is gone; 2: a provider could not be asked.
     Check {
-        /// Check one provider only: anthropic, openai or google.
-        #[arg(long)]
+        /// Check one provider only.
+        #[arg(long, value_parser = ["anthropic", "openai", "google"])]
         provider: Option<String>,
     },
 }
@@ -91,11 +123,12 @@ enum KekCommand {
         staged: bool,
         /// AWS KMS: the credentials file (0600) allowed `kms:CreateKey`; default: the
         /// worker's file.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         credentials_file: Option<std::path::PathBuf>,
     },
     /// Make a staged version primary.
     Promote {
+        /// The version to make primary (a number, as `kek status` lists them).
         #[arg(long)]
         version: u32,
     },
@@ -110,11 +143,12 @@ enum KekCommand {
     },
     /// Destroy a version no saved key uses any more (never the primary).
     Retire {
+        /// The version to destroy.
         #[arg(long)]
         version: u32,
         /// AWS KMS: the credentials file (0600) allowed `kms:DisableKey` and
         /// `kms:ScheduleKeyDeletion`; default: the worker's file.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         credentials_file: Option<std::path::PathBuf>,
     },
 }
@@ -123,39 +157,52 @@ enum KekCommand {
 enum AdminCommand {
     /// Create a user; prints the user id and a token (shown once).
     CreateUser {
+        /// The user's e-mail address (unique).
         #[arg(long)]
         email: String,
     },
     /// Create an account owned by an existing user.
     CreateAccount {
+        /// The account's name, as people read it.
         #[arg(long)]
         name: String,
-        #[arg(long)]
+        /// The plan: free (shared pool only), pro or business (own keys allowed).
+        #[arg(long, value_parser = ["free", "pro", "business"])]
         plan: String,
-        #[arg(long)]
+        /// The e-mail address of the user who owns it (create them first).
+        #[arg(long, value_name = "EMAIL")]
         owner: String,
     },
     /// Add a user to an account, or change their role.
     AddMember {
-        #[arg(long)]
+        /// The account id (acc_…).
+        #[arg(long, value_name = "ACCOUNT_ID")]
         account: String,
+        /// The user's e-mail address.
         #[arg(long)]
         email: String,
-        #[arg(long)]
+        /// owner and admin manage keys; member only uses AI.
+        #[arg(long, value_parser = ["owner", "admin", "member"])]
         role: String,
     },
-    /// Set the platform's shared-pool key for a provider, read from standard input.
+    /// Set the platform's shared-pool key for a provider, read from standard input (never
+    /// from the command line).
     SetSharedKey {
-        #[arg(long)]
+        /// Whose key it is.
+        #[arg(long, value_parser = ["anthropic", "openai", "google"])]
         provider: String,
     },
     /// Change an account's plan and, optionally, its monthly shared-pool credit limit.
     SetPlan {
-        #[arg(long)]
+        /// The account id (acc_…).
+        #[arg(long, value_name = "ACCOUNT_ID")]
         account: String,
-        #[arg(long)]
+        /// The new plan.
+        #[arg(long, value_parser = ["free", "pro", "business"])]
         plan: String,
-        #[arg(long)]
+        /// Shared-pool credits per calendar month (one credit is $0.001 of list price);
+        /// default: the plan's (free 1,000, pro 20,000, business 100,000).
+        #[arg(long, value_name = "CREDITS")]
         shared_credit_limit: Option<i64>,
     },
 }
@@ -164,12 +211,14 @@ enum AdminCommand {
 enum AuditCommand {
     /// Check the audit chain; exit 0 when intact, 1 naming the first broken event.
     Verify {
-        #[arg(long)]
+        /// One account (acc_…); default: every account.
+        #[arg(long, value_name = "ACCOUNT_ID")]
         account: Option<String>,
     },
     /// Print an account's events as JSON lines, oldest first.
     Export {
-        #[arg(long)]
+        /// The account (acc_…).
+        #[arg(long, value_name = "ACCOUNT_ID")]
         account: String,
     },
 }
@@ -184,6 +233,12 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            use clap::error::ErrorKind;
+            // Help and version were asked for: they go to stdout, like any answer.
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = write!(std::io::stdout(), "{}", e.render());
+                return ExitCode::SUCCESS;
+            }
             // clap quotes the offending argument; if someone pasted a key into argv, it
             // must not be printed back (terminal scrollback, CI logs).
             let text = keyward_server::logging::scrub(&e.render().to_string());
@@ -200,8 +255,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// The process environment with the command line's settings on top (flags win).
+fn settings(cli: &Cli) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = std::env::vars().collect();
+    if let Some(dir) = &cli.data_dir {
+        vars.push(("KEYWARD_DATA_DIR".to_owned(), dir.display().to_string()));
+    }
+    vars
+}
+
+/// Commands that work on an existing data directory refuse a missing one unless `--init`:
+/// run in the wrong directory, they would otherwise create a new, empty vault and succeed.
+fn check_data_dir(cli: &Cli, config: &Config) -> Result<(), ExitCode> {
+    let needs_existing = matches!(
+        cli.command,
+        Command::Admin { .. }
+            | Command::Audit { .. }
+            | Command::Kek { .. }
+            | Command::Catalogue {
+                command: CatalogueCommand::Check { .. }
+            }
+    );
+    if needs_existing && !cli.init && !config.data_dir.is_dir() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "keyward: error: the data directory {} does not exist. Point --data-dir (or KEYWARD_DATA_DIR) at the one \
+             `keyward serve` uses, or pass --init to create a new one.",
+            config.data_dir.display()
+        );
+        return Err(ExitCode::from(2));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = Config::load(cli.config.as_deref(), std::env::vars()).context("configuration")?;
+    let config = Config::load(cli.config.as_deref(), settings(&cli)).context("configuration")?;
+    if let Err(code) = check_data_dir(&cli, &config) {
+        return Ok(code);
+    }
     logging::init(&config.log, config.log_format).map_err(anyhow::Error::msg)?;
     if let Command::WorkerSelftest { probe } = &cli.command {
         let probe = match probe.as_str() {
@@ -223,6 +314,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Serve => {
                 serve::serve(config, worker_command).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Demo { listen } => {
+                demo::run(config, listen, cli.data_dir.is_some()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Worker | Command::WorkerSelftest { .. } => Ok(ExitCode::FAILURE),

@@ -64,6 +64,9 @@ pub struct WebState {
     pub login_limiter: LoginLimiter,
     /// Served over TLS: cookies are `Secure` and `__Host-` prefixed, HSTS is sent.
     pub tls: bool,
+    /// A notice shown at the top of every page (`keyward demo` says no real provider is
+    /// called), as plain text.
+    pub banner: Option<String>,
 }
 
 impl WebState {
@@ -146,6 +149,41 @@ pub fn routes() -> Router<AppState> {
         .route("/settings/ai/model-keys/{provider}/{action}", post(settings::action))
         .route("/assets/{file}", get(asset))
         .layer(middleware::from_fn(page_headers))
+}
+
+/// Largest page the banner is put into (pages are a few tens of KiB).
+const MAX_BANNERED_PAGE: usize = 4 * 1024 * 1024;
+
+/// Puts [`WebState::banner`] at the top of every HTML page, when there is one, and in a
+/// `Keyward-Demo` header on every other answer (JSON callers never see the page).
+pub async fn banner(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let Some(text) = state.web.banner.as_deref() else {
+        return res;
+    };
+    if let Ok(value) = HeaderValue::from_str(text) {
+        res.headers_mut().insert("keyward-demo", value);
+    }
+    let is_html = res
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/html"));
+    if !is_html {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BANNERED_PAGE).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let page = String::from_utf8_lossy(&bytes);
+    let notice = format!(r#"<div class="demo-banner" role="note">{}</div>"#, pages::esc(text));
+    let page = match page.split_once("<body>") {
+        Some((head, rest)) => format!("{head}<body>\n{notice}{rest}"),
+        None => format!("{notice}{page}"),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(page))
 }
 
 async fn root() -> Response {
