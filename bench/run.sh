@@ -1,20 +1,39 @@
 #!/usr/bin/env bash
 # keyward benchmarks: builds in release mode, then runs one measurement against the real
 # binary on loopback. Usage:
-#   bench/run.sh [gateway] [--seconds S] [--runs N] [--rate R] [--connections 1,32,256] [--with-litellm]
+#   bench/run.sh [gateway] [--seconds S] [--runs N] [--rate R] [--connections 1,32,256] [--with-litellm] [--baseline REV]
 #   bench/run.sh save-list|nodes [--clients N] [--seconds S]
 # `gateway` (the default) needs nginx (Debian nginx-light) for the fake provider; without it
 # keyward's own fake is used and the report says so. --with-litellm installs LiteLLM proxy
-# into bench/.venv-litellm (PyPI) and measures it in the same run.
+# into bench/.venv-litellm (PyPI) and measures it in the same run. --baseline REV (a commit,
+# branch or tag) builds that revision of keyward in a git worktree (target/bench-baseline) and
+# measures it in the same run, next to the working tree's build: a change's before and after
+# in one table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=gateway
 if [[ $# -gt 0 && "$1" != --* ]]; then what="$1"; shift; fi
 args=()
 litellm=""
-for a in "$@"; do
-  if [[ "$a" == "--with-litellm" ]]; then litellm=1; else args+=("$a"); fi
+baseline=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --with-litellm) litellm=1 ;;
+    --baseline) baseline="${2:?--baseline needs a revision}"; shift ;;
+    *) args+=("$1") ;;
+  esac
+  shift
 done
+if [[ -n "$baseline" ]]; then
+  rev="$(git rev-parse --verify "$baseline^{commit}")"
+  tree=target/bench-baseline/src
+  git worktree remove --force "$tree" 2>/dev/null || rm -rf "$tree"
+  git worktree prune
+  git worktree add --detach "$tree" "$rev" >/dev/null
+  echo "baseline: $baseline = $(git log -1 --format='%h %s' "$rev" | cut -c1-100)"
+  CARGO_TARGET_DIR="$PWD/target/bench-baseline/target" cargo build --release -p keyward --manifest-path "$tree/Cargo.toml"
+  args+=(--baseline-bin "$PWD/target/bench-baseline/target/release/keyward")
+fi
 if [[ -n "$litellm" ]]; then
   venv=bench/.venv-litellm
   if [[ ! -x "$venv/bin/litellm" ]]; then

@@ -8,7 +8,9 @@
 //! - `direct`: the fake itself, `POST /v1/chat/completions`;
 //! - `ai/messages`: keyward's own route;
 //! - `passthrough`: keyward's OpenAI-compatible route (what the OpenAI SDK calls);
-//! - `litellm`: LiteLLM proxy in front of the same fake (only with `--litellm`).
+//! - `litellm`: LiteLLM proxy in front of the same fake (only with `--litellm`);
+//! - `… (baseline)`: the same two routes on another keyward build (`--baseline-bin PATH`;
+//!   `bench/run.sh --baseline REV` builds one), for a change's before and after in one run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -204,6 +206,68 @@ fn measure(server: &Server, run: &dyn Fn(&Target) -> RunStats) -> Cell {
     cell(&stats, rss, cpu)
 }
 
+/// A keyward under test, set up as every target expects: the owner's own OpenAI and
+/// Anthropic keys, registered at the fake (Anthropic's stream with chunks 10 ms apart).
+struct Started {
+    keyward: Keyward,
+    token: String,
+    account: String,
+}
+
+fn start_keyward(
+    rt: &tokio::runtime::Runtime,
+    bin: &Path,
+    fake_url: &str,
+    fakes_url: &str,
+    server_env: &[(String, String)],
+) -> Started {
+    // Anthropic goes to keyward-fakes, for the streaming measurement (chunks 10 ms apart).
+    let mut options = Options::default()
+        .log("warn")
+        .env("KEYWARD_OPENAI_BASE_URL", fake_url)
+        .env("KEYWARD_ANTHROPIC_BASE_URL", fakes_url);
+    for (name, value) in server_env {
+        options = options.env(name, value);
+    }
+    let keyward = Keyward::start(bin, options);
+    let token = keyward.owner_token().to_owned();
+    let account = keyward.owner_account().to_owned();
+    rt.block_on(async {
+        let c = keyward_testkit::reqwest::Client::builder().no_proxy().build().unwrap();
+        for key in [OPENAI_KEY, ANTHROPIC_KEY] {
+            let r = c
+                .post(format!("{fakes_url}/_fake/keys"))
+                .json(&json!({ "key": key, "behaviour": "slow_stream", "delay_ms": 10 }))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "fake key registration: {}", r.status());
+        }
+        let http = Http::new(keyward.base_url());
+        for (provider, key) in [("openai", OPENAI_KEY), ("anthropic", ANTHROPIC_KEY)] {
+            http.put(
+                &format!("/v1/accounts/{account}/model-keys/{provider}"),
+                Some(&token),
+                &json!({ "api_key": key }),
+            )
+            .await
+            .expect_status(200);
+            http.put(
+                &format!("/v1/accounts/{account}/model-keys/{provider}/source"),
+                Some(&token),
+                &json!({ "source": "own" }),
+            )
+            .await
+            .expect_status(200);
+        }
+    });
+    Started {
+        keyward,
+        token,
+        account,
+    }
+}
+
 pub fn gateway(args: &[String]) {
     let seconds = arg(args, "--seconds", 5);
     let runs = arg(args, "--runs", 1).max(1);
@@ -237,46 +301,16 @@ pub fn gateway(args: &[String]) {
         Some(n) => (n.served.url.clone(), "nginx (fixed answers)"),
         None => (fakes_url.clone(), "keyward-fakes (nginx not installed)"),
     };
-    // Anthropic goes to keyward-fakes, for the streaming measurement (chunks 10 ms apart).
-    let mut options = Options::default()
-        .log("warn")
-        .env("KEYWARD_OPENAI_BASE_URL", &fake_url)
-        .env("KEYWARD_ANTHROPIC_BASE_URL", &fakes_url);
-    for (name, value) in &server_env {
-        options = options.env(name, value);
-    }
-    let kw = Keyward::start(&keyward_bin(), options);
-    let token = kw.owner_token().to_owned();
-    let account = kw.owner_account().to_owned();
-    rt.block_on(async {
-        let c = keyward_testkit::reqwest::Client::builder().no_proxy().build().unwrap();
-        for key in [OPENAI_KEY, ANTHROPIC_KEY] {
-            let r = c
-                .post(format!("{fakes_url}/_fake/keys"))
-                .json(&json!({ "key": key, "behaviour": "slow_stream", "delay_ms": 10 }))
-                .send()
-                .await
-                .unwrap();
-            assert!(r.status().is_success(), "fake key registration: {}", r.status());
-        }
-        let http = Http::new(kw.base_url());
-        for (provider, key) in [("openai", OPENAI_KEY), ("anthropic", ANTHROPIC_KEY)] {
-            http.put(
-                &format!("/v1/accounts/{account}/model-keys/{provider}"),
-                Some(&token),
-                &json!({ "api_key": key }),
-            )
-            .await
-            .expect_status(200);
-            http.put(
-                &format!("/v1/accounts/{account}/model-keys/{provider}/source"),
-                Some(&token),
-                &json!({ "source": "own" }),
-            )
-            .await
-            .expect_status(200);
-        }
-    });
+    // `--baseline-bin PATH`: another keyward build (e.g. main before a change), measured in
+    // the same run against the same fake, so a change's effect is read from one table.
+    let baseline_bin = args
+        .windows(2)
+        .find(|w| w[0] == "--baseline-bin")
+        .map(|w| PathBuf::from(&w[1]));
+    let kw = start_keyward(&rt, &keyward_bin(), &fake_url, &fakes_url, &server_env);
+    let baseline = baseline_bin
+        .as_deref()
+        .map(|bin| start_keyward(&rt, bin, &fake_url, &fakes_url, &server_env));
     let litellm = litellm_exe.as_deref().map(|exe| start_litellm(exe, &fake_url));
 
     let native_body = serde_json::to_vec(&json!({
@@ -292,40 +326,45 @@ pub fn gateway(args: &[String]) {
     .unwrap();
     let json_ct = ("content-type", "application/json");
     let bearer_key = format!("Bearer {OPENAI_KEY}");
-    let bearer_token = format!("Bearer {token}");
-    let kw_pid = kw.pid();
-    let mut servers = vec![
-        Server {
-            name: "direct",
+    let mut servers = vec![Server {
+        name: "direct",
+        target: Target::post(
+            &format!("{fake_url}/v1/chat/completions"),
+            &[json_ct, ("authorization", &bearer_key)],
+            &native_body,
+        ),
+        root_pid: None,
+    }];
+    let kws: Vec<(&Started, [&'static str; 2])> = std::iter::once((&kw, ["ai/messages", "passthrough"]))
+        .chain(
+            baseline
+                .as_ref()
+                .map(|b| (b, ["ai/messages (baseline)", "passthrough (baseline)"])),
+        )
+        .collect();
+    for (k, [messages_name, passthrough_name]) in &kws {
+        let bearer_token = format!("Bearer {}", k.token);
+        let base = k.keyward.base_url();
+        let account = &k.account;
+        servers.push(Server {
+            name: messages_name,
             target: Target::post(
-                &format!("{fake_url}/v1/chat/completions"),
-                &[json_ct, ("authorization", &bearer_key)],
-                &native_body,
-            ),
-            root_pid: None,
-        },
-        Server {
-            name: "ai/messages",
-            target: Target::post(
-                &format!("{}/v1/accounts/{account}/ai/messages", kw.base_url()),
+                &format!("{base}/v1/accounts/{account}/ai/messages"),
                 &[json_ct, ("authorization", &bearer_token)],
                 &messages_body,
             ),
-            root_pid: kw_pid,
-        },
-        Server {
-            name: "passthrough",
+            root_pid: k.keyward.pid(),
+        });
+        servers.push(Server {
+            name: passthrough_name,
             target: Target::post(
-                &format!(
-                    "{}/v1/accounts/{account}/providers/openai/v1/chat/completions",
-                    kw.base_url()
-                ),
+                &format!("{base}/v1/accounts/{account}/providers/openai/v1/chat/completions"),
                 &[json_ct, ("authorization", &bearer_token)],
                 &native_body,
             ),
-            root_pid: kw_pid,
-        },
-    ];
+            root_pid: k.keyward.pid(),
+        });
+    }
     if let Some(l) = &litellm {
         let bearer_master = format!("Bearer {}", l.master_key);
         servers.push(Server {
@@ -457,42 +496,42 @@ pub fn gateway(args: &[String]) {
         "messages": [{ "role": "user", "content": "Say hello" }]
     }))
     .unwrap();
-    let stream_targets = [
-        (
-            "direct",
-            Target::post(
-                &format!("{fakes_url}/v1/messages"),
-                &[
-                    json_ct,
-                    ("x-api-key", ANTHROPIC_KEY),
-                    ("anthropic-version", "2023-06-01"),
-                ],
-                &stream_native,
-            ),
-            &b"text_delta"[..],
+    let mut stream_targets = vec![(
+        "direct",
+        Target::post(
+            &format!("{fakes_url}/v1/messages"),
+            &[
+                json_ct,
+                ("x-api-key", ANTHROPIC_KEY),
+                ("anthropic-version", "2023-06-01"),
+            ],
+            &stream_native,
         ),
-        (
-            "ai/messages",
+        &b"text_delta"[..],
+    )];
+    for (k, [messages_name, passthrough_name]) in &kws {
+        let bearer_token = format!("Bearer {}", k.token);
+        let base = k.keyward.base_url();
+        let account = &k.account;
+        stream_targets.push((
+            messages_name,
             Target::post(
-                &format!("{}/v1/accounts/{account}/ai/messages", kw.base_url()),
+                &format!("{base}/v1/accounts/{account}/ai/messages"),
                 &[json_ct, ("authorization", &bearer_token)],
                 &stream_messages,
             ),
             &b"event: delta"[..],
-        ),
-        (
-            "passthrough",
+        ));
+        stream_targets.push((
+            passthrough_name,
             Target::post(
-                &format!(
-                    "{}/v1/accounts/{account}/providers/anthropic/v1/messages",
-                    kw.base_url()
-                ),
-                &[json_ct, ("x-api-key", &token), ("anthropic-version", "2023-06-01")],
+                &format!("{base}/v1/accounts/{account}/providers/anthropic/v1/messages"),
+                &[json_ct, ("x-api-key", &k.token), ("anthropic-version", "2023-06-01")],
                 &stream_native,
             ),
             &b"text_delta"[..],
-        ),
-    ];
+        ));
+    }
     println!();
     println!("Streaming (Anthropic format, chunks 10 ms apart): time to first text, median of {samples}");
     let mut direct_ttft = 0.0;
@@ -519,6 +558,7 @@ pub fn gateway(args: &[String]) {
     }
     drop(litellm);
     drop(kw);
+    drop(baseline);
     drop(nginx);
     drop(fakes);
 }
