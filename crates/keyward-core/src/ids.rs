@@ -11,8 +11,10 @@ pub struct IdError;
 
 macro_rules! prefixed_id {
     ($name:ident, $prefix:literal) => {
+        /// Serialized as its string; deserialized through [`Self::parse`], so a malformed id
+        /// never enters from JSON either.
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(transparent)]
+        #[serde(into = "String", try_from = "String")]
         pub struct $name(String);
 
         impl $name {
@@ -41,6 +43,19 @@ macro_rules! prefixed_id {
 
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                Self::parse(&s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
             }
         }
 
@@ -74,6 +89,16 @@ mod tests {
         assert!(AccountId::parse(&format!("{}0", id)).is_err());
         assert!(AccountId::parse(&id.as_str().to_uppercase()).is_err());
         assert!(AccountId::parse("acc_../../etc/passwd0000000000000000").is_err());
+    }
+
+    #[test]
+    fn json_goes_through_parse() {
+        let id = UserId::from_random([7; 16]);
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<UserId>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<UserId>("\"usr_nothex\"").is_err());
+        assert!(serde_json::from_str::<AccountId>(&json).is_err(), "prefix is checked");
     }
 
     proptest! {

@@ -9,7 +9,7 @@
 //! together with the tail is not detected here; an exported copy of the chain is the
 //! anchor against that.)
 
-use keyward_core::{AccountId, KeySource, Last4, Provider, UnixMillis};
+use keyward_core::{AccountId, KeySource, Last4, Outcome, Provider, UnixMillis};
 use keyward_crypto::{AuditChainKey, GENESIS_MAC};
 use serde::Serialize;
 
@@ -42,7 +42,12 @@ impl AuditAction {
     }
 }
 
-/// An event to append. The store assigns `seq`, `id` and the MAC.
+/// Who did something, as written in the audit log (`usr_…`, or `cli` for the admin CLI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditActor(pub String);
+
+/// An event to append, built with [`NewAuditEvent::new`] and its setters. The store
+/// assigns `seq`, `id` and the MAC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewAuditEvent {
     pub account_id: AccountId,
@@ -53,7 +58,7 @@ pub struct NewAuditEvent {
     pub key_source: Option<KeySource>,
     pub key_last4: Option<Last4>,
     pub model: Option<String>,
-    pub outcome: String,
+    pub outcome: Outcome,
     pub detail: Option<String>,
     pub provider_request_id: Option<String>,
     pub input_tokens: Option<i64>,
@@ -62,32 +67,82 @@ pub struct NewAuditEvent {
 }
 
 impl NewAuditEvent {
-    /// A key-management event with no AI-call fields.
-    pub fn key_action(
+    /// `actor` did `action` on `provider` of `account_id` at `at`, and it went well; the
+    /// setters below add what else the event knows.
+    pub fn new(
         account_id: &AccountId,
         at: UnixMillis,
-        actor: &str,
+        actor: &AuditActor,
         action: AuditAction,
         provider: Provider,
-        key_last4: Option<&Last4>,
-        detail: Option<String>,
     ) -> NewAuditEvent {
         NewAuditEvent {
             account_id: account_id.clone(),
             at,
-            actor: actor.to_owned(),
+            actor: actor.0.clone(),
             action,
             provider: Some(provider),
             key_source: None,
-            key_last4: key_last4.cloned(),
+            key_last4: None,
             model: None,
-            outcome: "ok".to_owned(),
-            detail,
+            outcome: Outcome::Ok,
+            detail: None,
             provider_request_id: None,
             input_tokens: None,
             output_tokens: None,
             feature: None,
         }
+    }
+
+    /// The key's last four characters (own keys only: a shared key's are never logged).
+    #[must_use]
+    pub fn last4(mut self, last4: Option<&Last4>) -> Self {
+        self.key_last4 = last4.cloned();
+        self
+    }
+
+    #[must_use]
+    pub fn key_source(mut self, source: KeySource) -> Self {
+        self.key_source = Some(source);
+        self
+    }
+
+    #[must_use]
+    pub fn model(mut self, model: &str) -> Self {
+        self.model = Some(model.to_owned());
+        self
+    }
+
+    #[must_use]
+    pub fn outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+
+    #[must_use]
+    pub fn detail(mut self, detail: Option<String>) -> Self {
+        self.detail = detail;
+        self
+    }
+
+    #[must_use]
+    pub fn request_id(mut self, id: Option<String>) -> Self {
+        self.provider_request_id = id;
+        self
+    }
+
+    /// The tokens the provider reported (saturating: a count past `i64` is kept as its max).
+    #[must_use]
+    pub fn tokens(mut self, input: u64, output: u64) -> Self {
+        self.input_tokens = Some(i64::try_from(input).unwrap_or(i64::MAX));
+        self.output_tokens = Some(i64::try_from(output).unwrap_or(i64::MAX));
+        self
+    }
+
+    #[must_use]
+    pub fn feature(mut self, feature: Option<String>) -> Self {
+        self.feature = feature;
+        self
     }
 
     /// The row this event becomes at position `seq` of its chain.
@@ -103,7 +158,7 @@ impl NewAuditEvent {
             key_source: self.key_source.map(|s| s.as_str().to_owned()),
             key_last4: self.key_last4.map(|l| l.as_str().to_owned()),
             model: self.model,
-            outcome: self.outcome,
+            outcome: self.outcome.to_string(),
             detail: self.detail,
             provider_request_id: self.provider_request_id,
             input_tokens: self.input_tokens,
@@ -282,14 +337,12 @@ mod tests {
         let mut prev = GENESIS_MAC;
         let mut events = Vec::new();
         for i in 0..n {
-            let mut e = NewAuditEvent::key_action(
+            let mut e = NewAuditEvent::new(
                 &acc,
                 UnixMillis(1000 + i as i64),
-                "cli",
+                &AuditActor("cli".into()),
                 AuditAction::KeySaved,
                 Provider::OpenAi,
-                None,
-                None,
             )
             .into_event(i as i64 + 1);
             e.id = i as i64 + 10;

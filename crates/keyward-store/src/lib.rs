@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use keyward_core::{AccountId, Email, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
 use keyward_crypto::SealedKey;
 
-pub use audit::{AuditAction, AuditEvent, ChainBreak, NewAuditEvent};
+pub use audit::{AuditAction, AuditActor, AuditEvent, ChainBreak, NewAuditEvent};
 pub use kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -332,10 +332,6 @@ pub(crate) fn usage_report(credits_used: i64, credits_reserved: i64, found: &[Pr
     }
 }
 
-/// Who did something, as written in the audit log (`usr_…`, or `cli` for the admin CLI).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actor(pub String);
-
 /// The database, as the rest of keyward sees it. Every method is one unit of work;
 /// methods that change keys append their audit event in the same transaction.
 #[async_trait]
@@ -399,7 +395,7 @@ pub trait Store: Send + Sync + 'static {
         account: &AccountId,
         provider: Provider,
         key: NewKey,
-        actor: &Actor,
+        actor: &AuditActor,
         now: UnixMillis,
     ) -> StoreResult<Saved>;
     /// Deletes the key, sets the source back to shared, appends `key.removed`.
@@ -408,7 +404,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         account: &AccountId,
         provider: Provider,
-        actor: &Actor,
+        actor: &AuditActor,
         now: UnixMillis,
     ) -> StoreResult<()>;
     /// Sets the source and appends `key.source_changed` when it changed.
@@ -418,7 +414,7 @@ pub trait Store: Send + Sync + 'static {
         account: &AccountId,
         provider: Provider,
         source: KeySource,
-        actor: &Actor,
+        actor: &AuditActor,
         now: UnixMillis,
     ) -> StoreResult<ProviderState>;
     /// What an AI call needs to pick its key, in one read (the hot path): the account's

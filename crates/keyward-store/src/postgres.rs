@@ -39,7 +39,7 @@ use sqlx::{PgPool, Row};
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::POSTGRES as MIGRATIONS;
 use crate::{
-    check_amount, check_event, check_period, fold_calls, usage_report, Account, Actor, CallKey, CallRecord,
+    check_amount, check_event, check_period, fold_calls, usage_report, Account, AuditActor, CallKey, CallRecord,
     FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store, StoreError,
     StoreResult, StoredKey, UsageReport, User,
 };
@@ -498,7 +498,6 @@ async fn append_in_tx(conn: &mut PgConnection, chain_key: &AuditChainKey, events
     for new in events {
         let mut new = (*new).clone();
         new.actor = storable(&new.actor);
-        new.outcome = storable(&new.outcome);
         storable_opt(&mut new.model);
         storable_opt(&mut new.detail);
         storable_opt(&mut new.provider_request_id);
@@ -978,7 +977,7 @@ impl Store for PgStore {
         account: &AccountId,
         provider: Provider,
         key: NewKey,
-        actor: &Actor,
+        actor: &AuditActor,
         now: UnixMillis,
     ) -> StoreResult<Saved> {
         transaction!(self, |conn| {
@@ -990,7 +989,9 @@ impl Store for PgStore {
                 Some(old) => (AuditAction::KeyRotated, Some(format!("replaced key ending {old}"))),
                 None => (AuditAction::KeySaved, None),
             };
-            let event = NewAuditEvent::key_action(account, now, &actor.0, action, provider, Some(&key.last4), detail);
+            let event = NewAuditEvent::new(account, now, actor, action, provider)
+                .last4(Some(&key.last4))
+                .detail(detail);
             append_in_tx(conn, &self.chain_key, &[&event]).await?;
             let state = state_in(conn, account, provider).await?;
             Finish::Commit(Saved { rotated, state })
@@ -1001,7 +1002,7 @@ impl Store for PgStore {
         &self,
         account: &AccountId,
         provider: Provider,
-        actor: &Actor,
+        actor: &AuditActor,
         now: UnixMillis,
     ) -> StoreResult<()> {
         transaction!(self, |conn| {
@@ -1020,15 +1021,7 @@ impl Store for PgStore {
                 .await
                 .map_err(pg)?;
             let last4 = Last4::from_stored(&last4).ok_or_else(|| corrupt("provider_keys.last4"))?;
-            let event = NewAuditEvent::key_action(
-                account,
-                now,
-                &actor.0,
-                AuditAction::KeyRemoved,
-                provider,
-                Some(&last4),
-                None,
-            );
+            let event = NewAuditEvent::new(account, now, actor, AuditAction::KeyRemoved, provider).last4(Some(&last4));
             append_in_tx(conn, &self.chain_key, &[&event]).await?;
             Finish::Commit(())
         })
@@ -1039,7 +1032,7 @@ impl Store for PgStore {
         account: &AccountId,
         provider: Provider,
         source: KeySource,
-        actor: &Actor,
+        actor: &AuditActor,
         now: UnixMillis,
     ) -> StoreResult<ProviderState> {
         transaction!(self, |conn| {
@@ -1087,16 +1080,10 @@ impl Store for PgStore {
                     .execute(&mut *conn)
                     .await
                     .map_err(pg)?;
-                let mut event = NewAuditEvent::key_action(
-                    account,
-                    now,
-                    &actor.0,
-                    AuditAction::KeySourceChanged,
-                    provider,
-                    key.as_ref().map(|k| &k.last4),
-                    Some(format!("{before} -> {source}")),
-                );
-                event.key_source = Some(source);
+                let event = NewAuditEvent::new(account, now, actor, AuditAction::KeySourceChanged, provider)
+                    .last4(key.as_ref().map(|k| &k.last4))
+                    .key_source(source)
+                    .detail(Some(format!("{before} -> {source}")));
                 append_in_tx(conn, &self.chain_key, &[&event]).await?;
                 Finish::Commit(state_in(conn, account, provider).await?)
             }

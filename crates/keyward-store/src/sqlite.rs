@@ -22,7 +22,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
 use crate::{
-    check_amount, check_event, check_period, fold_calls, usage_report, Account, Actor, CallKey, CallRecord,
+    check_amount, check_event, check_period, fold_calls, usage_report, Account, AuditActor, CallKey, CallRecord,
     FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store, StoreError,
     StoreResult, StoredKey, UsageReport, User,
 };
@@ -866,7 +866,7 @@ impl Store for SqliteStore {
         account: &AccountId,
         provider: Provider,
         key: NewKey,
-        actor: &Actor,
+        actor: &AuditActor,
         now: UnixMillis,
     ) -> StoreResult<Saved> {
         let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
@@ -905,7 +905,9 @@ impl Store for SqliteStore {
                     None => (AuditAction::KeySaved, None),
                 };
                 let event =
-                    NewAuditEvent::key_action(&account, now, &actor.0, action, provider, Some(&key.last4), detail);
+                    NewAuditEvent::new(&account, now, &actor, action, provider)
+                    .last4(Some(&key.last4))
+                    .detail(detail);
                 append_in_tx(tx, &chain_key, [&event])?;
                 let state = state_read(tx, &account, provider)?;
                 Ok(Saved { rotated, state })
@@ -917,7 +919,7 @@ impl Store for SqliteStore {
         &self,
         account: &AccountId,
         provider: Provider,
-        actor: &Actor,
+        actor: &AuditActor,
         now: UnixMillis,
     ) -> StoreResult<()> {
         let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
@@ -936,15 +938,8 @@ impl Store for SqliteStore {
                     (account.as_str(), provider.as_str()),
                 )?;
                 let last4 = Last4::from_stored(&last4).ok_or_else(|| corrupt("provider_keys.last4"))?;
-                let event = NewAuditEvent::key_action(
-                    &account,
-                    now,
-                    &actor.0,
-                    AuditAction::KeyRemoved,
-                    provider,
-                    Some(&last4),
-                    None,
-                );
+                let event =
+                    NewAuditEvent::new(&account, now, &actor, AuditAction::KeyRemoved, provider).last4(Some(&last4));
                 append_in_tx(tx, &chain_key, [&event])
             })
             .await
@@ -955,7 +950,7 @@ impl Store for SqliteStore {
         account: &AccountId,
         provider: Provider,
         source: KeySource,
-        actor: &Actor,
+        actor: &AuditActor,
         now: UnixMillis,
     ) -> StoreResult<ProviderState> {
         let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
@@ -972,16 +967,10 @@ impl Store for SqliteStore {
                              ON CONFLICT (account_id, provider) DO UPDATE SET source = excluded.source",
                         (account.as_str(), provider.as_str(), source.as_str()),
                     )?;
-                    let mut event = NewAuditEvent::key_action(
-                        &account,
-                        now,
-                        &actor.0,
-                        AuditAction::KeySourceChanged,
-                        provider,
-                        before.key.as_ref().map(|k| &k.last4),
-                        Some(format!("{} -> {}", before.source, source)),
-                    );
-                    event.key_source = Some(source);
+                    let event = NewAuditEvent::new(&account, now, &actor, AuditAction::KeySourceChanged, provider)
+                        .last4(before.key.as_ref().map(|k| &k.last4))
+                        .key_source(source)
+                        .detail(Some(format!("{} -> {}", before.source, source)));
                     append_in_tx(tx, &chain_key, [&event])?;
                 }
                 state_read(tx, &account, provider)

@@ -15,7 +15,7 @@ use keyward_store::audit::verify_chain;
 use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{
-    Actor, AuditAction, CallRecord, LastTest, NewAuditEvent, NewKey, PgStore, SqliteStore, Store, StoreError,
+    AuditAction, AuditActor, CallRecord, LastTest, NewAuditEvent, NewKey, PgStore, SqliteStore, Store, StoreError,
     KEY_SOURCES,
 };
 use sqlx::Connection;
@@ -285,7 +285,7 @@ async fn users_tokens_and_memberships(s: &dyn Store) {
 
 async fn key_lifecycle_with_audit(s: &dyn Store) {
     let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
-    let actor = Actor(user.to_string());
+    let actor = AuditActor(user.to_string());
     let states = s.provider_states(&account).await.unwrap();
     assert_eq!(states.iter().map(|p| p.provider).collect::<Vec<_>>(), Provider::ALL);
     assert!(states.iter().all(|p| p.source == KeySource::Shared && p.key.is_none()));
@@ -363,7 +363,13 @@ async fn audit_batches_chain_per_account(s: &dyn Store) {
     let (_, a) = owner_with_account(s, 1, Plan::Pro).await;
     let (_, b) = owner_with_account(s, 2, Plan::Pro).await;
     let ev = |acc: &AccountId, n: i64| {
-        let mut e = NewAuditEvent::key_action(acc, t(n), "cli", AuditAction::AiRequest, Provider::Google, None, None);
+        let mut e = NewAuditEvent::new(
+            acc,
+            t(n),
+            &AuditActor("cli".into()),
+            AuditAction::AiRequest,
+            Provider::Google,
+        );
         e.input_tokens = Some(n);
         e
     };
@@ -384,7 +390,7 @@ async fn concurrent_saves_leave_one_consistent_key(s: Arc<dyn Store>) {
     let (user, account) = owner_with_account(s.as_ref(), 1, Plan::Pro).await;
     let mut tasks = Vec::new();
     for n in 0..50u8 {
-        let (s, account, actor) = (s.clone(), account.clone(), Actor(user.to_string()));
+        let (s, account, actor) = (s.clone(), account.clone(), AuditActor(user.to_string()));
         tasks.push(tokio::spawn(async move {
             let last4 = format!("k{n:03}");
             s.save_key(
@@ -421,12 +427,12 @@ async fn purge_completes(s: &dyn Store) {
         &account,
         Provider::Google,
         new_key(3, "cccc"),
-        &Actor(user.to_string()),
+        &AuditActor(user.to_string()),
         t(1),
     )
     .await
     .unwrap();
-    s.remove_key(&account, Provider::Google, &Actor(user.to_string()), t(2))
+    s.remove_key(&account, Provider::Google, &AuditActor(user.to_string()), t(2))
         .await
         .unwrap();
     assert!(s.purge_removed().await.unwrap());
@@ -508,7 +514,7 @@ async fn both(s: &dyn Store, token_hash: &str, account: &AccountId, p: Provider)
 /// dropped ones loses a connection for good, so a crowd still gets through afterwards.
 async fn call_key_lookups_survive_crowds_and_cancellation(s: Arc<dyn Store>) {
     let (user, account) = owner_with_account(s.as_ref(), 1, Plan::Pro).await;
-    let actor = Actor(user.to_string());
+    let actor = AuditActor(user.to_string());
     let p = Provider::OpenAi;
     s.save_key(&account, p, new_key(2, "mine"), &actor, t(11))
         .await
@@ -542,7 +548,7 @@ async fn call_key_lookups_survive_crowds_and_cancellation(s: Arc<dyn Store>) {
 
 async fn call_key_follows_the_source(s: &dyn Store) {
     let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
-    let actor = Actor(user.to_string());
+    let actor = AuditActor(user.to_string());
     let p = Provider::OpenAi;
     let picked = |k: &keyward_store::CallKey| (k.source, k.key.as_ref().map(|k| k.last4.as_str().to_owned()));
 
@@ -593,20 +599,19 @@ async fn call_key_follows_the_source(s: &dyn Store) {
 }
 
 fn tested(account: &AccountId, at: i64, ok: bool) -> NewAuditEvent {
-    NewAuditEvent::key_action(
+    NewAuditEvent::new(
         account,
         t(at),
-        "usr_tester",
+        &AuditActor("usr_tester".into()),
         AuditAction::KeyTested,
         Provider::OpenAi,
-        None,
-        Some(if ok { "ok" } else { "invalid_key" }.to_owned()),
     )
+    .detail(Some(if ok { "ok" } else { "invalid_key" }.to_owned()))
 }
 
 async fn key_test_labels_only_the_current_key(s: &dyn Store) {
     let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
-    let actor = Actor(user.to_string());
+    let actor = AuditActor(user.to_string());
     let p = Provider::OpenAi;
 
     // No key at all: nothing to label, but the test is still audited.
@@ -814,7 +819,7 @@ fn call(account: &AccountId, provider: Provider, source: KeySource, reserved: i6
             key_source: Some(source),
             key_last4: (source == KeySource::Own).then(|| Last4::from_stored("own4").unwrap()),
             model: Some("some-model".into()),
-            outcome: "ok".into(),
+            outcome: keyward_core::Outcome::Ok,
             detail: None,
             provider_request_id: Some(format!("req_{n}")),
             input_tokens: Some(input_tokens),
@@ -1004,7 +1009,7 @@ async fn two_nodes_share_one_chain_and_one_cap(s: Arc<dyn Store>, twin: Arc<dyn 
     let mut writers = Vec::new();
     for n in 0..48u8 {
         let node = nodes[usize::from(n % 2)].clone();
-        let (account, actor) = (account.clone(), Actor(user.to_string()));
+        let (account, actor) = (account.clone(), AuditActor(user.to_string()));
         writers.push(tokio::spawn(async move {
             match n % 3 {
                 // A key save: one event, and a first save or a rotation.
@@ -1025,14 +1030,12 @@ async fn two_nodes_share_one_chain_and_one_cap(s: Arc<dyn Store>, twin: Arc<dyn 
                 // An audit batch of two events.
                 1 => {
                     let ev = |k: i64| {
-                        let mut e = NewAuditEvent::key_action(
+                        let mut e = NewAuditEvent::new(
                             &account,
                             t(k),
-                            "cli",
+                            &AuditActor("cli".into()),
                             AuditAction::AiRequest,
                             Provider::Google,
-                            None,
-                            None,
                         );
                         e.provider_request_id = Some(format!("batch_{k}"));
                         e
@@ -1136,14 +1139,12 @@ async fn two_nodes_share_one_chain_and_one_cap(s: Arc<dyn Store>, twin: Arc<dyn 
 async fn odd_text_is_stored_and_chained(s: &dyn Store) {
     let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
     let odd = "bad\0answer ✓ \u{1F600}";
-    let mut event = NewAuditEvent::key_action(
+    let mut event = NewAuditEvent::new(
         &account,
         t(5),
-        "cli",
+        &AuditActor("cli".into()),
         AuditAction::AiRequest,
         Provider::OpenAi,
-        None,
-        None,
     );
     event.detail = Some(odd.to_owned());
     event.model = Some("m\0".to_owned());
@@ -1155,7 +1156,7 @@ async fn odd_text_is_stored_and_chained(s: &dyn Store) {
         &account,
         Provider::OpenAi,
         new_key(1, "aaaa"),
-        &Actor(user.to_string()),
+        &AuditActor(user.to_string()),
         t(6),
     )
     .await
@@ -1192,7 +1193,7 @@ async fn odd_text_is_stored_and_chained(s: &dyn Store) {
 /// the key on the call path, cleared by a rotation or a test that works.
 async fn leaked_mark_follows_the_key(s: &dyn Store) {
     let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
-    let actor = Actor(user.to_string());
+    let actor = AuditActor(user.to_string());
     let p = Provider::Google;
     let mut key = new_key(1, "b.x_");
     key.kind = KeyKind::GoogleAuth;
@@ -1240,7 +1241,7 @@ async fn leaked_mark_follows_the_key(s: &dyn Store) {
         message: "key_reported_leaked: Your API key was reported as leaked.".into(),
         detail: Some(r#"{"advice":"replace it"}"#.into()),
     };
-    let event = NewAuditEvent::key_action(&account, t(15), "usr_t", AuditAction::KeyTested, p, None, None);
+    let event = NewAuditEvent::new(&account, t(15), &AuditActor("usr_t".into()), AuditAction::KeyTested, p);
     assert!(s.record_key_test(&account, p, &first, &failed, &event).await.unwrap());
     let meta = s.provider_state(&account, p).await.unwrap().key.unwrap();
     assert_eq!((meta.reported_leaked_at, meta.last_test), (Some(t(13)), Some(failed)));
@@ -1252,7 +1253,7 @@ async fn leaked_mark_follows_the_key(s: &dyn Store) {
         message: "ok".into(),
         detail: None,
     };
-    let event = NewAuditEvent::key_action(&account, t(16), "usr_t", AuditAction::KeyTested, p, None, None);
+    let event = NewAuditEvent::new(&account, t(16), &AuditActor("usr_t".into()), AuditAction::KeyTested, p);
     assert!(s.record_key_test(&account, p, &first, &worked, &event).await.unwrap());
     assert_eq!(
         s.call_key(&account, p).await.unwrap().key.unwrap().reported_leaked_at,
@@ -1421,14 +1422,12 @@ mod postgres_only {
         .unwrap();
         let (_, account) = owner_with_account(&store, 1, Plan::Pro).await;
         let ev = |n: i64| {
-            NewAuditEvent::key_action(
+            NewAuditEvent::new(
                 &account,
                 t(n),
-                "cli",
+                &AuditActor("cli".into()),
                 AuditAction::AiRequest,
                 Provider::Google,
-                None,
-                None,
             )
         };
         store.append_audit(&[ev(1)]).await.unwrap();
@@ -1529,7 +1528,9 @@ mod kek {
                     sealed: blob("local-1", n),
                     ..new_key(n, "ab12")
                 };
-                s.save_key(&account, p, key, &Actor("cli".into()), t(5)).await.unwrap();
+                s.save_key(&account, p, key, &AuditActor("cli".into()), t(5))
+                    .await
+                    .unwrap();
                 saved.push((account.clone(), p, id(KeyId::from_random, n)));
             }
         }
@@ -1615,7 +1616,7 @@ mod kek {
             vec![("local-1".to_owned(), 9), ("local-2".to_owned(), 2)]
         );
         // A removed key leaves the walk.
-        s.remove_key(&account, Provider::Google, &Actor("cli".into()), t(7))
+        s.remove_key(&account, Provider::Google, &AuditActor("cli".into()), t(7))
             .await
             .unwrap();
         assert_eq!(count_by_kek(k, 100).await.unwrap().values().sum::<u64>(), 10);
@@ -1695,10 +1696,10 @@ async fn sqlite_a_batch_failing_mid_write_rolls_back_and_the_writer_stays_usable
     let twin = open_sqlite(&url, opts).await;
     let (_, account) = owner_with_account(&s, 1, Plan::Pro).await;
     assert!(s.reserve_credits(&account, PERIOD, 1_000, 50).await.unwrap());
-    // Refuse one outcome at the database: the batch fails after BEGIN, mid-write.
+    // Refuse one event at the database: the batch fails after BEGIN, mid-write.
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(
-        "CREATE TRIGGER refuse_boom BEFORE INSERT ON audit_events WHEN NEW.outcome = 'boom'
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON audit_events WHEN NEW.detail = 'boom'
          BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
     )
     .execute(&mut conn)
@@ -1708,7 +1709,7 @@ async fn sqlite_a_batch_failing_mid_write_rolls_back_and_the_writer_stays_usable
 
     let shared = call(&account, Provider::OpenAi, KeySource::Shared, 50, 20, 1);
     let mut boom = call(&account, Provider::Anthropic, KeySource::Own, 0, 0, 2);
-    boom.audit.outcome = "boom".into();
+    boom.audit.detail = Some("boom".into());
     let failed = s.finish_calls(&[shared.clone(), boom]).await;
     assert!(failed.is_err(), "the trigger must fail the batch");
     // Nothing of it stayed: no event, no counter, the reservation still held.

@@ -17,7 +17,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use keyward_core::{AccountId, Email, KeySource, Last4, Plan, Provider, UnixMillis, UserId};
 use keyward_crypto::{local, AuditChainKey, Binding};
 use keyward_store::sqlite::SqliteOptions;
-use keyward_store::{AuditAction, CallRecord, NewAuditEvent, SqliteStore, Store};
+use keyward_store::{AuditAction, AuditActor, CallRecord, NewAuditEvent, SqliteStore, Store};
 use keyward_worker::protocol::{CallRequest, FromWorker, Method, ToWorker};
 use keyward_worker::WorkerConn;
 
@@ -143,22 +143,19 @@ fn record(account: &AccountId, n: i64) -> CallRecord {
         charged: 0,
         input_tokens: 9,
         output_tokens: 2,
-        audit: NewAuditEvent {
-            account_id: account.clone(),
-            at: UnixMillis(1_764_115_200_000 + n),
-            actor: "usr_bench".into(),
-            action: AuditAction::AiRequest,
-            provider: Some(Provider::OpenAi),
-            key_source: Some(KeySource::Own),
-            key_last4: Last4::from_stored("0001"),
-            model: Some("gpt-6-luna".into()),
-            outcome: "ok".into(),
-            detail: None,
-            provider_request_id: Some(format!("req_{n}")),
-            input_tokens: Some(9),
-            output_tokens: Some(2),
-            feature: Some("drafting".into()),
-        },
+        audit: NewAuditEvent::new(
+            account,
+            UnixMillis(1_764_115_200_000 + n),
+            &AuditActor("usr_bench".into()),
+            AuditAction::AiRequest,
+            Provider::OpenAi,
+        )
+        .key_source(KeySource::Own)
+        .last4(Last4::from_stored("0001").as_ref())
+        .model("gpt-6-luna")
+        .request_id(Some(format!("req_{n}")))
+        .tokens(9, 2)
+        .feature(Some("drafting".into())),
     }
 }
 
