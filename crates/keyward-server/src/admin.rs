@@ -6,8 +6,8 @@ use keyward_store::Store;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
-use crate::auth::{new_token, random_id_bytes};
 use crate::clock::Clock;
+use crate::engine::identity::{new_token, random_id_bytes};
 use crate::runtime::RuntimeError;
 
 fn bad(what: impl std::fmt::Display) -> RuntimeError {
@@ -130,7 +130,7 @@ pub async fn set_shared_key(
     let key = keyward_core::ApiKey::parse(provider, raw).map_err(|e| bad(format!("the key on standard input: {e}")))?;
     let key_id = keyward_core::KeyId::from_random(random_id_bytes());
     let binding = keyward_crypto::Binding {
-        account_id: crate::ai::PLATFORM_ACCOUNT,
+        account_id: crate::engine::calls::PLATFORM_ACCOUNT,
         provider: provider.as_str(),
         key_id: key_id.as_str(),
     };

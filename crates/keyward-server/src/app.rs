@@ -1,4 +1,6 @@
-//! The gateway's shared state and its router.
+//! The gateway's router: keyward's JSON API (built from the handlers' OpenAPI
+//! annotations), the native pass-through, the settings page, and the layers every answer
+//! passes through.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,74 +12,12 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{any, get};
 use axum::Router;
-use keyward_core::{Catalogue, ErrorCode};
-use keyward_store::Store;
+use keyward_core::ErrorCode;
 
-use crate::clock::SharedClock;
 use crate::error::ApiError;
-use crate::ledger::Ledger;
-use crate::metrics::Metrics;
-use crate::purge::PurgeHandle;
 use crate::routes;
-use crate::routes::key_test::ProbeLimiter;
-use crate::web::{self, WebState};
-use crate::workers::WorkerPool;
-
-/// Everything a handler may use. One reference count to clone: axum clones the state for
-/// every extractor and middleware of every request, and with a field-by-field clone that
-/// was a dozen contended atomic increments and decrements per request.
-#[derive(Clone)]
-pub struct AppState(Arc<AppStateInner>);
-
-impl AppState {
-    pub fn new(inner: AppStateInner) -> AppState {
-        AppState(Arc::new(inner))
-    }
-}
-
-impl std::ops::Deref for AppState {
-    type Target = AppStateInner;
-    fn deref(&self) -> &AppStateInner {
-        &self.0
-    }
-}
-
-pub struct AppStateInner {
-    pub store: Arc<dyn Store>,
-    /// The gateway can seal keys (to the primary KEK version); it holds no way to open one.
-    pub sealer: Arc<crate::kek::SealerCell>,
-    pub clock: SharedClock,
-    pub catalogue: Arc<Catalogue>,
-    pub metrics: Arc<Metrics>,
-    pub purge: PurgeHandle,
-    pub workers: Arc<WorkerPool>,
-    pub ledger: Ledger,
-    pub probe_limiter: Arc<ProbeLimiter>,
-    pub provider_timeout_ms: u32,
-    pub key_tests_per_minute: u32,
-    pub max_body_bytes: usize,
-    pub max_ai_body_bytes: usize,
-    /// `/metrics` on the API's listener (false when `KEYWARD_METRICS_LISTEN` serves it apart).
-    pub metrics_on_api: bool,
-    /// The settings page: sessions, login codes, the login limiter, TLS or not.
-    pub web: Arc<WebState>,
-    /// `/readyz`'s check of the KEK backend.
-    pub kek_probe: Arc<crate::kek_probe::KekProbe>,
-}
-
-impl std::fmt::Debug for AppState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::fmt::Debug for AppStateInner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState")
-            .field("sealer", &self.sealer)
-            .finish_non_exhaustive()
-    }
-}
+use crate::state::AppState;
+use crate::web;
 
 pub fn router(state: AppState) -> Router {
     // keyward's own JSON API: built from the handlers' OpenAPI annotations, so every
@@ -184,7 +124,7 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     let status = res.status().as_u16();
-    state.metrics.record_http(&method, &route, status, micros);
+    state.engine.metrics.record_http(&method, &route, status, micros);
     tracing::debug!(%method, %route, status, micros, "request");
     res
 }

@@ -6,7 +6,7 @@ use keyward_store::audit::verify_chain;
 use keyward_store::{ChainBreak, Store};
 use serde_json::{json, Value};
 
-use crate::routes::audit::event_json;
+use crate::engine::audit::event_json;
 use crate::runtime::RuntimeError;
 
 /// The outcome of verifying one or all accounts' chains.

@@ -18,8 +18,8 @@ use futures_util::StreamExt;
 use keyward_core::ErrorCode;
 use serde::de::DeserializeOwned;
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// How much of an oversized body is read and thrown away before answering 413.
 const DRAIN_LIMIT: usize = 16 * 1024 * 1024;

@@ -14,7 +14,7 @@ use rand::RngCore;
 use tokio::sync::Mutex;
 
 use crate::api::KekReady;
-use crate::app::AppState;
+use crate::engine::Engine;
 
 /// How long one answer is reused.
 const FRESH_FOR: Duration = Duration::from_secs(1);
@@ -37,21 +37,21 @@ impl std::fmt::Debug for KekProbe {
 
 impl KekProbe {
     /// The backend's state, checked now or at most [`FRESH_FOR`] ago. One check at a time.
-    pub async fn check(&self, state: &AppState) -> KekReady {
+    pub async fn check(&self, engine: &Engine) -> KekReady {
         let mut last = self.last.lock().await;
         if let Some((at, ready)) = last.as_ref() {
             if at.elapsed() < FRESH_FOR {
                 return ready.clone();
             }
         }
-        let ready = check_now(state).await;
+        let ready = check_now(engine).await;
         *last = Some((Instant::now(), ready.clone()));
         ready
     }
 }
 
-async fn check_now(state: &AppState) -> KekReady {
-    let sealer = state.sealer.current();
+async fn check_now(engine: &Engine) -> KekReady {
+    let sealer = engine.sealer.current();
     let report = |status: &str, message: Option<String>| KekReady {
         backend: sealer.backend().to_owned(),
         kek_id: sealer.kek_id().to_owned(),
@@ -70,7 +70,7 @@ async fn check_now(state: &AppState) -> KekReady {
         Err(e @ CryptoError::Backend { .. }) => return report("unavailable", Some(format!("sealing: {e}"))),
         Err(e) => return report("failing", Some(format!("sealing: {e}"))),
     };
-    let Ok(mut lease) = state.workers.lease().await else {
+    let Ok(mut lease) = engine.workers.lease().await else {
         return report("unchecked", Some("no worker is ready to open the canary".to_owned()));
     };
     let request = CallRequest {
@@ -83,7 +83,7 @@ async fn check_now(state: &AppState) -> KekReady {
         path_and_query: String::new(),
         headers: Vec::new(),
         body: Vec::new(),
-        timeout_ms: state.provider_timeout_ms,
+        timeout_ms: engine.provider_timeout_ms,
     };
     if lease.conn.send(&ToWorker::OpenOnly(request)).await.is_err() {
         return report("unchecked", Some("the worker went away".to_owned()));

@@ -2,13 +2,13 @@
 //! readers, metrics, and the operations the CLI runs (admin, audit verify/export, KEK
 //! status/rotate/rewrap/retire in [`kek`]).
 //!
-//! Owns: turning requests into store calls and store results into answers, with one
-//! error mapping ([`error`]). Must never: open a sealed key (it holds a `Sealer` only;
+//! Layers: [`routes`] (JSON), [`web`] (the settings page) and the native pass-through
+//! translate HTTP into calls of the [`engine`], the application layer, which works on the
+//! store, the KEK sealer and the worker pool; [`error`] is the one error mapping. Must never: open a sealed key (it holds a `Sealer` only;
 //! opening belongs to the isolated worker), log a body, a header or a key, or read the
 //! environment anywhere but [`config::Config::load`].
 
 pub mod admin;
-pub mod ai;
 pub mod api;
 pub mod app;
 pub mod audit_ops;
@@ -16,6 +16,7 @@ pub mod auth;
 pub mod catalogue_ops;
 pub mod clock;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod extract;
 pub mod kek;
@@ -28,6 +29,7 @@ pub mod purge;
 pub mod routes;
 pub mod runtime;
 pub mod serve;
+pub mod state;
 pub mod web;
 pub mod workers;
 

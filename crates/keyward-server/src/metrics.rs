@@ -91,9 +91,14 @@ impl Metrics {
     }
 
     /// One AI call by provider, key source and outcome (`ok`, `error:<diagnosis>`, `refused:<code>`).
-    pub fn record_ai_call(&self, provider: keyward_core::Provider, source: keyward_core::KeySource, outcome: &str) {
+    pub fn record_ai_call(
+        &self,
+        provider: keyward_core::Provider,
+        source: keyward_core::KeySource,
+        outcome: keyward_core::Outcome,
+    ) {
         if let Ok(mut m) = self.ai_calls.lock() {
-            *m.entry((provider.as_str(), source.as_str(), outcome.to_owned()))
+            *m.entry((provider.as_str(), source.as_str(), outcome.to_string()))
                 .or_default() += 1;
         }
     }
@@ -107,9 +112,9 @@ impl Metrics {
         }
     }
 
-    pub fn record_probe(&self, provider: keyward_core::Provider, outcome: &str) {
+    pub fn record_probe(&self, provider: keyward_core::Provider, outcome: keyward_core::Outcome) {
         if let Ok(mut m) = self.probes.lock() {
-            *m.entry((provider.as_str(), outcome.to_owned())).or_default() += 1;
+            *m.entry((provider.as_str(), outcome.to_string())).or_default() += 1;
         }
     }
 

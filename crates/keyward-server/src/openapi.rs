@@ -14,8 +14,8 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::AppState;
 use crate::routes;
+use crate::state::AppState;
 
 #[derive(OpenApi)]
 #[openapi(

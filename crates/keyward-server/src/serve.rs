@@ -16,15 +16,16 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin;
-use crate::app::{router, AppState, AppStateInner};
-use crate::auth::hash_token;
+use crate::app::router;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
+use crate::engine::identity::hash_token;
+use crate::engine::{Engine, EngineParts};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::purge::{self, PurgeHandle};
-use crate::routes::key_test::ProbeLimiter;
 use crate::runtime::{load_sealer, open_stores, prepare_data_dir, RuntimeError};
+use crate::state::{AppState, AppStateInner};
 use crate::web::{ClientAddr, WebState};
 use crate::workers::{WorkerCommand, WorkerPool};
 
@@ -145,7 +146,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     let workers = WorkerPool::start(config.workers, config.data_dir.join("run"), worker, metrics.clone())
         .map_err(|e| RuntimeError::Other(format!("worker pool: {e}")))?;
     let purge = PurgeHandle::default();
-    let state = AppState::new(AppStateInner {
+    let engine = Engine::new(EngineParts {
         store: store.clone(),
         sealer: sealer.clone(),
         clock,
@@ -154,9 +155,12 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
         purge: purge.clone(),
         workers,
         ledger: Ledger::start(store.clone()),
-        probe_limiter: Arc::new(ProbeLimiter::default()),
+        probe_limiter: Default::default(),
         provider_timeout_ms: config.provider_timeout_ms,
         key_tests_per_minute: config.key_tests_per_minute,
+    });
+    let state = AppState::new(AppStateInner {
+        engine,
         max_body_bytes: config.max_body_bytes,
         max_ai_body_bytes: config.max_ai_body_bytes,
         metrics_on_api: config.metrics_listen.is_none(),
@@ -167,7 +171,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     let kek_watcher = tokio::spawn(crate::kek::watch(
         config.clone(),
         kek_state,
-        state.workers.clone(),
+        state.engine.workers.clone(),
         sealer,
         reporter.clone(),
         background_rewrap,
@@ -247,7 +251,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// This process's name in `kek_sealers`: where it listens, its pid and a random part (a
 /// restarted node is a new one; its old row ages out).
 fn node_id(addr: SocketAddr) -> String {
-    let r = crate::auth::random_id_bytes();
+    let r = crate::engine::identity::random_id_bytes();
     format!(
         "{addr} pid {} {:02x}{:02x}{:02x}{:02x}",
         std::process::id(),

@@ -1,21 +1,16 @@
-//! `GET /v1/accounts/{id}/audit`: the account's audit events, newest first.
+//! `GET /v1/accounts/{id}/audit`: the account's audit events, newest first
+//! ([`crate::engine::audit`]).
 
 use axum::extract::{Path, State};
 use axum::Json;
-use keyward_core::UnixMillis;
-use keyward_store::AuditEvent;
 use serde::Deserialize;
-use serde_json::Value;
 
-use crate::api::{AuditEventBody, AuditListBody, ErrorBody};
-use crate::app::AppState;
+use crate::api::{AuditListBody, ErrorBody};
 use crate::auth::Caller;
-use crate::clock::rfc3339;
-use crate::error::{ApiError, ApiResult};
+use crate::engine::audit::event_body;
+use crate::error::ApiResult;
 use crate::extract::ApiQuery;
-
-const DEFAULT_LIMIT: u32 = 50;
-const MAX_LIMIT: u32 = 500;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -25,30 +20,6 @@ pub struct AuditQuery {
     limit: Option<u32>,
     /// Only events older than this event id.
     before: Option<i64>,
-}
-
-/// The public shape of an event (API.md `AuditEvent`).
-pub fn event_body(e: &AuditEvent) -> AuditEventBody {
-    AuditEventBody {
-        id: e.id,
-        at: rfc3339(UnixMillis(e.at)),
-        actor: e.actor.clone(),
-        action: e.action.clone(),
-        provider: e.provider.clone(),
-        key_source: e.key_source.clone(),
-        key_last4: e.key_last4.clone(),
-        model: e.model.clone(),
-        outcome: e.outcome.clone(),
-        detail: e.detail.clone(),
-        provider_request_id: e.provider_request_id.clone(),
-        input_tokens: e.input_tokens,
-        output_tokens: e.output_tokens,
-        feature: e.feature.clone(),
-    }
-}
-
-pub fn event_json(e: &AuditEvent) -> Value {
-    serde_json::to_value(event_body(e)).unwrap_or(Value::Null)
 }
 
 #[utoipa::path(
@@ -70,12 +41,8 @@ pub async fn list(
     Path(account): Path<String>,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<AuditListBody>> {
-    let m = caller.member_of(&state, &account).await?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::validation(format!("limit must be from 1 to {MAX_LIMIT}")));
-    }
-    let events = state.store.audit_page(&m.account.id, limit, q.before).await?;
+    let actor = caller.in_account(&state, &account).await?;
+    let events = state.engine.audit_page(&actor, q.limit, q.before).await?;
     Ok(Json(AuditListBody {
         events: events.iter().map(event_body).collect(),
     }))

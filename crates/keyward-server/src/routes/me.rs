@@ -4,9 +4,9 @@ use axum::extract::State;
 use axum::Json;
 
 use crate::api::{AccountSummary, ErrorBody, MeBody};
-use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiResult;
+use crate::state::AppState;
 
 #[utoipa::path(
     get,
@@ -19,7 +19,7 @@ use crate::error::ApiResult;
     security(("bearer" = []))
 )]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<MeBody>> {
-    let memberships = state.store.memberships_of(&caller.user.id).await?;
+    let memberships = state.engine.memberships(&caller.user).await?;
     let accounts = memberships
         .iter()
         .map(|m| AccountSummary {

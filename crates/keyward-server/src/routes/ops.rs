@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 
 use crate::api::{HealthBody, ReadyBody};
-use crate::app::AppState;
+use crate::state::AppState;
 
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", body = HealthBody)))]
 pub async fn healthz() -> Json<HealthBody> {
@@ -23,9 +23,9 @@ pub async fn healthz() -> Json<HealthBody> {
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyBody>) {
-    let database = state.store.ping().await.is_ok();
-    let workers = state.workers.ready();
-    let kek = state.kek_probe.check(&state).await;
+    let database = state.engine.store.ping().await.is_ok();
+    let workers = state.engine.workers.ready();
+    let kek = state.kek_probe.check(&state.engine).await;
     let ready = database && workers > 0 && kek.status == "ok";
     let status = if ready {
         StatusCode::OK
@@ -44,6 +44,6 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyBod
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        state.engine.metrics.render(),
     )
 }

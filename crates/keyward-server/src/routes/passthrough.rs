@@ -14,7 +14,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
-use keyward_core::{ErrorCode, Provider};
+use keyward_core::{ErrorCode, Outcome, Provider};
 use keyward_providers::{
     google_action, native_call, native_routes, openai_is_usage_only_chunk, parse_native, read_native_request,
     GoogleActionError, GoogleVersion, NativeApi, NativeRequestError, StreamDecoder, Usage,
@@ -22,12 +22,12 @@ use keyward_providers::{
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::ai::{open_and_call, CallFailure};
-use crate::app::AppState;
-use crate::auth::{authenticate_member, authenticate_member_with_key, Caller};
+use crate::engine::calls::{CallContext, CallFailure, CallSpec, Upstream, MAX_ANSWER};
+use crate::engine::{Actor, Engine};
 use crate::error::ApiError;
 use crate::extract::AiBody;
-use crate::routes::ai::{channel_body, fail_call, prepare, CallContext, CallSpec, MAX_ANSWER};
+use crate::routes::ai::channel_body;
+use crate::state::AppState;
 
 /// The header each provider's SDK sends its API key in, where keyward takes its token.
 fn token_header(provider: Provider) -> &'static str {
@@ -125,13 +125,9 @@ fn sdk_token(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-async fn caller_and_account(
-    state: &AppState,
-    headers: &HeaderMap,
-    account: &str,
-) -> Result<(Caller, keyward_store::Membership), ApiError> {
+async fn caller_and_account(state: &AppState, headers: &HeaderMap, account: &str) -> Result<Actor, ApiError> {
     let token = zeroize::Zeroizing::new(sdk_token(headers).ok_or_else(ApiError::unauthorized)?);
-    authenticate_member(state, &token, account).await
+    state.engine.actor_by_token(&token, account).await
 }
 
 /// The caller, their membership of `account` and the account's key for `provider` (the
@@ -141,9 +137,9 @@ async fn caller_account_and_key(
     headers: &HeaderMap,
     account: &str,
     provider: Provider,
-) -> Result<(Caller, keyward_store::Membership, keyward_store::CallKey), ApiError> {
+) -> Result<(Actor, keyward_store::CallKey), ApiError> {
     let token = zeroize::Zeroizing::new(sdk_token(headers).ok_or_else(ApiError::unauthorized)?);
-    authenticate_member_with_key(state, &token, account, provider).await
+    state.engine.actor_and_call_key(&token, account, provider).await
 }
 
 fn invalid(m: &str) -> ApiError {
@@ -241,7 +237,7 @@ async fn native_inner(
     google: Option<(String, bool)>,
 ) -> Result<Response, ApiError> {
     let provider = api.provider();
-    let (caller, m, key) = caller_account_and_key(state, headers, account, provider).await?;
+    let (actor, key) = caller_account_and_key(state, headers, account, provider).await?;
     let req = read_native_request(api, raw, google.as_ref().map(|(m, s)| (m.as_str(), *s))).map_err(|e| match e {
         NativeRequestError::NotJson => ApiError::new(ErrorCode::InvalidJson, e.to_string()),
         NativeRequestError::Invalid(m) => ApiError::validation(m),
@@ -256,16 +252,16 @@ async fn native_inner(
         feature: None,
         prefetched_key: Some(key),
     };
-    let ctx = prepare(state, &caller, &m.account, spec).await?;
+    let engine = &state.engine;
+    let ctx = engine.prepare(&actor, spec).await?;
     let call = native_call(&req, |name| {
         headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
     });
-    let mut upstream = match open_and_call(state, provider, &ctx.choice, call).await {
+    let mut upstream = match engine.open_and_call(provider, &ctx.choice, call).await {
         Ok(u) => u,
-        Err(f) => return Err(fail_call(state, &ctx, f, None).await),
+        Err(f) => return Err(engine.fail_call(&ctx, f, None).await),
     };
-    let req_id = keyward_providers::request_id_header(provider)
-        .and_then(|name| upstream.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
+    let req_id = upstream.request_id();
     let status = StatusCode::from_u16(upstream.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut out_headers = HeaderMap::new();
     for (k, v) in &upstream.headers {
@@ -283,33 +279,32 @@ async fn native_inner(
         // and the audit event must be durable before the answer is released.
         let body = match upstream.collect(MAX_ANSWER).await {
             Ok(b) => b,
-            Err(f) => return Err(fail_call(state, &ctx, f, req_id).await),
+            Err(f) => return Err(engine.fail_call(&ctx, f, req_id).await),
         };
         let (outcome, usage, detail, answer_id) = match parse_native(api, upstream.status, &body) {
             Ok(answer) => (
-                "ok".to_owned(),
+                Outcome::Ok,
                 answer.usage,
                 None,
                 Some(answer.id).filter(|id| !id.is_empty()),
             ),
             Err(f) => {
-                ctx.learn_from(state, &f).await;
+                ctx.learn_from(engine, &f).await;
                 (
-                    format!("error:{}", f.diagnosis.as_str()),
+                    Outcome::Error(f.diagnosis.as_str()),
                     Usage::default(),
                     Some(f.message),
                     None,
                 )
             }
         };
-        ctx.settle(state, &outcome, usage, req_id.or(answer_id), detail).await?;
+        ctx.settle(engine, outcome, usage, req_id.or(answer_id), detail).await?;
         return Ok((status, out_headers, body).into_response());
     }
 
     let (tx, rx) = mpsc::channel::<Bytes>(64);
-    let state = state.clone();
     tokio::spawn(relay_stream(
-        state,
+        engine.clone(),
         ctx,
         upstream,
         tx,
@@ -325,9 +320,9 @@ async fn native_inner(
 /// the way. The chunk holding the provider's end marker is held back until the call is
 /// settled and audited, so a client never sees the end of a call that is not on record.
 async fn relay_stream(
-    state: AppState,
+    engine: Engine,
     ctx: CallContext,
-    mut upstream: crate::ai::Upstream,
+    mut upstream: Upstream,
     tx: mpsc::Sender<Bytes>,
     req_id: Option<String>,
     hide_usage_chunk: bool,
@@ -361,14 +356,19 @@ async fn relay_stream(
     match result {
         Ok(summary) => {
             let req_id = req_id.or_else(|| Some(summary.id.clone()));
-            if ctx.settle(&state, "ok", summary.usage, req_id, None).await.is_ok() && !held.is_empty() {
+            if ctx
+                .settle(&engine, Outcome::Ok, summary.usage, req_id, None)
+                .await
+                .is_ok()
+                && !held.is_empty()
+            {
                 let _ = tx.send(Bytes::from(held)).await;
             }
         }
         Err(f) => {
             // The provider's own bytes (including its error event) went through as they
             // came; what is left is the record.
-            let _ = fail_call(&state, &ctx, f, req_id).await;
+            let _ = engine.fail_call(&ctx, f, req_id).await;
             if !held.is_empty() {
                 let _ = tx.send(Bytes::from(held)).await;
             }
@@ -431,7 +431,7 @@ pub async fn list_models(
     if let Err(e) = caller_and_account(&state, &headers, &account).await {
         return provider_envelope(provider, &e);
     }
-    let models: Vec<&keyward_core::ModelEntry> = state.catalogue.served(provider).collect();
+    let models: Vec<&keyward_core::ModelEntry> = state.engine.catalogue.served(provider).collect();
     let body = match provider {
         Provider::Anthropic => json!({
             "data": models.iter().map(|m| json!({ "type": "model", "id": m.id, "display_name": m.name, "created_at": "2024-01-01T00:00:00Z" })).collect::<Vec<_>>(),

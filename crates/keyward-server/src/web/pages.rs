@@ -12,8 +12,8 @@ use keyward_store::{KeyMeta, Membership, ProviderState};
 
 use super::sessions::{Control, Flash};
 use crate::api::KeyTestFindings;
-use crate::routes::model_keys::test_findings;
-use crate::routes::usage::MonthUsage;
+use crate::engine::probe::test_findings;
+use crate::engine::usage::MonthUsage;
 
 /// Escapes text for HTML element content and double- or single-quoted attribute values.
 pub fn esc(s: &str) -> String {
@@ -47,11 +47,6 @@ const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
 
-fn datetime(t: UnixMillis) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.as_i64()) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-}
-
 fn month_name(d: &time::OffsetDateTime) -> &'static str {
     MONTHS
         .get(usize::from(u8::from(d.month())).saturating_sub(1))
@@ -61,7 +56,7 @@ fn month_name(d: &time::OffsetDateTime) -> &'static str {
 
 /// `24 Nov 2025, 16:00 UTC`.
 pub fn when(t: UnixMillis) -> String {
-    let d = datetime(t);
+    let d = t.to_datetime();
     format!(
         "{} {} {}, {:02}:{:02} UTC",
         d.day(),
@@ -74,7 +69,7 @@ pub fn when(t: UnixMillis) -> String {
 
 /// `2025-11-24T16:00:00Z`, for `<time datetime>`.
 fn iso(t: UnixMillis) -> String {
-    crate::clock::rfc3339(t)
+    t.rfc3339()
 }
 
 /// A Test key diagnosis in plain words.
@@ -290,8 +285,8 @@ fn usage_panel(v: &PageView<'_>) -> String {
     let u = v.usage;
     let used = u.credits_used();
     let limit = u.credit_limit;
-    let start = u.start;
-    let last_day = u.end - time::Duration::seconds(1);
+    let start = u.month.start.to_datetime();
+    let last_day = u.month.end.to_datetime() - time::Duration::seconds(1);
     let period = format!(
         "{} {} – {} {} {}",
         start.day(),

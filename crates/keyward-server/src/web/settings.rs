@@ -1,8 +1,9 @@
 //! `GET /settings/ai/model-keys` and its forms, `POST /settings/ai/model-keys/{provider}/{action}`
 //! with `action` one of `save`, `source`, `test`, `remove`.
 //!
-//! Each action runs the JSON API's own function for it, after the same checks in the same
-//! order (membership 404, provider 404, role 403, plan 403, key format 422), then answers
+//! Each action runs the same engine function as the JSON API ([`crate::engine`]), after the
+//! same checks in the same order (membership 404, provider 404, role 403, plan 403, key
+//! format 422), then answers
 //! `303` back to the page (post/redirect/get), where the outcome is shown next to the control
 //! that caused it. Errors are the API's messages, which never hold a key; the key field is
 //! always empty on the page that follows.
@@ -20,15 +21,14 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::common::{forbidden_form_page, html, not_found_page, read_form, see_other, session, SETTINGS_PATH};
 use super::sessions::{Control, Flash};
-use super::{csrf, html, not_found_page, pages, read_form, see_other, session, SETTINGS_PATH};
-use crate::app::AppState;
-use crate::auth::Caller;
-use crate::error::ApiError;
+use super::{csrf, pages};
+use crate::engine::keys::{parse_provider, parse_source};
+use crate::engine::Actor;
+use crate::error::{ApiError, ApiResult};
 use crate::extract::ApiQuery;
-use crate::routes::key_test::run_key_test;
-use crate::routes::model_keys::{delete_key, parse_source, require_paid, store_key, switch_source};
-use crate::routes::usage::month_usage;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct PageQuery {
@@ -67,20 +67,22 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
     let Some(s) = session(&state, &headers) else {
         return see_other("/login");
     };
-    let caller = Caller {
-        user: s.view.user.clone(),
-    };
-    let accounts = match state.store.memberships_of(&caller.user.id).await {
+    let engine = &state.engine;
+    let user = &s.view.user;
+    let accounts = match engine.memberships(user).await {
         Ok(a) => a,
-        Err(e) => return error_page(&ApiError::from(e)),
+        Err(e) => return error_page(&e),
     };
-    let current = match q.account.as_deref().filter(|a| !a.is_empty()) {
-        Some(a) => match caller.member_of(&state, a).await {
-            Ok(m) => m,
+    let actor = match q.account.as_deref().filter(|a| !a.is_empty()) {
+        Some(a) => match engine.actor(user, a).await {
+            Ok(actor) => actor,
             Err(e) => return error_page(&e),
         },
         None => match accounts.first() {
-            Some(m) => m.clone(),
+            Some(m) => Actor {
+                user: user.clone(),
+                membership: m.clone(),
+            },
             None => {
                 return html(
                     StatusCode::OK,
@@ -93,23 +95,23 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
             }
         },
     };
-    let states = match state.store.provider_states(&current.account.id).await {
+    let states = match engine.provider_states(&actor).await {
         Ok(s) => s,
-        Err(e) => return error_page(&ApiError::from(e)),
+        Err(e) => return error_page(&e),
     };
-    let usage = match month_usage(&state, &current).await {
+    let usage = match engine.month_usage(&actor).await {
         Ok(u) => u,
         Err(e) => return error_page(&e),
     };
     let flash = state.web.sessions.take_flash(&s.id);
     let body = pages::model_keys_page(&pages::PageView {
-        email: caller.user.email.as_str(),
+        email: user.email.as_str(),
         csrf: &s.view.csrf,
         accounts: &accounts,
-        current: &current,
+        current: &actor.membership,
         states: &states,
         usage: &usage,
-        catalogue: &state.catalogue,
+        catalogue: &engine.catalogue,
         flash: flash.as_ref(),
     });
     html(StatusCode::OK, body)
@@ -153,27 +155,31 @@ pub async fn action(
         return see_other("/login");
     };
     if !csrf::same_origin(&headers) {
-        return super::forbidden_form_page();
+        return forbidden_form_page();
     }
     let form: ActionForm = match read_form(&state, body).await {
         Ok(f) => f,
         Err(res) => return res,
     };
     if !csrf::token_matches(&s.view.csrf, &form.csrf) {
-        return super::forbidden_form_page();
+        return forbidden_form_page();
     }
     let by_script = headers.get("x-keyward-fetch").is_some_and(|v| v.as_bytes() == b"1");
-    let caller = Caller {
-        user: s.view.user.clone(),
-    };
     let what = match control {
         Control::Key => "saving a key",
         Control::Source => "switching the key source",
         Control::Test => "testing a key",
         Control::Remove => "removing a key",
     };
+    let engine = &state.engine;
     // Membership (404), provider (404), role (403): the API's order.
-    let (m, provider) = match caller.manager_for(&state, &form.account, &provider, what).await {
+    let manager = async {
+        let actor = engine.actor(&s.view.user, &form.account).await?;
+        let provider = parse_provider(&provider)?;
+        actor.may_manage_keys(what)?;
+        ApiResult::Ok((actor, provider))
+    };
+    let (actor, provider) = match manager.await {
         Ok(found) => found,
         Err(e) => match (e.code, provider.parse::<Provider>()) {
             (ErrorCode::NotFound | ErrorCode::UnknownProvider, _) | (_, Err(_)) => return not_found_page(),
@@ -184,15 +190,12 @@ pub async fn action(
             }
         },
     };
-    let account = m.account.id.as_str().to_owned();
+    let account = actor.account_id().as_str().to_owned();
     let name = provider.display_name();
     let flash = match control {
         Control::Key => {
             let raw = form.api_key.as_ref().map(|k| k.expose_secret()).unwrap_or_default();
-            let saved = match require_paid(&m) {
-                Ok(()) => store_key(&state, &caller, &m, provider, raw).await,
-                Err(e) => Err(e),
-            };
+            let saved = engine.save_key(&actor, provider, raw).await;
             match saved {
                 Ok(saved) => {
                     let masked = saved.state.key.as_ref().map(|k| k.last4.masked()).unwrap_or_default();
@@ -222,7 +225,7 @@ pub async fn action(
         }
         Control::Source => {
             let switched = match parse_source(form.source.as_deref().unwrap_or_default()) {
-                Ok(source) => switch_source(&state, &caller, &m, provider, source).await,
+                Ok(source) => engine.switch_source(&actor, provider, source).await,
                 Err(e) => Err(e),
             };
             match switched {
@@ -243,7 +246,7 @@ pub async fn action(
                 Err(e) => failure(&account, provider, control, &e),
             }
         }
-        Control::Test => match run_key_test(&state, &caller, &m, provider).await {
+        Control::Test => match engine.test_key(&actor, provider).await {
             Ok(r) if r.ok => ok(
                 &account,
                 provider,
@@ -273,7 +276,7 @@ pub async fn action(
         },
         Control::Remove => {
             if form.confirm.as_deref() == Some("yes") {
-                match delete_key(&state, &caller, &m, provider).await {
+                match engine.remove_key(&actor, provider).await {
                     Ok(()) => ok(
                         &account,
                         provider,
@@ -296,9 +299,8 @@ pub async fn action(
     if by_script {
         // The script also refreshes the card's "Last test" from what was just stored.
         let last_test = match control {
-            Control::Test => state
-                .store
-                .provider_state(&m.account.id, provider)
+            Control::Test => engine
+                .provider_state(&actor, provider)
                 .await
                 .ok()
                 .and_then(|st| st.key)

@@ -1,0 +1,91 @@
+//! The application layer: what keyward does, whichever door a request came in by.
+//!
+//! The JSON routes (`routes/`), the settings page (`web/`), the native pass-through and the
+//! CLI all call the [`Engine`]; they only translate between their medium (HTTP, HTML forms,
+//! SDK envelopes, argv) and these functions. Every function here takes an [`Actor`] (who
+//! acts, in which account, with which role), never an HTTP extractor, and checks what that
+//! actor may do itself, so no door can skip a check.
+//!
+//! - [`identity`]: tokens, and turning a token into a user or an [`Actor`].
+//! - [`keys`]: list, save or rotate, remove a key; switch its source.
+//! - [`calls`]: an AI call: choose the key, reserve shared credits, open the key in a
+//!   worker and call the provider, settle and audit.
+//! - [`probe`]: "Test key" ([`throttle`]: how often).
+//! - [`usage`]: the month's shared credits and counts.
+//! - [`audit`]: the account's audit log, as the API shows it.
+//!
+//! Must never: hold a plaintext key (keys are sealed here and opened only in a worker),
+//! know about HTTP status lines, headers or HTML, or read the environment.
+
+pub mod actor;
+pub mod audit;
+pub mod calls;
+pub mod identity;
+pub mod keys;
+pub mod probe;
+pub mod throttle;
+pub mod usage;
+
+use std::sync::Arc;
+
+use keyward_core::Catalogue;
+use keyward_store::Store;
+
+use crate::clock::SharedClock;
+use crate::kek::SealerCell;
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::purge::PurgeHandle;
+use crate::workers::WorkerPool;
+
+pub use actor::Actor;
+
+/// What the engine works with. One reference count to clone: calls that outlive their
+/// request (a stream being relayed, a call whose client went away) hold a clone.
+#[derive(Clone)]
+pub struct Engine(Arc<EngineParts>);
+
+/// The engine's parts, built once by `serve`.
+pub struct EngineParts {
+    pub store: Arc<dyn Store>,
+    /// The gateway can seal keys (to the primary KEK version); it holds no way to open one.
+    pub sealer: Arc<SealerCell>,
+    pub clock: SharedClock,
+    pub catalogue: Arc<Catalogue>,
+    pub metrics: Arc<Metrics>,
+    pub purge: PurgeHandle,
+    pub workers: Arc<WorkerPool>,
+    pub ledger: Ledger,
+    pub probe_limiter: throttle::ProbeLimiter,
+    /// Longest wait for a provider's answer to start, and between two chunks of it.
+    pub provider_timeout_ms: u32,
+    /// "Test key" runs per account and provider per minute.
+    pub key_tests_per_minute: u32,
+}
+
+impl Engine {
+    pub fn new(parts: EngineParts) -> Engine {
+        Engine(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for Engine {
+    type Target = EngineParts;
+    fn deref(&self) -> &EngineParts {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for EngineParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("sealer", &self.sealer)
+            .finish_non_exhaustive()
+    }
+}
