@@ -5,6 +5,7 @@
 //! Must never: do I/O, print a secret (`ApiKey` has no `Display` and a redacting `Debug`),
 //! or let a key reach an error message (format errors never repeat their input).
 
+pub mod binding;
 pub mod catalogue;
 pub mod email;
 pub mod error_code;
@@ -15,6 +16,7 @@ pub mod provider;
 pub mod tenancy;
 pub mod time;
 
+pub use binding::{KeyBinding, KeyOwner};
 pub use catalogue::{Catalogue, CatalogueError, ModelEntry, ModelKind, ModelRefusal, ModelStatus};
 pub use email::{Email, EmailError};
 pub use error_code::ErrorCode;

@@ -130,7 +130,7 @@ pub async fn set_shared_key(
     let key = keyward_core::ApiKey::parse(provider, raw).map_err(|e| bad(format!("the key on standard input: {e}")))?;
     let key_id = keyward_core::KeyId::from_random(random_id_bytes());
     let binding = keyward_crypto::Binding {
-        account_id: crate::engine::calls::PLATFORM_ACCOUNT,
+        account_id: keyward_core::KeyOwner::SHARED_POOL,
         provider: provider.as_str(),
         key_id: key_id.as_str(),
     };

@@ -5,13 +5,14 @@
 //! process, as `kek rewrap` does) with the platform's shared key, so the key is opened only
 //! there, as for any call.
 
-use keyward_core::{Catalogue, ModelStatus, Provider};
-use keyward_providers::{build_list_models, parse_model_page, HttpMethod};
-use keyward_store::{Store, SHARED_KEY_ACCOUNT};
-use keyward_worker::protocol::{CallRequest, FailKind, Method};
+use keyward_core::{Catalogue, KeyBinding, KeyOwner, ModelStatus, Provider};
+use keyward_providers::{build_list_models, parse_model_page};
+use keyward_store::Store;
+use keyward_worker_protocol::protocol::FailKind;
 use serde_json::{json, Value};
 
 use crate::config::Config;
+use crate::engine::calls::worker_call;
 use crate::runtime::RuntimeError;
 use crate::workers::{SoloWorker, WorkerCommand};
 
@@ -153,22 +154,19 @@ async fn list_all(
     let mut page: Option<String> = None;
     for n in 0..MAX_PAGES {
         let call = build_list_models(provider, page.as_deref());
-        let request = CallRequest {
-            request_id: u64::try_from(n).unwrap_or(0) + 1,
-            provider: provider.as_str().to_owned(),
-            account_id: SHARED_KEY_ACCOUNT.to_owned(),
-            key_id: key.key_id.to_string(),
-            blob: key.sealed.as_bytes().to_vec(),
-            method: match call.method {
-                HttpMethod::Get => Method::Get,
-                HttpMethod::Post => Method::Post,
-            },
-            path_and_query: call.path_and_query,
-            headers: call.headers,
-            body: call.body,
-            timeout_ms,
+        let binding = KeyBinding {
+            owner: KeyOwner::SharedPool,
+            provider,
+            key_id: key.key_id.clone(),
         };
-        let answer = match worker.call(request, MAX_LISTING).await? {
+        let request = worker_call(
+            u64::try_from(n).unwrap_or(0) + 1,
+            binding,
+            key.sealed.as_bytes(),
+            call,
+            timeout_ms,
+        );
+        let answer = match worker.call(&request, MAX_LISTING).await? {
             Ok(a) => a,
             Err((FailKind::Connect | FailKind::Timeout | FailKind::Io, why)) => {
                 return Ok(Err(format!("{} could not be reached: {why}", provider.display_name())))

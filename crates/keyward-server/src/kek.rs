@@ -43,10 +43,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use keyward_core::{KeyBinding, KeyId, KeyOwner};
 use keyward_crypto::{local, CryptoError, KekSealer};
 use keyward_store::kek::{count_by_kek, kek_id_of, BlobCursor, KekStore};
 use keyward_store::{Store, StoreError};
-use keyward_worker::protocol::RewrapRequest;
+use keyward_worker_protocol::protocol::RewrapRequest;
 
 use crate::config::{Config, KekConfig};
 use crate::workers::{SoloWorker, WorkerCommand, WorkerPool};
@@ -362,15 +363,20 @@ pub async fn rewrap(
                 continue;
             }
             request_id += 1;
+            let binding = KeyBinding {
+                owner: KeyOwner::parse(&row.account_id)
+                    .map_err(|_| KekError::Worker(format!("a stored key's owner is malformed: {}", row.account_id)))?,
+                provider: row.provider,
+                key_id: KeyId::parse(&row.key_id)
+                    .map_err(|_| KekError::Worker(format!("a stored key id is malformed: {}", row.key_id)))?,
+            };
             let request = RewrapRequest {
                 request_id,
-                provider: row.provider.as_str().to_owned(),
-                account_id: row.account_id.clone(),
-                key_id: row.key_id.clone(),
+                binding,
                 blob: row.sealed.as_bytes().to_vec(),
                 target_kek_id: target.clone(),
             };
-            match conn.rewrap(request).await.map_err(KekError::Worker)? {
+            match conn.rewrap(&request).await.map_err(KekError::Worker)? {
                 Ok(new) => {
                     if kek
                         .replace_sealed_blob(row.owner, &row.key_id, &row.sealed, &new)

@@ -8,8 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use keyward_core::{KeyBinding, KeyId, KeyOwner, Provider};
 use keyward_crypto::{Binding, CryptoError};
-use keyward_worker::protocol::{CallRequest, FailKind, FromWorker, Method, ToWorker};
+use keyward_worker_protocol::protocol::{FailKind, OpenRequest};
+use keyward_worker_protocol::WorkerError;
 use rand::RngCore;
 use tokio::sync::Mutex;
 
@@ -19,10 +21,15 @@ use crate::engine::Engine;
 /// How long one answer is reused.
 const FRESH_FOR: Duration = Duration::from_secs(1);
 
-/// The binding of the canary: no account, provider or key row has these values.
-const CANARY_ACCOUNT: &str = "keyward:readyz";
-const CANARY_PROVIDER: &str = "keyward:readyz";
-const CANARY_KEY_ID: &str = "keyward:readyz";
+/// The binding of the canary: its owner is no account and not the shared pool, so no
+/// saved key shares it.
+fn canary_binding() -> KeyBinding {
+    KeyBinding {
+        owner: KeyOwner::ReadinessCanary,
+        provider: Provider::OpenAi,
+        key_id: KeyId::from_random([0; 16]),
+    }
+}
 
 #[derive(Default)]
 pub struct KekProbe {
@@ -60,10 +67,11 @@ async fn check_now(engine: &Engine) -> KekReady {
     };
     let mut canary = zeroize::Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(canary.as_mut());
+    let canary_binding = canary_binding();
     let binding = Binding {
-        account_id: CANARY_ACCOUNT,
-        provider: CANARY_PROVIDER,
-        key_id: CANARY_KEY_ID,
+        account_id: canary_binding.owner.as_str(),
+        provider: canary_binding.provider.as_str(),
+        key_id: canary_binding.key_id.as_str(),
     };
     let blob = match sealer.seal_async(&binding, canary.as_ref()).await {
         Ok(blob) => blob,
@@ -73,27 +81,17 @@ async fn check_now(engine: &Engine) -> KekReady {
     let Ok(mut lease) = engine.workers.lease().await else {
         return report("unchecked", Some("no worker is ready to open the canary".to_owned()));
     };
-    let request = CallRequest {
+    let request = OpenRequest {
         request_id: 0,
-        provider: CANARY_PROVIDER.to_owned(),
-        account_id: CANARY_ACCOUNT.to_owned(),
-        key_id: CANARY_KEY_ID.to_owned(),
+        binding: canary_binding,
         blob: blob.into_bytes(),
-        method: Method::Get,
-        path_and_query: String::new(),
-        headers: Vec::new(),
-        body: Vec::new(),
-        timeout_ms: engine.provider_timeout_ms,
     };
-    if lease.conn.send(&ToWorker::OpenOnly(request)).await.is_err() {
-        return report("unchecked", Some("the worker went away".to_owned()));
-    }
-    match lease.conn.recv().await {
-        Ok(FromWorker::End) => {
+    match lease.open_only(&request).await {
+        Ok(()) => {
             lease.release();
             report("ok", None)
         }
-        Ok(FromWorker::Fail { kind, message }) => {
+        Err(WorkerError::Refused { kind, message }) => {
             lease.release();
             let status = if kind == FailKind::KekUnavailable {
                 "unavailable"
@@ -102,7 +100,6 @@ async fn check_now(engine: &Engine) -> KekReady {
             };
             report(status, Some(message))
         }
-        Ok(_) => report("failing", Some("worker protocol: unexpected frame".to_owned())),
-        Err(_) => report("unchecked", Some("the worker went away".to_owned())),
+        Err(WorkerError::Gone(_)) => report("unchecked", Some("the worker went away".to_owned())),
     }
 }

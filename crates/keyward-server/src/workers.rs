@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keyward_crypto::SealedKey;
-use keyward_worker::protocol::{CallRequest, FailKind, FromWorker, RewrapRequest, ToWorker};
-use keyward_worker::WorkerConn;
+use keyward_worker_protocol::protocol::{CallRequest, FailKind, RewrapRequest};
+use keyward_worker_protocol::{WorkerConn, WorkerError};
 use tokio::process::Command;
 
 use crate::metrics::Metrics;
@@ -175,13 +175,11 @@ impl SoloWorker {
 
     /// `Ok(Ok(blob))`, `Ok(Err(why))` when the worker refused this blob, `Err` when the
     /// worker is gone.
-    pub async fn rewrap(&mut self, request: RewrapRequest) -> Result<Result<SealedKey, String>, String> {
-        let gone = |e: keyward_worker::protocol::FrameIoError| e.to_string();
-        self.conn.send(&ToWorker::Rewrap(request)).await.map_err(gone)?;
-        match self.conn.recv().await.map_err(gone)? {
-            FromWorker::Sealed(b) => Ok(Ok(SealedKey::from_bytes(b))),
-            FromWorker::Fail { message, .. } => Ok(Err(message)),
-            _ => Err("unexpected answer to a re-wrap".to_owned()),
+    pub async fn rewrap(&mut self, request: &RewrapRequest) -> Result<Result<SealedKey, String>, String> {
+        match self.conn.rewrap(request).await {
+            Ok(b) => Ok(Ok(SealedKey::from_bytes(b))),
+            Err(WorkerError::Refused { message, .. }) => Ok(Err(message)),
+            Err(gone) => Err(gone.to_string()),
         }
     }
 
@@ -189,28 +187,34 @@ impl SoloWorker {
     /// `Ok(Err((kind, why)))` when the worker could not make it, `Err` when the worker is gone.
     pub async fn call(
         &mut self,
-        request: CallRequest,
+        request: &CallRequest,
         limit: usize,
     ) -> Result<Result<SoloAnswer, (FailKind, String)>, String> {
-        let gone = |e: keyward_worker::protocol::FrameIoError| e.to_string();
-        self.conn.send(&ToWorker::Call(request)).await.map_err(gone)?;
-        let (status, headers) = match self.conn.recv().await.map_err(gone)? {
-            FromWorker::Head { status, headers } => (status, headers),
-            FromWorker::Fail { kind, message } => return Ok(Err((kind, message))),
-            _ => return Err("unexpected answer to a call".to_owned()),
+        let refused_or_gone = |e: WorkerError| match e {
+            WorkerError::Refused { kind, message } => Ok(Err((kind, message))),
+            gone => Err(gone.to_string()),
+        };
+        let head = match self.conn.call(request).await {
+            Ok(head) => head,
+            Err(e) => return refused_or_gone(e),
         };
         let mut body = Vec::new();
         loop {
-            match self.conn.recv().await.map_err(gone)? {
-                FromWorker::Chunk(c) => {
+            match self.conn.next_chunk().await {
+                Ok(Some(c)) => {
                     if body.len() + c.len() > limit {
                         return Err("the provider's answer is larger than keyward accepts".to_owned());
                     }
                     body.extend_from_slice(&c);
                 }
-                FromWorker::End => return Ok(Ok(SoloAnswer { status, headers, body })),
-                FromWorker::Fail { kind, message } => return Ok(Err((kind, message))),
-                _ => return Err("unexpected frame in an answer".to_owned()),
+                Ok(None) => {
+                    return Ok(Ok(SoloAnswer {
+                        status: head.status,
+                        headers: head.headers,
+                        body,
+                    }))
+                }
+                Err(e) => return refused_or_gone(e),
             }
         }
     }
@@ -251,9 +255,23 @@ enum Attempt {
 /// A connection on loan; give it back with [`Lease::release`] after a complete exchange.
 #[derive(Debug)]
 pub struct Lease {
-    pub conn: WorkerConn,
+    conn: WorkerConn,
     slot: Arc<Slot>,
     generation: u64,
+}
+
+/// A lease is used as the connection it lends (its typed exchanges).
+impl std::ops::Deref for Lease {
+    type Target = WorkerConn;
+    fn deref(&self) -> &WorkerConn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut WorkerConn {
+        &mut self.conn
+    }
 }
 
 impl Lease {

@@ -154,7 +154,7 @@ pub struct Saved {
 /// The account id the platform's shared-pool keys are sealed to: their [`keyward_crypto::Binding`]
 /// is `("platform", provider, key_id)`. Never a valid [`AccountId`] (those start `acc_`), so a
 /// shared blob can never be opened as an account's key or the other way round.
-pub const SHARED_KEY_ACCOUNT: &str = "platform";
+pub const SHARED_KEY_ACCOUNT: &str = keyward_core::KeyOwner::SHARED_POOL;
 
 /// One finished AI call, as [`Store::finish_calls`] settles it.
 #[derive(Debug, Clone, PartialEq, Eq)]

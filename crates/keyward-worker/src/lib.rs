@@ -1,8 +1,7 @@
 //! keyward's isolated worker: the only process that ever opens a sealed key.
 //!
 //! Owns: the worker process ([`server`]: sandbox first, then accept only the parent
-//! gateway on a Unix socket), the socket [`protocol`] and the gateway's [`client`] for it,
-//! locked memory for plaintext keys ([`locked`]), a minimal HTTP/1.1 client that writes
+//! gateway on a Unix socket, speaking `keyward-worker-protocol`), locked memory for plaintext keys ([`locked`]), a minimal HTTP/1.1 client that writes
 //! the key straight from locked memory ([`http1`]), and the masking of keys a provider
 //! echoes back ([`scrub`]), and re-wrapping a blob to another KEK version (`Rewrap`: open
 //! into locked memory, seal again, wipe; only blobs cross the socket). The sandbox and what each layer stops is described in
@@ -13,13 +12,10 @@
 //! opened for, send a key to any host but its provider's configured base URL, follow a
 //! redirect, or accept a connection from any process but its parent.
 
-pub mod client;
 pub mod http1;
 pub mod locked;
-pub mod protocol;
 pub mod sandbox;
 pub mod scrub;
 pub mod server;
 
-pub use client::WorkerConn;
 pub use server::{run, WorkerConfig, WorkerError};

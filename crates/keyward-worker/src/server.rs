@@ -17,9 +17,10 @@ use tokio_rustls::rustls::ClientConfig;
 
 use crate::http1::{HttpError, Upstream};
 use crate::locked::{LockedPool, PAGE};
-use crate::protocol::{read_frame, CallRequest, FailKind, FromWorker, Method, ToWorker};
 use crate::sandbox;
 use crate::scrub::{mask_in_place, EchoMasker};
+use keyward_core::KeyBinding;
+use keyward_worker_protocol::protocol::{read_frame, CallRequest, FailKind, FromWorker, Method, ToWorker};
 
 /// What the worker needs, handed over by the binary before the environment is cleared.
 #[derive(Debug, Clone)]
@@ -169,8 +170,8 @@ impl Worker {
             buf.clear();
             let result = match request {
                 Ok(ToWorker::Ping) => stream.send(&FromWorker::Pong).await,
-                Ok(ToWorker::OpenOnly(c)) => {
-                    let answer = match self.open(&c).await {
+                Ok(ToWorker::OpenOnly(o)) => {
+                    let answer = match self.open(o.request_id, &o.binding, &o.blob).await {
                         Ok(_page) => FromWorker::End,
                         Err(f) => f,
                     };
@@ -198,24 +199,29 @@ impl Worker {
     /// Opens the blob into a locked page. A KEK backend that fails (HSM, KMS: not this
     /// blob's fault) is tried again after [`KEK_RETRY_DELAYS`], then reported as
     /// [`FailKind::KekUnavailable`]; any other failure is final at once. No fallback.
-    async fn open(&self, c: &CallRequest) -> Result<crate::locked::PooledBuf<'_>, FromWorker> {
+    async fn open(
+        &self,
+        request_id: u64,
+        binding: &KeyBinding,
+        blob: &[u8],
+    ) -> Result<crate::locked::PooledBuf<'_>, FromWorker> {
         let mut page = self
             .pages
             .take()
             .map_err(|e| fail(FailKind::Internal, &format!("locked memory: {e}")))?;
         let binding = Binding {
-            account_id: &c.account_id,
-            provider: &c.provider,
-            key_id: &c.key_id,
+            account_id: binding.owner.as_str(),
+            provider: binding.provider.as_str(),
+            key_id: binding.key_id.as_str(),
         };
-        let blob = SealedKey::from_bytes(c.blob.clone());
+        let blob = SealedKey::from_bytes(blob.to_vec());
         let mut delays = KEK_RETRY_DELAYS.iter();
         let n = loop {
             match self.opener.open_into_async(&binding, &blob, page.page_mut()).await {
                 Ok(n) => break n,
                 Err(e @ CryptoError::Backend { .. }) => match delays.next() {
                     Some(delay) => {
-                        tracing::debug!(request_id = c.request_id, error = %e, "KEK backend failed; retrying");
+                        tracing::debug!(request_id, error = %e, "KEK backend failed; retrying");
                         tokio::time::sleep(*delay).await;
                     }
                     None => {
@@ -255,10 +261,7 @@ impl Worker {
     }
 
     async fn call_inner(&self, c: CallRequest, stream: &mut GatewayConn) -> Result<(), CallError> {
-        let provider: Provider = c
-            .provider
-            .parse()
-            .map_err(|_| fail(FailKind::BadRequest, "unknown provider"))?;
+        let provider = c.binding.provider;
         let method = match c.method {
             Method::Get => HttpMethod::Get,
             Method::Post => HttpMethod::Post,
@@ -285,7 +288,7 @@ impl Worker {
             .ok_or_else(|| fail(FailKind::Internal, "no base URL for this provider"))?;
         let timeout = Duration::from_millis(u64::from(c.timeout_ms.clamp(100, 600_000)));
 
-        let key = self.open(&c).await?;
+        let key = self.open(c.request_id, &c.binding, &c.blob).await?;
         if key.as_slice().iter().any(|b| !b.is_ascii_graphic()) {
             return Err(fail(FailKind::OpenFailed, "the opened key is not a valid header value").into());
         }
@@ -417,7 +420,7 @@ impl GatewayConn {
             .map_err(|e| fail(FailKind::Internal, &format!("encode: {e}")).into())
     }
 
-    fn push(&mut self, msg: &FromWorker) -> Result<(), crate::protocol::ProtocolError> {
+    fn push(&mut self, msg: &FromWorker) -> Result<(), keyward_worker_protocol::protocol::ProtocolError> {
         self.out.extend_from_slice(&msg.encode()?);
         Ok(())
     }

@@ -18,16 +18,19 @@ use keyward_core::{AccountId, Email, KeySource, Last4, Plan, Provider, UnixMilli
 use keyward_crypto::{local, AuditChainKey, Binding};
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{AuditAction, AuditActor, CallRecord, NewAuditEvent, SqliteStore, Store};
-use keyward_worker::protocol::{CallRequest, FromWorker, Method, ToWorker};
-use keyward_worker::WorkerConn;
+use keyward_worker_protocol::protocol::OpenRequest;
+use keyward_worker_protocol::WorkerConn;
 
 const KEY: &[u8] = b"sk-proj-benchbenchbenchbenchbenchbenchbenchbenchbenchbenchbenchbench0001";
 
+const BENCH_ACCOUNT: &str = "acc_0000000000000000000000000000bec4";
+const BENCH_KEY: &str = "key_0000000000000000000000000000bec4";
+
 fn binding() -> Binding<'static> {
     Binding {
-        account_id: "acc_bench",
+        account_id: BENCH_ACCOUNT,
         provider: "openai",
-        key_id: "key_bench",
+        key_id: BENCH_KEY,
     }
 }
 
@@ -105,27 +108,22 @@ fn worker_round_trip(c: &mut Criterion) {
         }
         panic!("the worker did not answer");
     });
-    let request = CallRequest {
+    let request = OpenRequest {
         request_id: 1,
-        provider: "openai".into(),
-        account_id: binding().account_id.into(),
-        key_id: binding().key_id.into(),
+        binding: keyward_core::KeyBinding {
+            owner: keyward_core::KeyOwner::parse(BENCH_ACCOUNT).unwrap(),
+            provider: Provider::OpenAi,
+            key_id: keyward_core::KeyId::parse(BENCH_KEY).unwrap(),
+        },
         blob: blob.as_bytes().to_vec(),
-        method: Method::Post,
-        path_and_query: "/v1/chat/completions".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: br#"{"model":"gpt-6-luna","messages":[{"role":"user","content":"Say hello"}]}"#.to_vec(),
-        timeout_ms: 5_000,
     };
     let mut g = c.benchmark_group("worker");
     g.bench_function("ping_round_trip", |b| b.iter(|| rt.block_on(conn.ping()).unwrap()));
     g.bench_function("open_round_trip", |b| {
         b.iter(|| {
             rt.block_on(async {
-                conn.send(&ToWorker::OpenOnly(request.clone())).await.unwrap();
-                match conn.recv().await.unwrap() {
-                    FromWorker::End => {}
-                    other => panic!("the worker did not open the key: {other:?}"),
+                if let Err(e) = conn.open_only(&request).await {
+                    panic!("the worker did not open the key: {e}");
                 }
             })
         })

@@ -14,21 +14,19 @@
 use std::time::Instant;
 
 use keyward_core::{AccountId, ErrorCode, KeyId, KeySource, ModelEntry, ModelKind, ModelRefusal, Outcome, Provider};
-use keyward_core::{Catalogue, Last4};
+use keyward_core::{Catalogue, KeyBinding, KeyOwner, Last4};
 use keyward_providers::{
     build_chat, parse_chat, ChatMessage, ChatRequest, Diagnosis, HttpCall, HttpMethod, ProviderFailure, StreamDecoder,
     StreamEvent, Usage,
 };
 use keyward_store::{AuditAction, AuditActor, CallKey, CallRecord, NewAuditEvent, StoredKey};
-use keyward_worker::protocol::{CallRequest, FailKind, FromWorker, Method, ToWorker};
+use keyward_worker_protocol::protocol::{CallRequest, FailKind, Method};
+use keyward_worker_protocol::WorkerError;
 use tokio::sync::mpsc;
 
 use super::{Actor, Engine};
 use crate::error::{ApiError, ApiResult};
 use crate::workers::Lease;
-
-/// The account id shared-pool keys are sealed to (one constant, owned by the store).
-pub use keyward_store::SHARED_KEY_ACCOUNT as PLATFORM_ACCOUNT;
 
 /// Largest plain answer read from a provider.
 pub const MAX_ANSWER: usize = 8 * 1024 * 1024;
@@ -40,8 +38,36 @@ const MAX_OUTPUT_TOKENS: u32 = 32_768;
 pub struct KeyChoice {
     pub source: KeySource,
     pub key: StoredKey,
-    /// The account part of the blob's binding: the account, or `platform` for the pool.
-    pub binding_account: String,
+    /// Whose key it is: the account, or the shared pool.
+    pub owner: KeyOwner,
+}
+
+impl KeyChoice {
+    /// What the key's blob is bound to.
+    pub fn binding(&self, provider: Provider) -> KeyBinding {
+        KeyBinding {
+            owner: self.owner.clone(),
+            provider,
+            key_id: self.key.key_id.clone(),
+        }
+    }
+}
+
+/// The worker's request for `call` with a sealed key (`blob`, bound to `binding`).
+pub fn worker_call(request_id: u64, binding: KeyBinding, blob: &[u8], call: HttpCall, timeout_ms: u32) -> CallRequest {
+    CallRequest {
+        request_id,
+        binding,
+        blob: blob.to_vec(),
+        method: match call.method {
+            HttpMethod::Get => Method::Get,
+            HttpMethod::Post => Method::Post,
+        },
+        path_and_query: call.path_and_query,
+        headers: call.headers,
+        body: call.body,
+        timeout_ms,
+    }
 }
 
 /// The account's source for `provider` decides the key. An own-key account whose key is
@@ -60,7 +86,7 @@ pub fn choose_key(account: &AccountId, provider: Provider, current: CallKey) -> 
             Ok(KeyChoice {
                 source: KeySource::Own,
                 key,
-                binding_account: account.to_string(),
+                owner: KeyOwner::Account(account.clone()),
             })
         }
         KeySource::Shared => {
@@ -77,7 +103,7 @@ pub fn choose_key(account: &AccountId, provider: Provider, current: CallKey) -> 
             Ok(KeyChoice {
                 source: KeySource::Shared,
                 key,
-                binding_account: PLATFORM_ACCOUNT.to_owned(),
+                owner: KeyOwner::SharedPool,
             })
         }
     }
@@ -154,15 +180,15 @@ impl Upstream {
         let Some(lease) = self.lease.as_mut() else {
             return Ok(None);
         };
-        match lease.conn.recv().await {
-            Ok(FromWorker::Chunk(b)) => Ok(Some(b)),
-            Ok(FromWorker::End) => {
+        match lease.next_chunk().await {
+            Ok(Some(b)) => Ok(Some(b)),
+            Ok(None) => {
                 if let Some(l) = self.lease.take() {
                     l.release();
                 }
                 Ok(None)
             }
-            Ok(FromWorker::Fail { kind, message }) => {
+            Err(WorkerError::Refused { kind, message }) => {
                 // The exchange is complete (the worker ended it): the connection is reusable.
                 if let Some(l) = self.lease.take() {
                     l.release();
@@ -178,11 +204,7 @@ impl Upstream {
                     _ => worker_fail(self.provider, kind, &message),
                 })
             }
-            Ok(_) => {
-                self.lease = None;
-                Err(CallFailure::Internal("worker protocol: unexpected frame".into()))
-            }
-            Err(_) => {
+            Err(WorkerError::Gone(_)) => {
                 self.lease = None;
                 Err(CallFailure::WorkerUnavailable)
             }
@@ -608,40 +630,28 @@ impl Engine {
         call: HttpCall,
     ) -> Result<Upstream, CallFailure> {
         let started = Instant::now();
-        let request = CallRequest {
-            request_id: NEXT_REQUEST_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            provider: provider.as_str().to_owned(),
-            account_id: choice.binding_account.clone(),
-            key_id: choice.key.key_id.to_string(),
-            blob: choice.key.sealed.as_bytes().to_vec(),
-            method: match call.method {
-                HttpMethod::Get => Method::Get,
-                HttpMethod::Post => Method::Post,
-            },
-            path_and_query: call.path_and_query,
-            headers: call.headers,
-            body: call.body,
-            timeout_ms: self.provider_timeout_ms,
-        };
+        let request = worker_call(
+            NEXT_REQUEST_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            choice.binding(provider),
+            choice.key.sealed.as_bytes(),
+            call,
+            self.provider_timeout_ms,
+        );
         let mut lease = self.workers.lease().await.map_err(|_| CallFailure::WorkerUnavailable)?;
-        if lease.conn.send(&ToWorker::Call(request)).await.is_err() {
-            return Err(CallFailure::WorkerUnavailable);
-        }
-        match lease.conn.recv().await {
-            Ok(FromWorker::Head { status, headers }) => Ok(Upstream {
-                status,
-                headers,
+        match lease.call(&request).await {
+            Ok(head) => Ok(Upstream {
+                status: head.status,
+                headers: head.headers,
                 started,
                 lease: Some(lease),
                 provider,
             }),
-            Ok(FromWorker::Fail { kind, message }) => {
+            Err(WorkerError::Refused { kind, message }) => {
                 // The exchange is complete: the connection can be reused.
                 lease.release();
                 Err(worker_fail(provider, kind, &message))
             }
-            Ok(_) => Err(CallFailure::Internal("worker protocol: unexpected frame".into())),
-            Err(_) => Err(CallFailure::WorkerUnavailable),
+            Err(WorkerError::Gone(_)) => Err(CallFailure::WorkerUnavailable),
         }
     }
 

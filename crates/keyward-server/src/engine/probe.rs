@@ -14,7 +14,7 @@
 //! A provider that reports the key as leaked marks it: calls on it stop
 //! (`409 key_reported_leaked`) until the key is replaced or a later test succeeds.
 
-use keyward_core::{ErrorCode, KeyKind, KeySource, Outcome, Provider};
+use keyward_core::{ErrorCode, KeyKind, KeyOwner, KeySource, Outcome, Provider};
 use keyward_providers::{
     build_list_models, build_probe, parse_chat, parse_model_page, rate_limits, rate_limits_note, Diagnosis,
     ProviderFailure,
@@ -129,7 +129,7 @@ impl Engine {
         let choice = KeyChoice {
             source: KeySource::Own,
             key,
-            binding_account: account.to_string(),
+            owner: KeyOwner::Account(account.clone()),
         };
 
         let mut result = self.probe(provider, &choice, &model.id).await?;

@@ -8,7 +8,7 @@
 use keyward_crypto::{Binding, CryptoError, SealedKey};
 
 use super::{fail, Worker};
-use crate::protocol::{FailKind, FromWorker, RewrapRequest};
+use keyward_worker_protocol::protocol::{FailKind, FromWorker, RewrapRequest};
 
 impl Worker {
     pub(super) async fn rewrap(&self, r: &RewrapRequest) -> FromWorker {
@@ -18,9 +18,9 @@ impl Worker {
             Err(e) => return fail(FailKind::Internal, &format!("locked memory: {e}")),
         };
         let binding = Binding {
-            account_id: &r.account_id,
-            provider: &r.provider,
-            key_id: &r.key_id,
+            account_id: r.binding.owner.as_str(),
+            provider: r.binding.provider.as_str(),
+            key_id: r.binding.key_id.as_str(),
         };
         let blob = SealedKey::from_bytes(r.blob.clone());
         let answer = match self

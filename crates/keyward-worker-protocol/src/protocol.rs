@@ -2,9 +2,12 @@
 //!
 //! A frame is a big-endian `u32` length followed by that many bytes: a version byte, a
 //! kind byte, then the kind's fields. Strings and byte strings are a `u32` length and the
-//! bytes; lists a `u16` count. A connection carries one exchange at a time: the gateway
-//! sends one request frame; the worker answers `Pong`, or `Head` + `Chunk`* + `End`, or
-//! `Fail` (possibly after `Head` and some chunks, when the provider's stream breaks).
+//! bytes; lists a `u16` count. A key's [`KeyBinding`] travels as three strings and is parsed
+//! back into its types on decoding, so a malformed binding is refused at the boundary. A
+//! connection carries one exchange at a time: the gateway sends one request frame; the
+//! worker answers `Pong` (to `Ping`), `Head` + `Chunk`* + `End` (to `Call`), `End` (to
+//! `OpenOnly`), `Sealed` (to `Rewrap`), or `Fail` (possibly after `Head` and some chunks,
+//! when the provider's stream breaks).
 //!
 //! The decoder is the worker's trust boundary after the peer-credential check, so it
 //! never panics, never allocates more than the frame it was given, and refuses trailing
@@ -12,7 +15,10 @@
 
 use std::fmt;
 
-pub const VERSION: u8 = 1;
+use keyward_core::{KeyBinding, KeyId, KeyOwner, Provider};
+
+/// 2: typed bindings, and `OpenOnly` with a message of its own.
+pub const VERSION: u8 = 2;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
@@ -27,9 +33,7 @@ pub enum Method {
 #[derive(Clone, PartialEq, Eq)]
 pub struct CallRequest {
     pub request_id: u64,
-    pub provider: String,
-    pub account_id: String,
-    pub key_id: String,
+    pub binding: KeyBinding,
     pub blob: Vec<u8>,
     pub method: Method,
     pub path_and_query: String,
@@ -43,7 +47,7 @@ impl fmt::Debug for CallRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CallRequest")
             .field("request_id", &self.request_id)
-            .field("provider", &self.provider)
+            .field("provider", &self.binding.provider)
             .field("path_and_query", &self.path_and_query)
             .field("blob_len", &self.blob.len())
             .field("body_len", &self.body.len())
@@ -57,9 +61,7 @@ impl fmt::Debug for CallRequest {
 #[derive(Clone, PartialEq, Eq)]
 pub struct RewrapRequest {
     pub request_id: u64,
-    pub provider: String,
-    pub account_id: String,
-    pub key_id: String,
+    pub binding: KeyBinding,
     pub blob: Vec<u8>,
     pub target_kek_id: String,
 }
@@ -68,9 +70,28 @@ impl fmt::Debug for RewrapRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RewrapRequest")
             .field("request_id", &self.request_id)
-            .field("provider", &self.provider)
+            .field("provider", &self.binding.provider)
             .field("blob_len", &self.blob.len())
             .field("target_kek_id", &self.target_kek_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Open a blob and wipe it without calling anyone: the readiness check of the KEK backend,
+/// and the round trip the benchmarks measure. Answered `End` or `Fail`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OpenRequest {
+    pub request_id: u64,
+    pub binding: KeyBinding,
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for OpenRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenRequest")
+            .field("request_id", &self.request_id)
+            .field("owner", &self.binding.owner)
+            .field("blob_len", &self.blob.len())
             .finish_non_exhaustive()
     }
 }
@@ -81,9 +102,8 @@ pub enum ToWorker {
     Ping,
     /// Open the blob and call the provider.
     Call(CallRequest),
-    /// Open the blob and wipe it without calling anyone: a health check of the KEK, and
-    /// the no-op round trip the benchmarks measure.
-    OpenOnly(CallRequest),
+    /// Open the blob and wipe it without calling anyone.
+    OpenOnly(OpenRequest),
     /// Move a blob to another KEK version (`keyward kek rewrap`).
     Rewrap(RewrapRequest),
 }
@@ -225,11 +245,15 @@ const K_END: u8 = 13;
 const K_FAIL: u8 = 14;
 const K_SEALED: u8 = 15;
 
+fn write_binding(w: &mut Writer, b: &KeyBinding) {
+    w.str(b.owner.as_str());
+    w.str(b.provider.as_str());
+    w.str(b.key_id.as_str());
+}
+
 fn write_call(w: &mut Writer, c: &CallRequest) {
     w.u64(c.request_id);
-    w.str(&c.provider);
-    w.str(&c.account_id);
-    w.str(&c.key_id);
+    write_binding(w, &c.binding);
     w.bytes(&c.blob);
     w.u8(match c.method {
         Method::Get => 1,
@@ -251,17 +275,17 @@ impl ToWorker {
                 write_call(&mut w, c);
                 w.finish()
             }
-            ToWorker::OpenOnly(c) => {
+            ToWorker::OpenOnly(o) => {
                 let mut w = Writer::new(K_OPEN_ONLY);
-                write_call(&mut w, c);
+                w.u64(o.request_id);
+                write_binding(&mut w, &o.binding);
+                w.bytes(&o.blob);
                 w.finish()
             }
             ToWorker::Rewrap(r) => {
                 let mut w = Writer::new(K_REWRAP);
                 w.u64(r.request_id);
-                w.str(&r.provider);
-                w.str(&r.account_id);
-                w.str(&r.key_id);
+                write_binding(&mut w, &r.binding);
                 w.bytes(&r.blob);
                 w.str(&r.target_kek_id);
                 w.finish()
@@ -275,12 +299,14 @@ impl ToWorker {
         let msg = match r.kind {
             K_PING => ToWorker::Ping,
             K_CALL => ToWorker::Call(read_call(&mut r)?),
-            K_OPEN_ONLY => ToWorker::OpenOnly(read_call(&mut r)?),
+            K_OPEN_ONLY => ToWorker::OpenOnly(OpenRequest {
+                request_id: r.u64()?,
+                binding: read_binding(&mut r)?,
+                blob: r.bytes()?.to_vec(),
+            }),
             K_REWRAP => ToWorker::Rewrap(RewrapRequest {
                 request_id: r.u64()?,
-                provider: r.string()?,
-                account_id: r.string()?,
-                key_id: r.string()?,
+                binding: read_binding(&mut r)?,
                 blob: r.bytes()?.to_vec(),
                 target_kek_id: r.string()?,
             }),
@@ -419,12 +445,21 @@ impl<'a> Reader<'a> {
     }
 }
 
+fn read_binding(r: &mut Reader<'_>) -> Result<KeyBinding, ProtocolError> {
+    let owner = KeyOwner::parse(&r.string()?).map_err(|_| ProtocolError::Malformed("key owner"))?;
+    let provider: Provider = r.string()?.parse().map_err(|_| ProtocolError::Malformed("provider"))?;
+    let key_id = KeyId::parse(&r.string()?).map_err(|_| ProtocolError::Malformed("key id"))?;
+    Ok(KeyBinding {
+        owner,
+        provider,
+        key_id,
+    })
+}
+
 fn read_call(r: &mut Reader<'_>) -> Result<CallRequest, ProtocolError> {
     Ok(CallRequest {
         request_id: r.u64()?,
-        provider: r.string()?,
-        account_id: r.string()?,
-        key_id: r.string()?,
+        binding: read_binding(r)?,
         blob: r.bytes()?.to_vec(),
         method: match r.u8()? {
             1 => Method::Get,
@@ -474,12 +509,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn binding(provider: Provider) -> KeyBinding {
+        KeyBinding {
+            owner: KeyOwner::Account(keyward_core::AccountId::from_random([1; 16])),
+            provider,
+            key_id: KeyId::from_random([2; 16]),
+        }
+    }
+
     fn call() -> CallRequest {
         CallRequest {
             request_id: 7,
-            provider: "openai".into(),
-            account_id: "acc_x".into(),
-            key_id: "key_y".into(),
+            binding: binding(Provider::OpenAi),
             blob: vec![1, 2, 3],
             method: Method::Post,
             path_and_query: "/v1/chat/completions".into(),
@@ -493,12 +534,24 @@ mod tests {
         &frame[4..]
     }
 
+    fn open() -> OpenRequest {
+        OpenRequest {
+            request_id: 8,
+            binding: KeyBinding {
+                owner: KeyOwner::ReadinessCanary,
+                ..binding(Provider::Anthropic)
+            },
+            blob: vec![9, 9],
+        }
+    }
+
     fn rewrap() -> RewrapRequest {
         RewrapRequest {
             request_id: 9,
-            provider: "google".into(),
-            account_id: "acc_x".into(),
-            key_id: "key_y".into(),
+            binding: KeyBinding {
+                owner: KeyOwner::SharedPool,
+                ..binding(Provider::Google)
+            },
             blob: vec![4, 5, 6],
             target_kek_id: "local-2".into(),
         }
@@ -519,7 +572,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for m in [ToWorker::Ping, ToWorker::Call(call()), ToWorker::OpenOnly(call())] {
+        for m in [ToWorker::Ping, ToWorker::Call(call()), ToWorker::OpenOnly(open())] {
             let f = m.encode().unwrap();
             assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
             assert_eq!(ToWorker::decode(body(&f)).unwrap(), m);
@@ -575,8 +628,8 @@ mod tests {
         let f = ToWorker::Call(call()).encode().unwrap();
         let b = body(&f);
         let mut v = b.to_vec();
-        v[0] = 2;
-        assert_eq!(ToWorker::decode(&v), Err(ProtocolError::Version(2)));
+        v[0] = 1;
+        assert_eq!(ToWorker::decode(&v), Err(ProtocolError::Version(1)));
         let mut v = b.to_vec();
         v[1] = 99;
         assert_eq!(ToWorker::decode(&v), Err(ProtocolError::Kind(99)));
@@ -588,6 +641,26 @@ mod tests {
         assert_eq!(ToWorker::decode(&v), Err(ProtocolError::Malformed("trailing bytes")));
         // A worker frame is not a gateway frame.
         assert!(ToWorker::decode(body(&FromWorker::End.encode().unwrap())).is_err());
+    }
+
+    #[test]
+    fn a_malformed_binding_is_refused_at_the_boundary() {
+        // The owner, provider and key id are the frame's first strings after the request id.
+        let good = ToWorker::Rewrap(rewrap()).encode().unwrap();
+        for (from, to) in [
+            (&b"platform"[..], &b"platfork"[..]),
+            (&b"google"[..], &b"gooble"[..]),
+            (&b"key_"[..], &b"kex_"[..]),
+        ] {
+            let mut v = body(&good).to_vec();
+            let at = v.windows(from.len()).position(|w| w == from).unwrap();
+            v[at..at + to.len()].copy_from_slice(to);
+            assert!(
+                matches!(ToWorker::decode(&v), Err(ProtocolError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(to)
+            );
+        }
     }
 
     #[test]
@@ -616,18 +689,24 @@ mod tests {
     fn arb_rewrap() -> impl Strategy<Value = RewrapRequest> {
         (
             any::<u64>(),
-            ".{0,16}",
-            ".{0,40}",
-            ".{0,40}",
+            any::<[u8; 16]>(),
+            0usize..3,
+            any::<[u8; 16]>(),
             proptest::collection::vec(any::<u8>(), 0..1024),
             ".{0,64}",
         )
             .prop_map(
-                |(request_id, provider, account_id, key_id, blob, target_kek_id)| RewrapRequest {
+                |(request_id, owner, provider, key, blob, target_kek_id)| RewrapRequest {
                     request_id,
-                    provider,
-                    account_id,
-                    key_id,
+                    binding: KeyBinding {
+                        owner: if owner[0] % 2 == 0 {
+                            KeyOwner::Account(keyward_core::AccountId::from_random(owner))
+                        } else {
+                            KeyOwner::SharedPool
+                        },
+                        provider: Provider::ALL[provider],
+                        key_id: KeyId::from_random(key),
+                    },
                     blob,
                     target_kek_id,
                 },
