@@ -1,6 +1,11 @@
 //! Streams are relayed chunk by chunk as the provider sends them (issue 5): with a fake
 //! that pauses between chunks, the first piece of text reaches the client long before the
 //! provider has finished, through `ai/messages` and through each native route.
+//!
+//! The check compares times within one answer (first text, end of the stream), not across
+//! two requests: a relayed stream leaves the provider's pauses between its first text and
+//! its end, a buffered one would deliver both at once. A busy machine delays both ends of
+//! one answer alike, so the check does not depend on how fast the machine is.
 
 use std::time::{Duration, Instant};
 
@@ -66,14 +71,16 @@ fn native_case(p: Provider) -> (&'static str, &'static str, Value, &'static str)
     }
 }
 
-/// Relayed as it arrives: the first text reaches the client through keyward about when
-/// it reaches a client of the provider itself (far less than one pause later).
-fn assert_relayed(what: &str, through: Duration, direct: Duration) {
-    eprintln!("{what}: first text after {through:?} through keyward, {direct:?} straight from the provider");
-    assert!(
-        through <= direct + PAUSE / 2,
-        "{what}: first text after {through:?} through keyward, {direct:?} straight from the provider"
+/// Relayed as it arrives: through keyward, the first text came at least one of the
+/// provider's pauses before the end of the stream, as it does straight from the provider.
+fn assert_relayed(what: &str, (first, end): (Duration, Duration), direct: (Duration, Duration)) {
+    let msg = format!(
+        "{what}: first text after {first:?}, end after {end:?} through keyward; {:?} and {:?} straight from the provider",
+        direct.0, direct.1
     );
+    eprintln!("{msg}");
+    assert!(direct.1 - direct.0 >= PAUSE, "the fake did not pause: {msg}");
+    assert!(end - first >= PAUSE, "the stream was held back: {msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,10 +106,10 @@ async fn streams_reach_the_client_as_the_provider_sends_them() {
         if p == "anthropic" {
             direct_headers.push(("anthropic-version", "2023-06-01"));
         }
-        let (direct, _) = first_and_end(&format!("{}{path}", fake.base_url()), &direct_headers, &body, marker).await;
+        let direct = first_and_end(&format!("{}{path}", fake.base_url()), &direct_headers, &body, marker).await;
 
         let url = format!("{base}{}", ai_path(&account));
-        let (through, _) = first_and_end(
+        let through = first_and_end(
             &url,
             &[("authorization", &bearer)],
             &chat_body(p, true, 8),
@@ -121,7 +128,7 @@ async fn streams_reach_the_client_as_the_provider_sends_them() {
             native_headers.push(("anthropic-version", "2023-06-01"));
         }
         let url = format!("{base}/v1/accounts/{account}/providers/{p}{path}");
-        let (through, _) = first_and_end(&url, &native_headers, &body, marker).await;
+        let through = first_and_end(&url, &native_headers, &body, marker).await;
         assert_relayed(&format!("native {p}"), through, direct);
     }
 }
