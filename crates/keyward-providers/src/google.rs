@@ -46,8 +46,8 @@ use crate::failure::{contains_ci, message_or, status_diagnosis, Diagnosis, Provi
 use crate::limits::RateLimits;
 use crate::models::ModelPage;
 use crate::native::{
-    as_u32, chat_answer, invalid, NativeAnswer, NativeApi, NativeFields, NativeRequest, NativeRequestError,
-    DEFAULT_MAX_OUTPUT,
+    as_u32, chat_answer, invalid, not_carried_message, NativeAnswer, NativeApi, NativeFields, NativeRequest,
+    NativeRequestError, DEFAULT_MAX_OUTPUT,
 };
 use crate::response::{ChatResponse, Usage};
 use crate::sse::SseEvent;
@@ -325,10 +325,7 @@ pub fn google_action<'a>(model_action: &'a str, query: Option<&str>) -> Result<(
         ("streamGenerateContent", _) => Err(GoogleActionError::Invalid(
             "keyward relays streamGenerateContent as server-sent events only: add ?alt=sse".to_owned(),
         )),
-        (other, _) => Err(GoogleActionError::NotCarried(format!(
-            "{other} is not carried by keyward's Google AI (Gemini) pass-through: it carries {}",
-            Google.native_routes()
-        ))),
+        (other, _) => Err(GoogleActionError::NotCarried(not_carried_message(P, other))),
     }
 }
 

@@ -81,6 +81,16 @@ pub fn native_routes(provider: Provider) -> &'static str {
     wire(provider).native_routes()
 }
 
+/// The refusal of `what` (e.g. `GET /v1/files`) under `provider`'s base URL: not carried,
+/// and what is.
+pub fn not_carried_message(provider: Provider, what: &str) -> String {
+    format!(
+        "{what} is not carried by keyward's {} pass-through: it carries {}",
+        provider.display_name(),
+        native_routes(provider)
+    )
+}
+
 /// What keyward reads from a client's native request, and the body it forwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NativeRequest {
