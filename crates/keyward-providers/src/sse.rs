@@ -180,8 +180,8 @@ impl SseParser {
 ///
 /// Blocks are split by [`SseParser`], so every line ending counts and a held block is
 /// bounded: once one outgrows [`MAX_EVENT_BYTES`] the filter stops filtering and passes
-/// everything on as it comes (such a block is no small event to hide, and the stream's
-/// decoder fails the call anyway).
+/// everything on as it comes (a block that large is no event keyward hides, and an event
+/// that large fails the stream's decoder anyway).
 #[derive(Debug)]
 pub(crate) struct SseBlockFilter {
     parser: SseParser,

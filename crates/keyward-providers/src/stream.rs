@@ -7,7 +7,7 @@ use crate::failure::{Diagnosis, ProviderFailure};
 use crate::native::NativeApi;
 use crate::response::Usage;
 use crate::sse::{SseEvent, SseParser};
-use crate::wire::{wire, ProviderWire};
+use crate::wire::wire;
 
 pub use crate::sse::MAX_EVENT_BYTES;
 
@@ -39,12 +39,12 @@ pub struct StreamSummary {
 ///   always sends).
 /// - Google (`alt=sse`) ends with a candidate carrying `finishReason` (or a prompt
 ///   `blockReason`); usage is the latest `usageMetadata`.
+#[derive(Debug)]
 pub struct StreamDecoder {
     provider: Provider,
     /// The API answering: OpenAI's Responses API streams other events than its chat
     /// completions.
     api: NativeApi,
-    wire: &'static dyn ProviderWire,
     sse: SseParser,
     state: StreamState,
     events: Vec<SseEvent>,
@@ -93,16 +93,6 @@ impl StreamState {
     }
 }
 
-impl std::fmt::Debug for StreamDecoder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamDecoder")
-            .field("api", &self.api)
-            .field("sse", &self.sse)
-            .field("state", &self.state)
-            .finish_non_exhaustive()
-    }
-}
-
 impl StreamDecoder {
     /// The decoder for a streamed native answer of `api` (OpenAI's Responses API ends with
     /// `response.completed`, which carries the usage; the others as their chats do).
@@ -111,7 +101,6 @@ impl StreamDecoder {
         StreamDecoder {
             provider,
             api,
-            wire: wire(provider),
             sse: SseParser::default(),
             state: StreamState::default(),
             events: Vec::new(),
@@ -148,7 +137,7 @@ impl StreamDecoder {
                 break;
             }
             self.state.events += 1;
-            self.wire.on_event(self.api, &mut self.state, &event, &mut out);
+            wire(self.provider).on_event(self.api, &mut self.state, &event, &mut out);
         }
         self.events = events;
         if !fits {
@@ -180,7 +169,7 @@ impl StreamDecoder {
                 let message = format!("{}'s stream ended before it sent anything", p.display_name());
                 ProviderFailure::new(None, Diagnosis::ProviderUnavailable, &message)
             } else {
-                let marker = self.wire.stream_end_marker(self.api);
+                let marker = wire(p).stream_end_marker(self.api);
                 let message = format!(
                     "{}'s stream ended before {marker}: the answer is incomplete",
                     p.display_name()
