@@ -4,8 +4,8 @@
 //! [`ProviderWire`]: everything keyward knows about that provider's HTTP API. The crate's
 //! public functions take a [`Provider`], call [`wire`] and then the trait, so no other
 //! module matches on the provider. Adding a provider means a new module implementing the
-//! trait, a variant of [`Provider`] and [`NativeApi`] (for what its SDK may call), and one
-//! arm in [`wire`].
+//! trait, a [`Provider`] variant (keyward-core) and one arm in [`wire`], plus the
+//! [`NativeApi`] variants its SDK may call (with their rows in `NativeApi`'s methods).
 //!
 //! Must never: hold state (the implementations are unit structs; every method is a pure
 //! function of its arguments) or see a key.
