@@ -14,18 +14,212 @@
 //! | `invalid_request_error`, `request_too_large` (413), other 4xx | `bad_request` |
 //!
 //! An unknown type falls back to the status.
+//!
+//! Also here: the model listing (`GET /v1/models?limit=…&after_id=…`), rate-limit headers
+//! (`anthropic-ratelimit-*`), and the native pass-through of Messages and token counting,
+//! whose `anthropic-version` and `anthropic-beta` headers travel on from the SDK.
 
-use keyward_core::Provider;
+use keyward_core::{ErrorCode, ModelEntry, Provider};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 
-use crate::call::{ChatRequest, HttpCall, ANTHROPIC_VERSION};
+use crate::call::{self, listing_query_allowed, ChatRequest, HttpCall, HttpMethod, KeyPlacement, MODELS_PAGE_SIZE};
 use crate::failure::{contains_ci, message_or, status_diagnosis, Diagnosis, ProviderFailure};
+use crate::limits::{read_limit, RateLimits};
+use crate::models::{parse_data_list, ModelPage};
+use crate::native::{
+    as_u32, chat_answer, invalid, json_answer, model_of, stream_of, NativeAnswer, NativeApi, NativeFields,
+    NativeRequest, NativeRequestError,
+};
 use crate::response::{ChatResponse, Usage};
 use crate::sse::SseEvent;
 use crate::stream::{StreamEvent, StreamState};
+use crate::wire::ProviderWire;
 
 const P: Provider = Provider::Anthropic;
+
+/// The `anthropic-version` header keyward speaks (and sends a native call whose SDK sent none).
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The `created_at` of every model keyward lists to the SDK: the SDK's model type requires
+/// one, and the catalogue keeps no release dates.
+const LISTED_CREATED_AT: &str = "2024-01-01T00:00:00Z";
+
+/// Anthropic's wire format.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Anthropic;
+
+impl ProviderWire for Anthropic {
+    fn chat_call(&self, req: &ChatRequest) -> HttpCall {
+        chat_call(req)
+    }
+
+    fn chat_api(&self) -> NativeApi {
+        NativeApi::AnthropicMessages
+    }
+
+    fn parse_answer(&self, body: &[u8]) -> Result<ChatResponse, serde_json::Error> {
+        parse_answer(body)
+    }
+
+    fn list_models_call(&self, page_token: Option<&str>) -> HttpCall {
+        let path = match page_token {
+            Some(t) => format!("/v1/models?limit={MODELS_PAGE_SIZE}&after_id={t}"),
+            None => format!("/v1/models?limit={MODELS_PAGE_SIZE}"),
+        };
+        call::get(path, &[("anthropic-version", ANTHROPIC_VERSION)])
+    }
+
+    fn parse_model_page(&self, body: &[u8]) -> Result<ModelPage, serde_json::Error> {
+        parse_data_list(body)
+    }
+
+    fn path_allowed(&self, method: HttpMethod, path: &str, query: Option<&str>) -> bool {
+        match (method, path) {
+            (HttpMethod::Post, "/v1/messages" | "/v1/messages/count_tokens") => query.is_none(),
+            (HttpMethod::Get, "/v1/models") => listing_query_allowed(query, "limit", "after_id"),
+            _ => false,
+        }
+    }
+
+    fn key_placement(&self) -> KeyPlacement {
+        KeyPlacement {
+            header: "x-api-key",
+            value_prefix: "",
+        }
+    }
+
+    fn own_request_headers(&self) -> &'static [&'static str] {
+        &["anthropic-version", "anthropic-beta"]
+    }
+
+    fn keeps_own_answer_header(&self, name: &str) -> bool {
+        name == "request-id" || name.starts_with("anthropic-ratelimit-")
+    }
+
+    fn request_id_header(&self) -> Option<&'static str> {
+        Some("request-id")
+    }
+
+    fn read_error(&self, status: u16, body: &[u8]) -> Option<ProviderFailure> {
+        read_error(status, body)
+    }
+
+    fn rate_limits(&self, headers: &[(String, String)]) -> RateLimits {
+        let bucket = |what: &str| {
+            read_limit(
+                headers,
+                &format!("anthropic-ratelimit-{what}-limit"),
+                &format!("anthropic-ratelimit-{what}-remaining"),
+                &format!("anthropic-ratelimit-{what}-reset"),
+            )
+        };
+        RateLimits {
+            requests: bucket("requests"),
+            tokens: bucket("tokens"),
+            input_tokens: bucket("input-tokens"),
+            output_tokens: bucket("output-tokens"),
+        }
+    }
+
+    fn rate_limits_note(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn on_event(&self, _api: NativeApi, state: &mut StreamState, event: &SseEvent, out: &mut Vec<StreamEvent>) {
+        on_event(state, event, out);
+    }
+
+    fn stream_end_marker(&self, _api: NativeApi) -> &'static str {
+        "message_stop"
+    }
+
+    fn usage_only_event(&self) -> Option<fn(&str) -> bool> {
+        None
+    }
+
+    fn native_routes(&self) -> &'static str {
+        "POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models"
+    }
+
+    fn sdk_key_header(&self) -> &'static str {
+        "x-api-key"
+    }
+
+    fn read_native(
+        &self,
+        api: NativeApi,
+        body: &mut Map<String, Value>,
+        _path: Option<(&str, bool)>,
+    ) -> Result<NativeFields, NativeRequestError> {
+        if api == NativeApi::AnthropicCountTokens {
+            return Ok(NativeFields::as_sent(model_of(body)?, 0, false));
+        }
+        // Messages: the bound is required, as the API requires it.
+        let max = as_u32(body.get("max_tokens")).ok_or_else(|| invalid("max_tokens: required"))?;
+        Ok(NativeFields::as_sent(model_of(body)?, max, stream_of(body)))
+    }
+
+    fn native_path(&self, req: &NativeRequest) -> String {
+        match req.api {
+            NativeApi::AnthropicCountTokens => "/v1/messages/count_tokens",
+            _ => "/v1/messages",
+        }
+        .to_owned()
+    }
+
+    fn native_headers(&self, client_header: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+        let version = client_header("anthropic-version").unwrap_or_else(|| ANTHROPIC_VERSION.to_owned());
+        let mut headers = vec![("anthropic-version".to_owned(), version)];
+        if let Some(beta) = client_header("anthropic-beta") {
+            headers.push(("anthropic-beta".to_owned(), beta));
+        }
+        headers
+    }
+
+    fn parse_native(&self, api: NativeApi, status: u16, body: &[u8]) -> Result<NativeAnswer, ProviderFailure> {
+        if api != NativeApi::AnthropicCountTokens {
+            return chat_answer(P, status, body);
+        }
+        // `{"input_tokens": N}`.
+        json_answer(P, status, body, |v| {
+            let input_tokens = v.get("input_tokens").and_then(Value::as_u64)?;
+            Some(Ok(NativeAnswer {
+                id: String::new(),
+                usage: Usage {
+                    input_tokens,
+                    output_tokens: 0,
+                },
+            }))
+        })
+    }
+
+    fn refusal_body(&self, code: ErrorCode, _status: u16, message: &str) -> Value {
+        let kind = match code {
+            ErrorCode::Unauthorized => "authentication_error",
+            ErrorCode::Forbidden | ErrorCode::PlanRequired | ErrorCode::KeyReportedLeaked => "permission_error",
+            ErrorCode::NotFound | ErrorCode::UnknownProvider => "not_found_error",
+            ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "rate_limit_error",
+            ErrorCode::PayloadTooLarge => "request_too_large",
+            ErrorCode::WorkerUnavailable | ErrorCode::KekUnavailable | ErrorCode::DatabaseUnavailable => {
+                "overloaded_error"
+            }
+            // A configuration problem, not load: no shared key for this provider.
+            ErrorCode::Internal | ErrorCode::ProviderError | ErrorCode::SharedPoolUnavailable => "api_error",
+            _ => "invalid_request_error",
+        };
+        json!({ "type": "error", "error": { "type": kind, "message": message } })
+    }
+
+    fn model_list_body(&self, models: &[&ModelEntry]) -> Value {
+        json!({
+            "data": models.iter().map(|m| json!({ "type": "model", "id": m.id, "display_name": m.name, "created_at": LISTED_CREATED_AT })).collect::<Vec<_>>(),
+            "has_more": false,
+            "first_id": models.first().map(|m| m.id.clone()),
+            "last_id": models.last().map(|m| m.id.clone()),
+        })
+    }
+}
 
 #[derive(Serialize)]
 struct Body<'a> {

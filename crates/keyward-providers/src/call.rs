@@ -1,13 +1,11 @@
-//! Provider HTTP calls without their key: what to send, where the key goes, and which paths a
-//! worker may send at all.
+//! Provider HTTP calls without their key: what to send, where the key goes, and what a worker
+//! may send at all (paths, request headers) and pass back (answer headers). The provider
+//! modules hold each provider's part; this module dispatches to them.
 
 use keyward_core::Provider;
 use serde::{Deserialize, Serialize};
 
-use crate::{anthropic, google, openai};
-
-/// The `anthropic-version` header keyward speaks.
-pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+use crate::wire::wire;
 
 /// The one user message a key test sends.
 pub const PROBE_PROMPT: &str = "ping";
@@ -106,11 +104,7 @@ impl HttpCall {
 ///   [`model_id_is_safe`] is percent-encoded, so it cannot change the path, and the resulting
 ///   path is refused by [`path_allowed`].
 pub fn build_chat(provider: Provider, req: &ChatRequest) -> HttpCall {
-    match provider {
-        Provider::Anthropic => anthropic::chat_call(req),
-        Provider::OpenAi => openai::chat_call(req),
-        Provider::Google => google::chat_call(req),
-    }
+    wire(provider).chat_call(req)
 }
 
 /// One minimal generation for "Test key": one user message `ping`, one output token
@@ -146,27 +140,18 @@ pub const MODELS_PAGE_SIZE: u32 = 1000;
 /// be one query value.
 pub fn build_list_models(provider: Provider, page: Option<&str>) -> HttpCall {
     let token = page.map(percent_encode_query_value);
-    let (path_and_query, headers): (String, Vec<(String, String)>) = match provider {
-        Provider::Anthropic => (
-            match token {
-                Some(t) => format!("/v1/models?limit={MODELS_PAGE_SIZE}&after_id={t}"),
-                None => format!("/v1/models?limit={MODELS_PAGE_SIZE}"),
-            },
-            vec![("anthropic-version".to_owned(), ANTHROPIC_VERSION.to_owned())],
-        ),
-        Provider::OpenAi => ("/v1/models".to_owned(), Vec::new()),
-        Provider::Google => (
-            match token {
-                Some(t) => format!("/v1beta/models?pageSize={MODELS_PAGE_SIZE}&pageToken={t}"),
-                None => format!("/v1beta/models?pageSize={MODELS_PAGE_SIZE}"),
-            },
-            Vec::new(),
-        ),
-    };
+    wire(provider).list_models_call(token.as_deref())
+}
+
+/// A `GET` of `path_and_query` with `headers`, no body.
+pub(crate) fn get(path_and_query: String, headers: &[(&str, &str)]) -> HttpCall {
     HttpCall {
         method: HttpMethod::Get,
         path_and_query,
-        headers,
+        headers: headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
         body: Vec::new(),
     }
 }
@@ -208,7 +193,7 @@ fn page_token_is_safe(token: &str) -> bool {
 
 /// Whether `query` is a model listing's: exactly `{size_name}=1000`, optionally followed by
 /// `&{token_name}=<safe token>`.
-fn listing_query_allowed(query: Option<&str>, size_name: &str, token_name: &str) -> bool {
+pub(crate) fn listing_query_allowed(query: Option<&str>, size_name: &str, token_name: &str) -> bool {
     let Some(q) = query else { return true };
     let first = format!("{size_name}={MODELS_PAGE_SIZE}");
     match q.split_once('&') {
@@ -230,31 +215,43 @@ pub struct KeyPlacement {
     pub value_prefix: &'static str,
 }
 
+/// Where `provider` wants its key.
 pub fn key_placement(provider: Provider) -> KeyPlacement {
-    match provider {
-        Provider::Anthropic => KeyPlacement {
-            header: "x-api-key",
-            value_prefix: "",
-        },
-        Provider::OpenAi => KeyPlacement {
-            header: "authorization",
-            value_prefix: "Bearer ",
-        },
-        Provider::Google => KeyPlacement {
-            header: "x-goog-api-key",
-            value_prefix: "",
-        },
-    }
+    wire(provider).key_placement()
 }
 
 /// The response header carrying the provider's request id. Google sends none: its id is the
 /// `responseId` field of the body (see [`ChatResponse::id`](crate::ChatResponse)).
 pub fn request_id_header(provider: Provider) -> Option<&'static str> {
-    match provider {
-        Provider::Anthropic => Some("request-id"),
-        Provider::OpenAi => Some("x-request-id"),
-        Provider::Google => None,
-    }
+    wire(provider).request_id_header()
+}
+
+/// Request headers any provider call may carry besides the key.
+const COMMON_REQUEST_HEADERS: [&str; 2] = ["content-type", "accept"];
+
+/// Answer headers passed back from any provider: the content type, when to retry, and a
+/// redirect's target (keyward follows none, but diagnoses it).
+const COMMON_ANSWER_HEADERS: [&str; 3] = ["content-type", "retry-after", "location"];
+
+/// Whether a provider call may carry request header `name` (any case) besides the key: the
+/// common ones and every provider's own (Anthropic's `anthropic-version`, `anthropic-beta`).
+/// The worker checks this again on every call, trusting nothing the gateway sends.
+///
+/// The list is the same for every provider, as it was when the worker kept it; the calls
+/// this crate builds carry only their own provider's headers.
+pub fn request_header_allowed(name: &str) -> bool {
+    Provider::ALL
+        .iter()
+        .flat_map(|p| wire(*p).own_request_headers())
+        .chain(&COMMON_REQUEST_HEADERS)
+        .any(|allowed| name.eq_ignore_ascii_case(allowed))
+}
+
+/// Whether the worker passes answer header `name` (lower case) back to the gateway: the
+/// common ones and every provider's request ids and rate limits (`request-id`,
+/// `x-request-id`, `openai-processing-ms`, `anthropic-ratelimit-*`, `x-ratelimit-*`).
+pub fn answer_header_kept(name: &str) -> bool {
+    COMMON_ANSWER_HEADERS.contains(&name) || Provider::ALL.iter().any(|p| wire(*p).keeps_own_answer_header(name))
 }
 
 /// Whether `model` may appear as a path segment: 1–256 of `[A-Za-z0-9._-]`, not `.`, and no `..`.
@@ -286,40 +283,7 @@ pub fn path_allowed(provider: Provider, method: HttpMethod, path_and_query: &str
         Some((path, query)) => (path, Some(query)),
         None => (path_and_query, None),
     };
-    match provider {
-        Provider::Anthropic => match (method, path) {
-            (HttpMethod::Post, "/v1/messages" | "/v1/messages/count_tokens") => query.is_none(),
-            (HttpMethod::Get, "/v1/models") => listing_query_allowed(query, "limit", "after_id"),
-            _ => false,
-        },
-        Provider::OpenAi => matches!(
-            (method, path, query),
-            (
-                HttpMethod::Post,
-                "/v1/chat/completions" | "/v1/responses" | "/v1/embeddings",
-                None
-            ) | (HttpMethod::Get, "/v1/models", None)
-        ),
-        Provider::Google => match method {
-            HttpMethod::Get => path == "/v1beta/models" && listing_query_allowed(query, "pageSize", "pageToken"),
-            HttpMethod::Post => {
-                let Some(rest) = path
-                    .strip_prefix("/v1beta/models/")
-                    .or_else(|| path.strip_prefix("/v1/models/"))
-                else {
-                    return false;
-                };
-                let Some((model, action)) = rest.split_once(':') else {
-                    return false;
-                };
-                model_id_is_safe(model)
-                    && matches!(
-                        (action, query),
-                        ("generateContent", None) | ("streamGenerateContent", None | Some("alt=sse"))
-                    )
-            }
-        },
-    }
+    wire(provider).path_allowed(method, path, query)
 }
 
 /// `model` as a path segment: unchanged when safe, else every byte outside `[A-Za-z0-9_-]`
@@ -707,5 +671,38 @@ mod tests {
         }
         assert!(model_id_is_safe("gemini-1.5-flash"));
         assert!(!model_id_is_safe(&"a".repeat(257)));
+    }
+
+    #[test]
+    fn header_allowlists() {
+        for name in ["content-type", "Accept", "anthropic-version", "ANTHROPIC-BETA"] {
+            assert!(request_header_allowed(name), "{name}");
+        }
+        for name in [
+            "x-api-key",
+            "authorization",
+            "x-goog-api-key",
+            "host",
+            "cookie",
+            "openai-organization",
+            "",
+        ] {
+            assert!(!request_header_allowed(name), "{name}");
+        }
+        for name in [
+            "content-type",
+            "request-id",
+            "x-request-id",
+            "retry-after",
+            "location",
+            "openai-processing-ms",
+            "anthropic-ratelimit-tokens-remaining",
+            "x-ratelimit-reset-requests",
+        ] {
+            assert!(answer_header_kept(name), "{name}");
+        }
+        for name in ["set-cookie", "x-api-key", "server", "Content-Type", "x-goog-api-key"] {
+            assert!(!answer_header_kept(name), "{name}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::fmt;
 use keyward_core::Provider;
 use serde::Serialize;
 
-use crate::{anthropic, google, openai};
+use crate::wire::wire;
 
 /// Longest provider message kept, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 1000;
@@ -144,12 +144,9 @@ impl ProviderFailure {
 /// garbage, nothing) is diagnosed from the status alone and the message says the body could
 /// not be read. A redirect is a `malformed_response`: keyward follows no redirects.
 pub fn diagnose(provider: Provider, status: u16, body: &[u8]) -> ProviderFailure {
-    let read = match provider {
-        Provider::Anthropic => anthropic::read_error(status, body),
-        Provider::OpenAi => openai::read_error(status, body),
-        Provider::Google => google::read_error(status, body),
-    };
-    read.unwrap_or_else(|| unreadable(provider, status, body))
+    wire(provider)
+        .read_error(status, body)
+        .unwrap_or_else(|| unreadable(provider, status, body))
 }
 
 /// The diagnosis an HTTP status implies on its own.

@@ -28,17 +28,306 @@
 //! "plan and billing details" alone mean `rate_limited`. Only an answer that is about money
 //! and nothing else (depleted prepayment credits, billing disabled) is `no_credit`.
 
-use keyward_core::Provider;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+//!
+//! Also here: the model listing (`GET /v1beta/models?pageSize=…&pageToken=…`) and the native
+//! pass-through of generateContent under `v1` and `v1beta`, whose model and streaming travel
+//! in the path (`models/{model}:streamGenerateContent?alt=sse`). Google sends no rate-limit
+//! headers and no request id header (the id is the body's `responseId`).
 
-use crate::call::{model_path_segment, ChatRequest, ChatRole, HttpCall};
+use keyward_core::{ErrorCode, ModelEntry, Provider};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::call::{
+    self, listing_query_allowed, model_id_is_safe, model_path_segment, ChatRequest, ChatRole, HttpCall, HttpMethod,
+    KeyPlacement, MODELS_PAGE_SIZE,
+};
 use crate::failure::{contains_ci, message_or, status_diagnosis, Diagnosis, ProviderFailure};
+use crate::limits::RateLimits;
+use crate::models::ModelPage;
+use crate::native::{
+    as_u32, chat_answer, invalid, not_carried_message, NativeAnswer, NativeApi, NativeFields, NativeRequest,
+    NativeRequestError, DEFAULT_MAX_OUTPUT,
+};
 use crate::response::{ChatResponse, Usage};
 use crate::sse::SseEvent;
 use crate::stream::{StreamEvent, StreamState};
+use crate::wire::ProviderWire;
 
 const P: Provider = Provider::Google;
+
+/// Google's API versions, both carried (google-genai 3.x calls `v1`, older SDKs `v1beta`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GoogleVersion {
+    V1,
+    V1Beta,
+}
+
+impl GoogleVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GoogleVersion::V1 => "v1",
+            GoogleVersion::V1Beta => "v1beta",
+        }
+    }
+}
+
+/// Google's wire format.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Google;
+
+impl ProviderWire for Google {
+    fn chat_call(&self, req: &ChatRequest) -> HttpCall {
+        chat_call(req)
+    }
+
+    fn chat_api(&self) -> NativeApi {
+        NativeApi::GoogleGenerate(GoogleVersion::V1Beta)
+    }
+
+    fn parse_answer(&self, body: &[u8]) -> Result<ChatResponse, serde_json::Error> {
+        parse_answer(body)
+    }
+
+    fn list_models_call(&self, page_token: Option<&str>) -> HttpCall {
+        let path = match page_token {
+            Some(t) => format!("/v1beta/models?pageSize={MODELS_PAGE_SIZE}&pageToken={t}"),
+            None => format!("/v1beta/models?pageSize={MODELS_PAGE_SIZE}"),
+        };
+        call::get(path, &[])
+    }
+
+    fn parse_model_page(&self, body: &[u8]) -> Result<ModelPage, serde_json::Error> {
+        let list: ModelList = serde_json::from_slice(body)?;
+        Ok(ModelPage {
+            ids: list
+                .models
+                .into_iter()
+                .map(|m| m.name.strip_prefix("models/").map(str::to_owned).unwrap_or(m.name))
+                .collect(),
+            next: list.next_page_token.filter(|s| !s.is_empty()),
+        })
+    }
+
+    fn path_allowed(&self, method: HttpMethod, path: &str, query: Option<&str>) -> bool {
+        match method {
+            HttpMethod::Get => path == "/v1beta/models" && listing_query_allowed(query, "pageSize", "pageToken"),
+            HttpMethod::Post => {
+                let Some(rest) = path
+                    .strip_prefix("/v1beta/models/")
+                    .or_else(|| path.strip_prefix("/v1/models/"))
+                else {
+                    return false;
+                };
+                let Some((model, action)) = rest.split_once(':') else {
+                    return false;
+                };
+                model_id_is_safe(model)
+                    && matches!(
+                        (action, query),
+                        ("generateContent", None) | ("streamGenerateContent", None | Some("alt=sse"))
+                    )
+            }
+        }
+    }
+
+    fn key_placement(&self) -> KeyPlacement {
+        KeyPlacement {
+            header: "x-goog-api-key",
+            value_prefix: "",
+        }
+    }
+
+    fn own_request_headers(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn keeps_own_answer_header(&self, _name: &str) -> bool {
+        false
+    }
+
+    fn request_id_header(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn read_error(&self, status: u16, body: &[u8]) -> Option<ProviderFailure> {
+        read_error(status, body)
+    }
+
+    fn rate_limits(&self, _headers: &[(String, String)]) -> RateLimits {
+        RateLimits::default()
+    }
+
+    fn rate_limits_note(&self) -> Option<&'static str> {
+        Some(
+            "Google sends no rate-limit headers: its limits apply per Google Cloud project and are shown in \
+             Google AI Studio (aistudio.google.com/rate-limit).",
+        )
+    }
+
+    fn on_event(&self, _api: NativeApi, state: &mut StreamState, event: &SseEvent, out: &mut Vec<StreamEvent>) {
+        on_event(state, event, out);
+    }
+
+    fn stream_end_marker(&self, _api: NativeApi) -> &'static str {
+        "a finishReason"
+    }
+
+    fn usage_only_event(&self) -> Option<fn(&str) -> bool> {
+        None
+    }
+
+    fn native_routes(&self) -> &'static str {
+        "POST /v1/models/{model}:generateContent, POST /v1/models/{model}:streamGenerateContent?alt=sse \
+         (the same under /v1beta) and GET /v1/models (or /v1beta/models)"
+    }
+
+    fn sdk_key_header(&self) -> &'static str {
+        "x-goog-api-key"
+    }
+
+    /// The output bound is `generationConfig.maxOutputTokens`; one candidate only.
+    fn read_native(
+        &self,
+        _api: NativeApi,
+        body: &mut Map<String, Value>,
+        path: Option<(&str, bool)>,
+    ) -> Result<NativeFields, NativeRequestError> {
+        let (model, stream) = path.unwrap_or_default();
+        let config = body.entry("generationConfig").or_insert_with(|| json!({}));
+        let config = config
+            .as_object_mut()
+            .ok_or_else(|| invalid("generationConfig must be an object"))?;
+        if config
+            .get("candidateCount")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n != 1)
+        {
+            return Err(invalid(
+                "candidateCount: keyward relays one candidate per call (it must be 1)",
+            ));
+        }
+        let (max, rewritten) = match as_u32(config.get("maxOutputTokens")) {
+            Some(n) => (n, false),
+            None => {
+                config.insert("maxOutputTokens".into(), json!(DEFAULT_MAX_OUTPUT));
+                (DEFAULT_MAX_OUTPUT, true)
+            }
+        };
+        Ok(NativeFields {
+            model: model.to_owned(),
+            max_output: max,
+            stream,
+            rewritten,
+            hide_usage_chunk: false,
+        })
+    }
+
+    fn native_path(&self, req: &NativeRequest) -> String {
+        let version = match req.api {
+            NativeApi::GoogleGenerate(version) => version,
+            _ => GoogleVersion::V1Beta,
+        };
+        // An unsafe model id is percent-encoded so it cannot change the path; the worker's
+        // allowlist then refuses the call.
+        let model = model_path_segment(&req.model);
+        if req.stream {
+            format!("/{}/models/{model}:streamGenerateContent?alt=sse", version.as_str())
+        } else {
+            format!("/{}/models/{model}:generateContent", version.as_str())
+        }
+    }
+
+    /// None of the client's headers travel on.
+    fn native_headers(&self, _client_header: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn parse_native(&self, _api: NativeApi, status: u16, body: &[u8]) -> Result<NativeAnswer, ProviderFailure> {
+        chat_answer(P, status, body)
+    }
+
+    fn refusal_body(&self, code: ErrorCode, status: u16, message: &str) -> Value {
+        let status_word = match code {
+            ErrorCode::Unauthorized => "UNAUTHENTICATED",
+            ErrorCode::Forbidden | ErrorCode::PlanRequired | ErrorCode::KeyReportedLeaked => "PERMISSION_DENIED",
+            ErrorCode::NotFound | ErrorCode::UnknownProvider => "NOT_FOUND",
+            ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "RESOURCE_EXHAUSTED",
+            ErrorCode::WorkerUnavailable | ErrorCode::KekUnavailable | ErrorCode::DatabaseUnavailable => "UNAVAILABLE",
+            ErrorCode::SharedPoolUnavailable => "FAILED_PRECONDITION",
+            ErrorCode::Internal | ErrorCode::ProviderError => "INTERNAL",
+            _ => "INVALID_ARGUMENT",
+        };
+        json!({ "error": { "code": status, "message": message, "status": status_word } })
+    }
+
+    fn model_list_body(&self, models: &[&ModelEntry]) -> Value {
+        json!({
+            "models": models.iter().map(|m| json!({
+                "name": format!("models/{}", m.id),
+                "displayName": m.name,
+                "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct ListedModel {
+    name: String,
+}
+
+/// `{"models": [{"name": "models/…"}], "nextPageToken"}`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelList {
+    #[serde(default)]
+    models: Vec<ListedModel>,
+    #[serde(default)]
+    next_page_token: Option<String>,
+}
+
+/// Why a Google `models/{model}:{action}` call is not carried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GoogleActionError {
+    /// A method keyward does not carry (`countTokens`, `embedContent`, …).
+    #[error("{0}")]
+    NotCarried(String),
+    /// A malformed path or query, or a key in the query.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Whether a Google model path segment and action are carried: `{model}:generateContent`
+/// or `{model}:streamGenerateContent` with `?alt=sse`. Returns the model and whether it
+/// streams, or why not. A `key=` in the query is refused first: keys never travel in URLs
+/// (they end up in logs), and the SDK sends them in a header.
+pub fn google_action<'a>(model_action: &'a str, query: Option<&str>) -> Result<(&'a str, bool), GoogleActionError> {
+    let query_has_key = query.is_some_and(|q| q.split('&').any(|p| p == "key" || p.starts_with("key=")));
+    if query_has_key {
+        return Err(GoogleActionError::Invalid(
+            "keyward takes the token only in the x-goog-api-key header (where the google-genai SDK sends it), \
+             never in the URL: remove ?key= and send x-goog-api-key: kw_…"
+                .to_owned(),
+        ));
+    }
+    let Some((model, action)) = model_action.rsplit_once(':') else {
+        return Err(GoogleActionError::Invalid(
+            "expected models/{model}:generateContent or :streamGenerateContent".to_owned(),
+        ));
+    };
+    if !model_id_is_safe(model) {
+        return Err(GoogleActionError::Invalid(format!("{model:?} is not a model id")));
+    }
+    match (action, query) {
+        ("generateContent", None) => Ok((model, false)),
+        ("streamGenerateContent", Some("alt=sse")) => Ok((model, true)),
+        ("streamGenerateContent", _) => Err(GoogleActionError::Invalid(
+            "keyward relays streamGenerateContent as server-sent events only: add ?alt=sse".to_owned(),
+        )),
+        (other, _) => Err(GoogleActionError::NotCarried(not_carried_message(P, other))),
+    }
+}
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -562,5 +851,31 @@ mod tests {
         let f = diagnose(Provider::Google, 503, body.as_bytes());
         assert_eq!(f.diagnosis, Diagnosis::ProviderUnavailable);
         assert_eq!(f.message, "The model is overloaded.");
+    }
+
+    #[test]
+    fn google_actions() {
+        assert_eq!(
+            google_action("gemini-3.8-flash:generateContent", None),
+            Ok(("gemini-3.8-flash", false))
+        );
+        assert_eq!(
+            google_action("gemini-3.8-flash:streamGenerateContent", Some("alt=sse")),
+            Ok(("gemini-3.8-flash", true))
+        );
+        assert!(google_action("gemini-3.8-flash:streamGenerateContent", None).is_err());
+        assert!(matches!(
+            google_action("gemini-3.8-flash:countTokens", None),
+            Err(GoogleActionError::NotCarried(m)) if m.contains("generateContent")
+        ));
+        assert!(google_action("../x:generateContent", None).is_err());
+        // A key in the URL is refused first, naming the header to use.
+        for query in ["key=kw_x", "alt=sse&key=kw_x", "key"] {
+            assert!(matches!(
+                google_action("gemini-3.8-flash:streamGenerateContent", Some(query)),
+                Err(GoogleActionError::Invalid(m)) if m.contains("x-goog-api-key")
+            ));
+        }
+        assert!(google_action("gemini-3.8-flash:generateContent", Some("keys=1")).is_err());
     }
 }

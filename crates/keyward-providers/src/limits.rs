@@ -10,6 +10,8 @@
 use keyward_core::Provider;
 use serde::{Deserialize, Serialize};
 
+use crate::wire::wire;
+
 /// Longest reset value kept (a timestamp or a duration).
 const MAX_RESET_CHARS: usize = 40;
 
@@ -49,6 +51,23 @@ pub struct RateLimits {
 /// Reads the rate-limit headers of an answer (names in lower case); `None` when there are
 /// none (always for Google).
 pub fn rate_limits(provider: Provider, headers: &[(String, String)]) -> Option<RateLimits> {
+    let limits = wire(provider).rate_limits(headers);
+    (limits != RateLimits::default()).then_some(limits)
+}
+
+/// Why no headroom is shown for a provider that never sends it.
+pub fn rate_limits_note(provider: Provider) -> Option<&'static str> {
+    wire(provider).rate_limits_note()
+}
+
+/// One limit from its three headers (`limit` and `remaining` whole numbers, `reset` a short
+/// time or duration); `None` when none of them is readable.
+pub(crate) fn read_limit(
+    headers: &[(String, String)],
+    limit_name: &str,
+    remaining_name: &str,
+    reset_name: &str,
+) -> Option<Limit> {
     let get = |name: &str| {
         headers
             .iter()
@@ -56,68 +75,19 @@ pub fn rate_limits(provider: Provider, headers: &[(String, String)]) -> Option<R
             .map(|(_, v)| v.trim())
     };
     let number = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
-    let reset = |name: &str| {
-        get(name)
-            .filter(|v| {
-                !v.is_empty()
-                    && v.len() <= MAX_RESET_CHARS
-                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || b":.-+".contains(&b))
-            })
-            .map(str::to_owned)
+    let reset = get(reset_name)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_RESET_CHARS
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b":.-+".contains(&b))
+        })
+        .map(str::to_owned);
+    let l = Limit {
+        limit: number(limit_name),
+        remaining: number(remaining_name),
+        reset,
     };
-    let limit = |limit: String, remaining: String, reset_name: String| {
-        let l = Limit {
-            limit: number(&limit),
-            remaining: number(&remaining),
-            reset: reset(&reset_name),
-        };
-        (!l.is_empty()).then_some(l)
-    };
-    let limits = match provider {
-        Provider::Anthropic => {
-            let bucket = |what: &str| {
-                limit(
-                    format!("anthropic-ratelimit-{what}-limit"),
-                    format!("anthropic-ratelimit-{what}-remaining"),
-                    format!("anthropic-ratelimit-{what}-reset"),
-                )
-            };
-            RateLimits {
-                requests: bucket("requests"),
-                tokens: bucket("tokens"),
-                input_tokens: bucket("input-tokens"),
-                output_tokens: bucket("output-tokens"),
-            }
-        }
-        Provider::OpenAi => {
-            let bucket = |what: &str| {
-                limit(
-                    format!("x-ratelimit-limit-{what}"),
-                    format!("x-ratelimit-remaining-{what}"),
-                    format!("x-ratelimit-reset-{what}"),
-                )
-            };
-            RateLimits {
-                requests: bucket("requests"),
-                tokens: bucket("tokens"),
-                input_tokens: None,
-                output_tokens: None,
-            }
-        }
-        Provider::Google => return None,
-    };
-    (limits != RateLimits::default()).then_some(limits)
-}
-
-/// Why no headroom is shown for a provider that never sends it.
-pub fn rate_limits_note(provider: Provider) -> Option<&'static str> {
-    match provider {
-        Provider::Google => Some(
-            "Google sends no rate-limit headers: its limits apply per Google Cloud project and are shown in \
-             Google AI Studio (aistudio.google.com/rate-limit).",
-        ),
-        Provider::Anthropic | Provider::OpenAi => None,
-    }
+    (!l.is_empty()).then_some(l)
 }
 
 #[cfg(test)]

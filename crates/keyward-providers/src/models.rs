@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use crate::failure::{diagnose, ProviderFailure};
 use crate::response::json_problem;
+use crate::wire::wire;
 
 /// One page of a model listing: the model ids (Google's `models/` prefix removed) and the
 /// token of the next page, if the provider says there is one.
@@ -30,53 +31,30 @@ struct DataList {
     last_id: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct GoogleModel {
-    name: String,
-}
-
-/// Google `{"models": [{"name": "models/…"}], "nextPageToken"}`.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct GoogleList {
-    #[serde(default)]
-    models: Vec<GoogleModel>,
-    #[serde(default)]
-    next_page_token: Option<String>,
-}
-
 /// Reads one page of a listing. A status outside 2xx goes to [`diagnose`] (the key's
 /// own failure, as for any call); a 2xx that is not a listing is `malformed_response`.
 pub fn parse_model_page(provider: Provider, status: u16, body: &[u8]) -> Result<ModelPage, ProviderFailure> {
     if !(200..300).contains(&status) {
         return Err(diagnose(provider, status, body));
     }
-    let malformed = |e: serde_json::Error| ProviderFailure::malformed(provider, Some(status), json_problem(&e));
-    match provider {
-        Provider::Anthropic | Provider::OpenAi => {
-            let list: DataList = serde_json::from_slice(body).map_err(malformed)?;
-            let next = if list.has_more {
-                list.last_id.filter(|s| !s.is_empty())
-            } else {
-                None
-            };
-            Ok(ModelPage {
-                ids: list.data.into_iter().map(|m| m.id).collect(),
-                next,
-            })
-        }
-        Provider::Google => {
-            let list: GoogleList = serde_json::from_slice(body).map_err(malformed)?;
-            Ok(ModelPage {
-                ids: list
-                    .models
-                    .into_iter()
-                    .map(|m| m.name.strip_prefix("models/").map(str::to_owned).unwrap_or(m.name))
-                    .collect(),
-                next: list.next_page_token.filter(|s| !s.is_empty()),
-            })
-        }
-    }
+    wire(provider)
+        .parse_model_page(body)
+        .map_err(|e| ProviderFailure::malformed(provider, Some(status), json_problem(&e)))
+}
+
+/// Reads the `{"data": [{"id"}], "has_more", "last_id"}` listing Anthropic and OpenAI share
+/// (OpenAI's has one page: no `has_more`).
+pub(crate) fn parse_data_list(body: &[u8]) -> Result<ModelPage, serde_json::Error> {
+    let list: DataList = serde_json::from_slice(body)?;
+    let next = if list.has_more {
+        list.last_id.filter(|s| !s.is_empty())
+    } else {
+        None
+    };
+    Ok(ModelPage {
+        ids: list.data.into_iter().map(|m| m.id).collect(),
+        next,
+    })
 }
 
 #[cfg(test)]

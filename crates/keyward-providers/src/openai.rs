@@ -14,17 +14,273 @@
 //! | `server_error` | 5xx | `provider_unavailable` |
 //! | | other 4xx | `bad_request` |
 
-use keyward_core::Provider;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+//!
+//! Also here: the Responses and Embeddings APIs of the native pass-through, the model
+//! listing (`GET /v1/models`, one page), rate-limit headers (`x-ratelimit-*`), and the
+//! usage-only chunk keyward asks a streamed chat for and hides from a client that did not.
 
-use crate::call::{ChatRequest, HttpCall};
+use keyward_core::{ErrorCode, ModelEntry, Provider};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::call::{self, ChatRequest, HttpCall, HttpMethod, KeyPlacement};
 use crate::failure::{message_or, status_diagnosis, Diagnosis, ProviderFailure};
+use crate::limits::{read_limit, RateLimits};
+use crate::models::{parse_data_list, ModelPage};
+use crate::native::{
+    as_u32, chat_answer, invalid, json_answer, model_of, stream_of, NativeAnswer, NativeApi, NativeFields,
+    NativeRequest, NativeRequestError, DEFAULT_MAX_OUTPUT,
+};
 use crate::response::{ChatResponse, Usage};
 use crate::sse::SseEvent;
 use crate::stream::{StreamEvent, StreamState};
+use crate::wire::ProviderWire;
 
 const P: Provider = Provider::OpenAi;
+
+/// OpenAI's wire format.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OpenAi;
+
+impl ProviderWire for OpenAi {
+    fn chat_call(&self, req: &ChatRequest) -> HttpCall {
+        chat_call(req)
+    }
+
+    fn chat_api(&self) -> NativeApi {
+        NativeApi::OpenAiChat
+    }
+
+    fn parse_answer(&self, body: &[u8]) -> Result<ChatResponse, serde_json::Error> {
+        parse_answer(body)
+    }
+
+    /// One page: OpenAI's listing has no paging.
+    fn list_models_call(&self, _page_token: Option<&str>) -> HttpCall {
+        call::get("/v1/models".to_owned(), &[])
+    }
+
+    fn parse_model_page(&self, body: &[u8]) -> Result<ModelPage, serde_json::Error> {
+        parse_data_list(body)
+    }
+
+    fn path_allowed(&self, method: HttpMethod, path: &str, query: Option<&str>) -> bool {
+        matches!(
+            (method, path, query),
+            (
+                HttpMethod::Post,
+                "/v1/chat/completions" | "/v1/responses" | "/v1/embeddings",
+                None
+            ) | (HttpMethod::Get, "/v1/models", None)
+        )
+    }
+
+    fn key_placement(&self) -> KeyPlacement {
+        KeyPlacement {
+            header: "authorization",
+            value_prefix: "Bearer ",
+        }
+    }
+
+    fn own_request_headers(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn keeps_own_answer_header(&self, name: &str) -> bool {
+        matches!(name, "x-request-id" | "openai-processing-ms") || name.starts_with("x-ratelimit-")
+    }
+
+    fn request_id_header(&self) -> Option<&'static str> {
+        Some("x-request-id")
+    }
+
+    fn read_error(&self, status: u16, body: &[u8]) -> Option<ProviderFailure> {
+        read_error(status, body)
+    }
+
+    fn rate_limits(&self, headers: &[(String, String)]) -> RateLimits {
+        let bucket = |what: &str| {
+            read_limit(
+                headers,
+                &format!("x-ratelimit-limit-{what}"),
+                &format!("x-ratelimit-remaining-{what}"),
+                &format!("x-ratelimit-reset-{what}"),
+            )
+        };
+        RateLimits {
+            requests: bucket("requests"),
+            tokens: bucket("tokens"),
+            input_tokens: None,
+            output_tokens: None,
+        }
+    }
+
+    fn rate_limits_note(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn on_event(&self, api: NativeApi, state: &mut StreamState, event: &SseEvent, out: &mut Vec<StreamEvent>) {
+        if api == NativeApi::OpenAiResponses {
+            on_responses_event(state, event, out);
+        } else {
+            on_event(state, event, out);
+        }
+    }
+
+    fn stream_end_marker(&self, api: NativeApi) -> &'static str {
+        if api == NativeApi::OpenAiResponses {
+            "response.completed"
+        } else {
+            "[DONE]"
+        }
+    }
+
+    fn usage_only_event(&self) -> Option<fn(&str) -> bool> {
+        Some(|data| is_usage_only_chunk(data.as_bytes()))
+    }
+
+    fn native_routes(&self) -> &'static str {
+        "POST /v1/chat/completions, POST /v1/responses, POST /v1/embeddings and GET /v1/models"
+    }
+
+    fn sdk_key_header(&self) -> &'static str {
+        "Authorization: Bearer"
+    }
+
+    fn read_native(
+        &self,
+        api: NativeApi,
+        body: &mut Map<String, Value>,
+        _path: Option<(&str, bool)>,
+    ) -> Result<NativeFields, NativeRequestError> {
+        match api {
+            NativeApi::OpenAiEmbeddings => Ok(NativeFields::as_sent(model_of(body)?, 0, false)),
+            NativeApi::OpenAiResponses => read_responses_request(body),
+            _ => read_chat_request(body),
+        }
+    }
+
+    fn native_path(&self, req: &NativeRequest) -> String {
+        match req.api {
+            NativeApi::OpenAiResponses => "/v1/responses",
+            NativeApi::OpenAiEmbeddings => "/v1/embeddings",
+            _ => "/v1/chat/completions",
+        }
+        .to_owned()
+    }
+
+    /// None of the client's headers travel on.
+    fn native_headers(&self, _client_header: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn parse_native(&self, api: NativeApi, status: u16, body: &[u8]) -> Result<NativeAnswer, ProviderFailure> {
+        match api {
+            NativeApi::OpenAiResponses => json_answer(P, status, body, |v| parse_response(status, v)),
+            // `{"object": "list", "data": [...], "model", "usage": {"prompt_tokens", "total_tokens"}}`.
+            NativeApi::OpenAiEmbeddings => json_answer(P, status, body, |v| {
+                let input_tokens = v.pointer("/usage/prompt_tokens").and_then(Value::as_u64)?;
+                Some(Ok(NativeAnswer {
+                    id: String::new(),
+                    usage: Usage {
+                        input_tokens,
+                        output_tokens: 0,
+                    },
+                }))
+            }),
+            _ => chat_answer(P, status, body),
+        }
+    }
+
+    fn refusal_body(&self, code: ErrorCode, _status: u16, message: &str) -> Value {
+        let (kind, error_code) = match code {
+            ErrorCode::Unauthorized => ("invalid_request_error", "invalid_api_key"),
+            ErrorCode::SharedQuotaExhausted => ("insufficient_quota", "insufficient_quota"),
+            ErrorCode::RateLimited => ("requests", "rate_limit_exceeded"),
+            ErrorCode::NotFound | ErrorCode::UnknownProvider => ("invalid_request_error", "not_found"),
+            ErrorCode::Internal
+            | ErrorCode::ProviderError
+            | ErrorCode::WorkerUnavailable
+            | ErrorCode::KekUnavailable => ("server_error", "server_error"),
+            _ => ("invalid_request_error", code.as_str()),
+        };
+        json!({ "error": { "message": message, "type": kind, "param": null, "code": error_code } })
+    }
+
+    fn model_list_body(&self, models: &[&ModelEntry]) -> Value {
+        json!({
+            "object": "list",
+            "data": models.iter().map(|m| json!({ "id": m.id, "object": "model", "created": 0, "owned_by": "openai" })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A Chat Completions request: one choice only (keyward relays one); without an output bound
+/// it gets keyward's; a stream that did not ask for usage gets it asked for, and hidden.
+fn read_chat_request(body: &mut Map<String, Value>) -> Result<NativeFields, NativeRequestError> {
+    if body.get("n").and_then(Value::as_u64).is_some_and(|n| n != 1) {
+        return Err(invalid("n: keyward relays one choice per call (n must be 1)"));
+    }
+    let stream = stream_of(body);
+    let mut rewritten = false;
+    let mut hide_usage_chunk = false;
+    let max = match as_u32(body.get("max_completion_tokens")).or_else(|| as_u32(body.get("max_tokens"))) {
+        Some(n) => n,
+        None => {
+            body.insert("max_completion_tokens".into(), json!(DEFAULT_MAX_OUTPUT));
+            rewritten = true;
+            DEFAULT_MAX_OUTPUT
+        }
+    };
+    if stream {
+        let asked = body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if !asked {
+            // Metering needs the usage; the client did not ask for it, so it will not see it.
+            let opts = body.entry("stream_options").or_insert_with(|| json!({}));
+            if let Some(o) = opts.as_object_mut() {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+            hide_usage_chunk = true;
+            rewritten = true;
+        }
+    }
+    Ok(NativeFields {
+        model: model_of(body)?,
+        max_output: max,
+        stream,
+        rewritten,
+        hide_usage_chunk,
+    })
+}
+
+/// A Responses request: relayed while it is made (never in the background); without an
+/// output bound it gets keyward's.
+fn read_responses_request(body: &mut Map<String, Value>) -> Result<NativeFields, NativeRequestError> {
+    if body.get("background").and_then(Value::as_bool) == Some(true) {
+        return Err(invalid(
+            "background: keyward relays a response while it is made (background responses are not carried)",
+        ));
+    }
+    let stream = stream_of(body);
+    let (max, rewritten) = match as_u32(body.get("max_output_tokens")) {
+        Some(n) => (n, false),
+        None => {
+            body.insert("max_output_tokens".into(), json!(DEFAULT_MAX_OUTPUT));
+            (DEFAULT_MAX_OUTPUT, true)
+        }
+    };
+    Ok(NativeFields {
+        model: model_of(body)?,
+        max_output: max,
+        stream,
+        rewritten,
+        hide_usage_chunk: false,
+    })
+}
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -234,7 +490,7 @@ pub(crate) fn on_event(state: &mut StreamState, event: &SseEvent, out: &mut Vec<
 /// A plain Responses API answer (`{"id": "resp_…", "object": "response", "status", "usage":
 /// {"input_tokens", "output_tokens"}, "error"}`): `None` when it is not one; a `failed`
 /// response is its error.
-pub(crate) fn parse_response(status: u16, v: &Value) -> Option<Result<crate::NativeAnswer, ProviderFailure>> {
+fn parse_response(status: u16, v: &Value) -> Option<Result<NativeAnswer, ProviderFailure>> {
     if v.get("object").and_then(Value::as_str) != Some("response") {
         return None;
     }
@@ -242,7 +498,7 @@ pub(crate) fn parse_response(status: u16, v: &Value) -> Option<Result<crate::Nat
         return Some(Err(failure_from(Some(status), error)));
     }
     let usage = v.get("usage")?;
-    Some(Ok(crate::NativeAnswer {
+    Some(Ok(NativeAnswer {
         id: v.get("id").and_then(Value::as_str).unwrap_or_default().to_owned(),
         usage: Usage {
             input_tokens: usage.get("input_tokens").and_then(Value::as_u64)?,
@@ -298,6 +554,22 @@ pub(crate) fn on_responses_event(state: &mut StreamState, event: &SseEvent, out:
         // response.created, output_item.added, content_part.added, … carry nothing metered.
         _ => {}
     }
+}
+
+/// Whether a raw stream chunk (the JSON of one `data:` line, with or without the `data:`
+/// prefix) is the usage-only chunk: `choices` empty and `usage` an object. The gateway hides
+/// it from clients that did not ask for usage.
+pub fn is_usage_only_chunk(data_line_json: &[u8]) -> bool {
+    let mut bytes = data_line_json.trim_ascii();
+    if let Some(rest) = bytes.strip_prefix(b"data:") {
+        bytes = rest.trim_ascii();
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+        return false;
+    };
+    let choices_empty = v.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
+    let has_usage = v.get("usage").is_some_and(Value::is_object);
+    choices_empty && has_usage
 }
 
 #[cfg(test)]
@@ -437,5 +709,24 @@ mod tests {
         let f = diagnose(Provider::OpenAi, 502, body);
         assert_eq!(f.diagnosis, Diagnosis::ProviderUnavailable);
         assert_eq!(f.message, "Bad gateway.");
+    }
+
+    #[test]
+    fn usage_only_chunk_detection() {
+        assert!(is_usage_only_chunk(
+            br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}"#
+        ));
+        assert!(is_usage_only_chunk(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n"
+        ));
+        assert!(!is_usage_only_chunk(
+            br#"{"choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}"#
+        ));
+        assert!(!is_usage_only_chunk(br#"{"choices":[],"usage":null}"#));
+        assert!(!is_usage_only_chunk(
+            br#"{"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(!is_usage_only_chunk(b"[DONE]"));
+        assert!(!is_usage_only_chunk(b"\xff"));
     }
 }

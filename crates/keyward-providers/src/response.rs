@@ -4,7 +4,7 @@ use keyward_core::Provider;
 use serde::{Deserialize, Serialize};
 
 use crate::failure::{diagnose, ProviderFailure};
-use crate::{anthropic, google, openai};
+use crate::wire::wire;
 
 /// Tokens a call used, as the provider counted them.
 ///
@@ -38,18 +38,10 @@ pub fn parse_chat(provider: Provider, status: u16, body: &[u8]) -> Result<ChatRe
     if !(200..300).contains(&status) {
         return Err(diagnose(provider, status, body));
     }
-    let parsed = match provider {
-        Provider::Anthropic => anthropic::parse_answer(body),
-        Provider::OpenAi => openai::parse_answer(body),
-        Provider::Google => google::parse_answer(body),
-    };
-    parsed.map_err(|e| {
-        let error_envelope = match provider {
-            Provider::Anthropic => anthropic::read_error(status, body),
-            Provider::OpenAi => openai::read_error(status, body),
-            Provider::Google => google::read_error(status, body),
-        };
-        error_envelope.unwrap_or_else(|| ProviderFailure::malformed(provider, Some(status), json_problem(&e)))
+    let wire = wire(provider);
+    wire.parse_answer(body).map_err(|e| {
+        wire.read_error(status, body)
+            .unwrap_or_else(|| ProviderFailure::malformed(provider, Some(status), json_problem(&e)))
     })
 }
 

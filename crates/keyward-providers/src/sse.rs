@@ -4,6 +4,10 @@
 //! Lines end with `\n`, `\r\n` or `\r`; a leading UTF-8 BOM is dropped; `:` lines are comments;
 //! `event` and `data` fields are kept, `id` and `retry` ignored; a blank line dispatches the
 //! event if it has data. An event still open when the input ends is not dispatched.
+//!
+//! This is keyward's only SSE splitter: [`SseParser`] reads events for the stream decoders,
+//! and [`SseBlockFilter`] uses it to relay a raw stream less some of its events, byte for
+//! byte otherwise.
 
 use std::mem;
 
@@ -27,17 +31,59 @@ pub(crate) struct SseParser {
     data: String,
     has_data: bool,
     overflowed: bool,
+    /// A blank line ending in `\r` closed a block; the `\n` that may follow belongs to it.
+    block_open_after_cr: bool,
+}
+
+/// Where a block ended: the lines of one event (or comments, or nothing) through the blank
+/// line that closes it, terminator included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockEnd {
+    /// The offset just past the block, in the bytes of the `feed_blocks` call that saw it.
+    pub at: usize,
+    /// How many events `out` held when the block ended: its event, if it dispatched one, is
+    /// the last of them.
+    pub events: usize,
 }
 
 impl SseParser {
     /// Parses `bytes`, pushing every completed event to `out`. Returns `false` once the event
     /// being read grew past [`MAX_EVENT_BYTES`]; the parser then ignores all further input.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<SseEvent>) -> bool {
+    pub(crate) fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) -> bool {
+        self.feed_inner(bytes, out, None)
+    }
+
+    /// [`feed`](Self::feed), also pushing to `ends` where each block ended. A block closed by
+    /// a blank line ending in `\r` is reported once the next byte shows whether a `\n`
+    /// belongs to it (at the end of the input: see [`block_open_after_cr`](Self::block_open_after_cr)).
+    pub(crate) fn feed_blocks(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>, ends: &mut Vec<BlockEnd>) -> bool {
+        self.feed_inner(bytes, out, Some(ends))
+    }
+
+    /// Whether the input so far ends with a block closed by a blank line ending in `\r`,
+    /// not yet reported.
+    pub(crate) fn block_open_after_cr(&self) -> bool {
+        self.block_open_after_cr
+    }
+
+    fn feed_inner(&mut self, mut bytes: &[u8], out: &mut Vec<SseEvent>, mut ends: Option<&mut Vec<BlockEnd>>) -> bool {
+        let total = bytes.len();
         while !bytes.is_empty() && !self.overflowed {
             if self.after_cr {
                 self.after_cr = false;
-                if let Some(rest) = bytes.strip_prefix(b"\n") {
-                    bytes = rest;
+                let lf = bytes.first() == Some(&b'\n');
+                if lf {
+                    bytes = bytes.get(1..).unwrap_or_default();
+                }
+                if mem::take(&mut self.block_open_after_cr) {
+                    if let Some(ends) = ends.as_deref_mut() {
+                        ends.push(BlockEnd {
+                            at: total - bytes.len(),
+                            events: out.len(),
+                        });
+                    }
+                }
+                if lf {
                     continue;
                 }
             }
@@ -50,8 +96,15 @@ impl SseParser {
                     self.push_line_bytes(head);
                     self.after_cr = tail.first() == Some(&b'\r');
                     bytes = tail.get(1..).unwrap_or_default();
-                    if !self.overflowed {
-                        self.end_line(out);
+                    if !self.overflowed && self.end_line(out) {
+                        if self.after_cr {
+                            self.block_open_after_cr = true;
+                        } else if let Some(ends) = ends.as_deref_mut() {
+                            ends.push(BlockEnd {
+                                at: total - bytes.len(),
+                                events: out.len(),
+                            });
+                        }
                     }
                 }
                 None => {
@@ -73,14 +126,16 @@ impl SseParser {
         }
     }
 
-    fn end_line(&mut self, out: &mut Vec<SseEvent>) {
+    /// Ends the line read so far; `true` when it was blank (the end of a block).
+    fn end_line(&mut self, out: &mut Vec<SseEvent>) -> bool {
         let raw = mem::take(&mut self.line);
         let mut bytes: &[u8] = &raw;
         if !self.seen_first_line {
             self.seen_first_line = true;
             bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         }
-        if bytes.is_empty() {
+        let blank = bytes.is_empty();
+        if blank {
             self.dispatch(out);
         } else if !bytes.starts_with(b":") {
             let line = String::from_utf8_lossy(bytes);
@@ -101,6 +156,7 @@ impl SseParser {
         // Keep the allocation for the next line.
         self.line = raw;
         self.line.clear();
+        blank
     }
 
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
@@ -116,6 +172,86 @@ impl SseParser {
             event: if event.is_empty() { "message".to_owned() } else { event },
             data,
         });
+    }
+}
+
+/// Relays a raw event stream block by block, leaving out each block whose event's data
+/// `hide` picks; every other byte passes unchanged, as soon as its block is complete.
+///
+/// Blocks are split by [`SseParser`], so every line ending counts and a held block is
+/// bounded: once one outgrows [`MAX_EVENT_BYTES`] the filter stops filtering and passes
+/// everything on as it comes (a block that large is no event keyward hides, and an event
+/// that large fails the stream's decoder anyway).
+#[derive(Debug)]
+pub(crate) struct SseBlockFilter {
+    parser: SseParser,
+    hide: fn(&str) -> bool,
+    /// The bytes of the block being read.
+    held: Vec<u8>,
+    /// Whether the block being read dispatched an event to hide.
+    hiding: bool,
+    gave_up: bool,
+}
+
+impl SseBlockFilter {
+    pub(crate) fn new(hide: fn(&str) -> bool) -> SseBlockFilter {
+        SseBlockFilter {
+            parser: SseParser::default(),
+            hide,
+            held: Vec::new(),
+            hiding: false,
+            gave_up: false,
+        }
+    }
+
+    /// The bytes to pass on after `chunk`: every block it completed, less the hidden ones.
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        if self.gave_up {
+            return chunk.to_vec();
+        }
+        let mut events = Vec::new();
+        let mut ends = Vec::new();
+        let fits = self.parser.feed_blocks(chunk, &mut events, &mut ends);
+        let mut out = Vec::with_capacity(chunk.len() + self.held.len());
+        let (mut from, mut seen) = (0, 0);
+        for end in ends {
+            self.note_events(events.get(seen..end.events).unwrap_or_default());
+            seen = end.events;
+            self.held.extend_from_slice(chunk.get(from..end.at).unwrap_or_default());
+            from = end.at;
+            self.close_block(&mut out);
+        }
+        self.note_events(events.get(seen..).unwrap_or_default());
+        self.held.extend_from_slice(chunk.get(from..).unwrap_or_default());
+        if !fits || self.held.len() > MAX_EVENT_BYTES {
+            self.gave_up = true;
+            out.append(&mut self.held);
+        }
+        out
+    }
+
+    /// The bytes left when the stream has ended: a last block closed by a lone `\r` (less if
+    /// hidden), or an incomplete one, as it came.
+    pub(crate) fn finish(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if !self.gave_up && self.parser.block_open_after_cr() {
+            self.close_block(&mut out);
+        } else {
+            out.append(&mut self.held);
+        }
+        out
+    }
+
+    fn note_events(&mut self, events: &[SseEvent]) {
+        let hide = self.hide;
+        self.hiding |= events.iter().any(|e| hide(&e.data));
+    }
+
+    fn close_block(&mut self, out: &mut Vec<u8>) {
+        if !mem::take(&mut self.hiding) {
+            out.extend_from_slice(&self.held);
+        }
+        self.held.clear();
     }
 }
 

@@ -4,9 +4,10 @@ use keyward_core::Provider;
 use serde_json::Value;
 
 use crate::failure::{Diagnosis, ProviderFailure};
+use crate::native::NativeApi;
 use crate::response::Usage;
 use crate::sse::{SseEvent, SseParser};
-use crate::{anthropic, google, openai};
+use crate::wire::wire;
 
 pub use crate::sse::MAX_EVENT_BYTES;
 
@@ -41,8 +42,9 @@ pub struct StreamSummary {
 #[derive(Debug)]
 pub struct StreamDecoder {
     provider: Provider,
-    /// OpenAI's Responses API streams other events than its chat completions.
-    responses: bool,
+    /// The API answering: OpenAI's Responses API streams other events than its chat
+    /// completions.
+    api: NativeApi,
     sse: SseParser,
     state: StreamState,
     events: Vec<SseEvent>,
@@ -94,20 +96,20 @@ impl StreamState {
 impl StreamDecoder {
     /// The decoder for a streamed native answer of `api` (OpenAI's Responses API ends with
     /// `response.completed`, which carries the usage; the others as their chats do).
-    pub fn for_native(api: crate::NativeApi) -> StreamDecoder {
-        let mut d = StreamDecoder::new(api.provider());
-        d.responses = api == crate::NativeApi::OpenAiResponses;
-        d
-    }
-
-    pub fn new(provider: Provider) -> StreamDecoder {
+    pub fn for_native(api: NativeApi) -> StreamDecoder {
+        let provider = api.provider();
         StreamDecoder {
             provider,
-            responses: false,
+            api,
             sse: SseParser::default(),
             state: StreamState::default(),
             events: Vec::new(),
         }
+    }
+
+    /// The decoder for a streamed answer of [`build_chat`](crate::build_chat).
+    pub fn new(provider: Provider) -> StreamDecoder {
+        StreamDecoder::for_native(wire(provider).chat_api())
     }
 
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<StreamEvent> {
@@ -135,12 +137,7 @@ impl StreamDecoder {
                 break;
             }
             self.state.events += 1;
-            match self.provider {
-                Provider::Anthropic => anthropic::on_event(&mut self.state, &event, &mut out),
-                Provider::OpenAi if self.responses => openai::on_responses_event(&mut self.state, &event, &mut out),
-                Provider::OpenAi => openai::on_event(&mut self.state, &event, &mut out),
-                Provider::Google => google::on_event(&mut self.state, &event, &mut out),
-            }
+            wire(self.provider).on_event(self.api, &mut self.state, &event, &mut out);
         }
         self.events = events;
         if !fits {
@@ -172,12 +169,7 @@ impl StreamDecoder {
                 let message = format!("{}'s stream ended before it sent anything", p.display_name());
                 ProviderFailure::new(None, Diagnosis::ProviderUnavailable, &message)
             } else {
-                let marker = match p {
-                    Provider::Anthropic => "message_stop",
-                    Provider::OpenAi if self.responses => "response.completed",
-                    Provider::OpenAi => "[DONE]",
-                    Provider::Google => "a finishReason",
-                };
+                let marker = wire(p).stream_end_marker(self.api);
                 let message = format!(
                     "{}'s stream ended before {marker}: the answer is incomplete",
                     p.display_name()
@@ -208,22 +200,6 @@ fn looks_like_event_stream(head: &[u8]) -> bool {
     }
     let fields: [&[u8]; 5] = [b"data", b"event", b"id", b"retry", b":"];
     fields.iter().any(|f| head.starts_with(f) || f.starts_with(head))
-}
-
-/// Whether a raw OpenAI stream chunk (the JSON of one `data:` line, with or without the
-/// `data:` prefix) is the usage-only chunk: `choices` empty and `usage` an object. The
-/// gateway hides it from clients that did not ask for usage.
-pub fn openai_is_usage_only_chunk(data_line_json: &[u8]) -> bool {
-    let mut bytes = data_line_json.trim_ascii();
-    if let Some(rest) = bytes.strip_prefix(b"data:") {
-        bytes = rest.trim_ascii();
-    }
-    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
-        return false;
-    };
-    let choices_empty = v.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
-    let has_usage = v.get("usage").is_some_and(Value::is_object);
-    choices_empty && has_usage
 }
 
 #[cfg(test)]
@@ -555,25 +531,6 @@ data: {\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{\"id\
         let first = d.finish();
         assert!(first.is_ok());
         assert_eq!(d.finish(), first);
-    }
-
-    #[test]
-    fn usage_only_chunk_detection() {
-        assert!(openai_is_usage_only_chunk(
-            br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}"#
-        ));
-        assert!(openai_is_usage_only_chunk(
-            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n"
-        ));
-        assert!(!openai_is_usage_only_chunk(
-            br#"{"choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}"#
-        ));
-        assert!(!openai_is_usage_only_chunk(br#"{"choices":[],"usage":null}"#));
-        assert!(!openai_is_usage_only_chunk(
-            br#"{"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1}}"#
-        ));
-        assert!(!openai_is_usage_only_chunk(b"[DONE]"));
-        assert!(!openai_is_usage_only_chunk(b"\xff"));
     }
 
     mod prop {

@@ -22,7 +22,6 @@
 
 pub mod canary;
 pub mod db;
-pub mod fake;
 pub mod files;
 pub mod http;
 pub mod pg;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use keyward_core::Provider;
 use keyward_crypto::{Binding, CryptoError, Keyring, SealedKey};
-use keyward_providers::{key_placement, path_allowed, HttpMethod};
+use keyward_providers::{answer_header_kept, key_placement, path_allowed, request_header_allowed, HttpMethod};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_rustls::rustls::ClientConfig;
@@ -44,21 +44,8 @@ pub enum WorkerError {
     Setup(String),
 }
 
-/// Request headers a provider call may carry besides the key (the gateway's list is
-/// checked again here: the worker trusts nothing it is sent).
 /// Waits before each further attempt when the KEK backend fails: three tries within 0.35 s.
 const KEK_RETRY_DELAYS: [Duration; 2] = [Duration::from_millis(50), Duration::from_millis(300)];
-
-const ALLOWED_REQUEST_HEADERS: &[&str] = &["content-type", "accept", "anthropic-version", "anthropic-beta"];
-
-/// Response headers worth passing back (request ids, rate limits, content type, redirect target).
-fn keep_response_header(name: &str) -> bool {
-    matches!(
-        name,
-        "content-type" | "request-id" | "x-request-id" | "retry-after" | "location" | "openai-processing-ms"
-    ) || name.starts_with("anthropic-ratelimit-")
-        || name.starts_with("x-ratelimit-")
-}
 
 mod rewrap;
 
@@ -273,9 +260,9 @@ impl Worker {
             )
             .into());
         }
+        // The gateway's headers are checked again here: the worker trusts nothing it is sent.
         for (name, value) in &c.headers {
-            let ok = ALLOWED_REQUEST_HEADERS.iter().any(|a| name.eq_ignore_ascii_case(a))
-                && !value.bytes().any(|b| b == b'\r' || b == b'\n');
+            let ok = request_header_allowed(name) && !value.bytes().any(|b| b == b'\r' || b == b'\n');
             if !ok {
                 return Err(fail(FailKind::BadRequest, "a request header is not allowed").into());
             }
@@ -339,7 +326,7 @@ impl Worker {
         let headers: Vec<(String, String)> = response
             .headers
             .iter()
-            .filter(|(k, _)| keep_response_header(k))
+            .filter(|(k, _)| answer_header_kept(k))
             .map(|(k, v)| {
                 let mut v = v.clone().into_bytes();
                 mask_in_place(&mut v, key_bytes);

@@ -10,6 +10,7 @@
 //! - [`keys`]: list, save or rotate, remove a key; switch its source.
 //! - [`calls`]: an AI call: choose the key, reserve shared credits, open the key in a
 //!   worker and call the provider, settle and audit.
+//! - [`native`]: a native pass-through call (the provider's own request and answer).
 //! - [`probe`]: "Test key" ([`throttle`]: how often).
 //! - [`usage`]: the month's shared credits and counts.
 //! - [`audit`]: the account's audit log, as the API shows it.
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod calls;
 pub mod identity;
 pub mod keys;
+pub mod native;
 pub mod probe;
 pub mod throttle;
 pub mod usage;

@@ -155,13 +155,6 @@ fn event_stream(events: mpsc::Receiver<ChatEvent>) -> Response {
         .into_response()
 }
 
-/// A response body fed by a channel: each message is sent on as it comes.
-pub fn channel_body(rx: mpsc::Receiver<Bytes>) -> Body {
-    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    }))
-}
-
 fn error_event(e: &ApiError) -> Value {
     let mut v = json!({ "code": e.code.as_str(), "message": e.message });
     if e.code == ErrorCode::ProviderError {

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use keyward_fakes::{Behaviour, FakeProviders};
 use keyward_testkit::canary::{find_forms, random_string, ALNUM};
-use keyward_testkit::fake::EchoProvider;
 use keyward_testkit::files::contains;
 use keyward_testkit::http::RawRequest;
 use keyward_testkit::reqwest::Method;
@@ -464,8 +464,9 @@ async fn canary_keys_leave_no_trace_json_logs() {
 
 #[tokio::test]
 async fn a_provider_quoting_the_key_back_is_not_repeated() {
-    // A fake provider answers every call with its invalid-key error and quotes the key it got.
-    let fake = EchoProvider::start().await;
+    // The fake providers answer every call with these keys with their invalid-key error,
+    // quoting the key they got.
+    let fake = FakeProviders::start().expect("start fakes");
     let url = fake.base_url();
     let kw = start_with(
         Options::default()
@@ -484,6 +485,9 @@ async fn a_provider_quoting_the_key_back_is_not_repeated() {
     ];
     let mut answers = Vec::new();
     let mut wrong = Vec::new();
+    for (_, k, _) in &keys {
+        fake.set_key(None, k, Behaviour::EchoKey);
+    }
     for (p, k, provider_status) in &keys {
         save_key(&kw, &user.token, &acc, p, k).await;
         // Test key: 200, ok false, diagnosed, the provider's message without the key.
@@ -497,6 +501,12 @@ async fn a_provider_quoting_the_key_back_is_not_repeated() {
         {
             wrong.push(format!(
                 "test {p}: expected 200 ok=false invalid_key {provider_status} with a message, got {r}"
+            ));
+        }
+        // Positive control: the provider did quote the key (the worker masked it with `*`).
+        if !v["message"].as_str().is_some_and(|m| m.contains(&"*".repeat(k.len()))) {
+            wrong.push(format!(
+                "test {p}: the provider's message should quote the key, masked: {r}"
             ));
         }
         answers.push(r);
@@ -535,7 +545,7 @@ async fn a_provider_quoting_the_key_back_is_not_repeated() {
             "openai" => ("/chat/completions", "authorization", format!("Bearer {k}")),
             _ => ("generateContent", "x-goog-api-key", k.clone()),
         };
-        let mine: Vec<_> = requests.iter().filter(|r| r.target.contains(path_part)).collect();
+        let mine: Vec<_> = requests.iter().filter(|r| r.path.contains(path_part)).collect();
         if mine.len() < 2 {
             wrong.push(format!(
                 "{p}: expected a probe and an AI call at the provider, got {} requests",
@@ -544,17 +554,21 @@ async fn a_provider_quoting_the_key_back_is_not_repeated() {
             continue;
         }
         for r in &mine {
+            let target = match &r.query {
+                Some(q) => format!("{}?{q}", r.path),
+                None => r.path.clone(),
+            };
             if r.header(header) != Some(value.as_str()) {
                 wrong.push(format!(
-                    "{p}: the key did not arrive in {header} ({} {})",
-                    r.method, r.target
+                    "{p}: the key did not arrive in {header} ({} {target})",
+                    r.method
                 ));
             }
-            if !find_forms(r.target.as_bytes(), k.as_bytes()).is_empty() {
-                wrong.push(format!("{p}: the key is in the URL {}", r.target));
+            if !find_forms(target.as_bytes(), k.as_bytes()).is_empty() {
+                wrong.push(format!("{p}: the key is in the URL {target}"));
             }
         }
-        let probe = mine[0].json().unwrap_or_default();
+        let probe = mine[0].body_json().unwrap_or_default();
         let one = match *p {
             "anthropic" => &probe["max_tokens"],
             "openai" => &probe["max_completion_tokens"],

@@ -1,7 +1,7 @@
 //! Envelope encryption through the real database: blobs are bound to their row.
 
+use keyward_fakes::{Behaviour, FakeProviders};
 use keyward_testkit::canary::find_forms;
-use keyward_testkit::fake::EchoProvider;
 use keyward_testkit::{db, sqlx, Options};
 use serde_json::json;
 
@@ -10,7 +10,7 @@ use crate::common::*;
 #[tokio::test]
 async fn a_blob_copied_to_another_row_does_not_open() {
     // Providers are a recording fake, to see whether a moved blob ever reaches one.
-    let fake = EchoProvider::start().await;
+    let fake = FakeProviders::start().expect("start fakes");
     let url = fake.base_url();
     let kw = start_with(
         Options::default()
@@ -21,6 +21,9 @@ async fn a_blob_copied_to_another_row_does_not_open() {
     let (user_a, acc_a) = pro_owner(&kw, "a@example.com");
     let (user_b, acc_b) = pro_owner(&kw, "b@example.com");
     let (ka, ko, kb) = (anthropic_key(), openai_key(), anthropic_key());
+    for k in [&ka, &ko, &kb] {
+        fake.set_key(None, k, Behaviour::EchoKey);
+    }
     save_key(&kw, &user_a.token, &acc_a, "anthropic", &ka).await;
     save_key(&kw, &user_a.token, &acc_a, "openai", &ko).await;
     save_key(&kw, &user_b.token, &acc_b, "anthropic", &kb).await;
