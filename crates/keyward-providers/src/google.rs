@@ -186,6 +186,10 @@ impl ProviderWire for Google {
         "x-goog-api-key"
     }
 
+    fn model_list_versions(&self) -> &'static [&'static str] {
+        &["v1", "v1beta"]
+    }
+
     /// The output bound is `generationConfig.maxOutputTokens`; one candidate only.
     fn read_native(
         &self,

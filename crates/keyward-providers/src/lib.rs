@@ -56,9 +56,9 @@ pub use google::{google_action, GoogleActionError, GoogleVersion};
 pub use limits::{rate_limits, rate_limits_note, Limit, RateLimits};
 pub use models::{parse_model_page, ModelPage};
 pub use native::{
-    native_call, native_model_list, native_refusal, native_routes, not_carried_message, parse_native,
-    read_native_request, sdk_key, unknown_provider_message, NativeAnswer, NativeApi, NativeReply, NativeRequest,
-    NativeRequestError, NativeStream, DEFAULT_MAX_OUTPUT,
+    model_list_routes, native_call, native_model_list, native_refusal, native_routes, not_carried_message,
+    parse_native, read_native_request, sdk_key, unknown_provider_message, NativeAnswer, NativeApi, NativeReply,
+    NativeRequest, NativeRequestError, NativeStream, DEFAULT_MAX_OUTPUT,
 };
 pub use openai::is_usage_only_chunk as openai_is_usage_only_chunk;
 pub use response::{parse_chat, ChatResponse, Usage};

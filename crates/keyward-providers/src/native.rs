@@ -49,6 +49,45 @@ pub enum NativeApi {
 }
 
 impl NativeApi {
+    /// Every API the pass-through carries: the gateway's routes and their documentation are
+    /// built from this list.
+    pub const ALL: [NativeApi; 7] = [
+        NativeApi::AnthropicMessages,
+        NativeApi::AnthropicCountTokens,
+        NativeApi::OpenAiChat,
+        NativeApi::OpenAiResponses,
+        NativeApi::OpenAiEmbeddings,
+        NativeApi::GoogleGenerate(GoogleVersion::V1),
+        NativeApi::GoogleGenerate(GoogleVersion::V1Beta),
+    ];
+
+    /// The route under the account's `/providers/`, as the SDK calls it (axum's syntax:
+    /// Google's model and action are one path parameter, `{model_action}`).
+    pub fn route(self) -> &'static str {
+        match self {
+            NativeApi::AnthropicMessages => "anthropic/v1/messages",
+            NativeApi::AnthropicCountTokens => "anthropic/v1/messages/count_tokens",
+            NativeApi::OpenAiChat => "openai/v1/chat/completions",
+            NativeApi::OpenAiResponses => "openai/v1/responses",
+            NativeApi::OpenAiEmbeddings => "openai/v1/embeddings",
+            NativeApi::GoogleGenerate(GoogleVersion::V1) => "google/v1/models/{model_action}",
+            NativeApi::GoogleGenerate(GoogleVersion::V1Beta) => "google/v1beta/models/{model_action}",
+        }
+    }
+
+    /// What it is, in a few words (the OpenAPI summary).
+    pub fn summary(self) -> &'static str {
+        match self {
+            NativeApi::AnthropicMessages => "Anthropic Messages",
+            NativeApi::AnthropicCountTokens => "Anthropic token counting (free: audited, never charged)",
+            NativeApi::OpenAiChat => "OpenAI Chat Completions",
+            NativeApi::OpenAiResponses => "OpenAI Responses",
+            NativeApi::OpenAiEmbeddings => "OpenAI Embeddings",
+            NativeApi::GoogleGenerate(GoogleVersion::V1) => "Google generateContent (v1, google-genai's default)",
+            NativeApi::GoogleGenerate(GoogleVersion::V1Beta) => "Google generateContent (v1beta)",
+        }
+    }
+
     pub fn provider(self) -> Provider {
         match self {
             NativeApi::AnthropicMessages | NativeApi::AnthropicCountTokens => Provider::Anthropic,
@@ -74,6 +113,16 @@ impl NativeApi {
     pub fn streams(self) -> bool {
         !matches!(self, NativeApi::AnthropicCountTokens | NativeApi::OpenAiEmbeddings)
     }
+}
+
+/// The model-listing routes under the account's `/providers/` for `provider`
+/// (`openai/v1/models`, …), answered from the catalogue.
+pub fn model_list_routes(provider: Provider) -> Vec<String> {
+    wire(provider)
+        .model_list_versions()
+        .iter()
+        .map(|v| format!("{}/{v}/models", provider.as_str()))
+        .collect()
 }
 
 /// What the pass-through carries for `provider`, in words, for refusals of anything else.

@@ -91,6 +91,12 @@ pub(crate) trait ProviderWire: Sync {
     /// The header the SDK sends its API key in, as a person reads it in a message.
     fn sdk_key_header(&self) -> &'static str;
 
+    /// The API versions whose `GET /{version}/models` the SDK may call (answered from the
+    /// catalogue).
+    fn model_list_versions(&self) -> &'static [&'static str] {
+        &["v1"]
+    }
+
     /// Reads (and where keyward must, rewrites) the body of a native request of `api`;
     /// `path` is the model and streaming where they travel in the path (Google).
     fn read_native(

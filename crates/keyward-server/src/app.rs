@@ -24,43 +24,23 @@ pub fn router(state: AppState) -> Router {
     // route in it is documented (see `openapi`).
     let (api, doc) = crate::openapi::api_router();
     let doc = Arc::new(doc);
-    use keyward_providers::{GoogleVersion, NativeApi};
-    use routes::passthrough::{google_route, native_route};
-    let native = Router::new()
-        .route(
-            "/providers/anthropic/v1/messages",
-            native_route(NativeApi::AnthropicMessages),
-        )
-        .route(
-            "/providers/anthropic/v1/messages/count_tokens",
-            native_route(NativeApi::AnthropicCountTokens),
-        )
-        .route(
-            "/providers/openai/v1/chat/completions",
-            native_route(NativeApi::OpenAiChat),
-        )
-        .route(
-            "/providers/openai/v1/responses",
-            native_route(NativeApi::OpenAiResponses),
-        )
-        .route(
-            "/providers/openai/v1/embeddings",
-            native_route(NativeApi::OpenAiEmbeddings),
-        )
-        .route(
-            "/providers/google/v1beta/models/{model_action}",
-            google_route(GoogleVersion::V1Beta),
-        )
-        .route(
-            "/providers/google/v1/models/{model_action}",
-            google_route(GoogleVersion::V1),
-        )
-        .route("/providers/{provider}/v1/models", get(routes::passthrough::list_models))
-        .route(
-            "/providers/{provider}/v1beta/models",
-            get(routes::passthrough::list_models),
-        )
-        .route("/providers/{provider}/{*rest}", any(routes::passthrough::not_carried));
+    // The native pass-through: keyward-providers lists what it carries.
+    let mut native = Router::new();
+    for api in keyward_providers::NativeApi::ALL {
+        native = native.route(
+            &format!("/providers/{}", api.route()),
+            routes::passthrough::native_route(api),
+        );
+    }
+    for provider in keyward_core::Provider::ALL {
+        for route in keyward_providers::model_list_routes(provider) {
+            native = native.route(
+                &format!("/providers/{route}"),
+                routes::passthrough::model_list_route(provider),
+            );
+        }
+    }
+    let native = native.route("/providers/{provider}/{*rest}", any(routes::passthrough::not_carried));
     let metrics_on_api = state.metrics_on_api;
     let router = Router::new()
         .merge(api)

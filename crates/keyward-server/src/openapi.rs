@@ -109,15 +109,23 @@ impl Modify for NativePassThrough {
                 "No worker, no database, or no shared key for this provider (the provider's error format)",
             ),
         ];
-        let operation = |summary: &str, provider: &str, has_body: bool, google: bool| {
+        let operation = |summary: &str, has_body: bool, google: bool| {
+            let what = if has_body {
+                "keyward checks the token and membership, the model against its catalogue and the shared pool's credits, then puts the account's real key (own or shared) in place of the token; the call is metered and audited. Streamed answers are relayed as they arrive."
+            } else {
+                "Answered from keyward's catalogue (the models keyward offers); nothing is sent to the provider."
+            };
             let mut op = OperationBuilder::new()
                 .tag("native pass-through")
                 .summary(Some(summary))
                 .description(Some(format!(
-                    "{summary}, as {provider}'s SDK calls it. keyward checks the token and membership, the model against its catalogue and the shared pool's credits, then puts the account's real key (own or shared) in place of the token; the call is metered and audited. Streamed answers are relayed as they arrive."
+                    "{summary}, as the provider's official SDK calls it. {what}"
                 )))
                 .parameter(path_param("account_id", "The account (acc_…)"))
-                .response("200", answer("The provider's answer (JSON, or text/event-stream when streamed), relayed as it arrives"));
+                .response(
+                    "200",
+                    answer("The provider's answer (JSON, or text/event-stream when streamed), relayed as it arrives"),
+                );
             if google {
                 op = op.parameter(path_param(
                     "model_action",
@@ -138,102 +146,23 @@ impl Modify for NativePassThrough {
             op.build()
         };
         let base = "/v1/accounts/{account_id}/providers";
-        let routes: [(&str, HttpMethod, &str, &str, bool, bool); 11] = [
-            (
-                "anthropic/v1/messages",
-                HttpMethod::Post,
-                "Anthropic Messages",
-                "Anthropic",
-                true,
-                false,
-            ),
-            (
-                "anthropic/v1/messages/count_tokens",
-                HttpMethod::Post,
-                "Anthropic token counting (free: audited, never charged)",
-                "Anthropic",
-                true,
-                false,
-            ),
-            (
-                "anthropic/v1/models",
-                HttpMethod::Get,
-                "Anthropic's models that keyward offers (from its catalogue)",
-                "Anthropic",
-                false,
-                false,
-            ),
-            (
-                "openai/v1/chat/completions",
-                HttpMethod::Post,
-                "OpenAI Chat Completions",
-                "OpenAI",
-                true,
-                false,
-            ),
-            (
-                "openai/v1/responses",
-                HttpMethod::Post,
-                "OpenAI Responses",
-                "OpenAI",
-                true,
-                false,
-            ),
-            (
-                "openai/v1/embeddings",
-                HttpMethod::Post,
-                "OpenAI Embeddings",
-                "OpenAI",
-                true,
-                false,
-            ),
-            (
-                "openai/v1/models",
-                HttpMethod::Get,
-                "OpenAI's models that keyward offers (from its catalogue)",
-                "OpenAI",
-                false,
-                false,
-            ),
-            (
-                "google/v1/models/{model_action}",
-                HttpMethod::Post,
-                "Google generateContent (v1, google-genai's default)",
-                "Google",
-                true,
-                true,
-            ),
-            (
-                "google/v1beta/models/{model_action}",
-                HttpMethod::Post,
-                "Google generateContent (v1beta)",
-                "Google",
-                true,
-                true,
-            ),
-            (
-                "google/v1/models",
-                HttpMethod::Get,
-                "Google's models that keyward offers (from its catalogue; v1)",
-                "Google",
-                false,
-                false,
-            ),
-            (
-                "google/v1beta/models",
-                HttpMethod::Get,
-                "Google's models that keyward offers (from its catalogue)",
-                "Google",
-                false,
-                false,
-            ),
-        ];
-        for (path, method, summary, provider, has_body, google) in routes {
+        for api in keyward_providers::NativeApi::ALL {
+            let google = api.route().contains("{model_action}");
             openapi.paths.add_path_operation(
-                format!("{base}/{path}"),
-                vec![method],
-                operation(summary, provider, has_body, google),
+                format!("{base}/{}", api.route()),
+                vec![HttpMethod::Post],
+                operation(api.summary(), true, google),
             );
+        }
+        for provider in keyward_core::Provider::ALL {
+            for route in keyward_providers::model_list_routes(provider) {
+                let summary = format!("The {} models keyward offers", provider.display_name());
+                openapi.paths.add_path_operation(
+                    format!("{base}/{route}"),
+                    vec![HttpMethod::Get],
+                    operation(&summary, false, false),
+                );
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, MethodRouter};
+use axum::routing::{get, post, MethodRouter};
 use keyward_core::{ErrorCode, Provider};
 use keyward_providers::{
     google_action, native_model_list, native_refusal, not_carried_message, sdk_key, unknown_provider_message,
@@ -77,17 +77,21 @@ fn invalid(m: &str) -> ApiError {
     ApiError::validation(m.to_owned())
 }
 
-/// The route handler of one carried API (every one but Google's, whose model is in the path).
+/// The route handler of one carried API (Google's takes its model and action from the path).
 pub fn native_route(api: NativeApi) -> MethodRouter<AppState> {
-    post(
-        move |State(state): State<AppState>, Path(account): Path<String>, headers: HeaderMap, AiBody(body): AiBody| {
-            native(state, account, headers, body, api, None)
-        },
-    )
+    match api {
+        NativeApi::GoogleGenerate(version) => google_route(version),
+        _ => post(
+            move |State(state): State<AppState>,
+                  Path(account): Path<String>,
+                  headers: HeaderMap,
+                  AiBody(body): AiBody| { native(state, account, headers, body, api, None) },
+        ),
+    }
 }
 
 /// Google's `…/{version}/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`.
-pub fn google_route(version: GoogleVersion) -> MethodRouter<AppState> {
+fn google_route(version: GoogleVersion) -> MethodRouter<AppState> {
     post(
         move |State(state): State<AppState>,
               Path((account, model_action)): Path<(String, String)>,
@@ -104,6 +108,19 @@ pub fn google_route(version: GoogleVersion) -> MethodRouter<AppState> {
             };
             let google = Some((model.to_owned(), stream));
             native(state, account, headers, body, api, google).await
+        },
+    )
+}
+
+/// The SDK's model listing of `provider`, answered from the catalogue.
+pub fn model_list_route(provider: Provider) -> MethodRouter<AppState> {
+    get(
+        move |State(state): State<AppState>, Path(account): Path<String>, headers: HeaderMap| async move {
+            if let Err(e) = caller_and_account(&state, &headers, &account).await {
+                return provider_envelope(provider, &e);
+            }
+            let models: Vec<&keyward_core::ModelEntry> = state.engine.catalogue.served(provider).collect();
+            json_reply(native_model_list(provider, &models))
         },
     )
 }
@@ -166,23 +183,6 @@ async fn native_inner(
         NativeBody::Whole(body) => (status, out_headers, body).into_response(),
         NativeBody::Stream(chunks) => (status, out_headers, channel_body(chunks)).into_response(),
     })
-}
-
-/// The SDKs' model listing routes, answered from the catalogue.
-pub async fn list_models(
-    State(state): State<AppState>,
-    Path((account, provider)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    let provider: Provider = match provider.parse() {
-        Ok(p) => p,
-        Err(_) => return ApiError::new(ErrorCode::UnknownProvider, "unknown provider").into_response(),
-    };
-    if let Err(e) = caller_and_account(&state, &headers, &account).await {
-        return provider_envelope(provider, &e);
-    }
-    let models: Vec<&keyward_core::ModelEntry> = state.engine.catalogue.served(provider).collect();
-    json_reply(native_model_list(provider, &models))
 }
 
 #[cfg(test)]
