@@ -20,19 +20,11 @@
 //!   only the public key file). Only the isolated worker loads an [`Opener`] or a [`Keyring`].
 //!
 //! # Blob format, version 1
-//! ```text
-//! offset   size   field
-//! 0        3      magic b"KWB"
-//! 3        1      version = 1
-//! 4        1      n = length of the kek id (1..=255)
-//! 5        n      kek id, printable ASCII (e.g. "local-1")
-//! 5+n      32     HPKE encapsulated key
-//! 37+n     48     HPKE-wrapped DEK: 32-byte DEK ciphertext + 16-byte tag
-//! 85+n     12     ChaCha20Poly1305 nonce
-//! 97+n     m+16   ChaCha20Poly1305 ciphertext of the m-byte plaintext + 16-byte tag
-//! ```
-//! The blob is `113 + n + m` bytes: 220 bytes for a 100-byte plaintext under `local-1`.
-//! Plaintexts are limited to [`MAX_PLAINTEXT_LEN`] bytes.
+//! The layout of every format (v1, and v2/v3 of the PKCS#11 and AWS KMS backends) is in
+//! `header.rs`, which parses and writes the header and data part all formats share. A v1
+//! blob is `113 + n + m` bytes for an `n`-byte kek id and an `m`-byte plaintext (220 bytes
+//! for a 100-byte plaintext under `local-1`); plaintexts are limited to
+//! [`MAX_PLAINTEXT_LEN`] bytes.
 //!
 //! - Every seal draws a fresh random 256-bit DEK and a fresh random nonce from the OS RNG.
 //! - The DEK is wrapped with HPKE (RFC 9180) base mode, single shot, suite
@@ -55,9 +47,11 @@
 mod audit;
 #[cfg(feature = "awskms")]
 pub mod awskms;
+mod blob;
 mod envelope;
 mod error;
 mod fsutil;
+mod header;
 mod hpke_open;
 mod keyring;
 pub mod local;
@@ -67,8 +61,10 @@ mod secret;
 mod wrapped;
 
 pub use audit::{AuditChainKey, AUDIT_KEY_FILE, GENESIS_MAC};
-pub use envelope::{Binding, Opener, SealedKey, Sealer, BLOB_MAGIC, BLOB_VERSION, HPKE_INFO, MAX_PLAINTEXT_LEN};
+pub use blob::{Binding, SealedKey};
+pub use envelope::{Opener, Sealer, BLOB_VERSION, HPKE_INFO};
 pub use error::CryptoError;
+pub use header::{BLOB_MAGIC, MAX_PLAINTEXT_LEN};
 pub use keyring::{KekOpener, KekSealer, Keyring};
 pub use secret::SecretBytes;
 

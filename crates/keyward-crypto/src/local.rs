@@ -31,8 +31,8 @@ use hpke::{Deserializable, Kem as _, Serializable};
 use rand_core::{OsRng, RngCore};
 use zeroize::Zeroizing;
 
-use crate::envelope::is_valid_kek_id;
 use crate::fsutil::{self, Created, FileKind};
+use crate::header::is_valid_kek_id;
 use crate::{CryptoError, Keyring, Opener, Sealer};
 
 type Kem = hpke::kem::X25519HkdfSha256;
