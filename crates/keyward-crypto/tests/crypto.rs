@@ -679,8 +679,8 @@ fn timing() {
 
 // ---- KEK versions: primary, keyring, re-wrap, retirement ---------------------------------
 
-#[test]
-fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
+#[tokio::test]
+async fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
     let dir = TempDir::new().unwrap();
     local::ensure_kek(dir.path()).unwrap();
     assert_eq!(local::primary_version(dir.path()).unwrap(), 1);
@@ -699,9 +699,9 @@ fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
     let ring = local::load_keyring(dir.path()).unwrap();
     assert_eq!(ring.kek_ids(), vec!["local-1", "local-2"]);
     let mut out = [0u8; 64];
-    let n = ring.open_into(&BINDING, &old, &mut out).unwrap();
+    let n = ring.open_into(&BINDING, &old, &mut out).await.unwrap();
     assert_eq!(&out[..n], b"sk-old");
-    let n = ring.open_into(&BINDING, &new, &mut out).unwrap();
+    let n = ring.open_into(&BINDING, &new, &mut out).await.unwrap();
     assert_eq!(&out[..n], b"sk-new");
     // The Debug form names versions only.
     assert_eq!(format!("{ring:?}"), r#"Keyring { kek_ids: ["local-1", "local-2"] }"#);
@@ -722,8 +722,8 @@ fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
     );
 }
 
-#[test]
-fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
+#[tokio::test]
+async fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
     let dir = TempDir::new().unwrap();
     local::ensure_kek(dir.path()).unwrap();
     let old = local::load_sealer(dir.path())
@@ -734,7 +734,7 @@ fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
     let ring = local::load_keyring(dir.path()).unwrap();
     let mut scratch = [0u8; 256];
 
-    let moved = ring.rewrap(&BINDING, &old, "local-2", &mut scratch).unwrap();
+    let moved = ring.rewrap(&BINDING, &old, "local-2", &mut scratch).await.unwrap();
     assert!(scratch.iter().all(|&b| b == 0), "scratch is wiped");
     assert_eq!(moved.kek_id().unwrap(), "local-2");
     assert_ne!(moved.as_bytes(), old.as_bytes());
@@ -747,22 +747,22 @@ fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
     };
     assert!(matches!(opener2.open(&other, &moved), Err(CryptoError::OpenFailed)));
     assert!(matches!(
-        ring.rewrap(&other, &old, "local-2", &mut scratch),
+        ring.rewrap(&other, &old, "local-2", &mut scratch).await,
         Err(CryptoError::OpenFailed)
     ));
     assert!(scratch.iter().all(|&b| b == 0), "scratch is wiped after a failure too");
     // Already under the target: the same blob comes back.
-    let again = ring.rewrap(&BINDING, &moved, "local-2", &mut scratch).unwrap();
+    let again = ring.rewrap(&BINDING, &moved, "local-2", &mut scratch).await.unwrap();
     assert_eq!(again.as_bytes(), moved.as_bytes());
     // A target the ring does not hold is refused.
     assert!(matches!(
-        ring.rewrap(&BINDING, &old, "local-7", &mut scratch),
+        ring.rewrap(&BINDING, &old, "local-7", &mut scratch).await,
         Err(CryptoError::KekUnavailable { .. })
     ));
 }
 
-#[test]
-fn retire_refuses_the_primary_then_destroys_the_version_for_good() {
+#[tokio::test]
+async fn retire_refuses_the_primary_then_destroys_the_version_for_good() {
     let dir = TempDir::new().unwrap();
     local::ensure_kek(dir.path()).unwrap();
     let old = local::load_sealer(dir.path())
@@ -783,7 +783,7 @@ fn retire_refuses_the_primary_then_destroys_the_version_for_good() {
     let ring = local::load_keyring(dir.path()).unwrap();
     let mut out = [0u8; 64];
     assert!(matches!(
-        ring.open_into(&BINDING, &old, &mut out),
+        ring.open_into(&BINDING, &old, &mut out).await,
         Err(CryptoError::KekUnavailable { kek_id }) if kek_id == "local-1"
     ));
     assert!(local::load_opener_version(dir.path(), 1).is_err());
@@ -952,8 +952,8 @@ mod pkcs11 {
 
     /// One function on purpose: the module is initialised once per process, and PKCS#11
     /// login state is per process (the gateway and the worker are separate processes).
-    #[test]
-    fn softhsm_round_trip_non_extractable_gateway_cannot_open_destroy() {
+    #[tokio::test]
+    async fn softhsm_round_trip_non_extractable_gateway_cannot_open_destroy() {
         if !softhsm() {
             return;
         }
@@ -1030,12 +1030,13 @@ mod pkcs11 {
         let mut scratch = [0u8; 256];
         let moved = ring
             .rewrap(&BINDING, &local_blob, "pkcs11-keyward-kek-1", &mut scratch)
+            .await
             .unwrap();
         assert_eq!(&moved.as_bytes()[..4], b"KWB\x02");
-        let n = ring.open_into(&BINDING, &moved, &mut out).unwrap();
+        let n = ring.open_into(&BINDING, &moved, &mut out).await.unwrap();
         assert_eq!(&out[..n], b"sk-local");
-        let back = ring.rewrap(&BINDING, &blob, "local-1", &mut scratch).unwrap();
-        let n = ring.open_into(&BINDING, &back, &mut out).unwrap();
+        let back = ring.rewrap(&BINDING, &blob, "local-1", &mut scratch).await.unwrap();
+        let n = ring.open_into(&BINDING, &back, &mut out).await.unwrap();
         assert_eq!(&out[..n], b"sk-ant-hsm-123");
 
         // Retirement: the objects are destroyed; nothing opens the blob any more.
@@ -1234,19 +1235,13 @@ mod awskms {
         )
         .unwrap();
         let mut scratch = [0u8; 256];
-        let moved = ring
-            .rewrap_async(&BINDING, &blob, "awskms-2", &mut scratch)
-            .await
-            .unwrap();
+        let moved = ring.rewrap(&BINDING, &blob, "awskms-2", &mut scratch).await.unwrap();
         assert!(scratch.iter().all(|&b| b == 0));
         let mut out = [0u8; 64];
-        let n = ring.open_into_async(&BINDING, &moved, &mut out).await.unwrap();
+        let n = ring.open_into(&BINDING, &moved, &mut out).await.unwrap();
         assert_eq!(&out[..n], b"sk-proj-kms-v1");
-        // The synchronous path refuses KMS plainly instead of blocking.
-        assert!(matches!(
-            ring.open_into(&BINDING, &moved, &mut out),
-            Err(CryptoError::Backend { .. })
-        ));
+        // (There is no synchronous path to refuse KMS on any more: a keyring only opens
+        // asynchronously, whatever its backends.)
 
         assert!(
             awskms::retire(&c, &creds(), 2).await.is_err(),

@@ -65,7 +65,7 @@ async fn check_now(state: &AppState) -> KekReady {
         provider: CANARY_PROVIDER,
         key_id: CANARY_KEY_ID,
     };
-    let blob = match sealer.seal_async(&binding, canary.as_ref()).await {
+    let blob = match sealer.seal(&binding, canary.as_ref()).await {
         Ok(blob) => blob,
         Err(e @ CryptoError::Backend { .. }) => return report("unavailable", Some(format!("sealing: {e}"))),
         Err(e) => return report("failing", Some(format!("sealing: {e}"))),
