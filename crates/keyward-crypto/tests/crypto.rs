@@ -870,69 +870,17 @@ mod pkcs11 {
     use keyward_crypto::pkcs11::{self, Pkcs11Config, Pkcs11Kek};
     use std::time::Instant;
 
-    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-    /// SoftHSM2 present, or a skip line (a failure under KEYWARD_TEST_REQUIRE_ALL=1).
-    fn softhsm() -> bool {
-        if Path::new(MODULE).exists() && which("softhsm2-util") {
-            return true;
-        }
-        keyward_testenv::skip(keyward_testenv::reasons::SOFTHSM);
-        false
-    }
-
-    fn which(bin: &str) -> bool {
-        std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {bin}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-
-    /// A fresh SoftHSM2 token in a temp dir, initialised by softhsm2-util (its own process,
-    /// so this process's module is initialised once, by the code under test).
-    fn token(dir: &Path) -> Pkcs11Config {
-        let tokens = dir.join("tokens");
-        fs::create_dir_all(&tokens).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
+    /// A fresh SoftHSM2 token in a temp dir (keyward-testenv), or `None` when SoftHSM2 is
+    /// missing (a skip line; a failure under KEYWARD_TEST_REQUIRE_ALL=1). Only one test
+    /// function (this crate's only PKCS#11 user here) makes one: the module reads
+    /// `SOFTHSM2_CONF` once per process.
+    fn token(dir: &Path) -> Option<Pkcs11Config> {
+        let token = keyward_testenv::softhsm::token(dir, "keyward")?;
+        Some(
+            Pkcs11Config::parse(&token.kek("keyward-kek"))
+                .unwrap()
+                .with_data_dir(dir.join("data")),
         )
-        .unwrap();
-        // Read by the module when the code under test loads it; only one test function
-        // (this crate's only PKCS#11 user) sets it.
-        std::env::set_var("SOFTHSM2_CONF", &conf);
-        let out = std::process::Command::new("softhsm2-util")
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                "keyward",
-                "--so-pin",
-                "1234",
-                "--pin",
-                "5678",
-            ])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "softhsm2-util: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pin_file = dir.join("pin");
-        fs::write(&pin_file, "5678\n").unwrap();
-        set_mode(&pin_file, 0o600);
-        Pkcs11Config::parse(&format!(
-            "pkcs11:module={MODULE};token=keyward;key-label=keyward-kek;pin-file={}",
-            pin_file.display()
-        ))
-        .unwrap()
-        .with_data_dir(dir.join("data"))
     }
 
     #[test]
@@ -954,11 +902,8 @@ mod pkcs11 {
     /// login state is per process (the gateway and the worker are separate processes).
     #[tokio::test]
     async fn softhsm_round_trip_non_extractable_gateway_cannot_open_destroy() {
-        if !softhsm() {
-            return;
-        }
         let dir = TempDir::new().unwrap();
-        let config = token(dir.path());
+        let Some(config) = token(dir.path()) else { return };
         let kek = Pkcs11Kek::connect(&config).unwrap();
         assert_eq!(kek.generate(1).unwrap(), "pkcs11-keyward-kek-1");
         assert!(kek.generate(1).is_err(), "a version is generated once");
@@ -1058,56 +1003,7 @@ mod awskms {
     use secrecy::SecretString;
     use std::time::{Duration, Instant};
 
-    /// `python3 -m moto.server` on a free loopback port, killed on drop.
-    struct Moto {
-        child: std::process::Child,
-        url: String,
-    }
-
-    impl Drop for Moto {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    /// The Python with moto: `KEYWARD_TEST_MOTO_PYTHON` (CI: a virtualenv), else `python3`.
-    fn python() -> String {
-        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
-        std::env::var("KEYWARD_TEST_MOTO_PYTHON").unwrap_or_else(|_| "python3".to_owned())
-    }
-
-    fn moto() -> Option<Moto> {
-        let present = std::process::Command::new(python())
-            .args(["-c", "import moto.server, flask"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !present {
-            keyward_testenv::skip(keyward_testenv::reasons::MOTO);
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(python())
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let moto = Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start on port {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Some(moto)
-    }
+    use keyward_testenv::moto::start as moto;
 
     fn config(url: &str, key_id: &str) -> AwsKmsConfig {
         AwsKmsConfig::parse(&format!("awskms:key-id={key_id};region=eu-west-1;endpoint={url}")).unwrap()
