@@ -6,7 +6,7 @@
 //! key, with the binding (account, provider, key row) as the **encryption context**; each
 //! open calls `Decrypt` with the **explicit key id** and the same context, so KMS itself
 //! refuses a blob moved to another row or wrapped under another key. Blob format version 3:
-//! the shared wrapped-DEK layout (see `wrapped.rs`).
+//! the shared wrapped-DEK layout (`wrapped.rs`; the table is in `header.rs`).
 //!
 //! # Credentials
 //! Never in argv or an environment variable: each side reads its own file (mode 0600
@@ -50,7 +50,7 @@ use crate::wrapped;
 use crate::{Binding, CryptoError, SealedKey};
 
 /// The blob format version of KMS-sealed keys.
-pub const BLOB_VERSION_AWSKMS: u8 = 3;
+pub const BLOB_VERSION_AWSKMS: u8 = wrapped::VERSION_AWSKMS;
 
 /// The longest any one KMS call may take (connecting included), after which it is a
 /// [`CryptoError::Backend`] error.

@@ -45,6 +45,15 @@ pub enum CryptoError {
         reason: String,
     },
 
+    /// `KEYWARD_KEK` names a backend this build does not have.
+    #[error("unknown backend {name:?}: this build supports {supported}")]
+    UnknownKekBackend {
+        /// What the value names (the part before any `:`).
+        name: String,
+        /// The forms this build accepts, quoted (`"local", "pkcs11:…"`).
+        supported: String,
+    },
+
     /// Authentication failed: wrong binding (account, provider, key id), wrong key, or a
     /// tampered blob. No detail on purpose.
     #[error("sealed key blob failed to open (wrong binding, wrong key or tampered data)")]

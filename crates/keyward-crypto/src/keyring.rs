@@ -1,9 +1,16 @@
-//! [`Keyring`]: the worker's set of KEK versions, one [`Opener`] per live version.
+//! One KEK version's handles, whichever backend holds it, and the worker's [`Keyring`].
 //!
-//! A blob names the KEK id it was sealed to (`local-1`, `local-2`, …); the keyring picks the
-//! opener by that id and answers [`CryptoError::KekUnavailable`] when it holds no such
-//! version (retired, or never installed on this node). The gateway never holds a keyring:
-//! it holds one [`crate::Sealer`] for the primary version.
+//! - [`KekSealer`]: the seal-only half of one version: all the gateway holds (a local
+//!   public key, a token's public key through a session that never logs in, KMS with the
+//!   gateway's encrypt-only credentials).
+//! - [`KekOpener`]: the opening half of one version. Only the worker holds one, inside a
+//!   [`Keyring`] (every live version; picks the opener by the kek id a blob names and
+//!   answers [`CryptoError::KekUnavailable`] for a version it does not hold: retired, or
+//!   never installed on this node).
+//!
+//! Sealing and opening are `async` for every backend, once: KMS is awaited, the local and
+//! PKCS#11 backends are called inline (a local seal is microseconds; a token operation is
+//! what the call is waiting for anyway). There is no synchronous twin to misuse with KMS.
 //!
 //! # Re-wrapping
 //! [`Keyring::rewrap`] moves a blob to another version the keyring holds. Blob format v1
@@ -29,8 +36,7 @@ pub enum KekOpener {
     /// A logged-in PKCS#11 session on a token's private key.
     #[cfg(feature = "pkcs11")]
     Pkcs11(crate::pkcs11::Pkcs11Opener),
-    /// A KMS key, used with the worker's credentials (asynchronous: see
-    /// [`Keyring::open_into_async`]).
+    /// A KMS key, used with the worker's credentials.
     #[cfg(feature = "awskms")]
     AwsKms(crate::awskms::AwsKmsKek),
 }
@@ -47,61 +53,30 @@ impl KekOpener {
         }
     }
 
-    fn open_into(&self, binding: &Binding, blob: &SealedKey, out: &mut [u8]) -> Result<usize, CryptoError> {
+    async fn open_into(&self, binding: &Binding<'_>, blob: &SealedKey, out: &mut [u8]) -> Result<usize, CryptoError> {
         match self {
             KekOpener::Local(o) => o.open_into(binding, blob, out),
             #[cfg(feature = "pkcs11")]
             KekOpener::Pkcs11(o) => o.open_into(binding, blob, out),
             #[cfg(feature = "awskms")]
-            KekOpener::AwsKms(_) => Err(async_only()),
+            KekOpener::AwsKms(o) => o.open_into(binding, blob, out).await,
         }
-    }
-
-    /// [`KekOpener::open_into`] for every backend: the synchronous ones inline, KMS awaited.
-    async fn open_into_async(
-        &self,
-        binding: &Binding<'_>,
-        blob: &SealedKey,
-        out: &mut [u8],
-    ) -> Result<usize, CryptoError> {
-        #[cfg(feature = "awskms")]
-        if let KekOpener::AwsKms(o) = self {
-            return o.open_into(binding, blob, out).await;
-        }
-        self.open_into(binding, blob, out)
     }
 
     /// Seals to this same version (what a re-wrap to it writes).
-    fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
+    async fn seal(&self, binding: &Binding<'_>, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
         match self {
             KekOpener::Local(o) => o.sealer().seal(binding, plaintext),
             #[cfg(feature = "pkcs11")]
             KekOpener::Pkcs11(o) => o.seal(binding, plaintext),
             #[cfg(feature = "awskms")]
-            KekOpener::AwsKms(_) => Err(async_only()),
+            KekOpener::AwsKms(o) => o.seal(binding, plaintext).await,
         }
-    }
-
-    async fn seal_async(&self, binding: &Binding<'_>, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
-        #[cfg(feature = "awskms")]
-        if let KekOpener::AwsKms(o) = self {
-            return o.seal(binding, plaintext).await;
-        }
-        self.seal(binding, plaintext)
     }
 }
 
-/// What a synchronous call answers for a backend that is only reachable asynchronously.
-#[cfg(feature = "awskms")]
-fn async_only() -> CryptoError {
-    CryptoError::Backend {
-        backend: "awskms",
-        reason: "KMS is called asynchronously: use the *_async form".to_owned(),
-    }
-}
-
-/// The seal-only half of the primary KEK version, whichever backend holds it: all the
-/// gateway has.
+/// The seal-only half of one KEK version, whichever backend holds it: all the gateway has.
+/// It has no way to open anything. Built by [`crate::KekBackend::sealer`].
 #[derive(Debug)]
 pub enum KekSealer {
     /// A local X25519 public key.
@@ -109,8 +84,7 @@ pub enum KekSealer {
     /// A PKCS#11 public key, used through a session that never logs in.
     #[cfg(feature = "pkcs11")]
     Pkcs11(crate::pkcs11::Pkcs11Sealer),
-    /// A KMS key, used with the gateway's (encrypt-only) credentials; asynchronous (see
-    /// [`KekSealer::seal_async`]).
+    /// A KMS key, used with the gateway's (encrypt-only) credentials.
     #[cfg(feature = "awskms")]
     AwsKms(crate::awskms::AwsKmsKek),
 }
@@ -131,34 +105,24 @@ impl KekSealer {
     /// names).
     pub fn backend(&self) -> &'static str {
         match self {
-            KekSealer::Local(_) => "local",
+            KekSealer::Local(_) => crate::spec::LOCAL,
             #[cfg(feature = "pkcs11")]
-            KekSealer::Pkcs11(_) => "pkcs11",
+            KekSealer::Pkcs11(_) => crate::spec::PKCS11,
             #[cfg(feature = "awskms")]
-            KekSealer::AwsKms(_) => "awskms",
+            KekSealer::AwsKms(_) => crate::spec::AWSKMS,
         }
     }
 
-    /// Seals `plaintext` for `binding` under a fresh DEK. Synchronous backends only: KMS
-    /// answers a backend error here (use [`KekSealer::seal_async`]).
-    pub fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
+    /// Seals `plaintext` for `binding` under a fresh DEK: local and PKCS#11 inline, KMS
+    /// awaited (one `Encrypt`, bounded by the KMS call timeout).
+    pub async fn seal(&self, binding: &Binding<'_>, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
         match self {
             KekSealer::Local(s) => s.seal(binding, plaintext),
             #[cfg(feature = "pkcs11")]
             KekSealer::Pkcs11(s) => s.seal(binding, plaintext),
             #[cfg(feature = "awskms")]
-            KekSealer::AwsKms(_) => Err(async_only()),
+            KekSealer::AwsKms(s) => s.seal(binding, plaintext).await,
         }
-    }
-
-    /// [`KekSealer::seal`] for every backend: local and PKCS#11 inline, KMS awaited (one
-    /// `Encrypt`, bounded by [`crate::awskms::CALL_TIMEOUT`] when the feature is on).
-    pub async fn seal_async(&self, binding: &Binding<'_>, plaintext: &[u8]) -> Result<SealedKey, CryptoError> {
-        #[cfg(feature = "awskms")]
-        if let KekSealer::AwsKms(s) = self {
-            return s.seal(binding, plaintext).await;
-        }
-        self.seal(binding, plaintext)
     }
 }
 
@@ -205,67 +169,23 @@ impl Keyring {
         self.opener(&kek_id).ok_or(CryptoError::KekUnavailable { kek_id })
     }
 
-    /// [`Opener::open_into`] with the opener of the blob's KEK version.
-    pub fn open_into(&self, binding: &Binding, blob: &SealedKey, out: &mut [u8]) -> Result<usize, CryptoError> {
-        self.opener_for(blob)?.open_into(binding, blob, out)
-    }
-
-    /// [`Keyring::open_into`] for every backend (KMS included: one `Decrypt`).
-    pub async fn open_into_async(
+    /// Opens `blob` into `out` with the opener of the version it names (see
+    /// [`Opener::open_into`]) and returns the plaintext's length.
+    pub async fn open_into(
         &self,
         binding: &Binding<'_>,
         blob: &SealedKey,
         out: &mut [u8],
     ) -> Result<usize, CryptoError> {
-        self.opener_for(blob)?.open_into_async(binding, blob, out).await
-    }
-
-    /// [`Keyring::rewrap`] for every backend (KMS included).
-    pub async fn rewrap_async(
-        &self,
-        binding: &Binding<'_>,
-        blob: &SealedKey,
-        target: &str,
-        scratch: &mut [u8],
-    ) -> Result<SealedKey, CryptoError> {
-        let to = self.opener(target).ok_or_else(|| CryptoError::KekUnavailable {
-            kek_id: target.to_owned(),
-        })?;
-        if blob.kek_id()? == target {
-            let result = to.open_into_async(binding, blob, scratch).await;
-            scratch.zeroize();
-            result?;
-            return Ok(blob.clone());
-        }
-        let result = self.rewrap_inner_async(binding, blob, to, scratch).await;
-        scratch.zeroize();
-        result
-    }
-
-    async fn rewrap_inner_async(
-        &self,
-        binding: &Binding<'_>,
-        blob: &SealedKey,
-        to: &KekOpener,
-        scratch: &mut [u8],
-    ) -> Result<SealedKey, CryptoError> {
-        let n = self.opener_for(blob)?.open_into_async(binding, blob, scratch).await?;
-        let (plaintext, check) = scratch.split_at_mut_checked(n).ok_or(CryptoError::Malformed)?;
-        let fresh = to.seal_async(binding, plaintext).await?;
-        let m = to.open_into_async(binding, &fresh, check).await?;
-        let same = m == n && check.get(..m).is_some_and(|c| c == &*plaintext);
-        if !same {
-            return Err(CryptoError::SealFailed);
-        }
-        Ok(fresh)
+        self.opener_for(blob)?.open_into(binding, blob, out).await
     }
 
     /// Re-seals `blob` (for the same `binding`) to KEK `target`, using `scratch` for the
     /// plaintext (wiped before returning, on success and failure). Answers the blob itself,
     /// unchanged, when it is already under `target`.
-    pub fn rewrap(
+    pub async fn rewrap(
         &self,
-        binding: &Binding,
+        binding: &Binding<'_>,
         blob: &SealedKey,
         target: &str,
         scratch: &mut [u8],
@@ -275,28 +195,28 @@ impl Keyring {
         })?;
         if blob.kek_id()? == target {
             // Still authenticate it: a re-wrap must never bless a blob that does not open.
-            let result = to.open_into(binding, blob, scratch);
+            let result = to.open_into(binding, blob, scratch).await;
             scratch.zeroize();
             result?;
             return Ok(blob.clone());
         }
-        let result = self.rewrap_inner(binding, blob, to, scratch);
+        let result = self.rewrap_inner(binding, blob, to, scratch).await;
         scratch.zeroize();
         result
     }
 
-    fn rewrap_inner(
+    async fn rewrap_inner(
         &self,
-        binding: &Binding,
+        binding: &Binding<'_>,
         blob: &SealedKey,
         to: &KekOpener,
         scratch: &mut [u8],
     ) -> Result<SealedKey, CryptoError> {
-        let n = self.opener_for(blob)?.open_into(binding, blob, scratch)?;
+        let n = self.opener_for(blob)?.open_into(binding, blob, scratch).await?;
         let (plaintext, check) = scratch.split_at_mut_checked(n).ok_or(CryptoError::Malformed)?;
-        let fresh = to.seal(binding, plaintext)?;
+        let fresh = to.seal(binding, plaintext).await?;
         // The new blob must open, under the target, to the very same bytes.
-        let m = to.open_into(binding, &fresh, check)?;
+        let m = to.open_into(binding, &fresh, check).await?;
         let same = m == n && check.get(..m).is_some_and(|c| c == &*plaintext);
         if !same {
             return Err(CryptoError::SealFailed);

@@ -31,9 +31,9 @@ use hpke::{Deserializable, Kem as _, Serializable};
 use rand_core::{OsRng, RngCore};
 use zeroize::Zeroizing;
 
-use crate::envelope::is_valid_kek_id;
 use crate::fsutil::{self, Created, FileKind};
-use crate::{CryptoError, Keyring, Opener, Sealer};
+use crate::header::is_valid_kek_id;
+use crate::{CryptoError, Keyring, Opener, SealedKey, Sealer};
 
 type Kem = hpke::kem::X25519HkdfSha256;
 type KemPublicKey = <Kem as hpke::Kem>::PublicKey;
@@ -274,6 +274,18 @@ pub fn load_keyring(data_dir: &Path) -> Result<Keyring, CryptoError> {
         .map(|&v| load_opener_version(data_dir, v))
         .collect::<Result<Vec<_>, _>>()?;
     Keyring::new(openers)
+}
+
+/// The opening half of the version `blob` names, for a tool or test that opens one blob
+/// synchronously with this node's files (the worker loads every version: [`load_keyring`]).
+/// A version whose private key is not here (retired, never installed, another backend's) is
+/// [`CryptoError::KekUnavailable`], as a keyring answers.
+pub fn load_opener_for(data_dir: &Path, blob: &SealedKey) -> Result<Opener, CryptoError> {
+    let wanted = blob.kek_id()?;
+    match state(data_dir)?.private.into_iter().find(|&v| kek_id(v) == wanted) {
+        Some(version) => load_opener_version(data_dir, version),
+        None => Err(CryptoError::KekUnavailable { kek_id: wanted }),
+    }
 }
 
 /// Creates version `highest + 1`. With `make_primary`, also makes it the primary version

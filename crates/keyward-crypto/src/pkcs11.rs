@@ -50,21 +50,10 @@
 //! version, and `/readyz` (seal a canary, have a worker open it) reports it.
 //!
 //! # Blob format, version 2 (PKCS#11)
-//! ```text
-//! offset   size   field
-//! 0        3      magic b"KWB"
-//! 3        1      version = 2
-//! 4        1      n = length of the kek id
-//! 5        n      kek id (e.g. "pkcs11-keyward-kek-1")
-//! 5+n      2      w = length of the wrapped DEK, big-endian
-//! 7+n      w      RSA-OAEP ciphertext of the 32-byte DEK
-//! 7+n+w    12     ChaCha20Poly1305 nonce
-//! 19+n+w   m+16   ChaCha20Poly1305 ciphertext + tag, aad = header (magic..kek id) || binding
-//! ```
-//! SoftHSM2 refuses an OAEP label, so the binding is authenticated by the data AEAD only
-//! (not by the DEK wrap as in v1): a blob moved to another row still fails to open.
-//!
-//! Not wired into `KEYWARD_KEK`, the gateway or the worker yet (see the README).
+//! The DEK as the token RSA-OAEP-encrypted it, in the wrapped-DEK layout of `wrapped.rs`
+//! (the table is in `header.rs`). SoftHSM2 refuses an OAEP label, so the binding is
+//! authenticated by the data AEAD only (not by the DEK wrap as in v1): a blob moved to
+//! another row still fails to open.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -80,8 +69,8 @@ use cryptoki::types::AuthPin;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::envelope::is_valid_kek_id;
 use crate::fsutil::{self, Created, FileKind};
+use crate::header::is_valid_kek_id;
 use crate::local::{self, KekLock};
 use crate::wrapped;
 use crate::{Binding, CryptoError, SealedKey, MAX_PLAINTEXT_LEN};

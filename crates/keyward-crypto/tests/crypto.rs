@@ -679,8 +679,8 @@ fn timing() {
 
 // ---- KEK versions: primary, keyring, re-wrap, retirement ---------------------------------
 
-#[test]
-fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
+#[tokio::test]
+async fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
     let dir = TempDir::new().unwrap();
     local::ensure_kek(dir.path()).unwrap();
     assert_eq!(local::primary_version(dir.path()).unwrap(), 1);
@@ -699,9 +699,9 @@ fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
     let ring = local::load_keyring(dir.path()).unwrap();
     assert_eq!(ring.kek_ids(), vec!["local-1", "local-2"]);
     let mut out = [0u8; 64];
-    let n = ring.open_into(&BINDING, &old, &mut out).unwrap();
+    let n = ring.open_into(&BINDING, &old, &mut out).await.unwrap();
     assert_eq!(&out[..n], b"sk-old");
-    let n = ring.open_into(&BINDING, &new, &mut out).unwrap();
+    let n = ring.open_into(&BINDING, &new, &mut out).await.unwrap();
     assert_eq!(&out[..n], b"sk-new");
     // The Debug form names versions only.
     assert_eq!(format!("{ring:?}"), r#"Keyring { kek_ids: ["local-1", "local-2"] }"#);
@@ -722,8 +722,8 @@ fn rotation_makes_a_new_primary_and_the_keyring_opens_every_live_version() {
     );
 }
 
-#[test]
-fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
+#[tokio::test]
+async fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
     let dir = TempDir::new().unwrap();
     local::ensure_kek(dir.path()).unwrap();
     let old = local::load_sealer(dir.path())
@@ -734,7 +734,7 @@ fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
     let ring = local::load_keyring(dir.path()).unwrap();
     let mut scratch = [0u8; 256];
 
-    let moved = ring.rewrap(&BINDING, &old, "local-2", &mut scratch).unwrap();
+    let moved = ring.rewrap(&BINDING, &old, "local-2", &mut scratch).await.unwrap();
     assert!(scratch.iter().all(|&b| b == 0), "scratch is wiped");
     assert_eq!(moved.kek_id().unwrap(), "local-2");
     assert_ne!(moved.as_bytes(), old.as_bytes());
@@ -747,22 +747,22 @@ fn rewrap_moves_a_blob_to_the_target_version_and_keeps_its_binding() {
     };
     assert!(matches!(opener2.open(&other, &moved), Err(CryptoError::OpenFailed)));
     assert!(matches!(
-        ring.rewrap(&other, &old, "local-2", &mut scratch),
+        ring.rewrap(&other, &old, "local-2", &mut scratch).await,
         Err(CryptoError::OpenFailed)
     ));
     assert!(scratch.iter().all(|&b| b == 0), "scratch is wiped after a failure too");
     // Already under the target: the same blob comes back.
-    let again = ring.rewrap(&BINDING, &moved, "local-2", &mut scratch).unwrap();
+    let again = ring.rewrap(&BINDING, &moved, "local-2", &mut scratch).await.unwrap();
     assert_eq!(again.as_bytes(), moved.as_bytes());
     // A target the ring does not hold is refused.
     assert!(matches!(
-        ring.rewrap(&BINDING, &old, "local-7", &mut scratch),
+        ring.rewrap(&BINDING, &old, "local-7", &mut scratch).await,
         Err(CryptoError::KekUnavailable { .. })
     ));
 }
 
-#[test]
-fn retire_refuses_the_primary_then_destroys_the_version_for_good() {
+#[tokio::test]
+async fn retire_refuses_the_primary_then_destroys_the_version_for_good() {
     let dir = TempDir::new().unwrap();
     local::ensure_kek(dir.path()).unwrap();
     let old = local::load_sealer(dir.path())
@@ -783,7 +783,7 @@ fn retire_refuses_the_primary_then_destroys_the_version_for_good() {
     let ring = local::load_keyring(dir.path()).unwrap();
     let mut out = [0u8; 64];
     assert!(matches!(
-        ring.open_into(&BINDING, &old, &mut out),
+        ring.open_into(&BINDING, &old, &mut out).await,
         Err(CryptoError::KekUnavailable { kek_id }) if kek_id == "local-1"
     ));
     assert!(local::load_opener_version(dir.path(), 1).is_err());
@@ -870,69 +870,17 @@ mod pkcs11 {
     use keyward_crypto::pkcs11::{self, Pkcs11Config, Pkcs11Kek};
     use std::time::Instant;
 
-    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-    /// SoftHSM2 present, or a skip line (a failure under KEYWARD_TEST_REQUIRE_ALL=1).
-    fn softhsm() -> bool {
-        if Path::new(MODULE).exists() && which("softhsm2-util") {
-            return true;
-        }
-        keyward_testenv::skip(keyward_testenv::reasons::SOFTHSM);
-        false
-    }
-
-    fn which(bin: &str) -> bool {
-        std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {bin}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-
-    /// A fresh SoftHSM2 token in a temp dir, initialised by softhsm2-util (its own process,
-    /// so this process's module is initialised once, by the code under test).
-    fn token(dir: &Path) -> Pkcs11Config {
-        let tokens = dir.join("tokens");
-        fs::create_dir_all(&tokens).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
+    /// A fresh SoftHSM2 token in a temp dir (keyward-testenv), or `None` when SoftHSM2 is
+    /// missing (a skip line; a failure under KEYWARD_TEST_REQUIRE_ALL=1). Only one test
+    /// function (this crate's only PKCS#11 user here) makes one: the module reads
+    /// `SOFTHSM2_CONF` once per process.
+    fn token(dir: &Path) -> Option<Pkcs11Config> {
+        let token = keyward_testenv::softhsm::token(dir, "keyward")?;
+        Some(
+            Pkcs11Config::parse(&token.kek("keyward-kek"))
+                .unwrap()
+                .with_data_dir(dir.join("data")),
         )
-        .unwrap();
-        // Read by the module when the code under test loads it; only one test function
-        // (this crate's only PKCS#11 user) sets it.
-        std::env::set_var("SOFTHSM2_CONF", &conf);
-        let out = std::process::Command::new("softhsm2-util")
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                "keyward",
-                "--so-pin",
-                "1234",
-                "--pin",
-                "5678",
-            ])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "softhsm2-util: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pin_file = dir.join("pin");
-        fs::write(&pin_file, "5678\n").unwrap();
-        set_mode(&pin_file, 0o600);
-        Pkcs11Config::parse(&format!(
-            "pkcs11:module={MODULE};token=keyward;key-label=keyward-kek;pin-file={}",
-            pin_file.display()
-        ))
-        .unwrap()
-        .with_data_dir(dir.join("data"))
     }
 
     #[test]
@@ -952,13 +900,10 @@ mod pkcs11 {
 
     /// One function on purpose: the module is initialised once per process, and PKCS#11
     /// login state is per process (the gateway and the worker are separate processes).
-    #[test]
-    fn softhsm_round_trip_non_extractable_gateway_cannot_open_destroy() {
-        if !softhsm() {
-            return;
-        }
+    #[tokio::test]
+    async fn softhsm_round_trip_non_extractable_gateway_cannot_open_destroy() {
         let dir = TempDir::new().unwrap();
-        let config = token(dir.path());
+        let Some(config) = token(dir.path()) else { return };
         let kek = Pkcs11Kek::connect(&config).unwrap();
         assert_eq!(kek.generate(1).unwrap(), "pkcs11-keyward-kek-1");
         assert!(kek.generate(1).is_err(), "a version is generated once");
@@ -1030,12 +975,13 @@ mod pkcs11 {
         let mut scratch = [0u8; 256];
         let moved = ring
             .rewrap(&BINDING, &local_blob, "pkcs11-keyward-kek-1", &mut scratch)
+            .await
             .unwrap();
         assert_eq!(&moved.as_bytes()[..4], b"KWB\x02");
-        let n = ring.open_into(&BINDING, &moved, &mut out).unwrap();
+        let n = ring.open_into(&BINDING, &moved, &mut out).await.unwrap();
         assert_eq!(&out[..n], b"sk-local");
-        let back = ring.rewrap(&BINDING, &blob, "local-1", &mut scratch).unwrap();
-        let n = ring.open_into(&BINDING, &back, &mut out).unwrap();
+        let back = ring.rewrap(&BINDING, &blob, "local-1", &mut scratch).await.unwrap();
+        let n = ring.open_into(&BINDING, &back, &mut out).await.unwrap();
         assert_eq!(&out[..n], b"sk-ant-hsm-123");
 
         // Retirement: the objects are destroyed; nothing opens the blob any more.
@@ -1057,56 +1003,7 @@ mod awskms {
     use secrecy::SecretString;
     use std::time::{Duration, Instant};
 
-    /// `python3 -m moto.server` on a free loopback port, killed on drop.
-    struct Moto {
-        child: std::process::Child,
-        url: String,
-    }
-
-    impl Drop for Moto {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    /// The Python with moto: `KEYWARD_TEST_MOTO_PYTHON` (CI: a virtualenv), else `python3`.
-    fn python() -> String {
-        #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
-        std::env::var("KEYWARD_TEST_MOTO_PYTHON").unwrap_or_else(|_| "python3".to_owned())
-    }
-
-    fn moto() -> Option<Moto> {
-        let present = std::process::Command::new(python())
-            .args(["-c", "import moto.server, flask"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !present {
-            keyward_testenv::skip(keyward_testenv::reasons::MOTO);
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(python())
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let moto = Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start on port {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Some(moto)
-    }
+    use keyward_testenv::moto::start as moto;
 
     fn config(url: &str, key_id: &str) -> AwsKmsConfig {
         AwsKmsConfig::parse(&format!("awskms:key-id={key_id};region=eu-west-1;endpoint={url}")).unwrap()
@@ -1234,19 +1131,13 @@ mod awskms {
         )
         .unwrap();
         let mut scratch = [0u8; 256];
-        let moved = ring
-            .rewrap_async(&BINDING, &blob, "awskms-2", &mut scratch)
-            .await
-            .unwrap();
+        let moved = ring.rewrap(&BINDING, &blob, "awskms-2", &mut scratch).await.unwrap();
         assert!(scratch.iter().all(|&b| b == 0));
         let mut out = [0u8; 64];
-        let n = ring.open_into_async(&BINDING, &moved, &mut out).await.unwrap();
+        let n = ring.open_into(&BINDING, &moved, &mut out).await.unwrap();
         assert_eq!(&out[..n], b"sk-proj-kms-v1");
-        // The synchronous path refuses KMS plainly instead of blocking.
-        assert!(matches!(
-            ring.open_into(&BINDING, &moved, &mut out),
-            Err(CryptoError::Backend { .. })
-        ));
+        // (There is no synchronous path to refuse KMS on any more: a keyring only opens
+        // asynchronously, whatever its backends.)
 
         assert!(
             awskms::retire(&c, &creds(), 2).await.is_err(),

@@ -135,7 +135,7 @@ pub async fn set_shared_key(
         key_id: key_id.as_str(),
     };
     let sealed = sealer
-        .seal_async(&binding, key.expose_secret().as_bytes())
+        .seal(&binding, key.expose_secret().as_bytes())
         .await
         .map_err(bad)?;
     let last4 = key.last4().clone();

@@ -75,44 +75,6 @@ impl LogFormat {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KekConfig {
-    /// An X25519 key pair in `<data_dir>/kek/`.
-    Local,
-    /// An RSA key pair in a PKCS#11 token (`pkcs11:module=…;token=…;key-label=…;pin-file=…`).
-    #[cfg(feature = "pkcs11")]
-    Pkcs11(Box<keyward_crypto::pkcs11::Pkcs11Config>),
-    /// Symmetric keys in AWS KMS (`awskms:key-id=…;region=…[;endpoint=…]`, plus each side's
-    /// credentials file).
-    #[cfg(feature = "awskms")]
-    AwsKms(Box<keyward_crypto::awskms::AwsKmsConfig>),
-}
-
-impl KekConfig {
-    /// The name of this backend.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            KekConfig::Local => "local",
-            #[cfg(feature = "pkcs11")]
-            KekConfig::Pkcs11(_) => "pkcs11",
-            #[cfg(feature = "awskms")]
-            KekConfig::AwsKms(_) => "awskms",
-        }
-    }
-
-    /// The whole `KEYWARD_KEK` value (what the worker is given).
-    pub fn env_value(&self) -> String {
-        match self {
-            KekConfig::Local => "local".to_owned(),
-            #[cfg(feature = "pkcs11")]
-            KekConfig::Pkcs11(c) => c.to_kek_value(),
-            // Without the gateway's credentials file.
-            #[cfg(feature = "awskms")]
-            KekConfig::AwsKms(c) => c.worker_kek_value(),
-        }
-    }
-}
-
 /// Which database backend a [`DatabaseUrl`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatabaseBackend {
@@ -199,7 +161,8 @@ pub struct Config {
     /// PostgreSQL: the longest to wait for a connection (a new one, or a free one).
     pub database_connect_timeout_ms: u32,
     pub listen: SocketAddr,
-    pub kek: KekConfig,
+    /// `KEYWARD_KEK`, parsed by keyward-crypto (which alone tells the backends apart).
+    pub kek: keyward_crypto::KekSpec,
     pub workers: u16,
     pub anthropic_base_url: String,
     pub openai_base_url: String,
@@ -290,48 +253,12 @@ impl Config {
             var: "KEYWARD_LISTEN",
             reason: format!("expected IP:PORT such as 127.0.0.1:8080, got {listen:?}"),
         })?;
-        let kek = match get("KEYWARD_KEK").unwrap_or("local") {
-            "local" => KekConfig::Local,
-            #[cfg(feature = "pkcs11")]
-            // The data directory keeps each version's pin and the kek lock (see the module
-            // doc of keyward_crypto::pkcs11).
-            value if value.starts_with("pkcs11:") => KekConfig::Pkcs11(Box::new(
-                keyward_crypto::pkcs11::Pkcs11Config::parse(value)
-                    .map_err(|e| ConfigError::Invalid {
-                        var: "KEYWARD_KEK",
-                        reason: e.to_string(),
-                    })?
-                    .with_data_dir(data_dir.clone()),
-            )),
-            #[cfg(feature = "awskms")]
-            value if value.starts_with("awskms:") => KekConfig::AwsKms(Box::new(
-                keyward_crypto::awskms::AwsKmsConfig::parse(value)
-                    .map_err(|e| ConfigError::Invalid {
-                        var: "KEYWARD_KEK",
-                        reason: e.to_string(),
-                    })?
-                    .with_data_dir(data_dir.clone()),
-            )),
-            other => {
-                let name = other.split(':').next().unwrap_or(other);
-                return Err(ConfigError::Invalid {
-                    var: "KEYWARD_KEK",
-                    reason: format!(
-                        "unknown backend {name:?}: this build supports \"local\"{}{}",
-                        if cfg!(feature = "pkcs11") {
-                            ", \"pkcs11:…\""
-                        } else {
-                            ""
-                        },
-                        if cfg!(feature = "awskms") {
-                            ", \"awskms:…\""
-                        } else {
-                            ""
-                        },
-                    ),
-                });
+        let kek = keyward_crypto::KekSpec::parse(get("KEYWARD_KEK").unwrap_or("local")).map_err(|e| {
+            ConfigError::Invalid {
+                var: "KEYWARD_KEK",
+                reason: e.to_string(),
             }
-        };
+        })?;
         let workers = parse_num::<u16>(get("KEYWARD_WORKERS"), "KEYWARD_WORKERS", 2, 1, 64)?;
         let max_body_bytes = parse_num::<usize>(
             get("KEYWARD_MAX_BODY_BYTES"),
@@ -544,18 +471,32 @@ mod tests {
         assert_eq!(c.sqlite_path(), Some(PathBuf::from("./keyward-data/keyward.db")));
     }
 
+    #[test]
+    fn kek_is_local_unless_set() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.kek, keyward_crypto::KekSpec::local());
+        assert_eq!(c.kek.backend(), "local");
+        let err = Config::load(None, env(&[("KEYWARD_KEK", "vault:x")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("KEYWARD_KEK: unknown backend \"vault\": this build supports \"local\""),
+            "{err}"
+        );
+    }
+
     #[cfg(feature = "awskms")]
     #[test]
     fn awskms_is_selectable_and_the_worker_is_not_told_the_gateways_credentials_file() {
         let value = "awskms:key-id=k1;region=eu-west-1;endpoint=http://127.0.0.1:4566;\
                      gateway-credentials-file=/etc/kw/gateway;worker-credentials-file=/etc/kw/worker";
         let c = Config::load(None, env(&[("KEYWARD_KEK", value), ("KEYWARD_DATA_DIR", "/srv/kw")])).unwrap();
-        let KekConfig::AwsKms(k) = &c.kek else {
-            panic!("{:?}", c.kek)
-        };
-        assert_eq!(k.data_dir.as_deref(), Some(std::path::Path::new("/srv/kw")));
-        assert_eq!(c.kek.as_str(), "awskms");
-        let worker = c.kek.env_value();
+        assert_eq!(c.kek.backend(), "awskms");
+        // The backend keeps its versions under KEYWARD_DATA_DIR.
+        assert_eq!(
+            crate::runtime::kek_backend(&c).data_dir(),
+            std::path::Path::new("/srv/kw")
+        );
+        let worker = c.kek.worker_value();
         assert!(worker.contains("worker-credentials-file=/etc/kw/worker"), "{worker}");
         assert!(!worker.contains("/etc/kw/gateway"), "{worker}");
         let bad = Config::load(None, env(&[("KEYWARD_KEK", "awskms:region=eu-west-1")])).unwrap_err();

@@ -2,6 +2,11 @@
 //! retirement while serving, and the `keyward kek` operations (status, rotate, promote,
 //! rewrap, retire).
 //!
+//! Every per-backend difference (local files, a PKCS#11 token, AWS KMS) is behind
+//! [`KekBackend`] (keyward-crypto), built from the configuration by
+//! [`crate::runtime::kek_backend`]; this module holds the parts that need the database, the
+//! workers or the log.
+//!
 //! # Who holds what
 //! - The gateway seals to the *primary* version with its public half only ([`SealerCell`]).
 //!   It lists `<data_dir>/kek/` and reads `kek/primary`; it never reads a private key file.
@@ -44,12 +49,12 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use keyward_core::{KeyBinding, KeyId, KeyOwner};
-use keyward_crypto::{local, CryptoError, KekSealer};
+use keyward_crypto::{local, CryptoError, KekBackend, KekSealer, VersionFact};
 use keyward_store::kek::{count_by_kek, kek_id_of, BlobCursor, KekStore};
 use keyward_store::{Store, StoreError};
 use keyward_worker_protocol::protocol::RewrapRequest;
 
-use crate::config::{Config, KekConfig};
+use crate::config::Config;
 use crate::workers::{SoloWorker, WorkerCommand, WorkerPool};
 
 /// What a `keyward kek` operation can fail with. Messages name versions, counts and paths,
@@ -115,153 +120,90 @@ pub async fn open_stores(config: &Config) -> Result<(Arc<dyn Store>, Arc<dyn Kek
 /// Rows per page when walking the sealed blobs.
 pub const PAGE: u32 = 500;
 
-/// The kek id of `version` under the configured backend.
-pub fn kek_id(config: &Config, version: u32) -> String {
-    match &config.kek {
-        KekConfig::Local => local::kek_id(version),
-        #[cfg(feature = "pkcs11")]
-        KekConfig::Pkcs11(c) => keyward_crypto::pkcs11::kek_id(&c.key_label, version),
-        #[cfg(feature = "awskms")]
-        KekConfig::AwsKms(_) => keyward_crypto::awskms::kek_id(version),
-    }
-}
-
-/// The primary version (`kek/primary`; local: 1 when absent).
-fn primary(config: &Config) -> Result<u32, KekError> {
-    match &config.kek {
-        KekConfig::Local => Ok(local::primary_version(&config.data_dir)?),
-        #[cfg(feature = "pkcs11")]
-        KekConfig::Pkcs11(_) => local::primary_file_version(&config.data_dir)?
-            .ok_or_else(|| KekError::Worker("no PKCS#11 KEK version yet: run `keyward kek rotate`".to_owned())),
-        #[cfg(feature = "awskms")]
-        KekConfig::AwsKms(c) => Ok(keyward_crypto::awskms::primary(c)?),
-    }
-}
-
 /// `keyward kek status`: versions, the primary, blobs per version, re-wrap progress.
-pub async fn status(config: &Config, kek: &dyn KekStore) -> Result<serde_json::Value, KekError> {
+pub async fn status(backend: &KekBackend, kek: &dyn KekStore) -> Result<serde_json::Value, KekError> {
     let counts = count_by_kek(kek, PAGE).await?;
-    let primary_version = primary(config)?;
-    let primary = kek_id(config, primary_version);
+    let primary_version = backend.primary()?;
+    let primary = backend.kek_id(primary_version);
     let total: u64 = counts.values().sum();
     let on_primary = counts.get(&primary).copied().unwrap_or(0);
     let mut out = serde_json::json!({
-        "backend": config.kek.as_str(),
+        "backend": backend.name(),
         "primary": primary,
         "blobs_by_kek": counts,
         "blobs_total": total,
         "blobs_on_primary": on_primary,
         "rewrap_remaining": total - on_primary,
     });
-    if matches!(config.kek, KekConfig::Local) {
-        let st = local::state(&config.data_dir)?;
-        let mut versions: Vec<u32> = st
-            .private
+    // A backend whose versions live elsewhere (PKCS#11: in the token) lists none.
+    if let Some(list) = backend.versions()? {
+        let listed: Vec<serde_json::Value> = list
+            .versions
             .iter()
-            .chain(&st.public)
-            .chain(&st.retired)
-            .copied()
-            .collect();
-        versions.sort_unstable();
-        versions.dedup();
-        let listed: Vec<serde_json::Value> = versions
-            .iter()
-            .map(|&v| {
-                let id = local::kek_id(v);
-                serde_json::json!({
-                    "kek_id": id,
-                    "version": v,
-                    "primary": v == st.primary,
-                    "private_key": st.private.contains(&v),
-                    "public_key": st.public.contains(&v),
-                    "retired": st.retired.contains(&v),
-                    "blobs": counts.get(&id).copied().unwrap_or(0),
-                })
-            })
-            .collect();
-        // Blobs naming a kek id with no files here (another backend, garbage).
-        let unknown: BTreeMap<&String, &u64> = counts
-            .iter()
-            .filter(|(id, _)| !versions.iter().any(|&v| &&local::kek_id(v) == id))
-            .collect();
-        out["versions"] = serde_json::json!(listed);
-        out["blobs_under_unknown_kek"] = serde_json::json!(unknown);
-    }
-    #[cfg(feature = "awskms")]
-    if let KekConfig::AwsKms(_) = &config.kek {
-        let listed: Vec<serde_json::Value> = keyward_crypto::awskms::versions(&config.data_dir)?
-            .into_iter()
             .map(|v| {
-                let id = keyward_crypto::awskms::kek_id(v.version);
-                serde_json::json!({
-                    "kek_id": id,
+                let mut entry = serde_json::json!({
+                    "kek_id": v.kek_id,
                     "version": v.version,
                     "primary": v.version == primary_version,
-                    "kms_key_id": v.key_id,
                     "retired": v.retired,
-                    "blobs": counts.get(&id).copied().unwrap_or(0),
-                })
+                    "blobs": counts.get(&v.kek_id).copied().unwrap_or(0),
+                });
+                for (name, fact) in &v.facts {
+                    entry[*name] = match fact {
+                        VersionFact::Flag(b) => serde_json::json!(b),
+                        VersionFact::Text(t) => serde_json::json!(t),
+                    };
+                }
+                entry
             })
             .collect();
+        if list.exhaustive {
+            // Blobs naming a kek id with no files here (another backend, garbage).
+            let unknown: BTreeMap<&String, &u64> = counts
+                .iter()
+                .filter(|(id, _)| !list.versions.iter().any(|v| &&v.kek_id == id))
+                .collect();
+            out["blobs_under_unknown_kek"] = serde_json::json!(unknown);
+        }
         out["versions"] = serde_json::json!(listed);
     }
     Ok(out)
 }
 
 /// `keyward kek rotate`: a new version; primary unless `staged`.
-pub async fn rotate(config: &Config, staged: bool) -> Result<serde_json::Value, KekError> {
-    let version = match &config.kek {
-        KekConfig::Local => local::rotate(&config.data_dir, !staged)?,
-        #[cfg(feature = "pkcs11")]
-        KekConfig::Pkcs11(c) => {
-            if staged {
-                return Err(KekError::Worker("--staged is for the local backend".to_owned()));
-            }
-            // Numbered, generated, pinned and made primary under the kek directory's lock.
-            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.rotate()?
-        }
-        #[cfg(feature = "awskms")]
-        KekConfig::AwsKms(c) => {
-            // A new key in KMS (the rotate credentials need kms:CreateKey), recorded in
-            // kek/awskms-N.keyid and (unless staged) made primary under the kek directory's lock.
-            let (version, key_id) = keyward_crypto::awskms::rotate(c, &c.admin_credentials()?, !staged).await?;
-            tracing::info!(target: "keyward::kek", kms_key_id = %key_id, version, "kek.kms_key_created");
-            version
-        }
-    };
-    let created = kek_id(config, version);
+pub async fn rotate(backend: &KekBackend, staged: bool) -> Result<serde_json::Value, KekError> {
+    if staged && !backend.supports_staged() {
+        return Err(KekError::Worker("--staged is for the local backend".to_owned()));
+    }
+    let rotated = backend.rotate(staged).await?;
+    if let Some(key_id) = &rotated.created_key_id {
+        tracing::info!(target: "keyward::kek", kms_key_id = %key_id, version = rotated.version, "kek.kms_key_created");
+    }
+    let created = backend.kek_id(rotated.version);
     tracing::info!(target: "keyward::kek", kek_id = %created, staged, "kek.rotated");
-    Ok(serde_json::json!({ "created": created, "primary": kek_id(config, primary(config)?) }))
+    Ok(serde_json::json!({ "created": created, "primary": backend.kek_id(backend.primary()?) }))
 }
 
 /// `keyward kek promote --version N`: makes a staged version primary.
-pub fn promote(config: &Config, version: u32) -> Result<serde_json::Value, KekError> {
-    match &config.kek {
-        KekConfig::Local => local::set_primary(&config.data_dir, version)?,
-        #[cfg(feature = "pkcs11")]
-        KekConfig::Pkcs11(c) => {
-            // Checks the public key against its pin and the private key in the token.
-            keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.promote(version)?;
-        }
-        #[cfg(feature = "awskms")]
-        KekConfig::AwsKms(c) => keyward_crypto::awskms::promote(c, version)?,
-    }
-    tracing::info!(target: "keyward::kek", kek_id = %kek_id(config, version), "kek.promoted");
-    Ok(serde_json::json!({ "primary": kek_id(config, version) }))
+pub fn promote(backend: &KekBackend, version: u32) -> Result<serde_json::Value, KekError> {
+    backend.promote(version)?;
+    tracing::info!(target: "keyward::kek", kek_id = %backend.kek_id(version), "kek.promoted");
+    Ok(serde_json::json!({ "primary": backend.kek_id(version) }))
 }
 
 /// `keyward kek retire --version N`: refuses the primary, any version a running gateway
 /// reported (within [`SEALER_LIVE`] before `now`) it may still seal to, and any version a
-/// saved key still uses; otherwise destroys it (local: see [`local::retire`]; PKCS#11: both
-/// objects are destroyed in the token).
+/// saved key still uses; otherwise destroys it ([`KekBackend::retire`]: local, the key file
+/// shredded; PKCS#11, both objects destroyed in the token; AWS KMS, the key disabled at once
+/// and its deletion scheduled).
 pub async fn retire(
-    config: &Config,
+    backend: &KekBackend,
     kek: &dyn KekStore,
     version: u32,
     now: keyward_core::UnixMillis,
 ) -> Result<serde_json::Value, KekError> {
-    let id = kek_id(config, version);
-    if version == primary(config)? {
+    let id = backend.kek_id(version);
+    if version == backend.primary()? {
         return Err(KekError::RetirePrimary { kek_id: id });
     }
     // First the gateways, then the blobs: a gateway names a new version only once every
@@ -288,18 +230,11 @@ pub async fn retire(
     if count > 0 {
         return Err(KekError::StillInUse { kek_id: id, count });
     }
-    let destroyed = match &config.kek {
-        KekConfig::Local => local::retire(&config.data_dir, version)?,
-        #[cfg(feature = "pkcs11")]
-        KekConfig::Pkcs11(c) => keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?.destroy(version)? > 0,
-        // Disabled in KMS at once, deletion scheduled (KMS deletes it after the pending window).
-        #[cfg(feature = "awskms")]
-        KekConfig::AwsKms(c) => {
-            let r = keyward_crypto::awskms::retire(c, &c.admin_credentials()?, version).await?;
-            tracing::info!(target: "keyward::kek", kek_id = %id, kms_key_id = ?r.key_id, deletion_date = ?r.deletion_date, "kek.kms_key_disabled_and_scheduled_for_deletion");
-            r.key_id.is_some()
-        }
-    };
+    let retired = backend.retire(version).await?;
+    if let Some(d) = &retired.scheduled_deletion {
+        tracing::info!(target: "keyward::kek", kek_id = %id, kms_key_id = ?d.key_id, deletion_date = ?d.deletion_date, "kek.kms_key_disabled_and_scheduled_for_deletion");
+    }
+    let destroyed = retired.destroyed;
     tracing::info!(target: "keyward::kek", kek_id = %id, destroyed, "kek.retired");
     Ok(serde_json::json!({ "retired": id, "destroyed": destroyed }))
 }
@@ -330,7 +265,7 @@ pub struct RewrapProgress {
 
 /// `keyward kek rewrap`: moves every blob to the primary version. See the module doc.
 pub async fn rewrap(
-    config: &Config,
+    backend: &KekBackend,
     store: &dyn Store,
     kek: &dyn KekStore,
     worker: &WorkerCommand,
@@ -338,7 +273,7 @@ pub async fn rewrap(
     mut progress: impl FnMut(&RewrapProgress),
 ) -> Result<RewrapProgress, KekError> {
     let started = Instant::now();
-    let target = kek_id(config, primary(config)?);
+    let target = backend.kek_id(backend.primary()?);
     let counts = count_by_kek(kek, PAGE).await?;
     let mut p = RewrapProgress {
         to_move: counts.iter().filter(|(id, _)| **id != target).map(|(_, n)| *n).sum(),
@@ -349,7 +284,7 @@ pub async fn rewrap(
         return Ok(p);
     }
     tracing::info!(target: "keyward::kek", kek_id = %target, to_move = p.to_move, "kek.rewrap_started");
-    let mut conn = SoloWorker::start(worker, &config.data_dir, "rewrap")
+    let mut conn = SoloWorker::start(worker, backend.data_dir(), "rewrap")
         .await
         .map_err(KekError::Worker)?;
     let mut after: Option<BlobCursor> = None;
@@ -516,8 +451,8 @@ impl BackgroundRewrap {
 
     /// Starts [`rewrap`] (a no-op when every blob is under the primary already), logging
     /// its progress after each page.
-    fn start(&self, config: &Config) -> AbortOnDrop {
-        let (this, config) = (self.clone(), config.clone());
+    fn start(&self, backend: &KekBackend) -> AbortOnDrop {
+        let (this, backend) = (self.clone(), backend.clone());
         AbortOnDrop(tokio::spawn(async move {
             let opts = RewrapOptions {
                 batch: Self::BATCH,
@@ -527,7 +462,7 @@ impl BackgroundRewrap {
                 tracing::info!(target: "keyward::kek", kek_id = %p.target, to_move = p.to_move, rewrapped = p.rewrapped, changed_meanwhile = p.changed_meanwhile, failed = p.failed, "kek.rewrap_progress");
             };
             match rewrap(
-                &config,
+                &backend,
                 this.store.as_ref(),
                 this.kek.as_ref(),
                 &this.worker,
@@ -561,12 +496,12 @@ pub async fn watch(
     reporter: Arc<tokio::sync::Mutex<SealerReporter>>,
     rewrap: Option<BackgroundRewrap>,
 ) {
-    let data_dir = config.data_dir.clone();
-    let mut rewrapping = rewrap.as_ref().map(|r| r.start(&config));
+    let backend = crate::runtime::kek_backend(&config);
+    let mut rewrapping = rewrap.as_ref().map(|r| r.start(&backend));
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
         reporter.lock().await.tick(&sealer).await;
-        let now = match local::state(&data_dir) {
+        let now = match backend.observe() {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(target: "keyward::kek", error = %e, "cannot read the kek directory");
@@ -576,8 +511,7 @@ pub async fn watch(
         if seen.as_ref() == Some(&now) {
             continue;
         }
-        let local_files_missing = !now.private.contains(&now.primary) || !now.public.contains(&now.primary);
-        if matches!(config.kek, KekConfig::Local) && local_files_missing {
+        if !backend.can_seal_to(&now) {
             // Half-copied onto this node: wait for the files rather than restart workers
             // that could not start.
             tracing::warn!(target: "keyward::kek", primary = now.primary, "primary KEK files not all present yet");
@@ -595,7 +529,7 @@ pub async fn watch(
         if primary_changed {
             // The version read before the restart: every worker started after that read,
             // so each holds it, whatever a later rotation has written since.
-            match crate::runtime::load_sealer_version(&config, now.primary) {
+            match backend.sealer(now.primary).map_err(crate::RuntimeError::from) {
                 Ok(s) => {
                     tracing::info!(target: "keyward::kek", kek_id = %s.kek_id(), "sealing to the new primary KEK");
                     let old = sealer.set(s);
@@ -608,7 +542,7 @@ pub async fn watch(
                         // A re-wrap toward the previous primary stops; this one moves
                         // everything, those included.
                         drop(rewrapping.take());
-                        rewrapping = Some(r.start(&config));
+                        rewrapping = Some(r.start(&backend));
                     }
                 }
                 Err(e) => {

@@ -73,7 +73,7 @@ async fn check_now(engine: &Engine) -> KekReady {
         provider: canary_binding.provider.as_str(),
         key_id: canary_binding.key_id.as_str(),
     };
-    let blob = match sealer.seal_async(&binding, canary.as_ref()).await {
+    let blob = match sealer.seal(&binding, canary.as_ref()).await {
         Ok(blob) => blob,
         Err(e @ CryptoError::Backend { .. }) => return report("unavailable", Some(format!("sealing: {e}"))),
         Err(e) => return report("failing", Some(format!("sealing: {e}"))),

@@ -1,16 +1,17 @@
-//! Start-up shared by `serve` and the CLI: the data dir, the key files, the store.
+//! Start-up shared by `serve` and the CLI: the data dir, the key files, the KEK backend
+//! (built here from the configuration, [`kek_backend`]), the store.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyward_crypto::{local, AuditChainKey, CryptoError, KekSealer};
+use keyward_crypto::{AuditChainKey, CryptoError, KekBackend, KekSealer};
 use keyward_store::kek::KekStore;
 use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{PgStore, SqliteStore, Store, StoreError};
 
-use crate::config::{Config, DatabaseBackend, KekConfig};
+use crate::config::{Config, DatabaseBackend};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -38,8 +39,15 @@ impl From<StoreError> for RuntimeError {
     }
 }
 
-/// Creates the data dir (0700) and, on first use, the local KEK pair and the audit chain
-/// key inside it.
+/// The configured KEK backend on the configured data directory: how the gateway, the CLI
+/// and the worker reach it (every per-backend difference is inside keyward-crypto).
+pub fn kek_backend(config: &Config) -> KekBackend {
+    KekBackend::new(&config.kek, &config.data_dir)
+}
+
+/// Creates the data dir (0700), prepares the KEK backend in it (see
+/// [`KekBackend::prepare`]: on first use, the local KEK pair) and, on first use, the audit
+/// chain key.
 pub fn prepare_data_dir(config: &Config) -> Result<(), RuntimeError> {
     let dir = &config.data_dir;
     let err = |e: std::io::Error| RuntimeError::DataDir {
@@ -48,16 +56,7 @@ pub fn prepare_data_dir(config: &Config) -> Result<(), RuntimeError> {
     };
     std::fs::create_dir_all(dir).map_err(err)?;
     restrict_dir(dir).map_err(err)?;
-    match &config.kek {
-        KekConfig::Local => local::ensure_kek(dir)?,
-        // Versions live in the token; `keyward kek rotate` creates them (it needs the PIN,
-        // which `serve` never reads).
-        #[cfg(feature = "pkcs11")]
-        KekConfig::Pkcs11(_) => {}
-        // `key-id=` is version 1: recorded (with `primary`) on first start, checked after.
-        #[cfg(feature = "awskms")]
-        KekConfig::AwsKms(c) => keyward_crypto::awskms::bootstrap(c)?,
-    }
+    kek_backend(config).prepare()?;
     AuditChainKey::ensure(dir)?;
     Ok(())
 }
@@ -70,34 +69,8 @@ fn restrict_dir(dir: &Path) -> std::io::Result<()> {
 
 /// The seal-only half of the primary KEK version: all the gateway ever loads.
 pub fn load_sealer(config: &Config) -> Result<KekSealer, RuntimeError> {
-    let version = match &config.kek {
-        KekConfig::Local => local::primary_version(&config.data_dir)?,
-        #[cfg(feature = "pkcs11")]
-        KekConfig::Pkcs11(_) => local::primary_file_version(&config.data_dir)?.ok_or_else(|| {
-            RuntimeError::Other(
-                "KEYWARD_KEK=pkcs11: no KEK version yet; create one with `keyward kek rotate`".to_owned(),
-            )
-        })?,
-        #[cfg(feature = "awskms")]
-        KekConfig::AwsKms(c) => keyward_crypto::awskms::primary(c)?,
-    };
-    load_sealer_version(config, version)
-}
-
-/// The seal-only half of KEK `version` (the watcher loads the version its workers were
-/// restarted for, not whatever `kek/primary` says a moment later).
-pub fn load_sealer_version(config: &Config, version: u32) -> Result<KekSealer, RuntimeError> {
-    match &config.kek {
-        KekConfig::Local => Ok(KekSealer::Local(local::load_sealer_version(&config.data_dir, version)?)),
-        #[cfg(feature = "pkcs11")]
-        KekConfig::Pkcs11(c) => {
-            let kek = keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?;
-            Ok(KekSealer::Pkcs11(kek.sealer(version)?))
-        }
-        // The gateway's credentials (encrypt-only) are read here; never the worker's.
-        #[cfg(feature = "awskms")]
-        KekConfig::AwsKms(c) => Ok(KekSealer::AwsKms(keyward_crypto::awskms::sealer(c, version)?)),
-    }
+    let kek = kek_backend(config);
+    Ok(kek.sealer(kek.primary()?)?)
 }
 
 /// Opens the database named by the configuration: the backend is chosen here, once, by the

@@ -94,7 +94,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     };
     prepare_data_dir(&config)?;
     // Read before the sealer and the workers: the watcher starts from what they loaded.
-    let kek_state = keyward_crypto::local::state(&config.data_dir).ok();
+    let kek_state = crate::runtime::kek_backend(&config).observe().ok();
     let sealer = Arc::new(crate::kek::SealerCell::new(load_sealer(&config)?));
     let (store, kek_store) = open_stores(&config).await?;
     let clock: SharedClock = Arc::new(SystemClock);

@@ -67,9 +67,10 @@ impl std::fmt::Debug for WorkerCommand {
 impl WorkerCommand {
     /// The worker's settings, taken from the gateway's configuration.
     pub fn new(exe: PathBuf, config: &crate::config::Config) -> WorkerCommand {
-        let env = vec![
+        let mut env = vec![
             ("KEYWARD_DATA_DIR".to_owned(), config.data_dir.display().to_string()),
-            ("KEYWARD_KEK".to_owned(), config.kek.env_value()),
+            // Without what only the gateway may know (AWS KMS: its credentials file).
+            ("KEYWARD_KEK".to_owned(), config.kek.worker_value()),
             (
                 "KEYWARD_ANTHROPIC_BASE_URL".to_owned(),
                 config.anthropic_base_url.clone(),
@@ -84,13 +85,9 @@ impl WorkerCommand {
             ("KEYWARD_LOG".to_owned(), config.log.clone()),
             ("KEYWARD_LOG_FORMAT".to_owned(), config.log_format.as_str().to_owned()),
         ];
-        #[allow(unused_mut, reason = "only the pkcs11 feature adds to it")]
-        let mut env = env;
-        #[cfg(feature = "pkcs11")]
-        if let crate::config::KekConfig::Pkcs11(c) = &config.kek {
-            // The module's own setting (e.g. SOFTHSM2_CONF), named in KEYWARD_KEK.
-            env.extend(c.env.clone());
-        }
+        // What the backend's own library needs (PKCS#11: the module's setting, e.g.
+        // SOFTHSM2_CONF, named in KEYWARD_KEK).
+        env.extend(config.kek.worker_env());
         WorkerCommand { exe, env }
     }
 

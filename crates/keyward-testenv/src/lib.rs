@@ -7,6 +7,10 @@
 //! summary can count the skips per reason: the test harness itself reports a skipped test as
 //! "ok".
 //!
+//! It also starts the outside programs the KEK backend tests share, once for all of them:
+//! a SoftHSM2 token ([`softhsm`]) and moto's KMS server ([`moto`]). Each skips (with its
+//! reason, through [`skip`]) when its program is missing.
+//!
 //! Must never: be used to skip anything but a missing outside program.
 
 #![allow(
@@ -16,6 +20,9 @@
 )]
 
 use std::io::Write;
+
+pub mod moto;
+pub mod softhsm;
 
 /// Whether every outside program is required (`KEYWARD_TEST_REQUIRE_ALL=1`).
 pub fn required() -> bool {

@@ -79,20 +79,15 @@ pub fn open_blob(
     key_id: &str,
     sealed: &[u8],
 ) -> Result<Vec<u8>, String> {
-    let ring = keyward_crypto::local::load_keyring(data_dir).map_err(|e| format!("load keyring: {e}"))?;
+    let blob = keyward_crypto::SealedKey::from_bytes(sealed.to_vec());
+    let opener = keyward_crypto::local::load_opener_for(data_dir, &blob).map_err(|e| e.to_string())?;
     let binding = keyward_crypto::Binding {
         account_id,
         provider,
         key_id,
     };
     let mut out = vec![0u8; sealed.len()];
-    let n = ring
-        .open_into(
-            &binding,
-            &keyward_crypto::SealedKey::from_bytes(sealed.to_vec()),
-            &mut out,
-        )
-        .map_err(|e| e.to_string())?;
+    let n = opener.open_into(&binding, &blob, &mut out).map_err(|e| e.to_string())?;
     out.truncate(n);
     Ok(out)
 }

@@ -204,7 +204,7 @@ impl Worker {
         let blob = SealedKey::from_bytes(blob.to_vec());
         let mut delays = KEK_RETRY_DELAYS.iter();
         let n = loop {
-            match self.opener.open_into_async(&binding, &blob, page.page_mut()).await {
+            match self.opener.open_into(&binding, &blob, page.page_mut()).await {
                 Ok(n) => break n,
                 Err(e @ CryptoError::Backend { .. }) => match delays.next() {
                     Some(delay) => {

@@ -10,55 +10,19 @@ use std::path::Path;
 use keyward_crypto::pkcs11::{Pkcs11Config, Pkcs11Kek};
 use keyward_crypto::Binding;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const BINDING: Binding<'static> = Binding {
     account_id: "acc_1",
     provider: "openai",
     key_id: "key_1",
 };
 
+/// A fresh SoftHSM2 token (keyward-testenv) and its config, or `None` when SoftHSM2 is missing.
 fn token(dir: &Path) -> Option<Pkcs11Config> {
-    if !Path::new(MODULE).exists() {
-        keyward_testenv::skip(keyward_testenv::reasons::SOFTHSM);
-        return None;
-    }
-    let tokens = dir.join("tokens");
-    fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let out = std::process::Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "kw",
-            "--so-pin",
-            "1234",
-            "--pin",
-            "5678",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let pin = dir.join("pin");
-    fs::write(&pin, "5678").unwrap();
-    // A PIN file readable by group or others is refused.
-    fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let token = keyward_testenv::softhsm::token(dir, "kw")?;
     Some(
-        Pkcs11Config::parse(&format!(
-            "pkcs11:module={MODULE};token=kw;key-label=kek;pin-file={}",
-            pin.display()
-        ))
-        .unwrap()
-        .with_data_dir(dir.join("data")),
+        Pkcs11Config::parse(&token.kek("kek"))
+            .unwrap()
+            .with_data_dir(dir.join("data")),
     )
 }
 

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use keyward_core::{Catalogue, Provider};
 use keyward_fakes::{Behaviour, FakeProviders};
-use keyward_server::config::{DatabaseUrl, KekConfig};
+use keyward_server::config::DatabaseUrl;
 use keyward_server::runtime::{prepare_data_dir, RuntimeError};
 use keyward_server::serve::{serve_with, Ready, ServeExtras};
 use keyward_server::workers::WorkerCommand;
@@ -52,7 +52,7 @@ pub async fn run(mut config: Config, listen: SocketAddr, keep_data: bool) -> Res
     };
     // Whatever the environment says: embedded SQLite, the local KEK, the fakes.
     config.database_url = DatabaseUrl::sqlite_in(&config.data_dir);
-    config.kek = KekConfig::Local;
+    config.kek = keyward_crypto::KekSpec::local();
     config.listen = listen;
     let fake_url = fakes.base_url();
     config.anthropic_base_url.clone_from(&fake_url);

@@ -456,32 +456,32 @@ async fn run_kek(
     command: KekCommand,
 ) -> anyhow::Result<ExitCode> {
     use keyward_server::kek;
-    let with_credentials;
-    let config = match &command {
-        KekCommand::Rotate {
-            credentials_file: Some(path),
-            ..
-        }
-        | KekCommand::Retire {
-            credentials_file: Some(path),
-            ..
-        } => {
-            with_credentials = admin_credentials(config, path)?;
-            &with_credentials
-        }
-        _ => config,
-    };
+    let mut backend = keyward_server::runtime::kek_backend(config);
+    if let KekCommand::Rotate {
+        credentials_file: Some(path),
+        ..
+    }
+    | KekCommand::Retire {
+        credentials_file: Some(path),
+        ..
+    } = &command
+    {
+        // Only a backend that reads credentials of its own (AWS KMS) takes one.
+        backend = backend
+            .with_admin_credentials_file(path)
+            .context("--credentials-file is for KEYWARD_KEK=awskms:…")?;
+    }
     let out = match command {
-        KekCommand::Rotate { staged, .. } => kek::rotate(config, staged).await?,
-        KekCommand::Promote { version } => kek::promote(config, version)?,
+        KekCommand::Rotate { staged, .. } => kek::rotate(&backend, staged).await?,
+        KekCommand::Promote { version } => kek::promote(&backend, version)?,
         KekCommand::Status => {
             let (_, kek_store) = kek::open_stores(config).await?;
-            kek::status(config, kek_store.as_ref()).await?
+            kek::status(&backend, kek_store.as_ref()).await?
         }
         KekCommand::Retire { version, .. } => {
             let (_, kek_store) = kek::open_stores(config).await?;
             let now = keyward_server::clock::Clock::now(&keyward_server::clock::SystemClock);
-            kek::retire(config, kek_store.as_ref(), version, now).await?
+            kek::retire(&backend, kek_store.as_ref(), version, now).await?
         }
         KekCommand::Rewrap { batch, pause_ms } => {
             let (store, kek_store) = kek::open_stores(config).await?;
@@ -489,7 +489,7 @@ async fn run_kek(
                 batch,
                 pause: std::time::Duration::from_millis(pause_ms),
             };
-            let done = kek::rewrap(config, store.as_ref(), kek_store.as_ref(), worker, &opts, |p| {
+            let done = kek::rewrap(&backend, store.as_ref(), kek_store.as_ref(), worker, &opts, |p| {
                 let _ = print_json(&serde_json::json!({ "progress": p }));
             })
             .await?;
@@ -502,24 +502,6 @@ async fn run_kek(
     };
     print_json(&out)?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// `config` with `--credentials-file` as the credentials `keyward kek rotate` and `retire`
-/// use (AWS KMS only: no other backend reads one).
-fn admin_credentials(
-    config: &keyward_server::Config,
-    path: &std::path::Path,
-) -> anyhow::Result<keyward_server::Config> {
-    #[cfg(feature = "awskms")]
-    if let keyward_server::config::KekConfig::AwsKms(c) = &config.kek {
-        let mut c = c.clone();
-        c.admin_credentials_file = Some(path.to_path_buf());
-        let mut config = config.clone();
-        config.kek = keyward_server::config::KekConfig::AwsKms(c);
-        return Ok(config);
-    }
-    let _ = (config, path);
-    anyhow::bail!("--credentials-file is for KEYWARD_KEK=awskms:…")
 }
 
 /// `keyward worker`: load the KEK's opening half, then hand over to the sandboxed worker.
@@ -537,41 +519,10 @@ fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
         .worker_socket
         .clone()
         .context("KEYWARD_WORKER_SOCKET: the worker is started by `keyward serve`")?;
-    // Every live KEK version, read now: after the sandbox the data dir is out of reach, so a
-    // rotation or retirement reaches a worker when the gateway restarts it.
-    #[allow(unused_mut, reason = "only the pkcs11 backend adds to it")]
-    let mut extra_read_only = Vec::new();
-    let opener = match &config.kek {
-        keyward_server::config::KekConfig::Local => keyward_crypto::local::load_keyring(&config.data_dir)?,
-        #[cfg(feature = "pkcs11")]
-        keyward_server::config::KekConfig::Pkcs11(c) => {
-            // The module is loaded and logged in here, before the sandbox; it may keep
-            // reading its own state (`sandbox-read=`) afterwards, never writing.
-            extra_read_only.clone_from(&c.sandbox_read);
-            let kek = keyward_crypto::pkcs11::Pkcs11Kek::connect(c)?;
-            let primary = keyward_crypto::local::primary_file_version(&config.data_dir)?
-                .context("KEYWARD_KEK=pkcs11: no KEK version yet (run `keyward kek rotate`)")?;
-            let mut openers = Vec::new();
-            for version in 1..=primary {
-                match kek.opener(version) {
-                    Ok(o) => openers.push(keyward_crypto::KekOpener::Pkcs11(o)),
-                    // Retired (destroyed in the token).
-                    Err(keyward_crypto::CryptoError::KekUnavailable { .. }) if version != primary => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            keyward_crypto::Keyring::of(openers)?
-        }
-        // The worker's own credentials file is read here, before the sandbox; KMS is then
-        // reached over the network only (connect is allowed; CA roots are under /etc).
-        #[cfg(feature = "awskms")]
-        keyward_server::config::KekConfig::AwsKms(c) => keyward_crypto::Keyring::of(
-            keyward_crypto::awskms::openers(c)?
-                .into_iter()
-                .map(keyward_crypto::KekOpener::AwsKms)
-                .collect(),
-        )?,
-    };
+    // Every live KEK version, read now (the private halves, the PIN or the worker's own
+    // credentials): after the sandbox the data dir is out of reach, so a rotation or
+    // retirement reaches a worker when the gateway restarts it.
+    let keys = keyward_server::runtime::kek_backend(config).keyring()?;
     let worker_config = keyward_worker::WorkerConfig {
         socket,
         base_urls: vec![
@@ -581,8 +532,8 @@ fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
         ],
         connect_timeout: std::time::Duration::from_millis(u64::from(config.provider_connect_timeout_ms)),
         threads: usize::from(config.worker_threads),
-        extra_read_only,
+        extra_read_only: keys.sandbox_read,
     };
-    keyward_worker::run(worker_config, opener)?;
+    keyward_worker::run(worker_config, keys.keyring)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -2,8 +2,6 @@
 //! initialised once per process). Included with `mod support;`.
 #![allow(dead_code)]
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use cryptoki::mechanism::Mechanism;
@@ -11,58 +9,15 @@ use cryptoki::object::{Attribute, ObjectClass};
 use keyward_crypto::pkcs11::{Pkcs11Config, Pkcs11Kek};
 use keyward_crypto::CryptoError;
 
-pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-pub fn softhsm() -> bool {
-    let util = std::process::Command::new("sh")
-        .args(["-c", "command -v softhsm2-util"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if Path::new(MODULE).exists() && util {
-        return true;
-    }
-    keyward_testenv::skip(keyward_testenv::reasons::SOFTHSM);
-    false
-}
-
-/// A fresh token (label `keyward`, user PIN 5678) and a config using `<dir>/data`.
-pub fn token(dir: &Path) -> Pkcs11Config {
-    let tokens = dir.join("tokens");
-    fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
+/// A fresh SoftHSM2 token (label `keyward`, keyward-testenv's user PIN) and a config using
+/// `<dir>/data`; `None` when SoftHSM2 is missing (the test is skipped: return).
+pub fn token(dir: &Path) -> Option<Pkcs11Config> {
+    let token = keyward_testenv::softhsm::token(dir, "keyward")?;
+    Some(
+        Pkcs11Config::parse(&token.kek("kek"))
+            .unwrap()
+            .with_data_dir(dir.join("data")),
     )
-    .unwrap();
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let out = std::process::Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "keyward",
-            "--so-pin",
-            "1234",
-            "--pin",
-            "5678",
-        ])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let pin_file = dir.join("pin");
-    fs::write(&pin_file, "5678\n").unwrap();
-    fs::set_permissions(&pin_file, fs::Permissions::from_mode(0o600)).unwrap();
-    Pkcs11Config::parse(&format!(
-        "pkcs11:module={MODULE};token=keyward;key-label=kek;pin-file={}",
-        pin_file.display()
-    ))
-    .unwrap()
-    .with_data_dir(dir.join("data"))
 }
 
 /// An attacker with the PIN generates a pair and labels its halves as asked.

@@ -72,7 +72,7 @@ impl Engine {
         // version as one it seals to, so `kek retire` cannot destroy it under this save.
         let sealer = self.sealer.current();
         let sealed = sealer
-            .seal_async(&binding, key.expose_secret().as_bytes())
+            .seal(&binding, key.expose_secret().as_bytes())
             .await
             .map_err(|e| seal_error(&e))?;
         let new = NewKey {

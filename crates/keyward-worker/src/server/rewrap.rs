@@ -25,7 +25,7 @@ impl Worker {
         let blob = SealedKey::from_bytes(r.blob.clone());
         let answer = match self
             .opener
-            .rewrap_async(&binding, &blob, &r.target_kek_id, page.page_mut())
+            .rewrap(&binding, &blob, &r.target_kek_id, page.page_mut())
             .await
         {
             Ok(sealed) => FromWorker::Sealed(sealed.into_bytes()),

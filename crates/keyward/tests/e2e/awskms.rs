@@ -21,60 +21,9 @@ use crate::ai_support::*;
 use crate::common::*;
 use crate::kek::{all_blobs, backup_db, restore_db, versions, wait_log};
 
-// ---- moto --------------------------------------------------------------------------------
+// ---- moto (keyward-testenv) ---------------------------------------------------------------
 
-/// `python -m moto.server` on a free loopback port, killed on drop.
-struct Moto {
-    child: std::process::Child,
-    url: String,
-    port: u16,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The Python with moto: `KEYWARD_TEST_MOTO_PYTHON` (CI: a virtualenv), else `python3`.
-fn python() -> String {
-    #[allow(clippy::disallowed_methods, reason = "a test's own setting")]
-    std::env::var("KEYWARD_TEST_MOTO_PYTHON").unwrap_or_else(|_| "python3".to_owned())
-}
-
-fn moto() -> Option<Moto> {
-    let present = std::process::Command::new(python())
-        .args(["-c", "import moto.server, flask"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !present {
-        keyward_testenv::skip(keyward_testenv::reasons::MOTO);
-        return None;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new(python())
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let moto = Moto {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        port,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto did not start on port {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Some(moto)
-}
+use keyward_testenv::moto::start as moto;
 
 // ---- a switchable loopback proxy ---------------------------------------------------------
 

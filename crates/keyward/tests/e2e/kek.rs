@@ -355,54 +355,16 @@ async fn rewrap_throughput() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
     use keyward_crypto::pkcs11::{Pkcs11Config, Pkcs11Kek};
-    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-    if !std::path::Path::new(MODULE).exists() {
-        keyward_testenv::skip(keyward_testenv::reasons::SOFTHSM);
-        return;
-    }
     let hsm = tempfile::tempdir().unwrap();
-    let tokens = hsm.path().join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = hsm.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "kw",
-            "--so-pin",
-            "1234",
-            "--pin",
-            "5678",
-        ])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let pin = hsm.path().join("pin");
-    std::fs::write(&pin, "5678\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let kek = format!(
-        "pkcs11:module={MODULE};token=kw;key-label=kek;pin-file={};env=SOFTHSM2_CONF={};sandbox-read={}",
-        pin.display(),
-        conf.display(),
-        tokens.display()
-    );
+    let Some(token) = keyward_testenv::softhsm::token(hsm.path(), "kw") else {
+        return;
+    };
+    let (conf, tokens) = (token.conf.clone(), token.tokens.clone());
+    let kek = token.kek_for_workers("kek");
     // Version 1 before the first start (`serve` never holds the PIN, so it cannot make one).
     // Generated into a scratch data dir; its pin file (the public key's hash, without which
-    // the gateway refuses the version) is seeded into the real one with `primary`.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
+    // the gateway refuses the version) is seeded into the real one with `primary`. (The
+    // token set SOFTHSM2_CONF for this process's module.)
     let scratch = hsm.path().join("data");
     let first = Pkcs11Kek::connect(&Pkcs11Config::parse(&kek).unwrap().with_data_dir(&scratch)).unwrap();
     first.generate(1).unwrap();
