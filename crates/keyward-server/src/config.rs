@@ -1,67 +1,51 @@
-//! Configuration: one typed struct, read once at start-up.
+//! Configuration: one typed, nested struct ([`Config`]), read once at start-up.
 //!
-//! Sources, lowest to highest precedence: built-in defaults, a TOML file (`--config`;
-//! keys are the variable names without `KEYWARD_`, lower case, e.g. `listen = "…"`),
-//! then `KEYWARD_*` environment variables. A bad value is an error that names the
-//! variable; an unknown key in the file is an error too (a typo must not pass silently).
+//! Sources, lowest to highest precedence: built-in defaults, a TOML file (`--config`), then
+//! `KEYWARD_*` environment variables. Every setting is declared once, as a field below with
+//! its default and its check; its variable's name follows from where it sits: a top-level
+//! field `listen` is `KEYWARD_LISTEN`, field `pool_size` of section `database` is
+//! `KEYWARD_DATABASE_POOL_SIZE`. The file takes the same names without the prefix, lower
+//! case, either flat (`database_pool_size = 10`, as the variables) or in sections
+//! (`[database]` `pool_size = 10`). A bad value is an error that names the variable; an
+//! unknown key in the file is an error too (a typo must not pass silently).
+//!
+//! The worker's own settings (its socket, the gateway it answers) are not here: `serve`
+//! hands them to each worker it starts ([`WorkerProcess`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-/// Every setting, by its environment name. The file uses the same names, lower case,
-/// without the prefix.
-const KNOWN: &[&str] = &[
-    "KEYWARD_DATA_DIR",
-    "KEYWARD_DATABASE_URL",
-    "KEYWARD_DATABASE_POOL_SIZE",
-    "KEYWARD_DATABASE_STATEMENT_TIMEOUT_MS",
-    "KEYWARD_DATABASE_CONNECT_TIMEOUT_MS",
-    "KEYWARD_LISTEN",
-    "KEYWARD_KEK",
-    "KEYWARD_WORKERS",
-    "KEYWARD_ANTHROPIC_BASE_URL",
-    "KEYWARD_OPENAI_BASE_URL",
-    "KEYWARD_GOOGLE_BASE_URL",
-    "KEYWARD_LOG",
-    "KEYWARD_LOG_FORMAT",
-    "KEYWARD_TLS_CERT",
-    "KEYWARD_TLS_KEY",
-    "KEYWARD_MAX_BODY_BYTES",
-    "KEYWARD_MAX_AI_BODY_BYTES",
-    "KEYWARD_METRICS_LISTEN",
-    "KEYWARD_WORKER_PARENT",
-    "KEYWARD_PROVIDER_TIMEOUT_MS",
-    "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
-    "KEYWARD_WORKER_THREADS",
-    "KEYWARD_KEY_TESTS_PER_MINUTE",
-    "KEYWARD_CATALOGUE",
-    "KEYWARD_KEK_REWRAP",
-    // Internal: set by `serve` for each worker it starts.
-    "KEYWARD_WORKER_SOCKET",
-];
+use keyward_core::Provider;
+use keyward_crypto::KekSpec;
+use serde::de::{self, DeserializeOwned, Deserializer};
+use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{var}: {reason}")]
-    Invalid { var: &'static str, reason: String },
+    Invalid { var: String, reason: String },
     #[error("config file {path}: {reason}")]
     File { path: String, reason: String },
 }
 
 /// Who moves saved keys to a new primary KEK version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KekRewrap {
     /// `serve` does, in a worker of its own, after it switches to a new primary and at start
     /// when keys are left under older versions.
+    #[default]
     Background,
     /// Only `keyward kek rewrap` does.
     Manual,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    #[default]
     Text,
     Json,
 }
@@ -84,39 +68,46 @@ pub enum DatabaseBackend {
     Postgres,
 }
 
-/// A database URL, `sqlite://…`, `postgres://…` or `postgresql://…` (checked when the
-/// configuration is read). Its `Debug` hides any password.
+/// A database URL, parsed once: `sqlite://PATH` (or `sqlite:PATH`; a `?query` is ignored)
+/// becomes the file's path, `postgres://…` and `postgresql://…` stay as given for the driver.
+/// Its `Debug` hides any password.
 #[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseUrl(String);
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
 
 impl DatabaseUrl {
-    /// The embedded default: `sqlite://<data_dir>/keyward.db`.
+    /// The embedded default: `<data_dir>/keyward.db`.
     pub fn sqlite_in(data_dir: &Path) -> DatabaseUrl {
-        DatabaseUrl(format!("sqlite://{}", data_dir.join("keyward.db").display()))
+        DatabaseUrl::Sqlite(data_dir.join("keyward.db"))
     }
 
-    fn parse(raw: &str) -> Option<DatabaseUrl> {
-        let url = DatabaseUrl(raw.to_owned());
-        url.scheme_backend().map(|_| url)
-    }
-
-    fn scheme_backend(&self) -> Option<DatabaseBackend> {
-        if self.0.starts_with("sqlite:") {
-            Some(DatabaseBackend::Sqlite)
-        } else if self.0.starts_with("postgres://") || self.0.starts_with("postgresql://") {
-            Some(DatabaseBackend::Postgres)
-        } else {
-            None
+    /// `None` for anything but the three schemes (or an empty SQLite path).
+    pub fn parse(raw: &str) -> Option<DatabaseUrl> {
+        if let Some(rest) = raw.strip_prefix("sqlite:") {
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            let path = rest.split('?').next().unwrap_or(rest);
+            return (!path.is_empty()).then(|| DatabaseUrl::Sqlite(PathBuf::from(path)));
         }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
+        (raw.starts_with("postgres://") || raw.starts_with("postgresql://"))
+            .then(|| DatabaseUrl::Postgres(raw.to_owned()))
     }
 
     /// The backend, from the URL's scheme.
     pub fn backend(&self) -> DatabaseBackend {
-        self.scheme_backend().unwrap_or(DatabaseBackend::Sqlite)
+        match self {
+            DatabaseUrl::Sqlite(_) => DatabaseBackend::Sqlite,
+            DatabaseUrl::Postgres(_) => DatabaseBackend::Postgres,
+        }
+    }
+
+    /// The SQLite file, for a SQLite URL.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match self {
+            DatabaseUrl::Sqlite(p) => Some(p),
+            DatabaseUrl::Postgres(_) => None,
+        }
     }
 
     pub fn is_sqlite(&self) -> bool {
@@ -134,10 +125,11 @@ impl fmt::Debug for DatabaseUrl {
     /// unescaped `@`, `/` or `?`, comes before the last `@`, and query parameters (which may
     /// carry `password=`) are left out.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_sqlite() {
-            return write!(f, "DatabaseUrl({})", self.0);
-        }
-        let (scheme, rest) = self.0.split_once("://").unwrap_or(("", self.0.as_str()));
+        let url = match self {
+            DatabaseUrl::Sqlite(p) => return write!(f, "DatabaseUrl(sqlite://{})", p.display()),
+            DatabaseUrl::Postgres(url) => url,
+        };
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url.as_str()));
         let (hidden, host) = match rest.rsplit_once('@') {
             Some((_, host)) => ("…@", host),
             None => ("", rest),
@@ -150,305 +142,554 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Every setting of `serve` and the CLI (the struct's comments are the settings' docs; the
+/// README's table lists them).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The SQLite database, the local KEK, the audit-chain key, worker sockets.
+    #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
-    pub database_url: DatabaseUrl,
-    /// PostgreSQL: connections per node.
-    pub database_pool_size: u32,
-    /// PostgreSQL: the longest one statement may run (lock waits included).
-    pub database_statement_timeout_ms: u32,
-    /// PostgreSQL: the longest to wait for a connection (a new one, or a free one).
-    pub database_connect_timeout_ms: u32,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// The HTTP (or HTTPS) listener; port 0 picks a free one.
+    #[serde(default = "default_listen", deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// `KEYWARD_KEK`, parsed by keyward-crypto (which alone tells the backends apart).
-    pub kek: keyward_crypto::KekSpec,
-    pub workers: u16,
-    pub anthropic_base_url: String,
-    pub openai_base_url: String,
-    pub google_base_url: String,
-    pub log: String,
-    pub log_format: LogFormat,
+    #[serde(default, deserialize_with = "kek_spec")]
+    pub kek: KekSpec,
+    #[serde(default)]
     pub kek_rewrap: KekRewrap,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
+    /// Isolated worker processes.
+    #[serde(default = "default_workers", deserialize_with = "within::<_, u16, 1, 64>")]
+    pub workers: u16,
+    #[serde(default)]
+    pub worker: WorkerSettings,
+    #[serde(default)]
+    pub provider: ProviderSettings,
+    #[serde(default = "default_anthropic", deserialize_with = "base_url")]
+    pub anthropic_base_url: String,
+    #[serde(default = "default_openai", deserialize_with = "base_url")]
+    pub openai_base_url: String,
+    #[serde(default = "default_google", deserialize_with = "base_url")]
+    pub google_base_url: String,
+    /// The log filter (`tracing` `EnvFilter` syntax), to stderr.
+    #[serde(default = "default_log", deserialize_with = "text")]
+    pub log: String,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// The request body limit (`413 payload_too_large` above it).
+    #[serde(
+        default = "default_max_body_bytes",
+        deserialize_with = "within::<_, usize, 1_024, 16_777_216>"
+    )]
     pub max_body_bytes: usize,
-    /// Limit for AI request bodies (prompts carry whole email threads).
+    /// The AI routes' body limit (prompts carry whole email threads); a worker frame carries
+    /// the body and must stay under its 8 MiB limit.
+    #[serde(
+        default = "default_max_ai_body_bytes",
+        deserialize_with = "within::<_, usize, 1_024, 6_291_456>"
+    )]
     pub max_ai_body_bytes: usize,
-    /// Where `/metrics` is served, if not on the API's own listener (an internal address).
-    pub metrics_listen: Option<SocketAddr>,
-    /// Set only in a worker process: the pid of the gateway that started it.
-    pub worker_parent: Option<u32>,
-    /// How long a provider may take to start answering, and may pause mid-stream.
-    pub provider_timeout_ms: u32,
-    pub provider_connect_timeout_ms: u32,
-    /// Threads per worker process.
-    pub worker_threads: u16,
     /// "Test key" calls allowed per account and provider per minute.
+    #[serde(default = "default_key_tests", deserialize_with = "within::<_, u32, 1, 10_000>")]
     pub key_tests_per_minute: u32,
     /// A model catalogue file replacing the built-in one.
+    #[serde(default, deserialize_with = "some_path")]
     pub catalogue: Option<PathBuf>,
-    /// Set only in a worker process: the socket it serves.
-    pub worker_socket: Option<PathBuf>,
+}
+
+/// `KEYWARD_DATABASE_*`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://…`, or `postgres://…` / `postgresql://…` (default: SQLite in the data dir).
+    #[serde(default, deserialize_with = "database_url")]
+    pub url: Option<DatabaseUrl>,
+    /// PostgreSQL: connections per node.
+    #[serde(default = "default_pool_size", deserialize_with = "within::<_, u32, 1, 1_000>")]
+    pub pool_size: u32,
+    /// PostgreSQL: the longest one statement may run (lock waits included).
+    #[serde(default = "default_db_timeout", deserialize_with = "within::<_, u32, 100, 600_000>")]
+    pub statement_timeout_ms: u32,
+    /// PostgreSQL: the longest to wait for a connection (a new one, or a free one).
+    #[serde(default = "default_db_timeout", deserialize_with = "within::<_, u32, 100, 120_000>")]
+    pub connect_timeout_ms: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> DatabaseConfig {
+        DatabaseConfig {
+            url: None,
+            pool_size: default_pool_size(),
+            statement_timeout_ms: default_db_timeout(),
+            connect_timeout_ms: default_db_timeout(),
+        }
+    }
+}
+
+/// `KEYWARD_METRICS_*`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served instead of the API's own listener (an internal address).
+    #[serde(default, deserialize_with = "some_socket_addr")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// `KEYWARD_TLS_*`: both or neither.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The PEM certificate chain.
+    #[serde(default, deserialize_with = "some_path")]
+    pub cert: Option<PathBuf>,
+    /// Its PEM private key.
+    #[serde(default, deserialize_with = "some_path")]
+    pub key: Option<PathBuf>,
+}
+
+/// `KEYWARD_WORKER_*`: what `serve` hands each worker it starts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Threads per worker process.
+    #[serde(default = "default_worker_threads", deserialize_with = "within::<_, u16, 1, 16>")]
+    pub threads: u16,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> WorkerSettings {
+        WorkerSettings {
+            threads: default_worker_threads(),
+        }
+    }
+}
+
+/// `KEYWARD_PROVIDER_*`: outbound calls.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// How long a provider may take to start answering, and may pause mid-stream.
+    #[serde(
+        default = "default_provider_timeout",
+        deserialize_with = "within::<_, u32, 100, 600_000>"
+    )]
+    pub timeout_ms: u32,
+    /// Connecting to a provider (TCP and TLS).
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "within::<_, u32, 100, 60_000>"
+    )]
+    pub connect_timeout_ms: u32,
+}
+
+impl Default for ProviderSettings {
+    fn default() -> ProviderSettings {
+        ProviderSettings {
+            timeout_ms: default_provider_timeout(),
+            connect_timeout_ms: default_connect_timeout(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./keyward-data")
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_workers() -> u16 {
+    2
+}
+fn default_worker_threads() -> u16 {
+    1
+}
+fn default_anthropic() -> String {
+    "https://api.anthropic.com".to_owned()
+}
+fn default_openai() -> String {
+    "https://api.openai.com".to_owned()
+}
+fn default_google() -> String {
+    "https://generativelanguage.googleapis.com".to_owned()
+}
+fn default_log() -> String {
+    "info".to_owned()
+}
+fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_ai_body_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_key_tests() -> u32 {
+    10
+}
+fn default_pool_size() -> u32 {
+    10
+}
+fn default_db_timeout() -> u32 {
+    5_000
+}
+fn default_provider_timeout() -> u32 {
+    60_000
+}
+fn default_connect_timeout() -> u32 {
+    5_000
 }
 
 impl Config {
-    /// Reads the file (if any) and the given environment (pass `std::env::vars()`).
+    /// Reads the file (if any) and the given environment (pass `std::env::vars()`; variables
+    /// that name no setting are ignored).
     pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
-        let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
+        let names = SettingNames::of_config();
+        let mut table = toml::Table::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            for (k, v) in parse_file(&text).map_err(|reason| ConfigError::File {
+            let bad = |reason: String| ConfigError::File {
                 path: path.display().to_string(),
                 reason,
-            })? {
-                values.insert(k, v);
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            let parsed: toml::Table = toml::from_str(&text).map_err(|e| bad(e.message().to_owned()))?;
+            for (key, value) in parsed {
+                if value.as_str().is_some_and(|v| v.trim().is_empty()) {
+                    continue; // an empty value is an unset one, as in the environment
+                }
+                match value {
+                    // A section, as the struct nests it.
+                    toml::Value::Table(section) if names.is_section(&key) => {
+                        for (field, value) in section {
+                            let path = names
+                                .path(&format!("{key}_{field}"))
+                                .ok_or_else(|| bad(format!("unknown key \"{key}.{field}\"")))?;
+                            set(&mut table, path, value);
+                        }
+                    }
+                    value => set(
+                        &mut table,
+                        names.path(&key).ok_or_else(|| bad(format!("unknown key {key:?}")))?,
+                        value,
+                    ),
+                }
             }
         }
-        for (k, v) in env {
-            if let Some(known) = KNOWN.iter().find(|n| **n == k) {
-                values.insert(known, v);
+        for (var, value) in env {
+            let Some(flat) = var.strip_prefix("KEYWARD_") else {
+                continue;
+            };
+            if value.trim().is_empty() {
+                continue; // set but empty: unset, as it always was
+            }
+            if let Some(path) = names.path(&flat.to_ascii_lowercase()) {
+                set(&mut table, path, toml::Value::String(value));
             }
         }
-        Config::from_values(&values)
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let var = format!(
+                "KEYWARD_{}",
+                e.path().to_string().replace('.', "_").to_ascii_uppercase()
+            );
+            ConfigError::Invalid {
+                var,
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        config.check()?;
+        Ok(config)
     }
 
-    fn from_values(v: &BTreeMap<&'static str, String>) -> Result<Config, ConfigError> {
-        let get = |k: &str| v.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
-        let data_dir = PathBuf::from(get("KEYWARD_DATA_DIR").unwrap_or("./keyward-data"));
-        let database_url = match get("KEYWARD_DATABASE_URL") {
-            None => DatabaseUrl::sqlite_in(&data_dir),
-            // The value is not echoed: it may hold a password.
-            Some(u) => DatabaseUrl::parse(u).ok_or_else(|| ConfigError::Invalid {
-                var: "KEYWARD_DATABASE_URL",
-                reason: "expected sqlite://PATH, postgres://… or postgresql://…".into(),
-            })?,
-        };
-        let database_pool_size = parse_num::<u32>(
-            get("KEYWARD_DATABASE_POOL_SIZE"),
-            "KEYWARD_DATABASE_POOL_SIZE",
-            10,
-            1,
-            1_000,
-        )?;
-        let database_statement_timeout_ms = parse_num::<u32>(
-            get("KEYWARD_DATABASE_STATEMENT_TIMEOUT_MS"),
-            "KEYWARD_DATABASE_STATEMENT_TIMEOUT_MS",
-            5_000,
-            100,
-            600_000,
-        )?;
-        let database_connect_timeout_ms = parse_num::<u32>(
-            get("KEYWARD_DATABASE_CONNECT_TIMEOUT_MS"),
-            "KEYWARD_DATABASE_CONNECT_TIMEOUT_MS",
-            5_000,
-            100,
-            120_000,
-        )?;
-        let listen = get("KEYWARD_LISTEN").unwrap_or("127.0.0.1:8080");
-        let listen: SocketAddr = listen.parse().map_err(|_| ConfigError::Invalid {
-            var: "KEYWARD_LISTEN",
-            reason: format!("expected IP:PORT such as 127.0.0.1:8080, got {listen:?}"),
-        })?;
-        let kek = keyward_crypto::KekSpec::parse(get("KEYWARD_KEK").unwrap_or("local")).map_err(|e| {
-            ConfigError::Invalid {
-                var: "KEYWARD_KEK",
-                reason: e.to_string(),
-            }
-        })?;
-        let workers = parse_num::<u16>(get("KEYWARD_WORKERS"), "KEYWARD_WORKERS", 2, 1, 64)?;
-        let max_body_bytes = parse_num::<usize>(
-            get("KEYWARD_MAX_BODY_BYTES"),
-            "KEYWARD_MAX_BODY_BYTES",
-            64 * 1024,
-            1024,
-            16 * 1024 * 1024,
-        )?;
-        let max_ai_body_bytes = parse_num::<usize>(
-            get("KEYWARD_MAX_AI_BODY_BYTES"),
-            "KEYWARD_MAX_AI_BODY_BYTES",
-            4 * 1024 * 1024,
-            1024,
-            // A worker frame carries the body and must stay under its 8 MiB limit.
-            6 * 1024 * 1024,
-        )?;
-        let worker_parent = get("KEYWARD_WORKER_PARENT")
-            .map(|p| p.parse::<u32>())
-            .transpose()
-            .map_err(|_| ConfigError::Invalid {
-                var: "KEYWARD_WORKER_PARENT",
-                reason: "expected a process id".into(),
-            })?;
-        let provider_timeout_ms = parse_num::<u32>(
-            get("KEYWARD_PROVIDER_TIMEOUT_MS"),
-            "KEYWARD_PROVIDER_TIMEOUT_MS",
-            60_000,
-            100,
-            600_000,
-        )?;
-        let provider_connect_timeout_ms = parse_num::<u32>(
-            get("KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS"),
-            "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
-            5_000,
-            100,
-            60_000,
-        )?;
-        let worker_threads = parse_num::<u16>(get("KEYWARD_WORKER_THREADS"), "KEYWARD_WORKER_THREADS", 1, 1, 16)?;
-        let key_tests_per_minute = parse_num::<u32>(
-            get("KEYWARD_KEY_TESTS_PER_MINUTE"),
-            "KEYWARD_KEY_TESTS_PER_MINUTE",
-            10,
-            1,
-            10_000,
-        )?;
-        let log_format = match get("KEYWARD_LOG_FORMAT").unwrap_or("text") {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(ConfigError::Invalid {
-                    var: "KEYWARD_LOG_FORMAT",
-                    reason: format!("expected text or json, got {other:?}"),
-                })
-            }
-        };
-        let kek_rewrap = match get("KEYWARD_KEK_REWRAP").unwrap_or("background") {
-            "background" => KekRewrap::Background,
-            "manual" => KekRewrap::Manual,
-            other => {
-                return Err(ConfigError::Invalid {
-                    var: "KEYWARD_KEK_REWRAP",
-                    reason: format!("expected background or manual, got {other:?}"),
-                })
-            }
-        };
-        let tls_cert = get("KEYWARD_TLS_CERT").map(PathBuf::from);
-        let tls_key = get("KEYWARD_TLS_KEY").map(PathBuf::from);
-        if tls_cert.is_some() != tls_key.is_some() {
-            let var = if tls_cert.is_some() {
+    /// What no single field can check.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            let var = if self.tls.cert.is_some() {
                 "KEYWARD_TLS_KEY"
             } else {
                 "KEYWARD_TLS_CERT"
             };
             return Err(ConfigError::Invalid {
-                var,
+                var: var.to_owned(),
                 reason: "KEYWARD_TLS_CERT and KEYWARD_TLS_KEY must be set together".into(),
             });
         }
-        Ok(Config {
-            database_url,
-            database_pool_size,
-            database_statement_timeout_ms,
-            database_connect_timeout_ms,
-            listen,
-            kek,
-            workers,
-            anthropic_base_url: base_url(
-                get("KEYWARD_ANTHROPIC_BASE_URL"),
-                "KEYWARD_ANTHROPIC_BASE_URL",
-                "https://api.anthropic.com",
-            )?,
-            openai_base_url: base_url(
-                get("KEYWARD_OPENAI_BASE_URL"),
-                "KEYWARD_OPENAI_BASE_URL",
-                "https://api.openai.com",
-            )?,
-            google_base_url: base_url(
-                get("KEYWARD_GOOGLE_BASE_URL"),
-                "KEYWARD_GOOGLE_BASE_URL",
-                "https://generativelanguage.googleapis.com",
-            )?,
-            log: get("KEYWARD_LOG").unwrap_or("info").to_owned(),
-            log_format,
-            kek_rewrap,
-            tls_cert,
-            tls_key,
-            max_body_bytes,
-            max_ai_body_bytes,
-            worker_parent,
-            provider_timeout_ms,
-            provider_connect_timeout_ms,
-            worker_threads,
-            key_tests_per_minute,
-            worker_socket: get("KEYWARD_WORKER_SOCKET").map(PathBuf::from),
-            catalogue: get("KEYWARD_CATALOGUE").map(PathBuf::from),
-            metrics_listen: get("KEYWARD_METRICS_LISTEN")
-                .map(|v| {
-                    v.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid {
-                        var: "KEYWARD_METRICS_LISTEN",
-                        reason: format!("expected IP:PORT such as 127.0.0.1:9100, got {v:?}"),
-                    })
-                })
-                .transpose()?,
-            data_dir,
-        })
+        Ok(())
     }
 
-    /// The path of the SQLite file when the database is SQLite.
-    pub fn sqlite_path(&self) -> Option<PathBuf> {
-        let rest = self.database_url.as_str().strip_prefix("sqlite:")?;
-        let rest = rest.strip_prefix("//").unwrap_or(rest);
-        let path = rest.split('?').next().unwrap_or(rest);
-        Some(PathBuf::from(path))
+    /// The database: `KEYWARD_DATABASE_URL`, or SQLite in the data dir.
+    pub fn database_url(&self) -> DatabaseUrl {
+        self.database
+            .url
+            .clone()
+            .unwrap_or_else(|| DatabaseUrl::sqlite_in(&self.data_dir))
+    }
+
+    /// A provider's endpoint (`KEYWARD_<PROVIDER>_BASE_URL`).
+    pub fn base_url(&self, provider: Provider) -> &str {
+        match provider {
+            Provider::Anthropic => &self.anthropic_base_url,
+            Provider::OpenAi => &self.openai_base_url,
+            Provider::Google => &self.google_base_url,
+        }
+    }
+
+    /// Points every provider at `url` (the demo's fakes, tests).
+    pub fn set_base_urls(&mut self, url: &str) {
+        for provider in Provider::ALL {
+            *self.base_url_mut(provider) = url.to_owned();
+        }
+    }
+
+    fn base_url_mut(&mut self, provider: Provider) -> &mut String {
+        match provider {
+            Provider::Anthropic => &mut self.anthropic_base_url,
+            Provider::OpenAi => &mut self.openai_base_url,
+            Provider::Google => &mut self.google_base_url,
+        }
+    }
+
+    /// The variable naming a provider's endpoint.
+    pub fn base_url_var(provider: Provider) -> String {
+        format!("KEYWARD_{}_BASE_URL", provider.as_str().to_ascii_uppercase())
     }
 }
 
-fn parse_num<T: std::str::FromStr + PartialOrd + fmt::Display + Copy>(
-    raw: Option<&str>,
-    var: &'static str,
-    default: T,
-    min: T,
-    max: T,
-) -> Result<T, ConfigError> {
-    let Some(raw) = raw else { return Ok(default) };
-    match raw.parse::<T>() {
-        Ok(n) if n >= min && n <= max => Ok(n),
-        _ => Err(ConfigError::Invalid {
-            var,
-            reason: format!("expected a whole number from {min} to {max}, got {raw:?}"),
-        }),
+/// What `serve` tells each worker it starts, in its environment; a worker refuses to run
+/// without them (`keyward worker` is not for people to start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerProcess {
+    /// The socket to serve.
+    pub socket: PathBuf,
+    /// The gateway that started it: the only peer it accepts, and the process it dies with.
+    pub parent: u32,
+}
+
+impl WorkerProcess {
+    pub const SOCKET_VAR: &'static str = "KEYWARD_WORKER_SOCKET";
+    pub const PARENT_VAR: &'static str = "KEYWARD_WORKER_PARENT";
+
+    /// From the worker's environment (pass `std::env::vars()`).
+    pub fn from_env(env: impl IntoIterator<Item = (String, String)>) -> Result<WorkerProcess, ConfigError> {
+        let vars: BTreeMap<String, String> = env.into_iter().collect();
+        let missing = |var: &str| ConfigError::Invalid {
+            var: var.to_owned(),
+            reason: "the worker is started by `keyward serve`".to_owned(),
+        };
+        let socket = vars
+            .get(Self::SOCKET_VAR)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .ok_or_else(|| missing(Self::SOCKET_VAR))?;
+        let parent = vars
+            .get(Self::PARENT_VAR)
+            .ok_or_else(|| missing(Self::PARENT_VAR))?
+            .parse::<u32>()
+            .map_err(|_| ConfigError::Invalid {
+                var: Self::PARENT_VAR.to_owned(),
+                reason: "expected a process id".to_owned(),
+            })?;
+        Ok(WorkerProcess { socket, parent })
     }
 }
 
-fn base_url(raw: Option<&str>, var: &'static str, default: &str) -> Result<String, ConfigError> {
-    let url = raw.unwrap_or(default).trim_end_matches('/');
+/// Puts `value` at `path` (a field, or a section and a field) of `table`.
+fn set(table: &mut toml::Table, path: (Option<&'static str>, &'static str), value: toml::Value) {
+    match path {
+        (None, field) => {
+            table.insert(field.to_owned(), value);
+        }
+        (Some(section), field) => {
+            let entry = table
+                .entry(section.to_owned())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(t) = entry {
+                t.insert(field.to_owned(), value);
+            }
+        }
+    }
+}
+
+/// The settings' flat names (`listen`, `database_pool_size`, …), read off the structs
+/// themselves, so no list of names is kept by hand.
+struct SettingNames {
+    /// flat name → (section, field)
+    paths: BTreeMap<String, (Option<&'static str>, &'static str)>,
+    sections: Vec<&'static str>,
+}
+
+impl SettingNames {
+    fn of_config() -> SettingNames {
+        // A section is a field whose own fields can be read off its type; the others are
+        // leaves. Sections are the struct-typed fields of `Config`.
+        let sections: [(&'static str, &'static [&'static str]); 5] = [
+            ("database", fields_of::<DatabaseConfig>()),
+            ("metrics", fields_of::<MetricsConfig>()),
+            ("tls", fields_of::<TlsConfig>()),
+            ("worker", fields_of::<WorkerSettings>()),
+            ("provider", fields_of::<ProviderSettings>()),
+        ];
+        let mut paths = BTreeMap::new();
+        for &field in fields_of::<Config>() {
+            match sections.iter().find(|(name, _)| *name == field) {
+                Some((section, inner)) => {
+                    for &f in *inner {
+                        paths.insert(format!("{section}_{f}"), (Some(*section), f));
+                    }
+                }
+                None => {
+                    paths.insert(field.to_owned(), (None, field));
+                }
+            }
+        }
+        SettingNames {
+            paths,
+            sections: sections.iter().map(|(s, _)| *s).collect(),
+        }
+    }
+
+    fn path(&self, flat: &str) -> Option<(Option<&'static str>, &'static str)> {
+        self.paths.get(flat).copied()
+    }
+
+    fn is_section(&self, name: &str) -> bool {
+        self.sections.contains(&name)
+    }
+}
+
+/// The field names serde knows a struct by.
+fn fields_of<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Fields;
+    #[derive(Debug)]
+    struct Found(&'static [&'static str]);
+    impl fmt::Display for Found {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("fields")
+        }
+    }
+    impl std::error::Error for Found {}
+    impl de::Error for Found {
+        fn custom<M: fmt::Display>(_: M) -> Found {
+            Found(&[])
+        }
+    }
+    impl<'de> Deserializer<'de> for Fields {
+        type Error = Found;
+        fn deserialize_any<V: de::Visitor<'de>>(self, _: V) -> Result<V::Value, Found> {
+            Err(Found(&[]))
+        }
+        fn deserialize_struct<V: de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Found> {
+            Err(Found(fields))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    match T::deserialize(Fields) {
+        Err(Found(fields)) => fields,
+        Ok(_) => &[],
+    }
+}
+
+// ---- one check per kind of value; each names what it expected -------------------------
+
+/// A string, or (from the file) a number or a boolean written as one.
+fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s.trim().to_owned(),
+        Scalar::I(n) => n.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
+}
+
+fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = scalar(d)?;
+    if s.is_empty() {
+        return Err(de::Error::custom("expected a value, got an empty one"));
+    }
+    Ok(s)
+}
+
+fn within<'de, D, T, const MIN: u64, const MAX: u64>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    let raw = scalar(d)?;
+    match raw.parse::<u64>() {
+        Ok(n) if (MIN..=MAX).contains(&n) => T::try_from(n).map_err(|_| de::Error::custom("out of range")),
+        _ => Err(de::Error::custom(format!(
+            "expected a whole number from {MIN} to {MAX}, got {raw:?}"
+        ))),
+    }
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let raw = scalar(d)?;
+    raw.parse()
+        .map_err(|_| de::Error::custom(format!("expected IP:PORT such as 127.0.0.1:8080, got {raw:?}")))
+}
+
+fn some_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let raw = scalar(d)?;
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.parse()
+        .map(Some)
+        .map_err(|_| de::Error::custom(format!("expected IP:PORT such as 127.0.0.1:9100, got {raw:?}")))
+}
+
+fn some_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let raw = scalar(d)?;
+    Ok((!raw.is_empty()).then(|| PathBuf::from(raw)))
+}
+
+fn kek_spec<'de, D: Deserializer<'de>>(d: D) -> Result<KekSpec, D::Error> {
+    let raw = scalar(d)?;
+    KekSpec::parse(if raw.is_empty() { "local" } else { &raw }).map_err(de::Error::custom)
+}
+
+fn database_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DatabaseUrl>, D::Error> {
+    let raw = scalar(d)?;
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    // The value is not echoed: it may hold a password.
+    DatabaseUrl::parse(&raw)
+        .map(Some)
+        .ok_or_else(|| de::Error::custom("expected sqlite://PATH, postgres://… or postgresql://…"))
+}
+
+fn base_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let raw = scalar(d)?;
+    let url = raw.trim_end_matches('/');
     let ok = (url.starts_with("https://") || url.starts_with("http://"))
         && !url.contains(char::is_whitespace)
         && !url.contains('?')
         && !url.contains('#');
     if !ok {
-        return Err(ConfigError::Invalid {
-            var,
-            reason: format!("expected an http(s):// URL without query, got {url:?}"),
-        });
+        return Err(de::Error::custom(format!(
+            "expected an http(s):// URL without query, got {url:?}"
+        )));
     }
     Ok(url.to_owned())
-}
-
-/// The TOML file: a flat table of known keys (lower case, no prefix) to strings or numbers.
-fn parse_file(text: &str) -> Result<Vec<(&'static str, String)>, String> {
-    let table: toml::Table = toml::from_str(text).map_err(|e| e.message().to_owned())?;
-    let mut out = Vec::new();
-    for (key, value) in table {
-        let env_name = format!("KEYWARD_{}", key.to_uppercase());
-        let Some(known) = KNOWN.iter().find(|n| **n == env_name) else {
-            return Err(format!("unknown key {key:?}"));
-        };
-        let value = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(n) => n.to_string(),
-            other => {
-                return Err(format!(
-                    "{key}: expected a string or a number, got {}",
-                    other.type_str()
-                ))
-            }
-        };
-        out.push((*known, value));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -463,12 +704,17 @@ mod tests {
     fn defaults_match_the_api_table() {
         let c = Config::load(None, env(&[])).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("./keyward-data"));
-        assert_eq!(c.database_url.as_str(), "sqlite://./keyward-data/keyward.db");
+        assert_eq!(
+            c.database_url(),
+            DatabaseUrl::Sqlite(PathBuf::from("./keyward-data/keyward.db"))
+        );
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.workers, 2);
-        assert_eq!(c.openai_base_url, "https://api.openai.com");
+        assert_eq!(c.base_url(Provider::OpenAi), "https://api.openai.com");
         assert_eq!(c.log, "info");
-        assert_eq!(c.sqlite_path(), Some(PathBuf::from("./keyward-data/keyward.db")));
+        assert_eq!(c.worker.threads, 1);
+        assert_eq!((c.provider.timeout_ms, c.provider.connect_timeout_ms), (60_000, 5_000));
+        assert_eq!(c.metrics.listen, None);
     }
 
     #[test]
@@ -551,7 +797,7 @@ mod tests {
 
     #[test]
     fn database_url_debug_hides_password() {
-        let u = DatabaseUrl("postgres://u:secret@db/k".into());
+        let u = DatabaseUrl::parse("postgres://u:secret@db/k").unwrap();
         assert!(!format!("{u:?}").contains("secret"));
         assert_eq!(format!("{u:?}"), "DatabaseUrl(postgres://…@db/k)");
         for url in [
@@ -574,21 +820,20 @@ mod tests {
     #[test]
     fn postgres_urls_and_options() {
         let c = Config::load(None, env(&[])).unwrap();
-        assert_eq!(c.database_url.backend(), DatabaseBackend::Sqlite);
+        assert_eq!(c.database_url().backend(), DatabaseBackend::Sqlite);
         assert_eq!(
             (
-                c.database_pool_size,
-                c.database_statement_timeout_ms,
-                c.database_connect_timeout_ms
+                c.database.pool_size,
+                c.database.statement_timeout_ms,
+                c.database.connect_timeout_ms
             ),
             (10, 5_000, 5_000)
         );
         for url in ["postgres://u@db:5432/k", "postgresql://u:pw@db/k?sslmode=disable"] {
             let c = Config::load(None, env(&[("KEYWARD_DATABASE_URL", url)])).unwrap();
-            assert_eq!(c.database_url.as_str(), url);
-            assert_eq!(c.database_url.backend(), DatabaseBackend::Postgres);
-            assert!(c.database_url.is_postgres() && !c.database_url.is_sqlite());
-            assert_eq!(c.sqlite_path(), None);
+            assert_eq!(c.database_url(), DatabaseUrl::Postgres(url.to_owned()));
+            assert!(c.database_url().is_postgres() && !c.database_url().is_sqlite());
+            assert_eq!(c.database_url().sqlite_path(), None);
         }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("k.toml");
@@ -600,13 +845,108 @@ mod tests {
         let c = Config::load(Some(&file), env(&[("KEYWARD_DATABASE_CONNECT_TIMEOUT_MS", "750")])).unwrap();
         assert_eq!(
             (
-                c.database_pool_size,
-                c.database_statement_timeout_ms,
-                c.database_connect_timeout_ms
+                c.database.pool_size,
+                c.database.statement_timeout_ms,
+                c.database.connect_timeout_ms
             ),
             (32, 2_000, 750)
         );
         let err = Config::load(None, env(&[("KEYWARD_DATABASE_URL", "mysql://u:secret@db/k")])).unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn the_file_takes_sections_or_flat_names_and_every_variable_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(
+            &file,
+            "worker_threads = 3\nkek_rewrap = \"manual\"\n[database]\npool_size = 7\n[tls]\ncert = \"/c\"\nkey = \"/k\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.database.pool_size, 7);
+        assert_eq!(
+            (c.tls.cert.as_deref(), c.tls.key.as_deref()),
+            (Some(Path::new("/c")), Some(Path::new("/k")))
+        );
+        assert_eq!(c.worker.threads, 3);
+        assert_eq!(c.kek_rewrap, KekRewrap::Manual);
+        std::fs::write(&file, "[database]\npool_sise = 7\n").unwrap();
+        let err = Config::load(Some(&file), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("unknown key \"database.pool_sise\""), "{err}");
+
+        // The names the README documents are the names the struct answers to.
+        let names = SettingNames::of_config();
+        let mut vars: Vec<String> = names
+            .paths
+            .keys()
+            .map(|k| format!("KEYWARD_{}", k.to_uppercase()))
+            .collect();
+        vars.sort();
+        assert_eq!(
+            vars,
+            [
+                "KEYWARD_ANTHROPIC_BASE_URL",
+                "KEYWARD_CATALOGUE",
+                "KEYWARD_DATABASE_CONNECT_TIMEOUT_MS",
+                "KEYWARD_DATABASE_POOL_SIZE",
+                "KEYWARD_DATABASE_STATEMENT_TIMEOUT_MS",
+                "KEYWARD_DATABASE_URL",
+                "KEYWARD_DATA_DIR",
+                "KEYWARD_GOOGLE_BASE_URL",
+                "KEYWARD_KEK",
+                "KEYWARD_KEK_REWRAP",
+                "KEYWARD_KEY_TESTS_PER_MINUTE",
+                "KEYWARD_LISTEN",
+                "KEYWARD_LOG",
+                "KEYWARD_LOG_FORMAT",
+                "KEYWARD_MAX_AI_BODY_BYTES",
+                "KEYWARD_MAX_BODY_BYTES",
+                "KEYWARD_METRICS_LISTEN",
+                "KEYWARD_OPENAI_BASE_URL",
+                "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
+                "KEYWARD_PROVIDER_TIMEOUT_MS",
+                "KEYWARD_TLS_CERT",
+                "KEYWARD_TLS_KEY",
+                "KEYWARD_WORKERS",
+                "KEYWARD_WORKER_THREADS",
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_variables_are_unset_and_worker_process_settings_are_apart() {
+        let c = Config::load(None, env(&[("KEYWARD_LISTEN", ""), ("KEYWARD_WORKERS", " ")])).unwrap();
+        assert_eq!((c.listen.port(), c.workers), (8080, 2));
+        // The worker's own settings are not the gateway's: ignored by Config::load ...
+        let c = Config::load(
+            None,
+            env(&[("KEYWARD_WORKER_SOCKET", "/s"), ("KEYWARD_WORKER_PARENT", "1")]),
+        )
+        .unwrap();
+        assert_eq!(c, Config::load(None, env(&[])).unwrap());
+        // ... and read, checked, by the worker.
+        let w =
+            WorkerProcess::from_env(env(&[("KEYWARD_WORKER_SOCKET", "/s"), ("KEYWARD_WORKER_PARENT", "42")])).unwrap();
+        assert_eq!((w.socket, w.parent), (PathBuf::from("/s"), 42));
+        let err = WorkerProcess::from_env(env(&[("KEYWARD_WORKER_SOCKET", "/s")])).unwrap_err();
+        assert!(err.to_string().starts_with("KEYWARD_WORKER_PARENT"), "{err}");
+    }
+
+    #[test]
+    fn sqlite_urls_are_parsed_once_into_a_path() {
+        for (url, path) in [
+            ("sqlite:///srv/kw/k.db", "/srv/kw/k.db"),
+            ("sqlite://rel/k.db", "rel/k.db"),
+            ("sqlite:k.db?mode=rwc", "k.db"),
+        ] {
+            assert_eq!(
+                DatabaseUrl::parse(url).unwrap().sqlite_path(),
+                Some(Path::new(path)),
+                "{url}"
+            );
+        }
+        assert_eq!(DatabaseUrl::parse("sqlite://"), None);
     }
 }

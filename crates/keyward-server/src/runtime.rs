@@ -11,7 +11,7 @@ use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{PgStore, SqliteStore, Store, StoreError};
 
-use crate::config::{Config, DatabaseBackend};
+use crate::config::{Config, DatabaseUrl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -82,14 +82,13 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RuntimeError>
 /// [`open_store`], also as the [`KekStore`] (one set of connections).
 pub async fn open_stores(config: &Config) -> Result<(Arc<dyn Store>, Arc<dyn KekStore>), RuntimeError> {
     let chain_key = AuditChainKey::load(&config.data_dir)?;
-    let url = config.database_url.as_str();
-    Ok(match config.database_url.backend() {
-        DatabaseBackend::Sqlite => {
-            let s = Arc::new(SqliteStore::open(url, chain_key, SqliteOptions::default()).await?);
+    Ok(match config.database_url() {
+        DatabaseUrl::Sqlite(path) => {
+            let s = Arc::new(SqliteStore::open_file(&path, chain_key, SqliteOptions::default()).await?);
             (s.clone(), s)
         }
-        DatabaseBackend::Postgres => {
-            let s = Arc::new(PgStore::open(url, chain_key, pg_options(config)).await?);
+        DatabaseUrl::Postgres(url) => {
+            let s = Arc::new(PgStore::open(&url, chain_key, pg_options(config)).await?);
             (s.clone(), s)
         }
     })
@@ -97,8 +96,8 @@ pub async fn open_stores(config: &Config) -> Result<(Arc<dyn Store>, Arc<dyn Kek
 
 pub(crate) fn pg_options(config: &Config) -> PgOptions {
     PgOptions {
-        pool_size: config.database_pool_size,
-        statement_timeout: Duration::from_millis(u64::from(config.database_statement_timeout_ms)),
-        connect_timeout: Duration::from_millis(u64::from(config.database_connect_timeout_ms)),
+        pool_size: config.database.pool_size,
+        statement_timeout: Duration::from_millis(u64::from(config.database.statement_timeout_ms)),
+        connect_timeout: Duration::from_millis(u64::from(config.database.connect_timeout_ms)),
     }
 }

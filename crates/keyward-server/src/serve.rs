@@ -88,7 +88,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     // Registered before anything else: a SIGTERM that lands while the workers start is
     // held until the server is up, and then ends it cleanly instead of killing it mid-way.
     let stop = ShutdownSignal::install()?;
-    let tls = match (&config.tls_cert, &config.tls_key) {
+    let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
         _ => None,
     };
@@ -156,14 +156,14 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
         workers,
         ledger: Ledger::start(store.clone()),
         probe_limiter: Default::default(),
-        provider_timeout_ms: config.provider_timeout_ms,
+        provider_timeout_ms: config.provider.timeout_ms,
         key_tests_per_minute: config.key_tests_per_minute,
     });
     let state = AppState::new(AppStateInner {
         engine,
         max_body_bytes: config.max_body_bytes,
         max_ai_body_bytes: config.max_ai_body_bytes,
-        metrics_on_api: config.metrics_listen.is_none(),
+        metrics_on_api: config.metrics.listen.is_none(),
         web,
         kek_probe: Arc::default(),
     });
@@ -179,7 +179,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     // A purge at start covers removals that a crash interrupted before their checkpoint.
     purge.request();
 
-    let metrics_server = match config.metrics_listen {
+    let metrics_server = match config.metrics.listen {
         Some(at) => {
             let listener = listen(at).map_err(|e| RuntimeError::Other(format!("KEYWARD_METRICS_LISTEN {at}: {e}")))?;
             let local = listener.local_addr().map_err(|e| RuntimeError::Other(e.to_string()))?;

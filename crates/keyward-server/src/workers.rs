@@ -15,6 +15,7 @@ use keyward_worker_protocol::protocol::{CallRequest, FailKind, RewrapRequest};
 use keyward_worker_protocol::{WorkerConn, WorkerError};
 use tokio::process::Command;
 
+use crate::config::{Config, WorkerProcess};
 use crate::metrics::Metrics;
 
 #[derive(Debug)]
@@ -66,25 +67,22 @@ impl std::fmt::Debug for WorkerCommand {
 
 impl WorkerCommand {
     /// The worker's settings, taken from the gateway's configuration.
-    pub fn new(exe: PathBuf, config: &crate::config::Config) -> WorkerCommand {
+    pub fn new(exe: PathBuf, config: &Config) -> WorkerCommand {
         let mut env = vec![
             ("KEYWARD_DATA_DIR".to_owned(), config.data_dir.display().to_string()),
             // Without what only the gateway may know (AWS KMS: its credentials file).
             ("KEYWARD_KEK".to_owned(), config.kek.worker_value()),
             (
-                "KEYWARD_ANTHROPIC_BASE_URL".to_owned(),
-                config.anthropic_base_url.clone(),
-            ),
-            ("KEYWARD_OPENAI_BASE_URL".to_owned(), config.openai_base_url.clone()),
-            ("KEYWARD_GOOGLE_BASE_URL".to_owned(), config.google_base_url.clone()),
-            (
                 "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS".to_owned(),
-                config.provider_connect_timeout_ms.to_string(),
+                config.provider.connect_timeout_ms.to_string(),
             ),
-            ("KEYWARD_WORKER_THREADS".to_owned(), config.worker_threads.to_string()),
+            ("KEYWARD_WORKER_THREADS".to_owned(), config.worker.threads.to_string()),
             ("KEYWARD_LOG".to_owned(), config.log.clone()),
             ("KEYWARD_LOG_FORMAT".to_owned(), config.log_format.as_str().to_owned()),
         ];
+        for provider in keyward_core::Provider::ALL {
+            env.push((Config::base_url_var(provider), config.base_url(provider).to_owned()));
+        }
         // What the backend's own library needs (PKCS#11: the module's setting, e.g.
         // SOFTHSM2_CONF, named in KEYWARD_KEK).
         env.extend(config.kek.worker_env());
@@ -98,8 +96,8 @@ impl WorkerCommand {
             .arg("worker")
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("KEYWARD_WORKER_SOCKET", socket)
-            .env("KEYWARD_WORKER_PARENT", std::process::id().to_string())
+            .env(WorkerProcess::SOCKET_VAR, socket)
+            .env(WorkerProcess::PARENT_VAR, std::process::id().to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -482,8 +480,8 @@ async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics
         cmd.arg("worker")
             .env_clear()
             .envs(command.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("KEYWARD_WORKER_SOCKET", &slot.socket)
-            .env("KEYWARD_WORKER_PARENT", std::process::id().to_string())
+            .env(WorkerProcess::SOCKET_VAR, &slot.socket)
+            .env(WorkerProcess::PARENT_VAR, std::process::id().to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true);

@@ -363,6 +363,17 @@ impl SqliteStore {
             .map_err(|e| StoreError::Unavailable(format!("bad SQLite URL: {e}")))?
             .get_filename()
             .to_owned();
+        SqliteStore::open_file(&path, chain_key, opts).await
+    }
+
+    /// [`SqliteStore::open`] for the file itself (`serve` parses its URL once, in its
+    /// configuration).
+    pub async fn open_file(
+        path: &std::path::Path,
+        chain_key: AuditChainKey,
+        opts: SqliteOptions,
+    ) -> StoreResult<SqliteStore> {
+        let path = path.to_path_buf();
         let writer = Writer::start(path.clone(), opts.busy_timeout)?;
         // No mmap: the file grows with every checkpoint of the audit log, and each growth
         // made every reader unmap and remap it (munmap with TLB shoot-downs was ~3% of all

@@ -51,13 +51,11 @@ pub async fn run(mut config: Config, listen: SocketAddr, keep_data: bool) -> Res
         Some(dir)
     };
     // Whatever the environment says: embedded SQLite, the local KEK, the fakes.
-    config.database_url = DatabaseUrl::sqlite_in(&config.data_dir);
+    config.database.url = Some(DatabaseUrl::sqlite_in(&config.data_dir));
     config.kek = keyward_crypto::KekSpec::local();
     config.listen = listen;
     let fake_url = fakes.base_url();
-    config.anthropic_base_url.clone_from(&fake_url);
-    config.openai_base_url.clone_from(&fake_url);
-    config.google_base_url.clone_from(&fake_url);
+    config.set_base_urls(&fake_url);
 
     prepare_data_dir(&config)?;
     let store = keyward_server::runtime::open_store(&config).await?;

@@ -306,7 +306,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if let Command::Worker = cli.command {
         // No async runtime yet: the sandbox must be in place before any thread starts.
-        return run_worker(&config);
+        let process = keyward_server::config::WorkerProcess::from_env(std::env::vars()).context("configuration")?;
+        return run_worker(&config, &process);
     }
     let worker_command = WorkerCommand::new(std::env::current_exe()?, &config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -385,7 +386,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             store.as_ref(),
                             &worker_command,
                             &config.data_dir,
-                            config.provider_timeout_ms,
+                            config.provider.timeout_ms,
                             only,
                         )
                         .await
@@ -505,33 +506,25 @@ async fn run_kek(
 }
 
 /// `keyward worker`: load the KEK's opening half, then hand over to the sandboxed worker.
-fn run_worker(config: &Config) -> anyhow::Result<ExitCode> {
+fn run_worker(config: &Config, process: &keyward_server::config::WorkerProcess) -> anyhow::Result<ExitCode> {
     // First of all: die with the gateway, and do not start at all if it is already gone
     // (a worker orphaned before this line would otherwise keep the KEK's private half).
     keyward_worker::sandbox::die_with_parent()?;
-    let parent = config
-        .worker_parent
-        .context("KEYWARD_WORKER_PARENT: the worker is started by `keyward serve`")?;
-    if !keyward_worker::sandbox::parent_is(parent) {
+    if !keyward_worker::sandbox::parent_is(process.parent) {
         anyhow::bail!("the gateway that started this worker is gone");
     }
-    let socket = config
-        .worker_socket
-        .clone()
-        .context("KEYWARD_WORKER_SOCKET: the worker is started by `keyward serve`")?;
     // Every live KEK version, read now (the private halves, the PIN or the worker's own
     // credentials): after the sandbox the data dir is out of reach, so a rotation or
     // retirement reaches a worker when the gateway restarts it.
     let keys = keyward_server::runtime::kek_backend(config).keyring()?;
     let worker_config = keyward_worker::WorkerConfig {
-        socket,
-        base_urls: vec![
-            (keyward_core::Provider::Anthropic, config.anthropic_base_url.clone()),
-            (keyward_core::Provider::OpenAi, config.openai_base_url.clone()),
-            (keyward_core::Provider::Google, config.google_base_url.clone()),
-        ],
-        connect_timeout: std::time::Duration::from_millis(u64::from(config.provider_connect_timeout_ms)),
-        threads: usize::from(config.worker_threads),
+        socket: process.socket.clone(),
+        base_urls: keyward_core::Provider::ALL
+            .iter()
+            .map(|&p| (p, config.base_url(p).to_owned()))
+            .collect(),
+        connect_timeout: std::time::Duration::from_millis(u64::from(config.provider.connect_timeout_ms)),
+        threads: usize::from(config.worker.threads),
         extra_read_only: keys.sandbox_read,
     };
     keyward_worker::run(worker_config, keys.keyring)?;
