@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::time::{Duration, Instant};
 
 use keyward_core::{Catalogue, Provider};
-use keyward_fakes::{FakeProviders, RecordedRequest};
+use keyward_fakes::{Behaviour, FakeProviders, RecordedRequest};
 use keyward_testkit::canary::find_forms;
 use keyward_testkit::{Keyward, Options, Resp};
 use serde_json::{json, Value};
@@ -42,6 +42,26 @@ pub fn fake_options(fake: &FakeProviders, extra: &[(&str, &str)]) -> Options {
 /// A keyward whose providers are `fake`.
 pub fn start_on_fake(fake: &FakeProviders, extra: &[(&str, &str)]) -> Keyward {
     start_with(fake_options(fake, extra))
+}
+
+/// Saves an own key for every provider in `account` (registered at `fake` as working) and
+/// switches each provider to it: the keys, by provider. (Used by the KEK backends' tests.)
+#[cfg(any(feature = "pkcs11", feature = "awskms"))]
+pub async fn own_keys_everywhere(
+    fake: &FakeProviders,
+    kw: &Keyward,
+    token: &str,
+    account: &str,
+) -> Vec<(&'static str, String)> {
+    let mut keys = Vec::new();
+    for p in PROVIDERS {
+        let k = key_for(p);
+        fake.set_key(provider(p), &k, Behaviour::Ok);
+        save_key(kw, token, account, p, &k).await;
+        set_source(kw, token, account, p, "own").await;
+        keys.push((p, k));
+    }
+    keys
 }
 
 pub fn ai_path(account: &str) -> String {

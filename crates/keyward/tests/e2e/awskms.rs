@@ -172,12 +172,7 @@ async fn awskms_calls_outage_and_recovery_rotate_rewrap_retire_through_the_binar
     let mut kw = start_with(fake_options(&fake, &[("KEYWARD_KEK", &kek)]));
     let (user, acc) = pro_owner(&kw, "kms@example.com");
     let t = user.token.clone();
-    for p in PROVIDERS {
-        let k = key_for(p);
-        fake.set_key(provider(p), &k, Behaviour::Ok);
-        save_key(&kw, &t, &acc, p, &k).await;
-        set_source(&kw, &t, &acc, p, "own").await;
-    }
+    own_keys_everywhere(&fake, &kw, &t, &acc).await;
     let pool = kw.db().await;
     let saved = all_blobs(&pool).await;
     assert_eq!(versions(&saved), BTreeMap::from([("awskms-1".to_owned(), 3)]));

@@ -467,13 +467,7 @@ async fn a_provider_quoting_the_key_back_is_not_repeated() {
     // The fake providers answer every call with these keys with their invalid-key error,
     // quoting the key they got.
     let fake = FakeProviders::start().expect("start fakes");
-    let url = fake.base_url();
-    let kw = start_with(
-        Options::default()
-            .env("KEYWARD_ANTHROPIC_BASE_URL", &url)
-            .env("KEYWARD_OPENAI_BASE_URL", &url)
-            .env("KEYWARD_GOOGLE_BASE_URL", &url),
-    );
+    let kw = crate::ai_support::start_on_fake(&fake, &[]);
     let (user, acc) = pro_owner(&kw, "echo@example.com");
     let t = user.tok();
     let http = kw.http().clone();

@@ -2,7 +2,7 @@
 
 use keyward_fakes::{Behaviour, FakeProviders};
 use keyward_testkit::canary::find_forms;
-use keyward_testkit::{db, sqlx, Options};
+use keyward_testkit::{db, sqlx};
 use serde_json::json;
 
 use crate::common::*;
@@ -11,13 +11,7 @@ use crate::common::*;
 async fn a_blob_copied_to_another_row_does_not_open() {
     // Providers are a recording fake, to see whether a moved blob ever reaches one.
     let fake = FakeProviders::start().expect("start fakes");
-    let url = fake.base_url();
-    let kw = start_with(
-        Options::default()
-            .env("KEYWARD_ANTHROPIC_BASE_URL", &url)
-            .env("KEYWARD_OPENAI_BASE_URL", &url)
-            .env("KEYWARD_GOOGLE_BASE_URL", &url),
-    );
+    let kw = crate::ai_support::start_on_fake(&fake, &[]);
     let (user_a, acc_a) = pro_owner(&kw, "a@example.com");
     let (user_b, acc_b) = pro_owner(&kw, "b@example.com");
     let (ka, ko, kb) = (anthropic_key(), openai_key(), anthropic_key());

@@ -379,12 +379,7 @@ async fn pkcs11_rotate_rewrap_retire_through_the_binary() {
     let mut kw = start_with(opts);
     let (user, acc) = pro_owner(&kw, "hsm@example.com");
     let t = user.token.clone();
-    for p in PROVIDERS {
-        let k = key_for(p);
-        fake.set_key(provider(p), &k, Behaviour::Ok);
-        save_key(&kw, &t, &acc, p, &k).await;
-        set_source(&kw, &t, &acc, p, "own").await;
-    }
+    own_keys_everywhere(&fake, &kw, &t, &acc).await;
     let pool = kw.db().await;
     let before = all_blobs(&pool).await;
     assert_eq!(versions(&before), BTreeMap::from([("pkcs11-kek-1".to_owned(), 3)]));
