@@ -7,8 +7,12 @@
 // with a backend feature.
 #![cfg_attr(not(any(feature = "pkcs11", feature = "awskms")), allow(dead_code, unused_imports))]
 
+#[cfg(any(feature = "awskms", test))]
+pub(crate) use crate::header::VERSION_AWSKMS;
+#[cfg(any(feature = "pkcs11", test))]
+pub(crate) use crate::header::VERSION_PKCS11;
 use crate::header::{self, DataPart, Draft};
-pub(crate) use crate::header::{fresh_dek, DEK_LEN, VERSION_AWSKMS, VERSION_PKCS11};
+pub(crate) use crate::header::{fresh_dek, DEK_LEN};
 use crate::{Binding, CryptoError, SealedKey};
 
 /// Builds a blob: `wrapped` is `dek` as the backend wrapped it.

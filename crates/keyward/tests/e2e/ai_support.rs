@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::time::{Duration, Instant};
 
 use keyward_core::{Catalogue, Provider};
-use keyward_fakes::{Behaviour, FakeProviders, RecordedRequest};
+use keyward_fakes::{FakeProviders, RecordedRequest};
 use keyward_testkit::canary::find_forms;
 use keyward_testkit::{Keyward, Options, Resp};
 use serde_json::{json, Value};
@@ -56,7 +56,7 @@ pub async fn own_keys_everywhere(
     let mut keys = Vec::new();
     for p in PROVIDERS {
         let k = key_for(p);
-        fake.set_key(provider(p), &k, Behaviour::Ok);
+        fake.set_key(provider(p), &k, keyward_fakes::Behaviour::Ok);
         save_key(kw, token, account, p, &k).await;
         set_source(kw, token, account, p, "own").await;
         keys.push((p, k));
