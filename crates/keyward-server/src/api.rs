@@ -176,6 +176,8 @@ pub struct AuditEventBody {
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub feature: Option<String>,
+    /// The user a service acted for (`keyward-on-behalf-of`), when it named one.
+    pub on_behalf_of: Option<String>,
 }
 
 /// `GET …/audit`, newest first.

@@ -27,6 +27,12 @@ pub enum AuditAction {
     KeyTested,
     #[serde(rename = "ai.request")]
     AiRequest,
+    /// The account's plan or shared-credit limit changed (provisioning API or CLI).
+    #[serde(rename = "account.plan_changed")]
+    PlanChanged,
+    /// The account was deleted: the last event of its chain, kept for export.
+    #[serde(rename = "account.deleted")]
+    AccountDeleted,
 }
 
 impl AuditAction {
@@ -38,11 +44,14 @@ impl AuditAction {
             AuditAction::KeySourceChanged => "key.source_changed",
             AuditAction::KeyTested => "key.tested",
             AuditAction::AiRequest => "ai.request",
+            AuditAction::PlanChanged => "account.plan_changed",
+            AuditAction::AccountDeleted => "account.deleted",
         }
     }
 }
 
-/// Who did something, as written in the audit log (`usr_…`, or `cli` for the admin CLI).
+/// Who did something, as written in the audit log (`usr_…`, `service:<name>` for one of
+/// the product's services, or `cli` for the admin CLI).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditActor(pub String);
 
@@ -64,6 +73,8 @@ pub struct NewAuditEvent {
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub feature: Option<String>,
+    /// The user a service said it acted for (`keyward-on-behalf-of`); `None` otherwise.
+    pub on_behalf_of: Option<String>,
 }
 
 impl NewAuditEvent {
@@ -91,6 +102,7 @@ impl NewAuditEvent {
             input_tokens: None,
             output_tokens: None,
             feature: None,
+            on_behalf_of: None,
         }
     }
 
@@ -145,6 +157,12 @@ impl NewAuditEvent {
         self
     }
 
+    #[must_use]
+    pub fn on_behalf_of(mut self, user: Option<String>) -> Self {
+        self.on_behalf_of = user;
+        self
+    }
+
     /// The row this event becomes at position `seq` of its chain.
     pub fn into_event(self, seq: i64) -> AuditEvent {
         AuditEvent {
@@ -164,6 +182,7 @@ impl NewAuditEvent {
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
             feature: self.feature,
+            on_behalf_of: self.on_behalf_of,
             mac: Vec::new(),
         }
     }
@@ -189,6 +208,7 @@ pub struct AuditEvent {
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub feature: Option<String>,
+    pub on_behalf_of: Option<String>,
     pub mac: Vec<u8>,
 }
 
@@ -220,6 +240,12 @@ impl AuditEvent {
         put_int(&mut out, self.input_tokens);
         put_int(&mut out, self.output_tokens);
         put_str(&mut out, self.feature.as_deref());
+        // Added in schema v5. Appended only when present, so every event written before
+        // keeps its canonical bytes (and its MAC); the tag makes the two forms distinct.
+        if let Some(user) = self.on_behalf_of.as_deref() {
+            out.push(3);
+            put_str(&mut out, Some(user));
+        }
         out
     }
 
@@ -327,6 +353,23 @@ pub fn verify_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_behalf_of_extends_the_canonical_form_only_when_present() {
+        let base = NewAuditEvent::new(
+            &AccountId::from_random([7; 16]),
+            UnixMillis(1),
+            &AuditActor("service:drafting".into()),
+            AuditAction::AiRequest,
+            Provider::OpenAi,
+        );
+        let plain = base.clone().into_event(1).canonical();
+        // The v1 form ends with the feature: nothing follows it for an event without a user.
+        assert_eq!(plain.last(), Some(&0u8));
+        let acting = base.on_behalf_of(Some("usr_x".into())).into_event(1).canonical();
+        assert!(acting.starts_with(&plain));
+        assert_ne!(acting, plain);
+    }
 
     fn key() -> AuditChainKey {
         AuditChainKey::from_bytes_for_tests([7; 32])

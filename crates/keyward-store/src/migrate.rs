@@ -32,6 +32,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "key_health",
         sql: include_str!("../migrations/sqlite/0004_key_health.sql"),
     },
+    Migration {
+        version: 5,
+        name: "services_webhooks",
+        sql: include_str!("../migrations/sqlite/0005_services_webhooks.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -54,6 +59,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 4,
         name: "key_health",
         sql: include_str!("../migrations/postgres/0004_key_health.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "services_webhooks",
+        sql: include_str!("../migrations/postgres/0005_services_webhooks.sql"),
     },
 ];
 

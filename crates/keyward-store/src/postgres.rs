@@ -372,6 +372,7 @@ fn audit_from_row(row: &PgRow) -> StoreResult<AuditEvent> {
         input_tokens: get(row, "input_tokens")?,
         output_tokens: get(row, "output_tokens")?,
         feature: get(row, "feature")?,
+        on_behalf_of: get(row, "on_behalf_of")?,
         mac: get(row, "mac")?,
     })
 }
@@ -408,7 +409,7 @@ fn call_key_from_row(row: &PgRow) -> StoreResult<CallKey> {
 const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_credit_limit";
 const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message, \
      last_test_detail, kind, reported_leaked_at";
-const AUDIT_COLUMNS: &str = "id, account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac";
+const AUDIT_COLUMNS: &str = "id, account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac, on_behalf_of";
 
 /// The columns of a batch of audit rows, for one `INSERT … SELECT FROM UNNEST(…)`.
 #[derive(Default)]
@@ -429,6 +430,7 @@ struct AuditColumns {
     output_tokens: Vec<Option<i64>>,
     feature: Vec<Option<String>>,
     mac: Vec<Vec<u8>>,
+    on_behalf_of: Vec<Option<String>>,
 }
 
 impl AuditColumns {
@@ -449,6 +451,7 @@ impl AuditColumns {
         self.output_tokens.push(e.output_tokens);
         self.feature.push(e.feature);
         self.mac.push(e.mac);
+        self.on_behalf_of.push(e.on_behalf_of);
     }
 }
 
@@ -502,6 +505,7 @@ async fn append_in_tx(conn: &mut PgConnection, chain_key: &AuditChainKey, events
         storable_opt(&mut new.detail);
         storable_opt(&mut new.provider_request_id);
         storable_opt(&mut new.feature);
+        storable_opt(&mut new.on_behalf_of);
         let head = heads
             .get_mut(new.account_id.as_str())
             .ok_or_else(|| StoreError::Database("an audit head was not locked".to_owned()))?;
@@ -513,14 +517,16 @@ async fn append_in_tx(conn: &mut PgConnection, chain_key: &AuditChainKey, events
     let c = columns;
     sqlx::query(
         "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model,
-                                   outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac)
+                                   outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac,
+                                   on_behalf_of)
          SELECT account_id, seq, at, actor, action, provider, key_source, key_last4, model,
-                outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac
+                outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac, on_behalf_of
          FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
                      $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bigint[], $14::bigint[],
-                     $15::text[], $16::bytea[])
+                     $15::text[], $16::bytea[], $17::text[])
               WITH ORDINALITY AS u(account_id, seq, at, actor, action, provider, key_source, key_last4, model,
-                                   outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac, n)
+                                   outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac,
+                                   on_behalf_of, n)
          ORDER BY n",
     )
     .bind(&c.account_id)
@@ -539,6 +545,7 @@ async fn append_in_tx(conn: &mut PgConnection, chain_key: &AuditChainKey, events
     .bind(&c.output_tokens)
     .bind(&c.feature)
     .bind(&c.mac)
+    .bind(&c.on_behalf_of)
     .execute(&mut *conn)
     .await
     .map_err(pg)?;

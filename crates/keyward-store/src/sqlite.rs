@@ -481,6 +481,7 @@ fn audit_from_row(row: &Row<'_>) -> StoreResult<AuditEvent> {
         input_tokens: get(row, "input_tokens")?,
         output_tokens: get(row, "output_tokens")?,
         feature: get(row, "feature")?,
+        on_behalf_of: get(row, "on_behalf_of")?,
         mac: get(row, "mac")?,
     })
 }
@@ -489,8 +490,8 @@ const ACCOUNT_COLUMNS: &str = "a.id AS account_id, a.name, a.plan, a.shared_cred
 const KEY_COLUMNS: &str = "key_id, last4, created_at, updated_at, last_test_ok, last_test_at, last_test_message, \
      last_test_detail, kind, reported_leaked_at";
 
-const INSERT_EVENT_SQL: &str = "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+const INSERT_EVENT_SQL: &str = "INSERT INTO audit_events (account_id, seq, at, actor, action, provider, key_source, key_last4, model, outcome, detail, provider_request_id, input_tokens, output_tokens, feature, mac, on_behalf_of)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 
 /// Appends `events` (in order) to their accounts' chains inside the caller's transaction:
 /// reads each account's head once, links each event to the one before, inserts the events,
@@ -538,6 +539,7 @@ fn append_in_tx<'e>(
                 e.output_tokens,
                 e.feature,
                 e.mac,
+                e.on_behalf_of,
             ])
             .map_err(map_rusqlite)?;
         heads.insert(account, (e.seq, mac));

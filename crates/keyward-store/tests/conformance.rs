@@ -825,6 +825,7 @@ fn call(account: &AccountId, provider: Provider, source: KeySource, reserved: i6
             input_tokens: Some(input_tokens),
             output_tokens: Some(output_tokens),
             feature: Some("drafting".into()),
+            on_behalf_of: None,
         },
     }
 }

@@ -28,6 +28,7 @@ pub fn event_body(e: &AuditEvent) -> AuditEventBody {
         input_tokens: e.input_tokens,
         output_tokens: e.output_tokens,
         feature: e.feature.clone(),
+        on_behalf_of: e.on_behalf_of.clone(),
     }
 }
 
