@@ -20,6 +20,7 @@
 pub mod audit;
 pub mod kek;
 mod migrate;
+pub mod outbox;
 pub mod postgres;
 pub mod sqlite;
 
@@ -31,6 +32,7 @@ use keyward_crypto::SealedKey;
 
 pub use audit::{AuditAction, AuditActor, AuditEvent, ChainBreak, NewAuditEvent};
 pub use kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow};
+pub use outbox::{AttemptOutcome, OutboxBacklog, OutboxRules, WebhookEvent, WebhookFilter, WebhookKind};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -149,6 +151,13 @@ pub struct NewKey {
 pub struct Saved {
     pub rotated: bool,
     pub state: ProviderState,
+}
+
+/// What every audit append needs: the chain key, and the rules for the webhook events the
+/// appended events cause (see [`outbox`]).
+pub(crate) struct ChainCtx {
+    pub(crate) key: keyward_crypto::AuditChainKey,
+    pub(crate) rules: OutboxRules,
 }
 
 /// The account id the platform's shared-pool keys are sealed to: their [`keyward_crypto::Binding`]
@@ -488,4 +497,34 @@ pub trait Store: Send + Sync + 'static {
     /// crypto-shredding, see DESIGN.md invariant 5). Returns false when it could not
     /// complete now (readers in the way) and should be retried.
     async fn purge_removed(&self) -> StoreResult<bool>;
+
+    // ---- the webhook outbox (events are written by the changes above; see [`outbox`]) ------
+    /// Claims up to `limit` due events for `node` until `lease_until`: for each account only
+    /// its oldest event that is neither delivered nor dead (so an account's events go out in
+    /// order), due by `now` and not under another live claim. A claim that expires (its node
+    /// died) is free to take again.
+    async fn claim_webhooks(
+        &self,
+        node: &str,
+        now: UnixMillis,
+        lease_until: UnixMillis,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookEvent>>;
+    /// Records an attempt on an event `node` claimed (the endpoints that have accepted it so
+    /// far, and what comes next) and releases the claim. A claim `node` no longer holds is
+    /// left alone (`Ok(false)`).
+    async fn record_webhook_attempt(
+        &self,
+        id: i64,
+        node: &str,
+        delivered_to: &[usize],
+        outcome: &AttemptOutcome,
+        now: UnixMillis,
+    ) -> StoreResult<bool>;
+    /// Newest first.
+    async fn webhook_events(&self, filter: WebhookFilter, limit: u32) -> StoreResult<Vec<WebhookEvent>>;
+    /// Sends an event again from scratch: due now, no attempts, no endpoint done, not dead.
+    /// `false` for an unknown `event_id`.
+    async fn replay_webhook(&self, event_id: &str, now: UnixMillis) -> StoreResult<bool>;
+    async fn webhook_backlog(&self) -> StoreResult<OutboxBacklog>;
 }

@@ -38,10 +38,13 @@ use sqlx::{PgPool, Row};
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::POSTGRES as MIGRATIONS;
+use crate::outbox::{
+    self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
+};
 use crate::{
     check_amount, check_event, check_period, fold_calls, usage_report, Account, AuditActor, CallKey, CallRecord,
-    FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store, StoreError,
-    StoreResult, StoredKey, UsageReport, User,
+    ChainCtx, FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store,
+    StoreError, StoreResult, StoredKey, UsageReport, User,
 };
 
 /// Tuning for the PostgreSQL backend.
@@ -53,6 +56,7 @@ pub struct PgOptions {
     pub statement_timeout: Duration,
     /// The longest to wait for a connection: a new one, or a free one from the pool.
     pub connect_timeout: Duration,
+    pub outbox: OutboxRules,
 }
 
 impl Default for PgOptions {
@@ -61,13 +65,14 @@ impl Default for PgOptions {
             pool_size: 10,
             statement_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            outbox: OutboxRules::default(),
         }
     }
 }
 
 pub struct PgStore {
     pool: PgPool,
-    chain_key: Arc<AuditChainKey>,
+    chain_key: Arc<ChainCtx>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -182,7 +187,10 @@ impl PgStore {
             .map_err(map_err)?;
         let store = PgStore {
             pool,
-            chain_key: Arc::new(chain_key),
+            chain_key: Arc::new(ChainCtx {
+                key: chain_key,
+                rules: opts.outbox,
+            }),
         };
         store.migrate().await?;
         Ok(store)
@@ -459,10 +467,23 @@ impl AuditColumns {
 /// statements however large the batch: create the missing heads (genesis links), lock every
 /// head the batch touches in account-id order, insert all events, move the heads. Holding
 /// the head locks until commit is what makes two nodes' appends to one chain take turns.
-async fn append_in_tx(conn: &mut PgConnection, chain_key: &AuditChainKey, events: &[&NewAuditEvent]) -> TxResult<()> {
+///
+/// The webhook events they cause are written here too (see `outbox`): one per key change,
+/// failed test and plan change, and each own-key call moves its key's failure streak. The
+/// key rows a batch's calls bear on are locked first, before the audit heads, in the lock
+/// order above.
+async fn append_in_tx(conn: &mut PgConnection, chain: &ChainCtx, events: &[&NewAuditEvent]) -> TxResult<()> {
     if events.is_empty() {
         return Ok(());
     }
+    let triggers: Vec<Trigger> = events.iter().map(|e| outbox::trigger(e)).collect();
+    let streak_keys: BTreeSet<(&str, &str)> = events
+        .iter()
+        .zip(&triggers)
+        .filter(|(_, t)| matches!(t, Trigger::KeyCall(_)))
+        .filter_map(|(e, _)| Some((e.account_id.as_str(), e.provider?.as_str())))
+        .collect();
+    let streak_starts = lock_streaks(conn, &streak_keys).await?;
     // Byte order, the same order `COLLATE "C"` sorts in below.
     let accounts: Vec<&str> = events
         .iter()
@@ -498,6 +519,7 @@ async fn append_in_tx(conn: &mut PgConnection, chain_key: &AuditChainKey, events
         return Err(StoreError::Database("an audit head vanished while locked".to_owned()).into());
     }
     let mut columns = AuditColumns::default();
+    let mut macs: Vec<[u8; 32]> = Vec::with_capacity(events.len());
     for new in events {
         let mut new = (*new).clone();
         new.actor = storable(&new.actor);
@@ -510,8 +532,9 @@ async fn append_in_tx(conn: &mut PgConnection, chain_key: &AuditChainKey, events
             .get_mut(new.account_id.as_str())
             .ok_or_else(|| StoreError::Database("an audit head was not locked".to_owned()))?;
         let mut event = new.into_event(head.0 + 1);
-        let mac = event.seal_link(chain_key, &head.1);
+        let mac = event.seal_link(&chain.key, &head.1);
         *head = (event.seq, mac);
+        macs.push(mac);
         columns.push(event);
     }
     let c = columns;
@@ -568,7 +591,245 @@ async fn append_in_tx(conn: &mut PgConnection, chain_key: &AuditChainKey, events
     .execute(&mut *conn)
     .await
     .map_err(pg)?;
-    Ok(())
+    // The webhook events, in audit order: direct ones as found, a streak's where it turns.
+    let mut caused: Vec<(usize, WebhookKind, Option<String>)> = Vec::new();
+    let mut calls: BTreeMap<(&str, &str), Vec<(usize, &CallHealth)>> = BTreeMap::new();
+    for (i, (e, t)) in events.iter().zip(&triggers).enumerate() {
+        match t {
+            Trigger::None => {}
+            Trigger::Event(kind) => caused.push((i, *kind, None)),
+            Trigger::KeyCall(health) => {
+                if let Some(p) = e.provider {
+                    calls
+                        .entry((e.account_id.as_str(), p.as_str()))
+                        .or_default()
+                        .push((i, health));
+                }
+            }
+        }
+    }
+    let mut streak_updates: (Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
+    for (slot, list) in &calls {
+        let Some(&start) = streak_starts.get(slot) else {
+            continue; // the key was removed meanwhile: nothing to follow
+        };
+        let (end, turns) = outbox::walk_streak(start, chain.rules.key_failing_after, list.iter().map(|(_, h)| *h));
+        if end != start {
+            streak_updates.0.push(slot.0);
+            streak_updates.1.push(slot.1);
+            streak_updates.2.push(end);
+        }
+        for (j, kind, diagnosis) in turns {
+            if let Some((i, _)) = list.get(j) {
+                caused.push((*i, kind, diagnosis));
+            }
+        }
+    }
+    if !streak_updates.0.is_empty() {
+        sqlx::query(
+            "UPDATE provider_keys k SET fail_streak = u.streak
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(account_id, provider, streak)
+             WHERE k.account_id = u.account_id AND k.provider = u.provider",
+        )
+        .bind(&streak_updates.0)
+        .bind(&streak_updates.1)
+        .bind(&streak_updates.2)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg)?;
+    }
+    if caused.is_empty() {
+        return Ok(());
+    }
+    caused.sort_by_key(|c| c.0);
+    let accounts: Vec<&str> = caused
+        .iter()
+        .filter_map(|(i, _, _)| events.get(*i).map(|e| e.account_id.as_str()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let labels = account_labels(conn, &accounts).await?;
+    let mut rows = OutboxRows::default();
+    for (i, kind, diagnosis) in caused {
+        let (Some(e), Some(mac)) = (events.get(i), macs.get(i)) else {
+            continue;
+        };
+        let (external, plan) = labels.get(e.account_id.as_str()).cloned().unwrap_or((None, None));
+        let body = outbox::body_for_audit(kind, e, external.as_deref(), plan.as_deref(), diagnosis.as_deref());
+        rows.push(outbox::event_id_for_audit(mac), e.account_id.as_str(), kind, body, e.at);
+    }
+    rows.insert(conn).await
+}
+
+/// Locks the key rows whose failure streaks a batch moves (in key order) and reads them.
+async fn lock_streaks<'a>(
+    conn: &mut PgConnection,
+    slots: &BTreeSet<(&'a str, &'a str)>,
+) -> TxResult<BTreeMap<(&'a str, &'a str), i64>> {
+    let mut found = BTreeMap::new();
+    if slots.is_empty() {
+        return Ok(found);
+    }
+    let (accounts, providers): (Vec<&str>, Vec<&str>) = slots.iter().copied().unzip();
+    let rows = sqlx::query(
+        "SELECT k.account_id, k.provider, k.fail_streak FROM provider_keys k
+         JOIN UNNEST($1::text[], $2::text[]) AS u(account_id, provider)
+           ON k.account_id = u.account_id AND k.provider = u.provider
+         ORDER BY k.account_id COLLATE \"C\", k.provider COLLATE \"C\" FOR UPDATE OF k",
+    )
+    .bind(&accounts)
+    .bind(&providers)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(pg)?;
+    for r in &rows {
+        let account: String = get(r, "account_id")?;
+        let provider: String = get(r, "provider")?;
+        if let Some(slot) = slots.iter().find(|(a, p)| *a == account && *p == provider) {
+            found.insert(*slot, get::<i64>(r, "fail_streak")?);
+        }
+    }
+    Ok(found)
+}
+
+/// Accounts' external ids and plans, for webhook payloads.
+async fn account_labels(
+    conn: &mut PgConnection,
+    accounts: &[&str],
+) -> TxResult<BTreeMap<String, (Option<String>, Option<String>)>> {
+    let rows = sqlx::query("SELECT id, external_id, plan FROM accounts WHERE id = ANY($1::text[])")
+        .bind(accounts)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(pg)?;
+    let mut out = BTreeMap::new();
+    for r in &rows {
+        out.insert(get::<String>(r, "id")?, (get(r, "external_id")?, get(r, "plan")?));
+    }
+    Ok(out)
+}
+
+/// Outbox rows for one `INSERT … SELECT FROM UNNEST(…)`.
+#[derive(Default)]
+struct OutboxRows {
+    event_id: Vec<String>,
+    account_id: Vec<String>,
+    kind: Vec<&'static str>,
+    payload: Vec<String>,
+    at: Vec<i64>,
+}
+
+impl OutboxRows {
+    fn push(&mut self, event_id: String, account: &str, kind: WebhookKind, payload: String, at: UnixMillis) {
+        self.event_id.push(event_id);
+        self.account_id.push(account.to_owned());
+        self.kind.push(kind.as_str());
+        self.payload.push(payload);
+        self.at.push(at.as_i64());
+    }
+
+    async fn insert(self, conn: &mut PgConnection) -> TxResult<()> {
+        if self.event_id.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO webhook_outbox (event_id, account_id, type, payload, created_at, next_attempt_at)
+             SELECT event_id, account_id, type, payload, at, at
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+                  WITH ORDINALITY AS u(event_id, account_id, type, payload, at, n)
+             ORDER BY n
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&self.event_id)
+        .bind(&self.account_id)
+        .bind(&self.kind)
+        .bind(&self.payload)
+        .bind(&self.at)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+}
+
+/// Announces the shared-credit thresholds a period has newly reached (see
+/// `outbox::thresholds_crossed`), inside the caller's transaction, which holds the period's
+/// row. `refused_amount` is a reservation the cap just refused.
+async fn announce_thresholds(
+    conn: &mut PgConnection,
+    account: &str,
+    period: &str,
+    refused_amount: Option<i64>,
+) -> TxResult<bool> {
+    let row = sqlx::query(
+        "SELECT credits_used, credit_limit, notified_percent FROM credit_periods
+         WHERE account_id = $1 AND period = $2 FOR UPDATE",
+    )
+    .bind(account)
+    .bind(period)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(pg)?;
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let (used, limit, announced): (i64, Option<i64>, i64) = (
+        get(&row, "credits_used")?,
+        get(&row, "credit_limit")?,
+        get(&row, "notified_percent")?,
+    );
+    let crossed = outbox::thresholds_crossed(used, limit, announced, refused_amount);
+    let Some(&highest) = crossed.last() else {
+        return Ok(false);
+    };
+    sqlx::query("UPDATE credit_periods SET notified_percent = $3 WHERE account_id = $1 AND period = $2")
+        .bind(account)
+        .bind(period)
+        .bind(highest)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg)?;
+    let labels = account_labels(conn, &[account]).await?;
+    let external = labels.get(account).and_then(|l| l.0.clone());
+    let now = outbox::wall_clock();
+    let mut rows = OutboxRows::default();
+    for percent in crossed {
+        let body = outbox::body_for_threshold(
+            account,
+            external.as_deref(),
+            period,
+            percent,
+            used,
+            limit.unwrap_or(0),
+            now,
+        );
+        rows.push(
+            outbox::event_id_for_threshold(account, period, percent),
+            account,
+            WebhookKind::SharedQuotaThreshold,
+            body,
+            now,
+        );
+    }
+    rows.insert(conn).await?;
+    Ok(true)
+}
+
+fn webhook_from_row(row: &PgRow) -> StoreResult<WebhookEvent> {
+    Ok(WebhookEvent {
+        id: get(row, "id")?,
+        event_id: get(row, "event_id")?,
+        account_id: get(row, "account_id")?,
+        kind: get(row, "type")?,
+        payload: get(row, "payload")?,
+        created_at: UnixMillis(get(row, "created_at")?),
+        attempts: get(row, "attempts")?,
+        next_attempt_at: UnixMillis(get(row, "next_attempt_at")?),
+        delivered_to: outbox::endpoints_from_column(&get::<String>(row, "delivered_to")?),
+        delivered_at: get::<Option<i64>>(row, "delivered_at")?.map(UnixMillis),
+        dead_at: get::<Option<i64>>(row, "dead_at")?.map(UnixMillis),
+        last_error: get(row, "last_error")?,
+    })
 }
 
 /// Releases `release` reserved credits and charges `charge` for one (account, period), inside
@@ -591,6 +852,9 @@ async fn settle_in_tx(conn: &mut PgConnection, account: &str, period: &str, rele
     .await
     .map_err(pg)?;
     if done.rows_affected() == 1 {
+        if charge > 0 {
+            announce_thresholds(conn, account, period, None).await?;
+        }
         return Ok(());
     }
     if release > 0 {
@@ -614,6 +878,9 @@ async fn settle_in_tx(conn: &mut PgConnection, account: &str, period: &str, rele
     .execute(&mut *conn)
     .await
     .map_err(pg)?;
+    if charge > 0 {
+        announce_thresholds(conn, account, period, None).await?;
+    }
     Ok(())
 }
 
@@ -662,7 +929,7 @@ const ACCOUNT_KEY_SLOT: KeySlot = KeySlot {
     lock: "SELECT last4 FROM provider_keys WHERE provider = $1 AND account_id = $2 FOR UPDATE",
     overwrite: "UPDATE provider_keys SET key_id = $2, sealed = $3, last4 = $4, updated_at = $5, kind = $6,
                   last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL, last_test_detail = NULL,
-                  reported_leaked_at = NULL
+                  reported_leaked_at = NULL, fail_streak = 0
                 WHERE provider = $1 AND account_id = $7",
     insert: "INSERT INTO provider_keys (account_id, provider, key_id, sealed, last4, created_at, updated_at, kind)
              VALUES ($7, $1, $2, $3, $4, $5, $5, $6)
@@ -1223,7 +1490,7 @@ impl Store for PgStore {
             // The cap check and the reservation are one statement: a racing reservation
             // waits for the row lock, then the WHERE is re-checked against its result.
             let done = sqlx::query(
-                "UPDATE credit_periods SET credits_reserved = credits_reserved + $3
+                "UPDATE credit_periods SET credits_reserved = credits_reserved + $3, credit_limit = $4
                  WHERE account_id = $1 AND period = $2 AND credits_used + credits_reserved + $3 <= $4",
             )
             .bind(account.as_str())
@@ -1236,8 +1503,20 @@ impl Store for PgStore {
             if done.rows_affected() == 1 {
                 Finish::Commit(true)
             } else {
-                // Refused: roll back the empty row too, so a refusal leaves no trace.
-                Finish::Rollback(false)
+                sqlx::query("UPDATE credit_periods SET credit_limit = $3 WHERE account_id = $1 AND period = $2")
+                    .bind(account.as_str())
+                    .bind(period)
+                    .bind(limit)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(pg)?;
+                if announce_thresholds(conn, account.as_str(), period, Some(amount)).await? {
+                    // Refused, and the pool is now announced as spent: keep that.
+                    Finish::Commit(false)
+                } else {
+                    // Refused: roll back the empty row too, so a refusal leaves no trace.
+                    Finish::Rollback(false)
+                }
             }
         })
     }
@@ -1416,5 +1695,129 @@ impl Store for PgStore {
             .await
             .map_err(map_err)?;
         Ok(true)
+    }
+
+    async fn claim_webhooks(
+        &self,
+        node: &str,
+        now: UnixMillis,
+        lease_until: UnixMillis,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookEvent>> {
+        // Each account's oldest live event, if due and free; SKIP LOCKED lets nodes claiming
+        // at the same moment take different events instead of waiting on each other, and the
+        // UPDATE re-checks the claim against the newest row.
+        let rows = sqlx::query(
+            "WITH heads AS (
+               SELECT DISTINCT ON (account_id) id FROM webhook_outbox
+               WHERE delivered_at IS NULL AND dead_at IS NULL
+               ORDER BY account_id, id
+             ), due AS (
+               SELECT o.id FROM webhook_outbox o JOIN heads h ON h.id = o.id
+               WHERE o.next_attempt_at <= $1 AND (o.claimed_until IS NULL OR o.claimed_until <= $1)
+               ORDER BY o.id LIMIT $2
+               FOR UPDATE OF o SKIP LOCKED
+             )
+             UPDATE webhook_outbox o SET claimed_by = $3, claimed_until = $4
+             FROM due WHERE o.id = due.id AND (o.claimed_until IS NULL OR o.claimed_until <= $1)
+             RETURNING o.*",
+        )
+        .bind(now.as_i64())
+        .bind(i64::from(limit))
+        .bind(node)
+        .bind(lease_until.as_i64())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut out = rows.iter().map(webhook_from_row).collect::<StoreResult<Vec<_>>>()?;
+        out.sort_by_key(|e| e.id);
+        Ok(out)
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        id: i64,
+        node: &str,
+        delivered_to: &[usize],
+        outcome: &AttemptOutcome,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
+        let (delivered_at, next, dead_at, error) = attempt_columns(outcome, now);
+        let done = sqlx::query(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, delivered_to = $3, delivered_at = $4,
+               next_attempt_at = COALESCE($5, next_attempt_at), dead_at = $6, last_error = $7,
+               claimed_by = NULL, claimed_until = NULL
+             WHERE id = $1 AND claimed_by = $2",
+        )
+        .bind(id)
+        .bind(node)
+        .bind(outbox::endpoints_to_column(delivered_to))
+        .bind(delivered_at)
+        .bind(next)
+        .bind(dead_at)
+        .bind(error.map(|e| storable(&e)))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn webhook_events(&self, filter: WebhookFilter, limit: u32) -> StoreResult<Vec<WebhookEvent>> {
+        let sql = match filter {
+            WebhookFilter::All => "SELECT * FROM webhook_outbox ORDER BY id DESC LIMIT $1",
+            WebhookFilter::Undelivered => {
+                "SELECT * FROM webhook_outbox WHERE delivered_at IS NULL ORDER BY id DESC LIMIT $1"
+            }
+            WebhookFilter::Dead => "SELECT * FROM webhook_outbox WHERE dead_at IS NOT NULL ORDER BY id DESC LIMIT $1",
+        };
+        let rows = sqlx::query(sql)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(webhook_from_row).collect()
+    }
+
+    async fn replay_webhook(&self, event_id: &str, now: UnixMillis) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE webhook_outbox SET attempts = 0, next_attempt_at = $2, delivered_to = '', delivered_at = NULL,
+               dead_at = NULL, last_error = NULL, claimed_by = NULL, claimed_until = NULL
+             WHERE event_id = $1",
+        )
+        .bind(event_id)
+        .bind(now.as_i64())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn webhook_backlog(&self) -> StoreResult<OutboxBacklog> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS pending, MIN(created_at) AS oldest FROM webhook_outbox
+             WHERE delivered_at IS NULL AND dead_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(OutboxBacklog {
+            pending: get(&row, "pending")?,
+            oldest_pending_at: get::<Option<i64>>(&row, "oldest")?.map(UnixMillis),
+        })
+    }
+}
+
+/// An attempt's outcome as the outbox columns it sets: (delivered_at, next_attempt_at,
+/// dead_at, last_error).
+fn attempt_columns(
+    outcome: &AttemptOutcome,
+    now: UnixMillis,
+) -> (Option<i64>, Option<i64>, Option<i64>, Option<String>) {
+    match outcome {
+        AttemptOutcome::Delivered => (Some(now.as_i64()), None, None, None),
+        AttemptOutcome::Retry { next_attempt_at, error } => {
+            (None, Some(next_attempt_at.as_i64()), None, Some(error.clone()))
+        }
+        AttemptOutcome::Dead { error } => (None, None, Some(now.as_i64()), Some(error.clone())),
     }
 }

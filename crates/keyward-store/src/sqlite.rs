@@ -21,10 +21,13 @@ use sqlx::sqlite::SqliteConnectOptions;
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
+use crate::outbox::{
+    self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
+};
 use crate::{
     check_amount, check_event, check_period, fold_calls, usage_report, Account, AuditActor, CallKey, CallRecord,
-    FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store, StoreError,
-    StoreResult, StoredKey, UsageReport, User,
+    ChainCtx, FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store,
+    StoreError, StoreResult, StoredKey, UsageReport, User,
 };
 
 /// Tuning for the SQLite backend.
@@ -33,6 +36,7 @@ pub struct SqliteOptions {
     /// Idle read-only connections kept open between reads.
     pub readers: u32,
     pub busy_timeout: Duration,
+    pub outbox: OutboxRules,
 }
 
 impl Default for SqliteOptions {
@@ -40,6 +44,7 @@ impl Default for SqliteOptions {
         SqliteOptions {
             readers: 4,
             busy_timeout: Duration::from_secs(5),
+            outbox: OutboxRules::default(),
         }
     }
 }
@@ -47,7 +52,7 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     writer: Writer,
     reader: Arc<Readers>,
-    chain_key: Arc<AuditChainKey>,
+    chain_key: Arc<ChainCtx>,
 }
 
 /// A write, run on the writer's thread, given the connection (or why there is none).
@@ -388,7 +393,10 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer,
             reader,
-            chain_key: Arc::new(chain_key),
+            chain_key: Arc::new(ChainCtx {
+                key: chain_key,
+                rules: opts.outbox,
+            }),
         })
     }
 }
@@ -496,12 +504,17 @@ const INSERT_EVENT_SQL: &str = "INSERT INTO audit_events (account_id, seq, at, a
 /// Appends `events` (in order) to their accounts' chains inside the caller's transaction:
 /// reads each account's head once, links each event to the one before, inserts the events,
 /// then writes one new head per account.
+///
+/// The webhook events they cause are written here too (see `outbox`): one per key change,
+/// failed test and plan change, and each own-key call moves its key's failure streak.
 fn append_in_tx<'e>(
     tx: &Connection,
-    chain_key: &AuditChainKey,
+    chain: &ChainCtx,
     events: impl IntoIterator<Item = &'e NewAuditEvent>,
 ) -> StoreResult<()> {
     let mut heads: std::collections::BTreeMap<&str, (i64, [u8; 32])> = std::collections::BTreeMap::new();
+    let mut streaks: std::collections::BTreeMap<(&str, &str), Vec<(CallHealth, &NewAuditEvent, [u8; 32])>> =
+        std::collections::BTreeMap::new();
     let mut insert = tx.prepare_cached(INSERT_EVENT_SQL).map_err(map_rusqlite)?;
     for new in events {
         let account = new.account_id.as_str();
@@ -520,7 +533,7 @@ fn append_in_tx<'e>(
             .unwrap_or((0, GENESIS_MAC)),
         };
         let mut e = new.clone().into_event(seq + 1);
-        let mac = e.seal_link(chain_key, &prev);
+        let mac = e.seal_link(&chain.key, &prev);
         insert
             .execute(rusqlite::params![
                 e.account_id,
@@ -543,6 +556,18 @@ fn append_in_tx<'e>(
             ])
             .map_err(map_rusqlite)?;
         heads.insert(account, (e.seq, mac));
+        match outbox::trigger(new) {
+            Trigger::None => {}
+            Trigger::Event(kind) => enqueue_for_audit(tx, kind, new, &mac, None)?,
+            Trigger::KeyCall(health) => {
+                if let Some(p) = new.provider {
+                    streaks
+                        .entry((account, p.as_str()))
+                        .or_default()
+                        .push((health, new, mac));
+                }
+            }
+        }
     }
     for (account, (seq, mac)) in heads {
         exec(
@@ -552,7 +577,152 @@ fn append_in_tx<'e>(
             (account, seq, &mac[..]),
         )?;
     }
+    for ((account, provider), calls) in streaks {
+        let Some(start) = read_one(
+            tx,
+            "SELECT fail_streak FROM provider_keys WHERE account_id = ?1 AND provider = ?2",
+            (account, provider),
+            |r| get::<i64>(r, "fail_streak"),
+        )?
+        else {
+            continue; // the key was removed meanwhile: nothing to follow
+        };
+        let (end, caused) = outbox::walk_streak(start, chain.rules.key_failing_after, calls.iter().map(|c| &c.0));
+        if end != start {
+            exec(
+                tx,
+                "UPDATE provider_keys SET fail_streak = ?3 WHERE account_id = ?1 AND provider = ?2",
+                (account, provider, end),
+            )?;
+        }
+        for (i, kind, diagnosis) in caused {
+            if let Some((_, event, mac)) = calls.get(i) {
+                enqueue_for_audit(tx, kind, event, mac, diagnosis.as_deref())?;
+            }
+        }
+    }
     Ok(())
+}
+
+/// The account's external id and plan, for a webhook payload.
+fn account_labels(tx: &Connection, account: &str) -> StoreResult<(Option<String>, Option<String>)> {
+    Ok(read_one(
+        tx,
+        "SELECT external_id, plan FROM accounts WHERE id = ?1",
+        (account,),
+        |r| {
+            Ok((
+                get::<Option<String>>(r, "external_id")?,
+                get::<Option<String>>(r, "plan")?,
+            ))
+        },
+    )?
+    .unwrap_or((None, None)))
+}
+
+fn enqueue_for_audit(
+    tx: &Connection,
+    kind: WebhookKind,
+    e: &NewAuditEvent,
+    mac: &[u8],
+    diagnosis: Option<&str>,
+) -> StoreResult<()> {
+    let (external, plan) = account_labels(tx, e.account_id.as_str())?;
+    let body = outbox::body_for_audit(kind, e, external.as_deref(), plan.as_deref(), diagnosis);
+    enqueue(
+        tx,
+        &outbox::event_id_for_audit(mac),
+        e.account_id.as_str(),
+        kind,
+        &body,
+        e.at,
+    )
+}
+
+fn enqueue(
+    tx: &Connection,
+    event_id: &str,
+    account: &str,
+    kind: WebhookKind,
+    body: &str,
+    at: UnixMillis,
+) -> StoreResult<()> {
+    exec(
+        tx,
+        "INSERT INTO webhook_outbox (event_id, account_id, type, payload, created_at, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (event_id) DO NOTHING",
+        (event_id, account, kind.as_str(), body, at.as_i64()),
+    )?;
+    Ok(())
+}
+
+/// Announces the shared-credit thresholds a period has newly reached (see
+/// `outbox::thresholds_crossed`), inside the caller's transaction. `refused_amount` is a
+/// reservation the cap just refused.
+fn announce_thresholds(tx: &Connection, account: &str, period: &str, refused_amount: Option<i64>) -> StoreResult<bool> {
+    let Some((used, limit, announced)) = read_one(
+        tx,
+        "SELECT credits_used, credit_limit, notified_percent FROM credit_periods WHERE account_id = ?1 AND period = ?2",
+        (account, period),
+        |r| {
+            Ok((
+                get::<i64>(r, "credits_used")?,
+                get::<Option<i64>>(r, "credit_limit")?,
+                get::<i64>(r, "notified_percent")?,
+            ))
+        },
+    )?
+    else {
+        return Ok(false);
+    };
+    let crossed = outbox::thresholds_crossed(used, limit, announced, refused_amount);
+    let Some(&highest) = crossed.last() else {
+        return Ok(false);
+    };
+    exec(
+        tx,
+        "UPDATE credit_periods SET notified_percent = ?3 WHERE account_id = ?1 AND period = ?2",
+        (account, period, highest),
+    )?;
+    let (external, _) = account_labels(tx, account)?;
+    let now = outbox::wall_clock();
+    for percent in crossed {
+        let body = outbox::body_for_threshold(
+            account,
+            external.as_deref(),
+            period,
+            percent,
+            used,
+            limit.unwrap_or(0),
+            now,
+        );
+        enqueue(
+            tx,
+            &outbox::event_id_for_threshold(account, period, percent),
+            account,
+            WebhookKind::SharedQuotaThreshold,
+            &body,
+            now,
+        )?;
+    }
+    Ok(true)
+}
+
+fn webhook_from_row(row: &Row<'_>) -> StoreResult<WebhookEvent> {
+    Ok(WebhookEvent {
+        id: get(row, "id")?,
+        event_id: get(row, "event_id")?,
+        account_id: get(row, "account_id")?,
+        kind: get(row, "type")?,
+        payload: get(row, "payload")?,
+        created_at: UnixMillis(get(row, "created_at")?),
+        attempts: get(row, "attempts")?,
+        next_attempt_at: UnixMillis(get(row, "next_attempt_at")?),
+        delivered_to: outbox::endpoints_from_column(&get::<String>(row, "delivered_to")?),
+        delivered_at: get::<Option<i64>>(row, "delivered_at")?.map(UnixMillis),
+        dead_at: get::<Option<i64>>(row, "dead_at")?.map(UnixMillis),
+        last_error: get(row, "last_error")?,
+    })
 }
 
 /// Releases `release` reserved credits and charges `charge` for one (account, period), inside
@@ -570,6 +740,9 @@ fn settle_in_tx(tx: &Connection, account: &str, period: &str, release: i64, char
         (account, period, release, charge),
     )?;
     if done == 1 {
+        if charge > 0 {
+            announce_thresholds(tx, account, period, None)?;
+        }
         return Ok(());
     }
     if release > 0 {
@@ -589,6 +762,9 @@ fn settle_in_tx(tx: &Connection, account: &str, period: &str, release: i64, char
                                    THEN credit_periods.credits_reserved - ?4 ELSE 0 END",
         (account, period, charge, release),
     )?;
+    if charge > 0 {
+        announce_thresholds(tx, account, period, None)?;
+    }
     Ok(())
 }
 
@@ -901,7 +1077,7 @@ impl Store for SqliteStore {
                      ON CONFLICT (account_id, provider) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
                        last4 = excluded.last4, updated_at = excluded.updated_at, kind = excluded.kind,
                        last_test_ok = NULL, last_test_at = NULL, last_test_message = NULL, last_test_detail = NULL,
-                       reported_leaked_at = NULL",
+                       reported_leaked_at = NULL, fail_streak = 0",
                     (
                         account.as_str(),
                         provider.as_str(),
@@ -1150,14 +1326,23 @@ impl Store for SqliteStore {
                 // the WHERE against the locked row).
                 let reserved = exec(
                     &tx,
-                    "UPDATE credit_periods SET credits_reserved = credits_reserved + ?3
+                    "UPDATE credit_periods SET credits_reserved = credits_reserved + ?3, credit_limit = ?4
                      WHERE account_id = ?1 AND period = ?2 AND credits_used + credits_reserved + ?3 <= ?4",
                     (account.as_str(), period.as_str(), amount, limit),
                 )? == 1;
-                if reserved {
+                let announced = !reserved && {
+                    exec(
+                        &tx,
+                        "UPDATE credit_periods SET credit_limit = ?3 WHERE account_id = ?1 AND period = ?2",
+                        (account.as_str(), period.as_str(), limit),
+                    )?;
+                    announce_thresholds(&tx, account.as_str(), period.as_str(), Some(amount))?
+                };
+                if reserved || announced {
                     tx.commit().map_err(map_rusqlite)?;
                 } else {
-                    // Refused: roll back the empty row too, so a refusal leaves no trace.
+                    // Refused: roll back the empty row too, so a refusal leaves no trace
+                    // (unless it announced that the pool is spent).
                     tx.rollback().map_err(map_rusqlite)?;
                 }
                 Ok(reserved)
@@ -1308,6 +1493,143 @@ impl Store for SqliteStore {
             })
             .await?;
         Ok(busy == 0)
+    }
+
+    async fn claim_webhooks(
+        &self,
+        node: &str,
+        now: UnixMillis,
+        lease_until: UnixMillis,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookEvent>> {
+        // A read first: most polls find nothing due and must not queue behind the writer.
+        let any_due = self.reader.read(|c| {
+            read_one(
+                c,
+                "SELECT 1 AS due FROM webhook_outbox WHERE delivered_at IS NULL AND dead_at IS NULL
+                   AND next_attempt_at <= ?1 LIMIT 1",
+                (now.as_i64(),),
+                |r| get::<i64>(r, "due"),
+            )
+        })?;
+        if any_due.is_none() {
+            return Ok(Vec::new());
+        }
+        let node = node.to_owned();
+        self.writer
+            .transaction(move |tx| {
+                let due = read_all(
+                    tx,
+                    "SELECT o.* FROM webhook_outbox o
+                     WHERE o.delivered_at IS NULL AND o.dead_at IS NULL
+                       AND o.id = (SELECT MIN(p.id) FROM webhook_outbox p
+                                   WHERE p.account_id = o.account_id AND p.delivered_at IS NULL AND p.dead_at IS NULL)
+                       AND o.next_attempt_at <= ?1 AND (o.claimed_until IS NULL OR o.claimed_until <= ?1)
+                     ORDER BY o.id LIMIT ?2",
+                    (now.as_i64(), i64::from(limit)),
+                    webhook_from_row,
+                )?;
+                for e in &due {
+                    exec(
+                        tx,
+                        "UPDATE webhook_outbox SET claimed_by = ?2, claimed_until = ?3 WHERE id = ?1",
+                        (e.id, node.as_str(), lease_until.as_i64()),
+                    )?;
+                }
+                Ok(due)
+            })
+            .await
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        id: i64,
+        node: &str,
+        delivered_to: &[usize],
+        outcome: &AttemptOutcome,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
+        let (node, done, outcome) = (
+            node.to_owned(),
+            outbox::endpoints_to_column(delivered_to),
+            outcome.clone(),
+        );
+        self.writer
+            .transaction(move |tx| {
+                let (delivered_at, next, dead_at, error) = attempt_columns(&outcome, now);
+                let n = exec(
+                    tx,
+                    "UPDATE webhook_outbox SET attempts = attempts + 1, delivered_to = ?3, delivered_at = ?4,
+                       next_attempt_at = COALESCE(?5, next_attempt_at), dead_at = ?6, last_error = ?7,
+                       claimed_by = NULL, claimed_until = NULL
+                     WHERE id = ?1 AND claimed_by = ?2",
+                    (id, node.as_str(), done.as_str(), delivered_at, next, dead_at, error),
+                )?;
+                Ok(n == 1)
+            })
+            .await
+    }
+
+    async fn webhook_events(&self, filter: WebhookFilter, limit: u32) -> StoreResult<Vec<WebhookEvent>> {
+        let sql = match filter {
+            WebhookFilter::All => "SELECT * FROM webhook_outbox ORDER BY id DESC LIMIT ?1",
+            WebhookFilter::Undelivered => {
+                "SELECT * FROM webhook_outbox WHERE delivered_at IS NULL ORDER BY id DESC LIMIT ?1"
+            }
+            WebhookFilter::Dead => "SELECT * FROM webhook_outbox WHERE dead_at IS NOT NULL ORDER BY id DESC LIMIT ?1",
+        };
+        self.reader
+            .read_blocking(move |c| read_all(c, sql, (i64::from(limit),), webhook_from_row))
+            .await
+    }
+
+    async fn replay_webhook(&self, event_id: &str, now: UnixMillis) -> StoreResult<bool> {
+        let event_id = event_id.to_owned();
+        self.writer
+            .transaction(move |tx| {
+                let n = exec(
+                    tx,
+                    "UPDATE webhook_outbox SET attempts = 0, next_attempt_at = ?2, delivered_to = '', delivered_at = NULL,
+                       dead_at = NULL, last_error = NULL, claimed_by = NULL, claimed_until = NULL
+                     WHERE event_id = ?1",
+                    (event_id.as_str(), now.as_i64()),
+                )?;
+                Ok(n == 1)
+            })
+            .await
+    }
+
+    async fn webhook_backlog(&self) -> StoreResult<OutboxBacklog> {
+        self.reader.read(|c| {
+            read_one(
+                c,
+                "SELECT COUNT(*) AS pending, MIN(created_at) AS oldest FROM webhook_outbox
+                 WHERE delivered_at IS NULL AND dead_at IS NULL",
+                (),
+                |r| {
+                    Ok(OutboxBacklog {
+                        pending: get(r, "pending")?,
+                        oldest_pending_at: get::<Option<i64>>(r, "oldest")?.map(UnixMillis),
+                    })
+                },
+            )
+            .map(Option::unwrap_or_default)
+        })
+    }
+}
+
+/// An attempt's outcome as the outbox columns it sets: (delivered_at, next_attempt_at,
+/// dead_at, last_error).
+fn attempt_columns(
+    outcome: &AttemptOutcome,
+    now: UnixMillis,
+) -> (Option<i64>, Option<i64>, Option<i64>, Option<String>) {
+    match outcome {
+        AttemptOutcome::Delivered => (Some(now.as_i64()), None, None, None),
+        AttemptOutcome::Retry { next_attempt_at, error } => {
+            (None, Some(next_attempt_at.as_i64()), None, Some(error.clone()))
+        }
+        AttemptOutcome::Dead { error } => (None, None, Some(now.as_i64()), Some(error.clone())),
     }
 }
 

@@ -15,8 +15,8 @@ use keyward_store::audit::verify_chain;
 use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{
-    AuditAction, AuditActor, CallRecord, LastTest, NewAuditEvent, NewKey, PgStore, SqliteStore, Store, StoreError,
-    KEY_SOURCES,
+    AttemptOutcome, AuditAction, AuditActor, CallRecord, LastTest, NewAuditEvent, NewKey, PgStore, SqliteStore, Store,
+    StoreError, WebhookFilter, KEY_SOURCES,
 };
 use sqlx::Connection;
 
@@ -1280,9 +1280,299 @@ async fn leaked_mark_follows_the_key(s: &dyn Store) {
     chain_ok(s, &account).await;
 }
 
+/// The webhook events a store wrote, oldest first, as (type, payload JSON).
+async fn outbox_of(s: &dyn Store) -> Vec<(String, serde_json::Value)> {
+    let mut events = s.webhook_events(WebhookFilter::All, 1_000).await.unwrap();
+    events.reverse();
+    events
+        .into_iter()
+        .map(|e| (e.kind, serde_json::from_str(&e.payload).unwrap()))
+        .collect()
+}
+
+async fn outbox_follows_key_changes_in_their_transactions(s: &dyn Store) {
+    let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let actor = AuditActor(user.to_string());
+    let p = Provider::OpenAi;
+    s.save_key(&account, p, new_key(1, "aaaa"), &actor, t(10))
+        .await
+        .unwrap();
+    s.save_key(&account, p, new_key(2, "bbbb"), &actor, t(11))
+        .await
+        .unwrap();
+    s.set_source(&account, p, KeySource::Own, &actor, t(12)).await.unwrap();
+    s.set_source(&account, p, KeySource::Own, &actor, t(13)).await.unwrap(); // no change, no event
+    let key_id = s.sealed_key(&account, p).await.unwrap().unwrap().key_id;
+    let failed = LastTest {
+        ok: false,
+        at: t(14),
+        message: "Incorrect API key".into(),
+        detail: None,
+    };
+    let test_event = tested(&account, 14, false)
+        .last4(Some(&Last4::from_stored("bbbb").unwrap()))
+        .outcome(keyward_core::Outcome::Error("invalid_key"));
+    s.record_key_test(&account, p, &key_id, &failed, &test_event)
+        .await
+        .unwrap();
+    let passed = LastTest {
+        ok: true,
+        at: t(15),
+        message: "ok".into(),
+        detail: None,
+    };
+    s.record_key_test(&account, p, &key_id, &passed, &tested(&account, 15, true))
+        .await
+        .unwrap();
+    s.remove_key(&account, p, &actor, t(16)).await.unwrap();
+
+    let events = outbox_of(s).await;
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "key.saved",
+            "key.rotated",
+            "key.source_changed",
+            "key.test_failed",
+            "key.removed"
+        ],
+        "one event per change, in order; a passed test and a no-op switch send nothing"
+    );
+    let (_, rotated) = &events[1];
+    assert_eq!(rotated["type"], "key.rotated");
+    assert_eq!(rotated["data"]["account_id"], account.as_str());
+    assert_eq!(rotated["data"]["provider"], "openai");
+    assert_eq!(rotated["data"]["key_last4"], "bbbb");
+    assert_eq!(events[2].1["data"]["key_source"], "own");
+    assert_eq!(events[3].1["data"]["diagnosis"], "invalid_key");
+    for (_, body) in &events {
+        let text = body.to_string();
+        assert!(
+            !text.contains("Incorrect API key"),
+            "no provider text in a payload: {text}"
+        );
+        assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+    let backlog = s.webhook_backlog().await.unwrap();
+    assert_eq!(backlog.pending, 5);
+    assert_eq!(backlog.oldest_pending_at, Some(t(10)));
+}
+
+async fn outbox_hands_out_each_accounts_events_in_order_under_a_lease(s: &dyn Store, twin: &dyn Store) {
+    let (user, a) = owner_with_account(s, 1, Plan::Pro).await;
+    let (_, b) = owner_with_account(s, 2, Plan::Pro).await;
+    let actor = AuditActor(user.to_string());
+    for (n, p) in Provider::ALL.into_iter().enumerate() {
+        s.save_key(&a, p, new_key(10 + n as u8, "aaaa"), &actor, t(10 + n as i64))
+            .await
+            .unwrap();
+    }
+    s.save_key(&b, Provider::Google, new_key(20, "bbbb"), &actor, t(20))
+        .await
+        .unwrap();
+    let now = t(100);
+
+    // One event per account: a's oldest and b's only one.
+    let first = s.claim_webhooks("node-a", now, t(1_100), 10).await.unwrap();
+    assert_eq!(
+        first.iter().map(|e| e.account_id.clone()).collect::<Vec<_>>(),
+        [a.to_string(), b.to_string()]
+    );
+    assert!(first.iter().all(|e| e.event_id.starts_with("msg_")));
+    // Claimed: another node gets nothing until the lease ends.
+    assert!(twin
+        .claim_webhooks("node-b", now, t(1_100), 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // a's first is retried later: a's next event waits behind it (order per account).
+    let a1 = &first[0];
+    let retry = AttemptOutcome::Retry {
+        next_attempt_at: t(500),
+        error: "HTTP 503".into(),
+    };
+    assert!(s
+        .record_webhook_attempt(a1.id, "node-a", &[], &retry, now)
+        .await
+        .unwrap());
+    assert!(
+        !twin
+            .record_webhook_attempt(a1.id, "node-b", &[0], &AttemptOutcome::Delivered, now)
+            .await
+            .unwrap(),
+        "only the claimant records"
+    );
+    assert!(s
+        .claim_webhooks("node-a", t(200), t(1_200), 10)
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.account_id != a.as_str()));
+    let again = twin.claim_webhooks("node-b", t(500), t(1_500), 10).await.unwrap();
+    assert_eq!(
+        again.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [a1.id],
+        "due again, same event"
+    );
+    assert_eq!(again[0].attempts, 1);
+    assert_eq!(again[0].last_error.as_deref(), Some("HTTP 503"));
+    assert!(twin
+        .record_webhook_attempt(a1.id, "node-b", &[0, 1], &AttemptOutcome::Delivered, t(501))
+        .await
+        .unwrap());
+
+    // A node that died holding a claim: its lease runs out and another node takes the event.
+    let held = s.claim_webhooks("node-a", t(600), t(700), 10).await.unwrap();
+    assert_eq!(
+        held.len(),
+        1,
+        "a's second event (b's is still claimed by node-a's first lease)"
+    );
+    assert!(twin
+        .claim_webhooks("node-b", t(650), t(2_000), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let taken = twin.claim_webhooks("node-b", t(1_101), t(3_000), 10).await.unwrap();
+    assert!(
+        taken.iter().any(|e| e.id == held[0].id),
+        "the expired claim is taken over"
+    );
+
+    // Given up on: dead events stop blocking their account and can be replayed.
+    let dead = AttemptOutcome::Dead {
+        error: "gave up after 24 h".into(),
+    };
+    assert!(twin
+        .record_webhook_attempt(held[0].id, "node-b", &[], &dead, t(1_102))
+        .await
+        .unwrap());
+    let listed = s.webhook_events(WebhookFilter::Dead, 10).await.unwrap();
+    assert_eq!(listed.iter().map(|e| e.id).collect::<Vec<_>>(), [held[0].id]);
+    let next = s.claim_webhooks("node-a", t(3_001), t(4_000), 10).await.unwrap();
+    assert!(next.iter().any(|e| e.account_id == a.as_str() && e.id > held[0].id));
+    assert!(s.replay_webhook(&held[0].event_id, t(3_002)).await.unwrap());
+    assert!(!s.replay_webhook("msg_unknown", t(3_002)).await.unwrap());
+    assert!(s.webhook_events(WebhookFilter::Dead, 10).await.unwrap().is_empty());
+    let replayed = s.webhook_events(WebhookFilter::Undelivered, 10).await.unwrap();
+    let r = replayed.iter().find(|e| e.id == held[0].id).unwrap();
+    assert_eq!(
+        (r.attempts, r.next_attempt_at, r.delivered_to.clone()),
+        (0, t(3_002), vec![])
+    );
+    let delivered = s.webhook_events(WebhookFilter::All, 10).await.unwrap();
+    let d = delivered.iter().find(|e| e.id == a1.id).unwrap();
+    assert_eq!(
+        (d.delivered_at, d.delivered_to.clone(), d.attempts),
+        (Some(t(501)), vec![0, 1], 2)
+    );
+}
+
+async fn failing_key_streak_sends_one_event_per_streak(s: &dyn Store) {
+    let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let actor = AuditActor(user.to_string());
+    let p = Provider::Anthropic;
+    s.save_key(&account, p, new_key(1, "own4"), &actor, t(10))
+        .await
+        .unwrap();
+    let own = |n: i64, outcome: keyward_core::Outcome| {
+        let mut c = call(&account, p, KeySource::Own, 0, 0, n);
+        c.audit.outcome = outcome;
+        c
+    };
+    let bad = keyward_core::Outcome::Error("invalid_key");
+    let down = keyward_core::Outcome::Error("provider_unavailable");
+    // Two failures, a provider outage (says nothing about the key), then three more in
+    // another batch: the third key failure in a row sends key.failing, once.
+    s.finish_calls(&[own(1, bad), own(2, bad), own(3, down)]).await.unwrap();
+    s.finish_calls(&[own(4, bad), own(5, bad), own(6, bad)]).await.unwrap();
+    s.finish_calls(&[own(7, keyward_core::Outcome::Ok), own(8, keyward_core::Outcome::Ok)])
+        .await
+        .unwrap();
+    // A short streak that recovers sends nothing.
+    s.finish_calls(&[own(9, bad), own(10, keyward_core::Outcome::Ok)])
+        .await
+        .unwrap();
+    // Shared calls never count.
+    s.finish_calls(&[call(&account, p, KeySource::Shared, 0, 0, 11)])
+        .await
+        .unwrap();
+    let events = outbox_of(s).await;
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["key.saved", "key.failing", "key.recovered"]);
+    assert_eq!(events[1].1["data"]["diagnosis"], "invalid_key");
+    assert_eq!(events[1].1["data"]["key_last4"], "own4");
+    // A new key starts a new streak.
+    s.finish_calls(&[own(12, bad), own(13, bad)]).await.unwrap();
+    s.save_key(&account, p, new_key(2, "new4"), &actor, t(20))
+        .await
+        .unwrap();
+    s.finish_calls(&[own(14, bad)]).await.unwrap();
+    assert_eq!(
+        outbox_of(s).await.len(),
+        4,
+        "key.rotated only: the new key's first failure is not a streak of 3"
+    );
+    assert_eq!(chain_ok(s, &account).await, 16);
+}
+
+async fn shared_credit_thresholds_are_announced_once(s: &dyn Store) {
+    let (_, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let shared =
+        |n: i64, reserved: i64, charged: i64| call(&account, Provider::OpenAi, KeySource::Shared, reserved, charged, n);
+    assert!(s.reserve_credits(&account, PERIOD, 100, 50).await.unwrap());
+    s.finish_calls(&[shared(1, 50, 50)]).await.unwrap();
+    assert!(outbox_of(s).await.is_empty(), "50% announces nothing");
+    assert!(s.reserve_credits(&account, PERIOD, 100, 40).await.unwrap());
+    s.finish_calls(&[shared(2, 40, 35)]).await.unwrap();
+    assert!(s.reserve_credits(&account, PERIOD, 100, 5).await.unwrap());
+    s.finish_calls(&[shared(3, 5, 5)]).await.unwrap();
+    let events = outbox_of(s).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, "shared.quota_threshold");
+    assert_eq!(events[0].1["data"]["percent"], 80);
+    assert_eq!(events[0].1["data"]["period"], PERIOD);
+    // 90 used: a 20-credit call cannot be paid: the pool is spent for it (100%), once.
+    assert!(!s.reserve_credits(&account, PERIOD, 100, 20).await.unwrap());
+    assert!(!s.reserve_credits(&account, PERIOD, 100, 20).await.unwrap());
+    let events = outbox_of(s).await;
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e.1["data"]["percent"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [80, 100]
+    );
+    assert_eq!(s.usage(&account, PERIOD).await.unwrap().credits_reserved, 0);
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
+
+            #[tokio::test]
+            async fn outbox_follows_key_changes_in_their_transactions() {
+                let Some(b) = super::$backend().await else { return };
+                super::outbox_follows_key_changes_in_their_transactions(b.store.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn outbox_hands_out_each_accounts_events_in_order_under_a_lease() {
+                let Some(b) = super::$backend().await else { return };
+                super::outbox_hands_out_each_accounts_events_in_order_under_a_lease(b.store.as_ref(), b.twin.as_ref())
+                    .await;
+            }
+            #[tokio::test]
+            async fn failing_key_streak_sends_one_event_per_streak() {
+                let Some(b) = super::$backend().await else { return };
+                super::failing_key_streak_sends_one_event_per_streak(b.store.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn shared_credit_thresholds_are_announced_once() {
+                let Some(b) = super::$backend().await else { return };
+                super::shared_credit_thresholds_are_announced_once(b.store.as_ref()).await;
+            }
 
             #[tokio::test]
             async fn users_tokens_and_memberships() {
