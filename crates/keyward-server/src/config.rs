@@ -201,6 +201,62 @@ pub struct Config {
     /// A model catalogue file replacing the built-in one.
     #[serde(default, deserialize_with = "some_path")]
     pub catalogue: Option<PathBuf>,
+    /// Own-key calls failing in a row with a key diagnosis (invalid, no credit, missing
+    /// permission, reported as leaked) before the `key.failing` webhook is sent.
+    #[serde(
+        default = "default_key_failing_after",
+        deserialize_with = "within::<_, u32, 1, 1_000>"
+    )]
+    pub key_failing_after: u32,
+    #[serde(default)]
+    pub webhook: WebhookConfig,
+}
+
+/// `KEYWARD_WEBHOOK_*`: the product's webhook endpoints (Standard Webhooks).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Endpoints, comma-separated; each gets every event. None: no events are written.
+    #[serde(default, deserialize_with = "url_list")]
+    pub urls: Vec<String>,
+    /// One secret (`whsec_…`) per line, in the order of the URLs; mode 0600. Never from the
+    /// environment or argv, which other users of the machine may read.
+    #[serde(default, deserialize_with = "some_path")]
+    pub secrets_file: Option<PathBuf>,
+    /// One delivery's time limit (connect to answer).
+    #[serde(
+        default = "default_webhook_timeout",
+        deserialize_with = "within::<_, u32, 100, 120_000>"
+    )]
+    pub timeout_ms: u32,
+    /// The first retry's delay; each next one doubles, with jitter, up to an hour.
+    #[serde(
+        default = "default_webhook_retry_base",
+        deserialize_with = "within::<_, u32, 10, 3_600_000>"
+    )]
+    pub retry_base_ms: u32,
+    /// How long an event is retried before it is given up on (then `keyward webhooks replay`).
+    #[serde(
+        default = "default_webhook_retry_for",
+        deserialize_with = "within::<_, u32, 1, 604_800>"
+    )]
+    pub retry_for_secs: u32,
+    /// How often each node looks for due events.
+    #[serde(default = "default_webhook_poll", deserialize_with = "within::<_, u32, 10, 60_000>")]
+    pub poll_ms: u32,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> WebhookConfig {
+        WebhookConfig {
+            urls: Vec::new(),
+            secrets_file: None,
+            timeout_ms: default_webhook_timeout(),
+            retry_base_ms: default_webhook_retry_base(),
+            retry_for_secs: default_webhook_retry_for(),
+            poll_ms: default_webhook_poll(),
+        }
+    }
 }
 
 /// `KEYWARD_DATABASE_*`.
@@ -342,6 +398,21 @@ fn default_provider_timeout() -> u32 {
 fn default_connect_timeout() -> u32 {
     5_000
 }
+fn default_key_failing_after() -> u32 {
+    keyward_store::outbox::DEFAULT_KEY_FAILING_AFTER
+}
+fn default_webhook_timeout() -> u32 {
+    10_000
+}
+fn default_webhook_retry_base() -> u32 {
+    5_000
+}
+fn default_webhook_retry_for() -> u32 {
+    86_400
+}
+fn default_webhook_poll() -> u32 {
+    50
+}
 
 impl Config {
     /// Reads the file (if any) and the given environment (pass `std::env::vars()`; variables
@@ -414,6 +485,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 var: var.to_owned(),
                 reason: "KEYWARD_TLS_CERT and KEYWARD_TLS_KEY must be set together".into(),
+            });
+        }
+        if !self.webhook.urls.is_empty() && self.webhook.secrets_file.is_none() {
+            return Err(ConfigError::Invalid {
+                var: "KEYWARD_WEBHOOK_SECRETS_FILE".to_owned(),
+                reason: "KEYWARD_WEBHOOK_URLS needs a signing secret per endpoint, one per line in this file".into(),
             });
         }
         Ok(())
@@ -524,12 +601,13 @@ impl SettingNames {
     fn of_config() -> SettingNames {
         // A section is a field whose own fields can be read off its type; the others are
         // leaves. Sections are the struct-typed fields of `Config`.
-        let sections: [(&'static str, &'static [&'static str]); 5] = [
+        let sections: [(&'static str, &'static [&'static str]); 6] = [
             ("database", fields_of::<DatabaseConfig>()),
             ("metrics", fields_of::<MetricsConfig>()),
             ("tls", fields_of::<TlsConfig>()),
             ("worker", fields_of::<WorkerSettings>()),
             ("provider", fields_of::<ProviderSettings>()),
+            ("webhook", fields_of::<WebhookConfig>()),
         ];
         let mut paths = BTreeMap::new();
         for &field in fields_of::<Config>() {
@@ -692,12 +770,53 @@ fn base_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(url.to_owned())
 }
 
+/// Comma-separated http(s) URLs (empty: none).
+fn url_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let raw = scalar(d)?;
+    raw.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            let ok = (u.starts_with("https://") || u.starts_with("http://")) && !u.contains(char::is_whitespace);
+            if ok {
+                Ok(u.to_owned())
+            } else {
+                Err(de::Error::custom(format!(
+                    "expected comma-separated http(s):// URLs, got {u:?}"
+                )))
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn webhook_settings_load_and_urls_need_their_secrets() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("KEYWARD_WEBHOOK_URLS", "https://a.example/hooks, http://127.0.0.1:9/h"),
+                ("KEYWARD_WEBHOOK_SECRETS_FILE", "/etc/keyward/webhook-secrets"),
+                ("KEYWARD_WEBHOOK_RETRY_BASE_MS", "200"),
+                ("KEYWARD_KEY_FAILING_AFTER", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.webhook.urls, ["https://a.example/hooks", "http://127.0.0.1:9/h"]);
+        assert_eq!(c.webhook.retry_base_ms, 200);
+        assert_eq!(c.webhook.retry_for_secs, 86_400);
+        assert_eq!(c.key_failing_after, 5);
+        let err = Config::load(None, env(&[("KEYWARD_WEBHOOK_URLS", "https://a.example/hooks")])).unwrap_err();
+        assert!(err.to_string().starts_with("KEYWARD_WEBHOOK_SECRETS_FILE"), "{err}");
+        let err = Config::load(None, env(&[("KEYWARD_WEBHOOK_URLS", "ftp://x")])).unwrap_err();
+        assert!(err.to_string().starts_with("KEYWARD_WEBHOOK_URLS"), "{err}");
     }
 
     #[test]
@@ -814,7 +933,7 @@ mod tests {
             );
         }
         let c = Config::load(None, env(&[("KEYWARD_DATABASE_URL", "postgres://u:secret@db/k")])).unwrap();
-        assert!(!format!("{c:?}").contains("secret"));
+        assert!(!format!("{c:?}").contains("u:secret"));
     }
 
     #[test]
@@ -897,6 +1016,7 @@ mod tests {
                 "KEYWARD_GOOGLE_BASE_URL",
                 "KEYWARD_KEK",
                 "KEYWARD_KEK_REWRAP",
+                "KEYWARD_KEY_FAILING_AFTER",
                 "KEYWARD_KEY_TESTS_PER_MINUTE",
                 "KEYWARD_LISTEN",
                 "KEYWARD_LOG",
@@ -909,6 +1029,12 @@ mod tests {
                 "KEYWARD_PROVIDER_TIMEOUT_MS",
                 "KEYWARD_TLS_CERT",
                 "KEYWARD_TLS_KEY",
+                "KEYWARD_WEBHOOK_POLL_MS",
+                "KEYWARD_WEBHOOK_RETRY_BASE_MS",
+                "KEYWARD_WEBHOOK_RETRY_FOR_SECS",
+                "KEYWARD_WEBHOOK_SECRETS_FILE",
+                "KEYWARD_WEBHOOK_TIMEOUT_MS",
+                "KEYWARD_WEBHOOK_URLS",
                 "KEYWARD_WORKERS",
                 "KEYWARD_WORKER_THREADS",
             ]

@@ -31,6 +31,7 @@ pub mod runtime;
 pub mod serve;
 pub mod state;
 pub mod web;
+pub mod webhooks;
 pub mod workers;
 
 pub use config::Config;

@@ -20,6 +20,11 @@ pub struct Metrics {
     ai_latency: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
     /// Catalogued models a provider said do not exist: count, and when last logged.
     model_not_found: Mutex<BTreeMap<(&'static str, String), GoneModel>>,
+    /// Webhook delivery attempts by outcome (`delivered`, `retry`, `dead`).
+    webhook_deliveries: Mutex<BTreeMap<&'static str, u64>>,
+    /// The outbox's pending events and when the oldest was written (refreshed by the
+    /// delivery task; `None` until it first looked, or when webhooks are off).
+    webhook_backlog: Mutex<Option<(i64, Option<keyward_core::UnixMillis>)>>,
 }
 
 /// How often a provider said one catalogued model does not exist, and when it was last logged.
@@ -135,6 +140,18 @@ impl Metrics {
         log
     }
 
+    pub fn record_webhook_delivery(&self, outcome: &'static str) {
+        if let Ok(mut m) = self.webhook_deliveries.lock() {
+            *m.entry(outcome).or_default() += 1;
+        }
+    }
+
+    pub fn set_webhook_backlog(&self, pending: i64, oldest_at: Option<keyward_core::UnixMillis>) {
+        if let Ok(mut b) = self.webhook_backlog.lock() {
+            *b = Some((pending, oldest_at));
+        }
+    }
+
     pub fn record_worker_restart(&self) {
         self.worker_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -243,6 +260,37 @@ impl Metrics {
                 out,
                 "keyward_key_actions_total{{action=\"{action}\",provider=\"{provider}\"}} {n}"
             );
+        }
+        header(
+            &mut out,
+            "keyward_webhook_deliveries_total",
+            "counter",
+            "Webhook delivery attempts by outcome (delivered, retry, dead).",
+        );
+        let deliveries = self.webhook_deliveries.lock().map(|m| m.clone()).unwrap_or_default();
+        for (outcome, n) in &deliveries {
+            let _ = writeln!(out, "keyward_webhook_deliveries_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        if let Some((pending, oldest)) = self.webhook_backlog.lock().ok().and_then(|b| *b) {
+            header(
+                &mut out,
+                "keyward_webhook_pending_events",
+                "gauge",
+                "Webhook events not yet delivered (retrying ones included, dead ones not).",
+            );
+            let _ = writeln!(out, "keyward_webhook_pending_events {pending}");
+            header(
+                &mut out,
+                "keyward_webhook_oldest_pending_age_seconds",
+                "gauge",
+                "Age of the oldest webhook event not yet delivered (0 when none).",
+            );
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let age = oldest.map_or(0.0, |at| (now_ms.saturating_sub(at.as_i64())).max(0) as f64 / 1e3);
+            let _ = writeln!(out, "keyward_webhook_oldest_pending_age_seconds {age}");
         }
         process::render(&mut out);
         out

@@ -84,7 +84,17 @@ pub async fn open_stores(config: &Config) -> Result<(Arc<dyn Store>, Arc<dyn Kek
     let chain_key = AuditChainKey::load(&config.data_dir)?;
     Ok(match config.database_url() {
         DatabaseUrl::Sqlite(path) => {
-            let s = Arc::new(SqliteStore::open_file(&path, chain_key, SqliteOptions::default()).await?);
+            let s = Arc::new(
+                SqliteStore::open_file(
+                    &path,
+                    chain_key,
+                    SqliteOptions {
+                        outbox: outbox_rules(config),
+                        ..SqliteOptions::default()
+                    },
+                )
+                .await?,
+            );
             (s.clone(), s)
         }
         DatabaseUrl::Postgres(url) => {
@@ -99,5 +109,14 @@ pub(crate) fn pg_options(config: &Config) -> PgOptions {
         pool_size: config.database.pool_size,
         statement_timeout: Duration::from_millis(u64::from(config.database.statement_timeout_ms)),
         connect_timeout: Duration::from_millis(u64::from(config.database.connect_timeout_ms)),
+        outbox: outbox_rules(config),
+    }
+}
+
+/// Webhook events are written only when there is an endpoint to send them to.
+fn outbox_rules(config: &Config) -> keyward_store::OutboxRules {
+    keyward_store::OutboxRules {
+        enabled: !config.webhook.urls.is_empty(),
+        key_failing_after: config.key_failing_after,
     }
 }

@@ -93,6 +93,9 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
         _ => None,
     };
     prepare_data_dir(&config)?;
+    // Checked before anything starts: a bad secrets file must stop `serve`, not its events.
+    let webhook_endpoints =
+        crate::webhooks::load_endpoints(&config.webhook).map_err(|e| RuntimeError::Other(e.to_string()))?;
     // Read before the sealer and the workers: the watcher starts from what they loaded.
     let kek_state = crate::runtime::kek_backend(&config).observe().ok();
     let sealer = Arc::new(crate::kek::SealerCell::new(load_sealer(&config)?));
@@ -108,6 +111,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
         clock.clone(),
         node_id(addr),
     )));
+    let node = node_id(addr);
     reporter.lock().await.tick(&sealer).await;
     if tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "serving plain HTTP on a non-loopback address: keys pasted into keyward would cross the network unencrypted; set KEYWARD_TLS_CERT/KEYWARD_TLS_KEY or keep it on loopback behind a TLS proxy");
@@ -137,6 +141,20 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     }
 
     let metrics = Arc::new(Metrics::default());
+    let deliverer = if webhook_endpoints.is_empty() {
+        None
+    } else {
+        let deliverer = crate::webhooks::Deliverer::new(
+            store.clone(),
+            webhook_endpoints,
+            &config.webhook,
+            node,
+            clock.clone(),
+            metrics.clone(),
+        )
+        .map_err(|e| RuntimeError::Other(e.to_string()))?;
+        Some(tokio::spawn(deliverer.run()))
+    };
     let background_rewrap =
         (config.kek_rewrap == crate::config::KekRewrap::Background).then(|| crate::kek::BackgroundRewrap {
             store: store.clone(),
@@ -219,6 +237,9 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     };
     purger.abort();
     kek_watcher.abort();
+    if let Some(d) = deliverer {
+        d.abort();
+    }
     if let Some(m) = metrics_server {
         m.abort();
     }

@@ -25,6 +25,9 @@ use crate::audit::{AuditAction, NewAuditEvent};
 /// What a store needs to know to write webhook events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxRules {
+    /// Whether to write events at all: off when no endpoint is configured, so nothing piles
+    /// up for endpoints that do not exist.
+    pub enabled: bool,
     /// Own-key calls failing in a row with a key diagnosis before `key.failing` is sent.
     pub key_failing_after: u32,
 }
@@ -32,6 +35,7 @@ pub struct OutboxRules {
 impl Default for OutboxRules {
     fn default() -> Self {
         OutboxRules {
+            enabled: true,
             key_failing_after: DEFAULT_KEY_FAILING_AFTER,
         }
     }
@@ -161,7 +165,10 @@ fn diagnosis(outcome: &str) -> Option<&str> {
         .or_else(|| outcome.strip_prefix("refused:"))
 }
 
-pub(crate) fn trigger(e: &NewAuditEvent) -> Trigger {
+pub(crate) fn trigger(rules: &OutboxRules, e: &NewAuditEvent) -> Trigger {
+    if !rules.enabled {
+        return Trigger::None;
+    }
     match e.action {
         AuditAction::KeySaved => Trigger::Event(WebhookKind::KeySaved),
         AuditAction::KeyRotated => Trigger::Event(WebhookKind::KeyRotated),

@@ -476,7 +476,7 @@ async fn append_in_tx(conn: &mut PgConnection, chain: &ChainCtx, events: &[&NewA
     if events.is_empty() {
         return Ok(());
     }
-    let triggers: Vec<Trigger> = events.iter().map(|e| outbox::trigger(e)).collect();
+    let triggers: Vec<Trigger> = events.iter().map(|e| outbox::trigger(&chain.rules, e)).collect();
     let streak_keys: BTreeSet<(&str, &str)> = events
         .iter()
         .zip(&triggers)
@@ -836,7 +836,14 @@ fn webhook_from_row(row: &PgRow) -> StoreResult<WebhookEvent> {
 /// the caller's transaction. A release larger than the reservation (a caller bug, or a row
 /// reset by hand) clamps the reservation at 0 and is logged rather than failing the batch:
 /// the calls it settles have happened and their audit events must not be lost.
-async fn settle_in_tx(conn: &mut PgConnection, account: &str, period: &str, release: i64, charge: i64) -> TxResult<()> {
+async fn settle_in_tx(
+    conn: &mut PgConnection,
+    account: &str,
+    period: &str,
+    release: i64,
+    charge: i64,
+    announce: bool,
+) -> TxResult<()> {
     if release == 0 && charge == 0 {
         return Ok(());
     }
@@ -852,7 +859,7 @@ async fn settle_in_tx(conn: &mut PgConnection, account: &str, period: &str, rele
     .await
     .map_err(pg)?;
     if done.rows_affected() == 1 {
-        if charge > 0 {
+        if announce && charge > 0 {
             announce_thresholds(conn, account, period, None).await?;
         }
         return Ok(());
@@ -878,7 +885,7 @@ async fn settle_in_tx(conn: &mut PgConnection, account: &str, period: &str, rele
     .execute(&mut *conn)
     .await
     .map_err(pg)?;
-    if charge > 0 {
+    if announce && charge > 0 {
         announce_thresholds(conn, account, period, None).await?;
     }
     Ok(())
@@ -1510,7 +1517,9 @@ impl Store for PgStore {
                     .execute(&mut *conn)
                     .await
                     .map_err(pg)?;
-                if announce_thresholds(conn, account.as_str(), period, Some(amount)).await? {
+                if self.chain_key.rules.enabled
+                    && announce_thresholds(conn, account.as_str(), period, Some(amount)).await?
+                {
                     // Refused, and the pool is now announced as spent: keep that.
                     Finish::Commit(false)
                 } else {
@@ -1547,7 +1556,7 @@ impl Store for PgStore {
         let events: Vec<&NewAuditEvent> = records.iter().map(|r| &r.audit).collect();
         transaction!(self, |conn| {
             for ((account, period), (release, charge)) in &credits {
-                settle_in_tx(conn, account, period, *release, *charge).await?;
+                settle_in_tx(conn, account, period, *release, *charge, self.chain_key.rules.enabled).await?;
             }
             // One statement for all counter rows, upserted in key order (the order every
             // batch uses, so two batches never wait on each other in a cycle).
@@ -1584,7 +1593,7 @@ impl Store for PgStore {
             return Ok(());
         }
         transaction!(self, |conn| {
-            settle_in_tx(conn, account.as_str(), period, amount, 0).await?;
+            settle_in_tx(conn, account.as_str(), period, amount, 0, false).await?;
             Finish::Commit(())
         })
     }

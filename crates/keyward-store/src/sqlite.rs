@@ -556,7 +556,7 @@ fn append_in_tx<'e>(
             ])
             .map_err(map_rusqlite)?;
         heads.insert(account, (e.seq, mac));
-        match outbox::trigger(new) {
+        match outbox::trigger(&chain.rules, new) {
             Trigger::None => {}
             Trigger::Event(kind) => enqueue_for_audit(tx, kind, new, &mac, None)?,
             Trigger::KeyCall(health) => {
@@ -729,7 +729,14 @@ fn webhook_from_row(row: &Row<'_>) -> StoreResult<WebhookEvent> {
 /// the caller's transaction. A release larger than the reservation (a caller bug, or a row
 /// reset by hand) clamps the reservation at 0 and is logged rather than failing the batch:
 /// the calls it settles have happened and their audit events must not be lost.
-fn settle_in_tx(tx: &Connection, account: &str, period: &str, release: i64, charge: i64) -> StoreResult<()> {
+fn settle_in_tx(
+    tx: &Connection,
+    account: &str,
+    period: &str,
+    release: i64,
+    charge: i64,
+    announce: bool,
+) -> StoreResult<()> {
     if release == 0 && charge == 0 {
         return Ok(());
     }
@@ -740,7 +747,7 @@ fn settle_in_tx(tx: &Connection, account: &str, period: &str, release: i64, char
         (account, period, release, charge),
     )?;
     if done == 1 {
-        if charge > 0 {
+        if announce && charge > 0 {
             announce_thresholds(tx, account, period, None)?;
         }
         return Ok(());
@@ -762,7 +769,7 @@ fn settle_in_tx(tx: &Connection, account: &str, period: &str, release: i64, char
                                    THEN credit_periods.credits_reserved - ?4 ELSE 0 END",
         (account, period, charge, release),
     )?;
-    if charge > 0 {
+    if announce && charge > 0 {
         announce_thresholds(tx, account, period, None)?;
     }
     Ok(())
@@ -1308,7 +1315,7 @@ impl Store for SqliteStore {
     async fn reserve_credits(&self, account: &AccountId, period: &str, limit: i64, amount: i64) -> StoreResult<bool> {
         check_period(period)?;
         check_amount("amount", amount)?;
-        let (account, period) = (account.clone(), period.to_owned());
+        let (account, period, announce) = (account.clone(), period.to_owned(), self.chain_key.rules.enabled);
         self.writer
             .write(move |conn| {
                 let tx = conn
@@ -1330,7 +1337,7 @@ impl Store for SqliteStore {
                      WHERE account_id = ?1 AND period = ?2 AND credits_used + credits_reserved + ?3 <= ?4",
                     (account.as_str(), period.as_str(), amount, limit),
                 )? == 1;
-                let announced = !reserved && {
+                let announced = !reserved && announce && {
                     exec(
                         &tx,
                         "UPDATE credit_periods SET credit_limit = ?3 WHERE account_id = ?1 AND period = ?2",
@@ -1364,7 +1371,7 @@ impl Store for SqliteStore {
                 immediate(conn, |tx| {
                     append_in_tx(tx, &chain_key, records.iter().map(|r| &r.audit))?;
                     for ((account, period), (release, charge)) in credits {
-                        settle_in_tx(tx, account, period, release, charge)?;
+                        settle_in_tx(tx, account, period, release, charge, chain_key.rules.enabled)?;
                     }
                     for ((account, period, provider, source), (requests, input, output)) in counters {
                         exec(
@@ -1392,7 +1399,7 @@ impl Store for SqliteStore {
         }
         let (account, period) = (account.clone(), period.to_owned());
         self.writer
-            .transaction(move |tx| settle_in_tx(tx, account.as_str(), &period, amount, 0))
+            .transaction(move |tx| settle_in_tx(tx, account.as_str(), &period, amount, 0, false))
             .await
     }
 

@@ -95,6 +95,30 @@ enum Command {
         #[command(subcommand)]
         command: CatalogueCommand,
     },
+    /// The webhook outbox: list events and their delivery, send one again.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WebhooksCommand {
+    /// Print events as JSON lines, newest first: type, account, status (delivered, pending,
+    /// dead), attempts, last error and payload.
+    List {
+        /// Only events not delivered after at least one attempt (retrying or dead).
+        #[arg(long)]
+        failed: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: u32,
+    },
+    /// Send an event again from scratch (a dead one, or one a receiver lost), to every endpoint.
+    Replay {
+        /// Its webhook-id (msg_…), as `list` shows it.
+        event_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -272,6 +296,7 @@ fn check_data_dir(cli: &Cli, config: &Config) -> Result<(), ExitCode> {
         Command::Admin { .. }
             | Command::Audit { .. }
             | Command::Kek { .. }
+            | Command::Webhooks { .. }
             | Command::Catalogue {
                 command: CatalogueCommand::Check { .. }
             }
@@ -410,6 +435,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 ExitCode::from(2)
                             }
                         })
+                    }
+                }
+            }
+            Command::Webhooks { command } => {
+                let store = open_store(&config).await?;
+                match command {
+                    WebhooksCommand::List { failed, limit } => {
+                        let mut out = std::io::stdout().lock();
+                        for event in keyward_server::webhooks::list(store.as_ref(), failed, limit).await? {
+                            writeln!(out, "{event}")?;
+                        }
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    WebhooksCommand::Replay { event_id } => {
+                        let now = keyward_server::clock::Clock::now(&SystemClock);
+                        if store.replay_webhook(&event_id, now).await? {
+                            print_json(&serde_json::json!({"replayed": event_id}))?;
+                            Ok(ExitCode::SUCCESS)
+                        } else {
+                            let _ = writeln!(std::io::stderr(), "keyward: no webhook event {event_id:?}");
+                            Ok(ExitCode::from(1))
+                        }
                     }
                 }
             }
