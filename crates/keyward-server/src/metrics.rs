@@ -22,9 +22,9 @@ pub struct Metrics {
     model_not_found: Mutex<BTreeMap<(&'static str, String), GoneModel>>,
     /// Webhook delivery attempts by outcome (`delivered`, `retry`, `dead`).
     webhook_deliveries: Mutex<BTreeMap<&'static str, u64>>,
-    /// The outbox's pending events and when the oldest was written (refreshed by the
-    /// delivery task; `None` until it first looked, or when webhooks are off).
-    webhook_backlog: Mutex<Option<(i64, Option<keyward_core::UnixMillis>)>>,
+    /// The outbox's pending events and the oldest one's age in seconds (refreshed every
+    /// second by the delivery task; `None` until it first looked, or when webhooks are off).
+    webhook_backlog: Mutex<Option<(i64, f64)>>,
 }
 
 /// How often a provider said one catalogued model does not exist, and when it was last logged.
@@ -146,9 +146,9 @@ impl Metrics {
         }
     }
 
-    pub fn set_webhook_backlog(&self, pending: i64, oldest_at: Option<keyward_core::UnixMillis>) {
+    pub fn set_webhook_backlog(&self, pending: i64, oldest_age_seconds: f64) {
         if let Ok(mut b) = self.webhook_backlog.lock() {
-            *b = Some((pending, oldest_at));
+            *b = Some((pending, oldest_age_seconds));
         }
     }
 
@@ -271,7 +271,7 @@ impl Metrics {
         for (outcome, n) in &deliveries {
             let _ = writeln!(out, "keyward_webhook_deliveries_total{{outcome=\"{outcome}\"}} {n}");
         }
-        if let Some((pending, oldest)) = self.webhook_backlog.lock().ok().and_then(|b| *b) {
+        if let Some((pending, oldest_age)) = self.webhook_backlog.lock().ok().and_then(|b| *b) {
             header(
                 &mut out,
                 "keyward_webhook_pending_events",
@@ -285,12 +285,7 @@ impl Metrics {
                 "gauge",
                 "Age of the oldest webhook event not yet delivered (0 when none).",
             );
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            let age = oldest.map_or(0.0, |at| (now_ms.saturating_sub(at.as_i64())).max(0) as f64 / 1e3);
-            let _ = writeln!(out, "keyward_webhook_oldest_pending_age_seconds {age}");
+            let _ = writeln!(out, "keyward_webhook_oldest_pending_age_seconds {oldest_age}");
         }
         process::render(&mut out);
         out

@@ -257,7 +257,11 @@ impl Deliverer {
 
     async fn refresh_backlog(&self) {
         if let Ok(b) = self.store.webhook_backlog().await {
-            self.metrics.set_webhook_backlog(b.pending, b.oldest_pending_at);
+            let now = self.clock.now().as_i64();
+            let age = b
+                .oldest_pending_at
+                .map_or(0.0, |at| now.saturating_sub(at.as_i64()).max(0) as f64 / 1e3);
+            self.metrics.set_webhook_backlog(b.pending, age);
         }
     }
 

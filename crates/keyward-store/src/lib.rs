@@ -468,7 +468,16 @@ pub trait Store: Send + Sync + 'static {
     /// Atomically reserves `amount` credits if `credits_used + credits_reserved + amount <= limit`;
     /// `Ok(false)` when it would exceed (and nothing changes). One conditional update in the
     /// database, so the cap holds across processes. Own-key calls never call this.
-    async fn reserve_credits(&self, account: &AccountId, period: &str, limit: i64, amount: i64) -> StoreResult<bool>;
+    /// A refusal past 80% of the limit may announce the pool as spent (`shared.quota_threshold`,
+    /// dated `now`; see [`outbox::thresholds_crossed`]).
+    async fn reserve_credits(
+        &self,
+        account: &AccountId,
+        period: &str,
+        limit: i64,
+        amount: i64,
+        now: UnixMillis,
+    ) -> StoreResult<bool>;
     /// Group commit for finished AI calls: ONE transaction for the whole batch. For each
     /// record, in order: release its reservation (`credits_reserved -= reserved`), charge
     /// (`credits_used += charged`), bump the usage counters of (account, period, provider,

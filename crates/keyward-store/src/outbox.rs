@@ -302,15 +302,6 @@ pub(crate) fn body_for_audit(
     envelope(kind, e.at, data)
 }
 
-/// The time now, for events no audit event dates (a threshold is reached by a settlement).
-pub(crate) fn wall_clock() -> UnixMillis {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    UnixMillis(ms)
-}
-
 pub(crate) fn body_for_threshold(
     account: &str,
     external_id: Option<&str>,

@@ -760,6 +760,7 @@ async fn announce_thresholds(
     account: &str,
     period: &str,
     refused_amount: Option<i64>,
+    now: UnixMillis,
 ) -> TxResult<bool> {
     let row = sqlx::query(
         "SELECT credits_used, credit_limit, notified_percent FROM credit_periods
@@ -791,7 +792,6 @@ async fn announce_thresholds(
         .map_err(pg)?;
     let labels = account_labels(conn, &[account]).await?;
     let external = labels.get(account).and_then(|l| l.0.clone());
-    let now = outbox::wall_clock();
     let mut rows = OutboxRows::default();
     for percent in crossed {
         let body = outbox::body_for_threshold(
@@ -842,7 +842,7 @@ async fn settle_in_tx(
     period: &str,
     release: i64,
     charge: i64,
-    announce: bool,
+    announce: Option<UnixMillis>,
 ) -> TxResult<()> {
     if release == 0 && charge == 0 {
         return Ok(());
@@ -859,8 +859,8 @@ async fn settle_in_tx(
     .await
     .map_err(pg)?;
     if done.rows_affected() == 1 {
-        if announce && charge > 0 {
-            announce_thresholds(conn, account, period, None).await?;
+        if let Some(now) = announce.filter(|_| charge > 0) {
+            announce_thresholds(conn, account, period, None, now).await?;
         }
         return Ok(());
     }
@@ -885,8 +885,8 @@ async fn settle_in_tx(
     .execute(&mut *conn)
     .await
     .map_err(pg)?;
-    if announce && charge > 0 {
-        announce_thresholds(conn, account, period, None).await?;
+    if let Some(now) = announce.filter(|_| charge > 0) {
+        announce_thresholds(conn, account, period, None, now).await?;
     }
     Ok(())
 }
@@ -1480,7 +1480,14 @@ impl Store for PgStore {
         row.as_ref().map(|r| stored_key_from_row(r, "shared_keys")).transpose()
     }
 
-    async fn reserve_credits(&self, account: &AccountId, period: &str, limit: i64, amount: i64) -> StoreResult<bool> {
+    async fn reserve_credits(
+        &self,
+        account: &AccountId,
+        period: &str,
+        limit: i64,
+        amount: i64,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
         check_period(period)?;
         check_amount("amount", amount)?;
         transaction!(self, |conn| {
@@ -1518,7 +1525,7 @@ impl Store for PgStore {
                     .await
                     .map_err(pg)?;
                 if self.chain_key.rules.enabled
-                    && announce_thresholds(conn, account.as_str(), period, Some(amount)).await?
+                    && announce_thresholds(conn, account.as_str(), period, Some(amount), now).await?
                 {
                     // Refused, and the pool is now announced as spent: keep that.
                     Finish::Commit(false)
@@ -1554,9 +1561,14 @@ impl Store for PgStore {
             c_output.push(*output);
         }
         let events: Vec<&NewAuditEvent> = records.iter().map(|r| &r.audit).collect();
+        let announce_at = records
+            .iter()
+            .map(|r| r.audit.at)
+            .max()
+            .filter(|_| self.chain_key.rules.enabled);
         transaction!(self, |conn| {
             for ((account, period), (release, charge)) in &credits {
-                settle_in_tx(conn, account, period, *release, *charge, self.chain_key.rules.enabled).await?;
+                settle_in_tx(conn, account, period, *release, *charge, announce_at).await?;
             }
             // One statement for all counter rows, upserted in key order (the order every
             // batch uses, so two batches never wait on each other in a cycle).
@@ -1593,7 +1605,7 @@ impl Store for PgStore {
             return Ok(());
         }
         transaction!(self, |conn| {
-            settle_in_tx(conn, account.as_str(), period, amount, 0, false).await?;
+            settle_in_tx(conn, account.as_str(), period, amount, 0, None).await?;
             Finish::Commit(())
         })
     }

@@ -513,8 +513,7 @@ fn append_in_tx<'e>(
     events: impl IntoIterator<Item = &'e NewAuditEvent>,
 ) -> StoreResult<()> {
     let mut heads: std::collections::BTreeMap<&str, (i64, [u8; 32])> = std::collections::BTreeMap::new();
-    let mut streaks: std::collections::BTreeMap<(&str, &str), Vec<(CallHealth, &NewAuditEvent, [u8; 32])>> =
-        std::collections::BTreeMap::new();
+    let mut streaks: std::collections::BTreeMap<(&str, &str), Vec<StreakCall<'_>>> = std::collections::BTreeMap::new();
     let mut insert = tx.prepare_cached(INSERT_EVENT_SQL).map_err(map_rusqlite)?;
     for new in events {
         let account = new.account_id.as_str();
@@ -604,6 +603,9 @@ fn append_in_tx<'e>(
     Ok(())
 }
 
+/// An own-key call in a batch: how it bears on its key's streak, its event and the event's MAC.
+type StreakCall<'e> = (CallHealth, &'e NewAuditEvent, [u8; 32]);
+
 /// The account's external id and plan, for a webhook payload.
 fn account_labels(tx: &Connection, account: &str) -> StoreResult<(Option<String>, Option<String>)> {
     Ok(read_one(
@@ -659,7 +661,13 @@ fn enqueue(
 /// Announces the shared-credit thresholds a period has newly reached (see
 /// `outbox::thresholds_crossed`), inside the caller's transaction. `refused_amount` is a
 /// reservation the cap just refused.
-fn announce_thresholds(tx: &Connection, account: &str, period: &str, refused_amount: Option<i64>) -> StoreResult<bool> {
+fn announce_thresholds(
+    tx: &Connection,
+    account: &str,
+    period: &str,
+    refused_amount: Option<i64>,
+    now: UnixMillis,
+) -> StoreResult<bool> {
     let Some((used, limit, announced)) = read_one(
         tx,
         "SELECT credits_used, credit_limit, notified_percent FROM credit_periods WHERE account_id = ?1 AND period = ?2",
@@ -685,7 +693,6 @@ fn announce_thresholds(tx: &Connection, account: &str, period: &str, refused_amo
         (account, period, highest),
     )?;
     let (external, _) = account_labels(tx, account)?;
-    let now = outbox::wall_clock();
     for percent in crossed {
         let body = outbox::body_for_threshold(
             account,
@@ -728,14 +735,15 @@ fn webhook_from_row(row: &Row<'_>) -> StoreResult<WebhookEvent> {
 /// Releases `release` reserved credits and charges `charge` for one (account, period), inside
 /// the caller's transaction. A release larger than the reservation (a caller bug, or a row
 /// reset by hand) clamps the reservation at 0 and is logged rather than failing the batch:
-/// the calls it settles have happened and their audit events must not be lost.
+/// the calls it settles have happened and their audit events must not be lost. `announce`:
+/// the time to date threshold events by, or `None` to write none.
 fn settle_in_tx(
     tx: &Connection,
     account: &str,
     period: &str,
     release: i64,
     charge: i64,
-    announce: bool,
+    announce: Option<UnixMillis>,
 ) -> StoreResult<()> {
     if release == 0 && charge == 0 {
         return Ok(());
@@ -747,8 +755,8 @@ fn settle_in_tx(
         (account, period, release, charge),
     )?;
     if done == 1 {
-        if announce && charge > 0 {
-            announce_thresholds(tx, account, period, None)?;
+        if let Some(now) = announce.filter(|_| charge > 0) {
+            announce_thresholds(tx, account, period, None, now)?;
         }
         return Ok(());
     }
@@ -769,8 +777,8 @@ fn settle_in_tx(
                                    THEN credit_periods.credits_reserved - ?4 ELSE 0 END",
         (account, period, charge, release),
     )?;
-    if announce && charge > 0 {
-        announce_thresholds(tx, account, period, None)?;
+    if let Some(now) = announce.filter(|_| charge > 0) {
+        announce_thresholds(tx, account, period, None, now)?;
     }
     Ok(())
 }
@@ -1312,7 +1320,14 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn reserve_credits(&self, account: &AccountId, period: &str, limit: i64, amount: i64) -> StoreResult<bool> {
+    async fn reserve_credits(
+        &self,
+        account: &AccountId,
+        period: &str,
+        limit: i64,
+        amount: i64,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
         check_period(period)?;
         check_amount("amount", amount)?;
         let (account, period, announce) = (account.clone(), period.to_owned(), self.chain_key.rules.enabled);
@@ -1343,7 +1358,7 @@ impl Store for SqliteStore {
                         "UPDATE credit_periods SET credit_limit = ?3 WHERE account_id = ?1 AND period = ?2",
                         (account.as_str(), period.as_str(), limit),
                     )?;
-                    announce_thresholds(&tx, account.as_str(), period.as_str(), Some(amount))?
+                    announce_thresholds(&tx, account.as_str(), period.as_str(), Some(amount), now)?
                 };
                 if reserved || announced {
                     tx.commit().map_err(map_rusqlite)?;
@@ -1368,10 +1383,15 @@ impl Store for SqliteStore {
                 // Check everything before writing anything, and fold the batch into one update
                 // per (account, period) and per counter row (see `fold_calls`).
                 let FoldedCalls { credits, counters } = fold_calls(&records)?;
+                let announce_at = records
+                    .iter()
+                    .map(|r| r.audit.at)
+                    .max()
+                    .filter(|_| chain_key.rules.enabled);
                 immediate(conn, |tx| {
                     append_in_tx(tx, &chain_key, records.iter().map(|r| &r.audit))?;
                     for ((account, period), (release, charge)) in credits {
-                        settle_in_tx(tx, account, period, release, charge, chain_key.rules.enabled)?;
+                        settle_in_tx(tx, account, period, release, charge, announce_at)?;
                     }
                     for ((account, period, provider, source), (requests, input, output)) in counters {
                         exec(
@@ -1399,7 +1419,7 @@ impl Store for SqliteStore {
         }
         let (account, period) = (account.clone(), period.to_owned());
         self.writer
-            .transaction(move |tx| settle_in_tx(tx, account.as_str(), &period, amount, 0, false))
+            .transaction(move |tx| settle_in_tx(tx, account.as_str(), &period, amount, 0, None))
             .await
     }
 

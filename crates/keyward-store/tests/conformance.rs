@@ -731,15 +731,15 @@ async fn reserve_refuses_past_the_limit(s: &dyn Store) {
     assert_eq!((usage.credits_used, usage.credits_reserved), (0, 0));
 
     // A refusal on a fresh period leaves nothing behind.
-    assert!(!s.reserve_credits(&account, PERIOD, 100, 101).await.unwrap());
+    assert!(!s.reserve_credits(&account, PERIOD, 100, 101, t(1)).await.unwrap());
     assert_eq!(s.usage(&account, PERIOD).await.unwrap().credits_reserved, 0);
 
-    assert!(s.reserve_credits(&account, PERIOD, 100, 60).await.unwrap());
+    assert!(s.reserve_credits(&account, PERIOD, 100, 60, t(1)).await.unwrap());
     assert!(
-        s.reserve_credits(&account, PERIOD, 100, 40).await.unwrap(),
+        s.reserve_credits(&account, PERIOD, 100, 40, t(1)).await.unwrap(),
         "exactly the limit is allowed"
     );
-    assert!(!s.reserve_credits(&account, PERIOD, 100, 1).await.unwrap());
+    assert!(!s.reserve_credits(&account, PERIOD, 100, 1, t(1)).await.unwrap());
     let usage = s.usage(&account, PERIOD).await.unwrap();
     assert_eq!(
         (usage.credits_used, usage.credits_reserved),
@@ -753,24 +753,26 @@ async fn reserve_refuses_past_the_limit(s: &dyn Store) {
         .unwrap();
     let usage = s.usage(&account, PERIOD).await.unwrap();
     assert_eq!((usage.credits_used, usage.credits_reserved), (30, 40));
-    assert!(!s.reserve_credits(&account, PERIOD, 100, 31).await.unwrap());
-    assert!(s.reserve_credits(&account, PERIOD, 100, 30).await.unwrap());
+    assert!(!s.reserve_credits(&account, PERIOD, 100, 31, t(1)).await.unwrap());
+    assert!(s.reserve_credits(&account, PERIOD, 100, 30, t(1)).await.unwrap());
     // A lowered limit refuses everything new; a zero-credit reservation still fits a full pool.
-    assert!(!s.reserve_credits(&account, PERIOD, 50, 1).await.unwrap());
-    assert!(s.reserve_credits(&account, PERIOD, 100, 0).await.unwrap());
+    assert!(!s.reserve_credits(&account, PERIOD, 50, 1, t(1)).await.unwrap());
+    assert!(s.reserve_credits(&account, PERIOD, 100, 0, t(1)).await.unwrap());
     let usage = s.usage(&account, PERIOD).await.unwrap();
     assert_eq!((usage.credits_used, usage.credits_reserved), (30, 70));
 
     // Periods are separate pools.
-    assert!(s.reserve_credits(&account, "2026-12", 100, 100).await.unwrap());
+    assert!(s.reserve_credits(&account, "2026-12", 100, 100, t(1)).await.unwrap());
     assert_eq!(s.usage(&account, PERIOD).await.unwrap().credits_reserved, 70);
 
     // Bad input is refused, not written; an unknown account is not found.
     for (period, amount) in [("2026-13", 1), ("2026-1", 1), ("202611", 1), (PERIOD, -5)] {
-        let r = s.reserve_credits(&account, period, 100, amount).await;
+        let r = s.reserve_credits(&account, period, 100, amount, t(1)).await;
         assert!(matches!(r, Err(StoreError::Invalid(_))), "{period} {amount}: {r:?}");
     }
-    let r = s.reserve_credits(&id(AccountId::from_random, 99), PERIOD, 100, 1).await;
+    let r = s
+        .reserve_credits(&id(AccountId::from_random, 99), PERIOD, 100, 1, t(1))
+        .await;
     assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
     assert_eq!(s.usage(&account, PERIOD).await.unwrap().credits_reserved, 70);
 }
@@ -783,7 +785,7 @@ async fn concurrent_reserves_hold_the_cap(s: Arc<dyn Store>, twin: Arc<dyn Store
         let s = if n % 2 == 0 { s.clone() } else { twin.clone() };
         let account = account.clone();
         tasks.push(tokio::spawn(async move {
-            s.reserve_credits(&account, PERIOD, 95, 10).await
+            s.reserve_credits(&account, PERIOD, 95, 10, t(1)).await
         }));
     }
     let mut granted = 0;
@@ -844,7 +846,7 @@ async fn finish_calls_settles_a_mixed_batch(s: &dyn Store) {
     let (_, b) = owner_with_account(s, 2, Plan::Business).await;
     // Reservations for the shared calls below, as the gateway makes them before calling.
     for (acc, amount) in [(&a, 50), (&a, 30), (&b, 40)] {
-        assert!(s.reserve_credits(acc, PERIOD, 1_000, amount).await.unwrap());
+        assert!(s.reserve_credits(acc, PERIOD, 1_000, amount, t(1)).await.unwrap());
     }
     let batch = vec![
         call(&a, Provider::Anthropic, KeySource::Shared, 50, 20, 0),
@@ -914,7 +916,7 @@ async fn finish_calls_settles_a_mixed_batch(s: &dyn Store) {
     assert_eq!(events[1].key_last4.as_deref(), Some("own4"));
 
     // A second batch adds to the same counters and continues the chains.
-    assert!(s.reserve_credits(&a, PERIOD, 1_000, 10).await.unwrap());
+    assert!(s.reserve_credits(&a, PERIOD, 1_000, 10, t(1)).await.unwrap());
     s.finish_calls(&[call(&a, Provider::Anthropic, KeySource::Shared, 10, 10, 6)])
         .await
         .unwrap();
@@ -930,8 +932,8 @@ async fn finish_calls_settles_a_mixed_batch(s: &dyn Store) {
 
 async fn release_credits_frees_without_charging(s: &dyn Store) {
     let (_, account) = owner_with_account(s, 1, Plan::Pro).await;
-    assert!(s.reserve_credits(&account, PERIOD, 100, 70).await.unwrap());
-    assert!(!s.reserve_credits(&account, PERIOD, 100, 40).await.unwrap());
+    assert!(s.reserve_credits(&account, PERIOD, 100, 70, t(1)).await.unwrap());
+    assert!(!s.reserve_credits(&account, PERIOD, 100, 40, t(1)).await.unwrap());
     s.release_credits(&account, PERIOD, 70).await.unwrap();
     let usage = s.usage(&account, PERIOD).await.unwrap();
     assert_eq!((usage.credits_used, usage.credits_reserved), (0, 0));
@@ -940,7 +942,7 @@ async fn release_credits_frees_without_charging(s: &dyn Store) {
         "a release is not a request"
     );
     assert!(
-        s.reserve_credits(&account, PERIOD, 100, 100).await.unwrap(),
+        s.reserve_credits(&account, PERIOD, 100, 100, t(1)).await.unwrap(),
         "the credits are free again"
     );
 
@@ -965,7 +967,7 @@ async fn large_batch_commits_in_one_call(s: &dyn Store) {
         if n % 5 == 0 {
             batch.push(call(account, provider, KeySource::Own, 0, 0, n));
         } else {
-            assert!(s.reserve_credits(account, PERIOD, 100_000, 20).await.unwrap());
+            assert!(s.reserve_credits(account, PERIOD, 100_000, 20, t(1)).await.unwrap());
             batch.push(call(account, provider, KeySource::Shared, 20, 7, n));
         }
     }
@@ -988,7 +990,7 @@ async fn large_batch_commits_in_one_call(s: &dyn Store) {
     assert_eq!(chain_ok(s, &a).await, 250);
     assert_eq!(chain_ok(s, &b).await, 250);
 
-    assert!(s.reserve_credits(&a, PERIOD, 100_000, 20).await.unwrap());
+    assert!(s.reserve_credits(&a, PERIOD, 100_000, 20, t(1)).await.unwrap());
     let one = [call(&a, Provider::Google, KeySource::Shared, 20, 3, 1_000)];
     let started = Instant::now();
     s.finish_calls(&one).await.unwrap();
@@ -1061,7 +1063,9 @@ async fn two_nodes_share_one_chain_and_one_cap(s: Arc<dyn Store>, twin: Arc<dyn 
         let node = nodes[n % 2].clone();
         let account = account.clone();
         reservers.push(tokio::spawn(async move {
-            node.reserve_credits(&account, PERIOD, LIMIT, AMOUNT).await.unwrap()
+            node.reserve_credits(&account, PERIOD, LIMIT, AMOUNT, t(1))
+                .await
+                .unwrap()
         }));
     }
 
@@ -1522,12 +1526,12 @@ async fn shared_credit_thresholds_are_announced_once(s: &dyn Store) {
     let (_, account) = owner_with_account(s, 1, Plan::Pro).await;
     let shared =
         |n: i64, reserved: i64, charged: i64| call(&account, Provider::OpenAi, KeySource::Shared, reserved, charged, n);
-    assert!(s.reserve_credits(&account, PERIOD, 100, 50).await.unwrap());
+    assert!(s.reserve_credits(&account, PERIOD, 100, 50, t(1)).await.unwrap());
     s.finish_calls(&[shared(1, 50, 50)]).await.unwrap();
     assert!(outbox_of(s).await.is_empty(), "50% announces nothing");
-    assert!(s.reserve_credits(&account, PERIOD, 100, 40).await.unwrap());
+    assert!(s.reserve_credits(&account, PERIOD, 100, 40, t(1)).await.unwrap());
     s.finish_calls(&[shared(2, 40, 35)]).await.unwrap();
-    assert!(s.reserve_credits(&account, PERIOD, 100, 5).await.unwrap());
+    assert!(s.reserve_credits(&account, PERIOD, 100, 5, t(1)).await.unwrap());
     s.finish_calls(&[shared(3, 5, 5)]).await.unwrap();
     let events = outbox_of(s).await;
     assert_eq!(events.len(), 1);
@@ -1535,8 +1539,8 @@ async fn shared_credit_thresholds_are_announced_once(s: &dyn Store) {
     assert_eq!(events[0].1["data"]["percent"], 80);
     assert_eq!(events[0].1["data"]["period"], PERIOD);
     // 90 used: a 20-credit call cannot be paid: the pool is spent for it (100%), once.
-    assert!(!s.reserve_credits(&account, PERIOD, 100, 20).await.unwrap());
-    assert!(!s.reserve_credits(&account, PERIOD, 100, 20).await.unwrap());
+    assert!(!s.reserve_credits(&account, PERIOD, 100, 20, t(1)).await.unwrap());
+    assert!(!s.reserve_credits(&account, PERIOD, 100, 20, t(1)).await.unwrap());
     let events = outbox_of(s).await;
     assert_eq!(
         events
@@ -1986,7 +1990,7 @@ async fn sqlite_a_batch_failing_mid_write_rolls_back_and_the_writer_stays_usable
     let s = open_sqlite(&url, opts.clone()).await;
     let twin = open_sqlite(&url, opts).await;
     let (_, account) = owner_with_account(&s, 1, Plan::Pro).await;
-    assert!(s.reserve_credits(&account, PERIOD, 1_000, 50).await.unwrap());
+    assert!(s.reserve_credits(&account, PERIOD, 1_000, 50, t(1)).await.unwrap());
     // Refuse one event at the database: the batch fails after BEGIN, mid-write.
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(

@@ -527,7 +527,7 @@ impl Engine {
             let limit = actor.account().shared_credit_limit;
             if !self
                 .store
-                .reserve_credits(account, &ctx.period, limit, reserved)
+                .reserve_credits(account, &ctx.period, limit, reserved, self.clock.now())
                 .await?
             {
                 let refusal = ApiError::new(

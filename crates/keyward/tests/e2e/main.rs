@@ -29,4 +29,5 @@ mod providers_today;
 mod relay;
 mod tenancy;
 mod web;
+mod webhooks;
 mod worker;
