@@ -187,6 +187,11 @@ const CONCURRENCY: usize = 16;
 const MAX_BACKOFF_MS: u64 = 3_600_000;
 /// How often the backlog gauge is refreshed.
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+/// How long delivered events are kept (for `keyward webhooks list`); dead ones stay until
+/// replayed.
+const KEEP_DELIVERED_MS: i64 = 7 * 24 * 3_600_000;
+/// How often delivered events older than that are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3_600);
 
 impl Deliverer {
     pub fn new(
@@ -236,8 +241,16 @@ impl Deliverer {
     /// once by the next (an account's next event may be due); otherwise it waits one poll.
     pub async fn run(self) {
         let mut backlog_at = tokio::time::Instant::now();
+        let mut pruned_at: Option<tokio::time::Instant> = None;
         self.refresh_backlog().await;
         loop {
+            if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                let before = UnixMillis(self.clock.now().as_i64().saturating_sub(KEEP_DELIVERED_MS));
+                if let Err(e) = self.store.prune_webhooks(before).await {
+                    tracing::warn!(error = %e, "could not prune delivered webhook events");
+                }
+                pruned_at = Some(tokio::time::Instant::now());
+            }
             let progressed = match self.round().await {
                 Ok(n) => n > 0,
                 Err(e) => {

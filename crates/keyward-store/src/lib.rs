@@ -536,4 +536,7 @@ pub trait Store: Send + Sync + 'static {
     /// `false` for an unknown `event_id`.
     async fn replay_webhook(&self, event_id: &str, now: UnixMillis) -> StoreResult<bool>;
     async fn webhook_backlog(&self) -> StoreResult<OutboxBacklog>;
+    /// Deletes events delivered before `delivered_before` (dead ones stay for `replay`);
+    /// returns how many.
+    async fn prune_webhooks(&self, delivered_before: UnixMillis) -> StoreResult<u64>;
 }

@@ -1826,6 +1826,15 @@ impl Store for PgStore {
             oldest_pending_at: get::<Option<i64>>(&row, "oldest")?.map(UnixMillis),
         })
     }
+
+    async fn prune_webhooks(&self, delivered_before: UnixMillis) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM webhook_outbox WHERE delivered_at IS NOT NULL AND delivered_at < $1")
+            .bind(delivered_before.as_i64())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
 }
 
 /// An attempt's outcome as the outbox columns it sets: (delivered_at, next_attempt_at,

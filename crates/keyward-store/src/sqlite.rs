@@ -1643,6 +1643,19 @@ impl Store for SqliteStore {
             .map(Option::unwrap_or_default)
         })
     }
+
+    async fn prune_webhooks(&self, delivered_before: UnixMillis) -> StoreResult<u64> {
+        self.writer
+            .transaction(move |tx| {
+                let n = exec(
+                    tx,
+                    "DELETE FROM webhook_outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?1",
+                    (delivered_before.as_i64(),),
+                )?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
 }
 
 /// An attempt's outcome as the outbox columns it sets: (delivered_at, next_attempt_at,

@@ -1472,6 +1472,15 @@ async fn outbox_hands_out_each_accounts_events_in_order_under_a_lease(s: &dyn St
         (d.delivered_at, d.delivered_to.clone(), d.attempts),
         (Some(t(501)), vec![0, 1], 2)
     );
+    // Delivered events are pruned after a while; undelivered and dead ones never are.
+    assert_eq!(
+        s.prune_webhooks(t(501)).await.unwrap(),
+        0,
+        "delivered at 501, not before"
+    );
+    assert_eq!(s.prune_webhooks(t(502)).await.unwrap(), 1);
+    let left = s.webhook_events(WebhookFilter::All, 10).await.unwrap();
+    assert!(left.iter().all(|e| e.id != a1.id) && left.iter().any(|e| e.id == held[0].id));
 }
 
 async fn failing_key_streak_sends_one_event_per_streak(s: &dyn Store) {
