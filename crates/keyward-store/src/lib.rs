@@ -341,6 +341,96 @@ pub(crate) fn usage_report(credits_used: i64, credits_reserved: i64, found: &[Pr
     }
 }
 
+/// A settings-page session as the store keeps it: its user and times, never its id (the
+/// store knows only the id's SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSession {
+    pub user: User,
+    pub created_at: UnixMillis,
+    pub last_seen_at: UnixMillis,
+}
+
+/// When sessions end: `idle_ms` after their last use, `max_ms` after they began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub idle_ms: i64,
+    pub max_ms: i64,
+}
+
+impl SessionLimits {
+    /// (last seen after, created after): a session is live at `now` when both hold.
+    pub(crate) fn cutoffs(self, now: UnixMillis) -> (i64, i64) {
+        (
+            now.as_i64().saturating_sub(self.idle_ms),
+            now.as_i64().saturating_sub(self.max_ms),
+        )
+    }
+}
+
+/// Which of an account's audit events to read ([`Store::audit_search`]); `None` matches all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub provider: Option<Provider>,
+    pub key_source: Option<KeySource>,
+    pub last4: Option<String>,
+    /// Events at or after this time.
+    pub from: Option<UnixMillis>,
+    /// Events before this time.
+    pub until: Option<UnixMillis>,
+}
+
+/// What the audit log says about an account's own key's calls ([`Store::key_call_health`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyCallHealth {
+    /// The newest own-key call that worked, since the key was saved.
+    pub last_ok_at: Option<UnixMillis>,
+    /// Own-key calls that failed in the window, per outcome (`error:<diagnosis>`), most first.
+    pub failures: Vec<FailureCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureCount {
+    /// The diagnosis (`invalid_key`, `no_credit`, …): the outcome without `error:`.
+    pub diagnosis: String,
+    pub count: i64,
+    pub last_at: UnixMillis,
+}
+
+impl KeyCallHealth {
+    /// The newest failure in the window.
+    pub fn last_failure_at(&self) -> Option<UnixMillis> {
+        self.failures.iter().map(|f| f.last_at).max()
+    }
+
+    /// The key's newest call in the window failed (no success since its newest failure).
+    pub fn failing(&self) -> bool {
+        match (self.last_failure_at(), self.last_ok_at) {
+            (Some(f), Some(ok)) => f > ok,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// Failures in the window, all diagnoses together.
+    pub fn failed(&self) -> i64 {
+        self.failures.iter().map(|f| f.count).sum()
+    }
+}
+
+/// Turns grouped failure rows into [`KeyCallHealth::failures`], most frequent first.
+pub(crate) fn failure_counts(rows: Vec<(String, i64, i64)>) -> Vec<FailureCount> {
+    let mut out: Vec<FailureCount> = rows
+        .into_iter()
+        .map(|(outcome, count, last)| FailureCount {
+            diagnosis: outcome.strip_prefix("error:").unwrap_or(&outcome).to_owned(),
+            count,
+            last_at: UnixMillis(last),
+        })
+        .collect();
+    out.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.diagnosis.cmp(&b.diagnosis)));
+    out
+}
+
 /// The database, as the rest of keyward sees it. Every method is one unit of work;
 /// methods that change keys append their audit event in the same transaction.
 #[async_trait]
@@ -539,4 +629,49 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes events delivered before `delivered_before` (dead ones stay for `replay`);
     /// returns how many.
     async fn prune_webhooks(&self, delivered_before: UnixMillis) -> StoreResult<u64>;
+
+    // ---- settings-page sessions (only the SHA-256 of a session id, `id_hash`, is stored) ---
+    /// Starts a session for `user`, seen at `now`. `Conflict` if `id_hash` exists.
+    async fn create_session(&self, id_hash: &str, user: &UserId, now: UnixMillis) -> StoreResult<()>;
+    /// The live session (see [`SessionLimits`]), marked as seen at `now`; `None` when there
+    /// is none or it has expired (an expired one is deleted).
+    async fn touch_session(
+        &self,
+        id_hash: &str,
+        now: UnixMillis,
+        limits: SessionLimits,
+    ) -> StoreResult<Option<WebSession>>;
+    /// Ends one session; true when there was one.
+    async fn end_session(&self, id_hash: &str) -> StoreResult<bool>;
+    /// Ends every session of `user` (sign out everywhere); how many there were.
+    async fn end_user_sessions(&self, user: &UserId) -> StoreResult<u64>;
+    /// Keeps a message for the session's next page view (replacing one kept before).
+    async fn set_session_flash(&self, id_hash: &str, flash: &str) -> StoreResult<()>;
+    /// The message kept for the session, once: it is cleared as it is read.
+    async fn take_session_flash(&self, id_hash: &str) -> StoreResult<Option<String>>;
+    /// Deletes sessions expired at `now`; how many.
+    async fn prune_sessions(&self, now: UnixMillis, limits: SessionLimits) -> StoreResult<u64>;
+
+    // ---- what the activity page and a key's card read from the audit log ------------------
+    /// An account's events that match `filter`, newest first (by time, then seq), skipping
+    /// `offset` and at most `limit` (`None`: all). Filtered in the database.
+    async fn audit_search(
+        &self,
+        account: &AccountId,
+        filter: &AuditFilter,
+        limit: Option<u32>,
+        offset: u64,
+    ) -> StoreResult<Vec<AuditEvent>>;
+    /// The `ai.request` events on the account's own key for `provider`: the newest that
+    /// worked at or after `since` (when the key was saved), and those that failed
+    /// (`error:<diagnosis>`) at or after `window_start` (and `since`), grouped by diagnosis.
+    async fn key_call_health(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        since: UnixMillis,
+        window_start: UnixMillis,
+    ) -> StoreResult<KeyCallHealth>;
+    /// The users with these ids that exist (any order).
+    async fn users_by_ids(&self, ids: &[UserId]) -> StoreResult<Vec<User>>;
 }

@@ -37,6 +37,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "services_webhooks",
         sql: include_str!("../migrations/sqlite/0005_services_webhooks.sql"),
     },
+    Migration {
+        version: 6,
+        name: "sessions",
+        sql: include_str!("../migrations/sqlite/0006_sessions.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -64,6 +69,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 5,
         name: "services_webhooks",
         sql: include_str!("../migrations/postgres/0005_services_webhooks.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "sessions",
+        sql: include_str!("../migrations/postgres/0006_sessions.sql"),
     },
 ];
 

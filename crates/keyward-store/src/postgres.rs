@@ -46,6 +46,7 @@ use crate::{
     ChainCtx, FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store,
     StoreError, StoreResult, StoredKey, UsageReport, User,
 };
+use crate::{failure_counts, AuditFilter, KeyCallHealth, SessionLimits, WebSession};
 
 /// Tuning for the PostgreSQL backend.
 #[derive(Debug, Clone)]
@@ -1834,6 +1835,196 @@ impl Store for PgStore {
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn create_session(&self, id_hash: &str, user: &UserId, now: UnixMillis) -> StoreResult<()> {
+        sqlx::query("INSERT INTO sessions (id_hash, user_id, created_at, last_seen_at) VALUES ($1, $2, $3, $3)")
+            .bind(id_hash)
+            .bind(user.as_str())
+            .bind(now.as_i64())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn touch_session(
+        &self,
+        id_hash: &str,
+        now: UnixMillis,
+        limits: SessionLimits,
+    ) -> StoreResult<Option<WebSession>> {
+        let (idle_cutoff, max_cutoff) = limits.cutoffs(now);
+        // One statement: the session is marked as seen only while it is live, and read with
+        // its user in the same step.
+        let row = sqlx::query(
+            "WITH s AS (
+                UPDATE sessions SET last_seen_at = GREATEST(last_seen_at, $2)
+                WHERE id_hash = $1 AND last_seen_at > $3 AND created_at > $4
+                RETURNING user_id, created_at, last_seen_at
+             )
+             SELECT u.id, u.email, s.created_at, s.last_seen_at FROM s JOIN users u ON u.id = s.user_id",
+        )
+        .bind(id_hash)
+        .bind(now.as_i64())
+        .bind(idle_cutoff)
+        .bind(max_cutoff)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        match row {
+            Some(r) => Ok(Some(WebSession {
+                user: user_from_row(&r)?,
+                created_at: UnixMillis(get(&r, "created_at")?),
+                last_seen_at: UnixMillis(get(&r, "last_seen_at")?),
+            })),
+            None => {
+                sqlx::query("DELETE FROM sessions WHERE id_hash = $1 AND (last_seen_at <= $2 OR created_at <= $3)")
+                    .bind(id_hash)
+                    .bind(idle_cutoff)
+                    .bind(max_cutoff)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(map_err)?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn end_session(&self, id_hash: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM sessions WHERE id_hash = $1")
+            .bind(id_hash)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn end_user_sessions(&self, user: &UserId) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn set_session_flash(&self, id_hash: &str, flash: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE sessions SET flash = $2 WHERE id_hash = $1")
+            .bind(id_hash)
+            .bind(storable(flash))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn take_session_flash(&self, id_hash: &str) -> StoreResult<Option<String>> {
+        // The old value, read under the row's lock by the same statement that clears it.
+        let row = sqlx::query(
+            "UPDATE sessions s SET flash = NULL FROM (
+                SELECT id_hash, flash FROM sessions WHERE id_hash = $1 AND flash IS NOT NULL FOR UPDATE
+             ) old
+             WHERE s.id_hash = old.id_hash
+             RETURNING old.flash",
+        )
+        .bind(id_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.map(|r| get::<String>(&r, "flash")).transpose()
+    }
+
+    async fn prune_sessions(&self, now: UnixMillis, limits: SessionLimits) -> StoreResult<u64> {
+        let (idle_cutoff, max_cutoff) = limits.cutoffs(now);
+        let done = sqlx::query("DELETE FROM sessions WHERE last_seen_at <= $1 OR created_at <= $2")
+            .bind(idle_cutoff)
+            .bind(max_cutoff)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn audit_search(
+        &self,
+        account: &AccountId,
+        filter: &AuditFilter,
+        limit: Option<u32>,
+        offset: u64,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE account_id = $1
+               AND at >= $2 AND at < $3
+               AND ($4::text IS NULL OR provider = $4)
+               AND ($5::text IS NULL OR key_source = $5)
+               AND ($6::text IS NULL OR key_last4 = $6)
+             ORDER BY at DESC, seq DESC LIMIT $7 OFFSET $8"
+        ))
+        .bind(account.as_str())
+        .bind(filter.from.map_or(i64::MIN, UnixMillis::as_i64))
+        .bind(filter.until.map_or(i64::MAX, UnixMillis::as_i64))
+        .bind(filter.provider.map(Provider::as_str))
+        .bind(filter.key_source.map(KeySource::as_str))
+        .bind(filter.last4.as_deref().map(storable))
+        .bind(limit.map(i64::from))
+        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn key_call_health(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        since: UnixMillis,
+        window_start: UnixMillis,
+    ) -> StoreResult<KeyCallHealth> {
+        let from = since.as_i64().max(window_start.as_i64());
+        let last_ok: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(at) FROM audit_events
+             WHERE account_id = $1 AND provider = $2 AND key_source = 'own' AND outcome = 'ok'
+               AND at >= $3 AND action = 'ai.request'",
+        )
+        .bind(account.as_str())
+        .bind(provider.as_str())
+        .bind(since.as_i64())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let rows = sqlx::query(
+            "SELECT outcome, COUNT(*) AS n, MAX(at) AS last FROM audit_events
+             WHERE account_id = $1 AND provider = $2 AND key_source = 'own'
+               AND outcome LIKE 'error:%'
+               AND at >= $3 AND action = 'ai.request'
+             GROUP BY outcome",
+        )
+        .bind(account.as_str())
+        .bind(provider.as_str())
+        .bind(from)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let rows = rows
+            .iter()
+            .map(|r| Ok((get::<String>(r, "outcome")?, get::<i64>(r, "n")?, get::<i64>(r, "last")?)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(KeyCallHealth {
+            last_ok_at: last_ok.map(UnixMillis),
+            failures: failure_counts(rows),
+        })
+    }
+
+    async fn users_by_ids(&self, ids: &[UserId]) -> StoreResult<Vec<User>> {
+        let ids: Vec<&str> = ids.iter().map(UserId::as_str).collect();
+        let rows = sqlx::query("SELECT id, email FROM users WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(user_from_row).collect()
     }
 }
 

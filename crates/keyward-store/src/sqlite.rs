@@ -29,6 +29,7 @@ use crate::{
     ChainCtx, FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store,
     StoreError, StoreResult, StoredKey, UsageReport, User,
 };
+use crate::{failure_counts, AuditFilter, KeyCallHealth, SessionLimits, WebSession};
 
 /// Tuning for the SQLite backend.
 #[derive(Debug, Clone)]
@@ -1655,6 +1656,210 @@ impl Store for SqliteStore {
                 Ok(u64::try_from(n).unwrap_or(0))
             })
             .await
+    }
+
+    async fn create_session(&self, id_hash: &str, user: &UserId, now: UnixMillis) -> StoreResult<()> {
+        let (id_hash, user) = (id_hash.to_owned(), user.as_str().to_owned());
+        self.writer
+            .transaction(move |tx| {
+                exec(
+                    tx,
+                    "INSERT INTO sessions (id_hash, user_id, created_at, last_seen_at) VALUES (?1, ?2, ?3, ?3)",
+                    (id_hash.as_str(), user.as_str(), now.as_i64()),
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn touch_session(
+        &self,
+        id_hash: &str,
+        now: UnixMillis,
+        limits: SessionLimits,
+    ) -> StoreResult<Option<WebSession>> {
+        let id_hash = id_hash.to_owned();
+        let (idle_cutoff, max_cutoff) = limits.cutoffs(now);
+        self.writer
+            .transaction(move |tx| {
+                let touched = exec(
+                    tx,
+                    "UPDATE sessions SET last_seen_at = MAX(last_seen_at, ?2)
+                     WHERE id_hash = ?1 AND last_seen_at > ?3 AND created_at > ?4",
+                    (id_hash.as_str(), now.as_i64(), idle_cutoff, max_cutoff),
+                )?;
+                if touched == 0 {
+                    exec(tx, "DELETE FROM sessions WHERE id_hash = ?1", (id_hash.as_str(),))?;
+                    return Ok(None);
+                }
+                read_one(
+                    tx,
+                    "SELECT u.id, u.email, s.created_at, s.last_seen_at FROM sessions s
+                     JOIN users u ON u.id = s.user_id WHERE s.id_hash = ?1",
+                    (id_hash.as_str(),),
+                    |r| {
+                        Ok(WebSession {
+                            user: user_from_row(r)?,
+                            created_at: UnixMillis(get(r, "created_at")?),
+                            last_seen_at: UnixMillis(get(r, "last_seen_at")?),
+                        })
+                    },
+                )
+            })
+            .await
+    }
+
+    async fn end_session(&self, id_hash: &str) -> StoreResult<bool> {
+        let id_hash = id_hash.to_owned();
+        self.writer
+            .transaction(move |tx| Ok(exec(tx, "DELETE FROM sessions WHERE id_hash = ?1", (id_hash.as_str(),))? > 0))
+            .await
+    }
+
+    async fn end_user_sessions(&self, user: &UserId) -> StoreResult<u64> {
+        let user = user.as_str().to_owned();
+        self.writer
+            .transaction(move |tx| {
+                let n = exec(tx, "DELETE FROM sessions WHERE user_id = ?1", (user.as_str(),))?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
+
+    async fn set_session_flash(&self, id_hash: &str, flash: &str) -> StoreResult<()> {
+        let (id_hash, flash) = (id_hash.to_owned(), flash.to_owned());
+        self.writer
+            .transaction(move |tx| {
+                exec(
+                    tx,
+                    "UPDATE sessions SET flash = ?2 WHERE id_hash = ?1",
+                    (id_hash.as_str(), flash.as_str()),
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn take_session_flash(&self, id_hash: &str) -> StoreResult<Option<String>> {
+        let id_hash = id_hash.to_owned();
+        self.writer
+            .transaction(move |tx| {
+                let flash = read_one(
+                    tx,
+                    "SELECT flash FROM sessions WHERE id_hash = ?1 AND flash IS NOT NULL",
+                    (id_hash.as_str(),),
+                    |r| get::<String>(r, "flash"),
+                )?;
+                if flash.is_some() {
+                    exec(tx, "UPDATE sessions SET flash = NULL WHERE id_hash = ?1", (id_hash.as_str(),))?;
+                }
+                Ok(flash)
+            })
+            .await
+    }
+
+    async fn prune_sessions(&self, now: UnixMillis, limits: SessionLimits) -> StoreResult<u64> {
+        let (idle_cutoff, max_cutoff) = limits.cutoffs(now);
+        self.writer
+            .transaction(move |tx| {
+                let n = exec(
+                    tx,
+                    "DELETE FROM sessions WHERE last_seen_at <= ?1 OR created_at <= ?2",
+                    (idle_cutoff, max_cutoff),
+                )?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
+
+    async fn audit_search(
+        &self,
+        account: &AccountId,
+        filter: &AuditFilter,
+        limit: Option<u32>,
+        offset: u64,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let account = account.as_str().to_owned();
+        let filter = filter.clone();
+        // A whole export grows with the account's history: off the async threads.
+        self.reader
+            .read_blocking(move |c| {
+                read_all(
+                    c,
+                    "SELECT * FROM audit_events WHERE account_id = ?1
+                       AND at >= ?2 AND at < ?3
+                       AND (?4 IS NULL OR provider = ?4)
+                       AND (?5 IS NULL OR key_source = ?5)
+                       AND (?6 IS NULL OR key_last4 = ?6)
+                     ORDER BY at DESC, seq DESC LIMIT ?7 OFFSET ?8",
+                    rusqlite::params![
+                        account,
+                        filter.from.map_or(i64::MIN, UnixMillis::as_i64),
+                        filter.until.map_or(i64::MAX, UnixMillis::as_i64),
+                        filter.provider.map(Provider::as_str),
+                        filter.key_source.map(KeySource::as_str),
+                        filter.last4,
+                        limit.map_or(-1, i64::from),
+                        i64::try_from(offset).unwrap_or(i64::MAX),
+                    ],
+                    audit_from_row,
+                )
+            })
+            .await
+    }
+
+    async fn key_call_health(
+        &self,
+        account: &AccountId,
+        provider: Provider,
+        since: UnixMillis,
+        window_start: UnixMillis,
+    ) -> StoreResult<KeyCallHealth> {
+        let from = since.as_i64().max(window_start.as_i64());
+        self.reader.read(|c| {
+            read_snapshot(c, |c| {
+                let last_ok = read_one(
+                    c,
+                    "SELECT MAX(at) AS last FROM audit_events
+                     WHERE account_id = ?1 AND provider = ?2 AND key_source = 'own' AND outcome = 'ok'
+                       AND at >= ?3 AND action = 'ai.request'",
+                    (account.as_str(), provider.as_str(), since.as_i64()),
+                    |r| get::<Option<i64>>(r, "last"),
+                )?
+                .flatten();
+                let rows = read_all(
+                    c,
+                    "SELECT outcome, COUNT(*) AS n, MAX(at) AS last FROM audit_events
+                     WHERE account_id = ?1 AND provider = ?2 AND key_source = 'own'
+                       AND outcome >= 'error:' AND outcome < 'error;'
+                       AND at >= ?3 AND action = 'ai.request'
+                     GROUP BY outcome",
+                    (account.as_str(), provider.as_str(), from),
+                    |r| Ok((get::<String>(r, "outcome")?, get::<i64>(r, "n")?, get::<i64>(r, "last")?)),
+                )?;
+                Ok(KeyCallHealth {
+                    last_ok_at: last_ok.map(UnixMillis),
+                    failures: failure_counts(rows),
+                })
+            })
+        })
+    }
+
+    async fn users_by_ids(&self, ids: &[UserId]) -> StoreResult<Vec<User>> {
+        self.reader.read(|c| {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(u) = read_one(
+                    c,
+                    "SELECT id, email FROM users WHERE id = ?1",
+                    (id.as_str(),),
+                    user_from_row,
+                )? {
+                    out.push(u);
+                }
+            }
+            Ok(out)
+        })
     }
 }
 

@@ -15,8 +15,8 @@ use keyward_store::audit::verify_chain;
 use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{
-    AttemptOutcome, AuditAction, AuditActor, CallRecord, LastTest, NewAuditEvent, NewKey, PgStore, SqliteStore, Store,
-    StoreError, WebhookFilter, KEY_SOURCES,
+    AttemptOutcome, AuditAction, AuditActor, AuditFilter, CallRecord, KeyCallHealth, LastTest, NewAuditEvent, NewKey,
+    PgStore, SessionLimits, SqliteStore, Store, StoreError, WebhookFilter, KEY_SOURCES,
 };
 use sqlx::Connection;
 
@@ -1561,9 +1561,228 @@ async fn shared_credit_thresholds_are_announced_once(s: &dyn Store) {
     assert_eq!(s.usage(&account, PERIOD).await.unwrap().credits_reserved, 0);
 }
 
+const LIMITS: SessionLimits = SessionLimits {
+    idle_ms: 1_000,
+    max_ms: 10_000,
+};
+
+/// Sessions: created by hash, seen by any handle (another node), expired idle and at their
+/// maximum (and then deleted), ended one by one or all of a user's at once, with a flash
+/// read once; only the hash is ever stored.
+async fn sessions_live_in_the_store(s: &dyn Store, twin: &dyn Store) {
+    let (user, _) = owner_with_account(s, 1, Plan::Pro).await;
+    let (other, _) = owner_with_account(s, 2, Plan::Pro).await;
+    s.create_session("h1", &user, t(100)).await.unwrap();
+    assert!(matches!(
+        s.create_session("h1", &other, t(100)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Seen on the other handle, marked as used.
+    let seen = twin.touch_session("h1", t(900), LIMITS).await.unwrap().unwrap();
+    assert_eq!(seen.user.id, user);
+    assert_eq!(seen.user.email.as_str(), "user1@example.com");
+    assert_eq!((seen.created_at, seen.last_seen_at), (t(100), t(900)));
+    // A clock behind does not move last_seen back.
+    let back = s.touch_session("h1", t(800), LIMITS).await.unwrap().unwrap();
+    assert_eq!(back.last_seen_at, t(900));
+    assert!(s.touch_session("nope", t(900), LIMITS).await.unwrap().is_none());
+    // Idle for the limit: gone, and deleted.
+    assert!(s.touch_session("h1", t(1_900), LIMITS).await.unwrap().is_none());
+    assert!(!s.end_session("h1").await.unwrap(), "an expired session is deleted when met");
+
+    // Kept busy, it still ends at its maximum.
+    s.create_session("h2", &user, t(0)).await.unwrap();
+    let mut now = 0;
+    while now + 500 < 10_000 {
+        now += 500;
+        assert!(s.touch_session("h2", t(now), LIMITS).await.unwrap().is_some(), "at {now}");
+    }
+    assert!(s.touch_session("h2", t(10_000), LIMITS).await.unwrap().is_none());
+
+    // A flash is read once, on any handle.
+    s.create_session("h3", &user, t(0)).await.unwrap();
+    assert_eq!(s.take_session_flash("h3").await.unwrap(), None);
+    s.set_session_flash("h3", "{\"title\":\"one\"}").await.unwrap();
+    s.set_session_flash("h3", "{\"title\":\"two\"}").await.unwrap();
+    assert_eq!(
+        twin.take_session_flash("h3").await.unwrap().as_deref(),
+        Some("{\"title\":\"two\"}")
+    );
+    assert_eq!(s.take_session_flash("h3").await.unwrap(), None);
+    s.set_session_flash("missing", "x").await.unwrap();
+    assert_eq!(s.take_session_flash("missing").await.unwrap(), None);
+
+    // Ending one ends it everywhere; ending a user's ends all theirs and no one else's.
+    assert!(twin.end_session("h3").await.unwrap());
+    assert!(s.touch_session("h3", t(1), LIMITS).await.unwrap().is_none());
+    for h in ["a1", "a2", "a3"] {
+        s.create_session(h, &user, t(0)).await.unwrap();
+    }
+    s.create_session("b1", &other, t(0)).await.unwrap();
+    assert_eq!(twin.end_user_sessions(&user).await.unwrap(), 3);
+    for h in ["a1", "a2", "a3"] {
+        assert!(s.touch_session(h, t(1), LIMITS).await.unwrap().is_none());
+    }
+    assert!(s.touch_session("b1", t(1), LIMITS).await.unwrap().is_some());
+
+    // The sweep deletes what expired and keeps what lives.
+    s.create_session("old", &other, t(0)).await.unwrap();
+    s.create_session("new", &other, t(5_000)).await.unwrap();
+    assert_eq!(s.prune_sessions(t(5_500), LIMITS).await.unwrap(), 2, "old and b1");
+    assert!(s.touch_session("new", t(5_600), LIMITS).await.unwrap().is_some());
+}
+
+/// A call event on `provider` for the audit-search tests.
+fn call_event(
+    account: &AccountId,
+    at: i64,
+    provider: Provider,
+    source: KeySource,
+    last4: Option<&str>,
+    outcome: keyward_core::Outcome,
+) -> NewAuditEvent {
+    NewAuditEvent::new(account, t(at), &AuditActor("cli".into()), AuditAction::AiRequest, provider)
+        .key_source(source)
+        .last4(last4.map(|l| Last4::from_stored(l).unwrap()).as_ref())
+        .model("m")
+        .outcome(outcome)
+}
+
+/// The activity page's search: filters and paging in the database, newest first, one
+/// account only.
+async fn audit_search_filters_and_pages(s: &dyn Store) {
+    use keyward_core::Outcome;
+    let (_, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let (_, other) = owner_with_account(s, 2, Plan::Pro).await;
+    let mut events = Vec::new();
+    for i in 0..30i64 {
+        let (p, src, l4) = match i % 3 {
+            0 => (Provider::OpenAi, KeySource::Own, Some("aaaa")),
+            1 => (Provider::OpenAi, KeySource::Shared, None),
+            _ => (Provider::Anthropic, KeySource::Own, Some("bbbb")),
+        };
+        events.push(call_event(&account, 1_000 + i * 100, p, src, l4, Outcome::Ok));
+    }
+    events.push(call_event(&other, 1_500, Provider::OpenAi, KeySource::Own, Some("aaaa"), Outcome::Ok));
+    s.append_audit(&events).await.unwrap();
+
+    let all = s.audit_search(&account, &AuditFilter::default(), None, 0).await.unwrap();
+    assert_eq!(all.len(), 30);
+    assert!(all.windows(2).all(|w| w[0].at > w[1].at), "newest first");
+    assert!(all.iter().all(|e| e.account_id == account.as_str()));
+    let page = s.audit_search(&account, &AuditFilter::default(), Some(10), 10).await.unwrap();
+    assert_eq!(page, all[10..20].to_vec());
+    let tail = s.audit_search(&account, &AuditFilter::default(), Some(10), 25).await.unwrap();
+    assert_eq!(tail.len(), 5);
+
+    let acc = &account;
+    let by = |f: AuditFilter| async move { s.audit_search(acc, &f, None, 0).await.unwrap() };
+    let openai = by(AuditFilter {
+        provider: Some(Provider::OpenAi),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(openai.len(), 20);
+    let own_openai = by(AuditFilter {
+        provider: Some(Provider::OpenAi),
+        key_source: Some(KeySource::Own),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(own_openai.len(), 10);
+    assert!(own_openai.iter().all(|e| e.key_last4.as_deref() == Some("aaaa")));
+    let bbbb = by(AuditFilter {
+        last4: Some("bbbb".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(bbbb.len(), 10);
+    assert!(bbbb.iter().all(|e| e.provider.as_deref() == Some("anthropic")));
+    // A time window: [2000, 2500) holds events 10..=14.
+    let window = by(AuditFilter {
+        from: Some(t(2_000)),
+        until: Some(t(2_500)),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(window.iter().map(|e| e.at).collect::<Vec<_>>(), vec![2_400, 2_300, 2_200, 2_100, 2_000]);
+    let none = by(AuditFilter {
+        last4: Some("zzzz".into()),
+        ..Default::default()
+    })
+    .await;
+    assert!(none.is_empty());
+}
+
+/// A key's health from its own-key calls: the newest success since the key was saved, and
+/// the failures in the window by diagnosis; shared calls and other providers do not count.
+async fn key_call_health_reads_the_audit_log(s: &dyn Store) {
+    use keyward_core::Outcome;
+    let (_, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let own = |at: i64, outcome: Outcome| call_event(&account, at, Provider::OpenAi, KeySource::Own, Some("aaaa"), outcome);
+    let none = s.key_call_health(&account, Provider::OpenAi, t(0), t(0)).await.unwrap();
+    assert_eq!(none, KeyCallHealth::default());
+    assert!(!none.failing());
+    s.append_audit(&[
+        own(100, Outcome::Ok),
+        own(200, Outcome::Error("invalid_key")),
+        own(1_000, Outcome::Ok),
+        own(1_100, Outcome::Error("invalid_key")),
+        own(1_200, Outcome::Error("invalid_key")),
+        own(1_300, Outcome::Error("no_credit")),
+        own(1_400, Outcome::Refused(keyward_core::ErrorCode::KeyReportedLeaked)),
+        call_event(&account, 1_500, Provider::OpenAi, KeySource::Shared, None, Outcome::Error("invalid_key")),
+        call_event(&account, 1_500, Provider::Anthropic, KeySource::Own, Some("bbbb"), Outcome::Ok),
+    ])
+    .await
+    .unwrap();
+    let h = s.key_call_health(&account, Provider::OpenAi, t(50), t(500)).await.unwrap();
+    assert_eq!(h.last_ok_at, Some(t(1_000)));
+    assert_eq!(
+        h.failures
+            .iter()
+            .map(|f| (f.diagnosis.as_str(), f.count, f.last_at))
+            .collect::<Vec<_>>(),
+        vec![("invalid_key", 2, t(1_200)), ("no_credit", 1, t(1_300))]
+    );
+    assert!(h.failing());
+    assert_eq!(h.failed(), 3);
+    // Since a later save: the older success does not count.
+    let h = s.key_call_health(&account, Provider::OpenAi, t(1_050), t(0)).await.unwrap();
+    assert_eq!(h.last_ok_at, None);
+    assert_eq!(h.failed(), 3);
+    // A later success: not failing any more, the failures still counted.
+    s.append_audit(&[own(2_000, Outcome::Ok)]).await.unwrap();
+    let h = s.key_call_health(&account, Provider::OpenAi, t(50), t(500)).await.unwrap();
+    assert_eq!(h.last_ok_at, Some(t(2_000)));
+    assert!(!h.failing());
+    assert_eq!(h.failed(), 3);
+    // Users by id: those that exist.
+    let (u3, _) = owner_with_account(s, 3, Plan::Pro).await;
+    let found = s.users_by_ids(&[u3.clone(), id(UserId::from_random, 99)]).await.unwrap();
+    assert_eq!(found.iter().map(|u| u.id.clone()).collect::<Vec<_>>(), vec![u3]);
+    assert!(s.users_by_ids(&[]).await.unwrap().is_empty());
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
+
+            #[tokio::test]
+            async fn sessions_live_in_the_store() {
+                let Some(b) = super::$backend().await else { return };
+                super::sessions_live_in_the_store(b.store.as_ref(), b.twin.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn audit_search_filters_and_pages() {
+                let Some(b) = super::$backend().await else { return };
+                super::audit_search_filters_and_pages(b.store.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn key_call_health_reads_the_audit_log() {
+                let Some(b) = super::$backend().await else { return };
+                super::key_call_health_reads_the_audit_log(b.store.as_ref()).await;
+            }
 
             #[tokio::test]
             async fn outbox_follows_key_changes_in_their_transactions() {
