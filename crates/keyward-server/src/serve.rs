@@ -176,6 +176,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
         probe_limiter: Default::default(),
         provider_timeout_ms: config.provider.timeout_ms,
         key_tests_per_minute: config.key_tests_per_minute,
+        audit_key: keyward_crypto::AuditChainKey::load(&config.data_dir).ok().map(Arc::new),
     });
     let state = AppState::new(AppStateInner {
         engine,
@@ -186,6 +187,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
         kek_probe: Arc::default(),
     });
     let purger = tokio::spawn(purge::run(store.clone(), purge.clone()));
+    let session_sweeper = tokio::spawn(crate::web::sessions::sweep(store.clone(), state.engine.clock.clone()));
     let kek_watcher = tokio::spawn(crate::kek::watch(
         config.clone(),
         kek_state,
@@ -236,6 +238,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
         }
     };
     purger.abort();
+    session_sweeper.abort();
     kek_watcher.abort();
     if let Some(d) = deliverer {
         d.abort();

@@ -14,10 +14,13 @@
 //! - [`probe`]: "Test key" ([`throttle`]: how often).
 //! - [`usage`]: the month's shared credits and counts.
 //! - [`audit`]: the account's audit log, as the API shows it.
+//! - [`activity`]: the audit log as a person reads it (the activity page, its CSV, whether
+//!   the chain verifies) and a key's health from it.
 //!
 //! Must never: hold a plaintext key (keys are sealed here and opened only in a worker),
 //! know about HTTP status lines, headers or HTML, or read the environment.
 
+pub mod activity;
 pub mod actor;
 pub mod audit;
 pub mod calls;
@@ -63,6 +66,9 @@ pub struct EngineParts {
     pub provider_timeout_ms: u32,
     /// "Test key" runs per account and provider per minute.
     pub key_tests_per_minute: u32,
+    /// The audit-chain key, for the activity page's check of the chain (`None`: not readable
+    /// by this node, and the page says the chain was not checked).
+    pub audit_key: Option<Arc<keyward_crypto::AuditChainKey>>,
 }
 
 impl Engine {

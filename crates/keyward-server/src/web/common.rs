@@ -17,12 +17,16 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use super::pages;
-use super::sessions::SessionView;
+use super::sessions::{self, SessionView};
+use crate::error::ApiError;
 use crate::extract::read_limited;
 use crate::state::AppState;
 
 /// The settings page's address.
 pub const SETTINGS_PATH: &str = "/settings/ai/model-keys";
+/// The activity page's address (its CSV: [`ACTIVITY_CSV_PATH`]).
+pub const ACTIVITY_PATH: &str = "/settings/ai/model-keys/activity";
+pub const ACTIVITY_CSV_PATH: &str = "/settings/ai/model-keys/activity.csv";
 
 pub const CSP: &str = "default-src 'self'; frame-ancestors 'none'";
 pub const HSTS: &str = "max-age=31536000";
@@ -156,13 +160,31 @@ pub struct WebSession {
     pub view: SessionView,
 }
 
-pub fn session(state: &AppState, headers: &HeaderMap) -> Option<WebSession> {
-    let id = cookie(headers, state.web.session_cookie())?;
-    let view = state.web.sessions.get(id, state.engine.clock.now())?;
-    Some(WebSession {
-        id: Zeroizing::new(id.to_owned()),
-        view,
-    })
+/// The request's live session: `Ok(None)` without one; `Err` (a page saying so) when the
+/// database cannot tell.
+pub async fn session(state: &AppState, headers: &HeaderMap) -> Result<Option<WebSession>, Response> {
+    let Some(id) = cookie(headers, state.web.session_cookie()) else {
+        return Ok(None);
+    };
+    match sessions::get(state.engine.store.as_ref(), id, state.engine.clock.now()).await {
+        Ok(view) => Ok(view.map(|view| WebSession {
+            id: Zeroizing::new(id.to_owned()),
+            view,
+        })),
+        Err(e) => Err(unavailable_page(&ApiError::from(e))),
+    }
+}
+
+/// The page for a failure of keyward itself (the database down): what happened, and to retry.
+pub fn unavailable_page(e: &ApiError) -> Response {
+    html(
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        pages::message_page(
+            "Something went wrong",
+            "keyward could not reach its database, so nothing was shown or changed. Try again in a moment.",
+            Some((SETTINGS_PATH, "Reload")),
+        ),
+    )
 }
 
 /// A form body (`application/x-www-form-urlencoded`), within the API's body limit. The raw

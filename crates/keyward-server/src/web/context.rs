@@ -1,15 +1,15 @@
-//! [`WebState`]: the settings page's part of the gateway's state: sessions, login codes, the
+//! [`WebState`]: the settings page's part of the gateway's state: login codes, the
 //! login limiter, and how cookies are named and set (TLS or not).
 
 use axum::http::HeaderValue;
 
-use super::sessions::{LoginCodes, Sessions};
+use super::sessions::LoginCodes;
 use super::throttle::LoginLimiter;
 
-/// The web UI's state in the gateway's `AppState`: sessions, login codes, the login limiter.
+/// The web UI's state in the gateway's `AppState`: login codes, the login limiter (sessions
+/// are in the database: [`super::sessions`]).
 #[derive(Debug, Default)]
 pub struct WebState {
-    pub sessions: Sessions,
     pub login_codes: LoginCodes,
     pub login_limiter: LoginLimiter,
     /// Served over TLS: cookies are `Secure` and `__Host-` prefixed, HSTS is sent.

@@ -1,4 +1,4 @@
-//! `/login` and `/logout`.
+//! `/login`, `/logout` and `/logout/everywhere`.
 //!
 //! A person logs in with their keyward token in a form (POST: a token is never put in a
 //! URL), or once with the code of the first-start login URL (`/login?code=…`), after which
@@ -16,9 +16,11 @@ use keyward_store::User;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::common::{cookie, forbidden_form_page, html, read_form, see_other, session, ClientIp, SETTINGS_PATH};
+use super::common::{
+    cookie, forbidden_form_page, html, read_form, see_other, session, unavailable_page, ClientIp, SETTINGS_PATH,
+};
 use super::sessions::random_secret;
-use super::{csrf, pages};
+use super::{csrf, pages, sessions};
 use crate::extract::ApiQuery;
 use crate::state::AppState;
 
@@ -52,12 +54,18 @@ fn too_many(state: &AppState) -> Response {
 }
 
 /// Starts a session for `user` (ending the request's old one) and sends them to the page.
-fn start_session(state: &AppState, headers: &HeaderMap, user: User) -> Response {
+async fn start_session(state: &AppState, headers: &HeaderMap, user: User) -> Response {
+    let store = state.engine.store.as_ref();
     if let Some(old) = cookie(headers, state.web.session_cookie()) {
-        state.web.sessions.end(old);
+        if let Err(e) = sessions::end(store, old).await {
+            return unavailable_page(&e.into());
+        }
     }
+    let id = match sessions::create(store, &user, state.engine.clock.now()).await {
+        Ok(id) => id,
+        Err(e) => return unavailable_page(&e.into()),
+    };
     tracing::info!(user = %user.id, "web login");
-    let id = state.web.sessions.create(user, state.engine.clock.now());
     let mut res = see_other(SETTINGS_PATH);
     let h = res.headers_mut();
     if let Some(c) = state.web.set_cookie(state.web.session_cookie(), &id) {
@@ -81,7 +89,7 @@ pub async fn login_form(
             return too_many(&state);
         }
         return match state.web.login_codes.redeem(code.trim(), state.engine.clock.now()) {
-            Some(user) => start_session(&state, &headers, user),
+            Some(user) => start_session(&state, &headers, user).await,
             None => form(
                 &state,
                 StatusCode::UNAUTHORIZED,
@@ -89,13 +97,18 @@ pub async fn login_form(
             ),
         };
     }
-    if session(&state, &headers).is_some() {
-        return see_other(SETTINGS_PATH);
+    match session(&state, &headers).await {
+        Ok(Some(_)) => return see_other(SETTINGS_PATH),
+        Ok(None) => {}
+        Err(page) => return page,
     }
-    let notice = q
-        .signed_out
-        .is_some()
-        .then_some("You are signed out. Your session has ended on this browser.");
+    let notice = q.signed_out.as_deref().map(|how| {
+        if how == "everywhere" {
+            "You are signed out everywhere. Every session of yours has ended, in every browser."
+        } else {
+            "You are signed out. Your session has ended on this browser."
+        }
+    });
     form_with(&state, StatusCode::OK, None, notice)
 }
 
@@ -136,7 +149,7 @@ pub async fn login_submit(
     }
     let token = login.token.as_ref().map(|t| t.expose_secret()).unwrap_or_default();
     match state.engine.user_by_token(token).await {
-        Ok(user) => start_session(&state, &headers, user),
+        Ok(user) => start_session(&state, &headers, user).await,
         Err(e) if e.code == ErrorCode::Unauthorized => form(
             &state,
             StatusCode::UNAUTHORIZED,
@@ -156,10 +169,22 @@ struct LogoutForm {
     csrf: String,
 }
 
-/// `POST /logout`: ends the session (with the session's CSRF token).
-pub async fn logout(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let Some(s) = session(&state, &headers) else {
-        return see_other("/login");
+/// `POST /logout`: ends the session (with the session's CSRF token), on every node at once.
+pub async fn logout(state: State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    sign_out(state, headers, body, false).await
+}
+
+/// `POST /logout/everywhere`: ends every session of the user, in every browser and on every
+/// node (with the session's CSRF token).
+pub async fn logout_everywhere(state: State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    sign_out(state, headers, body, true).await
+}
+
+async fn sign_out(State(state): State<AppState>, headers: HeaderMap, body: Body, everywhere: bool) -> Response {
+    let s = match session(&state, &headers).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return see_other("/login"),
+        Err(page) => return page,
     };
     if !csrf::same_origin(&headers) {
         return forbidden_form_page();
@@ -171,8 +196,22 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap, body: Bod
     if !csrf::token_matches(&s.view.csrf, &f.csrf) {
         return forbidden_form_page();
     }
-    state.web.sessions.end(&s.id);
-    let mut res = see_other("/login?signed_out=1");
+    let store = state.engine.store.as_ref();
+    let ended = if everywhere {
+        sessions::end_all(store, &s.view.user).await.map(|n| {
+            tracing::info!(user = %s.view.user.id, sessions = n, "web sign-out everywhere");
+        })
+    } else {
+        sessions::end(store, &s.id).await.map(drop)
+    };
+    if let Err(e) = ended {
+        return unavailable_page(&e.into());
+    }
+    let mut res = see_other(if everywhere {
+        "/login?signed_out=everywhere"
+    } else {
+        "/login?signed_out=1"
+    });
     if let Some(c) = state.web.clear_cookie(state.web.session_cookie()) {
         res.headers_mut().append(SET_COOKIE, c);
     }

@@ -10,8 +10,9 @@
 //!   client address.
 //! - [`settings`]: the page and its forms. Every action is a plain HTML form; the small
 //!   same-origin script (`assets/model-keys.js`) only spares a reload on "Test key".
-//! - [`sessions`]: server-side sessions in this process's memory (per node: several
-//!   nodes need sticky sessions until sessions move to the database).
+//! - [`sessions`]: server-side sessions in the database (only the id's hash), so any node
+//!   serves them and a restart keeps them.
+//! - [`activity`]: the account's audit log as a person reads it, and as CSV.
 //! - [`csrf`]: tokens on every state-changing form, and refusal of cross-site requests.
 //! - [`pages`]: the HTML, every foreign value escaped.
 //!
@@ -20,6 +21,7 @@
 //! `Cache-Control: no-store`; served over TLS, every answer of keyward carries
 //! `Strict-Transport-Security` and cookies are `Secure` (and `__Host-` prefixed).
 
+pub mod activity;
 pub mod common;
 pub mod context;
 pub mod csrf;
@@ -43,7 +45,7 @@ pub use common::{banner, transport_headers, ClientAddr, SETTINGS_PATH};
 pub use context::WebState;
 
 use crate::state::AppState;
-use common::{not_found_page, see_other, CSP};
+use common::{not_found_page, see_other, ACTIVITY_CSV_PATH, ACTIVITY_PATH, CSP};
 
 /// The web UI's routes; [`crate::app::router`] merges them.
 pub fn routes() -> Router<AppState> {
@@ -51,7 +53,10 @@ pub fn routes() -> Router<AppState> {
         .route("/", get(root))
         .route("/login", get(login::login_form).post(login::login_submit))
         .route("/logout", post(login::logout))
+        .route("/logout/everywhere", post(login::logout_everywhere))
         .route(SETTINGS_PATH, get(settings::page))
+        .route(ACTIVITY_PATH, get(activity::page))
+        .route(ACTIVITY_CSV_PATH, get(activity::csv))
         .route("/settings/ai/model-keys/{provider}/{action}", post(settings::action))
         .route("/assets/{file}", get(asset))
         .layer(middleware::from_fn(page_headers))

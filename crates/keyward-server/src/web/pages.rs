@@ -8,7 +8,7 @@
 use keyward_core::{
     format_hint, format_rules, Catalogue, KeyKind, KeySource, ModelStatus, Plan, Provider, Role, UnixMillis,
 };
-use keyward_store::{KeyMeta, Membership, ProviderState};
+use keyward_store::{KeyCallHealth, KeyMeta, Membership, ProviderState};
 
 use super::sessions::{Control, Flash};
 use crate::api::KeyTestFindings;
@@ -135,6 +135,11 @@ fn document(title: &str, header_right: &str, main: &str) -> String {
     )
 }
 
+/// The document around a page's main content, for the other page modules.
+pub fn document_page(title: &str, header_right: &str, main: &str) -> String {
+    document(title, header_right, main)
+}
+
 /// A page with a heading, a sentence and an optional link (errors, "not found").
 pub fn message_page(title: &str, text: &str, link: Option<(&str, &str)>) -> String {
     let link = link.map_or_else(String::new, |(href, label)| {
@@ -196,17 +201,25 @@ pub struct PageView<'a> {
     pub usage: &'a MonthUsage,
     pub catalogue: &'a Catalogue,
     pub flash: Option<&'a Flash>,
+    /// Each saved key's calls, from the audit log.
+    pub health: &'a [(Provider, KeyCallHealth)],
+}
+
+/// The signed-in person, "Log out" and "Sign out everywhere", at the top right of a page.
+pub fn who(email: &str, csrf: &str) -> String {
+    format!(
+        r#"<div class="who"><span class="email">{email}</span>
+<form method="post" action="/logout"><input type="hidden" name="csrf" value="{csrf}"><button type="submit" class="link">Log out</button></form>
+<form method="post" action="/logout/everywhere"><input type="hidden" name="csrf" value="{csrf}"><button type="submit" class="link" id="sign-out-everywhere">Sign out everywhere</button></form></div>"#,
+        email = esc(email),
+        csrf = esc(csrf),
+    )
 }
 
 /// `/settings/ai/model-keys`.
 pub fn model_keys_page(v: &PageView<'_>) -> String {
     let account = &v.current.account;
-    let header_right = format!(
-        r#"<div class="who"><span class="email">{email}</span>
-<form method="post" action="/logout"><input type="hidden" name="csrf" value="{csrf}"><button type="submit" class="link">Log out</button></form></div>"#,
-        email = esc(v.email),
-        csrf = esc(v.csrf),
-    );
+    let header_right = who(v.email, v.csrf);
     let mut main = String::new();
     main.push_str(
         r#"<nav class="crumbs" aria-label="Breadcrumb"><ol><li>Settings</li><li>AI</li><li><span aria-current="page">Model keys</span></li></ol></nav>"#,
@@ -227,8 +240,10 @@ pub fn model_keys_page(v: &PageView<'_>) -> String {
     }
     main.push_str("</div>");
     main.push_str(&format!(
-        r#"<p class="footnote">Every key action and AI call of {} is written to its audit log with the provider and, for your own keys, the key's last four characters.</p>"#,
-        esc(&account.name)
+        r#"<p class="footnote">Every key action and AI call of {} is written to its audit log with the provider and, for your own keys, the key's last four characters. <a href="{}?account={}" id="activity-link">See the activity</a> (also as CSV).</p>"#,
+        esc(&account.name),
+        super::common::ACTIVITY_PATH,
+        esc(account.id.as_str()),
     ));
     document("Model keys · Settings", &header_right, &main)
 }
@@ -525,6 +540,12 @@ fn card(v: &PageView<'_>, s: &ProviderState) -> String {
             ));
         }
     }
+    let health = v.health.iter().find(|(hp, _)| *hp == p).map(|(_, h)| h);
+    if let (Some(k), Some(h)) = (&s.key, health) {
+        if h.failing() {
+            warnings.push_str(&failing_warning(p, k, h));
+        }
+    }
     let mut facts = format!(
         r#"<dl class="facts">
 <div><dt>Models</dt><dd>{models}</dd></div>
@@ -537,6 +558,12 @@ fn card(v: &PageView<'_>, s: &ProviderState) -> String {
         facts.push_str(&format!(
             r#"<div><dt>Last test</dt><dd id="last-test-{id}">{}</dd></div>"#,
             last_test_html(k)
+        ));
+    }
+    if let (Some(_), Some(h)) = (&s.key, health) {
+        facts.push_str(&format!(
+            r#"<div><dt>Calls on this key</dt><dd id="health-{id}">{}</dd></div>"#,
+            health_html(h)
         ));
     }
     facts.push_str(&format!(
@@ -677,6 +704,72 @@ fn card(v: &PageView<'_>, s: &ProviderState) -> String {
 {warnings}{facts}
 {controls}
 </section>"#
+    )
+}
+
+/// What to do about calls failing with `diagnosis`, in words.
+pub fn failing_advice(p: Provider, diagnosis: &str) -> String {
+    let name = p.display_name();
+    match diagnosis {
+        "invalid_key" => format!("{name} does not accept this key (it is wrong, revoked or expired). Replace the key: create a new one in your {name} dashboard and save it here."),
+        "no_credit" => format!("The {name} account behind this key has no credit left. Add credit (or a payment method) in your {name} billing settings."),
+        "missing_permission" => format!("The key is not allowed to run the model. Give the key the permissions it needs in your {name} dashboard, or use a project key that has them."),
+        "key_reported_leaked" => format!("{name} reported this key as leaked and blocks it. Replace the key now with a new one, and delete the leaked one in your {name} dashboard."),
+        "rate_limited" => format!("{name} is rate-limiting this key. Slow down, or raise the key's rate limits in your {name} dashboard."),
+        other => diagnosis_words(other).to_owned(),
+    }
+}
+
+/// A diagnosis as words for a list: `invalid_key` → "invalid key".
+pub fn diagnosis_label(diagnosis: &str) -> String {
+    diagnosis.replace('_', " ")
+}
+
+/// The warning of a key whose newest call failed.
+fn failing_warning(p: Provider, k: &KeyMeta, h: &KeyCallHealth) -> String {
+    let id = p.as_str();
+    let newest = h.failures.iter().max_by_key(|f| f.last_at);
+    let (diagnosis, at) = newest.map_or(("", k.updated_at), |f| (f.diagnosis.as_str(), f.last_at));
+    format!(
+        r#"<div class="notice danger" role="alert" id="failing-{id}" data-diagnosis="{d}"><strong>Calls on this key are failing ({label}).</strong> {advice} The newest failure was at <time datetime="{iso}">{when}</time>. Failed calls are not moved to Aiemaily shared: they keep failing until the key works again or you switch to Aiemaily shared yourself.</div>"#,
+        d = esc(diagnosis),
+        label = esc(&diagnosis_label(diagnosis)),
+        advice = esc(&failing_advice(p, diagnosis)),
+        iso = iso(at),
+        when = when(at),
+    )
+}
+
+/// A key's calls from the audit log: the last one that worked, the failures of the last
+/// 24 hours by diagnosis, and where rate-limit headroom comes from.
+pub fn health_html(h: &KeyCallHealth) -> String {
+    let last_ok = match h.last_ok_at {
+        Some(at) => format!(
+            r#"Last worked <time datetime="{}">{}</time>"#,
+            iso(at),
+            when(at)
+        ),
+        None => "No call has worked on this key yet".to_owned(),
+    };
+    let failures = if h.failures.is_empty() {
+        "no failed calls in the last 24 h".to_owned()
+    } else {
+        let by: Vec<String> = h
+            .failures
+            .iter()
+            .map(|f| format!("{} {}", group(f.count), esc(&diagnosis_label(&f.diagnosis))))
+            .collect();
+        let n = h.failed();
+        format!(
+            "{} failed call{} in the last 24 h: {}",
+            group(n),
+            if n == 1 { "" } else { "s" },
+            by.join(", ")
+        )
+    };
+    format!(
+        r#"{last_ok} · <span class="{class}">{failures}</span><br><span class="muted">Rate-limit headroom is what the last test saw (above); AI calls do not record it.</span>"#,
+        class = if h.failing() { "bad" } else { "muted" },
     )
 }
 

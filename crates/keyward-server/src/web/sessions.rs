@@ -1,26 +1,34 @@
-//! Browser sessions and one-time login codes, kept in the gateway's memory.
+//! Browser sessions, kept in the database; one-time login codes, kept in memory.
 //!
 //! A session id is 32 random bytes (base64url) held only by the browser, in an `HttpOnly`,
-//! `SameSite=Strict` cookie; the map is keyed by its SHA-256, so a dump of this process's
-//! memory does not hand out live cookies. Each session holds its user, its CSRF token, when it
-//! began and when it was last used: it ends after [`SESSION_IDLE_MS`] without use, after
-//! [`SESSION_MAX_MS`] in all, or at `/logout`.
+//! `SameSite=Strict` cookie. The database keeps only its SHA-256 (the `sessions` table: user,
+//! when it began, when it was last used, the message for its next page view), so a copy of
+//! the database does not hand out live cookies. The session's CSRF token is derived from the
+//! id ([`csrf_token`]) and never stored. A session ends after [`SESSION_IDLE_MS`] without
+//! use, after [`SESSION_MAX_MS`] in all, at `/logout`, or at "Sign out everywhere".
 //!
-//! Sessions live in one gateway process: a deployment with several nodes needs sticky
-//! sessions until sessions move to the database.
+//! Every request reads its session from the database (there is no per-node cache), so any
+//! node serves any session, a restart keeps them, and a sign-out on one node holds on every
+//! node at once. Expired rows are deleted when met and by [`sweep`], every
+//! [`SWEEP_EVERY`] on each node.
 //!
 //! A login code (printed by the first start of `serve` as a one-time login URL) is random,
-//! single use, and expires after [`LOGIN_CODE_TTL_MS`].
+//! single use, and expires after [`LOGIN_CODE_TTL_MS`]; it stays in the memory of the node
+//! that printed it.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use base64::Engine;
 use keyward_core::{Provider, UnixMillis};
-use keyward_store::User;
+use keyward_store::{SessionLimits, Store, StoreResult, User};
 use rand::RngCore;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
+
+use crate::clock::SharedClock;
 
 /// A session ends after this long without a request.
 pub const SESSION_IDLE_MS: i64 = 12 * 60 * 60 * 1000;
@@ -28,8 +36,16 @@ pub const SESSION_IDLE_MS: i64 = 12 * 60 * 60 * 1000;
 pub const SESSION_MAX_MS: i64 = 7 * 24 * 60 * 60 * 1000;
 /// A one-time login code expires this long after it was made.
 pub const LOGIN_CODE_TTL_MS: i64 = 15 * 60 * 1000;
-/// At most this many sessions (or codes) are kept; past it the least recently used go first.
+/// At most this many login codes are kept.
 const MAX_ENTRIES: usize = 100_000;
+/// How often each node deletes expired sessions.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(15 * 60);
+
+/// The lifetimes every session has.
+pub const LIMITS: SessionLimits = SessionLimits {
+    idle_ms: SESSION_IDLE_MS,
+    max_ms: SESSION_MAX_MS,
+};
 
 /// 32 random bytes, base64url: session ids, CSRF tokens, login codes.
 pub fn random_secret() -> Zeroizing<String> {
@@ -42,12 +58,27 @@ fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// What the database keys a session by: the hex SHA-256 of its id.
+pub fn id_hash(id: &str) -> String {
+    hex::encode(digest(id))
+}
+
+/// The session's CSRF token: derived from its id under a label of its own, so it is neither
+/// the id nor the stored hash, and cannot be turned back into either.
+pub fn csrf_token(id: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"keyward-csrf-v1\0");
+    h.update(id.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.finalize())
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Which control of the settings page a message belongs next to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Control {
     /// The key field and "Save".
     Key,
@@ -62,7 +93,7 @@ pub enum Control {
 /// A message for the next page view (after a form's redirect), shown next to its control.
 /// It never holds a key: texts come from error messages (which never repeat a key) and from
 /// the provider's message as the worker masked it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flash {
     pub account: String,
     pub provider: Provider,
@@ -70,21 +101,6 @@ pub struct Flash {
     pub ok: bool,
     pub title: String,
     pub detail: Option<String>,
-}
-
-struct Session {
-    user: User,
-    csrf: Zeroizing<String>,
-    created: UnixMillis,
-    last_seen: UnixMillis,
-    flash: Option<Flash>,
-}
-
-impl Session {
-    fn live(&self, now: UnixMillis) -> bool {
-        now.as_i64().saturating_sub(self.last_seen.as_i64()) < SESSION_IDLE_MS
-            && now.as_i64().saturating_sub(self.created.as_i64()) < SESSION_MAX_MS
-    }
 }
 
 /// What a request learns from its session.
@@ -95,83 +111,67 @@ pub struct SessionView {
     pub csrf: String,
 }
 
-/// The sessions of this gateway process.
-#[derive(Default)]
-pub struct Sessions {
-    map: Mutex<HashMap<[u8; 32], Session>>,
+/// Starts a session for `user`; returns its id (for the cookie only).
+pub async fn create(store: &dyn Store, user: &User, now: UnixMillis) -> StoreResult<Zeroizing<String>> {
+    let id = random_secret();
+    store.create_session(&id_hash(&id), &user.id, now).await?;
+    Ok(id)
 }
 
-impl std::fmt::Debug for Sessions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sessions").field("count", &self.len()).finish()
+/// The live session with this id, marked as used now; an expired one is ended.
+pub async fn get(store: &dyn Store, id: &str, now: UnixMillis) -> StoreResult<Option<SessionView>> {
+    Ok(store
+        .touch_session(&id_hash(id), now, LIMITS)
+        .await?
+        .map(|s| SessionView {
+            user: s.user,
+            csrf: csrf_token(id),
+        }))
+}
+
+/// Ends a session; true when there was one.
+pub async fn end(store: &dyn Store, id: &str) -> StoreResult<bool> {
+    store.end_session(&id_hash(id)).await
+}
+
+/// Ends every session of `user`, on every node; how many there were.
+pub async fn end_all(store: &dyn Store, user: &User) -> StoreResult<u64> {
+    store.end_user_sessions(&user.id).await
+}
+
+/// Keeps a message for the session's next page view (best effort: a message that cannot be
+/// kept is logged and dropped; the action it reports is done either way).
+pub async fn set_flash(store: &dyn Store, id: &str, flash: &Flash) {
+    let kept = match serde_json::to_string(flash) {
+        Ok(json) => store.set_session_flash(&id_hash(id), &json).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "page message not kept");
+            return;
+        }
+    };
+    if let Err(e) = kept {
+        tracing::warn!(error = %e, "page message not kept");
     }
 }
 
-impl Sessions {
-    /// Starts a session for `user`; returns its id (for the cookie only).
-    pub fn create(&self, user: User, now: UnixMillis) -> Zeroizing<String> {
-        let id = random_secret();
-        let session = Session {
-            user,
-            csrf: random_secret(),
-            created: now,
-            last_seen: now,
-            flash: None,
-        };
-        let mut map = lock(&self.map);
-        if map.len() >= MAX_ENTRIES {
-            map.retain(|_, s| s.live(now));
+/// The message kept for this page view, once.
+pub async fn take_flash(store: &dyn Store, id: &str) -> StoreResult<Option<Flash>> {
+    Ok(store
+        .take_session_flash(&id_hash(id))
+        .await?
+        .and_then(|json| serde_json::from_str(&json).ok()))
+}
+
+/// Deletes expired sessions every [`SWEEP_EVERY`] (each node; the deletes are idempotent).
+pub async fn sweep(store: Arc<dyn Store>, clock: SharedClock) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        every.tick().await;
+        match store.prune_sessions(clock.now(), LIMITS).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "expired sessions deleted"),
+            Err(e) => tracing::warn!(error = %e, "expired sessions not deleted; next sweep retries"),
         }
-        if map.len() >= MAX_ENTRIES {
-            let oldest = map.iter().min_by_key(|(_, s)| s.last_seen.as_i64()).map(|(k, _)| *k);
-            if let Some(k) = oldest {
-                map.remove(&k);
-            }
-        }
-        map.insert(digest(&id), session);
-        id
-    }
-
-    /// The live session with this id, marked as used now; an expired one is ended.
-    pub fn get(&self, id: &str, now: UnixMillis) -> Option<SessionView> {
-        let key = digest(id);
-        let mut map = lock(&self.map);
-        let live = map.get(&key).map(|s| s.live(now))?;
-        if !live {
-            map.remove(&key);
-            return None;
-        }
-        let s = map.get_mut(&key)?;
-        s.last_seen = now;
-        Some(SessionView {
-            user: s.user.clone(),
-            csrf: s.csrf.as_str().to_owned(),
-        })
-    }
-
-    /// Ends a session; true when there was one.
-    pub fn end(&self, id: &str) -> bool {
-        lock(&self.map).remove(&digest(id)).is_some()
-    }
-
-    /// Keeps a message for the session's next page view.
-    pub fn set_flash(&self, id: &str, flash: Flash) {
-        if let Some(s) = lock(&self.map).get_mut(&digest(id)) {
-            s.flash = Some(flash);
-        }
-    }
-
-    /// The message kept for this page view, once.
-    pub fn take_flash(&self, id: &str) -> Option<Flash> {
-        lock(&self.map).get_mut(&digest(id)).and_then(|s| s.flash.take())
-    }
-
-    pub fn len(&self) -> usize {
-        lock(&self.map).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -221,42 +221,20 @@ mod tests {
     }
 
     #[test]
-    fn sessions_expire_when_idle_and_at_their_maximum_and_end_on_logout() {
-        let s = Sessions::default();
-        let id = s.create(user(), UnixMillis(0));
-        let v = s.get(&id, UnixMillis(1000)).unwrap();
-        assert_eq!(v.user, user());
-        assert!(v.csrf.len() >= 43);
-        assert!(s.get("not-a-session", UnixMillis(1000)).is_none());
-        // Used within the idle limit: stays alive.
-        assert!(s.get(&id, UnixMillis(SESSION_IDLE_MS)).is_some());
-        // Unused for the idle limit: gone.
-        assert!(s.get(&id, UnixMillis(2 * SESSION_IDLE_MS + 1)).is_none());
-        assert!(s.is_empty());
-
-        let id = s.create(user(), UnixMillis(0));
-        let mut t = 0;
-        while t + SESSION_IDLE_MS / 2 < SESSION_MAX_MS {
-            t += SESSION_IDLE_MS / 2;
-            assert!(s.get(&id, UnixMillis(t)).is_some(), "at {t}");
-        }
-        assert!(s.get(&id, UnixMillis(SESSION_MAX_MS)).is_none());
-
-        let id = s.create(user(), UnixMillis(0));
-        assert!(s.end(&id));
-        assert!(!s.end(&id));
-        assert!(s.get(&id, UnixMillis(1)).is_none());
+    fn csrf_tokens_are_derived_and_differ_from_the_id_and_its_hash() {
+        let (a, b) = (random_secret(), random_secret());
+        assert_ne!(*a, *b);
+        assert_eq!(csrf_token(&a), csrf_token(&a));
+        assert_ne!(csrf_token(&a), csrf_token(&b));
+        assert!(csrf_token(&a).len() >= 43);
+        assert_ne!(csrf_token(&a), *a);
+        assert_ne!(csrf_token(&a), id_hash(&a));
+        assert!(!id_hash(&a).contains(a.as_str()));
+        assert_eq!(id_hash(&a).len(), 64);
     }
 
     #[test]
-    fn sessions_have_distinct_ids_and_csrf_tokens_and_keep_one_flash() {
-        let s = Sessions::default();
-        let a = s.create(user(), UnixMillis(0));
-        let b = s.create(user(), UnixMillis(0));
-        assert_ne!(*a, *b);
-        let (va, vb) = (s.get(&a, UnixMillis(0)).unwrap(), s.get(&b, UnixMillis(0)).unwrap());
-        assert_ne!(va.csrf, vb.csrf);
-        assert_ne!(va.csrf, *a);
+    fn flashes_round_trip_as_json() {
         let flash = Flash {
             account: "acc_x".into(),
             provider: Provider::OpenAi,
@@ -265,12 +243,8 @@ mod tests {
             title: "ok".into(),
             detail: None,
         };
-        s.set_flash(&a, flash.clone());
-        assert_eq!(s.take_flash(&b), None);
-        assert_eq!(s.take_flash(&a), Some(flash));
-        assert_eq!(s.take_flash(&a), None);
-        // The map never holds the id itself.
-        assert!(!format!("{s:?}").contains(a.as_str()));
+        let json = serde_json::to_string(&flash).unwrap();
+        assert_eq!(serde_json::from_str::<Flash>(&json).unwrap(), flash);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::common::{forbidden_form_page, html, not_found_page, read_form, see_other, session, SETTINGS_PATH};
 use super::sessions::{Control, Flash};
-use super::{csrf, pages};
+use super::{csrf, pages, sessions};
 use crate::engine::keys::{parse_provider, parse_source};
 use crate::engine::Actor;
 use crate::error::{ApiError, ApiResult};
@@ -36,7 +36,7 @@ pub struct PageQuery {
 }
 
 /// The page for an error that is not about one control.
-fn error_page(e: &ApiError) -> Response {
+pub fn error_page(e: &ApiError) -> Response {
     match e.code {
         ErrorCode::NotFound | ErrorCode::UnknownProvider => not_found_page(),
         code => html(
@@ -51,7 +51,7 @@ fn error_page(e: &ApiError) -> Response {
 }
 
 /// An API message as a sentence: capital first letter, full stop.
-fn sentence(message: &str) -> String {
+pub fn sentence(message: &str) -> String {
     let m = message.trim();
     let mut chars = m.chars();
     let mut out: String = chars.next().map(|c| c.to_uppercase().collect()).unwrap_or_default();
@@ -64,8 +64,10 @@ fn sentence(message: &str) -> String {
 
 /// `GET /settings/ai/model-keys[?account=ID]`.
 pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q): ApiQuery<PageQuery>) -> Response {
-    let Some(s) = session(&state, &headers) else {
-        return see_other("/login");
+    let s = match session(&state, &headers).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return see_other("/login"),
+        Err(page) => return page,
     };
     let engine = &state.engine;
     let user = &s.view.user;
@@ -103,7 +105,14 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
         Ok(u) => u,
         Err(e) => return error_page(&e),
     };
-    let flash = state.web.sessions.take_flash(&s.id);
+    let health = match engine.key_health(&actor, &states).await {
+        Ok(h) => h,
+        Err(e) => return error_page(&e),
+    };
+    let flash = match sessions::take_flash(engine.store.as_ref(), &s.id).await {
+        Ok(f) => f,
+        Err(e) => return error_page(&e.into()),
+    };
     let body = pages::model_keys_page(&pages::PageView {
         email: user.email.as_str(),
         csrf: &s.view.csrf,
@@ -113,6 +122,7 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
         usage: &usage,
         catalogue: &engine.catalogue,
         flash: flash.as_ref(),
+        health: &health,
     });
     html(StatusCode::OK, body)
 }
@@ -151,8 +161,10 @@ pub async fn action(
         "remove" => Control::Remove,
         _ => return not_found_page(),
     };
-    let Some(s) = session(&state, &headers) else {
-        return see_other("/login");
+    let s = match session(&state, &headers).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return see_other("/login"),
+        Err(page) => return page,
     };
     if !csrf::same_origin(&headers) {
         return forbidden_form_page();
@@ -186,7 +198,7 @@ pub async fn action(
             (_, Ok(p)) => {
                 // Only reached by a member of this account (a role refusal).
                 let flash = failure(&form.account, p, control, &e);
-                return finish(&state, &s.id, flash, by_script);
+                return finish(&state, &s.id, flash, by_script).await;
             }
         },
     };
@@ -310,7 +322,7 @@ pub async fn action(
         return Json(json!({ "ok": flash.ok, "html": pages::message_html(&flash), "last_test": last_test }))
             .into_response();
     }
-    finish(&state, &s.id, flash, false)
+    finish(&state, &s.id, flash, false).await
 }
 
 fn ok(account: &str, provider: Provider, control: Control, title: &str, detail: Option<String>) -> Flash {
@@ -336,7 +348,7 @@ fn failure(account: &str, provider: Provider, control: Control, e: &ApiError) ->
 }
 
 /// The page's script gets the message; a plain form gets a redirect to the page showing it.
-fn finish(state: &AppState, session_id: &str, flash: Flash, by_script: bool) -> Response {
+async fn finish(state: &AppState, session_id: &str, flash: Flash, by_script: bool) -> Response {
     if by_script {
         return Json(json!({ "ok": flash.ok, "html": pages::message_html(&flash) })).into_response();
     }
@@ -347,7 +359,7 @@ fn finish(state: &AppState, session_id: &str, flash: Flash, by_script: bool) -> 
     );
     // The account id was checked (it names an account the caller belongs to), so it is
     // `acc_` and hex: safe in a URL.
-    state.web.sessions.set_flash(session_id, flash);
+    sessions::set_flash(state.engine.store.as_ref(), session_id, &flash).await;
     see_other(&to)
 }
 
