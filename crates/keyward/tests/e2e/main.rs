@@ -10,6 +10,7 @@
     reason = "tests: a failed expectation must stop the test loudly"
 )]
 
+mod activity;
 mod ai_calls;
 mod ai_support;
 mod audit;
@@ -27,6 +28,7 @@ mod lifecycle;
 mod multinode;
 mod providers_today;
 mod relay;
+mod sessions;
 mod tenancy;
 mod web;
 mod webhooks;
