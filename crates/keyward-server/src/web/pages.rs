@@ -768,7 +768,7 @@ pub fn health_html(h: &KeyCallHealth) -> String {
         )
     };
     format!(
-        r#"{last_ok} · <span class="{class}">{failures}</span><br><span class="muted">Rate-limit headroom is what the last test saw (above); AI calls do not record it.</span>"#,
+        r#"{last_ok} · <span class="{class}">{failures}</span><br><span class="muted">Rate-limit headroom is what the last test saw (under Last test); AI calls do not record it.</span>"#,
         class = if h.failing() { "bad" } else { "muted" },
     )
 }

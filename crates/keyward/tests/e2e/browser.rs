@@ -650,3 +650,63 @@ async fn the_page_shows_todays_models_the_headroom_and_a_leaked_key() {
     }
     b.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_and_a_failing_key_in_a_real_browser() {
+    let Some(b) = Browser::start("activity_and_a_failing_key_in_a_real_browser", false).await else {
+        return;
+    };
+    let fake = FakeProviders::start().unwrap();
+    let kw = start_on_fake(&fake, &[]);
+    let (token, acc) = (kw.owner_token().to_owned(), kw.owner_account().to_owned());
+    let key = key_for("openai");
+    fake.set_key(Provider::OpenAi, &key, Behaviour::Ok);
+    save_key(&kw, &token, &acc, "openai", &key).await;
+    set_source(&kw, &token, &acc, "openai", "own").await;
+    let call = json!({"provider": "openai", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "feature": "drafting"});
+    kw.http()
+        .post(&format!("/v1/accounts/{acc}/ai/messages"), Some(&token), &call)
+        .await
+        .expect_status(200);
+    fake.set_key(Provider::OpenAi, &key, Behaviour::NoCredit);
+    let failed = kw
+        .http()
+        .post(&format!("/v1/accounts/{acc}/ai/messages"), Some(&token), &call)
+        .await;
+    assert!(!failed.is_success(), "{failed}");
+
+    // Without JavaScript: the card warns, and says what to do.
+    b.login_with_token(kw.base_url(), &token).await;
+    let warning = b.text("#failing-openai").await;
+    assert!(
+        warning.contains("Calls on this key are failing (no credit)") && warning.contains("Add credit"),
+        "{warning}"
+    );
+    let health = b.text("#health-openai").await;
+    assert!(health.contains("1 failed call in the last 24 h: 1 no credit"), "{health}");
+    let dir = screenshot_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    b.client.set_window_size(1280, 1000).await.unwrap();
+    std::fs::write(
+        dir.join("failing-key-card.png"),
+        b.find("#provider-openai").await.screenshot().await.unwrap(),
+    )
+    .unwrap();
+
+    // The activity page, reached by its link; the filters work by plain GET forms.
+    b.click("#activity-link").await;
+    b.wait_text("h1", "Activity").await;
+    assert!(b.text("#chain-status").await.contains("The audit log verifies."));
+    assert_eq!(b.count("#events tbody tr").await, 4, "saved, switched, two calls");
+    let first = b.text("#events tbody tr").await;
+    assert!(first.contains("AI call") && first.contains("Failed: no credit") && first.contains("drafting"), "{first}");
+    b.client.set_window_size(1400, 1000).await.unwrap();
+    std::fs::write(dir.join("activity.png"), b.client.screenshot().await.unwrap()).unwrap();
+    b.client.set_window_size(1280, 1000).await.unwrap();
+    b.find("#f-source").await.select_by_value("shared").await.unwrap();
+    b.click("form.filters button[type=submit]").await;
+    b.wait_text("#activity-empty", "No events match these filters").await;
+    assert!(b.path().await.contains("source=shared"));
+    b.assert_key_gone(&key, "the activity page").await;
+    b.close().await;
+}
