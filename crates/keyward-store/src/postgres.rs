@@ -2009,7 +2009,13 @@ impl Store for PgStore {
         .map_err(map_err)?;
         let rows = rows
             .iter()
-            .map(|r| Ok((get::<String>(r, "outcome")?, get::<i64>(r, "n")?, get::<i64>(r, "last")?)))
+            .map(|r| {
+                Ok((
+                    get::<String>(r, "outcome")?,
+                    get::<i64>(r, "n")?,
+                    get::<i64>(r, "last")?,
+                ))
+            })
             .collect::<StoreResult<Vec<_>>>()?;
         Ok(KeyCallHealth {
             last_ok_at: last_ok.map(UnixMillis),

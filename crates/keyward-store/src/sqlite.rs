@@ -1751,7 +1751,11 @@ impl Store for SqliteStore {
                     |r| get::<String>(r, "flash"),
                 )?;
                 if flash.is_some() {
-                    exec(tx, "UPDATE sessions SET flash = NULL WHERE id_hash = ?1", (id_hash.as_str(),))?;
+                    exec(
+                        tx,
+                        "UPDATE sessions SET flash = NULL WHERE id_hash = ?1",
+                        (id_hash.as_str(),),
+                    )?;
                 }
                 Ok(flash)
             })
@@ -1835,7 +1839,13 @@ impl Store for SqliteStore {
                        AND at >= ?3 AND action = 'ai.request'
                      GROUP BY outcome",
                     (account.as_str(), provider.as_str(), from),
-                    |r| Ok((get::<String>(r, "outcome")?, get::<i64>(r, "n")?, get::<i64>(r, "last")?)),
+                    |r| {
+                        Ok((
+                            get::<String>(r, "outcome")?,
+                            get::<i64>(r, "n")?,
+                            get::<i64>(r, "last")?,
+                        ))
+                    },
                 )?;
                 Ok(KeyCallHealth {
                     last_ok_at: last_ok.map(UnixMillis),

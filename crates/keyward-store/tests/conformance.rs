@@ -1588,14 +1588,20 @@ async fn sessions_live_in_the_store(s: &dyn Store, twin: &dyn Store) {
     assert!(s.touch_session("nope", t(900), LIMITS).await.unwrap().is_none());
     // Idle for the limit: gone, and deleted.
     assert!(s.touch_session("h1", t(1_900), LIMITS).await.unwrap().is_none());
-    assert!(!s.end_session("h1").await.unwrap(), "an expired session is deleted when met");
+    assert!(
+        !s.end_session("h1").await.unwrap(),
+        "an expired session is deleted when met"
+    );
 
     // Kept busy, it still ends at its maximum.
     s.create_session("h2", &user, t(0)).await.unwrap();
     let mut now = 0;
     while now + 500 < 10_000 {
         now += 500;
-        assert!(s.touch_session("h2", t(now), LIMITS).await.unwrap().is_some(), "at {now}");
+        assert!(
+            s.touch_session("h2", t(now), LIMITS).await.unwrap().is_some(),
+            "at {now}"
+        );
     }
     assert!(s.touch_session("h2", t(10_000), LIMITS).await.unwrap().is_none());
 
@@ -1641,11 +1647,17 @@ fn call_event(
     last4: Option<&str>,
     outcome: keyward_core::Outcome,
 ) -> NewAuditEvent {
-    NewAuditEvent::new(account, t(at), &AuditActor("cli".into()), AuditAction::AiRequest, provider)
-        .key_source(source)
-        .last4(last4.map(|l| Last4::from_stored(l).unwrap()).as_ref())
-        .model("m")
-        .outcome(outcome)
+    NewAuditEvent::new(
+        account,
+        t(at),
+        &AuditActor("cli".into()),
+        AuditAction::AiRequest,
+        provider,
+    )
+    .key_source(source)
+    .last4(last4.map(|l| Last4::from_stored(l).unwrap()).as_ref())
+    .model("m")
+    .outcome(outcome)
 }
 
 /// The activity page's search: filters and paging in the database, newest first, one
@@ -1663,16 +1675,32 @@ async fn audit_search_filters_and_pages(s: &dyn Store) {
         };
         events.push(call_event(&account, 1_000 + i * 100, p, src, l4, Outcome::Ok));
     }
-    events.push(call_event(&other, 1_500, Provider::OpenAi, KeySource::Own, Some("aaaa"), Outcome::Ok));
+    events.push(call_event(
+        &other,
+        1_500,
+        Provider::OpenAi,
+        KeySource::Own,
+        Some("aaaa"),
+        Outcome::Ok,
+    ));
     s.append_audit(&events).await.unwrap();
 
-    let all = s.audit_search(&account, &AuditFilter::default(), None, 0).await.unwrap();
+    let all = s
+        .audit_search(&account, &AuditFilter::default(), None, 0)
+        .await
+        .unwrap();
     assert_eq!(all.len(), 30);
     assert!(all.windows(2).all(|w| w[0].at > w[1].at), "newest first");
     assert!(all.iter().all(|e| e.account_id == account.as_str()));
-    let page = s.audit_search(&account, &AuditFilter::default(), Some(10), 10).await.unwrap();
+    let page = s
+        .audit_search(&account, &AuditFilter::default(), Some(10), 10)
+        .await
+        .unwrap();
     assert_eq!(page, all[10..20].to_vec());
-    let tail = s.audit_search(&account, &AuditFilter::default(), Some(10), 25).await.unwrap();
+    let tail = s
+        .audit_search(&account, &AuditFilter::default(), Some(10), 25)
+        .await
+        .unwrap();
     assert_eq!(tail.len(), 5);
 
     let acc = &account;
@@ -1705,7 +1733,10 @@ async fn audit_search_filters_and_pages(s: &dyn Store) {
         ..Default::default()
     })
     .await;
-    assert_eq!(window.iter().map(|e| e.at).collect::<Vec<_>>(), vec![2_400, 2_300, 2_200, 2_100, 2_000]);
+    assert_eq!(
+        window.iter().map(|e| e.at).collect::<Vec<_>>(),
+        vec![2_400, 2_300, 2_200, 2_100, 2_000]
+    );
     let none = by(AuditFilter {
         last4: Some("zzzz".into()),
         ..Default::default()
@@ -1719,7 +1750,8 @@ async fn audit_search_filters_and_pages(s: &dyn Store) {
 async fn key_call_health_reads_the_audit_log(s: &dyn Store) {
     use keyward_core::Outcome;
     let (_, account) = owner_with_account(s, 1, Plan::Pro).await;
-    let own = |at: i64, outcome: Outcome| call_event(&account, at, Provider::OpenAi, KeySource::Own, Some("aaaa"), outcome);
+    let own =
+        |at: i64, outcome: Outcome| call_event(&account, at, Provider::OpenAi, KeySource::Own, Some("aaaa"), outcome);
     let none = s.key_call_health(&account, Provider::OpenAi, t(0), t(0)).await.unwrap();
     assert_eq!(none, KeyCallHealth::default());
     assert!(!none.failing());
@@ -1731,12 +1763,29 @@ async fn key_call_health_reads_the_audit_log(s: &dyn Store) {
         own(1_200, Outcome::Error("invalid_key")),
         own(1_300, Outcome::Error("no_credit")),
         own(1_400, Outcome::Refused(keyward_core::ErrorCode::KeyReportedLeaked)),
-        call_event(&account, 1_500, Provider::OpenAi, KeySource::Shared, None, Outcome::Error("invalid_key")),
-        call_event(&account, 1_500, Provider::Anthropic, KeySource::Own, Some("bbbb"), Outcome::Ok),
+        call_event(
+            &account,
+            1_500,
+            Provider::OpenAi,
+            KeySource::Shared,
+            None,
+            Outcome::Error("invalid_key"),
+        ),
+        call_event(
+            &account,
+            1_500,
+            Provider::Anthropic,
+            KeySource::Own,
+            Some("bbbb"),
+            Outcome::Ok,
+        ),
     ])
     .await
     .unwrap();
-    let h = s.key_call_health(&account, Provider::OpenAi, t(50), t(500)).await.unwrap();
+    let h = s
+        .key_call_health(&account, Provider::OpenAi, t(50), t(500))
+        .await
+        .unwrap();
     assert_eq!(h.last_ok_at, Some(t(1_000)));
     assert_eq!(
         h.failures
@@ -1748,18 +1797,27 @@ async fn key_call_health_reads_the_audit_log(s: &dyn Store) {
     assert!(h.failing());
     assert_eq!(h.failed(), 3);
     // Since a later save: the older success does not count.
-    let h = s.key_call_health(&account, Provider::OpenAi, t(1_050), t(0)).await.unwrap();
+    let h = s
+        .key_call_health(&account, Provider::OpenAi, t(1_050), t(0))
+        .await
+        .unwrap();
     assert_eq!(h.last_ok_at, None);
     assert_eq!(h.failed(), 3);
     // A later success: not failing any more, the failures still counted.
     s.append_audit(&[own(2_000, Outcome::Ok)]).await.unwrap();
-    let h = s.key_call_health(&account, Provider::OpenAi, t(50), t(500)).await.unwrap();
+    let h = s
+        .key_call_health(&account, Provider::OpenAi, t(50), t(500))
+        .await
+        .unwrap();
     assert_eq!(h.last_ok_at, Some(t(2_000)));
     assert!(!h.failing());
     assert_eq!(h.failed(), 3);
     // Users by id: those that exist.
     let (u3, _) = owner_with_account(s, 3, Plan::Pro).await;
-    let found = s.users_by_ids(&[u3.clone(), id(UserId::from_random, 99)]).await.unwrap();
+    let found = s
+        .users_by_ids(&[u3.clone(), id(UserId::from_random, 99)])
+        .await
+        .unwrap();
     assert_eq!(found.iter().map(|u| u.id.clone()).collect::<Vec<_>>(), vec![u3]);
     assert!(s.users_by_ids(&[]).await.unwrap().is_empty());
 }

@@ -8,7 +8,13 @@
 //! - the CSV with a filter that matches a third of them.
 //!
 //! Each is run `RUNS` times after one warm-up; the median and the slowest are printed.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a benchmark")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout,
+    reason = "a benchmark: it prints its figures"
+)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -89,7 +95,10 @@ fn time_now() -> i64 {
 }
 
 async fn timed(kw: &Keyward, cookie: &str, path: &str, check: impl Fn(&str)) -> (Duration, Duration, usize) {
-    let get = || kw.http().raw(RawRequest::new(Method::GET, path).header("cookie", cookie));
+    let get = || {
+        kw.http()
+            .raw(RawRequest::new(Method::GET, path).header("cookie", cookie))
+    };
     let warm = get().await;
     assert_eq!(warm.status, 200, "{path}: {warm}");
     check(&warm.text);
@@ -137,7 +146,13 @@ async fn main() {
     )
     .await;
     println!("activity page 20, provider=openai: median {p50:?}, slowest {pmax:?} ({size} bytes)");
-    let (p50, pmax, size) = timed(&kw, &cookie, &format!("{base}/activity.csv?account={account}"), lines(EVENTS)).await;
+    let (p50, pmax, size) = timed(
+        &kw,
+        &cookie,
+        &format!("{base}/activity.csv?account={account}"),
+        lines(EVENTS),
+    )
+    .await;
     println!("CSV of all {EVENTS} events: median {p50:?}, slowest {pmax:?} ({size} bytes)");
     let (p50, pmax, size) = timed(
         &kw,
@@ -146,5 +161,8 @@ async fn main() {
         lines(EVENTS / 3),
     )
     .await;
-    println!("CSV filtered to provider=openai ({} events): median {p50:?}, slowest {pmax:?} ({size} bytes)", EVENTS / 3);
+    println!(
+        "CSV filtered to provider=openai ({} events): median {p50:?}, slowest {pmax:?} ({size} bytes)",
+        EVENTS / 3
+    );
 }

@@ -65,9 +65,7 @@ impl ActivityQuery {
                     .ok_or_else(|| ApiError::validation("last4 must be the last four characters of a key"))
             })
             .transpose()?;
-        let month = given(month)
-            .map(|m| month_range(m).map(|_| m.to_owned()))
-            .transpose()?;
+        let month = given(month).map(|m| month_range(m).map(|_| m.to_owned())).transpose()?;
         let page = match given(page) {
             None => 1,
             Some(p) => p
@@ -161,7 +159,10 @@ impl Engine {
         actor: &Actor,
         q: &ActivityQuery,
     ) -> ApiResult<(Vec<AuditEvent>, HashMap<String, String>)> {
-        let events = self.store.audit_search(actor.account_id(), &q.filter(), None, 0).await?;
+        let events = self
+            .store
+            .audit_search(actor.account_id(), &q.filter(), None, 0)
+            .await?;
         let people = self.people(&events).await?;
         Ok((events, people))
     }
@@ -241,7 +242,14 @@ mod tests {
 
     #[test]
     fn filters_are_checked() {
-        let q = ActivityQuery::parse(Some("openai"), Some("own"), Some("••••ab_-"), Some("2026-02"), Some("3")).unwrap();
+        let q = ActivityQuery::parse(
+            Some("openai"),
+            Some("own"),
+            Some("••••ab_-"),
+            Some("2026-02"),
+            Some("3"),
+        )
+        .unwrap();
         assert_eq!(q.provider, Some(Provider::OpenAi));
         assert_eq!(q.source, Some(KeySource::Own));
         assert_eq!(q.last4.as_deref(), Some("ab_-"));
@@ -252,7 +260,13 @@ mod tests {
         let dec = month_range("2025-12").unwrap();
         assert_eq!(dec.1.rfc3339(), "2026-01-01T00:00:00Z");
         let none = ActivityQuery::parse(Some(""), None, Some(" "), Some(""), None).unwrap();
-        assert_eq!(none, ActivityQuery { page: 1, ..Default::default() });
+        assert_eq!(
+            none,
+            ActivityQuery {
+                page: 1,
+                ..Default::default()
+            }
+        );
         assert!(!none.filtered());
         for (p, s, l, m, pg) in [
             (Some("azure"), None, None, None, None),
@@ -265,7 +279,10 @@ mod tests {
             (None, None, None, None, Some("0")),
             (None, None, None, None, Some("x")),
         ] {
-            assert!(ActivityQuery::parse(p, s, l, m, pg).is_err(), "{p:?} {s:?} {l:?} {m:?} {pg:?}");
+            assert!(
+                ActivityQuery::parse(p, s, l, m, pg).is_err(),
+                "{p:?} {s:?} {l:?} {m:?} {pg:?}"
+            );
         }
     }
 }

@@ -352,7 +352,7 @@ fn chain_html(chain: &ChainStatus) -> String {
         ),
         ChainStatus::Unknown { why } => format!(
             r#"<div class="notice warn" role="note" id="chain-status" data-chain="unknown"><strong>The audit log was not checked.</strong> {}.</div>"#,
-            esc(&sentence(why).trim_end_matches('.').to_owned())
+            esc(sentence(why).trim_end_matches('.'))
         ),
     }
 }

@@ -744,11 +744,7 @@ fn failing_warning(p: Provider, k: &KeyMeta, h: &KeyCallHealth) -> String {
 /// 24 hours by diagnosis, and where rate-limit headroom comes from.
 pub fn health_html(h: &KeyCallHealth) -> String {
     let last_ok = match h.last_ok_at {
-        Some(at) => format!(
-            r#"Last worked <time datetime="{}">{}</time>"#,
-            iso(at),
-            when(at)
-        ),
+        Some(at) => format!(r#"Last worked <time datetime="{}">{}</time>"#, iso(at), when(at)),
         None => "No call has worked on this key yet".to_owned(),
     };
     let failures = if h.failures.is_empty() {

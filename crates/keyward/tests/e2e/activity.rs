@@ -75,8 +75,17 @@ async fn csv_of(web: &Web<'_>, query: &str) -> String {
     let r = web.get(&format!("{ACTIVITY_CSV}?{query}")).await;
     assert_eq!(r.status, 200, "{r}");
     assert_eq!(r.content_type(), "text/csv; charset=utf-8", "{r}");
-    let disposition = r.headers.get("content-disposition").unwrap().to_str().unwrap().to_owned();
-    assert!(disposition.starts_with("attachment; filename=\"keyward-activity-"), "{disposition}");
+    let disposition = r
+        .headers
+        .get("content-disposition")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        disposition.starts_with("attachment; filename=\"keyward-activity-"),
+        "{disposition}"
+    );
     assert!(r.text.starts_with("time_utc,model,"), "header row first: {r}");
     r.text.clone()
 }
@@ -87,7 +96,10 @@ fn assert_no_key(text: &str, keys: &[&String], what: &str) {
     for k in keys {
         assert_no_leak(text, k, what);
         let cut = &k[..k.len() - 4];
-        assert!(!text.contains(&cut[cut.len() - 6..]), "a piece of a key before its last4 is in {what}");
+        assert!(
+            !text.contains(&cut[cut.len() - 6..]),
+            "a piece of a key before its last4 is in {what}"
+        );
     }
 }
 
@@ -126,11 +138,17 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
     let web = login_with_token(&kw, &token).await;
     // The model-keys page links to the activity.
     let keys_page = web.page(&acc).await;
-    assert!(keys_page.text.contains(&format!(r#"href="{ACTIVITY}?account={acc}""#)), "{keys_page}");
+    assert!(
+        keys_page.text.contains(&format!(r#"href="{ACTIVITY}?account={acc}""#)),
+        "{keys_page}"
+    );
 
     let page = web.get(&format!("{ACTIVITY}?account={acc}")).await;
     assert_eq!(page.status, 200, "{page}");
-    assert!(page.text.contains(r#"data-chain="intact""#), "the chain verifies: {page}");
+    assert!(
+        page.text.contains(r#"data-chain="intact""#),
+        "the chain verifies: {page}"
+    );
     assert!(page.text.contains(&format!("All {} events", events.len())), "{page}");
     let shown = rows(&page.text);
     assert_eq!(shown.len(), events.len(), "every event is on the page: {page}");
@@ -173,7 +191,10 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
         .iter()
         .find(|(_, r)| r.contains("AI call") && r.contains("drafting"))
         .unwrap();
-    assert!(own_call.1.contains("My key") && own_call.1.contains("••••zz9q"), "{own_call:?}");
+    assert!(
+        own_call.1.contains("My key") && own_call.1.contains("••••zz9q"),
+        "{own_call:?}"
+    );
     let shared_call = shown
         .iter()
         .find(|(_, r)| r.contains("AI call") && r.contains("Anthropic"))
@@ -237,7 +258,10 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
     // The filter form keeps what was chosen; a bad filter is explained, not an error page.
     let (_, chosen) = count("provider=openai&source=own").await;
     assert!(chosen.contains(r#"<option value="openai" selected>"#), "{chosen}");
-    assert!(chosen.contains("source=own"), "the CSV link keeps the filters: {chosen}");
+    assert!(
+        chosen.contains("source=own"),
+        "the CSV link keeps the filters: {chosen}"
+    );
     let bad = web.get(&format!("{ACTIVITY}?account={acc}&month=2026-13")).await;
     assert_eq!(bad.status, 422, "{bad}");
     assert!(bad.text.contains("Month must be YYYY-MM."), "{bad}");
@@ -257,7 +281,10 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
         "only the sign-out forms post: {posts:?}"
     );
     assert!(!theirs.text.contains("api_key"), "{theirs}");
-    assert_eq!(as_member.get(&format!("{ACTIVITY_CSV}?account={acc}")).await.status, 200);
+    assert_eq!(
+        as_member.get(&format!("{ACTIVITY_CSV}?account={acc}")).await.status,
+        200
+    );
     let outsider = login_with_token(&kw, &stranger.token).await;
     for path in [ACTIVITY, ACTIVITY_CSV] {
         let r = outsider.get(&format!("{path}?account={acc}")).await;
@@ -284,24 +311,32 @@ async fn activity_is_paged_newest_first_and_the_csv_has_every_row() {
             .expect_status(200);
     }
     let web = login_with_token(&kw, &token).await;
-    let empty = web
-        .get(&format!("{ACTIVITY}?account={acc}&provider=google"))
-        .await;
+    let empty = web.get(&format!("{ACTIVITY}?account={acc}&provider=google")).await;
     assert!(empty.text.contains("No events match"), "{empty}");
     let first = web.get(&format!("{ACTIVITY}?account={acc}&provider=openai")).await;
     let page1 = rows(&first.text);
     assert_eq!(page1.len(), 50);
     assert!(!first.text.contains(r#"id="page-prev""#));
     let next = format!("{ACTIVITY}?account={acc}&amp;provider=openai&amp;page=2");
-    assert!(first.text.contains(&format!(r#"id="page-next" href="{next}""#)), "{first}");
+    assert!(
+        first.text.contains(&format!(r#"id="page-next" href="{next}""#)),
+        "{first}"
+    );
     let second = web.get(&next.replace("&amp;", "&")).await;
     let page2 = rows(&second.text);
     assert_eq!(page2.len(), 5);
     assert!(second.text.contains(r#"id="page-prev""#) && !second.text.contains(r#"id="page-next""#));
     let all: Vec<i64> = page1.iter().chain(page2.iter()).map(|(id, _)| *id).collect();
-    assert!(all.windows(2).all(|w| w[0] > w[1]), "newest first across pages: {all:?}");
+    assert!(
+        all.windows(2).all(|w| w[0] > w[1]),
+        "newest first across pages: {all:?}"
+    );
     let csv = csv_of(&web, &format!("account={acc}&provider=openai&page=2")).await;
-    assert_eq!(csv_records(&csv).len(), 55, "the CSV has every matching row, not one page");
+    assert_eq!(
+        csv_records(&csv).len(),
+        55,
+        "the CSV has every matching row, not one page"
+    );
     assert_no_key(&csv, &[&shared], "the CSV");
     assert_no_key(&first.text, &[&shared], "the page");
 }
@@ -337,13 +372,19 @@ async fn a_failing_key_shows_a_warning_with_its_diagnosis_until_a_call_works_and
     assert!(fresh.contains("no failed calls in the last 24 h"), "{fresh}");
     assert!(!fresh.contains("failing-openai"));
 
-    ai_call(&kw, &token, &acc, &chat_body("openai", false, 3)).await.expect_status(200);
+    ai_call(&kw, &token, &acc, &chat_body("openai", false, 3))
+        .await
+        .expect_status(200);
     let ok = card(&web, &acc, "openai").await;
     assert!(ok.contains("Last worked"), "{ok}");
 
     for (behaviour, diagnosis, advice) in [
         (Behaviour::NoCredit, "no_credit", "Add credit"),
-        (Behaviour::MissingPermission, "missing_permission", "Give the key the permissions"),
+        (
+            Behaviour::MissingPermission,
+            "missing_permission",
+            "Give the key the permissions",
+        ),
         (Behaviour::RateLimited, "rate_limited", "Slow down"),
     ] {
         fake.set_key(Provider::OpenAi, &own, behaviour);
@@ -368,7 +409,9 @@ async fn a_failing_key_shows_a_warning_with_its_diagnosis_until_a_call_works_and
     assert!(failing.contains("Replace the key"), "{failing}");
     let health = between(&failing, r#"id="health-openai""#, "</dd>");
     assert!(
-        health.contains("5 failed calls in the last 24 h: 2 invalid key, 1 missing permission, 1 no credit, 1 rate limited"),
+        health.contains(
+            "5 failed calls in the last 24 h: 2 invalid key, 1 missing permission, 1 no credit, 1 rate limited"
+        ),
         "{health}"
     );
     assert!(health.contains("AI calls do not record it"), "{health}");
@@ -384,14 +427,22 @@ async fn a_failing_key_shows_a_warning_with_its_diagnosis_until_a_call_works_and
 
     // A later success clears the warning; the failures of the day are still counted.
     fake.set_key(Provider::OpenAi, &own, Behaviour::Ok);
-    ai_call(&kw, &token, &acc, &chat_body("openai", false, 3)).await.expect_status(200);
+    ai_call(&kw, &token, &acc, &chat_body("openai", false, 3))
+        .await
+        .expect_status(200);
     let healed = card(&web, &acc, "openai").await;
     assert!(!healed.contains("failing-openai"), "{healed}");
-    assert!(healed.contains("Last worked") && healed.contains("5 failed calls"), "{healed}");
+    assert!(
+        healed.contains("Last worked") && healed.contains("5 failed calls"),
+        "{healed}"
+    );
     // A rotation starts the new key's record afresh.
     let new = key_for("openai");
     fake.set_key(Provider::OpenAi, &new, Behaviour::Ok);
     save_key(&kw, &token, &acc, "openai", &new).await;
     let rotated = card(&web, &acc, "openai").await;
-    assert!(rotated.contains("No call has worked on this key yet") && rotated.contains("no failed calls"), "{rotated}");
+    assert!(
+        rotated.contains("No call has worked on this key yet") && rotated.contains("no failed calls"),
+        "{rotated}"
+    );
 }

@@ -683,7 +683,10 @@ async fn activity_and_a_failing_key_in_a_real_browser() {
         "{warning}"
     );
     let health = b.text("#health-openai").await;
-    assert!(health.contains("1 failed call in the last 24 h: 1 no credit"), "{health}");
+    assert!(
+        health.contains("1 failed call in the last 24 h: 1 no credit"),
+        "{health}"
+    );
     let dir = screenshot_dir();
     std::fs::create_dir_all(&dir).unwrap();
     b.client.set_window_size(1280, 1000).await.unwrap();
@@ -699,7 +702,10 @@ async fn activity_and_a_failing_key_in_a_real_browser() {
     assert!(b.text("#chain-status").await.contains("The audit log verifies."));
     assert_eq!(b.count("#events tbody tr").await, 4, "saved, switched, two calls");
     let first = b.text("#events tbody tr").await;
-    assert!(first.contains("AI call") && first.contains("Failed: no credit") && first.contains("drafting"), "{first}");
+    assert!(
+        first.contains("AI call") && first.contains("Failed: no credit") && first.contains("drafting"),
+        "{first}"
+    );
     b.client.set_window_size(1400, 1000).await.unwrap();
     std::fs::write(dir.join("activity.png"), b.client.screenshot().await.unwrap()).unwrap();
     b.client.set_window_size(1280, 1000).await.unwrap();

@@ -38,7 +38,11 @@ async fn a_restart_keeps_sessions_and_only_the_ids_hash_is_stored() {
     let web = Web { kw: &kw, cookie };
     let page = web.get(SETTINGS).await;
     assert_eq!(page.status, 200, "the session must survive a restart: {page}");
-    assert_eq!(csrf_of(&page.text), csrf, "the CSRF token is the session's, after a restart too");
+    assert_eq!(
+        csrf_of(&page.text),
+        csrf,
+        "the CSRF token is the session's, after a restart too"
+    );
     // A form works with the same session after the restart.
     let acc = kw.owner_account().to_owned();
     let r = web
@@ -90,7 +94,11 @@ async fn sign_out_everywhere_ends_every_session_of_the_user_and_no_one_elses() {
 
     let csrf = first.csrf().await;
     let out = first.post("/logout/everywhere", &[("csrf", &csrf)]).await;
-    assert_eq!((out.status, location(&out)), (303, "/login?signed_out=everywhere".to_owned()), "{out}");
+    assert_eq!(
+        (out.status, location(&out)),
+        (303, "/login?signed_out=everywhere".to_owned()),
+        "{out}"
+    );
     let notice = kw.http().get("/login?signed_out=everywhere", None).await;
     assert!(notice.text.contains("signed out everywhere"), "{notice}");
     assert_signed_out(&first.get(SETTINGS).await, "the session that asked");
@@ -134,7 +142,10 @@ async fn a_session_from_node_a_works_on_node_b_and_signing_out_on_a_ends_it_on_b
         .await;
     assert_eq!(r.status, 303, "{r}");
     let shown = on_a.get(&location(&r)).await;
-    assert!(shown.text.contains("Key saved."), "the message of B's form, on A: {shown}");
+    assert!(
+        shown.text.contains("Key saved."),
+        "the message of B's form, on A: {shown}"
+    );
 
     // Signed out on A: B no longer knows the session, at once.
     let out = on_a.post("/logout", &[("csrf", &csrf)]).await;
@@ -148,6 +159,9 @@ async fn a_session_from_node_a_works_on_node_b_and_signing_out_on_a_ends_it_on_b
     let csrf = again_b.csrf().await;
     let out = again_b.post("/logout/everywhere", &[("csrf", &csrf)]).await;
     assert_eq!(out.status, 303, "{out}");
-    assert_signed_out(&again_a.get(SETTINGS).await, "A's session after sign-out everywhere on B");
+    assert_signed_out(
+        &again_a.get(SETTINGS).await,
+        "A's session after sign-out everywhere on B",
+    );
     assert_signed_out(&again_b.get(SETTINGS).await, "B's session after sign-out everywhere");
 }
