@@ -76,16 +76,32 @@ pub async fn add_member(
     Ok(json!({ "account_id": account, "user_id": user, "role": role }))
 }
 
-pub async fn set_plan(store: &dyn Store, account: &str, plan: &str, limit: Option<i64>) -> Result<Value, RuntimeError> {
+/// Who the audit log names for the admin CLI's changes.
+pub fn cli_actor() -> keyward_store::AuditActor {
+    keyward_store::AuditActor("cli".to_owned())
+}
+
+/// Changes the plan (and optionally the limit); audited as `account.plan_changed`, actor
+/// `cli`, when something changed.
+pub async fn set_plan(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    account: &str,
+    plan: &str,
+    limit: Option<i64>,
+) -> Result<Value, RuntimeError> {
     let account = account_id(account)?;
     let plan: Plan = plan.parse().map_err(|e| bad(format!("--plan: {e}")))?;
     if limit.is_some_and(|n| n < 0) {
         return Err(bad("--shared-credit-limit: must be 0 or more"));
     }
-    store.set_plan(&account, plan, limit).await.map_err(|e| match e {
-        keyward_store::StoreError::NotFound => bad(format!("no account {account}")),
-        other => other.into(),
-    })?;
+    store
+        .set_plan(&account, plan, limit, &cli_actor(), clock.now())
+        .await
+        .map_err(|e| match e {
+            keyward_store::StoreError::NotFound => bad(format!("no account {account}")),
+            other => other.into(),
+        })?;
     let after = store
         .account(&account)
         .await?

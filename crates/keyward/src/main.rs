@@ -358,7 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         account,
                         plan,
                         shared_credit_limit,
-                    } => admin::set_plan(store.as_ref(), &account, &plan, shared_credit_limit).await?,
+                    } => admin::set_plan(store.as_ref(), clock.as_ref(), &account, &plan, shared_credit_limit).await?,
                 };
                 print_json(&out)?;
                 Ok(ExitCode::SUCCESS)
