@@ -85,7 +85,7 @@ impl fmt::Display for ServiceName {
 pub struct ExternalId(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("an external id is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'")]
+#[error("an external id is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-' (not . or ..)")]
 pub struct ExternalIdError;
 
 impl ExternalId {
@@ -96,7 +96,10 @@ impl ExternalId {
             && raw.len() <= Self::MAX_LEN
             && raw
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+            // `.` and `..` are path segments of their own in a URL.
+            && raw != "."
+            && raw != "..";
         ok.then(|| ExternalId(raw.to_owned())).ok_or(ExternalIdError)
     }
 
@@ -131,7 +134,7 @@ mod tests {
         for good in ["a", "acct:42", "org_1.team-2", &"x".repeat(128)] {
             assert!(ExternalId::parse(good).is_ok(), "{good:?}");
         }
-        for bad in ["", " a", "a/b", "a b", "é", &"x".repeat(129), "a\n"] {
+        for bad in ["", " a", "a/b", "a b", "é", &"x".repeat(129), "a\n", ".", ".."] {
             assert!(ExternalId::parse(bad).is_err(), "{bad:?}");
         }
     }
