@@ -43,11 +43,10 @@ pub struct NativeRoute<'a> {
 }
 
 impl Engine {
-    /// Runs `api` for the actor with `raw`, the SDK's request body (`google`: the model and
-    /// whether to stream, from Google's path; `feature`: the product feature the call names,
-    /// checked by the caller). `header` reads the SDK's request headers (the
-    /// provider-specific ones that are passed on). `key`: the account's key for the provider,
-    /// read with the actor's membership.
+    /// Runs `route` (the carried API, Google's model and stream flag, the feature) for the
+    /// actor with `raw`, the SDK's request body. `header` reads the SDK's request headers
+    /// (the provider-specific ones that are passed on). `key`: the account's key for the
+    /// provider, read with the actor (a member's membership, or a service's account).
     pub async fn native(
         &self,
         actor: &Actor,
