@@ -79,10 +79,7 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
             Err(e) => return error_page(&e),
         },
         None => match accounts.first() {
-            Some(m) => Actor {
-                user: user.clone(),
-                membership: m.clone(),
-            },
+            Some(m) => Actor::member(user.clone(), m.clone()),
             None => {
                 return html(
                     StatusCode::OK,
@@ -103,12 +100,15 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
         Ok(u) => u,
         Err(e) => return error_page(&e),
     };
+    let Some(current) = actor.membership() else {
+        return error_page(&crate::error::ApiError::not_found());
+    };
     let flash = state.web.sessions.take_flash(&s.id);
     let body = pages::model_keys_page(&pages::PageView {
         email: user.email.as_str(),
         csrf: &s.view.csrf,
         accounts: &accounts,
-        current: &actor.membership,
+        current: &current,
         states: &states,
         usage: &usage,
         catalogue: &engine.catalogue,
