@@ -1,6 +1,6 @@
 """Webhook delivery latency: from the commit of a change to its receipt by an endpoint.
 
-    .venv-sdk/bin/python bench/webhook_latency.py [--rate 100] [--seconds 10] [--accounts 10] [--release]
+    .venv-sdk/bin/python bench/webhook_latency.py [--rate 100] [--seconds 10] [--accounts 10] [--poll-ms 50] [--release]
 
 Starts `keyward serve` (temp data dir, SQLite, webhooks on) and a receiver on loopback that
 verifies every delivery with the Standard Webhooks reference library, then switches key
@@ -45,6 +45,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--accounts", type=int, default=10)
     ap.add_argument("--release", action="store_true")
+    ap.add_argument("--poll-ms", type=int, default=50, help="KEYWARD_WEBHOOK_POLL_MS (default: keyward's own, 50)")
     args = ap.parse_args()
     if args.release:
         import os
@@ -53,7 +54,7 @@ def main() -> int:
 
     data_dir = tempfile.mkdtemp(prefix="keyward-webhook-bench-")
     receiver = Receiver(free_port(), SECRET).start()
-    node = Node(NoFakes(), receiver.url, SECRET, data_dir)  # type: ignore[arg-type]
+    node = Node(NoFakes(), receiver.url, SECRET, data_dir, {"KEYWARD_WEBHOOK_POLL_MS": str(args.poll_ms)})  # type: ignore[arg-type]
     try:
         kw = node.start()
         accounts = [kw.owner_account] + [kw.create_account(f"Bench {i}") for i in range(args.accounts - 1)]
@@ -108,7 +109,7 @@ def main() -> int:
                 continue
             at = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
             latencies.append((first_receipt[i] - at) * 1000)
-        print(f"webhook latency, commit to receipt: {len(committed)} events committed at {total / sent_for:.0f}/s "
+        print(f"webhook latency, commit to receipt (poll {args.poll_ms} ms): {len(committed)} events committed at {total / sent_for:.0f}/s "
               f"over {sent_for:.1f} s ({len(accounts)} accounts, {errors} failed switches), "
               f"{len(latencies)} received, {len(receiver.ids()) - len(events)} duplicate deliveries")
         print(f"p50 {percentile(latencies, 50):.1f} ms, p90 {percentile(latencies, 90):.1f} ms, "

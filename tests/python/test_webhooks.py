@@ -232,7 +232,10 @@ def test_every_key_change_is_signed_verifiable_and_carries_no_key(webhook_env, k
     assert kw.api("PUT", f"/v1/accounts/{account}/model-keys/openai/source", {"source": "own"}).status == 200
     assert kw.api("PUT", f"/v1/accounts/{account}/model-keys/openai/source", {"source": "shared"}).status == 200
     assert kw.api("DELETE", f"/v1/accounts/{account}/model-keys/openai").status in (200, 204)
-    want = ["key.saved", "key.test_failed", "key.rotated", "key.source_changed", "key.source_changed", "key.removed"]
+    kw.cli("admin", "set-plan", "--account", account, "--plan", "business")
+
+    want = ["key.saved", "key.test_failed", "key.rotated", "key.source_changed", "key.source_changed", "key.removed",
+            "account.plan_changed"]
     events = receiver.wait_for(lambda ev: ev if len(ev) >= len(want) else None, f"{len(want)} events")
     assert [e["type"] for _, e in events] == want, "one event per change, in order"
     assert receiver.rejected == [], receiver.rejected
@@ -245,6 +248,8 @@ def test_every_key_change_is_signed_verifiable_and_carries_no_key(webhook_env, k
     assert by_type[1]["data"]["diagnosis"] == "invalid_key"
     assert by_type[2]["data"]["key_last4"] == key2[-4:]
     assert [by_type[3]["data"]["key_source"], by_type[4]["data"]["key_source"]] == ["own", "shared"]
+    assert by_type[6]["data"]["plan"] == "business" and by_type[6]["data"]["detail"].startswith("pro -> business")
+    assert by_type[6]["data"]["actor"] == "cli"
     for d in receiver.deliveries:
         text = d.body.decode()
         for k in (key, key2):

@@ -7,6 +7,7 @@ use serde::Serialize;
 pub enum ErrorCode {
     Unauthorized,
     Forbidden,
+    ScopeRequired,
     PlanRequired,
     NotFound,
     UnknownProvider,
@@ -15,6 +16,7 @@ pub enum ErrorCode {
     InvalidJson,
     NoKeySaved,
     KeyReportedLeaked,
+    Conflict,
     ModelRetired,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -32,16 +34,18 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// Every code, in the order of the reference table (`docs/API.md`, whose test checks it
     /// names each one).
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::InvalidJson,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
+        ErrorCode::ScopeRequired,
         ErrorCode::PlanRequired,
         ErrorCode::NotFound,
         ErrorCode::UnknownProvider,
         ErrorCode::MethodNotAllowed,
         ErrorCode::NoKeySaved,
         ErrorCode::KeyReportedLeaked,
+        ErrorCode::Conflict,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::InvalidKeyFormat,
@@ -61,6 +65,8 @@ impl ErrorCode {
         match self {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::ScopeRequired => "scope_required",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::PlanRequired => "plan_required",
             ErrorCode::NotFound => "not_found",
             ErrorCode::UnknownProvider => "unknown_provider",
@@ -89,10 +95,10 @@ impl ErrorCode {
         match self {
             ErrorCode::Unauthorized => 401,
             ErrorCode::InvalidJson => 400,
-            ErrorCode::Forbidden | ErrorCode::PlanRequired => 403,
+            ErrorCode::Forbidden | ErrorCode::ScopeRequired | ErrorCode::PlanRequired => 403,
             ErrorCode::NotFound | ErrorCode::UnknownProvider => 404,
             ErrorCode::MethodNotAllowed => 405,
-            ErrorCode::NoKeySaved | ErrorCode::KeyReportedLeaked => 409,
+            ErrorCode::NoKeySaved | ErrorCode::KeyReportedLeaked | ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::InvalidKeyFormat | ErrorCode::ValidationError | ErrorCode::ModelRetired => 422,

@@ -74,6 +74,7 @@ fn hex_digit(n: u8) -> char {
 prefixed_id!(UserId, "usr_");
 prefixed_id!(AccountId, "acc_");
 prefixed_id!(KeyId, "key_");
+prefixed_id!(ServiceId, "svc_");
 
 #[cfg(test)]
 mod tests {

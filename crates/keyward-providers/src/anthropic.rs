@@ -197,7 +197,10 @@ impl ProviderWire for Anthropic {
     fn refusal_body(&self, code: ErrorCode, _status: u16, message: &str) -> Value {
         let kind = match code {
             ErrorCode::Unauthorized => "authentication_error",
-            ErrorCode::Forbidden | ErrorCode::PlanRequired | ErrorCode::KeyReportedLeaked => "permission_error",
+            ErrorCode::Forbidden
+            | ErrorCode::ScopeRequired
+            | ErrorCode::PlanRequired
+            | ErrorCode::KeyReportedLeaked => "permission_error",
             ErrorCode::NotFound | ErrorCode::UnknownProvider => "not_found_error",
             ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "rate_limit_error",
             ErrorCode::PayloadTooLarge => "request_too_large",

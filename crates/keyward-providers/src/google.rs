@@ -254,7 +254,10 @@ impl ProviderWire for Google {
     fn refusal_body(&self, code: ErrorCode, status: u16, message: &str) -> Value {
         let status_word = match code {
             ErrorCode::Unauthorized => "UNAUTHENTICATED",
-            ErrorCode::Forbidden | ErrorCode::PlanRequired | ErrorCode::KeyReportedLeaked => "PERMISSION_DENIED",
+            ErrorCode::Forbidden
+            | ErrorCode::ScopeRequired
+            | ErrorCode::PlanRequired
+            | ErrorCode::KeyReportedLeaked => "PERMISSION_DENIED",
             ErrorCode::NotFound | ErrorCode::UnknownProvider => "NOT_FOUND",
             ErrorCode::SharedQuotaExhausted | ErrorCode::RateLimited => "RESOURCE_EXHAUSTED",
             ErrorCode::WorkerUnavailable | ErrorCode::KekUnavailable | ErrorCode::DatabaseUnavailable => "UNAVAILABLE",

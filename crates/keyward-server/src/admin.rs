@@ -1,13 +1,13 @@
 //! Administrative operations behind `keyward admin …` and the first start of `serve`.
 //! Each returns the JSON the CLI prints.
 
-use keyward_core::{AccountId, Email, Plan, Role, UserId};
+use keyward_core::{AccountId, Email, Plan, Role, Scope, ServiceId, ServiceName, UserId};
 use keyward_store::Store;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 use crate::clock::Clock;
-use crate::engine::identity::{new_token, random_id_bytes};
+use crate::engine::identity::{new_service_token, new_token, random_id_bytes};
 use crate::runtime::RuntimeError;
 
 fn bad(what: impl std::fmt::Display) -> RuntimeError {
@@ -76,21 +76,91 @@ pub async fn add_member(
     Ok(json!({ "account_id": account, "user_id": user, "role": role }))
 }
 
-pub async fn set_plan(store: &dyn Store, account: &str, plan: &str, limit: Option<i64>) -> Result<Value, RuntimeError> {
+/// Who the audit log names for the admin CLI's changes.
+pub fn cli_actor() -> keyward_store::AuditActor {
+    keyward_store::AuditActor("cli".to_owned())
+}
+
+/// Changes the plan (and optionally the limit); audited as `account.plan_changed`, actor
+/// `cli`, when something changed.
+pub async fn set_plan(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    account: &str,
+    plan: &str,
+    limit: Option<i64>,
+) -> Result<Value, RuntimeError> {
     let account = account_id(account)?;
     let plan: Plan = plan.parse().map_err(|e| bad(format!("--plan: {e}")))?;
     if limit.is_some_and(|n| n < 0) {
         return Err(bad("--shared-credit-limit: must be 0 or more"));
     }
-    store.set_plan(&account, plan, limit).await.map_err(|e| match e {
-        keyward_store::StoreError::NotFound => bad(format!("no account {account}")),
-        other => other.into(),
-    })?;
+    store
+        .set_plan(&account, plan, limit, &cli_actor(), clock.now())
+        .await
+        .map_err(|e| match e {
+            keyward_store::StoreError::NotFound => bad(format!("no account {account}")),
+            other => other.into(),
+        })?;
     let after = store
         .account(&account)
         .await?
         .ok_or_else(|| bad(format!("no account {account}")))?;
     Ok(json!({ "account_id": account, "plan": after.plan, "shared_credit_limit": after.shared_credit_limit }))
+}
+
+/// Creates one of the product's services with `scopes` and a fresh `kws_` token, returned
+/// once (only its hash is kept). Scopes are exactly `ai:call`, `accounts:manage`,
+/// `audit:read`; at least one.
+pub async fn create_service(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    name: &str,
+    scopes: &[String],
+) -> Result<(ServiceId, Zeroizing<String>), RuntimeError> {
+    let name = ServiceName::parse(name).map_err(|e| bad(format!("--name: {e}")))?;
+    if scopes.is_empty() {
+        return Err(bad(
+            "--scope: give at least one of ai:call, accounts:manage, audit:read",
+        ));
+    }
+    let scopes = scopes
+        .iter()
+        .map(|s| s.parse::<Scope>().map_err(|e| bad(format!("--scope {s:?}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let id = ServiceId::from_random(random_id_bytes());
+    let (token, hash) = new_service_token();
+    store
+        .create_service(&id, name.as_str(), &scopes, &hash, clock.now())
+        .await?;
+    Ok((id, token))
+}
+
+fn service_json(s: &keyward_store::Service) -> Value {
+    json!({
+        "service_id": s.id,
+        "name": s.name,
+        "scopes": s.scopes,
+        "created_at": s.created_at.rfc3339(),
+        "revoked_at": s.revoked_at.map(|t| t.rfc3339()),
+    })
+}
+
+/// Every service (never a token), revoked ones with `revoked_at`.
+pub async fn list_services(store: &dyn Store) -> Result<Value, RuntimeError> {
+    let services = store.services().await?;
+    Ok(json!({ "services": services.iter().map(service_json).collect::<Vec<_>>() }))
+}
+
+/// Revokes the live service named `name`: its token is refused from the next request on,
+/// on every node (tokens are looked up on every request).
+pub async fn revoke_service(store: &dyn Store, clock: &dyn Clock, name: &str) -> Result<Value, RuntimeError> {
+    let name = ServiceName::parse(name).map_err(|e| bad(format!("--name: {e}")))?;
+    let revoked = store
+        .revoke_service(name.as_str(), clock.now())
+        .await?
+        .ok_or_else(|| bad(format!("no live service named {name}")))?;
+    Ok(service_json(&revoked))
 }
 
 /// What the first start of `serve` created.

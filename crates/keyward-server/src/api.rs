@@ -284,3 +284,69 @@ pub struct KekReady {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
+
+/// `PUT /v1/external/accounts/{external_id}`: the account's whole state.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalAccountRequest {
+    /// 1 to 200 printable characters.
+    #[schema(example = "Acme")]
+    pub name: String,
+    /// `free`, `pro` or `business`.
+    #[schema(example = "pro")]
+    pub plan: String,
+    /// Shared-pool credits per calendar month; absent or null: the plan's default.
+    #[serde(default)]
+    pub shared_credit_limit: Option<i64>,
+}
+
+/// An account the product knows by its own id.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExternalAccountBody {
+    /// keyward's id (`acc_…`): the one the account routes take.
+    pub account_id: String,
+    /// The product's id.
+    pub external_id: String,
+    pub name: String,
+    #[schema(example = "pro")]
+    pub plan: String,
+    /// Shared-pool credits per calendar month in force (the plan's default unless set).
+    pub shared_credit_limit: i64,
+}
+
+/// `PUT /v1/external/users/{external_id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalUserRequest {
+    #[schema(example = "ana@example.com")]
+    pub email: String,
+}
+
+/// A user the product knows by its own id.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExternalUserBody {
+    /// keyward's id (`usr_…`).
+    pub user_id: String,
+    pub external_id: String,
+    pub email: String,
+}
+
+/// `PUT /v1/external/accounts/{external_id}/members/{user_external_id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalMemberRequest {
+    /// `owner`, `admin` or `member`.
+    #[schema(example = "member")]
+    pub role: String,
+}
+
+/// A membership made through the provisioning API.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExternalMemberBody {
+    pub account_id: String,
+    pub external_account_id: String,
+    pub user_id: String,
+    pub external_user_id: String,
+    #[schema(example = "member")]
+    pub role: String,
+}

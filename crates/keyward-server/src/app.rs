@@ -51,6 +51,9 @@ pub fn router(state: AppState) -> Router {
                 async move { axum::Json(doc.as_ref().clone()) }
             }),
         )
+        // The same routes with the product feature in the base URL (for SDKs, which cannot
+        // set a header per call): `…/features/{feature}/providers/{provider}/…`.
+        .nest("/v1/accounts/{account_id}/features/{feature}", native.clone())
         .nest("/v1/accounts/{account_id}", native)
         .merge(web::routes())
         .fallback(not_found)

@@ -32,7 +32,8 @@ pub async fn verify(store: &dyn Store, key: &AuditChainKey, account: Option<&str
         match account {
             Some(a) => vec![AccountId::parse(a)
                 .map_err(|_| RuntimeError::Other("--account: expected an account id (acc_…)".into()))?],
-            None => store.account_ids().await?,
+            // Deleted accounts keep their chains: those are verified too.
+            None => store.chain_account_ids().await?,
         };
     let mut total = 0;
     for account in &accounts {
@@ -48,15 +49,15 @@ pub async fn verify(store: &dyn Store, key: &AuditChainKey, account: Option<&str
     })
 }
 
-/// Every event of an account, oldest first, as JSON lines with `seq` and `mac` (hex).
+/// Every event of an account, oldest first, as JSON lines with `seq` and `mac` (hex). A
+/// deleted account's chain (ending in `account.deleted`) is exported as well.
 pub async fn export(store: &dyn Store, account: &str) -> Result<Vec<String>, RuntimeError> {
     let account = AccountId::parse(account)
         .map_err(|_| RuntimeError::Other("--account: expected an account id (acc_…)".into()))?;
-    store
-        .account(&account)
-        .await?
-        .ok_or_else(|| RuntimeError::Other(format!("no account {account}")))?;
-    let (events, _) = store.audit_chain(&account).await?;
+    let (events, head) = store.audit_chain(&account).await?;
+    if events.is_empty() && head.is_none() && store.account(&account).await?.is_none() {
+        return Err(RuntimeError::Other(format!("no account {account}")));
+    }
     Ok(events
         .iter()
         .map(|e| {

@@ -1,38 +1,51 @@
-//! Who is calling: the request extractors that turn a bearer token into a user
-//! ([`Caller`]) or an [`Actor`] in the path's account ([`AccountMember`]). The checks
-//! themselves are the engine's ([`crate::engine::identity`]).
+//! Who is calling: the request extractors that turn a bearer token into a user or one of the
+//! product's services ([`Caller`]), or an [`Actor`] in the path's account
+//! ([`AccountMemberClaim`]). The checks themselves are the engine's
+//! ([`crate::engine::identity`], [`crate::engine::actor`]).
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use keyward_core::Provider;
-use keyward_store::{CallKey, User};
+use keyward_core::{Provider, Scope};
+use keyward_store::{CallKey, Service, User};
 use zeroize::Zeroizing;
 
+use crate::engine::actor::{Access, Principal};
 use crate::engine::identity::well_formed_token_hash;
 use crate::engine::Actor;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-/// An authenticated user (from `Authorization: Bearer kw_…`).
+/// An authenticated user or service (from `Authorization: Bearer kw_…` or `kws_…`).
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub user: User,
+    pub principal: Principal,
 }
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Caller> {
-        let user = state.engine.user_by_token(bearer_token(parts)?).await?;
-        Ok(Caller { user })
+        let principal = state.engine.principal_by_token(bearer_token(parts)?).await?;
+        Ok(Caller { principal })
     }
 }
 
 impl Caller {
-    /// The caller acting in `account`, or 404 (never 403) when they are not a member.
-    pub async fn in_account(&self, state: &AppState, account: &str) -> ApiResult<Actor> {
-        state.engine.actor(&self.user, account).await
+    /// The caller acting in `account` for `access`: a user who is not a member gets 404
+    /// (never 403); a service outside its scopes 403, then 404 for an unknown account.
+    pub async fn in_account(&self, state: &AppState, account: &str, access: Access) -> ApiResult<Actor> {
+        state.engine.principal_actor(&self.principal, account, access).await
+    }
+
+    /// A user's token only (a service: `403 scope_required`).
+    pub fn user(&self) -> ApiResult<&User> {
+        self.principal.user()
+    }
+
+    /// A service token holding `scope` only (else `403 scope_required`).
+    pub fn service_with(&self, scope: Scope) -> ApiResult<&Service> {
+        self.principal.service_with(scope)
     }
 }
 
@@ -87,9 +100,13 @@ impl AccountMemberClaim {
         &self.account
     }
 
-    /// The caller acting in the account, with one read: 401, then 404.
+    /// The caller acting in the account for an AI call: 401, then 403 (a service without
+    /// `ai:call`), then 404.
     pub async fn check(&self, state: &AppState) -> ApiResult<Actor> {
-        state.engine.actor_by_token(&self.token, &self.account).await
+        state
+            .engine
+            .actor_by_token(&self.token, &self.account, Access::Call)
+            .await
     }
 
     /// [`AccountMemberClaim::check`] and the account's key for `provider`, with one read.

@@ -63,8 +63,8 @@ impl Drop for ScrubWriter {
 }
 
 /// Prefixes of provider keys (Anthropic and OpenAI `sk-`, Google auth `AQ.` and standard
-/// `AIza`) and keyward tokens (`kw_`).
-const PREFIXES: &[&str] = &["sk-", "AIza", "AQ.", "kw_"];
+/// `AIza`) and keyward tokens (`kw_` for users, `kws_` for services).
+const PREFIXES: &[&str] = &["sk-", "AIza", "AQ.", "kw_", "kws_"];
 const MIN_TAIL: usize = 12;
 
 /// A byte that may continue a key after its prefix (Google auth keys may hold `.`).
@@ -122,6 +122,7 @@ mod tests {
     fn handles_non_ascii_and_edges() {
         assert_eq!(scrub("é sk-"), "é sk-");
         assert_eq!(scrub("sk-AAAAAAAAAAAAAAAA"), "sk-[REDACTED]");
+        assert_eq!(scrub("service kws_AbCdEfGhIjKlMnOp0123"), "service kws_[REDACTED]");
         assert_eq!(scrub(""), "");
     }
 }

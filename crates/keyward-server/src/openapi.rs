@@ -21,7 +21,7 @@ use crate::state::AppState;
 #[openapi(
     info(
         title = "keyward",
-        description = "Bring-your-own-key vault and gateway for AI model keys (Aiemaily). Authenticate with `Authorization: Bearer kw_…`.",
+        description = "Bring-your-own-key vault and gateway for AI model keys (Aiemaily). Authenticate with `Authorization: Bearer kw_…` (a user) or `Bearer kws_…` (one of the product's services, within its scopes: `ai:call`, `accounts:manage`, `audit:read`).",
     ),
     servers((url = "/", description = "this keyward (the URL the document was fetched from)")),
     modifiers(&BearerAuth, &NativePassThrough),
@@ -31,6 +31,7 @@ use crate::state::AppState;
         (name = "ai", description = "AI calls, metered and audited"),
         (name = "usage and audit"),
         (name = "operations"),
+        (name = "provisioning", description = "Accounts, users and memberships keyed by the product's own ids: a service token with the accounts:manage scope. Every call is idempotent."),
         (name = "native pass-through", description = "Each provider's own API, for its official SDK: base URL `/v1/accounts/{account_id}/providers/{provider}`, a keyward token as the API key in the SDK's own header (`x-api-key`, `Authorization: Bearer`, `x-goog-api-key`). Bodies and answers are the provider's; keyward's refusals use the provider's error format."),
     )
 )]
@@ -46,7 +47,7 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("kw_…")
+                    .bearer_format("kw_… (a user) or kws_… (a service)")
                     .build(),
             ),
         );
@@ -91,8 +92,12 @@ impl Modify for NativePassThrough {
             ("400", "The body is not JSON (the provider's error format)"),
             ("401", "No or unknown keyward token (the provider's error format)"),
             (
+                "403",
+                "A service token without the ai:call scope (the provider's error format)",
+            ),
+            (
                 "404",
-                "Not a member of this account, or an API keyward does not carry (the provider's error format)",
+                "Not a member of this account (a service: no such account; an acting user who is not a member), or an API keyward does not carry (the provider's error format)",
             ),
             (
                 "409",
@@ -109,7 +114,20 @@ impl Modify for NativePassThrough {
                 "No worker, no database, or no shared key for this provider (the provider's error format)",
             ),
         ];
-        let operation = |summary: &str, has_body: bool, google: bool| {
+        let header_param = |name: &str, what: &str| {
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(what))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::Type::String)
+                        .build(),
+                ))
+                .build()
+        };
+        let operation = |summary: &str, has_body: bool, google: bool, featured: bool| {
             let what = if has_body {
                 "keyward checks the token and membership, the model against its catalogue and the shared pool's credits, then puts the account's real key (own or shared) in place of the token; the call is metered and audited. Streamed answers are relayed as they arrive."
             } else {
@@ -122,10 +140,24 @@ impl Modify for NativePassThrough {
                     "{summary}, as the provider's official SDK calls it. {what}"
                 )))
                 .parameter(path_param("account_id", "The account (acc_…)"))
+                .parameter(header_param(
+                    "keyward-feature",
+                    "The product feature (1 to 64 of A-Z a-z 0-9 _ - .), audited",
+                ))
+                .parameter(header_param(
+                    "keyward-on-behalf-of",
+                    "Service tokens only: the member the call is for (usr_… or the product's external user id), audited",
+                ))
                 .response(
                     "200",
                     answer("The provider's answer (JSON, or text/event-stream when streamed), relayed as it arrives"),
                 );
+            if featured {
+                op = op.parameter(path_param(
+                    "feature",
+                    "The product feature (1 to 64 of A-Z a-z 0-9 _ - .), audited: the SDK-friendly form of keyward-feature",
+                ));
+            }
             if google {
                 op = op.parameter(path_param(
                     "model_action",
@@ -145,23 +177,27 @@ impl Modify for NativePassThrough {
             }
             op.build()
         };
-        let base = "/v1/accounts/{account_id}/providers";
-        for api in keyward_providers::NativeApi::ALL {
-            let google = api.route().contains("{model_action}");
-            openapi.paths.add_path_operation(
-                format!("{base}/{}", api.route()),
-                vec![HttpMethod::Post],
-                operation(api.summary(), true, google),
-            );
-        }
-        for provider in keyward_core::Provider::ALL {
-            for route in keyward_providers::model_list_routes(provider) {
-                let summary = format!("The {} models keyward offers", provider.display_name());
+        for (base, featured) in [
+            ("/v1/accounts/{account_id}/providers", false),
+            ("/v1/accounts/{account_id}/features/{feature}/providers", true),
+        ] {
+            for api in keyward_providers::NativeApi::ALL {
+                let google = api.route().contains("{model_action}");
                 openapi.paths.add_path_operation(
-                    format!("{base}/{route}"),
-                    vec![HttpMethod::Get],
-                    operation(&summary, false, false),
+                    format!("{base}/{}", api.route()),
+                    vec![HttpMethod::Post],
+                    operation(api.summary(), true, google, featured),
                 );
+            }
+            for provider in keyward_core::Provider::ALL {
+                for route in keyward_providers::model_list_routes(provider) {
+                    let summary = format!("The {} models keyward offers", provider.display_name());
+                    openapi.paths.add_path_operation(
+                        format!("{base}/{route}"),
+                        vec![HttpMethod::Get],
+                        operation(&summary, false, false, featured),
+                    );
+                }
             }
         }
     }
@@ -180,6 +216,13 @@ pub fn api_router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::ai::messages))
         .routes(routes!(routes::usage::usage))
         .routes(routes!(routes::audit::list))
+        .routes(routes!(
+            routes::external::put_account,
+            routes::external::get_account,
+            routes::external::delete_account
+        ))
+        .routes(routes!(routes::external::put_user))
+        .routes(routes!(routes::external::put_member, routes::external::delete_member))
         .split_for_parts()
 }
 
@@ -261,6 +304,16 @@ mod tests {
             ("/v1/accounts/{account_id}/ai/messages", &["post"]),
             ("/v1/accounts/{account_id}/usage", &["get"]),
             ("/v1/accounts/{account_id}/audit", &["get"]),
+            ("/v1/external/accounts/{external_id}", &["put", "get", "delete"]),
+            ("/v1/external/users/{external_id}", &["put"]),
+            (
+                "/v1/external/accounts/{external_id}/members/{user_external_id}",
+                &["put", "delete"],
+            ),
+            (
+                "/v1/accounts/{account_id}/features/{feature}/providers/anthropic/v1/messages",
+                &["post"],
+            ),
             ("/healthz", &["get"]),
             ("/readyz", &["get"]),
             ("/v1/accounts/{account_id}/providers/openai/v1/responses", &["post"]),

@@ -106,6 +106,18 @@ impl NewAuditEvent {
         }
     }
 
+    /// `actor` did `action` to the account itself (no provider): a plan change, a deletion.
+    pub fn for_account(
+        account_id: &AccountId,
+        at: UnixMillis,
+        actor: &AuditActor,
+        action: AuditAction,
+    ) -> NewAuditEvent {
+        let mut e = NewAuditEvent::new(account_id, at, actor, action, Provider::OpenAi);
+        e.provider = None;
+        e
+    }
+
     /// The key's last four characters (own keys only: a shared key's are never logged).
     #[must_use]
     pub fn last4(mut self, last4: Option<&Last4>) -> Self {

@@ -27,7 +27,10 @@ pub mod sqlite;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use keyward_core::{AccountId, Email, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
+use keyward_core::{
+    AccountId, Email, ExternalId, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, Scope, ServiceId, UnixMillis,
+    UserId,
+};
 use keyward_crypto::SealedKey;
 
 pub use audit::{AuditAction, AuditActor, AuditEvent, ChainBreak, NewAuditEvent};
@@ -77,6 +80,87 @@ pub struct Account {
     pub plan: Plan,
     /// Shared-pool credits per calendar month (the plan's default unless set).
     pub shared_credit_limit: i64,
+}
+
+/// An account the provisioning API knows by the product's own id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalAccount {
+    pub account: Account,
+    pub external_id: ExternalId,
+}
+
+/// What `PUT /v1/external/accounts/{external_id}` asks for: the whole state it sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSpec {
+    pub name: String,
+    pub plan: Plan,
+    /// `None`: the plan's default limit.
+    pub shared_credit_limit: Option<i64>,
+}
+
+/// What [`Store::put_external_account`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountPut {
+    pub account: ExternalAccount,
+    pub created: bool,
+    /// The plan or the effective shared-credit limit changed (and `account.plan_changed`
+    /// was appended in the same transaction).
+    pub plan_changed: bool,
+}
+
+/// A user the provisioning API knows by the product's own id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalUser {
+    pub user: User,
+    pub external_id: ExternalId,
+}
+
+/// One of the product's services. Its token is never stored, only the token's SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub id: ServiceId,
+    pub name: String,
+    pub scopes: Vec<Scope>,
+    pub created_at: UnixMillis,
+    pub revoked_at: Option<UnixMillis>,
+}
+
+impl Service {
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
+}
+
+/// Scopes as the `services.scopes` column holds them: space-separated, in a fixed order.
+pub(crate) fn scopes_column(scopes: &[Scope]) -> String {
+    let mut v: Vec<Scope> = scopes.to_vec();
+    v.sort();
+    v.dedup();
+    v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
+}
+
+pub(crate) fn parse_scopes(column: &str) -> StoreResult<Vec<Scope>> {
+    column
+        .split_whitespace()
+        .map(|s| {
+            s.parse::<Scope>()
+                .map_err(|_| StoreError::Corrupt("services.scopes".to_owned()))
+        })
+        .collect()
+}
+
+/// The `account.plan_changed` detail when `before` becomes (`plan`, `limit`): `None` when
+/// neither the plan nor the effective monthly limit changes.
+pub(crate) fn plan_change_detail(before: &Account, plan: Plan, limit: i64) -> Option<String> {
+    let plan_part = (before.plan != plan).then(|| format!("{} -> {plan}", before.plan));
+    let limit_part = (before.shared_credit_limit != limit)
+        .then(|| format!("shared_credit_limit {} -> {limit}", before.shared_credit_limit));
+    match (plan_part, limit_part) {
+        (None, None) => None,
+        (Some(p), None) => Some(p),
+        (None, Some(l)) => Some(l),
+        (Some(p), Some(l)) => Some(format!("{p}; {l}")),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -475,13 +559,83 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// Adds a member or changes their role.
     async fn set_membership(&self, account: &AccountId, user: &UserId, role: Role, now: UnixMillis) -> StoreResult<()>;
-    /// `limit: None` keeps the current limit override.
-    async fn set_plan(&self, account: &AccountId, plan: Plan, limit: Option<i64>) -> StoreResult<()>;
+    /// Sets the plan and, with `Some`, the monthly limit override (`None` keeps the current
+    /// override). When the plan or the effective limit changes, appends `account.plan_changed`
+    /// (detail e.g. `pro -> free`) in the same transaction; returns whether it changed.
+    /// `NotFound` for an unknown account.
+    async fn set_plan(
+        &self,
+        account: &AccountId,
+        plan: Plan,
+        limit: Option<i64>,
+        actor: &AuditActor,
+        now: UnixMillis,
+    ) -> StoreResult<bool>;
     async fn account(&self, account: &AccountId) -> StoreResult<Option<Account>>;
     async fn account_ids(&self) -> StoreResult<Vec<AccountId>>;
     /// The caller's membership of one account: `None` when they are not a member.
     async fn membership(&self, account: &AccountId, user: &UserId) -> StoreResult<Option<Membership>>;
     async fn memberships_of(&self, user: &UserId) -> StoreResult<Vec<Membership>>;
+
+    // ---- services and the provisioning API (the product's own ids) ----------------------
+    /// Creates a service with its token (given as its hash). `Conflict` when a live service
+    /// already has that name.
+    async fn create_service(
+        &self,
+        id: &ServiceId,
+        name: &str,
+        scopes: &[Scope],
+        token_hash: &str,
+        now: UnixMillis,
+    ) -> StoreResult<()>;
+    /// The live (not revoked) service a token belongs to. Read on every request: a
+    /// revocation is seen at once by every node.
+    async fn service_by_token(&self, token_hash: &str) -> StoreResult<Option<Service>>;
+    /// Every service, revoked ones included, oldest first.
+    async fn services(&self) -> StoreResult<Vec<Service>>;
+    /// Revokes the live service named `name`: `None` when there is none.
+    async fn revoke_service(&self, name: &str, now: UnixMillis) -> StoreResult<Option<Service>>;
+    async fn account_by_external_id(&self, external: &ExternalId) -> StoreResult<Option<ExternalAccount>>;
+    /// Creates the account known as `external` (as `new_id`, with no member yet) or sets its
+    /// name, plan and limit, in one transaction: concurrent calls for one new external id
+    /// make one account (the unique index decides; the others update it). A change of plan
+    /// or effective limit appends `account.plan_changed` in the same transaction; a call
+    /// that changes nothing writes nothing.
+    async fn put_external_account(
+        &self,
+        external: &ExternalId,
+        new_id: &AccountId,
+        spec: &AccountSpec,
+        actor: &AuditActor,
+        now: UnixMillis,
+    ) -> StoreResult<AccountPut>;
+    /// Deletes an account in one transaction: every saved key (each with its `key.removed`
+    /// event), then `account.deleted` (with `detail`) closes its audit chain, then its
+    /// memberships, sources, credits and counters and the account row. The chain itself
+    /// is kept (for `audit verify` and `export`). Returns the number of keys removed;
+    /// `NotFound` for an unknown account. The caller purges the removed ciphertext.
+    async fn delete_account(
+        &self,
+        account: &AccountId,
+        actor: &AuditActor,
+        detail: Option<String>,
+        now: UnixMillis,
+    ) -> StoreResult<usize>;
+    async fn user_by_external_id(&self, external: &ExternalId) -> StoreResult<Option<ExternalUser>>;
+    /// Creates the user known as `external` (as `new_id`, with no token) or sets their
+    /// email, in one transaction. `Conflict` when another user has that email.
+    async fn put_external_user(
+        &self,
+        external: &ExternalId,
+        new_id: &UserId,
+        email: &Email,
+        now: UnixMillis,
+    ) -> StoreResult<ExternalUser>;
+    /// Removes a membership; whether there was one.
+    async fn remove_membership(&self, account: &AccountId, user: &UserId) -> StoreResult<bool>;
+    /// Every account with an audit chain or an account row (deleted accounts keep their
+    /// chain), for `audit verify`.
+    async fn chain_account_ids(&self) -> StoreResult<Vec<AccountId>>;
 
     // ---- provider keys and sources ----------------------------------------------------
     /// All three providers, in `Provider::ALL` order.

@@ -31,7 +31,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keyward_core::{AccountId, Email, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
+use keyward_core::{
+    AccountId, Email, ExternalId, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, Scope, ServiceId, UnixMillis,
+    UserId,
+};
 use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
@@ -42,8 +45,9 @@ use crate::outbox::{
     self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
 };
 use crate::{
-    check_amount, check_event, check_period, fold_calls, usage_report, Account, AuditActor, CallKey, CallRecord,
-    ChainCtx, FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store,
+    check_amount, check_event, check_period, fold_calls, parse_scopes, plan_change_detail, scopes_column, usage_report,
+    Account, AccountPut, AccountSpec, AuditActor, CallKey, CallRecord, ChainCtx, ExternalAccount, ExternalUser,
+    FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Service, Store,
     StoreError, StoreResult, StoredKey, UsageReport, User,
 };
 use crate::{failure_counts, AuditFilter, KeyCallHealth, SessionLimits, WebSession};
@@ -334,6 +338,49 @@ fn user_from_row(row: &PgRow) -> StoreResult<User> {
         id: UserId::parse(&get::<String>(row, "id")?).map_err(|_| corrupt("users.id"))?,
         email: Email::parse(&get::<String>(row, "email")?).map_err(|_| corrupt("users.email"))?,
     })
+}
+
+fn external_id_from_row(row: &PgRow, table: &str) -> StoreResult<ExternalId> {
+    ExternalId::parse(&get::<String>(row, "external_id")?).map_err(|_| corrupt(&format!("{table}.external_id")))
+}
+
+fn external_account_from_row(row: &PgRow) -> StoreResult<ExternalAccount> {
+    Ok(ExternalAccount {
+        account: account_from_row(row)?,
+        external_id: external_id_from_row(row, "accounts")?,
+    })
+}
+
+fn external_user_from_row(row: &PgRow) -> StoreResult<ExternalUser> {
+    Ok(ExternalUser {
+        user: user_from_row(row)?,
+        external_id: external_id_from_row(row, "users")?,
+    })
+}
+
+fn service_from_row(row: &PgRow) -> StoreResult<Service> {
+    Ok(Service {
+        id: ServiceId::parse(&get::<String>(row, "id")?).map_err(|_| corrupt("services.id"))?,
+        name: get(row, "name")?,
+        scopes: parse_scopes(&get::<String>(row, "scopes")?)?,
+        created_at: UnixMillis(get(row, "created_at")?),
+        revoked_at: get::<Option<i64>>(row, "revoked_at")?.map(UnixMillis),
+    })
+}
+
+const SERVICE_COLUMNS: &str = "id, name, scopes, created_at, revoked_at";
+const EXTERNAL_ACCOUNT_SQL: &str =
+    "SELECT a.id AS account_id, a.name, a.plan, a.shared_credit_limit, a.external_id FROM accounts a WHERE a.external_id = $1";
+
+/// `Conflict` on a user's email, named.
+fn email_taken(email: &Email) -> impl Fn(sqlx::Error) -> Fail + '_ {
+    move |e| match pg(e) {
+        Fail {
+            err: StoreError::Conflict(_),
+            ..
+        } => StoreError::Conflict(format!("another user has the email {email}")).into(),
+        other => other,
+    }
 }
 
 fn key_meta_from_row(row: &PgRow) -> StoreResult<KeyMeta> {
@@ -1179,20 +1226,45 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn set_plan(&self, account: &AccountId, plan: Plan, limit: Option<i64>) -> StoreResult<()> {
-        let done = sqlx::query(
-            "UPDATE accounts SET plan = $2, shared_credit_limit = COALESCE($3, shared_credit_limit) WHERE id = $1",
-        )
-        .bind(account.as_str())
-        .bind(plan.as_str())
-        .bind(limit)
-        .execute(&self.pool)
-        .await
-        .map_err(map_err)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+    async fn set_plan(
+        &self,
+        account: &AccountId,
+        plan: Plan,
+        limit: Option<i64>,
+        actor: &AuditActor,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
+        transaction!(self, |conn| {
+            let before = sqlx::query(&format!(
+                "SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = $1 FOR UPDATE"
+            ))
+            .bind(account.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg)?
+            .ok_or(StoreError::NotFound)?;
+            let before = account_from_row(&before)?;
+            let after = sqlx::query(
+                "UPDATE accounts a SET plan = $2, shared_credit_limit = COALESCE($3, shared_credit_limit) WHERE id = $1
+                 RETURNING a.id AS account_id, a.name, a.plan, a.shared_credit_limit",
+            )
+            .bind(account.as_str())
+            .bind(plan.as_str())
+            .bind(limit)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(pg)?;
+            let after = account_from_row(&after)?;
+            match plan_change_detail(&before, after.plan, after.shared_credit_limit) {
+                None => Finish::Commit(false),
+                Some(detail) => {
+                    let event =
+                        NewAuditEvent::for_account(account, now, actor, AuditAction::PlanChanged).detail(Some(detail));
+                    append_in_tx(conn, &self.chain_key, &[&event]).await?;
+                    Finish::Commit(true)
+                }
+            }
+        })
     }
 
     async fn account(&self, account: &AccountId) -> StoreResult<Option<Account>> {
@@ -1236,6 +1308,273 @@ impl Store for PgStore {
         .await
         .map_err(map_err)?;
         rows.iter().map(membership_from_row).collect()
+    }
+
+    async fn create_service(
+        &self,
+        id: &ServiceId,
+        name: &str,
+        scopes: &[Scope],
+        token_hash: &str,
+        now: UnixMillis,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO services (id, name, scopes, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id.as_str())
+            .bind(storable(name))
+            .bind(scopes_column(scopes))
+            .bind(token_hash)
+            .bind(now.as_i64())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| match map_err(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("a service named {name} already exists")),
+                other => other,
+            })?;
+        Ok(())
+    }
+
+    async fn service_by_token(&self, token_hash: &str) -> StoreResult<Option<Service>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVICE_COLUMNS} FROM services WHERE token_hash = $1 AND revoked_at IS NULL"
+        ))
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(service_from_row).transpose()
+    }
+
+    async fn services(&self) -> StoreResult<Vec<Service>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SERVICE_COLUMNS} FROM services ORDER BY created_at, id COLLATE \"C\""
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(service_from_row).collect()
+    }
+
+    async fn revoke_service(&self, name: &str, now: UnixMillis) -> StoreResult<Option<Service>> {
+        let row = sqlx::query(&format!(
+            "UPDATE services SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL RETURNING {SERVICE_COLUMNS}"
+        ))
+        .bind(storable(name))
+        .bind(now.as_i64())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(service_from_row).transpose()
+    }
+
+    async fn account_by_external_id(&self, external: &ExternalId) -> StoreResult<Option<ExternalAccount>> {
+        let row = sqlx::query(EXTERNAL_ACCOUNT_SQL)
+            .bind(external.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(external_account_from_row).transpose()
+    }
+
+    async fn put_external_account(
+        &self,
+        external: &ExternalId,
+        new_id: &AccountId,
+        spec: &AccountSpec,
+        actor: &AuditActor,
+        now: UnixMillis,
+    ) -> StoreResult<AccountPut> {
+        let name = storable(&spec.name);
+        transaction!(self, |conn| {
+            // Insert or find, on the unique index of external ids: a concurrent insert of the
+            // same id waits for the first to commit, then finds its row (read committed:
+            // each statement sees what committed before it).
+            let inserted: Option<String> = sqlx::query_scalar(
+                "INSERT INTO accounts (id, name, plan, shared_credit_limit, created_at, external_id)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (external_id) WHERE external_id IS NOT NULL DO NOTHING RETURNING id",
+            )
+            .bind(new_id.as_str())
+            .bind(&name)
+            .bind(spec.plan.as_str())
+            .bind(spec.shared_credit_limit)
+            .bind(now.as_i64())
+            .bind(external.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg)?;
+            let row = sqlx::query(&format!("{EXTERNAL_ACCOUNT_SQL} FOR UPDATE"))
+                .bind(external.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(pg)?
+                .ok_or(StoreError::NotFound)?;
+            let before = external_account_from_row(&row)?;
+            let raw_limit: Option<i64> = get(&row, "shared_credit_limit")?;
+            let a = &before.account;
+            if inserted.is_some() {
+                Finish::Commit(AccountPut {
+                    account: before,
+                    created: true,
+                    plan_changed: false,
+                })
+            } else if a.name == name && a.plan == spec.plan && raw_limit == spec.shared_credit_limit {
+                Finish::Rollback(AccountPut {
+                    account: before,
+                    created: false,
+                    plan_changed: false,
+                })
+            } else {
+                let row = sqlx::query(
+                    "UPDATE accounts a SET name = $2, plan = $3, shared_credit_limit = $4 WHERE id = $1
+                     RETURNING a.id AS account_id, a.name, a.plan, a.shared_credit_limit, a.external_id",
+                )
+                .bind(a.id.as_str())
+                .bind(&name)
+                .bind(spec.plan.as_str())
+                .bind(spec.shared_credit_limit)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(pg)?;
+                let after = external_account_from_row(&row)?;
+                let detail = plan_change_detail(a, after.account.plan, after.account.shared_credit_limit);
+                let plan_changed = detail.is_some();
+                if let Some(detail) = detail {
+                    let event = NewAuditEvent::for_account(&after.account.id, now, actor, AuditAction::PlanChanged)
+                        .detail(Some(detail));
+                    append_in_tx(conn, &self.chain_key, &[&event]).await?;
+                }
+                Finish::Commit(AccountPut {
+                    account: after,
+                    created: false,
+                    plan_changed,
+                })
+            }
+        })
+    }
+
+    async fn delete_account(
+        &self,
+        account: &AccountId,
+        actor: &AuditActor,
+        detail: Option<String>,
+        now: UnixMillis,
+    ) -> StoreResult<usize> {
+        transaction!(self, |conn| {
+            let id = account.as_str();
+            sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(pg)?
+                .ok_or(StoreError::NotFound)?;
+            let rows = sqlx::query("DELETE FROM provider_keys WHERE account_id = $1 RETURNING provider, last4")
+                .bind(id)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(pg)?;
+            let mut keys = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let provider: Provider = get::<String>(r, "provider")?
+                    .parse()
+                    .map_err(|_| corrupt("provider_keys.provider"))?;
+                let last4 =
+                    Last4::from_stored(&get::<String>(r, "last4")?).ok_or_else(|| corrupt("provider_keys.last4"))?;
+                keys.push((provider, last4));
+            }
+            keys.sort_by_key(|(p, _)| p.as_str());
+            let mut events: Vec<NewAuditEvent> = keys
+                .iter()
+                .map(|(p, last4)| {
+                    NewAuditEvent::new(account, now, actor, AuditAction::KeyRemoved, *p).last4(Some(last4))
+                })
+                .collect();
+            events.push(
+                NewAuditEvent::for_account(account, now, actor, AuditAction::AccountDeleted).detail(detail.clone()),
+            );
+            let refs: Vec<&NewAuditEvent> = events.iter().collect();
+            append_in_tx(conn, &self.chain_key, &refs).await?;
+            for table in ["provider_sources", "memberships", "credit_periods", "usage_counters"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE account_id = $1"))
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(pg)?;
+            }
+            sqlx::query("DELETE FROM accounts WHERE id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await
+                .map_err(pg)?;
+            Finish::Commit(keys.len())
+        })
+    }
+
+    async fn user_by_external_id(&self, external: &ExternalId) -> StoreResult<Option<ExternalUser>> {
+        let row = sqlx::query("SELECT id, email, external_id FROM users WHERE external_id = $1")
+            .bind(external.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(external_user_from_row).transpose()
+    }
+
+    async fn put_external_user(
+        &self,
+        external: &ExternalId,
+        new_id: &UserId,
+        email: &Email,
+        now: UnixMillis,
+    ) -> StoreResult<ExternalUser> {
+        transaction!(self, |conn| {
+            let inserted: Option<String> = sqlx::query_scalar(
+                "INSERT INTO users (id, email, created_at, external_id) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (external_id) WHERE external_id IS NOT NULL DO NOTHING RETURNING id",
+            )
+            .bind(new_id.as_str())
+            .bind(email.as_str())
+            .bind(now.as_i64())
+            .bind(external.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(email_taken(email))?;
+            if inserted.is_none() {
+                sqlx::query("UPDATE users SET email = $2 WHERE external_id = $1 AND email <> $2")
+                    .bind(external.as_str())
+                    .bind(email.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(email_taken(email))?;
+            }
+            let row = sqlx::query("SELECT id, email, external_id FROM users WHERE external_id = $1")
+                .bind(external.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(pg)?
+                .ok_or(StoreError::NotFound)?;
+            Finish::Commit(external_user_from_row(&row)?)
+        })
+    }
+
+    async fn remove_membership(&self, account: &AccountId, user: &UserId) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM memberships WHERE account_id = $1 AND user_id = $2")
+            .bind(account.as_str())
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn chain_account_ids(&self) -> StoreResult<Vec<AccountId>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM (SELECT id FROM accounts UNION SELECT account_id FROM audit_heads) ids ORDER BY id COLLATE \"C\"",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        ids.iter()
+            .map(|s| AccountId::parse(s).map_err(|_| corrupt("accounts.id")))
+            .collect()
     }
 
     async fn provider_states(&self, account: &AccountId) -> StoreResult<Vec<ProviderState>> {

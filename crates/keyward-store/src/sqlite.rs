@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keyward_core::{AccountId, Email, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
+use keyward_core::{
+    AccountId, Email, ExternalId, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, Scope, ServiceId, UnixMillis,
+    UserId,
+};
 use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use sqlx::sqlite::SqliteConnectOptions;
@@ -25,8 +28,9 @@ use crate::outbox::{
     self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
 };
 use crate::{
-    check_amount, check_event, check_period, fold_calls, usage_report, Account, AuditActor, CallKey, CallRecord,
-    ChainCtx, FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Store,
+    check_amount, check_event, check_period, fold_calls, parse_scopes, plan_change_detail, scopes_column, usage_report,
+    Account, AccountPut, AccountSpec, AuditActor, CallKey, CallRecord, ChainCtx, ExternalAccount, ExternalUser,
+    FoldedCalls, KeyMeta, LastTest, Membership, NewKey, ProviderState, ProviderUsage, Saved, Service, Store,
     StoreError, StoreResult, StoredKey, UsageReport, User,
 };
 use crate::{failure_counts, AuditFilter, KeyCallHealth, SessionLimits, WebSession};
@@ -441,6 +445,38 @@ fn user_from_row(row: &Row<'_>) -> StoreResult<User> {
         email: Email::parse(&get::<String>(row, "email")?).map_err(|_| corrupt("users.email"))?,
     })
 }
+
+fn external_id_from_row(row: &Row<'_>, table: &str) -> StoreResult<ExternalId> {
+    ExternalId::parse(&get::<String>(row, "external_id")?).map_err(|_| corrupt(&format!("{table}.external_id")))
+}
+
+fn external_account_from_row(row: &Row<'_>) -> StoreResult<ExternalAccount> {
+    Ok(ExternalAccount {
+        account: account_from_row(row)?,
+        external_id: external_id_from_row(row, "accounts")?,
+    })
+}
+
+fn external_user_from_row(row: &Row<'_>) -> StoreResult<ExternalUser> {
+    Ok(ExternalUser {
+        user: user_from_row(row)?,
+        external_id: external_id_from_row(row, "users")?,
+    })
+}
+
+fn service_from_row(row: &Row<'_>) -> StoreResult<Service> {
+    Ok(Service {
+        id: ServiceId::parse(&get::<String>(row, "id")?).map_err(|_| corrupt("services.id"))?,
+        name: get(row, "name")?,
+        scopes: parse_scopes(&get::<String>(row, "scopes")?)?,
+        created_at: UnixMillis(get(row, "created_at")?),
+        revoked_at: get::<Option<i64>>(row, "revoked_at")?.map(UnixMillis),
+    })
+}
+
+const SERVICE_COLUMNS: &str = "id, name, scopes, created_at, revoked_at";
+const EXTERNAL_ACCOUNT_SQL: &str =
+    "SELECT a.id AS account_id, a.name, a.plan, a.shared_credit_limit, a.external_id FROM accounts a WHERE a.external_id = ?1";
 
 fn key_meta_from_row(row: &Row<'_>) -> StoreResult<KeyMeta> {
     let last_test = match (
@@ -1002,22 +1038,35 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn set_plan(&self, account: &AccountId, plan: Plan, limit: Option<i64>) -> StoreResult<()> {
-        let account = account.clone();
-        let changed = self
-            .writer
-            .write(move |conn| {
+    async fn set_plan(
+        &self,
+        account: &AccountId,
+        plan: Plan,
+        limit: Option<i64>,
+        actor: &AuditActor,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
+        let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = ?1");
+        self.writer
+            .transaction(move |tx| {
+                let before =
+                    read_one(tx, &sql, (account.as_str(),), account_from_row)?.ok_or(StoreError::NotFound)?;
                 exec(
-                    conn,
+                    tx,
                     "UPDATE accounts SET plan = ?2, shared_credit_limit = COALESCE(?3, shared_credit_limit) WHERE id = ?1",
                     (account.as_str(), plan.as_str(), limit),
-                )
+                )?;
+                let after = read_one(tx, &sql, (account.as_str(),), account_from_row)?.ok_or(StoreError::NotFound)?;
+                let Some(detail) = plan_change_detail(&before, after.plan, after.shared_credit_limit) else {
+                    return Ok(false);
+                };
+                let event = NewAuditEvent::for_account(&account, now, &actor, AuditAction::PlanChanged)
+                    .detail(Some(detail));
+                append_in_tx(tx, &chain_key, [&event])?;
+                Ok(true)
             })
-            .await?;
-        if changed == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+            .await
     }
 
     async fn account(&self, account: &AccountId) -> StoreResult<Option<Account>> {
@@ -1051,6 +1100,296 @@ impl Store for SqliteStore {
         );
         self.reader
             .read(|c| read_all(c, &sql, (user.as_str(),), membership_from_row))
+    }
+
+    async fn create_service(
+        &self,
+        id: &ServiceId,
+        name: &str,
+        scopes: &[Scope],
+        token_hash: &str,
+        now: UnixMillis,
+    ) -> StoreResult<()> {
+        let (id, name, scopes, token_hash) = (
+            id.clone(),
+            name.to_owned(),
+            scopes_column(scopes),
+            token_hash.to_owned(),
+        );
+        self.writer
+            .transaction(move |tx| {
+                exec(
+                    tx,
+                    "INSERT INTO services (id, name, scopes, token_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    (
+                        id.as_str(),
+                        name.as_str(),
+                        scopes.as_str(),
+                        token_hash.as_str(),
+                        now.as_i64(),
+                    ),
+                )
+                .map_err(|e| match e {
+                    StoreError::Conflict(_) => StoreError::Conflict(format!("a service named {name} already exists")),
+                    other => other,
+                })?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn service_by_token(&self, token_hash: &str) -> StoreResult<Option<Service>> {
+        let sql = format!("SELECT {SERVICE_COLUMNS} FROM services WHERE token_hash = ?1 AND revoked_at IS NULL");
+        self.reader.read(|c| read_one(c, &sql, (token_hash,), service_from_row))
+    }
+
+    async fn services(&self) -> StoreResult<Vec<Service>> {
+        let sql = format!("SELECT {SERVICE_COLUMNS} FROM services ORDER BY created_at, id");
+        self.reader
+            .read_blocking(move |c| read_all(c, &sql, (), service_from_row))
+            .await
+    }
+
+    async fn revoke_service(&self, name: &str, now: UnixMillis) -> StoreResult<Option<Service>> {
+        let name = name.to_owned();
+        let sql = format!(
+            "UPDATE services SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL RETURNING {SERVICE_COLUMNS}"
+        );
+        self.writer
+            .transaction(move |tx| read_one(tx, &sql, (name.as_str(), now.as_i64()), service_from_row))
+            .await
+    }
+
+    async fn account_by_external_id(&self, external: &ExternalId) -> StoreResult<Option<ExternalAccount>> {
+        self.reader
+            .read(|c| read_one(c, EXTERNAL_ACCOUNT_SQL, (external.as_str(),), external_account_from_row))
+    }
+
+    async fn put_external_account(
+        &self,
+        external: &ExternalId,
+        new_id: &AccountId,
+        spec: &AccountSpec,
+        actor: &AuditActor,
+        now: UnixMillis,
+    ) -> StoreResult<AccountPut> {
+        let (external, new_id, spec, actor, chain_key) = (
+            external.clone(),
+            new_id.clone(),
+            spec.clone(),
+            actor.clone(),
+            Arc::clone(&self.chain_key),
+        );
+        self.writer
+            .transaction(move |tx| {
+                // Insert or find, on the unique index of external ids.
+                let created = read_one(
+                    tx,
+                    "INSERT INTO accounts (id, name, plan, shared_credit_limit, created_at, external_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (external_id) WHERE external_id IS NOT NULL DO NOTHING RETURNING id",
+                    (
+                        new_id.as_str(),
+                        spec.name.as_str(),
+                        spec.plan.as_str(),
+                        spec.shared_credit_limit,
+                        now.as_i64(),
+                        external.as_str(),
+                    ),
+                    |_| Ok(()),
+                )?
+                .is_some();
+                let before = read_one(tx, EXTERNAL_ACCOUNT_SQL, (external.as_str(),), |row| {
+                    Ok((
+                        external_account_from_row(row)?,
+                        get::<Option<i64>>(row, "shared_credit_limit")?,
+                    ))
+                })?
+                .ok_or(StoreError::NotFound)?;
+                let (before, raw_limit) = before;
+                if created {
+                    return Ok(AccountPut {
+                        account: before,
+                        created: true,
+                        plan_changed: false,
+                    });
+                }
+                let a = &before.account;
+                if a.name == spec.name && a.plan == spec.plan && raw_limit == spec.shared_credit_limit {
+                    return Ok(AccountPut {
+                        account: before,
+                        created: false,
+                        plan_changed: false,
+                    });
+                }
+                exec(
+                    tx,
+                    "UPDATE accounts SET name = ?2, plan = ?3, shared_credit_limit = ?4 WHERE id = ?1",
+                    (
+                        a.id.as_str(),
+                        spec.name.as_str(),
+                        spec.plan.as_str(),
+                        spec.shared_credit_limit,
+                    ),
+                )?;
+                let after = read_one(
+                    tx,
+                    EXTERNAL_ACCOUNT_SQL,
+                    (external.as_str(),),
+                    external_account_from_row,
+                )?
+                .ok_or(StoreError::NotFound)?;
+                let detail = plan_change_detail(a, after.account.plan, after.account.shared_credit_limit);
+                let plan_changed = detail.is_some();
+                if let Some(detail) = detail {
+                    let event = NewAuditEvent::for_account(&after.account.id, now, &actor, AuditAction::PlanChanged)
+                        .detail(Some(detail));
+                    append_in_tx(tx, &chain_key, [&event])?;
+                }
+                Ok(AccountPut {
+                    account: after,
+                    created: false,
+                    plan_changed,
+                })
+            })
+            .await
+    }
+
+    async fn delete_account(
+        &self,
+        account: &AccountId,
+        actor: &AuditActor,
+        detail: Option<String>,
+        now: UnixMillis,
+    ) -> StoreResult<usize> {
+        let (account, actor, chain_key) = (account.clone(), actor.clone(), Arc::clone(&self.chain_key));
+        self.writer
+            .transaction(move |tx| {
+                let id = account.as_str();
+                read_one(tx, "SELECT id FROM accounts WHERE id = ?1", (id,), |_| Ok(()))?
+                    .ok_or(StoreError::NotFound)?;
+                let keys = read_all(
+                    tx,
+                    "SELECT provider, last4 FROM provider_keys WHERE account_id = ?1 ORDER BY provider",
+                    (id,),
+                    |r| {
+                        let provider: Provider = get::<String>(r, "provider")?
+                            .parse()
+                            .map_err(|_| corrupt("provider_keys.provider"))?;
+                        let last4 = Last4::from_stored(&get::<String>(r, "last4")?)
+                            .ok_or_else(|| corrupt("provider_keys.last4"))?;
+                        Ok((provider, last4))
+                    },
+                )?;
+                let mut events: Vec<NewAuditEvent> = keys
+                    .iter()
+                    .map(|(p, last4)| {
+                        NewAuditEvent::new(&account, now, &actor, AuditAction::KeyRemoved, *p).last4(Some(last4))
+                    })
+                    .collect();
+                events.push(
+                    NewAuditEvent::for_account(&account, now, &actor, AuditAction::AccountDeleted).detail(detail),
+                );
+                append_in_tx(tx, &chain_key, events.iter())?;
+                // With secure_delete on, the deleted blobs' cells are zeroed; the purge that
+                // follows checkpoints them out of the WAL.
+                for table in [
+                    "provider_keys",
+                    "provider_sources",
+                    "memberships",
+                    "credit_periods",
+                    "usage_counters",
+                ] {
+                    exec(tx, &format!("DELETE FROM {table} WHERE account_id = ?1"), (id,))?;
+                }
+                exec(tx, "DELETE FROM accounts WHERE id = ?1", (id,))?;
+                Ok(keys.len())
+            })
+            .await
+    }
+
+    async fn user_by_external_id(&self, external: &ExternalId) -> StoreResult<Option<ExternalUser>> {
+        self.reader.read(|c| {
+            read_one(
+                c,
+                "SELECT id, email, external_id FROM users WHERE external_id = ?1",
+                (external.as_str(),),
+                external_user_from_row,
+            )
+        })
+    }
+
+    async fn put_external_user(
+        &self,
+        external: &ExternalId,
+        new_id: &UserId,
+        email: &Email,
+        now: UnixMillis,
+    ) -> StoreResult<ExternalUser> {
+        let (external, new_id, email) = (external.clone(), new_id.clone(), email.clone());
+        let email_taken = {
+            let email = email.clone();
+            move |e: StoreError| match e {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("another user has the email {email}")),
+                other => other,
+            }
+        };
+        self.writer
+            .transaction(move |tx| {
+                let created = read_one(
+                    tx,
+                    "INSERT INTO users (id, email, created_at, external_id) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (external_id) WHERE external_id IS NOT NULL DO NOTHING RETURNING id",
+                    (new_id.as_str(), email.as_str(), now.as_i64(), external.as_str()),
+                    |_| Ok(()),
+                )
+                .map_err(&email_taken)?
+                .is_some();
+                if !created {
+                    exec(
+                        tx,
+                        "UPDATE users SET email = ?2 WHERE external_id = ?1 AND email <> ?2",
+                        (external.as_str(), email.as_str()),
+                    )
+                    .map_err(&email_taken)?;
+                }
+                read_one(
+                    tx,
+                    "SELECT id, email, external_id FROM users WHERE external_id = ?1",
+                    (external.as_str(),),
+                    external_user_from_row,
+                )?
+                .ok_or(StoreError::NotFound)
+            })
+            .await
+    }
+
+    async fn remove_membership(&self, account: &AccountId, user: &UserId) -> StoreResult<bool> {
+        let (account, user) = (account.clone(), user.clone());
+        let n = self
+            .writer
+            .write(move |conn| {
+                exec(
+                    conn,
+                    "DELETE FROM memberships WHERE account_id = ?1 AND user_id = ?2",
+                    (account.as_str(), user.as_str()),
+                )
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn chain_account_ids(&self) -> StoreResult<Vec<AccountId>> {
+        self.reader
+            .read_blocking(|c| {
+                read_all(
+                    c,
+                    "SELECT id FROM accounts UNION SELECT account_id FROM audit_heads ORDER BY 1",
+                    (),
+                    |row| AccountId::parse(&get::<String>(row, "id")?).map_err(|_| corrupt("accounts.id")),
+                )
+            })
+            .await
     }
 
     async fn provider_states(&self, account: &AccountId) -> StoreResult<Vec<ProviderState>> {

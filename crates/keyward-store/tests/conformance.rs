@@ -9,14 +9,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyward_core::{AccountId, Email, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, UnixMillis, UserId};
+use keyward_core::{
+    AccountId, Email, ExternalId, KeyId, KeyKind, KeySource, Last4, Plan, Provider, Role, Scope, ServiceId, UnixMillis,
+    UserId,
+};
 use keyward_crypto::{AuditChainKey, SealedKey};
 use keyward_store::audit::verify_chain;
 use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{
-    AttemptOutcome, AuditAction, AuditActor, AuditFilter, CallRecord, KeyCallHealth, LastTest, NewAuditEvent, NewKey,
-    PgStore, SessionLimits, SqliteStore, Store, StoreError, WebhookFilter, KEY_SOURCES,
+    AccountSpec, AttemptOutcome, AuditAction, AuditActor, AuditFilter, CallRecord, KeyCallHealth, LastTest,
+    NewAuditEvent, NewKey, PgStore, SessionLimits, SqliteStore, Store, StoreError, WebhookFilter, KEY_SOURCES,
 };
 use sqlx::Connection;
 
@@ -267,17 +270,21 @@ async fn users_tokens_and_memberships(s: &dyn Store) {
     assert_eq!(s.membership(&account, &other).await.unwrap().unwrap().role, Role::Admin);
     assert_eq!(s.memberships_of(&other).await.unwrap().len(), 2);
 
-    s.set_plan(&account, Plan::Business, Some(77)).await.unwrap();
+    let cli = AuditActor("cli".to_owned());
+    s.set_plan(&account, Plan::Business, Some(77), &cli, t(6))
+        .await
+        .unwrap();
     let a = s.account(&account).await.unwrap().unwrap();
     assert_eq!((a.plan, a.shared_credit_limit), (Plan::Business, 77));
-    s.set_plan(&account, Plan::Pro, None).await.unwrap();
+    s.set_plan(&account, Plan::Pro, None, &cli, t(7)).await.unwrap();
     assert_eq!(
         s.account(&account).await.unwrap().unwrap().shared_credit_limit,
         77,
         "None keeps the override"
     );
     assert!(matches!(
-        s.set_plan(&id(AccountId::from_random, 99), Plan::Pro, None).await,
+        s.set_plan(&id(AccountId::from_random, 99), Plan::Pro, None, &cli, t(8))
+            .await,
         Err(StoreError::NotFound)
     ));
     assert_eq!(s.account_ids().await.unwrap().len(), 2);
@@ -1822,6 +1829,366 @@ async fn key_call_health_reads_the_audit_log(s: &dyn Store) {
     assert!(s.users_by_ids(&[]).await.unwrap().is_empty());
 }
 
+// ---- services and the provisioning API ------------------------------------------------
+
+async fn services_are_created_found_by_token_and_revoked(s: &dyn Store) {
+    let a = id(ServiceId::from_random, 1);
+    s.create_service(
+        &a,
+        "drafting",
+        &[Scope::AuditRead, Scope::AiCall, Scope::AiCall],
+        "svc-hash-1",
+        t(10),
+    )
+    .await
+    .unwrap();
+    let found = s.service_by_token("svc-hash-1").await.unwrap().unwrap();
+    assert_eq!((found.id.clone(), found.name.as_str()), (a.clone(), "drafting"));
+    assert_eq!(
+        found.scopes,
+        vec![Scope::AiCall, Scope::AuditRead],
+        "deduplicated, in order"
+    );
+    assert_eq!((found.created_at, found.revoked_at), (t(10), None));
+    assert!(s.service_by_token("nope").await.unwrap().is_none());
+    // A live name is unique.
+    let e = s
+        .create_service(
+            &id(ServiceId::from_random, 2),
+            "drafting",
+            &[Scope::AiCall],
+            "svc-hash-2",
+            t(11),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Conflict(ref m) if m.contains("drafting")),
+        "{e:?}"
+    );
+    // Revoked: the token stops at once; the name may be used again; the row stays listed.
+    let revoked = s.revoke_service("drafting", t(12)).await.unwrap().unwrap();
+    assert_eq!((revoked.id.clone(), revoked.revoked_at), (a.clone(), Some(t(12))));
+    assert!(s.service_by_token("svc-hash-1").await.unwrap().is_none());
+    assert!(s.revoke_service("drafting", t(13)).await.unwrap().is_none());
+    let b = id(ServiceId::from_random, 3);
+    s.create_service(&b, "drafting", &[Scope::AccountsManage], "svc-hash-3", t(14))
+        .await
+        .unwrap();
+    let all = s.services().await.unwrap();
+    assert_eq!(
+        all.iter().map(|x| (x.id.clone(), x.revoked_at)).collect::<Vec<_>>(),
+        vec![(a, Some(t(12))), (b, None)]
+    );
+    assert_eq!(
+        s.service_by_token("svc-hash-3").await.unwrap().unwrap().scopes,
+        vec![Scope::AccountsManage]
+    );
+}
+
+fn spec(name: &str, plan: Plan, limit: Option<i64>) -> AccountSpec {
+    AccountSpec {
+        name: name.to_owned(),
+        plan,
+        shared_credit_limit: limit,
+    }
+}
+
+fn service_actor() -> AuditActor {
+    AuditActor("service:provisioning".to_owned())
+}
+
+/// (action, detail, actor) of every event, oldest first.
+async fn events_of(s: &dyn Store, account: &AccountId) -> Vec<(String, Option<String>, String)> {
+    let (events, _) = s.audit_chain(account).await.unwrap();
+    events.into_iter().map(|e| (e.action, e.detail, e.actor)).collect()
+}
+
+async fn external_accounts_are_put_idempotently_and_plan_changes_audited(s: &dyn Store) {
+    let ext = ExternalId::parse("org:42").unwrap();
+    assert!(s.account_by_external_id(&ext).await.unwrap().is_none());
+    let first = id(AccountId::from_random, 1);
+    let put = s
+        .put_external_account(&ext, &first, &spec("Acme", Plan::Pro, None), &service_actor(), t(10))
+        .await
+        .unwrap();
+    assert!(put.created && !put.plan_changed);
+    assert_eq!(put.account.account.id, first);
+    assert_eq!(put.account.external_id, ext);
+    assert_eq!(
+        put.account.account.shared_credit_limit,
+        Plan::Pro.default_shared_credit_limit()
+    );
+    // No owner yet: nobody is a member, and that is fine.
+    assert!(events_of(s, &first).await.is_empty(), "creation is not a plan change");
+    // Replays change nothing and add nothing, whatever id they would have used.
+    for n in 2..5 {
+        let again = s
+            .put_external_account(
+                &ext,
+                &id(AccountId::from_random, n),
+                &spec("Acme", Plan::Pro, None),
+                &service_actor(),
+                t(11),
+            )
+            .await
+            .unwrap();
+        assert_eq!((again.created, again.plan_changed), (false, false));
+        assert_eq!(again.account, put.account);
+    }
+    assert!(events_of(s, &first).await.is_empty());
+    // A rename alone is no plan change.
+    let renamed = s
+        .put_external_account(
+            &ext,
+            &id(AccountId::from_random, 5),
+            &spec("Acme Inc", Plan::Pro, None),
+            &service_actor(),
+            t(12),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (renamed.account.account.name.as_str(), renamed.plan_changed),
+        ("Acme Inc", false)
+    );
+    // A downgrade is, once.
+    for _ in 0..3 {
+        s.put_external_account(
+            &ext,
+            &id(AccountId::from_random, 6),
+            &spec("Acme Inc", Plan::Free, None),
+            &service_actor(),
+            t(13),
+        )
+        .await
+        .unwrap();
+    }
+    let got = s.account_by_external_id(&ext).await.unwrap().unwrap();
+    assert_eq!((got.account.plan, got.account.shared_credit_limit), (Plan::Free, 1_000));
+    assert_eq!(
+        events_of(s, &first).await,
+        vec![(
+            "account.plan_changed".to_owned(),
+            Some("pro -> free; shared_credit_limit 20000 -> 1000".to_owned()),
+            "service:provisioning".to_owned()
+        )]
+    );
+    // A limit of its own; then the CLI's set_plan, audited the same way (and not when nothing changes).
+    let limited = s
+        .put_external_account(
+            &ext,
+            &id(AccountId::from_random, 7),
+            &spec("Acme Inc", Plan::Free, Some(50)),
+            &service_actor(),
+            t(14),
+        )
+        .await
+        .unwrap();
+    assert!(limited.plan_changed);
+    assert_eq!(limited.account.account.shared_credit_limit, 50);
+    let cli = AuditActor("cli".to_owned());
+    assert!(s.set_plan(&first, Plan::Business, None, &cli, t(15)).await.unwrap());
+    assert!(!s.set_plan(&first, Plan::Business, None, &cli, t(16)).await.unwrap());
+    assert!(!s.set_plan(&first, Plan::Business, Some(50), &cli, t(17)).await.unwrap());
+    let e = s
+        .set_plan(&id(AccountId::from_random, 99), Plan::Pro, None, &cli, t(18))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NotFound), "{e:?}");
+    let ev = events_of(s, &first).await;
+    assert_eq!(ev.len(), 3, "{ev:?}");
+    assert_eq!(ev[1].1.as_deref(), Some("shared_credit_limit 1000 -> 50"));
+    assert_eq!(
+        (ev[2].1.as_deref(), ev[2].2.as_str()),
+        (Some("free -> business"), "cli")
+    );
+    assert_eq!(chain_ok(s, &first).await, 3);
+    assert_eq!(s.account(&first).await.unwrap().unwrap().plan, Plan::Business);
+}
+
+async fn concurrent_puts_of_one_external_id_make_one_account(s: Arc<dyn Store>, twin: Arc<dyn Store>) -> usize {
+    let ext = ExternalId::parse("race-1").unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..20u8 {
+        let store = if n % 2 == 0 { s.clone() } else { twin.clone() };
+        let ext = ext.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .put_external_account(
+                    &ext,
+                    &id(AccountId::from_random, n + 1),
+                    &spec("Race", Plan::Pro, None),
+                    &service_actor(),
+                    t(1),
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    let mut created = 0;
+    let mut ids = std::collections::BTreeSet::new();
+    for task in tasks {
+        let put = task.await.unwrap();
+        created += usize::from(put.created);
+        ids.insert(put.account.account.id);
+    }
+    let accounts = s.account_ids().await.unwrap();
+    assert_eq!(
+        (created, ids.len(), accounts.len()),
+        (1, 1, 1),
+        "ids {ids:?}, accounts {accounts:?}"
+    );
+    accounts.len()
+}
+
+async fn deleting_an_account_removes_its_keys_and_closes_its_chain(s: &dyn Store) {
+    let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let actor = AuditActor(user.to_string());
+    s.save_key(&account, Provider::OpenAi, new_key(1, "aaaa"), &actor, t(3))
+        .await
+        .unwrap();
+    s.save_key(&account, Provider::Google, new_key(2, "bbbb"), &actor, t(4))
+        .await
+        .unwrap();
+    s.set_source(&account, Provider::OpenAi, KeySource::Own, &actor, t(5))
+        .await
+        .unwrap();
+    let (_, other) = owner_with_account(s, 2, Plan::Pro).await;
+    s.save_key(&other, Provider::OpenAi, new_key(3, "cccc"), &actor, t(5))
+        .await
+        .unwrap();
+
+    let removed = s
+        .delete_account(&account, &service_actor(), Some("external id org:1".to_owned()), t(6))
+        .await
+        .unwrap();
+    assert_eq!(removed, 2);
+    assert!(s.account(&account).await.unwrap().is_none());
+    assert!(s.membership(&account, &user).await.unwrap().is_none());
+    assert!(s.sealed_key(&account, Provider::OpenAi).await.unwrap().is_none());
+    assert!(s.sealed_key(&account, Provider::Google).await.unwrap().is_none());
+    assert!(
+        s.sealed_key(&other, Provider::OpenAi).await.unwrap().is_some(),
+        "another account's key stays"
+    );
+    assert!(!s.account_ids().await.unwrap().contains(&account));
+    assert!(
+        s.chain_account_ids().await.unwrap().contains(&account),
+        "the chain is kept"
+    );
+    let ev = events_of(s, &account).await;
+    let tail: Vec<(&str, Option<&str>)> = ev[ev.len() - 3..]
+        .iter()
+        .map(|(a, d, _)| (a.as_str(), d.as_deref()))
+        .collect();
+    assert_eq!(
+        tail,
+        vec![
+            ("key.removed", None),
+            ("key.removed", None),
+            ("account.deleted", Some("external id org:1"))
+        ]
+    );
+    let (events, _) = s.audit_chain(&account).await.unwrap();
+    let n = events.len();
+    assert_eq!(
+        events[n - 3..]
+            .iter()
+            .map(|e| (e.provider.clone(), e.key_last4.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some("google".to_owned()), Some("bbbb".to_owned())),
+            (Some("openai".to_owned()), Some("aaaa".to_owned())),
+            (None, None)
+        ]
+    );
+    assert_eq!(chain_ok(s, &account).await, n);
+    let e = s
+        .delete_account(&account, &service_actor(), None, t(7))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NotFound), "{e:?}");
+    assert_eq!(events_of(s, &account).await.len(), n, "a second delete adds nothing");
+    // The user stays; an account with no keys deletes too.
+    assert!(s
+        .user_by_email(&Email::parse("user1@example.com").unwrap())
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(s.delete_account(&other, &service_actor(), None, t(8)).await.unwrap(), 1);
+    assert!(s.purge_removed().await.is_ok());
+}
+
+async fn external_users_and_memberships(s: &dyn Store) {
+    let ext = ExternalId::parse("user-7").unwrap();
+    let email = Email::parse("ana@example.com").unwrap();
+    let u = s
+        .put_external_user(&ext, &id(UserId::from_random, 1), &email, t(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (u.user.id.clone(), u.user.email.clone(), u.external_id.clone()),
+        (id(UserId::from_random, 1), email.clone(), ext.clone())
+    );
+    for n in 2..5 {
+        let again = s
+            .put_external_user(&ext, &id(UserId::from_random, n), &email, t(2))
+            .await
+            .unwrap();
+        assert_eq!(again, u);
+    }
+    assert_eq!(s.count_users().await.unwrap(), 1);
+    assert!(
+        s.user_by_token("anything").await.unwrap().is_none(),
+        "no token was made"
+    );
+    let new_email = Email::parse("ana@new.example.com").unwrap();
+    let moved = s
+        .put_external_user(&ext, &id(UserId::from_random, 5), &new_email, t(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        (moved.user.id.clone(), moved.user.email.clone()),
+        (u.user.id.clone(), new_email.clone())
+    );
+    assert_eq!(s.user_by_external_id(&ext).await.unwrap(), Some(moved.clone()));
+    // Another user's email: a conflict, nothing written.
+    let (_, account) = owner_with_account(s, 9, Plan::Pro).await;
+    let taken = Email::parse("user9@example.com").unwrap();
+    let e = s
+        .put_external_user(&ext, &id(UserId::from_random, 6), &taken, t(4))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Conflict(ref m) if m.contains("user9@example.com")),
+        "{e:?}"
+    );
+    let other = ExternalId::parse("user-8").unwrap();
+    let e = s
+        .put_external_user(&other, &id(UserId::from_random, 7), &taken, t(4))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+    assert!(s.user_by_external_id(&other).await.unwrap().is_none());
+    assert_eq!(
+        s.user_by_external_id(&ext).await.unwrap().unwrap().user.email,
+        new_email
+    );
+    // Memberships: added, changed, removed once.
+    s.set_membership(&account, &u.user.id, Role::Member, t(5))
+        .await
+        .unwrap();
+    s.set_membership(&account, &u.user.id, Role::Admin, t(5)).await.unwrap();
+    assert_eq!(
+        s.membership(&account, &u.user.id).await.unwrap().unwrap().role,
+        Role::Admin
+    );
+    assert!(s.remove_membership(&account, &u.user.id).await.unwrap());
+    assert!(!s.remove_membership(&account, &u.user.id).await.unwrap());
+    assert!(s.membership(&account, &u.user.id).await.unwrap().is_none());
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
@@ -1943,6 +2310,36 @@ macro_rules! conformance {
             async fn two_nodes_share_one_chain_and_one_cap() {
                 let Some(b) = super::$backend().await else { return };
                 super::two_nodes_share_one_chain_and_one_cap(b.store.clone(), b.twin.clone()).await;
+            }
+            #[tokio::test]
+            async fn services_are_created_found_by_token_and_revoked() {
+                let Some(b) = super::$backend().await else { return };
+                super::services_are_created_found_by_token_and_revoked(b.store.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn external_accounts_are_put_idempotently_and_plan_changes_audited() {
+                let Some(b) = super::$backend().await else { return };
+                super::external_accounts_are_put_idempotently_and_plan_changes_audited(b.store.as_ref()).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_puts_of_one_external_id_make_one_account() {
+                let Some(b) = super::$backend().await else { return };
+                let n =
+                    super::concurrent_puts_of_one_external_id_make_one_account(b.store.clone(), b.twin.clone()).await;
+                eprintln!(
+                    "{}: 20 concurrent PUTs of one external id made {n} account(s)",
+                    stringify!($backend)
+                );
+            }
+            #[tokio::test]
+            async fn deleting_an_account_removes_its_keys_and_closes_its_chain() {
+                let Some(b) = super::$backend().await else { return };
+                super::deleting_an_account_removes_its_keys_and_closes_its_chain(b.store.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn external_users_and_memberships() {
+                let Some(b) = super::$backend().await else { return };
+                super::external_users_and_memberships(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn odd_text_is_stored_and_chained() {

@@ -216,6 +216,26 @@ enum AdminCommand {
         #[arg(long, value_parser = ["anthropic", "openai", "google"])]
         provider: String,
     },
+    /// Create a service of the product (drafting, Autopilot, provisioning…) with scopes;
+    /// prints its id and a kws_ token (shown once).
+    CreateService {
+        /// Its name, as the audit log shows it (service:NAME): 1 to 64 of a-z, 0-9, _ and -.
+        #[arg(long)]
+        name: String,
+        /// ai:call (AI calls and the pass-through, any account), accounts:manage (the
+        /// provisioning API), audit:read (any account's audit log). Repeat for several. No
+        /// scope manages keys.
+        #[arg(long = "scope", value_name = "SCOPE", required = true, value_parser = ["ai:call", "accounts:manage", "audit:read"])]
+        scopes: Vec<String>,
+    },
+    /// List the services (never their tokens).
+    ListServices,
+    /// Revoke a service's token: refused from the next request on, on every node.
+    RevokeService {
+        /// The service's name.
+        #[arg(long)]
+        name: String,
+    },
     /// Change an account's plan and, optionally, its monthly shared-pool credit limit.
     SetPlan {
         /// The account id (acc_…).
@@ -379,11 +399,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         kek_store.forget_sealer(&node).await?;
                         out?
                     }
+                    AdminCommand::CreateService { name, scopes } => {
+                        let (id, token) =
+                            admin::create_service(store.as_ref(), clock.as_ref(), &name, &scopes).await?;
+                        serde_json::json!({ "service_id": id, "token": token.as_str() })
+                    }
+                    AdminCommand::ListServices => admin::list_services(store.as_ref()).await?,
+                    AdminCommand::RevokeService { name } => {
+                        admin::revoke_service(store.as_ref(), clock.as_ref(), &name).await?
+                    }
                     AdminCommand::SetPlan {
                         account,
                         plan,
                         shared_credit_limit,
-                    } => admin::set_plan(store.as_ref(), &account, &plan, shared_credit_limit).await?,
+                    } => admin::set_plan(store.as_ref(), clock.as_ref(), &account, &plan, shared_credit_limit).await?,
                 };
                 print_json(&out)?;
                 Ok(ExitCode::SUCCESS)

@@ -288,6 +288,8 @@ pub struct CallContext {
     pub period: String,
     pub reserved: i64,
     pub feature: Option<String>,
+    /// The member a service acted for (`keyward-on-behalf-of`), as their user id.
+    pub on_behalf_of: Option<String>,
     pub started: Instant,
     /// Whether the provider bills the call (token counting is free: audited, never charged).
     pub billed: bool,
@@ -335,6 +337,7 @@ impl CallContext {
         .request_id(request_id)
         .tokens(usage.input_tokens, usage.output_tokens)
         .feature(self.feature.clone())
+        .on_behalf_of(self.on_behalf_of.clone())
         .detail(detail);
         let record = CallRecord {
             account_id: self.account.clone(),
@@ -440,6 +443,40 @@ pub fn resolve_model<'c>(
     }
 }
 
+/// The longest feature label.
+pub const MAX_FEATURE_LEN: usize = 64;
+
+/// A feature label (`feature` in `ai/messages`, the `keyward-feature` header, the
+/// pass-through's `features/{feature}` segment): 1 to 64 letters, digits, '_', '-' or '.'
+/// (else `422 validation_error`).
+pub fn check_feature(f: &str) -> ApiResult<()> {
+    if f.is_empty() || f.len() > MAX_FEATURE_LEN || !f.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Err(ApiError::validation(
+            "feature must be 1 to 64 letters, digits, '_', '-' or '.'",
+        ));
+    }
+    Ok(())
+}
+
+/// The feature a call names: the body's or path's (`named`) and the `keyward-feature`
+/// header's; both may be given only when they agree (else 422). Checked here.
+pub fn merge_feature(named: Option<String>, header: Option<String>) -> ApiResult<Option<String>> {
+    let feature = match (named, header) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::validation(
+                "the keyward-feature header and the call's feature name different features",
+            ))
+        }
+        (Some(a), _) => Some(a),
+        (None, b) => b,
+    };
+    if let Some(f) = &feature {
+        check_feature(f)?;
+    }
+    Ok(feature)
+}
+
 /// `409 key_reported_leaked` for an own key its provider blocked.
 fn leaked_key_refusal(provider: Provider, last4: &Last4) -> ApiError {
     ApiError::new(
@@ -485,16 +522,21 @@ impl Engine {
             )));
         }
         if let Some(f) = &feature {
-            if f.is_empty() || f.len() > 64 || !f.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
-                return Err(ApiError::validation(
-                    "feature must be 1 to 64 letters, digits, '_', '-' or '.'",
-                ));
-            }
+            check_feature(f)?;
         }
-        let current = match prefetched_key {
+        let mut current = match prefetched_key {
             Some(k) => k,
             None => self.store.call_key(account, provider).await?,
         };
+        if current.source == KeySource::Own && !actor.account().plan.allows_own_keys() {
+            // A plan without own keys (a downgrade to free): the saved key stays saved and
+            // the source stays chosen, but calls follow the shared pool's rules (its key,
+            // metered and capped) until the plan allows own keys again.
+            current = CallKey {
+                source: KeySource::Shared,
+                key: self.store.shared_key(provider).await?,
+            };
+        }
         let choice = match choose_key(account, provider, current) {
             Ok(choice) => choice,
             Err(e) if e.code == ErrorCode::SharedPoolUnavailable => {
@@ -511,6 +553,7 @@ impl Engine {
             period: self.clock.now().month().label,
             reserved: 0,
             feature,
+            on_behalf_of: actor.on_behalf_of.as_ref().map(ToString::to_string),
             started: Instant::now(),
             billed,
         };
@@ -589,6 +632,7 @@ impl Engine {
         .model(&ctx.model.id)
         .outcome(outcome)
         .feature(ctx.feature.clone())
+        .on_behalf_of(ctx.on_behalf_of.clone())
         .detail(Some(refusal.message.clone()));
         self.store.append_audit(std::slice::from_ref(&event)).await?;
         Ok(())

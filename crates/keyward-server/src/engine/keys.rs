@@ -120,6 +120,9 @@ impl Engine {
         source: KeySource,
     ) -> ApiResult<ProviderState> {
         actor.may_manage_keys("switching the key source")?;
+        if source == KeySource::Own {
+            actor.may_own_keys()?;
+        }
         let after = self
             .store
             .set_source(

@@ -6,7 +6,9 @@
 //! acts, in which account, with which role), never an HTTP extractor, and checks what that
 //! actor may do itself, so no door can skip a check.
 //!
-//! - [`identity`]: tokens, and turning a token into a user or an [`Actor`].
+//! - [`identity`]: tokens, and turning a token into a user, a service or an [`Actor`]
+//!   ([`actor`]: who may do what, by role or by a service's scopes).
+//! - [`provisioning`]: accounts, users and memberships keyed by the product's own ids.
 //! - [`keys`]: list, save or rotate, remove a key; switch its source.
 //! - [`calls`]: an AI call: choose the key, reserve shared credits, open the key in a
 //!   worker and call the provider, settle and audit.
@@ -28,6 +30,7 @@ pub mod identity;
 pub mod keys;
 pub mod native;
 pub mod probe;
+pub mod provisioning;
 pub mod throttle;
 pub mod usage;
 

@@ -33,20 +33,29 @@ pub enum NativeBody {
     Stream(mpsc::Receiver<Vec<u8>>),
 }
 
+/// Which native call: the carried API, Google's model and whether to stream (from its
+/// path), and the product feature the call names (checked by the caller).
+#[derive(Debug, Clone)]
+pub struct NativeRoute<'a> {
+    pub api: NativeApi,
+    pub google: Option<(&'a str, bool)>,
+    pub feature: Option<String>,
+}
+
 impl Engine {
-    /// Runs `api` for the actor with `raw`, the SDK's request body (`google`: the model and
-    /// whether to stream, from Google's path). `header` reads the SDK's request headers (the
-    /// provider-specific ones that are passed on). `key`: the account's key for the provider,
-    /// read with the actor's membership.
+    /// Runs `route` (the carried API, Google's model and stream flag, the feature) for the
+    /// actor with `raw`, the SDK's request body. `header` reads the SDK's request headers
+    /// (the provider-specific ones that are passed on). `key`: the account's key for the
+    /// provider, read with the actor (a member's membership, or a service's account).
     pub async fn native(
         &self,
         actor: &Actor,
         key: CallKey,
-        api: NativeApi,
+        route: NativeRoute<'_>,
         raw: &[u8],
-        google: Option<(&str, bool)>,
         header: impl Fn(&str) -> Option<String>,
     ) -> ApiResult<NativeAnswer> {
+        let NativeRoute { api, google, feature } = route;
         let provider: Provider = api.provider();
         let req = read_native_request(api, raw, google).map_err(|e| match e {
             NativeRequestError::NotJson => ApiError::new(ErrorCode::InvalidJson, e.to_string()),
@@ -59,7 +68,7 @@ impl Engine {
             max_tokens: req.max_output,
             kind: api.model_kind(),
             billed: api.costs_money(),
-            feature: None,
+            feature,
             prefetched_key: Some(key),
         };
         let ctx = self.prepare(actor, spec).await?;

@@ -18,9 +18,11 @@ use tokio::sync::mpsc;
 
 use crate::api::{AiAnswerBody, ErrorBody, MessagesRequest, UsageCounts};
 use crate::auth::AccountMemberClaim;
-use crate::engine::calls::{CallSummary, ChatCall, ChatEvent, ChatReply};
+use crate::engine::calls::{merge_feature, CallSummary, ChatCall, ChatEvent, ChatReply};
+use crate::engine::identity::ON_BEHALF_OF_HEADER;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{AiJsonBody, JsonBody};
+use crate::routes::passthrough::FEATURE_HEADER;
 use crate::state::AppState;
 
 #[derive(Deserialize)]
@@ -41,13 +43,18 @@ struct MessagesBody {
     post,
     path = "/v1/accounts/{account_id}/ai/messages",
     tag = "ai",
-    params(("account_id" = String, Path)),
+    params(
+        ("account_id" = String, Path),
+        ("keyward-feature" = Option<String>, Header, description = "The product feature (1 to 64 of A-Z a-z 0-9 _ - .), audited; must agree with the body's feature"),
+        ("keyward-on-behalf-of" = Option<String>, Header, description = "Service tokens only: the member the call is for (a user id usr_… or the product's external user id), audited"),
+    ),
     request_body = MessagesRequest,
     responses(
         (status = 200, description = "The answer; with \"stream\": true a text/event-stream of delta events and one done (or error) event", body = AiAnswerBody),
         (status = 400, description = "Not JSON", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
-        (status = 404, description = "Not a member of this account", body = ErrorBody),
+        (status = 403, description = "A service token without the ai:call scope", body = ErrorBody),
+        (status = 404, description = "Not a member of this account; no such account (a service); an acting user who is not a member", body = ErrorBody),
         (status = 409, description = "Own key selected but none saved", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not application/json", body = ErrorBody),
@@ -61,28 +68,50 @@ struct MessagesBody {
 pub async fn messages(
     State(state): State<AppState>,
     claim: AccountMemberClaim,
+    headers: axum::http::HeaderMap,
     AiJsonBody(body): AiJsonBody,
 ) -> ApiResult<Response> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let context = CallHeaders {
+        on_behalf_of: header(ON_BEHALF_OF_HEADER),
+        feature: header(FEATURE_HEADER),
+    };
     // Once a provider is called, the call must be settled and audited even if the client
     // goes away (which drops this handler): the work runs in its own task.
-    tokio::spawn(messages_call(state, claim, body))
+    tokio::spawn(messages_call(state, claim, context, body))
         .await
         .map_err(|e| ApiError::internal(&e))?
 }
 
-async fn messages_call(state: AppState, claim: AccountMemberClaim, body: JsonBody) -> ApiResult<Response> {
+/// What a call's headers add: the member a service acts for, and the product feature.
+struct CallHeaders {
+    on_behalf_of: Option<String>,
+    feature: Option<String>,
+}
+
+async fn messages_call(
+    state: AppState,
+    claim: AccountMemberClaim,
+    context: CallHeaders,
+    body: JsonBody,
+) -> ApiResult<Response> {
     // The body names the provider; with it, the caller, their membership and the account's
     // key are one read. Errors keep their order: token, membership, then body.
     let parsed: ApiResult<MessagesBody> = body.parse();
     let provider = parsed.as_ref().ok().and_then(|b| b.provider.parse::<Provider>().ok());
-    let (actor, prefetched_key) = match provider {
+    let (mut actor, prefetched_key) = match provider {
         Some(p) => {
             let (actor, key) = claim.check_with_key(&state, p).await?;
             (actor, Some(key))
         }
         None => (claim.check(&state).await?, None),
     };
+    state
+        .engine
+        .act_for(&mut actor, context.on_behalf_of.as_deref())
+        .await?;
     let body = parsed?;
+    let feature = merge_feature(body.feature, context.feature)?;
     let provider: Provider = body
         .provider
         .parse()
@@ -95,7 +124,7 @@ async fn messages_call(state: AppState, claim: AccountMemberClaim, body: JsonBod
         max_tokens: body.max_tokens,
         temperature: body.temperature,
         stream: body.stream,
-        feature: body.feature,
+        feature,
     };
     match state.engine.chat(&actor, prefetched_key, chat).await? {
         ChatReply::Answer { summary, content } => Ok(Json(answer_body(summary, content)).into_response()),

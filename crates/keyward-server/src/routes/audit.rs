@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::api::{AuditListBody, ErrorBody};
 use crate::auth::Caller;
+use crate::engine::actor::Access;
 use crate::engine::audit::event_body;
 use crate::error::ApiResult;
 use crate::extract::ApiQuery;
@@ -30,7 +31,8 @@ pub struct AuditQuery {
     responses(
         (status = 200, description = "Events, newest first", body = AuditListBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
-        (status = 404, description = "Not a member of this account", body = ErrorBody),
+        (status = 403, description = "A service token without the audit:read scope", body = ErrorBody),
+        (status = 404, description = "Not a member of this account; no such account (a service)", body = ErrorBody),
         (status = 422, description = "Bad query", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -41,7 +43,7 @@ pub async fn list(
     Path(account): Path<String>,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<AuditListBody>> {
-    let actor = caller.in_account(&state, &account).await?;
+    let actor = caller.in_account(&state, &account, Access::ReadAudit).await?;
     let events = state.engine.audit_page(&actor, q.limit, q.before).await?;
     Ok(Json(AuditListBody {
         events: events.iter().map(event_body).collect(),

@@ -15,11 +15,13 @@ use crate::state::AppState;
     responses(
         (status = 200, description = "The caller and their accounts", body = MeBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "A service token (no scope covers this route)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<MeBody>> {
-    let memberships = state.engine.memberships(&caller.user).await?;
+    let user = caller.user()?;
+    let memberships = state.engine.memberships(user).await?;
     let accounts = memberships
         .iter()
         .map(|m| AccountSummary {
@@ -30,8 +32,8 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json
         })
         .collect();
     Ok(Json(MeBody {
-        user_id: caller.user.id.to_string(),
-        email: caller.user.email.to_string(),
+        user_id: user.id.to_string(),
+        email: user.email.to_string(),
         accounts,
     }))
 }

@@ -2,6 +2,7 @@
 
 pub mod ai;
 pub mod audit;
+pub mod external;
 pub mod key_test;
 pub mod me;
 pub mod model_keys;

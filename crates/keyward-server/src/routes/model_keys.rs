@@ -16,6 +16,7 @@ use crate::api::{
     ErrorBody, KeyBody, LastTestBody, ProviderListBody, ProviderStateBody, SaveKeyRequest, SourceRequest,
 };
 use crate::auth::Caller;
+use crate::engine::actor::Access;
 use crate::engine::keys::{parse_provider, parse_source};
 use crate::engine::probe::test_findings;
 use crate::error::ApiResult;
@@ -53,6 +54,7 @@ pub fn state_body(state: &AppState, s: &ProviderState) -> ProviderStateBody {
     responses(
         (status = 200, description = "All three providers, keys shown by last4 only", body = ProviderListBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "A service token (no scope covers this route)", body = ErrorBody),
         (status = 404, description = "Not a member of this account, or unknown provider", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -62,7 +64,7 @@ pub async fn list(
     caller: Caller,
     Path(account): Path<String>,
 ) -> ApiResult<Json<ProviderListBody>> {
-    let actor = caller.in_account(&state, &account).await?;
+    let actor = caller.in_account(&state, &account, Access::ReadAccount).await?;
     let states = state.engine.provider_states(&actor).await?;
     let providers = states.iter().map(|s| state_body(&state, s)).collect();
     Ok(Json(ProviderListBody { providers }))
@@ -79,7 +81,7 @@ pub async fn list(
         (status = 400, description = "Not JSON", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 404, description = "Not a member of this account, or unknown provider", body = ErrorBody),
-        (status = 403, description = "Role or plan does not allow it", body = ErrorBody),
+        (status = 403, description = "Role or plan does not allow it; a service token (never allowed to manage keys)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Bad key format or body", body = ErrorBody),
@@ -92,7 +94,7 @@ pub async fn save(
     Path((account, provider)): Path<(String, String)>,
     body: JsonBody,
 ) -> ApiResult<Json<ProviderStateBody>> {
-    let actor = caller.in_account(&state, &account).await?;
+    let actor = caller.in_account(&state, &account, Access::ManageKeys).await?;
     let provider = parse_provider(&provider)?;
     actor.may_manage_keys("saving a key")?;
     actor.may_own_keys()?;
@@ -114,7 +116,7 @@ pub async fn save(
         (status = 204, description = "Removed; the source falls back to shared"),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 404, description = "Not a member of this account, or unknown provider", body = ErrorBody),
-        (status = 403, description = "Role does not allow it", body = ErrorBody),
+        (status = 403, description = "Role does not allow it (or the plan, for own); a service token (never allowed to manage keys)", body = ErrorBody),
         (status = 409, description = "No key saved", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -124,7 +126,7 @@ pub async fn remove(
     caller: Caller,
     Path((account, provider)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let actor = caller.in_account(&state, &account).await?;
+    let actor = caller.in_account(&state, &account, Access::ManageKeys).await?;
     let provider = parse_provider(&provider)?;
     state.engine.remove_key(&actor, provider).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -141,7 +143,7 @@ pub async fn remove(
         (status = 400, description = "Not JSON", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 404, description = "Not a member of this account, or unknown provider", body = ErrorBody),
-        (status = 403, description = "Role does not allow it", body = ErrorBody),
+        (status = 403, description = "Role does not allow it (or the plan, for own); a service token (never allowed to manage keys)", body = ErrorBody),
         (status = 409, description = "own with no saved key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not application/json", body = ErrorBody),
@@ -155,7 +157,7 @@ pub async fn set_source(
     Path((account, provider)): Path<(String, String)>,
     body: JsonBody,
 ) -> ApiResult<Json<ProviderStateBody>> {
-    let actor = caller.in_account(&state, &account).await?;
+    let actor = caller.in_account(&state, &account, Access::ManageKeys).await?;
     let provider = parse_provider(&provider)?;
     actor.may_manage_keys("switching the key source")?;
     // `source` is read as a string and matched, so `true`/`1`/`null` get a clear 422.

@@ -10,9 +10,16 @@
 //! keyward's own refusals use the provider's error envelope here, so the SDK raises its own
 //! exceptions.
 //!
+//! The product's services call the same routes with a service token (scope `ai:call`) in
+//! the same headers. The acting user may be named with `keyward-on-behalf-of`, and the
+//! product feature with `keyward-feature` or, since an SDK cannot easily set a header per
+//! call, in the base URL: `…/v1/accounts/{id}/features/{feature}/providers/{provider}`.
+//!
 //! Owns: translating between HTTP and the engine ([`crate::engine::native`], which meters
 //! and audits) and keyward-providers (the envelopes). Must never: know a provider's wire
 //! format (its bodies, envelopes, headers, event streams): that is keyward-providers' alone.
+
+use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -25,7 +32,10 @@ use keyward_providers::{
     GoogleActionError, GoogleVersion, NativeApi, NativeReply,
 };
 
-use crate::engine::native::NativeBody;
+use crate::engine::actor::Access;
+use crate::engine::calls::merge_feature;
+use crate::engine::identity::ON_BEHALF_OF_HEADER;
+use crate::engine::native::{NativeBody, NativeRoute};
 use crate::engine::Actor;
 use crate::error::ApiError;
 use crate::extract::AiBody;
@@ -58,7 +68,23 @@ fn sdk_token(headers: &HeaderMap) -> Option<String> {
 
 async fn caller_and_account(state: &AppState, headers: &HeaderMap, account: &str) -> Result<Actor, ApiError> {
     let token = zeroize::Zeroizing::new(sdk_token(headers).ok_or_else(ApiError::unauthorized)?);
-    state.engine.actor_by_token(&token, account).await
+    state.engine.actor_by_token(&token, account, Access::Call).await
+}
+
+/// The header that names a call's product feature.
+pub const FEATURE_HEADER: &str = "keyward-feature";
+
+/// A request header's value, when it is there and readable.
+fn header_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// The path's parameters: `account_id`, and where the route has them `feature`,
+/// `model_action`, `provider`, `rest`.
+type Params = HashMap<String, String>;
+
+fn param(params: &Params, name: &str) -> String {
+    params.get(name).cloned().unwrap_or_default()
 }
 
 /// The caller, their membership of `account` and the account's key for `provider` (the
@@ -83,9 +109,9 @@ pub fn native_route(api: NativeApi) -> MethodRouter<AppState> {
         NativeApi::GoogleGenerate(version) => google_route(version),
         _ => post(
             move |State(state): State<AppState>,
-                  Path(account): Path<String>,
+                  Path(params): Path<Params>,
                   headers: HeaderMap,
-                  AiBody(body): AiBody| { native(state, account, headers, body, api, None) },
+                  AiBody(body): AiBody| { native(state, params, headers, body, api, None) },
         ),
     }
 }
@@ -94,11 +120,12 @@ pub fn native_route(api: NativeApi) -> MethodRouter<AppState> {
 fn google_route(version: GoogleVersion) -> MethodRouter<AppState> {
     post(
         move |State(state): State<AppState>,
-              Path((account, model_action)): Path<(String, String)>,
+              Path(params): Path<Params>,
               RawQuery(query): RawQuery,
               headers: HeaderMap,
               AiBody(body): AiBody| async move {
             let api = NativeApi::GoogleGenerate(version);
+            let model_action = param(&params, "model_action");
             let (model, stream) = match google_action(&model_action, query.as_deref()) {
                 Ok(found) => found,
                 Err(GoogleActionError::NotCarried(why)) => {
@@ -107,7 +134,7 @@ fn google_route(version: GoogleVersion) -> MethodRouter<AppState> {
                 Err(GoogleActionError::Invalid(why)) => return provider_envelope(api.provider(), &invalid(&why)),
             };
             let google = Some((model.to_owned(), stream));
-            native(state, account, headers, body, api, google).await
+            native(state, params, headers, body, api, google).await
         },
     )
 }
@@ -115,8 +142,8 @@ fn google_route(version: GoogleVersion) -> MethodRouter<AppState> {
 /// The SDK's model listing of `provider`, answered from the catalogue.
 pub fn model_list_route(provider: Provider) -> MethodRouter<AppState> {
     get(
-        move |State(state): State<AppState>, Path(account): Path<String>, headers: HeaderMap| async move {
-            if let Err(e) = caller_and_account(&state, &headers, &account).await {
+        move |State(state): State<AppState>, Path(params): Path<Params>, headers: HeaderMap| async move {
+            if let Err(e) = caller_and_account(&state, &headers, &param(&params, "account_id")).await {
                 return provider_envelope(provider, &e);
             }
             let models: Vec<&keyward_core::ModelEntry> = state.engine.catalogue.served(provider).collect();
@@ -127,8 +154,9 @@ pub fn model_list_route(provider: Provider) -> MethodRouter<AppState> {
 
 /// Anything else under a provider's base URL: refused in that provider's own error format,
 /// naming what is carried.
-pub async fn not_carried(Path((_, provider, rest)): Path<(String, String, String)>, method: Method) -> Response {
-    let Ok(provider) = provider.parse::<Provider>() else {
+pub async fn not_carried(Path(params): Path<Params>, method: Method) -> Response {
+    let rest = param(&params, "rest");
+    let Ok(provider) = param(&params, "provider").parse::<Provider>() else {
         return ApiError::new(ErrorCode::UnknownProvider, unknown_provider_message()).into_response();
     };
     let e = ApiError::new(
@@ -140,7 +168,7 @@ pub async fn not_carried(Path((_, provider, rest)): Path<(String, String, String
 
 async fn native(
     state: AppState,
-    account: String,
+    params: Params,
     headers: HeaderMap,
     raw: Bytes,
     api: NativeApi,
@@ -149,7 +177,7 @@ async fn native(
     let provider = api.provider();
     // As for ai/messages: a call that reached the provider is settled and audited even if
     // the client goes away, so it runs in its own task.
-    let call = tokio::spawn(async move { native_inner(&state, &account, &headers, &raw, api, google).await });
+    let call = tokio::spawn(async move { native_inner(&state, &params, &headers, &raw, api, google).await });
     match call.await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => provider_envelope(provider, &e),
@@ -159,16 +187,23 @@ async fn native(
 
 async fn native_inner(
     state: &AppState,
-    account: &str,
+    params: &Params,
     headers: &HeaderMap,
     raw: &[u8],
     api: NativeApi,
     google: Option<(String, bool)>,
 ) -> Result<Response, ApiError> {
-    let (actor, key) = caller_account_and_key(state, headers, account, api.provider()).await?;
+    let account = param(params, "account_id");
+    let (mut actor, key) = caller_account_and_key(state, headers, &account, api.provider()).await?;
+    state
+        .engine
+        .act_for(&mut actor, header_value(headers, ON_BEHALF_OF_HEADER).as_deref())
+        .await?;
+    let feature = merge_feature(params.get("feature").cloned(), header_value(headers, FEATURE_HEADER))?;
     let google = google.as_ref().map(|(m, s)| (m.as_str(), *s));
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let answer = state.engine.native(&actor, key, api, raw, google, header).await?;
+    let route = NativeRoute { api, google, feature };
+    let answer = state.engine.native(&actor, key, route, raw, header).await?;
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut out_headers = HeaderMap::new();
     for (k, v) in &answer.headers {

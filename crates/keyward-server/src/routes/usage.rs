@@ -7,6 +7,7 @@ use keyward_core::{KeySource, Provider};
 
 use crate::api::{Counts, ErrorBody, SharedCredits, SourceCounts, UsageBody};
 use crate::auth::Caller;
+use crate::engine::actor::Access;
 use crate::engine::usage::MonthUsage;
 use crate::engine::Actor;
 use crate::error::ApiResult;
@@ -20,6 +21,7 @@ use crate::state::AppState;
     responses(
         (status = 200, description = "This calendar month (UTC)", body = UsageBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "A service token (no scope covers this route)", body = ErrorBody),
         (status = 404, description = "Not a member of this account", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -29,7 +31,7 @@ pub async fn usage(
     caller: Caller,
     Path(account): Path<String>,
 ) -> ApiResult<Json<UsageBody>> {
-    let actor = caller.in_account(&state, &account).await?;
+    let actor = caller.in_account(&state, &account, Access::ReadAccount).await?;
     let u = state.engine.month_usage(&actor).await?;
     Ok(Json(usage_body(&u, &actor)))
 }

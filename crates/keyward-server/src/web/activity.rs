@@ -61,10 +61,7 @@ async fn account_of(state: &AppState, user: &keyward_store::User, account: Optio
         Some(a) => engine.actor(user, a).await.map_err(|e| error_page(&e)),
         None => match engine.memberships(user).await {
             Ok(m) => match m.into_iter().next() {
-                Some(membership) => Ok(Actor {
-                    user: user.clone(),
-                    membership,
-                }),
+                Some(membership) => Ok(Actor::member(user.clone(), membership)),
                 None => Err(not_found_page()),
             },
             Err(e) => Err(error_page(&e)),
@@ -123,6 +120,9 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, RawQuery(ra
             Body::BadFilter(e),
         ),
     };
+    let Some(current) = actor.membership() else {
+        return not_found_page();
+    };
     let chain = engine.chain_status(&actor).await;
     let status = match &body {
         Body::Events(_) => StatusCode::OK,
@@ -134,7 +134,7 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, RawQuery(ra
         activity_page(&View {
             email: s.view.user.email.as_str(),
             csrf: &s.view.csrf,
-            current: &actor.membership,
+            current: &current,
             query: &q,
             body: &body,
             chain: &chain,

@@ -81,10 +81,7 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
             Err(e) => return error_page(&e),
         },
         None => match accounts.first() {
-            Some(m) => Actor {
-                user: user.clone(),
-                membership: m.clone(),
-            },
+            Some(m) => Actor::member(user.clone(), m.clone()),
             None => {
                 return html(
                     StatusCode::OK,
@@ -105,6 +102,9 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
         Ok(u) => u,
         Err(e) => return error_page(&e),
     };
+    let Some(current) = actor.membership() else {
+        return error_page(&crate::error::ApiError::not_found());
+    };
     let health = match engine.key_health(&actor, &states).await {
         Ok(h) => h,
         Err(e) => return error_page(&e),
@@ -117,7 +117,7 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
         email: user.email.as_str(),
         csrf: &s.view.csrf,
         accounts: &accounts,
-        current: &actor.membership,
+        current: &current,
         states: &states,
         usage: &usage,
         catalogue: &engine.catalogue,
