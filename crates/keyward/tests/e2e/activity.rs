@@ -131,6 +131,17 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
     ai_call(&kw, &member.token, &acc, &chat_body("anthropic", false, 5))
         .await
         .expect_status(200);
+    // A service's call on behalf of the member, with its feature.
+    let (_, service) = crate::services::create_service(&kw, "autopilot", &["ai:call"]);
+    crate::services::ai_call_with(
+        &kw,
+        &service,
+        &acc,
+        &chat_body("anthropic", false, 5),
+        &[("keyward-on-behalf-of", &member.id), ("keyward-feature", "autopilot")],
+    )
+    .await
+    .expect_status(200);
     // Newest first, as the page shows them.
     let events = audit_events(&kw, &token, &acc).await;
     let keys = [&first, &own, &shared];
@@ -180,7 +191,9 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
             assert!(row.contains(&e["output_tokens"].to_string()), "{row}");
             assert!(row.contains(">OK<"), "{row}");
         }
-        let who = if e["actor"] == member.id.as_str() {
+        let who = if e["actor"] == "service:autopilot" {
+            "service:autopilot for member@example.com"
+        } else if e["actor"] == member.id.as_str() {
             "member@example.com"
         } else {
             "owner@localhost"
@@ -197,7 +210,7 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
     );
     let shared_call = shown
         .iter()
-        .find(|(_, r)| r.contains("AI call") && r.contains("Anthropic"))
+        .find(|(_, r)| r.contains("AI call") && r.contains("Anthropic") && r.contains(">member@example.com<"))
         .unwrap();
     assert!(shared_call.1.contains("Aiemaily shared"), "{shared_call:?}");
 
@@ -218,6 +231,7 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
             ("key_last4", "key_last4"),
             ("outcome", "outcome"),
             ("feature", "feature"),
+            ("on_behalf_of", "on_behalf_of"),
         ] {
             assert_eq!(r[col], e[field].as_str().unwrap_or_default(), "{col}: {r:?}");
         }
@@ -226,6 +240,9 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
             assert_eq!(r[col], want, "{col}");
         }
     }
+    let by_service = records.iter().find(|r| r["actor"] == "service:autopilot").unwrap();
+    assert_eq!(by_service["who"], "service:autopilot for member@example.com");
+    assert_eq!(by_service["feature"], "autopilot");
     assert_no_key(&page.text, &keys, "the activity page");
     assert_no_key(&csv, &keys, "the activity CSV");
 
@@ -244,7 +261,11 @@ async fn activity_page_and_csv_show_every_event_with_filters_for_members_only() 
     };
     let of = |pred: &dyn Fn(&Value) -> bool| events.iter().filter(|e| pred(e)).count();
     assert_eq!(count("provider=openai").await.0, of(&|e| e["provider"] == "openai"));
-    assert_eq!(count("provider=anthropic").await.0, 1);
+    assert_eq!(
+        count("provider=anthropic").await.0,
+        2,
+        "the member's and the service's calls"
+    );
     assert_eq!(count("source=shared").await.0, of(&|e| e["key_source"] == "shared"));
     assert_eq!(count("last4=zz9q").await.0, of(&|e| e["key_last4"] == "zz9q"));
     assert_eq!(count("last4=ab1c").await.0, 1, "the first key's save only");
