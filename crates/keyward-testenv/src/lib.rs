@@ -1,6 +1,6 @@
 //! What keyward's tests need from outside the workspace, and what happens when it is missing.
 //!
-//! A test that needs an outside program (PostgreSQL, Chromium, SoftHSM2, moto, Python) calls
+//! A test that needs an outside program (PostgreSQL, Chromium, axe-core's npm, SoftHSM2, moto, Python) calls
 //! [`skip`] when it is not there. Under `KEYWARD_TEST_REQUIRE_ALL=1` (as in CI) that is a
 //! failure. Otherwise the test says so on stderr and, when `KEYWARD_TEST_SKIP_LOG` names a
 //! file (`scripts/test` sets it), appends one line `reason<TAB>test` to it, so the suite's
@@ -70,6 +70,8 @@ pub mod reasons {
     pub const BROWSER: &str =
         "Chromium: chromium or chromedriver is not installed (apt-get install -y chromium chromium-driver)";
     pub const SOFTHSM: &str = "SoftHSM2: not installed (apt-get install -y softhsm2)";
+    pub const AXE: &str =
+        "axe-core: node and npm are not installed, so `npm ci --prefix tests/a11y` cannot fetch it (apt-get install -y nodejs npm)";
     pub const MOTO: &str =
         "moto: its server is not installed (pip install 'moto[server]', or KEYWARD_TEST_MOTO_PYTHON)";
 }

@@ -162,12 +162,14 @@ pub fn login_page(csrf: &str, error: Option<&str>, notice: Option<&str>) -> Stri
     let notice = notice.map_or_else(String::new, |n| {
         format!(r#"<p class="msg ok" role="status" id="login-notice">{}</p>"#, esc(n))
     });
-    let (error_html, invalid) = match error {
+    // A refused token: the field is invalid, and described by its hint and the error.
+    let (error_html, invalid, described) = match error {
         Some(e) => (
             format!(r#"<p class="msg err" id="token-error">{}</p>"#, esc(e)),
             r#" aria-invalid="true""#,
+            "token-hint token-error",
         ),
-        None => (String::new(), ""),
+        None => (String::new(), "", "token-hint"),
     };
     let main = format!(
         r#"<div class="narrow">
@@ -177,7 +179,7 @@ pub fn login_page(csrf: &str, error: Option<&str>, notice: Option<&str>) -> Stri
 <form class="card login" method="post" action="/login">
 <input type="hidden" name="csrf" value="{csrf}">
 <label for="token">Access token</label>
-<input type="password" id="token" name="token" autocomplete="off" spellcheck="false" autocapitalize="off" required aria-describedby="token-hint token-error"{invalid}>
+<input type="password" id="token" name="token" autocomplete="off" spellcheck="false" autocapitalize="off" required aria-describedby="{described}"{invalid}>
 <p class="hint" id="token-hint">Paste the <code>kw_…</code> token you were given by <code>keyward admin create-user</code> or at first start.</p>
 <div role="alert" aria-live="assertive">{error_html}</div>
 <button type="submit" class="primary">Log in</button>
@@ -355,21 +357,33 @@ fn flash_for<'a>(v: &'a PageView<'_>, provider: Provider, control: Control) -> O
         .filter(|f| f.provider == provider && f.control == control && f.account == v.current.account.id.as_str())
 }
 
-/// A live region for one control's messages; empty until there is one.
+/// A live region for one control's messages; empty until there is one. The message in it
+/// has the id [`message_id`] of the region (a field's `aria-describedby` names it when the
+/// message is that field's error).
 fn live_region(id: &str, flash: Option<&Flash>) -> String {
-    let inner = flash.map_or_else(String::new, message_html);
+    let inner = flash.map_or_else(String::new, |f| message_with_id(f, Some(&message_id(id))));
     format!(r#"<div class="live" id="{id}" role="status" aria-live="polite">{inner}</div>"#)
+}
+
+/// The id of the message in the live region `region`.
+fn message_id(region: &str) -> String {
+    format!("{region}-text")
 }
 
 /// One message: a bold title and an optional detail.
 pub fn message_html(f: &Flash) -> String {
+    message_with_id(f, None)
+}
+
+fn message_with_id(f: &Flash, id: Option<&str>) -> String {
     let class = if f.ok { "ok" } else { "err" };
     let detail = f
         .detail
         .as_deref()
         .map_or_else(String::new, |d| format!(r#" <span class="detail">{}</span>"#, esc(d)));
+    let id = id.map_or_else(String::new, |id| format!(r#" id="{}""#, esc(id)));
     format!(
-        r#"<p class="msg {class}"><strong>{}</strong>{detail}</p>"#,
+        r#"<p class="msg {class}"{id}><strong>{}</strong>{detail}</p>"#,
         esc(&f.title)
     )
 }
@@ -584,10 +598,12 @@ fn card(v: &PageView<'_>, s: &ProviderState) -> String {
         // Save / rotate.
         let key_flash = flash_for(v, p, Control::Key);
         if paid {
-            let invalid = if key_flash.is_some_and(|f| !f.ok) {
-                r#" aria-invalid="true""#
+            // A refused key: the field is invalid, and described by its hint and its error.
+            let region = format!("msg-{id}-key");
+            let (invalid, described) = if key_flash.is_some_and(|f| !f.ok) {
+                (r#" aria-invalid="true""#, format!("hint-{id} {}", message_id(&region)))
             } else {
-                ""
+                ("", format!("hint-{id}"))
             };
             let (label, button) = if s.key.is_some() {
                 ("Replace key", "Save new key")
@@ -597,7 +613,7 @@ fn card(v: &PageView<'_>, s: &ProviderState) -> String {
             controls.push_str(&format!(
                 r#"<form class="control save" method="post" action="{act}">{hidden}
 <label for="key-{id}">{label}</label>
-<div class="inline"><input type="password" id="key-{id}" name="api_key" autocomplete="off" spellcheck="false" autocapitalize="off" placeholder="{ph}" required aria-describedby="hint-{id} msg-{id}-key"{invalid}>
+<div class="inline"><input type="password" id="key-{id}" name="api_key" autocomplete="off" spellcheck="false" autocapitalize="off" placeholder="{ph}" required aria-describedby="{described}"{invalid}>
 <button type="submit" class="primary">{button}</button></div>
 <p class="hint" id="hint-{id}">Paste the key from your {name} dashboard. It is masked as you paste it{rotate}.</p>
 {live}
@@ -609,7 +625,7 @@ fn card(v: &PageView<'_>, s: &ProviderState) -> String {
                 } else {
                     ""
                 },
-                live = live_region(&format!("msg-{id}-key"), key_flash),
+                live = live_region(&region, key_flash),
             ));
         } else {
             controls.push_str(&format!(

@@ -716,3 +716,468 @@ async fn activity_and_a_failing_key_in_a_real_browser() {
     b.assert_key_gone(&key, "the activity page").await;
     b.close().await;
 }
+
+/// `tests/a11y/` of the workspace: axe-core's pinned `package.json` and `package-lock.json`.
+fn a11y_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/a11y")
+}
+
+/// Only one test at a time runs `npm ci` (the others wait and then find it installed).
+static AXE_INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// axe-core's `axe.min.js`, installed with `npm ci --prefix tests/a11y` (the pinned version of
+/// its lock file) when it is not there yet; None after recording a skip when node or npm is
+/// missing (a failure under `KEYWARD_TEST_REQUIRE_ALL=1`).
+fn axe_script(test: &str) -> Option<String> {
+    let dir = a11y_dir();
+    let script = dir.join("node_modules/axe-core/axe.min.js");
+    let _one = AXE_INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !script.is_file() {
+        let (Some(_node), Some(npm)) = (program("node"), program("npm")) else {
+            keyward_testenv::skip_named(test, keyward_testenv::reasons::AXE);
+            return None;
+        };
+        let out = Command::new(npm)
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && script.is_file(),
+            "npm ci --prefix tests/a11y failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Some(std::fs::read_to_string(&script).unwrap())
+}
+
+/// The rules axe-core runs: WCAG 2.0 and 2.1, levels A and AA, and its best practices.
+const AXE_TAGS: [&str; 5] = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"];
+
+impl Browser {
+    /// axe-core on the page now shown: its violations (`[{id, impact, help, nodes: [{target,
+    /// html, summary}]}]`), how many rules passed, and the rules it could not decide
+    /// ("incomplete", for a person to review). Injects `axe` into the page (each page load
+    /// needs it again).
+    async fn axe(&self, axe: &str) -> AxeRun {
+        self.client
+            .execute(&format!("{axe}\n;return null;"), vec![])
+            .await
+            .unwrap();
+        let run = r#"
+var done = arguments[arguments.length - 1];
+axe.run(document, { runOnly: arguments[0] }).then(function (r) {
+  done({
+    violations: r.violations.map(function (v) {
+      return { id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map(function (n) {
+        return { target: n.target, html: n.html, summary: n.failureSummary };
+      }) };
+    }),
+    passes: r.passes.length,
+    incomplete: r.incomplete.map(function (v) { return v.id + " (" + v.nodes.length + ")"; })
+  });
+}, function (e) { done({ error: String(e) }); });
+"#;
+        let found = self.client.execute_async(run, vec![json!(AXE_TAGS)]).await.unwrap();
+        let (Some(violations), Some(passes), Some(incomplete)) = (
+            found["violations"].as_array(),
+            found["passes"].as_u64(),
+            found["incomplete"].as_array(),
+        ) else {
+            panic!("axe-core did not run: {found}");
+        };
+        AxeRun {
+            violations: violations.clone(),
+            passes,
+            incomplete: incomplete
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+        }
+    }
+
+    /// Waits for `css` to be on the page (a page after a form's redirect).
+    async fn wait_for(&self, css: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.count(css).await == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{css} never appeared:\n{}",
+                self.source().await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Presses `key` on the keyboard (to whatever has the focus).
+    async fn press(&self, key: fantoccini::key::Key) {
+        use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+        let c: char = key.into();
+        let keys = KeyActions::new("keyboard".to_owned())
+            .then(KeyAction::Down { value: c })
+            .then(KeyAction::Up { value: c });
+        self.client.perform_actions(keys).await.unwrap();
+    }
+
+    /// What has the focus, as `card: tag#id "text"` (card is the provider's section, if any),
+    /// and whether it shows a focus indicator (a solid outline of 2px or more).
+    async fn focused(&self) -> (String, bool) {
+        let v = self
+            .client
+            .execute(
+                r##"var e = document.activeElement;
+if (!e || e === document.body) { return ["body", false]; }
+var card = e.closest("section.provider");
+var s = getComputedStyle(e);
+var shown = s.outlineStyle === "solid" && parseFloat(s.outlineWidth) >= 2;
+var name = e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") + (e.name ? "[name=" + e.name + "]" : "") + (e.value && e.tagName === "BUTTON" ? "[value=" + e.value + "]" : "");
+var text = (e.textContent || "").trim().replace(/\s+/g, " ").slice(0, 30);
+return [(card ? card.id + ": " : "") + name + (text ? " \"" + text + "\"" : ""), shown];"##,
+                vec![],
+            )
+            .await
+            .unwrap();
+        (v[0].as_str().unwrap_or_default().to_owned(), v[1] == json!(true))
+    }
+}
+
+/// One line per violation: id, impact, help and the nodes it is on.
+fn describe_violations(found: &[Value]) -> String {
+    let mut out = String::new();
+    for v in found {
+        out.push_str(&format!(
+            "  - {} ({}): {}\n",
+            v["id"].as_str().unwrap_or("?"),
+            v["impact"].as_str().unwrap_or("?"),
+            v["help"].as_str().unwrap_or("?")
+        ));
+        for n in v["nodes"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "      at {} {}\n",
+                n["target"],
+                n["html"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(160)
+                    .collect::<String>()
+            ));
+            if let Some(s) = n["summary"].as_str() {
+                out.push_str(&format!("         {}\n", s.replace('\n', " ")));
+            }
+        }
+    }
+    out
+}
+
+/// What axe-core found on one page.
+struct AxeRun {
+    violations: Vec<Value>,
+    /// How many rules passed (none would mean axe-core checked nothing).
+    passes: u64,
+    /// The rules it could not decide, with their node counts.
+    incomplete: Vec<String>,
+}
+
+/// axe-core's findings per page and state, printed as a table at the end.
+#[derive(Default)]
+struct AxeReport {
+    rows: Vec<(String, AxeRun)>,
+}
+
+impl AxeReport {
+    async fn check(&mut self, b: &Browser, axe: &str, state: &str) {
+        let found = b.axe(axe).await;
+        assert!(
+            found.passes > 10,
+            "{state}: axe-core passed only {} rules",
+            found.passes
+        );
+        self.rows.push((state.to_owned(), found));
+    }
+
+    /// Prints every page and state with its violations; panics if there is any.
+    fn finish(self) {
+        let mut table = String::from("axe-core (wcag2a, wcag2aa, wcag21a, wcag21aa, best-practice):\n");
+        let mut failed = String::new();
+        for (state, found) in &self.rows {
+            let ids: Vec<&str> = found.violations.iter().filter_map(|v| v["id"].as_str()).collect();
+            table.push_str(&format!(
+                "  {state:<44} {} violation(s) {:<24} {} rules passed; to review: {}\n",
+                found.violations.len(),
+                ids.join(" "),
+                found.passes,
+                if found.incomplete.is_empty() {
+                    "none".to_owned()
+                } else {
+                    found.incomplete.join(", ")
+                }
+            ));
+            if !found.violations.is_empty() {
+                failed.push_str(&format!("{state}:\n{}", describe_violations(&found.violations)));
+            }
+        }
+        eprintln!("{table}");
+        assert!(failed.is_empty(), "axe-core found violations:\n{failed}\n{table}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_passes_axe_core_in_each_state() {
+    const TEST: &str = "every_page_passes_axe_core_in_each_state";
+    let Some(axe) = axe_script(TEST) else {
+        return;
+    };
+    // axe-core is a script: this browser runs JavaScript (the pages need none).
+    let Some(b) = Browser::start(TEST, true).await else {
+        return;
+    };
+    let fake = FakeProviders::start().unwrap();
+    let kw = start_on_fake(&fake, &[]);
+    let (token, acc) = (kw.owner_token().to_owned(), kw.owner_account().to_owned());
+    let base = kw.base_url().to_owned();
+    let mut report = AxeReport::default();
+
+    // Login: the form, then a refused token.
+    b.goto(&format!("{base}/login")).await;
+    b.wait_text("h1", "Log in").await;
+    report.check(&b, &axe, "login").await;
+    // axe-core is live: a field without a label, added to the page, is a violation.
+    b.client
+        .execute(
+            r#"document.querySelector("main").insertAdjacentHTML("beforeend", "<input type=text id=canary>"); return null"#,
+            vec![],
+        )
+        .await
+        .unwrap();
+    let canary = b.axe(&axe).await;
+    assert!(
+        canary.violations.iter().any(|v| v["id"] == "label"),
+        "axe-core reports a field without a label: {}",
+        describe_violations(&canary.violations)
+    );
+    b.goto(&format!("{base}/login")).await;
+    b.type_into("#token", "kw_not-a-token").await;
+    b.click("form.login button[type=submit]").await;
+    b.wait_for("#token-error").await;
+    report.check(&b, &axe, "login: a refused token").await;
+
+    // Model keys with no key saved.
+    b.login_with_token(&base, &token).await;
+    report.check(&b, &axe, "model keys: empty").await;
+
+    // A key of the wrong format: the error is tied to its field.
+    b.type_into("#key-openai", "not-a-key-at-all").await;
+    b.click("#provider-openai form.save button[type=submit]").await;
+    let err = b.wait_text("#msg-openai-key", "Key not saved.").await;
+    let field = b.find("#key-openai").await;
+    assert_eq!(field.attr("aria-invalid").await.unwrap().as_deref(), Some("true"));
+    let described: Vec<String> = field
+        .attr("aria-describedby")
+        .await
+        .unwrap()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let error_id = b.find("#msg-openai-key .msg.err").await.attr("id").await.unwrap();
+    let tied = match &error_id {
+        Some(id) if described.contains(id) && b.text(&format!("#{id}")).await == err => None,
+        _ => Some(format!(
+            "the key field's aria-describedby {described:?} does not name its error's id {error_id:?}"
+        )),
+    };
+    report.check(&b, &axe, "model keys: an invalid key format").await;
+
+    // Saved keys, one tested, one on My key.
+    let keys: Vec<(&str, String)> = PROVIDERS.iter().map(|p| (*p, key_for(p))).collect();
+    for (p, k) in &keys {
+        fake.set_key(provider(p), k, Behaviour::Ok);
+        save_key(&kw, &token, &acc, p, k).await;
+    }
+    set_source(&kw, &token, &acc, "openai", "own").await;
+    b.goto(&format!("{base}{SETTINGS}")).await;
+    b.click("#provider-anthropic form[data-enhance=test] button").await;
+    b.wait_text("#msg-anthropic-test", "Key works.").await;
+    report.check(&b, &axe, "model keys: saved keys, a test passed").await;
+
+    // A key whose calls fail: the card's warning.
+    let call = json!({"provider": "openai", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "feature": "drafting"});
+    fake.set_key(Provider::OpenAi, &keys[1].1, Behaviour::NoCredit);
+    let failed = kw
+        .http()
+        .post(&format!("/v1/accounts/{acc}/ai/messages"), Some(&token), &call)
+        .await;
+    assert!(!failed.is_success(), "{failed}");
+    // And a key its provider reported as leaked.
+    fake.set_key(Provider::Google, &keys[2].1, Behaviour::Leaked);
+    b.goto(&format!("{base}{SETTINGS}")).await;
+    b.click("#provider-google form[data-enhance=test] button").await;
+    b.wait_text("#msg-google-test", "Test failed.").await;
+    b.goto(&format!("{base}{SETTINGS}")).await;
+    b.wait_for("#failing-openai").await;
+    b.wait_for("#leaked-google").await;
+    report
+        .check(&b, &axe, "model keys: failing key's warning, leaked key")
+        .await;
+
+    // Activity: events, no match, a filter that cannot be used.
+    b.click("#activity-link").await;
+    b.wait_text("h1", "Activity").await;
+    b.wait_for("#events tbody tr").await;
+    report.check(&b, &axe, "activity: events").await;
+    b.goto(&format!("{base}{SETTINGS}/activity?account={acc}&last4=zzzz"))
+        .await;
+    b.wait_for("#activity-empty").await;
+    report.check(&b, &axe, "activity: no matching events").await;
+    b.goto(&format!("{base}{SETTINGS}/activity?account={acc}&month=2025-13"))
+        .await;
+    b.wait_for("#activity-error").await;
+    report.check(&b, &axe, "activity: a filter error").await;
+
+    // An error page: an account that is not there.
+    b.goto(&format!("{base}{SETTINGS}?account=acc_nothere")).await;
+    b.wait_text("h1", "Page not found").await;
+    report.check(&b, &axe, "404 page").await;
+
+    // Logged out: the login page says so.
+    b.goto(&format!("{base}{SETTINGS}")).await;
+    b.logout().await;
+    b.wait_for("#login-notice").await;
+    report.check(&b, &axe, "login: logged-out notice").await;
+
+    // A member (view only, with the account switcher), and an account on the Free plan.
+    let mo = create_user(&kw, "mo@example.com");
+    add_member(&kw, &acc, &mo.email, "member");
+    let free = create_account(&kw, "Freebie", "free", &mo.email);
+    b.login_with_token(&base, &mo.token).await;
+    b.goto(&format!("{base}{SETTINGS}?account={acc}")).await;
+    b.wait_text(".notice.info", "View only.").await;
+    b.wait_for("select#account").await;
+    report.check(&b, &axe, "model keys: a member's view only").await;
+    b.goto(&format!("{base}{SETTINGS}?account={free}")).await;
+    b.wait_for("#plan-note").await;
+    report.check(&b, &axe, "model keys: the Free plan").await;
+
+    b.close().await;
+    report.finish();
+    assert_eq!(tied, None, "the key field's error is tied to the field");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_keys_page_works_from_the_keyboard() {
+    use fantoccini::key::Key;
+    let Some(b) = Browser::start("the_model_keys_page_works_from_the_keyboard", true).await else {
+        return;
+    };
+    let fake = FakeProviders::start().unwrap();
+    let kw = start_on_fake(&fake, &[]);
+    let (token, acc) = (kw.owner_token().to_owned(), kw.owner_account().to_owned());
+    let saved = key_for("anthropic");
+    fake.set_key(Provider::Anthropic, &saved, Behaviour::Ok);
+    save_key(&kw, &token, &acc, "anthropic", &saved).await;
+    b.login_with_token(kw.base_url(), &token).await;
+
+    // Tab from the top: the skip link first, then every control in reading order, each
+    // with a visible focus indicator.
+    let mut order = Vec::new();
+    for _ in 0..60 {
+        b.press(Key::Tab).await;
+        let (what, shown) = b.focused().await;
+        if what == "body" || order.contains(&what) {
+            break;
+        }
+        assert!(shown, "{what} shows no focus indicator");
+        order.push(what);
+    }
+    eprintln!("tab order:\n  {}", order.join("\n  "));
+    assert!(order[0].contains("Skip to main content"), "{order:?}");
+    let at = |needle: &str| {
+        order
+            .iter()
+            .position(|w| w.starts_with("provider-anthropic: ") && w.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} is not reached with Tab: {order:#?}"))
+    };
+    let sequence = [
+        at("input#key-anthropic"),
+        at("\"Save new key\""),
+        at("[value=shared]"),
+        at("[value=own]"),
+        at("\"Test key\""),
+        at("summary \"Remove\""),
+    ];
+    assert!(
+        sequence.windows(2).all(|w| w[0] < w[1]),
+        "key field, Save, source, Test key, Remove: {sequence:?} in {order:#?}"
+    );
+
+    // The CSS gives every control a focus style.
+    let css = keyward_testkit::reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/assets/keyward.css", kw.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(css.contains(":focus-visible"), "a focus style in keyward.css");
+
+    // The skip link moves the focus to the main content.
+    b.goto(&format!("{}{SETTINGS}", kw.base_url())).await;
+    b.press(Key::Tab).await;
+    b.press(Key::Enter).await;
+    let (what, _) = b.focused().await;
+    assert!(
+        what.starts_with("main#main "),
+        "the skip link reaches the main content: {what}"
+    );
+
+    // Save with Enter: type a key into the field, Tab to Save, press Enter.
+    let new = key_for("anthropic");
+    fake.set_key(Provider::Anthropic, &new, Behaviour::Ok);
+    b.find("#key-anthropic").await.click().await.unwrap();
+    b.type_into("#key-anthropic", &new).await;
+    b.press(Key::Tab).await;
+    assert!(
+        b.focused().await.0.contains("\"Save new key\""),
+        "{:?}",
+        b.focused().await
+    );
+    b.press(Key::Enter).await;
+    b.wait_text("#msg-anthropic-key", "Key replaced.").await;
+    assert_eq!(
+        list_keys(&kw, &token, &acc).await["anthropic"]["key"]["last4"],
+        last4(&new)
+    );
+
+    // Remove opens with Enter, its confirmation is the next stop, and Enter removes.
+    b.client
+        .execute(
+            r##"document.querySelector("#provider-anthropic details.remove summary").focus(); return null"##,
+            vec![],
+        )
+        .await
+        .unwrap();
+    b.press(Key::Enter).await;
+    assert!(
+        b.find("#provider-anthropic details.remove")
+            .await
+            .attr("open")
+            .await
+            .unwrap()
+            .is_some(),
+        "Enter opens the confirmation"
+    );
+    b.press(Key::Tab).await;
+    let (what, shown) = b.focused().await;
+    assert!(what.contains("\"Yes, remove key\"") && shown, "{what}");
+    b.press(Key::Enter).await;
+    b.wait_text("#msg-anthropic-remove", "Key removed.").await;
+    assert!(list_keys(&kw, &token, &acc).await["anthropic"]["key"].is_null());
+    b.close().await;
+}

@@ -590,9 +590,14 @@ async fn page_forms_do_what_the_api_does_and_show_errors_next_to_their_control()
         key_msg.contains("Key not saved.") && key_msg.contains("Anthropic key"),
         "{key_msg}"
     );
+    // The field is invalid and described by its hint and by the error text itself.
     assert!(page
         .text
-        .contains(r#"aria-describedby="hint-openai msg-openai-key" aria-invalid="true""#));
+        .contains(r#"aria-describedby="hint-openai msg-openai-key-text" aria-invalid="true""#));
+    assert!(
+        key_msg.contains(r#"<p class="msg err" id="msg-openai-key-text">"#),
+        "{key_msg}"
+    );
     assert_eq!(list_keys(&kw, &t, &acc).await["openai"]["key"]["last4"], last4(&key));
 
     // Switch to own and back: the API's source follows; own without a key is refused in words.
