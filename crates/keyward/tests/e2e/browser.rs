@@ -905,7 +905,7 @@ impl AxeReport {
         for (state, found) in &self.rows {
             let ids: Vec<&str> = found.violations.iter().filter_map(|v| v["id"].as_str()).collect();
             table.push_str(&format!(
-                "  {state:<44} {} violation(s) {:<24} {} rules passed; to review: {}\n",
+                "  {state:<46} {} violation(s) {:<24} {} rules passed; to review: {}\n",
                 found.violations.len(),
                 ids.join(" "),
                 found.passes,
@@ -1041,6 +1041,19 @@ async fn every_page_passes_axe_core_in_each_state() {
     b.goto(&format!("{base}{SETTINGS}?account=acc_nothere")).await;
     b.wait_text("h1", "Page not found").await;
     report.check(&b, &axe, "404 page").await;
+
+    // Another error page: a form without this page's CSRF token is refused.
+    b.goto(&format!("{base}{SETTINGS}")).await;
+    b.client
+        .execute(
+            r#"var f = document.createElement("form"); f.method = "post"; f.action = "/logout";
+document.body.appendChild(f); f.submit(); return null"#,
+            vec![],
+        )
+        .await
+        .unwrap();
+    b.wait_text("h1", "This form was refused").await;
+    report.check(&b, &axe, "403 page (a form without its CSRF token)").await;
 
     // Logged out: the login page says so.
     b.goto(&format!("{base}{SETTINGS}")).await;
