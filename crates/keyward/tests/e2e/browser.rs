@@ -821,6 +821,25 @@ axe.run(document, { runOnly: arguments[0] }).then(function (r) {
         self.client.perform_actions(keys).await.unwrap();
     }
 
+    /// Every stop of Tab from the top of the page to its end, each asserted to show a focus
+    /// indicator (a field with several parts, such as a month, counts once).
+    async fn tab_order(&self) -> Vec<String> {
+        let mut order: Vec<String> = Vec::new();
+        for _ in 0..80 {
+            self.press(fantoccini::key::Key::Tab).await;
+            let (what, shown) = self.focused().await;
+            if order.last() == Some(&what) {
+                continue;
+            }
+            if what == "body" || order.contains(&what) {
+                break;
+            }
+            assert!(shown, "{what} shows no focus indicator");
+            order.push(what);
+        }
+        order
+    }
+
     /// What has the focus, as `card: tag#id "text"` (card is the provider's section, if any),
     /// and whether it shows a focus indicator (a solid outline of 2px or more).
     async fn focused(&self) -> (String, bool) {
@@ -1095,16 +1114,7 @@ async fn the_model_keys_page_works_from_the_keyboard() {
 
     // Tab from the top: the skip link first, then every control in reading order, each
     // with a visible focus indicator.
-    let mut order = Vec::new();
-    for _ in 0..60 {
-        b.press(Key::Tab).await;
-        let (what, shown) = b.focused().await;
-        if what == "body" || order.contains(&what) {
-            break;
-        }
-        assert!(shown, "{what} shows no focus indicator");
-        order.push(what);
-    }
+    let order = b.tab_order().await;
     eprintln!("tab order:\n  {}", order.join("\n  "));
     assert!(order[0].contains("Skip to main content"), "{order:?}");
     let at = |needle: &str| {
@@ -1192,5 +1202,38 @@ async fn the_model_keys_page_works_from_the_keyboard() {
     b.press(Key::Enter).await;
     b.wait_text("#msg-anthropic-remove", "Key removed.").await;
     assert!(list_keys(&kw, &token, &acc).await["anthropic"]["key"].is_null());
+
+    // The activity page: the filters, the CSV link and the table (a scrollable region) are
+    // all Tab stops, in reading order; a filter is applied with Enter.
+    b.click("#activity-link").await;
+    b.wait_for("#events tbody tr").await;
+    let order = b.tab_order().await;
+    eprintln!("activity tab order:\n  {}", order.join("\n  "));
+    let at = |needle: &str| {
+        order
+            .iter()
+            .position(|w| w.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} is not reached with Tab: {order:#?}"))
+    };
+    let sequence = [
+        at("select#f-provider"),
+        at("select#f-source"),
+        at("input#f-last4"),
+        at("input#f-month"),
+        at("button \"Filter\""),
+        at("a#csv-link"),
+        at("div \"Events, newest first"),
+    ];
+    assert!(
+        sequence.windows(2).all(|w| w[0] < w[1]),
+        "filters, CSV, the table: {sequence:?} in {order:#?}"
+    );
+    b.client
+        .execute(r#"document.getElementById("f-last4").focus(); return null"#, vec![])
+        .await
+        .unwrap();
+    b.type_into("#f-last4", "zzzz").await;
+    b.press(Key::Enter).await;
+    b.wait_text("#activity-empty", "No events match these filters").await;
     b.close().await;
 }
