@@ -6,7 +6,11 @@
 //! `KEYWARD_TEST_REQUIRE_ALL=1` (as in CI, whose `.ci/run` installs them).
 //!
 //! `owner_manages_keys_in_a_real_browser` writes `target/screenshots/model-keys.png`: the page
-//! with three saved keys.
+//! with three saved keys; `the_model_keys_page_works_from_the_keyboard` writes
+//! `keyboard-focus.png`: a card with its Save button focused from the keyboard.
+//!
+//! `every_page_passes_axe_core_in_each_state` runs axe-core (npm, pinned in `tests/a11y`) on
+//! every page in each state and prints a table of pages × violations (`-- --nocapture`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1171,6 +1175,11 @@ async fn the_model_keys_page_works_from_the_keyboard() {
         "{:?}",
         b.focused().await
     );
+    // What the focus looks like: target/screenshots/keyboard-focus.png (the card, Save focused).
+    let dir = screenshot_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let card = b.find("#provider-anthropic").await.screenshot().await.unwrap();
+    std::fs::write(dir.join("keyboard-focus.png"), card).unwrap();
     b.press(Key::Enter).await;
     b.wait_text("#msg-anthropic-key", "Key replaced.").await;
     assert_eq!(
