@@ -210,6 +210,58 @@ pub struct Config {
     pub key_failing_after: u32,
     #[serde(default)]
     pub webhook: WebhookConfig,
+    /// Whether `/login` takes a keyward token (and the first-start login code): `1` (the
+    /// default) or `0`, when people sign in only with single sign-on.
+    #[serde(default = "yes", deserialize_with = "flag")]
+    pub token_login: bool,
+    #[serde(default)]
+    pub oidc: OidcConfig,
+}
+
+/// `KEYWARD_OIDC_*`: single sign-on with OpenID Connect (off while `issuer` is unset).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer URL (its discovery document is `ISSUER/.well-known/openid-configuration`).
+    #[serde(default, deserialize_with = "some_base_url")]
+    pub issuer: Option<String>,
+    /// keyward's client id at the provider.
+    #[serde(default, deserialize_with = "some_text")]
+    pub client_id: Option<String>,
+    /// The client secret, alone in a file of mode 0600.
+    #[serde(default, deserialize_with = "some_path")]
+    pub client_secret_file: Option<PathBuf>,
+    /// keyward's own public URL, as the browser reaches it: the redirect URI registered at the
+    /// provider is `PUBLIC_URL/login/oidc/callback`.
+    #[serde(default, deserialize_with = "some_base_url")]
+    pub public_url: Option<String>,
+    /// The ID-token claim matched against a user's external id.
+    #[serde(default = "default_user_claim", deserialize_with = "text")]
+    pub user_claim: String,
+    /// `1`: a user with no matching external id is found by the token's email, if verified.
+    #[serde(default, deserialize_with = "flag")]
+    pub match_email: bool,
+    /// `1`: an unknown user is created (just-in-time) instead of refused.
+    #[serde(default, deserialize_with = "flag")]
+    pub jit: bool,
+    /// Calls to the provider (discovery, keys, token): their time limit.
+    #[serde(default = "default_oidc_timeout", deserialize_with = "within::<_, u32, 100, 60_000>")]
+    pub timeout_ms: u32,
+}
+
+impl Default for OidcConfig {
+    fn default() -> OidcConfig {
+        OidcConfig {
+            issuer: None,
+            client_id: None,
+            client_secret_file: None,
+            public_url: None,
+            user_claim: default_user_claim(),
+            match_email: false,
+            jit: false,
+            timeout_ms: default_oidc_timeout(),
+        }
+    }
 }
 
 /// `KEYWARD_WEBHOOK_*`: the product's webhook endpoints (Standard Webhooks).
@@ -410,6 +462,15 @@ fn default_webhook_retry_base() -> u32 {
 fn default_webhook_retry_for() -> u32 {
     86_400
 }
+fn yes() -> bool {
+    true
+}
+fn default_user_claim() -> String {
+    "sub".to_owned()
+}
+fn default_oidc_timeout() -> u32 {
+    10_000
+}
 fn default_webhook_poll() -> u32 {
     50
 }
@@ -491,6 +552,29 @@ impl Config {
             return Err(ConfigError::Invalid {
                 var: "KEYWARD_WEBHOOK_SECRETS_FILE".to_owned(),
                 reason: "KEYWARD_WEBHOOK_URLS needs a signing secret per endpoint, one per line in this file".into(),
+            });
+        }
+        if self.oidc.issuer.is_some() {
+            for (var, set) in [
+                ("KEYWARD_OIDC_CLIENT_ID", self.oidc.client_id.is_some()),
+                (
+                    "KEYWARD_OIDC_CLIENT_SECRET_FILE",
+                    self.oidc.client_secret_file.is_some(),
+                ),
+                ("KEYWARD_OIDC_PUBLIC_URL", self.oidc.public_url.is_some()),
+            ] {
+                if !set {
+                    return Err(ConfigError::Invalid {
+                        var: var.to_owned(),
+                        reason: "single sign-on (KEYWARD_OIDC_ISSUER) needs it".into(),
+                    });
+                }
+            }
+        }
+        if !self.token_login && self.oidc.issuer.is_none() {
+            return Err(ConfigError::Invalid {
+                var: "KEYWARD_TOKEN_LOGIN".to_owned(),
+                reason: "with token login off and no KEYWARD_OIDC_ISSUER, nobody could sign in".into(),
             });
         }
         Ok(())
@@ -601,13 +685,14 @@ impl SettingNames {
     fn of_config() -> SettingNames {
         // A section is a field whose own fields can be read off its type; the others are
         // leaves. Sections are the struct-typed fields of `Config`.
-        let sections: [(&'static str, &'static [&'static str]); 6] = [
+        let sections: [(&'static str, &'static [&'static str]); 7] = [
             ("database", fields_of::<DatabaseConfig>()),
             ("metrics", fields_of::<MetricsConfig>()),
             ("tls", fields_of::<TlsConfig>()),
             ("worker", fields_of::<WorkerSettings>()),
             ("provider", fields_of::<ProviderSettings>()),
             ("webhook", fields_of::<WebhookConfig>()),
+            ("oidc", fields_of::<OidcConfig>()),
         ];
         let mut paths = BTreeMap::new();
         for &field in fields_of::<Config>() {
@@ -732,6 +817,29 @@ fn some_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr
     raw.parse()
         .map(Some)
         .map_err(|_| de::Error::custom(format!("expected IP:PORT such as 127.0.0.1:9100, got {raw:?}")))
+}
+
+fn some_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let raw = scalar(d)?;
+    Ok((!raw.is_empty()).then_some(raw))
+}
+
+/// `1`/`0` (or `true`/`false`).
+fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let raw = scalar(d)?;
+    match raw.as_str() {
+        "1" | "true" => Ok(true),
+        "0" | "false" | "" => Ok(false),
+        _ => Err(de::Error::custom(format!("expected 0 or 1, got {raw:?}"))),
+    }
+}
+
+fn some_base_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let raw = scalar(d)?;
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    base_url(serde::de::value::StrDeserializer::<D::Error>::new(&raw)).map(Some)
 }
 
 fn some_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
@@ -1024,11 +1132,20 @@ mod tests {
                 "KEYWARD_MAX_AI_BODY_BYTES",
                 "KEYWARD_MAX_BODY_BYTES",
                 "KEYWARD_METRICS_LISTEN",
+                "KEYWARD_OIDC_CLIENT_ID",
+                "KEYWARD_OIDC_CLIENT_SECRET_FILE",
+                "KEYWARD_OIDC_ISSUER",
+                "KEYWARD_OIDC_JIT",
+                "KEYWARD_OIDC_MATCH_EMAIL",
+                "KEYWARD_OIDC_PUBLIC_URL",
+                "KEYWARD_OIDC_TIMEOUT_MS",
+                "KEYWARD_OIDC_USER_CLAIM",
                 "KEYWARD_OPENAI_BASE_URL",
                 "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
                 "KEYWARD_PROVIDER_TIMEOUT_MS",
                 "KEYWARD_TLS_CERT",
                 "KEYWARD_TLS_KEY",
+                "KEYWARD_TOKEN_LOGIN",
                 "KEYWARD_WEBHOOK_POLL_MS",
                 "KEYWARD_WEBHOOK_RETRY_BASE_MS",
                 "KEYWARD_WEBHOOK_RETRY_FOR_SECS",
