@@ -96,6 +96,8 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     // Checked before anything starts: a bad secrets file must stop `serve`, not its events.
     let webhook_endpoints =
         crate::webhooks::load_endpoints(&config.webhook).map_err(|e| RuntimeError::Other(e.to_string()))?;
+    // Read (and the secret file's mode checked) before anything starts.
+    let oidc = crate::web::oidc::Oidc::from_config(&config.oidc).map_err(|e| RuntimeError::Other(e.to_string()))?;
     // Read before the sealer and the workers: the watcher starts from what they loaded.
     let kek_state = crate::runtime::kek_backend(&config).observe().ok();
     let sealer = Arc::new(crate::kek::SealerCell::new(load_sealer(&config)?));
@@ -119,6 +121,8 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut web = WebState::new(tls.is_some());
     web.banner = extras.banner;
+    web.oidc = oidc;
+    web.token_login_off = !config.token_login;
     let web = Arc::new(web);
     let base_url = format!("{scheme}://{}", url_host(addr));
     let mut first_start_info = None;

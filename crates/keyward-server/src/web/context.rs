@@ -17,6 +17,10 @@ pub struct WebState {
     /// A notice shown at the top of every page (`keyward demo` says no real provider is
     /// called), as plain text.
     pub banner: Option<String>,
+    /// Single sign-on, when `KEYWARD_OIDC_ISSUER` is set.
+    pub oidc: Option<std::sync::Arc<super::oidc::Oidc>>,
+    /// `KEYWARD_TOKEN_LOGIN=0`: `/login` takes no keyward token and no login code.
+    pub token_login_off: bool,
 }
 
 impl WebState {
@@ -43,6 +47,31 @@ impl WebState {
         } else {
             "keyward_login"
         }
+    }
+
+    /// The pending single sign-on's cookie's name.
+    pub fn oidc_cookie(&self) -> &'static str {
+        if self.tls {
+            "__Host-keyward_oidc"
+        } else {
+            "keyward_oidc"
+        }
+    }
+
+    /// `Set-Cookie` for the pending single sign-on: `SameSite=Lax`, since the provider's
+    /// redirect back is a cross-site navigation (the cookie only holds what the callback
+    /// checks, encrypted); it expires with the pending login.
+    pub fn set_lax_cookie(&self, name: &str, value: &str, max_age_secs: i64) -> Option<HeaderValue> {
+        let secure = if self.tls { "; Secure" } else { "" };
+        HeaderValue::from_str(&format!(
+            "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}{secure}"
+        ))
+        .ok()
+    }
+
+    /// `Set-Cookie` that deletes the `SameSite=Lax` cookie `name`.
+    pub fn clear_lax_cookie(&self, name: &str) -> Option<HeaderValue> {
+        self.set_lax_cookie(name, "", 0)
     }
 
     /// `Set-Cookie` for `name=value`: `HttpOnly; SameSite=Strict; Path=/`, `Secure` over TLS.

@@ -8,6 +8,8 @@
 //! - [`login`]: `/login` with a keyward token (a form POST, never a URL), or with the
 //!   one-time code of the first-start login URL; `/logout`. Login is rate-limited per
 //!   client address.
+//! - [`oidc`]: single sign-on with OpenID Connect (`/login/oidc`, its callback), when
+//!   configured; token login can then be turned off (`KEYWARD_TOKEN_LOGIN=0`).
 //! - [`settings`]: the page and its forms. Every action is a plain HTML form; the small
 //!   same-origin script (`assets/model-keys.js`) only spares a reload on "Test key".
 //! - [`sessions`]: server-side sessions in the database (only the id's hash), so any node
@@ -26,6 +28,7 @@ pub mod common;
 pub mod context;
 pub mod csrf;
 pub mod login;
+pub mod oidc;
 pub mod pages;
 pub mod sessions;
 pub mod settings;
@@ -52,6 +55,8 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/", get(root))
         .route("/login", get(login::login_form).post(login::login_submit))
+        .route("/login/oidc", get(login::oidc_begin))
+        .route(oidc::CALLBACK_PATH, get(login::oidc_callback))
         .route("/logout", post(login::logout))
         .route("/logout/everywhere", post(login::logout_everywhere))
         .route(SETTINGS_PATH, get(settings::page))

@@ -158,7 +158,13 @@ pub fn message_page(title: &str, text: &str, link: Option<(&str, &str)>) -> Stri
 }
 
 /// `/login`: a token field (masked) and "Log in"; `notice` says something went well (signed out).
-pub fn login_page(csrf: &str, error: Option<&str>, notice: Option<&str>) -> String {
+pub fn login_page(
+    csrf: &str,
+    error: Option<&str>,
+    notice: Option<&str>,
+    sso: Option<&str>,
+    token_login: bool,
+) -> String {
     let notice = notice.map_or_else(String::new, |n| {
         format!(r#"<p class="msg ok" role="status" id="login-notice">{}</p>"#, esc(n))
     });
@@ -171,23 +177,52 @@ pub fn login_page(csrf: &str, error: Option<&str>, notice: Option<&str>) -> Stri
         ),
         None => (String::new(), "", "token-hint"),
     };
-    let main = format!(
-        r#"<div class="narrow">
-<h1>Log in</h1>
-{notice}
-<p class="lede">Sign in to manage your account's AI model keys.</p>
-<form class="card login" method="post" action="/login">
+    let sso_html = sso.map_or_else(String::new, |label| {
+        format!(
+            r#"<p class="card login"><a class="button primary" id="sso" href="/login/oidc">Sign in with {}</a></p>"#,
+            esc(label)
+        )
+    });
+    let token_html = if token_login {
+        format!(
+            r#"<form class="card login" method="post" action="/login">
 <input type="hidden" name="csrf" value="{csrf}">
 <label for="token">Access token</label>
 <input type="password" id="token" name="token" autocomplete="off" spellcheck="false" autocapitalize="off" required aria-describedby="{described}"{invalid}>
 <p class="hint" id="token-hint">Paste the <code>kw_…</code> token you were given by <code>keyward admin create-user</code> or at first start.</p>
 <div role="alert" aria-live="assertive">{error_html}</div>
-<button type="submit" class="primary">Log in</button>
-</form>
+<button type="submit" class="{class}">Log in</button>
+</form>"#,
+            csrf = esc(csrf),
+            class = if sso.is_some() { "secondary" } else { "primary" },
+        )
+    } else {
+        format!(r#"<div role="alert" aria-live="assertive">{error_html}</div>"#)
+    };
+    let main = format!(
+        r#"<div class="narrow">
+<h1>Log in</h1>
+{notice}
+<p class="lede">Sign in to manage your account's AI model keys.</p>
+{sso_html}
+{token_html}
 </div>"#,
-        csrf = esc(csrf),
     );
     document("Log in", "", &main)
+}
+
+/// After single sign-on: the session is set; the page moves on to `next` by itself (a
+/// same-site navigation, which sends the new session cookie) or by its link.
+pub fn signed_in_page(next: &str) -> String {
+    let main = format!(
+        r#"<div class="narrow"><h1>Signed in</h1><p class="lede">You are signed in.</p><p><a class="button primary" id="continue" href="{next}">Continue to model keys</a></p></div>"#,
+        next = esc(next)
+    );
+    document("Signed in", "", &main).replacen(
+        "<head>",
+        &format!(r#"<head><meta http-equiv="refresh" content="0;url={}">"#, esc(next)),
+        1,
+    )
 }
 
 /// What the model-keys page shows.
@@ -829,7 +864,7 @@ mod tests {
         let page = message_page("<b>", "a < b", Some(("/x?a=1&b=2", "Go")));
         assert!(page.contains("&lt;b&gt;") && !page.contains("<b>"));
         assert!(page.contains("/x?a=1&amp;b=2"));
-        let login = login_page("tok\"en", Some("<no>"), None);
+        let login = login_page("tok\"en", Some("<no>"), None, None, true);
         assert!(login.contains("value=\"tok&quot;en\""));
         assert!(login.contains("&lt;no&gt;"));
         assert!(!login.contains("<script>") && !login.contains("style="));
