@@ -72,6 +72,8 @@ pub mod reasons {
     pub const SOFTHSM: &str = "SoftHSM2: not installed (apt-get install -y softhsm2)";
     pub const AXE: &str =
         "axe-core: node and npm are not installed, so `npm ci --prefix tests/a11y` cannot fetch it (apt-get install -y nodejs npm)";
+    pub const OIDC: &str =
+        "oidc-provider: node and npm are not installed, so `npm ci --prefix tests/oidc` cannot fetch it (apt-get install -y nodejs npm)";
     pub const MOTO: &str =
         "moto: its server is not installed (pip install 'moto[server]', or KEYWARD_TEST_MOTO_PYTHON)";
 }

@@ -350,7 +350,11 @@ impl Oidc {
             .set_pkce_verifier(PkceCodeVerifier::new(pending.verifier.clone()))
             .request_async(&self.http)
             .await
-            .map_err(|e| Failure::Unavailable(format!("token request: {}", token_error(&e))))?;
+            .map_err(|e| match e {
+                // The provider refused the code (spent, expired, not for this verifier).
+                openidconnect::RequestTokenError::ServerResponse(r) => Failure::Provider(r.error().to_string()),
+                e => Failure::Unavailable(format!("token request: {}", token_error(&e))),
+            })?;
         let id_token = response
             .id_token()
             .ok_or_else(|| Failure::Token("the provider sent no ID token".into()))?;

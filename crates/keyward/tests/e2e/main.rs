@@ -26,6 +26,7 @@ mod formats;
 mod kek;
 mod lifecycle;
 mod multinode;
+mod oidc;
 mod providers_today;
 mod provisioning;
 mod relay;
