@@ -39,10 +39,10 @@ fn form(state: &AppState, status: StatusCode, error: Option<&str>) -> Response {
 
 fn form_with(state: &AppState, status: StatusCode, error: Option<&str>, notice: Option<&str>) -> Response {
     let token = random_secret();
-    let sso = state.web.oidc.as_ref().map(|o| format!("{}", o.label));
+    let sso = state.web.oidc.as_ref().map(|o| o.label.as_str());
     let mut res = html(
         status,
-        pages::login_page(&token, error, notice, sso.as_deref(), !state.web.token_login_off),
+        pages::login_page(&token, error, notice, sso, !state.web.token_login_off),
     );
     if let Some(c) = state.web.set_cookie(state.web.login_cookie(), &token) {
         res.headers_mut().append(SET_COOKIE, c);

@@ -31,7 +31,7 @@ use crate::web::{login_url, SETTINGS};
     clippy::disallowed_methods,
     reason = "finding test programs, not keyward configuration"
 )]
-fn program(name: &str) -> Option<PathBuf> {
+pub fn program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin")])

@@ -24,19 +24,12 @@ use keyward_testkit::reqwest::{self, Method};
 use keyward_testkit::{Keyward, Options, Resp};
 use serde_json::json;
 
+use crate::browser::program;
 use crate::common::*;
 use crate::services::create_service;
 use crate::web::{cookie_pair, csrf_of, location, Web, SETTINGS};
 
 const SECRET: &str = "oidc-test-client-secret-0123456789";
-
-fn program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
 
 fn oidc_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/oidc")
