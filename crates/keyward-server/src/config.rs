@@ -1159,6 +1159,32 @@ mod tests {
     }
 
     #[test]
+    fn single_sign_on_needs_its_settings_and_token_login_needs_an_alternative_to_be_off() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert!(c.token_login && c.oidc.issuer.is_none() && c.oidc.user_claim == "sub" && !c.oidc.jit);
+        let err = Config::load(None, env(&[("KEYWARD_TOKEN_LOGIN", "0")])).unwrap_err();
+        assert!(err.to_string().contains("KEYWARD_TOKEN_LOGIN"), "{err}");
+        let err = Config::load(None, env(&[("KEYWARD_OIDC_ISSUER", "https://id.example.test")])).unwrap_err();
+        assert!(err.to_string().contains("KEYWARD_OIDC_CLIENT_ID"), "{err}");
+        let c = Config::load(
+            None,
+            env(&[
+                ("KEYWARD_OIDC_ISSUER", "https://id.example.test/"),
+                ("KEYWARD_OIDC_CLIENT_ID", "keyward"),
+                ("KEYWARD_OIDC_CLIENT_SECRET_FILE", "/s"),
+                ("KEYWARD_OIDC_PUBLIC_URL", "https://keys.example.test"),
+                ("KEYWARD_OIDC_JIT", "1"),
+                ("KEYWARD_TOKEN_LOGIN", "0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.oidc.issuer.as_deref(), Some("https://id.example.test"));
+        assert!(c.oidc.jit && !c.token_login);
+        let err = Config::load(None, env(&[("KEYWARD_OIDC_JIT", "yes")])).unwrap_err();
+        assert!(err.to_string().contains("KEYWARD_OIDC_JIT"), "{err}");
+    }
+
+    #[test]
     fn empty_variables_are_unset_and_worker_process_settings_are_apart() {
         let c = Config::load(None, env(&[("KEYWARD_LISTEN", ""), ("KEYWARD_WORKERS", " ")])).unwrap();
         assert_eq!((c.listen.port(), c.workers), (8080, 2));

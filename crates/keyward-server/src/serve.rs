@@ -136,7 +136,13 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
         announce(&format!("owner token (shown once): {}", first.token.as_str()));
         announce(&format!("owner account: {}", first.account_id));
         // The owner, found the way every login finds a user: by the token's hash.
-        if let Some(owner) = store.user_by_token(&hash_token(&first.token)).await? {
+        // No login URL when token login is off (it would be refused).
+        let owner = if config.token_login {
+            store.user_by_token(&hash_token(&first.token)).await?
+        } else {
+            None
+        };
+        if let Some(owner) = owner {
             let code = web.login_codes.issue(owner, clock.now());
             let login_url = format!("{base_url}/login?code={}", code.as_str());
             announce(&format!("one-time login URL: {login_url}"));
