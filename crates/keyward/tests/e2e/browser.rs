@@ -721,6 +721,37 @@ async fn activity_and_a_failing_key_in_a_real_browser() {
     b.close().await;
 }
 
+/// Single sign-on in Chromium against oidc-provider on loopback (see `oidc.rs`): "Sign in
+/// with …" on the login page, the provider's redirects, keyward's callback and its same-site
+/// step to the page (the session cookie is SameSite=Strict), then "Log out" through the
+/// provider's end-session page back to keyward's login page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_sign_on_in_a_real_browser() {
+    let test = "single_sign_on_in_a_real_browser";
+    let Some((op, kw, _dir)) = crate::oidc::setup(test, &[]).await else {
+        return;
+    };
+    crate::oidc::external_user(&kw, "ana-1", "ana@acme.test").await;
+    add_member(&kw, kw.owner_account(), "ana@acme.test", "member");
+    op.account("ana-1", "ana@acme.test", true).await;
+    let Some(b) = Browser::start(test, true).await else {
+        return;
+    };
+    b.goto(&format!("{}/login", kw.base_url())).await;
+    b.click("#sso").await;
+    b.wait_text("h1", "Model keys").await;
+    assert!(b.path().await.starts_with(SETTINGS));
+    assert!(b.source().await.contains("ana@acme.test"));
+    // Log out: keyward's session ends, then the provider's end-session page asks to confirm.
+    b.click(".who button[type=submit]").await;
+    b.click("button[name=logout][value=yes]").await;
+    b.wait_text("h1", "Log in").await;
+    assert!(b.path().await.starts_with("/login"), "{}", b.path().await);
+    b.goto(&format!("{}{SETTINGS}", kw.base_url())).await;
+    b.wait_text("h1", "Log in").await;
+    b.close().await;
+}
+
 /// `tests/a11y/` of the workspace: axe-core's pinned `package.json` and `package-lock.json`.
 fn a11y_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/a11y")

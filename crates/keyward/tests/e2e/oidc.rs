@@ -64,7 +64,7 @@ fn node(test: &str) -> Option<PathBuf> {
 }
 
 /// oidc-provider on loopback; killed when dropped.
-struct Op {
+pub(crate) struct Op {
     child: Child,
     issuer: String,
     http: reqwest::Client,
@@ -88,7 +88,7 @@ impl Op {
         assert_eq!(r.status().as_u16(), 204, "{path_and_query}");
     }
 
-    async fn account(&self, sub: &str, email: &str, verified: bool) {
+    pub(crate) async fn account(&self, sub: &str, email: &str, verified: bool) {
         let v = if verified { "1" } else { "0" };
         self.control(&format!("account?sub={sub}&email={email}&verified={v}"))
             .await;
@@ -101,7 +101,7 @@ fn free_port() -> u16 {
 }
 
 /// The provider, and keyward configured for it (`extra` settings on top).
-async fn setup(test: &str, extra: &[(&str, &str)]) -> Option<(Op, Keyward, tempfile::TempDir)> {
+pub(crate) async fn setup(test: &str, extra: &[(&str, &str)]) -> Option<(Op, Keyward, tempfile::TempDir)> {
     let node = node(test)?;
     let port = free_port();
     let public = format!("http://127.0.0.1:{port}");
@@ -241,7 +241,7 @@ fn assert_refused(r: &Resp, status: u16, words: &str) {
 }
 
 /// The external user `ext` with `email`, made through the provisioning API.
-async fn external_user(kw: &Keyward, ext: &str, email: &str) {
+pub(crate) async fn external_user(kw: &Keyward, ext: &str, email: &str) {
     let (_, svc) = create_service(kw, "provisioning", &["accounts:manage"]);
     kw.http()
         .put(
