@@ -49,7 +49,8 @@ function build() {
     }],
     jwks: { keys: [signingKey] },
     cookies: { keys: ['keyward-oidc-test-cookie-key'] },
-    claims: { openid: ['sub'], email: ['email', 'email_verified'], profile: ['uid'] },
+    // `uid`: a product's own user id, sent with the email scope (KEYWARD_OIDC_USER_CLAIM tests).
+    claims: { openid: ['sub'], email: ['email', 'email_verified', 'uid'] },
     conformIdTokenClaims: false,
     pkce: { required: () => true, methods: ['S256'] },
     features: { devInteractions: { enabled: false }, rpInitiatedLogout: { enabled: true } },

@@ -429,6 +429,48 @@ async fn id_tokens_with_a_wrong_audience_issuer_nonce_expiry_or_key_are_refused(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_found_by_a_configured_claim_or_by_verified_email_when_asked() {
+    let test = "users_are_found_by_a_configured_claim_or_by_verified_email_when_asked";
+    // The product's own user id in the claim `uid` (sub is something else).
+    let Some((op, kw, _dir)) = setup(test, &[("KEYWARD_OIDC_USER_CLAIM", "uid")]).await else {
+        return;
+    };
+    external_user(&kw, "prod-42", "bo@acme.test").await;
+    add_member(&kw, kw.owner_account(), "bo@acme.test", "member");
+    op.control("account?sub=opaque-sub-9&email=bo@acme.test&verified=1&uid=prod-42")
+        .await;
+    let (_, _, r) = sign_in(&op, &kw).await;
+    let web = signed_in(&kw, &r).await;
+    assert!(web.get(SETTINGS).await.text.contains("bo@acme.test"));
+    drop(kw);
+
+    // A user with no external id (made by an operator), found by email only when
+    // KEYWARD_OIDC_MATCH_EMAIL=1 and the provider says the email is verified.
+    let Some((op, kw, _dir)) = setup(test, &[("KEYWARD_OIDC_MATCH_EMAIL", "1")]).await else {
+        return;
+    };
+    create_user(&kw, "cy@acme.test");
+    add_member(&kw, kw.owner_account(), "cy@acme.test", "member");
+    op.account("cy-sub", "cy@acme.test", false).await;
+    let (_, _, r) = sign_in(&op, &kw).await;
+    assert_refused(&r, 403, "no keyward user for you");
+    op.account("cy-sub", "cy@acme.test", true).await;
+    let (_, _, r) = sign_in(&op, &kw).await;
+    let web = signed_in(&kw, &r).await;
+    assert!(web.get(SETTINGS).await.text.contains("cy@acme.test"));
+    drop(kw);
+
+    // Without KEYWARD_OIDC_MATCH_EMAIL, a verified email alone does not sign anyone in.
+    let Some((op, kw, _dir)) = setup(test, &[]).await else {
+        return;
+    };
+    create_user(&kw, "cy@acme.test");
+    op.account("cy-sub", "cy@acme.test", true).await;
+    let (_, _, r) = sign_in(&op, &kw).await;
+    assert_refused(&r, 403, "no keyward user for you");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_login_can_be_turned_off() {
     let test = "token_login_can_be_turned_off";
     let Some((_op, kw, _dir)) = setup(test, &[("KEYWARD_TOKEN_LOGIN", "0")]).await else {
