@@ -734,10 +734,21 @@ async fn single_sign_on_in_a_real_browser() {
     crate::oidc::external_user(&kw, "ana-1", "ana@acme.test").await;
     add_member(&kw, kw.owner_account(), "ana@acme.test", "member");
     op.account("ana-1", "ana@acme.test", true).await;
+    let Some(axe) = axe_script(test) else {
+        return;
+    };
     let Some(b) = Browser::start(test, true).await else {
         return;
     };
+    let mut report = AxeReport::default();
+    // A sign-in that fails (no pending login): its page, then the login page with "Sign in with …".
+    b.goto(&format!("{}/login/oidc/callback?code=x&state=y", kw.base_url()))
+        .await;
+    b.wait_text("h1", "Single sign-on failed").await;
+    report.check(&b, &axe, "single sign-on failed").await;
     b.goto(&format!("{}/login", kw.base_url())).await;
+    report.check(&b, &axe, "login with single sign-on").await;
+    report.finish();
     b.click("#sso").await;
     b.wait_text("h1", "Model keys").await;
     assert!(b.path().await.starts_with(SETTINGS));
