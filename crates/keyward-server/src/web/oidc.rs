@@ -6,7 +6,8 @@
 //!   the callback in a *pending-login* cookie, encrypted and authenticated (ChaCha20-Poly1305
 //!   under a key derived from the client secret, which every node has), `HttpOnly`,
 //!   `SameSite=Lax` (the provider's redirect back is a cross-site navigation), expiring after
-//!   [`PENDING_TTL_MS`]; so any node finishes a login any node began. The callback clears it.
+//!   [`PENDING_TTL_MS`]; so any node finishes a login any node began. The callback clears it,
+//!   the node remembers it as spent until it would expire, and the provider takes its code once.
 //! - [`Oidc::finish`] (`GET /login/oidc/callback`): the cookie must open and be fresh, the
 //!   returned state must equal its state, the code is exchanged with its PKCE verifier, and
 //!   the ID token must verify with its nonce. A token signed with a key the cached JWKS does
@@ -121,6 +122,10 @@ pub struct Oidc {
     http: reqwest::Client,
     cache: tokio::sync::Mutex<Option<Cached>>,
     last_forced: std::sync::Mutex<Option<Instant>>,
+    /// The SHA-256 of each state this node finished, until its pending login would have
+    /// expired: a second use of one pending login is refused here before the provider is
+    /// asked (which refuses a spent code on any node anyway).
+    spent: std::sync::Mutex<std::collections::HashMap<[u8; 32], i64>>,
     cookie_key: Zeroizing<[u8; 32]>,
 }
 
@@ -222,6 +227,7 @@ impl Oidc {
             http,
             cache: tokio::sync::Mutex::new(None),
             last_forced: std::sync::Mutex::new(None),
+            spent: std::sync::Mutex::new(std::collections::HashMap::new()),
             cookie_key,
         })))
     }
@@ -328,6 +334,18 @@ impl Oidc {
         (now.0 < pending.expires).then_some(pending)
     }
 
+    /// Marks the pending login as used; false when it already was (on this node).
+    fn spend(&self, pending: &Pending, now: UnixMillis) -> bool {
+        use sha2::Digest as _;
+        let key: [u8; 32] = sha2::Sha256::digest(pending.state.as_bytes()).into();
+        let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        spent.retain(|_, expires| *expires > now.0);
+        if spent.len() >= 100_000 {
+            return false;
+        }
+        spent.insert(key, pending.expires).is_none()
+    }
+
     /// Finishes a sign-in: checks the state against the pending login, exchanges the code,
     /// verifies the ID token (signature, issuer, audience, expiry, nonce).
     pub async fn finish(
@@ -340,6 +358,9 @@ impl Oidc {
         let pending = cookie.and_then(|c| self.open(c, now)).ok_or(Failure::State)?;
         let state = state.ok_or(Failure::State)?;
         if !crate::web::csrf::token_matches(&pending.state, state) {
+            return Err(Failure::State);
+        }
+        if !self.spend(&pending, now) {
             return Err(Failure::State);
         }
         let code = code.ok_or_else(|| Failure::Provider("no authorization code".into()))?;
@@ -483,6 +504,9 @@ mod tests {
         raw[last] ^= 1;
         assert!(oidc.open(&b64().encode(raw), UnixMillis(0)).is_none(), "tampered");
         assert!(oidc.open("garbage", UnixMillis(0)).is_none());
+        // Single use (on a node): the second spend of one pending login is refused.
+        assert!(oidc.spend(&p, UnixMillis(0)));
+        assert!(!oidc.spend(&p, UnixMillis(0)));
     }
 
     #[test]
