@@ -194,6 +194,9 @@ impl ProviderWire for Anthropic {
         })
     }
 
+    /// The error `type` per status as Anthropic documents them (https://docs.claude.com/en/api/errors:
+    /// 401 authentication_error, 403 permission_error, 404 not_found_error, 413
+    /// request_too_large, 429 rate_limit_error, 500 api_error, 529 overloaded_error).
     fn refusal_body(&self, code: ErrorCode, _status: u16, message: &str) -> Value {
         let kind = match code {
             ErrorCode::Unauthorized => "authentication_error",

@@ -251,6 +251,9 @@ impl ProviderWire for Google {
         chat_answer(P, status, body)
     }
 
+    /// The `status` word per HTTP code as the Gemini API documents them
+    /// (https://ai.google.dev/gemini-api/docs/troubleshooting: 400 INVALID_ARGUMENT, 403
+    /// PERMISSION_DENIED, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED, 500 INTERNAL, 503 UNAVAILABLE).
     fn refusal_body(&self, code: ErrorCode, status: u16, message: &str) -> Value {
         let status_word = match code {
             ErrorCode::Unauthorized => "UNAUTHENTICATED",

@@ -25,6 +25,7 @@ pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod openapi;
+pub mod outbound;
 pub mod purge;
 pub mod routes;
 pub mod runtime;

@@ -120,27 +120,11 @@ pub fn load_endpoints(config: &WebhookConfig) -> Result<Vec<Endpoint>, WebhookEr
 }
 
 fn read_secrets(path: &Path) -> Result<Vec<WebhookSecret>, WebhookError> {
-    use std::io::Read as _;
-    use std::os::unix::fs::MetadataExt as _;
     let bad = |reason: String| WebhookError::Secrets {
         path: path.display().to_string(),
         reason,
     };
-    let mut file = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
-    // Checked on the open file: no window between the check and the read.
-    let meta = file.metadata().map_err(|e| bad(format!("cannot stat: {e}")))?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(bad(format!(
-            "mode {:o} lets other users read it: chmod 600",
-            meta.mode() & 0o777
-        )));
-    }
-    let mut text = Zeroizing::new(String::new());
-    file.read_to_string(&mut text)
-        .map_err(|e| bad(format!("cannot read: {e}")))?;
+    let text = crate::outbound::read_private_file(path).map_err(bad)?;
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
@@ -203,23 +187,8 @@ impl Deliverer {
         metrics: Arc<Metrics>,
     ) -> Result<Deliverer, WebhookError> {
         let timeout = Duration::from_millis(u64::from(config.timeout_ms));
-        let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
-            tokio_rustls::rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| WebhookError::Client(e.to_string()))?
-        .with_root_certificates(tokio_rustls::rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
-        .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .user_agent(concat!("keyward-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| WebhookError::Client(e.to_string()))?;
+        let client = crate::outbound::http_client(timeout, concat!("keyward-webhooks/", env!("CARGO_PKG_VERSION")))
+            .map_err(WebhookError::Client)?;
         let lease_ms = i64::from(config.timeout_ms)
             .saturating_mul(i64::try_from(endpoints.len()).unwrap_or(1))
             .saturating_add(30_000);
@@ -400,14 +369,13 @@ pub async fn list(
     limit: u32,
 ) -> Result<Vec<serde_json::Value>, keyward_store::StoreError> {
     let filter = if failed {
-        keyward_store::WebhookFilter::Undelivered
+        keyward_store::WebhookFilter::Failed
     } else {
         keyward_store::WebhookFilter::All
     };
     let events = store.webhook_events(filter, limit).await?;
     Ok(events
         .into_iter()
-        .filter(|e| !failed || e.dead_at.is_some() || e.attempts > 0)
         .map(|e| {
             let status = if e.delivered_at.is_some() {
                 "delivered"

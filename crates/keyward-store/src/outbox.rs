@@ -104,6 +104,9 @@ pub enum WebhookFilter {
     All,
     /// Not delivered yet (retrying or dead).
     Undelivered,
+    /// Not delivered after at least one failed attempt (retrying or dead): what
+    /// `keyward webhooks list --failed` shows.
+    Failed,
     /// Given up on after the retry period: what `replay` is for.
     Dead,
 }
@@ -126,6 +129,21 @@ pub struct OutboxBacklog {
     pub pending: i64,
     /// When the oldest pending event was written.
     pub oldest_pending_at: Option<UnixMillis>,
+}
+
+/// An attempt's outcome as the outbox columns it sets: (delivered_at, next_attempt_at,
+/// dead_at, last_error).
+pub(crate) fn attempt_columns(
+    outcome: &AttemptOutcome,
+    now: UnixMillis,
+) -> (Option<i64>, Option<i64>, Option<i64>, Option<String>) {
+    match outcome {
+        AttemptOutcome::Delivered => (Some(now.as_i64()), None, None, None),
+        AttemptOutcome::Retry { next_attempt_at, error } => {
+            (None, Some(next_attempt_at.as_i64()), None, Some(error.clone()))
+        }
+        AttemptOutcome::Dead { error } => (None, None, Some(now.as_i64()), Some(error.clone())),
+    }
 }
 
 /// The `delivered_to` column's form: comma-separated endpoint indices.
@@ -159,10 +177,12 @@ pub(crate) enum CallHealth {
 
 /// The diagnosis in an outcome (`error:invalid_key` or `refused:key_reported_leaked` →
 /// `invalid_key`, `key_reported_leaked`).
-fn diagnosis(outcome: &str) -> Option<&str> {
-    outcome
-        .strip_prefix("error:")
-        .or_else(|| outcome.strip_prefix("refused:"))
+fn diagnosis(outcome: keyward_core::Outcome) -> Option<&'static str> {
+    match outcome {
+        keyward_core::Outcome::Ok => None,
+        keyward_core::Outcome::Error(why) => Some(why),
+        keyward_core::Outcome::Refused(code) => Some(code.as_str()),
+    }
 }
 
 pub(crate) fn trigger(rules: &OutboxRules, e: &NewAuditEvent) -> Trigger {
@@ -177,14 +197,11 @@ pub(crate) fn trigger(rules: &OutboxRules, e: &NewAuditEvent) -> Trigger {
         AuditAction::KeyTested if !e.outcome.is_ok() => Trigger::Event(WebhookKind::KeyTestFailed),
         AuditAction::PlanChanged => Trigger::Event(WebhookKind::AccountPlanChanged),
         AuditAction::AiRequest if e.key_source == Some(keyward_core::KeySource::Own) => {
-            if e.outcome.is_ok() {
-                return Trigger::KeyCall(CallHealth::Worked);
-            }
-            let outcome = e.outcome.to_string();
-            match diagnosis(&outcome) {
-                Some(d) if KEY_DIAGNOSES.contains(&d) => Trigger::KeyCall(CallHealth::Failed(d.to_owned())),
-                _ => Trigger::KeyCall(CallHealth::Neutral),
-            }
+            Trigger::KeyCall(match diagnosis(e.outcome) {
+                None => CallHealth::Worked,
+                Some(d) if KEY_DIAGNOSES.contains(&d) => CallHealth::Failed(d.to_owned()),
+                Some(_) => CallHealth::Neutral,
+            })
         }
         _ => Trigger::None,
     }
@@ -283,8 +300,7 @@ pub(crate) fn body_for_audit(
             data.insert("key_source".into(), json!(s.as_str()));
         }
     }
-    let outcome = e.outcome.to_string();
-    let diag = diagnosis_override.or_else(|| diagnosis(&outcome));
+    let diag = diagnosis_override.or_else(|| diagnosis(e.outcome));
     if matches!(kind, WebhookKind::KeyTestFailed | WebhookKind::KeyFailing) {
         if let Some(d) = diag {
             data.insert("diagnosis".into(), json!(d));

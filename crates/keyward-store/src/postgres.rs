@@ -2103,7 +2103,7 @@ impl Store for PgStore {
         outcome: &AttemptOutcome,
         now: UnixMillis,
     ) -> StoreResult<bool> {
-        let (delivered_at, next, dead_at, error) = attempt_columns(outcome, now);
+        let (delivered_at, next, dead_at, error) = outbox::attempt_columns(outcome, now);
         let done = sqlx::query(
             "UPDATE webhook_outbox SET attempts = attempts + 1, delivered_to = $3, delivered_at = $4,
                next_attempt_at = COALESCE($5, next_attempt_at), dead_at = $6, last_error = $7,
@@ -2130,6 +2130,10 @@ impl Store for PgStore {
                 "SELECT * FROM webhook_outbox WHERE delivered_at IS NULL ORDER BY id DESC LIMIT $1"
             }
             WebhookFilter::Dead => "SELECT * FROM webhook_outbox WHERE dead_at IS NOT NULL ORDER BY id DESC LIMIT $1",
+            WebhookFilter::Failed => {
+                "SELECT * FROM webhook_outbox WHERE delivered_at IS NULL AND (attempts > 0 OR dead_at IS NOT NULL)
+                 ORDER BY id DESC LIMIT $1"
+            }
         };
         let rows = sqlx::query(sql)
             .bind(i64::from(limit))
@@ -2370,20 +2374,5 @@ impl Store for PgStore {
             .await
             .map_err(map_err)?;
         rows.iter().map(user_from_row).collect()
-    }
-}
-
-/// An attempt's outcome as the outbox columns it sets: (delivered_at, next_attempt_at,
-/// dead_at, last_error).
-fn attempt_columns(
-    outcome: &AttemptOutcome,
-    now: UnixMillis,
-) -> (Option<i64>, Option<i64>, Option<i64>, Option<String>) {
-    match outcome {
-        AttemptOutcome::Delivered => (Some(now.as_i64()), None, None, None),
-        AttemptOutcome::Retry { next_attempt_at, error } => {
-            (None, Some(next_attempt_at.as_i64()), None, Some(error.clone()))
-        }
-        AttemptOutcome::Dead { error } => (None, None, Some(now.as_i64()), Some(error.clone())),
     }
 }

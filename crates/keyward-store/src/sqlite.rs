@@ -1923,7 +1923,7 @@ impl Store for SqliteStore {
         );
         self.writer
             .transaction(move |tx| {
-                let (delivered_at, next, dead_at, error) = attempt_columns(&outcome, now);
+                let (delivered_at, next, dead_at, error) = outbox::attempt_columns(&outcome, now);
                 let n = exec(
                     tx,
                     "UPDATE webhook_outbox SET attempts = attempts + 1, delivered_to = ?3, delivered_at = ?4,
@@ -1944,6 +1944,10 @@ impl Store for SqliteStore {
                 "SELECT * FROM webhook_outbox WHERE delivered_at IS NULL ORDER BY id DESC LIMIT ?1"
             }
             WebhookFilter::Dead => "SELECT * FROM webhook_outbox WHERE dead_at IS NOT NULL ORDER BY id DESC LIMIT ?1",
+            WebhookFilter::Failed => {
+                "SELECT * FROM webhook_outbox WHERE delivered_at IS NULL AND (attempts > 0 OR dead_at IS NOT NULL)
+                 ORDER BY id DESC LIMIT ?1"
+            }
         };
         self.reader
             .read_blocking(move |c| read_all(c, sql, (i64::from(limit),), webhook_from_row))
@@ -2209,21 +2213,6 @@ impl Store for SqliteStore {
             }
             Ok(out)
         })
-    }
-}
-
-/// An attempt's outcome as the outbox columns it sets: (delivered_at, next_attempt_at,
-/// dead_at, last_error).
-fn attempt_columns(
-    outcome: &AttemptOutcome,
-    now: UnixMillis,
-) -> (Option<i64>, Option<i64>, Option<i64>, Option<String>) {
-    match outcome {
-        AttemptOutcome::Delivered => (Some(now.as_i64()), None, None, None),
-        AttemptOutcome::Retry { next_attempt_at, error } => {
-            (None, Some(next_attempt_at.as_i64()), None, Some(error.clone()))
-        }
-        AttemptOutcome::Dead { error } => (None, None, Some(now.as_i64()), Some(error.clone())),
     }
 }
 

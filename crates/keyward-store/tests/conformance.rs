@@ -1421,6 +1421,12 @@ async fn outbox_hands_out_each_accounts_events_in_order_under_a_lease(s: &dyn St
         .unwrap()
         .iter()
         .all(|e| e.account_id != a.as_str()));
+    let failed = s.webhook_events(WebhookFilter::Failed, 10).await.unwrap();
+    assert_eq!(
+        failed.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [a1.id],
+        "only what failed an attempt"
+    );
     let again = twin.claim_webhooks("node-b", t(500), t(1_500), 10).await.unwrap();
     assert_eq!(
         again.iter().map(|e| e.id).collect::<Vec<_>>(),

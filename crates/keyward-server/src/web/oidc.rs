@@ -18,7 +18,6 @@
 //! The client secret is read once from its file (mode 0600, refused otherwise) and kept as a
 //! [`SecretString`]; it and the tokens are never logged or put in an error.
 
-use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,25 +139,11 @@ impl std::fmt::Debug for Oidc {
 }
 
 fn read_secret(path: &Path) -> Result<SecretString, OidcSetupError> {
-    use std::io::Read as _;
     let bad = |reason: String| OidcSetupError::Secret {
         path: path.display().to_string(),
         reason,
     };
-    let mut file = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
-    let meta = file.metadata().map_err(|e| bad(format!("cannot stat: {e}")))?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(bad(format!(
-            "mode {:o} lets other users read it: chmod 600",
-            meta.mode() & 0o777
-        )));
-    }
-    let mut text = Zeroizing::new(String::new());
-    file.read_to_string(&mut text)
-        .map_err(|e| bad(format!("cannot read: {e}")))?;
+    let text = crate::outbound::read_private_file(path).map_err(bad)?;
     let secret = text.trim();
     if secret.is_empty() {
         return Err(bad("empty".into()));
@@ -192,24 +177,9 @@ impl Oidc {
             .map_err(|e| invalid("PUBLIC_URL", e.to_string()))?;
         let label = issuer_url.url().host_str().unwrap_or("your provider").to_owned();
         let timeout = Duration::from_millis(u64::from(config.timeout_ms));
-        let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
-            tokio_rustls::rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid("ISSUER", e.to_string()))?
-        .with_root_certificates(tokio_rustls::rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
-        .with_no_client_auth();
         // No redirects: the openidconnect crate's advice (no SSRF through a provider's 30x).
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .user_agent(concat!("keyward-oidc/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| invalid("ISSUER", e.to_string()))?;
+        let http = crate::outbound::http_client(timeout, concat!("keyward-oidc/", env!("CARGO_PKG_VERSION")))
+            .map_err(|e| invalid("ISSUER", e))?;
         let mut cookie_key = Zeroizing::new([0u8; 32]);
         hkdf::Hkdf::<sha2::Sha256>::new(Some(b"keyward-oidc"), secret.expose_secret().as_bytes())
             .expand(AAD, cookie_key.as_mut())
