@@ -3,6 +3,7 @@
 # binary on loopback. Usage:
 #   bench/run.sh [gateway] [--seconds S] [--runs N] [--rate R] [--connections 1,32,256] [--with-litellm] [--baseline REV]
 #   bench/run.sh save-list|nodes [--clients N] [--seconds S]
+#   bench/run.sh soak [--postgres URL] [--concurrency N] [--duration S] [--stream-ms MS] [--no-faults] [--json PATH]
 # `gateway` (the default) needs nginx (Debian nginx-light) for the fake provider; without it
 # keyward's own fake is used and the report says so. --with-litellm installs LiteLLM proxy
 # into bench/.venv-litellm (PyPI) and measures it in the same run. --baseline REV (a commit,
@@ -43,6 +44,10 @@ if [[ -n "$litellm" ]]; then
   args+=(--litellm "$PWD/$venv/bin/litellm")
 fi
 cargo build --release -p keyward -p keyward-bench -p keyward-fakes
+# Every open stream holds descriptors in the client, the gateway, a worker and the fake: the
+# soak's thousands of them need the soft limit at the hard one (the processes started
+# below inherit it).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # How idle CPUs wait matters at 1 connection: in a VM, a halted vCPU takes tens of
 # microseconds to wake, and each hop of a call (client, gateway, worker, provider, audit
 # writer) may wake one; with halt polling (guest_halt_poll_ns > 0) it stays awake briefly.
