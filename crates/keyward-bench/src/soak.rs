@@ -692,6 +692,10 @@ async fn run_client(
         };
         let t0 = Instant::now();
         let (class, ttft, seen, detail) = client.call(kind, idle, t0).await;
+        if matches!(class, Class::Lost(_)) {
+            // Whatever broke, the next call starts on a new connection.
+            client.stream = None;
+        }
         let usage = match (&class, seen.input, seen.output) {
             (Class::Answered, Some(i), Some(o)) => Some((i, o)),
             (Class::Answered, None, Some(o)) => Some((0, o)),
@@ -853,6 +857,7 @@ pub fn soak(args: &[String]) {
         }
     };
     let mut gateway_kill_at = None;
+    let mut gateway_back_at = None;
     if faults_on {
         sleep_until(0.25);
         let gw = gateway.load(Ordering::Relaxed);
@@ -879,6 +884,7 @@ pub fn soak(args: &[String]) {
         let t = Instant::now();
         kw.start_again();
         gateway.store(kw.pid().unwrap_or(0), Ordering::Relaxed);
+        gateway_back_at = Some(started.elapsed());
         note(format!(
             "gateway started again (pid {}), listening after {:.2} s",
             kw.pid().unwrap_or(0),
@@ -925,8 +931,12 @@ pub fn soak(args: &[String]) {
             Class::Answered => continue,
             Class::Failed(w) => ("failed", w.clone()),
             Class::Lost(w) => {
-                // In flight when the gateway was killed, cut within 2 s of it.
-                let at_kill = gateway_kill_at.is_some_and(|k| c.started <= k && c.ended >= k && c.ended <= k + Duration::from_secs(2));
+                // Sent to the killed gateway (before the new one listened; a connection in
+                // the dying process's accept queue counts too), cut within 2 s of the kill.
+                let at_kill = match (gateway_kill_at, gateway_back_at) {
+                    (Some(k), Some(back)) => c.started < back && c.ended >= k && c.ended <= k + Duration::from_secs(2),
+                    _ => false,
+                };
                 lost_at_kill += u64::from(at_kill);
                 ("lost", if at_kill { format!("{w} [in flight at the gateway kill]") } else { w.clone() })
             }
