@@ -218,7 +218,11 @@ fn cli_json(kw: &Keyward, args: &[&str], stdin: Option<&[u8]>) -> Value {
 fn set_up_accounts(rt: &tokio::runtime::Runtime, kw: &Keyward, fakes_url: &str, stream_ms: u64) -> Setup {
     let own_token = kw.owner_token().to_owned();
     let own_account = kw.owner_account().to_owned();
-    let user = cli_json(kw, &["admin", "create-user", "--email", "soak-shared@example.com"], None);
+    let user = cli_json(
+        kw,
+        &["admin", "create-user", "--email", "soak-shared@example.com"],
+        None,
+    );
     let shared_token = user["token"].as_str().unwrap().to_owned();
     let account = cli_json(
         kw,
@@ -428,8 +432,14 @@ fn read_event(kind: &Kind, raw: &[u8], seen: &mut Seen) {
         },
         (Door::Native, Provider::OpenAi) => {
             if let Some(e) = v.get("error") {
-                seen.error = Some(format!("error event {}", e["code"].as_str().or(e["type"].as_str()).unwrap_or("?")));
-            } else if v["choices"][0]["delta"]["content"].as_str().is_some_and(|t| !t.is_empty()) {
+                seen.error = Some(format!(
+                    "error event {}",
+                    e["code"].as_str().or(e["type"].as_str()).unwrap_or("?")
+                ));
+            } else if v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+            {
                 seen.text = true;
             }
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
@@ -547,13 +557,7 @@ impl Client {
     async fn call(&mut self, kind: &Kind, idle: Duration, t0: Instant) -> (Class, Option<Duration>, Seen, String) {
         let mut seen = Seen::default();
         let lost = |why: String, seen: Seen, detail: String| (Class::Lost(why), None, seen, detail);
-        if let Err(e) = self
-            .stream
-            .as_mut()
-            .unwrap()
-            .write_all(&kind.target.request)
-            .await
-        {
+        if let Err(e) = self.stream.as_mut().unwrap().write_all(&kind.target.request).await {
             return lost(format!("cut before the answer (write: {e})"), seen, String::new());
         }
         self.buf.clear();
@@ -566,10 +570,13 @@ impl Client {
                 Ok(httparse::Status::Complete(n)) => {
                     let (mut chunked, mut length, mut close) = (false, None, false);
                     for h in resp.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("transfer-encoding") && h.value.eq_ignore_ascii_case(b"chunked") {
+                        if h.name.eq_ignore_ascii_case("transfer-encoding") && h.value.eq_ignore_ascii_case(b"chunked")
+                        {
                             chunked = true;
                         } else if h.name.eq_ignore_ascii_case("content-length") {
-                            length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+                            length = std::str::from_utf8(h.value)
+                                .ok()
+                                .and_then(|v| v.trim().parse::<usize>().ok());
                         } else if h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close") {
                             close = true;
                         }
@@ -596,7 +603,9 @@ impl Client {
             if chunked {
                 loop {
                     let rest = &self.buf[pos..];
-                    let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else { break };
+                    let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                        break;
+                    };
                     let size = std::str::from_utf8(&rest[..eol])
                         .ok()
                         .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok());
@@ -831,16 +840,7 @@ pub fn soak(args: &[String]) {
     let started = Instant::now();
     let deadline = started + duration;
     let tasks: Vec<_> = (0..concurrency)
-        .map(|i| {
-            rt.spawn(run_client(
-                i,
-                kinds.clone(),
-                started,
-                deadline,
-                idle,
-                retries.clone(),
-            ))
-        })
+        .map(|i| rt.spawn(run_client(i, kinds.clone(), started, deadline, idle, retries.clone())))
         .collect();
 
     // The faults, from this thread while the clients run on the runtime.
@@ -904,7 +904,11 @@ pub fn soak(args: &[String]) {
     let load_elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let peaks = sampler.join().unwrap_or_default();
-    println!("  {:6.1} s  load over: {} calls started", load_elapsed.as_secs_f64(), calls.len());
+    println!(
+        "  {:6.1} s  load over: {} calls started",
+        load_elapsed.as_secs_f64(),
+        calls.len()
+    );
 
     // Settlement: every reservation released (or the wait is over).
     let dbc = rt.block_on(async {
@@ -938,7 +942,14 @@ pub fn soak(args: &[String]) {
                     _ => false,
                 };
                 lost_at_kill += u64::from(at_kill);
-                ("lost", if at_kill { format!("{w} [in flight at the gateway kill]") } else { w.clone() })
+                (
+                    "lost",
+                    if at_kill {
+                        format!("{w} [in flight at the gateway kill]")
+                    } else {
+                        w.clone()
+                    },
+                )
             }
         };
         let e = reasons.entry((class.to_owned(), why)).or_default();
@@ -1029,7 +1040,10 @@ pub fn soak(args: &[String]) {
         "lost (in flight at the gateway kill / other)",
         format!("{lost} ({lost_at_kill} / {lost_other})"),
     );
-    row("connection refused, connected again (no call started)", retries.load(Ordering::Relaxed).to_string());
+    row(
+        "connection refused, connected again (no call started)",
+        retries.load(Ordering::Relaxed).to_string(),
+    );
     row(
         "peak RSS gateway / workers sum / largest worker",
         format!(
@@ -1041,14 +1055,21 @@ pub fn soak(args: &[String]) {
     );
     row(
         "peak open descriptors gateway / workers sum / largest worker",
-        format!("{} / {} / {}", peaks.gateway_fds, peaks.workers_fds_sum, peaks.worker_fds_max),
+        format!(
+            "{} / {} / {}",
+            peaks.gateway_fds, peaks.workers_fds_sum, peaks.worker_fds_max
+        ),
     );
     row(
         "audit ai.request events (all outcomes)",
         format!(
             "{} ({})",
             events.len(),
-            by_outcome.iter().map(|(o, n)| format!("{o}: {n}")).collect::<Vec<_>>().join(", ")
+            by_outcome
+                .iter()
+                .map(|(o, n)| format!("{o}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     );
     row(
