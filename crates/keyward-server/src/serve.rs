@@ -70,6 +70,9 @@ pub type OnReady = Box<dyn FnOnce(&Ready<'_>) + Send>;
 pub struct ServeExtras {
     pub banner: Option<String>,
     pub on_ready: Option<OnReady>,
+    /// The data dir was prepared, and its files given to their owners, by the root-started
+    /// `serve` before it dropped to the gateway user (`users.rs`): leave its modes alone.
+    pub prepared_as_root: bool,
 }
 
 impl std::fmt::Debug for ServeExtras {
@@ -88,11 +91,25 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     // Registered before anything else: a SIGTERM that lands while the workers start is
     // held until the server is up, and then ends it cleanly instead of killing it mid-way.
     let stop = ShutdownSignal::install()?;
+    // Workers this process starts run as its own user: refused unless allowed (`users.rs`).
+    if config.worker.sockets.is_empty() {
+        if !config.allow_same_user {
+            let why = crate::users::same_user_refusal();
+            tracing::error!("{why}");
+            return Err(RuntimeError::Other(why));
+        }
+        tracing::warn!(
+            uid = rustix::process::getuid().as_raw(),
+            "KEYWARD_ALLOW_SAME_USER=1: the workers that open keys run as the gateway's own OS user; a gateway that is taken over could read the KEK's private half"
+        );
+    }
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
         _ => None,
     };
-    prepare_data_dir(&config)?;
+    if !extras.prepared_as_root {
+        prepare_data_dir(&config)?;
+    }
     // Checked before anything starts: a bad secrets file must stop `serve`, not its events.
     let webhook_endpoints =
         crate::webhooks::load_endpoints(&config.webhook).map_err(|e| RuntimeError::Other(e.to_string()))?;

@@ -286,7 +286,12 @@ fn children_of(pid: u32) -> Vec<u32> {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
         if ppid == Some(pid) {
-            out.push(child);
+            // Two OS users: the workers are the children of the worker supervisor.
+            if keyward_testkit::users::is_supervisor(child) {
+                out.extend(children_of(child));
+            } else {
+                out.push(child);
+            }
         }
     }
     out
