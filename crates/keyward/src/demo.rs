@@ -92,6 +92,7 @@ pub async fn run(mut config: Config, listen: SocketAddr, keep_data: bool) -> Res
             print_guide(ready, &fake_url, &catalogue, &data_note);
         })),
         prepared_as_root: false,
+        secrets: None,
     };
     let served = serve_with(config, worker, extras).await;
     drop(fakes);

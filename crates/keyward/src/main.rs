@@ -375,10 +375,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Started as root with two users: everything that needs root happens here, while this
     // process is still one thread, then it drops to the gateway user for good (`users.rs`).
     let mut prepared_as_root = false;
+    let mut secrets = None;
     let mut control = None;
     let mut owners_after = None;
     if let Command::Serve = cli.command {
         let plan = users::root_plan(&config)?;
+        if plan.is_some() {
+            // Files root may read and the gateway user may not (TLS key, webhook and
+            // single sign-on secrets) are read now, before the drop.
+            secrets = Some(serve::Secrets::read(&config)?);
+        }
         if let Some(plan @ users::RootPlan::GatewayOnly { .. }) = &plan {
             // The workers are a service of their own: the data dir is the gateway's alone.
             std::fs::create_dir_all(&config.data_dir).context("data dir")?;
@@ -418,7 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut worker_command = WorkerCommand::new(exe, &config);
     worker_command.control = control.map(|c| Arc::new(std::sync::Mutex::new(c)));
     let config_after = config.clone();
-    let out = run_command(cli, config, worker_command, prepared_as_root);
+    let out = run_command(cli, config, worker_command, prepared_as_root, secrets);
     if let Some(plan) = owners_after {
         if config_after.data_dir.is_dir() {
             plan.apply_ownership(&config_after)?;
@@ -432,6 +438,7 @@ fn run_command(
     config: Config,
     worker_command: WorkerCommand,
     prepared_as_root: bool,
+    secrets: Option<serve::Secrets>,
 ) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -439,6 +446,7 @@ fn run_command(
             Command::Serve => {
                 let extras = serve::ServeExtras {
                     prepared_as_root,
+                    secrets,
                     ..Default::default()
                 };
                 serve::serve_with(config, worker_command, extras).await?;
