@@ -34,6 +34,7 @@ mod relay;
 mod services;
 mod sessions;
 mod tenancy;
+mod users;
 mod web;
 mod webhooks;
 mod worker;
