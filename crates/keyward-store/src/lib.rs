@@ -756,7 +756,8 @@ pub trait Store: Send + Sync + 'static {
             }
         }
         // Ranges of `good` still to commit, as a stack whose top is the leftmost.
-        let mut pending: Vec<std::ops::Range<usize>> = vec![0..good.len()];
+        let mut pending: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
+        pending.push(0..good.len());
         while let Some(range) = pending.pop() {
             let Some(batch) = good.get(range.clone()) else { continue };
             if batch.is_empty() {
