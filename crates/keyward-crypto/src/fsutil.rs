@@ -20,6 +20,7 @@ const GROUP_OTHER_BITS: u32 = 0o077;
 pub(crate) enum FileKind {
     Kek,
     AuditKey,
+    CheckpointKey,
 }
 
 impl FileKind {
@@ -29,6 +30,7 @@ impl FileKind {
         match self {
             FileKind::Kek => CryptoError::KekFile { path, reason },
             FileKind::AuditKey => CryptoError::AuditKeyFile { path, reason },
+            FileKind::CheckpointKey => CryptoError::CheckpointKeyFile { path, reason },
         }
     }
 

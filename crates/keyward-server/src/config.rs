@@ -225,6 +225,10 @@ pub struct Config {
     /// development). Without it `serve` refuses that setup.
     #[serde(default, deserialize_with = "flag")]
     pub allow_same_user: bool,
+    /// The Ed25519 key that signs audit checkpoints (created, mode 0600, on first use); keep
+    /// it off the database host if you can. Default: `<data_dir>/audit-checkpoint.key`.
+    #[serde(default, deserialize_with = "some_path")]
+    pub audit_checkpoint_key: Option<PathBuf>,
 }
 
 /// `KEYWARD_OIDC_*`: single sign-on with OpenID Connect (off while `issuer` is unset).
@@ -600,6 +604,13 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The audit checkpoint signing key: `KEYWARD_AUDIT_CHECKPOINT_KEY`, or in the data dir.
+    pub fn audit_checkpoint_key_path(&self) -> PathBuf {
+        self.audit_checkpoint_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(keyward_crypto::CHECKPOINT_KEY_FILE))
     }
 
     /// The database: `KEYWARD_DATABASE_URL`, or SQLite in the data dir.
@@ -1176,6 +1187,7 @@ mod tests {
             [
                 "KEYWARD_ALLOW_SAME_USER",
                 "KEYWARD_ANTHROPIC_BASE_URL",
+                "KEYWARD_AUDIT_CHECKPOINT_KEY",
                 "KEYWARD_CATALOGUE",
                 "KEYWARD_DATABASE_CONNECT_TIMEOUT_MS",
                 "KEYWARD_DATABASE_POOL_SIZE",

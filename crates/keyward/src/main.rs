@@ -261,17 +261,35 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the audit chain; exit 0 when intact, 1 naming the first broken event.
+    /// Check the audit chains (every account's and the platform's); exit 0 when intact, 1
+    /// naming the first broken event, or with --checkpoint every chain behind the checkpoint.
     Verify {
-        /// One account (acc_…); default: every account.
+        /// One account (acc_…); default: every account, and the platform's chain.
         #[arg(long, value_name = "ACCOUNT_ID")]
         account: Option<String>,
+        /// Also check that every chain still reaches where this checkpoint (written by `audit
+        /// checkpoint`, signed under KEYWARD_AUDIT_CHECKPOINT_KEY) saw it: a chain rolled back
+        /// or deleted since is named.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
     },
-    /// Print an account's events as JSON lines, oldest first.
+    /// Print an account's events, or the platform's (--platform), as JSON lines, oldest first.
     Export {
         /// The account (acc_…).
-        #[arg(long, value_name = "ACCOUNT_ID")]
-        account: String,
+        #[arg(long, value_name = "ACCOUNT_ID", required_unless_present = "platform")]
+        account: Option<String>,
+        /// The platform's chain: shared-pool keys, KEK rotate, promote and retire, plan changes
+        /// made by the CLI.
+        #[arg(long, conflicts_with = "account")]
+        platform: bool,
+    },
+    /// Write the head of every chain (seq and MAC) with the time, signed with Ed25519 under
+    /// KEYWARD_AUDIT_CHECKPOINT_KEY (created, mode 0600, on first use). Keep checkpoints
+    /// where whoever can write the database cannot.
+    Checkpoint {
+        /// Write it to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -584,10 +602,28 @@ fn run_command(
             Command::Audit { command } => {
                 let store = open_store(&config).await?;
                 let key = AuditChainKey::load(&config.data_dir)?;
+                let checkpoint_key = config.audit_checkpoint_key_path();
                 match command {
-                    AuditCommand::Verify { account } => {
-                        let verdict = audit_ops::verify(store.as_ref(), &key, account.as_deref()).await?;
+                    AuditCommand::Verify { account, checkpoint } => {
+                        let verdict = match checkpoint {
+                            None => audit_ops::verify(store.as_ref(), &key, account.as_deref()).await?,
+                            Some(file) => {
+                                let text = std::fs::read_to_string(&file)
+                                    .with_context(|| format!("reading the checkpoint {}", file.display()))?;
+                                let signing = keyward_crypto::CheckpointSigningKey::load(&checkpoint_key)
+                                    .context("the checkpoint key (KEYWARD_AUDIT_CHECKPOINT_KEY)")?;
+                                audit_ops::verify_against_checkpoint(
+                                    store.as_ref(),
+                                    &key,
+                                    &signing,
+                                    &text,
+                                    account.as_deref(),
+                                )
+                                .await?
+                            }
+                        };
                         print_json(&verdict.to_json())?;
+                        let mut err = std::io::stderr();
                         match verdict {
                             Verdict::Intact { .. } => Ok(ExitCode::SUCCESS),
                             Verdict::Broken(b) => {
@@ -595,20 +631,45 @@ fn run_command(
                                     || format!("seq {}", b.seq),
                                     |id| format!("event {id} (seq {})", b.seq),
                                 );
-                                let _ = writeln!(
-                                    std::io::stderr(),
-                                    "keyward: audit chain of {} broken at {at}: {}",
-                                    b.account_id,
-                                    b.reason
-                                );
+                                let _ = writeln!(err, "keyward: audit chain of {} broken at {at}: {}", b.account_id, b.reason);
+                                Ok(ExitCode::from(1))
+                            }
+                            Verdict::BehindCheckpoint(behind) => {
+                                for b in behind {
+                                    let _ = writeln!(err, "keyward: audit chain of {} is behind the checkpoint: {}", b.account_id, b.reason);
+                                }
+                                Ok(ExitCode::from(1))
+                            }
+                            Verdict::CheckpointRefused(reason) => {
+                                let _ = writeln!(err, "keyward: checkpoint refused: {reason}");
                                 Ok(ExitCode::from(1))
                             }
                         }
                     }
-                    AuditCommand::Export { account } => {
+                    AuditCommand::Export { account, platform } => {
+                        let lines = match (account, platform) {
+                            (Some(account), false) => audit_ops::export(store.as_ref(), &account).await?,
+                            _ => audit_ops::export_platform(store.as_ref()).await?,
+                        };
                         let mut out = std::io::stdout().lock();
-                        for line in audit_ops::export(store.as_ref(), &account).await? {
+                        for line in lines {
                             writeln!(out, "{line}")?;
+                        }
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    AuditCommand::Checkpoint { out } => {
+                        let signing = keyward_crypto::CheckpointSigningKey::load_or_create(&checkpoint_key)
+                            .context("the checkpoint key (KEYWARD_AUDIT_CHECKPOINT_KEY)")?;
+                        let now = keyward_server::clock::Clock::now(&SystemClock);
+                        let checkpoint = audit_ops::checkpoint(store.as_ref(), &signing, now).await?;
+                        match out {
+                            None => print_json(&checkpoint)?,
+                            Some(file) => {
+                                std::fs::write(&file, format!("{checkpoint}\n"))
+                                    .with_context(|| format!("writing the checkpoint {}", file.display()))?;
+                                let chains = checkpoint["chains"].as_array().map_or(0, Vec::len);
+                                print_json(&serde_json::json!({ "checkpoint": file.display().to_string(), "chains": chains, "at": checkpoint["at"] }))?;
+                            }
                         }
                         Ok(ExitCode::SUCCESS)
                     }
@@ -640,6 +701,14 @@ async fn run_kek(
             .with_admin_credentials_file(path)
             .context("--credentials-file is for KEYWARD_KEK=awskms:…")?;
     }
+    // The actions the platform's audit chain records: the database is opened first, so one
+    // that cannot be reached stops the command before anything is done.
+    let audit_store = match command {
+        KekCommand::Rotate { .. } | KekCommand::Promote { .. } | KekCommand::Retire { .. } => {
+            Some(open_store(config).await?)
+        }
+        KekCommand::Status | KekCommand::Rewrap { .. } => None,
+    };
     let out = match command {
         KekCommand::Rotate { staged, .. } => kek::rotate(&backend, staged).await?,
         KekCommand::Promote { version } => kek::promote(&backend, version)?,
@@ -670,6 +739,10 @@ async fn run_kek(
         }
     };
     print_json(&out)?;
+    if let Some(store) = audit_store {
+        let now = keyward_server::clock::Clock::now(&keyward_server::clock::SystemClock);
+        kek::audit(store.as_ref(), &out, now).await?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
