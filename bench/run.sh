@@ -36,9 +36,15 @@ if [[ -n "$baseline" ]]; then
 fi
 if [[ -n "$litellm" ]]; then
   venv=bench/.venv-litellm
-  if [[ ! -x "$venv/bin/litellm" ]]; then
+  # One exact version, never a range: litellm 1.82.7 and 1.82.8 on PyPI were malicious
+  # uploads (March 2026; PyPI has since removed them) that a range like >=1.50,<2 took in.
+  # 1.110.2 was uploaded 2026-11-20 (pypi.org/pypi/litellm/json). Raise it by hand, after
+  # reading what changed; a venv holding another version is rebuilt.
+  litellm_version=1.110.2
+  if [[ ! -x "$venv/bin/litellm" ]] || ! "$venv/bin/pip" show litellm 2>/dev/null | grep -qx "Version: $litellm_version"; then
+    rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet 'litellm[proxy]>=1.50,<2'
+    "$venv/bin/pip" install --quiet "litellm[proxy]==$litellm_version"
   fi
   args+=(--litellm "$PWD/$venv/bin/litellm")
 fi

@@ -27,6 +27,7 @@ mod kek;
 mod lifecycle;
 mod multinode;
 mod oidc;
+mod postgres_tls;
 mod providers_today;
 mod provisioning;
 mod relay;
