@@ -99,7 +99,12 @@ pub fn run(config: WorkerConfig, opener: Keyring) -> Result<(), WorkerError> {
         .chain(extra.iter().map(String::as_str))
         .collect();
     let status = sandbox::apply(&read_only)?;
-    tracing::info!(landlock = status.landlock, pid = std::process::id(), "worker sandboxed");
+    tracing::info!(
+        landlock = status.landlock,
+        allowed_syscalls = sandbox::allow_list_size(),
+        pid = std::process::id(),
+        "worker sandboxed"
+    );
 
     let worker = Arc::new(Worker {
         opener,

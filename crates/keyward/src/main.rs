@@ -80,7 +80,7 @@ enum Command {
     /// Applies the worker sandbox and tries something it must stop (for tests).
     #[command(hide = true)]
     WorkerSelftest {
-        /// `write` or `exec`.
+        /// `write`, `exec`, `fork`, `ptrace`, `process_vm_readv`, `raw_socket`, `thread` or `resolve`.
         probe: String,
     },
     /// Users, accounts, memberships, plans and the shared pool's keys.
@@ -366,10 +366,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     logging::init(&config.log, config.log_format).map_err(anyhow::Error::msg)?;
     if let Command::WorkerSelftest { probe } = &cli.command {
-        let probe = match probe.as_str() {
-            "write" => keyward_worker::sandbox::Probe::Write,
-            "exec" => keyward_worker::sandbox::Probe::Exec,
-            other => anyhow::bail!("unknown probe {other:?}: write or exec"),
+        let Some(probe) = keyward_worker::sandbox::Probe::parse(probe) else {
+            anyhow::bail!(
+                "unknown probe {probe:?}: one of {}",
+                keyward_worker::sandbox::Probe::NAMES.join(", ")
+            );
         };
         return Ok(ExitCode::from(
             u8::try_from(keyward_worker::sandbox::selftest(probe)).unwrap_or(1),
