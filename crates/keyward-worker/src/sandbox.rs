@@ -358,6 +358,10 @@ pub const PRCTL_OPTIONS: &[(i32, &str)] = &[
 ];
 
 /// `ioctl` requests on the worker's descriptors.
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "the request constants' type differs between libc targets (c_ulong or c_int)"
+)]
 pub const IOCTL_REQUESTS: &[(u64, &str)] = &[
     (libc::FIONBIO as u64, "non-blocking mode (std's set_nonblocking)"),
     (libc::FIOCLEX as u64, "close-on-exec"),
