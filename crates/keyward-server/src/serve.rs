@@ -184,8 +184,13 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     .map_err(|e| RuntimeError::Other(format!("node id: {e}")))?;
     match leases::release_earlier_runs(store.as_ref(), &leases, &clock, &metrics).await {
         Ok(0) => {}
-        Ok(n) => tracing::warn!(released = n, "released the reservations of calls this node's last run left unsettled"),
-        Err(e) => tracing::warn!(error = %e, "could not release the last run's reservations now; they are released when they expire"),
+        Ok(n) => tracing::warn!(
+            released = n,
+            "released the reservations of calls this node's last run left unsettled"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release the last run's reservations now; they are released when they expire")
+        }
     }
     let engine = Engine::new(EngineParts {
         store: store.clone(),

@@ -40,6 +40,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
+use crate::lease::{check_lease, lease_gone, LeaseRow};
 use crate::migrate::POSTGRES as MIGRATIONS;
 use crate::outbox::{
     self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
@@ -51,7 +52,6 @@ use crate::{
     StoreError, StoreResult, StoredKey, UsageReport, User,
 };
 use crate::{failure_counts, AuditFilter, KeyCallHealth, SessionLimits, WebSession};
-use crate::lease::{check_lease, lease_gone, LeaseRow};
 use crate::{LeaseId, LeaseRelease, NewLease, ReleasedLease};
 
 /// Tuning for the PostgreSQL backend.
@@ -2122,7 +2122,9 @@ impl Store for PgStore {
             let mut counters: BTreeMap<crate::CounterKey<'_>, i64> = BTreeMap::new();
             for row in &rows {
                 let (event, lease) = row.abandoned(why, now)?;
-                *credits.entry((row.account_id.as_str(), row.period.as_str())).or_default() += row.amount;
+                *credits
+                    .entry((row.account_id.as_str(), row.period.as_str()))
+                    .or_default() += row.amount;
                 *counters
                     .entry((
                         row.account_id.as_str(),

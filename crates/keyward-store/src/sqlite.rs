@@ -23,6 +23,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use sqlx::sqlite::SqliteConnectOptions;
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
+use crate::lease::{check_lease, lease_gone, LeaseRow};
 use crate::migrate::SQLITE as MIGRATIONS;
 use crate::outbox::{
     self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
@@ -34,7 +35,6 @@ use crate::{
     StoreError, StoreResult, StoredKey, UsageReport, User,
 };
 use crate::{failure_counts, AuditFilter, KeyCallHealth, SessionLimits, WebSession};
-use crate::lease::{check_lease, lease_gone, LeaseRow};
 use crate::{LeaseId, LeaseRelease, NewLease, ReleasedLease};
 use std::collections::BTreeMap;
 
@@ -1773,7 +1773,8 @@ impl Store for SqliteStore {
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(map_rusqlite)?;
-                let (reserved, announced) = reserve_in_tx(&tx, account.as_str(), &period, limit, amount, announce, now)?;
+                let (reserved, announced) =
+                    reserve_in_tx(&tx, account.as_str(), &period, limit, amount, announce, now)?;
                 if reserved || announced {
                     tx.commit().map_err(map_rusqlite)?;
                 } else {
@@ -1950,7 +1951,9 @@ impl Store for SqliteStore {
                         continue;
                     }
                     let (event, lease) = row.abandoned(why, now)?;
-                    *credits.entry((row.account_id.as_str(), row.period.as_str())).or_default() += row.amount;
+                    *credits
+                        .entry((row.account_id.as_str(), row.period.as_str()))
+                        .or_default() += row.amount;
                     *counters
                         .entry((
                             row.account_id.as_str(),

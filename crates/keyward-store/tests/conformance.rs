@@ -18,8 +18,9 @@ use keyward_store::audit::verify_chain;
 use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{
-    AccountSpec, AttemptOutcome, AuditAction, AuditActor, AuditFilter, CallRecord, KeyCallHealth, LastTest,
-    LeaseId, LeaseRelease, LeasedCall, NewAuditEvent, NewKey, NewLease, PgStore, SessionLimits, SqliteStore, Store, StoreError, WebhookFilter, KEY_SOURCES,
+    AccountSpec, AttemptOutcome, AuditAction, AuditActor, AuditFilter, CallRecord, KeyCallHealth, LastTest, LeaseId,
+    LeaseRelease, LeasedCall, NewAuditEvent, NewKey, NewLease, PgStore, SessionLimits, SqliteStore, Store, StoreError,
+    WebhookFilter, KEY_SOURCES,
 };
 use sqlx::Connection;
 
@@ -2391,7 +2392,10 @@ fn settle(account: &AccountId, lease_id: LeaseId, reserved: i64, charged: i64, n
 }
 
 async fn take(s: &dyn Store, l: &NewLease, limit: i64) -> LeaseId {
-    s.reserve_lease(l, limit, t(1)).await.unwrap().expect("the cap allows this lease")
+    s.reserve_lease(l, limit, t(1))
+        .await
+        .unwrap()
+        .expect("the cap allows this lease")
 }
 
 /// (credits used, credits reserved) in [`PERIOD`].
@@ -2426,21 +2430,19 @@ async fn leases_are_taken_renewed_settled_and_released_once_expired(s: &dyn Stor
     assert!(matches!(bad, Err(StoreError::Invalid(_))), "{bad:?}");
 
     // Renewal: only the holding run renews.
-    assert_eq!(
-        s.renew_leases("run_1", &[one, two], t(50_000)).await.unwrap().len(),
-        2
-    );
-    assert!(s.renew_leases("run_other", &[three], t(50_000)).await.unwrap().is_empty());
+    assert_eq!(s.renew_leases("run_1", &[one, two], t(50_000)).await.unwrap().len(), 2);
+    assert!(s
+        .renew_leases("run_other", &[three], t(50_000))
+        .await
+        .unwrap()
+        .is_empty());
 
     // Settling `two`: its reservation is released and the charge made.
     s.finish_calls(&[settle(&account, two, 20, 15, 1)]).await.unwrap();
     assert_eq!(credits(s, &account).await, (15, 40));
 
     // At 20 s only `three` has expired (`one` was renewed, `two` is settled).
-    let released = s
-        .release_leases(LeaseRelease::Expired, t(20_000), 100)
-        .await
-        .unwrap();
+    let released = s.release_leases(LeaseRelease::Expired, t(20_000), 100).await.unwrap();
     assert_eq!(released.len(), 1, "{released:?}");
     let r = &released[0];
     assert_eq!(
@@ -2480,7 +2482,10 @@ async fn leases_are_taken_renewed_settled_and_released_once_expired(s: &dyn Stor
     );
     assert_eq!((abandoned.input_tokens, abandoned.output_tokens), (Some(0), Some(0)));
     let detail = abandoned.detail.as_deref().unwrap_or_default();
-    assert!(detail.contains("node_a") && detail.contains("10 reserved credits"), "{detail}");
+    assert!(
+        detail.contains("node_a") && detail.contains("10 reserved credits"),
+        "{detail}"
+    );
     // The abandoned call is counted as a request with no tokens.
     let u = s.usage(&account, PERIOD).await.unwrap();
     assert_eq!(row(&u, Provider::Anthropic, KeySource::Shared), (2, 101, 11));
@@ -2492,10 +2497,7 @@ async fn leases_are_taken_renewed_settled_and_released_once_expired(s: &dyn Stor
         .await
         .unwrap()
         .is_empty());
-    let late = s
-        .release_leases(LeaseRelease::Expired, t(60_000), 100)
-        .await
-        .unwrap();
+    let late = s.release_leases(LeaseRelease::Expired, t(60_000), 100).await.unwrap();
     assert_eq!(late.iter().map(|l| l.id).collect::<Vec<_>>(), [one]);
     assert_eq!(credits(s, &account).await, (15, 0));
 
@@ -2582,7 +2584,10 @@ async fn two_sweepers_and_settlements_end_each_lease_once(s: Arc<dyn Store>, twi
     for n in 0..60 {
         let account = if n % 2 == 0 { &a } else { &b };
         let node = if n % 3 == 0 { "node_a" } else { "node_b" };
-        leases.push((account.clone(), take(s.as_ref(), &lease(account, 10, node, "run_1", 1_000), 10_000).await));
+        leases.push((
+            account.clone(),
+            take(s.as_ref(), &lease(account, 10, node, "run_1", 1_000), 10_000).await,
+        ));
     }
     let start = Arc::new(tokio::sync::Barrier::new(4 + 30));
     let mut sweepers = Vec::new();

@@ -41,7 +41,9 @@ use keyward_providers::{
     build_chat, parse_chat, ChatMessage, ChatRequest, Diagnosis, HttpCall, HttpMethod, ProviderFailure, StreamDecoder,
     StreamEvent, Usage,
 };
-use keyward_store::{AuditAction, AuditActor, CallKey, CallRecord, LeaseRelease, LeasedCall, NewAuditEvent, NewLease, StoredKey};
+use keyward_store::{
+    AuditAction, AuditActor, CallKey, CallRecord, LeaseRelease, LeasedCall, NewAuditEvent, NewLease, StoredKey,
+};
 use keyward_worker_protocol::protocol::{CallRequest, FailKind, Method};
 use keyward_worker_protocol::WorkerError;
 use tokio::sync::mpsc;

@@ -253,10 +253,7 @@ pub async fn keep(store: Arc<dyn Store>, leases: Arc<Leases>, clock: SharedClock
         tick.tick().await;
         let held = leases.held();
         if !held.is_empty() {
-            match store
-                .renew_leases(&leases.run, &held, leases.expiry(clock.now()))
-                .await
-            {
+            match store.renew_leases(&leases.run, &held, leases.expiry(clock.now())).await {
                 Ok(renewed) if renewed.len() < held.len() => {
                     // A call settled meanwhile has no lease row any more, and no guard.
                     // One still held but not renewed was released under a live call (this
@@ -268,7 +265,10 @@ pub async fn keep(store: Arc<dyn Store>, leases: Arc<Leases>, clock: SharedClock
                         .filter(|id| !renewed.contains(id) && still.contains(id))
                         .collect();
                     if !lost.is_empty() {
-                        tracing::warn!(?lost, "reservation leases of calls in flight were released by another node");
+                        tracing::warn!(
+                            ?lost,
+                            "reservation leases of calls in flight were released by another node"
+                        );
                     }
                 }
                 Ok(_) => {}

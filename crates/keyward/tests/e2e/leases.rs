@@ -179,7 +179,11 @@ async fn wait_until_in_flight(fake: &FakeProviders, tasks: &mut Vec<tokio::task:
     let total: usize = PLANS.iter().map(|p| p.count).sum();
     let deadline = Instant::now() + Duration::from_secs(30);
     while fake.requests().len() < total {
-        assert!(Instant::now() < deadline, "the fake saw {} of {total} calls", fake.requests().len());
+        assert!(
+            Instant::now() < deadline,
+            "the fake saw {} of {total} calls",
+            fake.requests().len()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The Anthropic calls answer at once and the OpenAI plain ones after 1.5 s; the streams
@@ -237,14 +241,21 @@ async fn check_nothing_lost(
         assert_eq!(charged, credits, "{s:?}: the answer's credits_charged");
         expected += credits;
     }
-    assert_eq!(used, expected, "credits charged = the usage of the calls the client saw answered");
+    assert_eq!(
+        used, expected,
+        "credits charged = the usage of the calls the client saw answered"
+    );
 
     let events = ai_events(kw, token, account).await;
     assert_eq!(events.len(), total, "one ai.request event per call: {events:#?}");
     let ok = events.iter().filter(|e| e["outcome"] == "ok").count();
     let abandoned: Vec<&Value> = events.iter().filter(|e| e["outcome"] == "error:abandoned").collect();
     assert_eq!(ok, answered.len(), "an ok event for each call the client saw answered");
-    assert_eq!(abandoned.len(), total - answered.len(), "error:abandoned for each other call");
+    assert_eq!(
+        abandoned.len(),
+        total - answered.len(),
+        "error:abandoned for each other call"
+    );
     for e in &abandoned {
         assert_eq!(e["key_source"], "shared", "{e}");
         assert_eq!(e["input_tokens"], 0, "{e}");
@@ -254,7 +265,10 @@ async fn check_nothing_lost(
     // the fast ones.
     for s in seen {
         if s.answered.is_none() {
-            assert!(s.provider != "anthropic", "{s:?} should have been answered before the kill");
+            assert!(
+                s.provider != "anthropic",
+                "{s:?} should have been answered before the kill"
+            );
         }
     }
     assert_audit_ok(kw, Some(account));
@@ -266,10 +280,7 @@ async fn check_nothing_lost(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gateway_killed_with_shared_calls_in_flight_loses_nothing_sqlite() {
     let fake = FakeProviders::start().unwrap();
-    let mut kw = start_with(
-        fake_options(&fake, &[("KEYWARD_RESERVATION_LEASE_SECS", "60")])
-.log("info"),
-    );
+    let mut kw = start_with(fake_options(&fake, &[("KEYWARD_RESERVATION_LEASE_SECS", "60")]).log("info"));
     let (token, account) = (kw.owner_token().to_owned(), kw.owner_account().to_owned());
     shared_keys(&fake, &kw);
     set_limit(&kw, &account, 1_000_000);
@@ -282,7 +293,10 @@ async fn a_gateway_killed_with_shared_calls_in_flight_loses_nothing_sqlite() {
     for t in tasks {
         seen.push(t.await.unwrap());
     }
-    let partial = seen.iter().filter(|s| s.stream && s.answered.is_none() && s.deltas > 0).count();
+    let partial = seen
+        .iter()
+        .filter(|s| s.stream && s.answered.is_none() && s.deltas > 0)
+        .count();
     assert!(partial > 0, "some streams were cut mid-way: {seen:?}");
     // Still held while the node is down: nothing else would release them for 60 s.
     assert_eq!(db_credits_sqlite(&kw, &account).await.2, before.2);
@@ -291,14 +305,19 @@ async fn a_gateway_killed_with_shared_calls_in_flight_loses_nothing_sqlite() {
     kw.start_again();
     let after = db_credits_sqlite(&kw, &account).await;
     let took = restarted.elapsed();
-    assert!(took < Duration::from_secs(30), "released at start, not at expiry ({took:?})");
+    assert!(
+        took < Duration::from_secs(30),
+        "released at start, not at expiry ({took:?})"
+    );
     let (answered, abandoned, credits) = check_nothing_lost(&kw, &token, &account, &seen, after).await;
     eprintln!(
         "sqlite: kill -9 with {} calls in flight ({} reserved credits, {partial} streams mid-way): \
          {answered} answered and charged {credits} credits, {abandoned} released as abandoned at restart ({took:?})",
         before.2, before.1
     );
-    assert!(kw.output().contains("released the reservation of a call that was never settled"));
+    assert!(kw
+        .output()
+        .contains("released the reservation of a call that was never settled"));
 }
 
 /// PostgreSQL, two nodes: node A is killed with the calls in flight and stays down; node B
@@ -327,7 +346,10 @@ async fn a_gateway_killed_with_shared_calls_in_flight_loses_nothing_postgres() {
     // first renewal), so B has released none of them.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let before = db_credits_pg(&db, &account).await;
-    assert!(before.1 > 0 && before.2 == tasks.len() as i64, "in flight, renewed: {before:?}");
+    assert!(
+        before.1 > 0 && before.2 == tasks.len() as i64,
+        "in flight, renewed: {before:?}"
+    );
     a.kill();
     let killed = Instant::now();
     for t in tasks {
@@ -343,7 +365,9 @@ async fn a_gateway_killed_with_shared_calls_in_flight_loses_nothing_postgres() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let took = killed.elapsed();
-    assert!(b.output().contains("released the reservation of a call that was never settled"));
+    assert!(b
+        .output()
+        .contains("released the reservation of a call that was never settled"));
     let (answered, abandoned, credits) = check_nothing_lost(&b, &token, &account, &seen, after).await;
 
     // A restarts: its earlier run's leases are gone already, and nothing is released twice.
