@@ -191,7 +191,7 @@ impl PgStore {
             .acquire_timeout(opts.connect_timeout)
             .connect_with(connect)
             .await
-            .map_err(map_err)?;
+            .map_err(map_connect_err)?;
         let store = PgStore {
             pool,
             chain_key: Arc::new(ChainCtx {
@@ -286,6 +286,29 @@ fn map_err(e: sqlx::Error) -> StoreError {
         | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
         _ => StoreError::Database(e.to_string()),
     }
+}
+
+/// A failed first connection, said so that an operator knows what to fix. TLS failures
+/// are the ones rustls words for a programmer (`invalid peer certificate: UnknownIssuer`).
+fn map_connect_err(e: sqlx::Error) -> StoreError {
+    // rustls's refusal reaches sqlx as an I/O error during the handshake, or as a TLS error.
+    let said = e.to_string();
+    if !matches!(e, sqlx::Error::Tls(_)) && !said.contains("invalid peer certificate") {
+        return map_err(e);
+    }
+    let said = said.trim_start_matches("error communicating with database: ");
+    let why = if said.contains("UnknownIssuer") {
+        "the server's certificate is not signed by the CA in sslrootcert (without sslrootcert, \
+         by none of the public web CAs)"
+    } else if said.contains("NotValidForName") || said.contains("not valid for name") {
+        "the server's certificate does not name the host in the URL (sslmode=verify-full \
+         checks the host name; connect by a name the certificate holds)"
+    } else if said.contains("Expired") {
+        "the server's certificate has expired"
+    } else {
+        "the TLS handshake failed"
+    };
+    StoreError::Unavailable(format!("TLS to PostgreSQL refused: {why} ({said})"))
 }
 
 fn corrupt(what: &str) -> StoreError {

@@ -28,6 +28,7 @@ mod leases;
 mod lifecycle;
 mod multinode;
 mod oidc;
+mod postgres_tls;
 mod providers_today;
 mod provisioning;
 mod relay;
