@@ -11,7 +11,9 @@
 //!
 //! Shared-pool caps are enforced by the database, not in memory: a reservation is one
 //! conditional `UPDATE … WHERE used + reserved + amount <= limit`, so the cap holds however
-//! many gateway processes share the database.
+//! many gateway processes share the database. A call's reservation is held as a lease
+//! ([`lease`]) that its node renews, so the reservation of a node that died is released
+//! (credits back, the call audited as abandoned) exactly once, and never as well as settled.
 //!
 //! Must never: hold or see a plaintext key (it stores [`SealedKey`] blobs only), log a
 //! blob, or let a backend's SQL dialect leak into the types below: the server sees only
@@ -718,7 +720,8 @@ pub trait Store: Send + Sync + 'static {
     /// `Ok(false)` when it would exceed (and nothing changes). One conditional update in the
     /// database, so the cap holds across processes. Own-key calls never call this.
     /// A refusal past 80% of the limit may announce the pool as spent (`shared.quota_threshold`,
-    /// dated `now`; see [`outbox::thresholds_crossed`]).
+    /// dated `now`; see [`outbox::thresholds_crossed`]). A bare reservation: nothing releases
+    /// it if its holder dies; the gateway reserves with [`Store::reserve_lease`].
     async fn reserve_credits(
         &self,
         account: &AccountId,

@@ -11,8 +11,9 @@
 //!   newest committed row after waiting for its lock, so the cap holds across nodes.
 //!
 //! Locks are always taken in one order, so transactions do not deadlock each other: key rows,
-//! then source rows, then credit and counter rows (in key order), then audit heads (in
-//! account-id byte order). A transaction that fails anyway with a serialization failure or a
+//! then source rows, then reservation leases, then credit and counter rows (in key order), then
+//! audit heads (in account-id byte order). A sweep of expired leases skips the lease rows
+//! another transaction holds (`FOR UPDATE SKIP LOCKED`), so it never waits on one. A transaction that fails anyway with a serialization failure or a
 //! deadlock (SQLSTATE 40001, 40P01) is retried a few times before the error is returned.
 //!
 //! Schema changes run under a transaction-scoped advisory lock, so nodes starting together
