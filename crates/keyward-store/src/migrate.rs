@@ -47,6 +47,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "reservation_leases",
         sql: include_str!("../migrations/sqlite/0007_reservation_leases.sql"),
     },
+    Migration {
+        version: 8,
+        name: "platform_audit",
+        sql: include_str!("../migrations/sqlite/0008_platform_audit.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -84,6 +89,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 7,
         name: "reservation_leases",
         sql: include_str!("../migrations/postgres/0007_reservation_leases.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "platform_audit",
+        sql: include_str!("../migrations/postgres/0008_platform_audit.sql"),
     },
 ];
 

@@ -35,6 +35,7 @@ mod relay;
 mod services;
 mod sessions;
 mod tenancy;
+mod users;
 mod web;
 mod webhooks;
 mod worker;

@@ -53,6 +53,7 @@ fn serve_refused(db_url: &str) -> (Option<i32>, String) {
         .arg("serve")
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
+        .env("KEYWARD_ALLOW_SAME_USER", "1")
         .env("KEYWARD_DATA_DIR", dir.path())
         .env("KEYWARD_LISTEN", "127.0.0.1:0")
         .env("KEYWARD_DATABASE_URL", db_url)
