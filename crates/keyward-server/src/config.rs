@@ -198,6 +198,14 @@ pub struct Config {
     /// "Test key" calls allowed per account and provider per minute.
     #[serde(default = "default_key_tests", deserialize_with = "within::<_, u32, 1, 10_000>")]
     pub key_tests_per_minute: u32,
+    /// How long a shared call's credit reservation is held without renewal: a gateway that
+    /// dies mid-call has its reservations released (credits back, `error:abandoned`) this
+    /// long after its last renewal, or at its next start. Renewed every third of it.
+    #[serde(
+        default = "default_reservation_lease",
+        deserialize_with = "within::<_, u32, 1, 3_600>"
+    )]
+    pub reservation_lease_secs: u32,
     /// A model catalogue file replacing the built-in one.
     #[serde(default, deserialize_with = "some_path")]
     pub catalogue: Option<PathBuf>,
@@ -463,6 +471,9 @@ fn default_max_ai_body_bytes() -> usize {
 }
 fn default_key_tests() -> u32 {
     10
+}
+fn default_reservation_lease() -> u32 {
+    60
 }
 fn default_pool_size() -> u32 {
     10
@@ -1216,6 +1227,7 @@ mod tests {
                 "KEYWARD_OPENAI_BASE_URL",
                 "KEYWARD_PROVIDER_CONNECT_TIMEOUT_MS",
                 "KEYWARD_PROVIDER_TIMEOUT_MS",
+                "KEYWARD_RESERVATION_LEASE_SECS",
                 "KEYWARD_TLS_CERT",
                 "KEYWARD_TLS_KEY",
                 "KEYWARD_TOKEN_LOGIN",

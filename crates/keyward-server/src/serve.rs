@@ -20,6 +20,7 @@ use crate::app::router;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::engine::identity::hash_token;
+use crate::engine::leases::{self, Leases};
 use crate::engine::{Engine, EngineParts};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -225,6 +226,23 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, mut extras: Serve
     let workers = WorkerPool::start(config.workers, config.data_dir.join("run"), worker, metrics.clone())
         .map_err(|e| RuntimeError::Other(format!("worker pool: {e}")))?;
     let purge = PurgeHandle::default();
+    // Reservations this node held when it last stopped died with it: released before the
+    // first call (their credits back, each call audited as abandoned).
+    let leases = Leases::for_data_dir(
+        &config.data_dir,
+        Duration::from_secs(u64::from(config.reservation_lease_secs)),
+    )
+    .map_err(|e| RuntimeError::Other(format!("node id: {e}")))?;
+    match leases::release_earlier_runs(store.as_ref(), &leases, &clock, &metrics).await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            released = n,
+            "released the reservations of calls this node's last run left unsettled"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release the last run's reservations now; they are released when they expire")
+        }
+    }
     let engine = Engine::new(EngineParts {
         store: store.clone(),
         sealer: sealer.clone(),
@@ -234,6 +252,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, mut extras: Serve
         purge: purge.clone(),
         workers,
         ledger: Ledger::start(store.clone()),
+        leases: leases.clone(),
         probe_limiter: Default::default(),
         provider_timeout_ms: config.provider.timeout_ms,
         key_tests_per_minute: config.key_tests_per_minute,
@@ -249,6 +268,12 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, mut extras: Serve
     });
     let purger = tokio::spawn(purge::run(store.clone(), purge.clone()));
     let session_sweeper = tokio::spawn(crate::web::sessions::sweep(store.clone(), state.engine.clock.clone()));
+    let lease_keeper = tokio::spawn(leases::keep(
+        store.clone(),
+        leases,
+        state.engine.clock.clone(),
+        state.engine.metrics.clone(),
+    ));
     let kek_watcher = tokio::spawn(crate::kek::watch(
         config.clone(),
         kek_state,
@@ -300,6 +325,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, mut extras: Serve
     };
     purger.abort();
     session_sweeper.abort();
+    lease_keeper.abort();
     kek_watcher.abort();
     if let Some(d) = deliverer {
         d.abort();

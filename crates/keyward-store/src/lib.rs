@@ -11,7 +11,9 @@
 //!
 //! Shared-pool caps are enforced by the database, not in memory: a reservation is one
 //! conditional `UPDATE … WHERE used + reserved + amount <= limit`, so the cap holds however
-//! many gateway processes share the database.
+//! many gateway processes share the database. A call's reservation is held as a lease
+//! ([`lease`]) that its node renews, so the reservation of a node that died is released
+//! (credits back, the call audited as abandoned) exactly once, and never as well as settled.
 //!
 //! Must never: hold or see a plaintext key (it stores [`SealedKey`] blobs only), log a
 //! blob, or let a backend's SQL dialect leak into the types below: the server sees only
@@ -19,6 +21,7 @@
 
 pub mod audit;
 pub mod kek;
+pub mod lease;
 mod migrate;
 pub mod outbox;
 pub mod postgres;
@@ -38,6 +41,7 @@ pub use audit::{
     PlatformEvent, PLATFORM_CHAIN,
 };
 pub use kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow};
+pub use lease::{LeaseId, LeaseRelease, LeasedCall, NewLease, ReleasedLease};
 pub use outbox::{AttemptOutcome, OutboxBacklog, OutboxRules, WebhookEvent, WebhookFilter, WebhookKind};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -269,6 +273,9 @@ pub struct CallRecord {
     pub output_tokens: i64,
     /// Its `ai.request` event, for `account_id`'s chain.
     pub audit: NewAuditEvent,
+    /// The lease its reservation is held under ([`Store::reserve_lease`]), settled with it;
+    /// `None` for a call that reserved nothing (or with [`Store::reserve_credits`]).
+    pub lease: Option<LeaseId>,
 }
 
 /// One account's metering for one period.
@@ -717,7 +724,8 @@ pub trait Store: Send + Sync + 'static {
     /// `Ok(false)` when it would exceed (and nothing changes). One conditional update in the
     /// database, so the cap holds across processes. Own-key calls never call this.
     /// A refusal past 80% of the limit may announce the pool as spent (`shared.quota_threshold`,
-    /// dated `now`; see [`outbox::thresholds_crossed`]).
+    /// dated `now`; see [`outbox::thresholds_crossed`]). A bare reservation: nothing releases
+    /// it if its holder dies; the gateway reserves with [`Store::reserve_lease`].
     async fn reserve_credits(
         &self,
         account: &AccountId,
@@ -727,7 +735,9 @@ pub trait Store: Send + Sync + 'static {
         now: UnixMillis,
     ) -> StoreResult<bool>;
     /// Group commit for finished AI calls: ONE transaction for the whole batch. For each
-    /// record, in order: release its reservation (`credits_reserved -= reserved`), charge
+    /// record, in order: settle its lease if it names one (`Invalid`, naming the record, when
+    /// that lease was released meanwhile: the call is already on record as abandoned and
+    /// must not be charged too), release its reservation (`credits_reserved -= reserved`), charge
     /// (`credits_used += charged`), bump the usage counters of (account, period, provider,
     /// source), and append its `ai.request` event to the account's chain. Durable when it
     /// returns. All or nothing: `Invalid` (naming the record) is checked before anything is
@@ -790,6 +800,28 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Releases a reservation without charging (the call failed before a provider was reached).
     async fn release_credits(&self, account: &AccountId, period: &str, amount: i64) -> StoreResult<()>;
+
+    // ---- shared-pool reservations as leases (see [`lease`]) ---------------------------------
+    /// [`Store::reserve_credits`] for `lease.amount` in `lease.period`, and in the same
+    /// transaction the lease row that holds the reservation until the call is settled
+    /// ([`Store::finish_calls`] with a record naming the lease) or released
+    /// ([`Store::release_leases`]). `None` when the cap refuses (nothing is written, as for
+    /// `reserve_credits`).
+    async fn reserve_lease(&self, lease: &NewLease, limit: i64, now: UnixMillis) -> StoreResult<Option<LeaseId>>;
+    /// Moves the expiry of the leases `ids` that run `run` still holds to `expires_at`;
+    /// returns those it renewed (a lease missing from the answer was released meanwhile).
+    async fn renew_leases(&self, run: &str, ids: &[LeaseId], expires_at: UnixMillis) -> StoreResult<Vec<LeaseId>>;
+    /// Releases up to `limit` leases chosen by `which`, each exactly once however many
+    /// nodes release at the same time: its credits return (`credits_reserved` drops), and
+    /// one `ai.request` event with outcome `error:abandoned` is appended to its account's
+    /// chain (with the call's actor, provider, model, key source, feature and member), dated
+    /// `now`; a settled lease is never released. Returns the leases this call released.
+    async fn release_leases(
+        &self,
+        which: LeaseRelease<'_>,
+        now: UnixMillis,
+        limit: u32,
+    ) -> StoreResult<Vec<ReleasedLease>>;
     /// Credits and usage counters of one period: zeros for a period with no calls.
     async fn usage(&self, account: &AccountId, period: &str) -> StoreResult<UsageReport>;
 

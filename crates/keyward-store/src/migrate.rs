@@ -43,6 +43,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0006_sessions.sql"),
     },
     Migration {
+        version: 7,
+        name: "reservation_leases",
+        sql: include_str!("../migrations/sqlite/0007_reservation_leases.sql"),
+    },
+    Migration {
         version: 8,
         name: "platform_audit",
         sql: include_str!("../migrations/sqlite/0008_platform_audit.sql"),
@@ -79,6 +84,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 6,
         name: "sessions",
         sql: include_str!("../migrations/postgres/0006_sessions.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "reservation_leases",
+        sql: include_str!("../migrations/postgres/0007_reservation_leases.sql"),
     },
     Migration {
         version: 8,

@@ -11,8 +11,9 @@
 //!   newest committed row after waiting for its lock, so the cap holds across nodes.
 //!
 //! Locks are always taken in one order, so transactions do not deadlock each other: key rows,
-//! then source rows, then credit and counter rows (in key order), then audit heads (in
-//! account-id byte order). A transaction that fails anyway with a serialization failure or a
+//! then source rows, then reservation leases, then credit and counter rows (in key order), then
+//! audit heads (in account-id byte order). A sweep of expired leases skips the lease rows
+//! another transaction holds (`FOR UPDATE SKIP LOCKED`), so it never waits on one. A transaction that fails anyway with a serialization failure or a
 //! deadlock (SQLSTATE 40001, 40P01) is retried a few times before the error is returned.
 //!
 //! Schema changes run under a transaction-scoped advisory lock, so nodes starting together
@@ -40,6 +41,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent, NewPlatformEvent, PlatformEvent};
+use crate::lease::{check_lease, lease_gone, LeaseRow};
 use crate::migrate::POSTGRES as MIGRATIONS;
 use crate::outbox::{
     self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
@@ -51,6 +53,7 @@ use crate::{
     StoreError, StoreResult, StoredKey, UsageReport, User,
 };
 use crate::{failure_counts, AuditFilter, KeyCallHealth, SessionLimits, WebSession};
+use crate::{LeaseId, LeaseRelease, NewLease, ReleasedLease};
 
 /// Tuning for the PostgreSQL backend.
 #[derive(Debug, Clone)]
@@ -962,6 +965,112 @@ async fn settle_in_tx(
     Ok(())
 }
 
+/// The cap check and the reservation of `amount` credits (see `Store::reserve_credits`),
+/// inside the caller's transaction: whether it reserved, and whether a refusal wrote
+/// something to keep (the announcement that the pool is spent).
+async fn reserve_in_tx(
+    conn: &mut PgConnection,
+    account: &str,
+    period: &str,
+    limit: i64,
+    amount: i64,
+    announce: bool,
+    now: UnixMillis,
+) -> TxResult<(bool, bool)> {
+    // An unknown account fails the foreign key here: NotFound.
+    sqlx::query(
+        "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES ($1, $2, 0, 0)
+         ON CONFLICT (account_id, period) DO NOTHING",
+    )
+    .bind(account)
+    .bind(period)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg)?;
+    // The cap check and the reservation are one statement: a racing reservation waits for
+    // the row lock, then the WHERE is re-checked against its result.
+    let done = sqlx::query(
+        "UPDATE credit_periods SET credits_reserved = credits_reserved + $3, credit_limit = $4
+         WHERE account_id = $1 AND period = $2 AND credits_used + credits_reserved + $3 <= $4",
+    )
+    .bind(account)
+    .bind(period)
+    .bind(amount)
+    .bind(limit)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg)?;
+    if done.rows_affected() == 1 {
+        return Ok((true, false));
+    }
+    sqlx::query("UPDATE credit_periods SET credit_limit = $3 WHERE account_id = $1 AND period = $2")
+        .bind(account)
+        .bind(period)
+        .bind(limit)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg)?;
+    let announced = announce && announce_thresholds(conn, account, period, Some(amount), now).await?;
+    Ok((false, announced))
+}
+
+/// Settles the leases the records of a `finish_calls` batch name, first in its transaction
+/// (lease rows come first in the lock order): each lease row is deleted, and a record whose
+/// lease is gone (released as abandoned meanwhile, or being released now: the delete waits
+/// for that release to commit and then finds nothing) fails the batch, naming the record.
+async fn settle_leases(conn: &mut PgConnection, records: &[CallRecord]) -> TxResult<()> {
+    let leased: Vec<(usize, LeaseId)> = records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.lease.map(|id| (i, id)))
+        .collect();
+    if leased.is_empty() {
+        return Ok(());
+    }
+    let (mut ids, mut accounts, mut periods, mut amounts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for &(i, id) in &leased {
+        let r = &records[i];
+        ids.push(id);
+        accounts.push(r.account_id.as_str());
+        periods.push(r.period.as_str());
+        amounts.push(r.reserved);
+    }
+    let settled: Vec<LeaseId> = sqlx::query_scalar(
+        "DELETE FROM reservation_leases l
+         USING UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[]) AS r(id, account_id, period, amount)
+         WHERE l.id = r.id AND l.account_id = r.account_id AND l.period = r.period AND l.amount = r.amount
+         RETURNING l.id",
+    )
+    .bind(&ids)
+    .bind(&accounts)
+    .bind(&periods)
+    .bind(&amounts)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(pg)?;
+    if let Some(&(i, id)) = leased.iter().find(|(_, id)| !settled.contains(id)) {
+        return Err(crate::at_record(i, lease_gone(id)).into());
+    }
+    Ok(())
+}
+
+/// A lease row, as `release_leases` reads it.
+fn lease_from_row(row: &PgRow) -> StoreResult<LeaseRow> {
+    Ok(LeaseRow {
+        id: get(row, "id")?,
+        account_id: get(row, "account_id")?,
+        period: get(row, "period")?,
+        amount: get(row, "amount")?,
+        node: get(row, "node")?,
+        actor: get(row, "actor")?,
+        provider: get(row, "provider")?,
+        model: get(row, "model")?,
+        key_source: get(row, "key_source")?,
+        feature: get(row, "feature")?,
+        on_behalf_of: get(row, "on_behalf_of")?,
+    })
+}
+
 /// One provider's state, read inside the caller's transaction.
 async fn state_in(conn: &mut PgConnection, account: &AccountId, provider: Provider) -> TxResult<ProviderState> {
     let source: Option<String> =
@@ -1853,49 +1962,14 @@ impl Store for PgStore {
     ) -> StoreResult<bool> {
         check_period(period)?;
         check_amount("amount", amount)?;
+        let announce = self.chain_key.rules.enabled;
         transaction!(self, |conn| {
-            // An unknown account fails the foreign key here: NotFound.
-            sqlx::query(
-                "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES ($1, $2, 0, 0)
-                 ON CONFLICT (account_id, period) DO NOTHING",
-            )
-            .bind(account.as_str())
-            .bind(period)
-            .execute(&mut *conn)
-            .await
-            .map_err(pg)?;
-            // The cap check and the reservation are one statement: a racing reservation
-            // waits for the row lock, then the WHERE is re-checked against its result.
-            let done = sqlx::query(
-                "UPDATE credit_periods SET credits_reserved = credits_reserved + $3, credit_limit = $4
-                 WHERE account_id = $1 AND period = $2 AND credits_used + credits_reserved + $3 <= $4",
-            )
-            .bind(account.as_str())
-            .bind(period)
-            .bind(amount)
-            .bind(limit)
-            .execute(&mut *conn)
-            .await
-            .map_err(pg)?;
-            if done.rows_affected() == 1 {
-                Finish::Commit(true)
-            } else {
-                sqlx::query("UPDATE credit_periods SET credit_limit = $3 WHERE account_id = $1 AND period = $2")
-                    .bind(account.as_str())
-                    .bind(period)
-                    .bind(limit)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(pg)?;
-                if self.chain_key.rules.enabled
-                    && announce_thresholds(conn, account.as_str(), period, Some(amount), now).await?
-                {
-                    // Refused, and the pool is now announced as spent: keep that.
-                    Finish::Commit(false)
-                } else {
-                    // Refused: roll back the empty row too, so a refusal leaves no trace.
-                    Finish::Rollback(false)
-                }
+            match reserve_in_tx(conn, account.as_str(), period, limit, amount, announce, now).await? {
+                (true, _) => Finish::Commit(true),
+                // Refused, and the pool is now announced as spent: keep that.
+                (false, true) => Finish::Commit(false),
+                // Refused: roll back the empty row too, so a refusal leaves no trace.
+                (false, false) => Finish::Rollback(false),
             }
         })
     }
@@ -1930,6 +2004,8 @@ impl Store for PgStore {
             .max()
             .filter(|_| self.chain_key.rules.enabled);
         transaction!(self, |conn| {
+            // First the leases: a call released as abandoned meanwhile is not settled.
+            settle_leases(conn, records).await?;
             for ((account, period), (release, charge)) in &credits {
                 settle_in_tx(conn, account, period, *release, *charge, announce_at).await?;
             }
@@ -1970,6 +2046,142 @@ impl Store for PgStore {
         transaction!(self, |conn| {
             settle_in_tx(conn, account.as_str(), period, amount, 0, None).await?;
             Finish::Commit(())
+        })
+    }
+
+    async fn reserve_lease(&self, lease: &NewLease, limit: i64, now: UnixMillis) -> StoreResult<Option<LeaseId>> {
+        check_lease(lease)?;
+        let announce = self.chain_key.rules.enabled;
+        let account = lease.account_id.as_str();
+        let c = &lease.call;
+        transaction!(self, |conn| {
+            match reserve_in_tx(conn, account, &lease.period, limit, lease.amount, announce, now).await? {
+                (false, true) => Finish::Commit(None),
+                (false, false) => Finish::Rollback(None),
+                (true, _) => {
+                    let id: LeaseId = sqlx::query_scalar(
+                        "INSERT INTO reservation_leases (account_id, period, amount, node, run, expires_at, created_at,
+                           actor, provider, model, key_source, feature, on_behalf_of)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                         RETURNING id",
+                    )
+                    .bind(account)
+                    .bind(&lease.period)
+                    .bind(lease.amount)
+                    .bind(&lease.node)
+                    .bind(&lease.run)
+                    .bind(lease.expires_at.as_i64())
+                    .bind(now.as_i64())
+                    .bind(storable(&c.actor.0))
+                    .bind(c.provider.as_str())
+                    .bind(storable(&c.model))
+                    .bind(c.key_source.as_str())
+                    .bind(c.feature.as_deref().map(storable))
+                    .bind(c.on_behalf_of.as_deref().map(storable))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(pg)?;
+                    Finish::Commit(Some(id))
+                }
+            }
+        })
+    }
+
+    async fn renew_leases(&self, run: &str, ids: &[LeaseId], expires_at: UnixMillis) -> StoreResult<Vec<LeaseId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_scalar(
+            "UPDATE reservation_leases SET expires_at = $3 WHERE run = $1 AND id = ANY($2::bigint[]) RETURNING id",
+        )
+        .bind(run)
+        .bind(ids)
+        .bind(expires_at.as_i64())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn release_leases(
+        &self,
+        which: LeaseRelease<'_>,
+        now: UnixMillis,
+        limit: u32,
+    ) -> StoreResult<Vec<ReleasedLease>> {
+        // Which rows, as a condition on `reservation_leases` with $1 and $3 (the limit is $2).
+        let condition = match which {
+            LeaseRelease::Expired => "expires_at < $1",
+            LeaseRelease::EarlierRuns { .. } => "node = $1 AND run <> $3",
+            LeaseRelease::One(_) => "id = $1",
+        };
+        // The release: the rows are locked and deleted first, skipping those another
+        // transaction holds (a settlement, or another node's sweep: each lease goes to whoever
+        // locked it first, and a row deleted by a transaction that committed meanwhile is
+        // found gone), then credits, counters and audit heads, in the lock order above.
+        let sql = format!(
+            "DELETE FROM reservation_leases WHERE id IN (
+               SELECT id FROM reservation_leases WHERE {condition} ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING id, account_id, period, amount, node, actor, provider, model, key_source, feature, on_behalf_of"
+        );
+        let why = which.why();
+        let limit = i64::from(limit);
+        transaction!(self, |conn| {
+            let q = sqlx::query(&sql);
+            let q = match which {
+                LeaseRelease::Expired => q.bind(now.as_i64()).bind(limit),
+                LeaseRelease::EarlierRuns { node, current } => q.bind(node).bind(limit).bind(current),
+                LeaseRelease::One(id) => q.bind(id).bind(limit),
+            };
+            let mut rows = q
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(pg)?
+                .iter()
+                .map(lease_from_row)
+                .collect::<StoreResult<Vec<_>>>()?;
+            rows.sort_by_key(|r| r.id);
+            let mut events = Vec::with_capacity(rows.len());
+            let mut released = Vec::with_capacity(rows.len());
+            let mut credits: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+            let mut counters: BTreeMap<crate::CounterKey<'_>, i64> = BTreeMap::new();
+            for row in &rows {
+                let (event, lease) = row.abandoned(why, now)?;
+                *credits
+                    .entry((row.account_id.as_str(), row.period.as_str()))
+                    .or_default() += row.amount;
+                *counters
+                    .entry((
+                        row.account_id.as_str(),
+                        row.period.as_str(),
+                        row.provider.as_str(),
+                        row.key_source.as_str(),
+                    ))
+                    .or_default() += 1;
+                events.push(event);
+                released.push(lease);
+            }
+            for ((account, period), amount) in &credits {
+                settle_in_tx(conn, account, period, *amount, 0, None).await?;
+            }
+            for ((account, period, provider, source), requests) in &counters {
+                sqlx::query(
+                    "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
+                     VALUES ($1, $2, $3, $4, $5, 0, 0)
+                     ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
+                       requests = usage_counters.requests + excluded.requests",
+                )
+                .bind(account)
+                .bind(period)
+                .bind(provider)
+                .bind(source)
+                .bind(requests)
+                .execute(&mut *conn)
+                .await
+                .map_err(pg)?;
+            }
+            let refs: Vec<&NewAuditEvent> = events.iter().collect();
+            append_in_tx(conn, &self.chain_key, &refs).await?;
+            Finish::Commit(released)
         })
     }
 

@@ -23,6 +23,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use sqlx::sqlite::SqliteConnectOptions;
 
 use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent, NewPlatformEvent, PlatformEvent};
+use crate::lease::{check_lease, lease_gone, LeaseRow};
 use crate::migrate::SQLITE as MIGRATIONS;
 use crate::outbox::{
     self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
@@ -34,6 +35,8 @@ use crate::{
     StoreError, StoreResult, StoredKey, UsageReport, User,
 };
 use crate::{failure_counts, AuditFilter, KeyCallHealth, SessionLimits, WebSession};
+use crate::{LeaseId, LeaseRelease, NewLease, ReleasedLease};
+use std::collections::BTreeMap;
 
 /// Tuning for the SQLite backend.
 #[derive(Debug, Clone)]
@@ -835,6 +838,100 @@ fn settle_in_tx(
     }
     Ok(())
 }
+
+/// The cap check and the reservation of `amount` credits (see `Store::reserve_credits`),
+/// inside the caller's transaction: whether it reserved, and whether a refusal wrote
+/// something to keep (the announcement that the pool is spent).
+fn reserve_in_tx(
+    tx: &Connection,
+    account: &str,
+    period: &str,
+    limit: i64,
+    amount: i64,
+    announce: bool,
+    now: UnixMillis,
+) -> StoreResult<(bool, bool)> {
+    // An unknown account fails the foreign key here: NotFound.
+    exec(
+        tx,
+        "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES (?1, ?2, 0, 0)
+         ON CONFLICT (account_id, period) DO NOTHING",
+        (account, period),
+    )?;
+    // The cap check and the reservation are one statement: atomic in the database, so it
+    // holds across processes (SQLite serializes writers; PostgreSQL re-checks the WHERE
+    // against the locked row).
+    let reserved = exec(
+        tx,
+        "UPDATE credit_periods SET credits_reserved = credits_reserved + ?3, credit_limit = ?4
+         WHERE account_id = ?1 AND period = ?2 AND credits_used + credits_reserved + ?3 <= ?4",
+        (account, period, amount, limit),
+    )? == 1;
+    let announced = !reserved && announce && {
+        exec(
+            tx,
+            "UPDATE credit_periods SET credit_limit = ?3 WHERE account_id = ?1 AND period = ?2",
+            (account, period, limit),
+        )?;
+        announce_thresholds(tx, account, period, Some(amount), now)?
+    };
+    Ok((reserved, announced))
+}
+
+/// Adds to one usage counter row (account, period, provider, source), inside the caller's
+/// transaction.
+fn count_calls(tx: &Connection, key: crate::CounterKey<'_>, requests: i64, input: i64, output: i64) -> StoreResult<()> {
+    let (account, period, provider, source) = key;
+    exec(
+        tx,
+        "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
+           requests = usage_counters.requests + excluded.requests,
+           input_tokens = usage_counters.input_tokens + excluded.input_tokens,
+           output_tokens = usage_counters.output_tokens + excluded.output_tokens",
+        (account, period, provider, source, requests, input, output),
+    )?;
+    Ok(())
+}
+
+/// Settles the leases the records of a `finish_calls` batch name, inside its transaction:
+/// each lease row is deleted, and a record whose lease is gone (released as abandoned
+/// meanwhile) fails the batch, naming the record.
+fn settle_leases(tx: &Connection, records: &[CallRecord]) -> StoreResult<()> {
+    for (i, r) in records.iter().enumerate() {
+        let Some(id) = r.lease else { continue };
+        let settled = exec(
+            tx,
+            "DELETE FROM reservation_leases WHERE id = ?1 AND account_id = ?2 AND period = ?3 AND amount = ?4",
+            (id, r.account_id.as_str(), r.period.as_str(), r.reserved),
+        )?;
+        if settled != 1 {
+            return Err(crate::at_record(i, lease_gone(id)));
+        }
+    }
+    Ok(())
+}
+
+/// A lease row, as `release_leases` reads it.
+fn lease_from_row(row: &Row<'_>) -> StoreResult<LeaseRow> {
+    Ok(LeaseRow {
+        id: get(row, "id")?,
+        account_id: get(row, "account_id")?,
+        period: get(row, "period")?,
+        amount: get(row, "amount")?,
+        node: get(row, "node")?,
+        actor: get(row, "actor")?,
+        provider: get(row, "provider")?,
+        model: get(row, "model")?,
+        key_source: get(row, "key_source")?,
+        feature: get(row, "feature")?,
+        on_behalf_of: get(row, "on_behalf_of")?,
+    })
+}
+
+const LEASE_COLUMNS: &str =
+    "id, account_id, period, amount, node, actor, provider, model, key_source, feature, on_behalf_of";
 
 /// A [`StoredKey`] from the `key_id`, `sealed`, `last4` and `reported_leaked_at` columns.
 fn stored_key_from_row(row: &Row<'_>, table: &str) -> StoreResult<StoredKey> {
@@ -1692,30 +1789,8 @@ impl Store for SqliteStore {
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(map_rusqlite)?;
-                // An unknown account fails the foreign key here: NotFound.
-                exec(
-                    &tx,
-                    "INSERT INTO credit_periods (account_id, period, credits_used, credits_reserved) VALUES (?1, ?2, 0, 0)
-                     ON CONFLICT (account_id, period) DO NOTHING",
-                    (account.as_str(), period.as_str()),
-                )?;
-                // The cap check and the reservation are one statement: atomic in the database,
-                // so it holds across processes (SQLite serializes writers; PostgreSQL re-checks
-                // the WHERE against the locked row).
-                let reserved = exec(
-                    &tx,
-                    "UPDATE credit_periods SET credits_reserved = credits_reserved + ?3, credit_limit = ?4
-                     WHERE account_id = ?1 AND period = ?2 AND credits_used + credits_reserved + ?3 <= ?4",
-                    (account.as_str(), period.as_str(), amount, limit),
-                )? == 1;
-                let announced = !reserved && announce && {
-                    exec(
-                        &tx,
-                        "UPDATE credit_periods SET credit_limit = ?3 WHERE account_id = ?1 AND period = ?2",
-                        (account.as_str(), period.as_str(), limit),
-                    )?;
-                    announce_thresholds(&tx, account.as_str(), period.as_str(), Some(amount), now)?
-                };
+                let (reserved, announced) =
+                    reserve_in_tx(&tx, account.as_str(), &period, limit, amount, announce, now)?;
                 if reserved || announced {
                     tx.commit().map_err(map_rusqlite)?;
                 } else {
@@ -1745,6 +1820,8 @@ impl Store for SqliteStore {
                     .max()
                     .filter(|_| chain_key.rules.enabled);
                 immediate(conn, |tx| {
+                    // First the leases: a call released as abandoned meanwhile is not settled.
+                    settle_leases(tx, &records)?;
                     append_in_tx(tx, &chain_key, records.iter().map(|r| &r.audit))?;
                     for ((account, period), (release, charge)) in credits {
                         settle_in_tx(tx, account, period, release, charge, announce_at)?;
@@ -1776,6 +1853,143 @@ impl Store for SqliteStore {
         let (account, period) = (account.clone(), period.to_owned());
         self.writer
             .transaction(move |tx| settle_in_tx(tx, account.as_str(), &period, amount, 0, None))
+            .await
+    }
+
+    async fn reserve_lease(&self, lease: &NewLease, limit: i64, now: UnixMillis) -> StoreResult<Option<LeaseId>> {
+        check_lease(lease)?;
+        let (lease, announce) = (lease.clone(), self.chain_key.rules.enabled);
+        self.writer
+            .write(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(map_rusqlite)?;
+                let account = lease.account_id.as_str();
+                let (reserved, announced) =
+                    reserve_in_tx(&tx, account, &lease.period, limit, lease.amount, announce, now)?;
+                if !reserved {
+                    if announced {
+                        tx.commit().map_err(map_rusqlite)?;
+                    } else {
+                        tx.rollback().map_err(map_rusqlite)?;
+                    }
+                    return Ok(None);
+                }
+                let c = &lease.call;
+                exec(
+                    &tx,
+                    "INSERT INTO reservation_leases (account_id, period, amount, node, run, expires_at, created_at,
+                       actor, provider, model, key_source, feature, on_behalf_of)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    rusqlite::params![
+                        account,
+                        lease.period,
+                        lease.amount,
+                        lease.node,
+                        lease.run,
+                        lease.expires_at.as_i64(),
+                        now.as_i64(),
+                        c.actor.0,
+                        c.provider.as_str(),
+                        c.model,
+                        c.key_source.as_str(),
+                        c.feature,
+                        c.on_behalf_of,
+                    ],
+                )?;
+                let id = tx.last_insert_rowid();
+                tx.commit().map_err(map_rusqlite)?;
+                Ok(Some(id))
+            })
+            .await
+    }
+
+    async fn renew_leases(&self, run: &str, ids: &[LeaseId], expires_at: UnixMillis) -> StoreResult<Vec<LeaseId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (run, ids) = (run.to_owned(), ids.to_vec());
+        self.writer
+            .transaction(move |tx| {
+                let mut renewed = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if exec(
+                        tx,
+                        "UPDATE reservation_leases SET expires_at = ?3 WHERE id = ?1 AND run = ?2",
+                        (id, run.as_str(), expires_at.as_i64()),
+                    )? == 1
+                    {
+                        renewed.push(id);
+                    }
+                }
+                Ok(renewed)
+            })
+            .await
+    }
+
+    async fn release_leases(
+        &self,
+        which: LeaseRelease<'_>,
+        now: UnixMillis,
+        limit: u32,
+    ) -> StoreResult<Vec<ReleasedLease>> {
+        use rusqlite::types::Value;
+        let chain_key = Arc::clone(&self.chain_key);
+        let limit = Value::from(i64::from(limit));
+        // ?2 is the limit in every form.
+        let (sql, args): (String, Vec<Value>) = match which {
+            LeaseRelease::Expired => (
+                format!("SELECT {LEASE_COLUMNS} FROM reservation_leases WHERE expires_at < ?1 ORDER BY id LIMIT ?2"),
+                vec![now.as_i64().into(), limit],
+            ),
+            LeaseRelease::EarlierRuns { node, current } => (
+                format!(
+                    "SELECT {LEASE_COLUMNS} FROM reservation_leases WHERE node = ?1 AND run <> ?3 ORDER BY id LIMIT ?2"
+                ),
+                vec![node.to_owned().into(), limit, current.to_owned().into()],
+            ),
+            LeaseRelease::One(id) => (
+                format!("SELECT {LEASE_COLUMNS} FROM reservation_leases WHERE id = ?1 LIMIT ?2"),
+                vec![id.into(), limit],
+            ),
+        };
+        let why = which.why();
+        self.writer
+            .transaction(move |tx| {
+                let rows = read_all(tx, &sql, rusqlite::params_from_iter(args), lease_from_row)?;
+                let mut events = Vec::with_capacity(rows.len());
+                let mut released = Vec::with_capacity(rows.len());
+                let mut credits: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+                let mut counters: BTreeMap<crate::CounterKey<'_>, i64> = BTreeMap::new();
+                for row in &rows {
+                    // The conditional transition: the row is still there (one writer).
+                    if exec(tx, "DELETE FROM reservation_leases WHERE id = ?1", (row.id,))? != 1 {
+                        continue;
+                    }
+                    let (event, lease) = row.abandoned(why, now)?;
+                    *credits
+                        .entry((row.account_id.as_str(), row.period.as_str()))
+                        .or_default() += row.amount;
+                    *counters
+                        .entry((
+                            row.account_id.as_str(),
+                            row.period.as_str(),
+                            row.provider.as_str(),
+                            row.key_source.as_str(),
+                        ))
+                        .or_default() += 1;
+                    events.push(event);
+                    released.push(lease);
+                }
+                for ((account, period), amount) in credits {
+                    settle_in_tx(tx, account, period, amount, 0, None)?;
+                }
+                for (key, requests) in counters {
+                    count_calls(tx, key, requests, 0, 0)?;
+                }
+                append_in_tx(tx, &chain_key, &events)?;
+                Ok(released)
+            })
             .await
     }
 

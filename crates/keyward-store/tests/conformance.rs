@@ -18,8 +18,9 @@ use keyward_store::audit::verify_chain;
 use keyward_store::postgres::PgOptions;
 use keyward_store::sqlite::SqliteOptions;
 use keyward_store::{
-    AccountSpec, AttemptOutcome, AuditAction, AuditActor, AuditFilter, CallRecord, KeyCallHealth, LastTest,
-    NewAuditEvent, NewKey, PgStore, SessionLimits, SqliteStore, Store, StoreError, WebhookFilter, KEY_SOURCES,
+    AccountSpec, AttemptOutcome, AuditAction, AuditActor, AuditFilter, CallRecord, KeyCallHealth, LastTest, LeaseId,
+    LeaseRelease, LeasedCall, NewAuditEvent, NewKey, NewLease, PgStore, SessionLimits, SqliteStore, Store, StoreError,
+    WebhookFilter, KEY_SOURCES,
 };
 use sqlx::Connection;
 
@@ -836,6 +837,7 @@ fn call(account: &AccountId, provider: Provider, source: KeySource, reserved: i6
             feature: Some("drafting".into()),
             on_behalf_of: None,
         },
+        lease: None,
     }
 }
 
@@ -2492,6 +2494,327 @@ macro_rules! conformance {
 
 conformance!(sqlite);
 conformance!(postgres);
+
+// ---- shared-pool reservations as leases ----------------------------------------------------
+
+/// A lease for `amount` credits in [`PERIOD`], held by `node` in `run` until `expires`.
+fn lease(account: &AccountId, amount: i64, node: &str, run: &str, expires: i64) -> NewLease {
+    NewLease {
+        account_id: account.clone(),
+        period: PERIOD.to_owned(),
+        amount,
+        node: node.to_owned(),
+        run: run.to_owned(),
+        expires_at: t(expires),
+        call: LeasedCall {
+            actor: AuditActor("usr_caller".into()),
+            provider: Provider::Anthropic,
+            model: "claude-test".into(),
+            key_source: KeySource::Shared,
+            feature: Some("drafting".into()),
+            on_behalf_of: Some("usr_member".into()),
+        },
+    }
+}
+
+/// The call settling `lease_id`: `reserved` released, `charged` charged.
+fn settle(account: &AccountId, lease_id: LeaseId, reserved: i64, charged: i64, n: i64) -> CallRecord {
+    CallRecord {
+        lease: Some(lease_id),
+        ..call(account, Provider::Anthropic, KeySource::Shared, reserved, charged, n)
+    }
+}
+
+async fn take(s: &dyn Store, l: &NewLease, limit: i64) -> LeaseId {
+    s.reserve_lease(l, limit, t(1))
+        .await
+        .unwrap()
+        .expect("the cap allows this lease")
+}
+
+/// (credits used, credits reserved) in [`PERIOD`].
+async fn credits(s: &dyn Store, account: &AccountId) -> (i64, i64) {
+    let u = s.usage(account, PERIOD).await.unwrap();
+    (u.credits_used, u.credits_reserved)
+}
+
+/// The account's `ai.request` events by outcome, oldest first.
+async fn call_outcomes(s: &dyn Store, account: &AccountId) -> Vec<keyward_store::AuditEvent> {
+    let (events, _) = s.audit_chain(account).await.unwrap();
+    events.into_iter().filter(|e| e.action == "ai.request").collect()
+}
+
+async fn leases_are_taken_renewed_settled_and_released_once_expired(s: &dyn Store) {
+    let (_, account) = owner_with_account(s, 1, Plan::Pro).await;
+    let one = take(s, &lease(&account, 30, "node_a", "run_1", 10_000), 100).await;
+    // Past the cap: refused, and no lease is left behind (the sweep below finds none).
+    assert_eq!(
+        s.reserve_lease(&lease(&account, 80, "node_a", "run_1", 10_000), 100, t(1))
+            .await
+            .unwrap(),
+        None
+    );
+    let two = take(s, &lease(&account, 20, "node_a", "run_1", 10_000), 100).await;
+    let three = take(s, &lease(&account, 10, "node_a", "run_1", 10_000), 100).await;
+    assert!(one < two && two < three, "{one} {two} {three}");
+    assert_eq!(credits(s, &account).await, (0, 60));
+    let bad = s
+        .reserve_lease(&lease(&account, 1, "node_a", "", 10_000), 100, t(1))
+        .await;
+    assert!(matches!(bad, Err(StoreError::Invalid(_))), "{bad:?}");
+
+    // Renewal: only the holding run renews.
+    assert_eq!(s.renew_leases("run_1", &[one, two], t(50_000)).await.unwrap().len(), 2);
+    assert!(s
+        .renew_leases("run_other", &[three], t(50_000))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Settling `two`: its reservation is released and the charge made.
+    s.finish_calls(&[settle(&account, two, 20, 15, 1)]).await.unwrap();
+    assert_eq!(credits(s, &account).await, (15, 40));
+
+    // At 20 s only `three` has expired (`one` was renewed, `two` is settled).
+    let released = s.release_leases(LeaseRelease::Expired, t(20_000), 100).await.unwrap();
+    assert_eq!(released.len(), 1, "{released:?}");
+    let r = &released[0];
+    assert_eq!(
+        (r.id, &r.account_id, r.provider, r.key_source, r.amount, r.node.as_str()),
+        (three, &account, Provider::Anthropic, KeySource::Shared, 10, "node_a")
+    );
+    assert_eq!(credits(s, &account).await, (15, 30));
+    // Exactly once: a second sweep finds nothing.
+    assert!(s
+        .release_leases(LeaseRelease::Expired, t(20_000), 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let calls = call_outcomes(s, &account).await;
+    assert_eq!(
+        calls.iter().map(|e| e.outcome.as_str()).collect::<Vec<_>>(),
+        ["ok", "error:abandoned"]
+    );
+    let abandoned = &calls[1];
+    assert_eq!(abandoned.actor, "usr_caller");
+    assert_eq!(abandoned.at, 20_000);
+    assert_eq!(
+        (
+            abandoned.provider.as_deref(),
+            abandoned.key_source.as_deref(),
+            abandoned.model.as_deref(),
+            abandoned.feature.as_deref(),
+            abandoned.on_behalf_of.as_deref(),
+        ),
+        (
+            Some("anthropic"),
+            Some("shared"),
+            Some("claude-test"),
+            Some("drafting"),
+            Some("usr_member")
+        )
+    );
+    assert_eq!((abandoned.input_tokens, abandoned.output_tokens), (Some(0), Some(0)));
+    let detail = abandoned.detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.contains("node_a") && detail.contains("10 reserved credits"),
+        "{detail}"
+    );
+    // The abandoned call is counted as a request with no tokens.
+    let u = s.usage(&account, PERIOD).await.unwrap();
+    assert_eq!(row(&u, Provider::Anthropic, KeySource::Shared), (2, 101, 11));
+
+    // A settled lease is never released, by id or by expiry; the renewed one goes when it
+    // expires.
+    assert!(s
+        .release_leases(LeaseRelease::One(two), t(20_000), 1)
+        .await
+        .unwrap()
+        .is_empty());
+    let late = s.release_leases(LeaseRelease::Expired, t(60_000), 100).await.unwrap();
+    assert_eq!(late.iter().map(|l| l.id).collect::<Vec<_>>(), [one]);
+    assert_eq!(credits(s, &account).await, (15, 0));
+
+    // A released lease is never settled: the record is refused (naming it), nothing changes.
+    let refused = s.finish_calls(&[settle(&account, one, 30, 30, 2)]).await;
+    match refused {
+        Err(StoreError::Invalid(m)) => assert!(m.contains("call record 0") && m.contains("released"), "{m}"),
+        other => panic!("a settlement of a released lease must be refused: {other:?}"),
+    }
+    assert_eq!(credits(s, &account).await, (15, 0));
+    assert_eq!(call_outcomes(s, &account).await.len(), 3);
+    assert_eq!(chain_ok(s, &account).await, 3);
+
+    // One lease released at once, whatever its expiry (a call that could not be recorded).
+    let four = take(s, &lease(&account, 5, "node_a", "run_1", 90_000), 100).await;
+    let now = s.release_leases(LeaseRelease::One(four), t(61_000), 1).await.unwrap();
+    assert_eq!(now.len(), 1);
+    assert!(call_outcomes(s, &account).await[3]
+        .detail
+        .as_deref()
+        .is_some_and(|d| d.contains("could not be recorded")));
+    assert_eq!(credits(s, &account).await, (15, 0));
+}
+
+async fn a_node_releases_its_earlier_runs_and_no_other_nodes_leases(s: &dyn Store) {
+    let (_, a) = owner_with_account(s, 1, Plan::Pro).await;
+    let (_, b) = owner_with_account(s, 2, Plan::Pro).await;
+    let far = 1_000_000_000;
+    let old_1 = take(s, &lease(&a, 10, "node_a", "run_old", far), 1_000).await;
+    let old_2 = take(s, &lease(&b, 20, "node_a", "run_old", far), 1_000).await;
+    let _live = take(s, &lease(&a, 30, "node_a", "run_new", far), 1_000).await;
+    let other = take(s, &lease(&a, 40, "node_b", "run_old", far), 1_000).await;
+    assert_eq!(credits(s, &a).await, (0, 80));
+
+    let released = s
+        .release_leases(
+            LeaseRelease::EarlierRuns {
+                node: "node_a",
+                current: "run_new",
+            },
+            t(5),
+            100,
+        )
+        .await
+        .unwrap();
+    let mut ids: Vec<_> = released.iter().map(|l| l.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [old_1, old_2], "only node_a's earlier run");
+    assert_eq!(credits(s, &a).await, (0, 70));
+    assert_eq!(credits(s, &b).await, (0, 0));
+    for acc in [&a, &b] {
+        let calls = call_outcomes(s, acc).await;
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].outcome, "error:abandoned");
+        assert!(calls[0].detail.as_deref().unwrap_or_default().contains("restarted"));
+    }
+    // Nothing left of node_a's earlier runs; node_b's lease and node_a's live one stay.
+    assert!(s
+        .release_leases(
+            LeaseRelease::EarlierRuns {
+                node: "node_a",
+                current: "run_new"
+            },
+            t(6),
+            100
+        )
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.renew_leases("run_old", &[other], t(far + 1)).await.unwrap(),
+        [other],
+        "node_b's lease is still held"
+    );
+    assert_eq!(chain_ok(s, &a).await, 1);
+}
+
+/// Two sweepers (one per handle, standing for two nodes) release 60 expired leases while
+/// their calls try to settle 30 of them: each lease ends exactly once, settled or released.
+async fn two_sweepers_and_settlements_end_each_lease_once(s: Arc<dyn Store>, twin: Arc<dyn Store>) {
+    let (_, a) = owner_with_account(s.as_ref(), 1, Plan::Pro).await;
+    let (_, b) = owner_with_account(s.as_ref(), 2, Plan::Pro).await;
+    let mut leases = Vec::new();
+    for n in 0..60 {
+        let account = if n % 2 == 0 { &a } else { &b };
+        let node = if n % 3 == 0 { "node_a" } else { "node_b" };
+        leases.push((
+            account.clone(),
+            take(s.as_ref(), &lease(account, 10, node, "run_1", 1_000), 10_000).await,
+        ));
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(4 + 30));
+    let mut sweepers = Vec::new();
+    for k in 0..4 {
+        let node = if k % 2 == 0 { s.clone() } else { twin.clone() };
+        let start = start.clone();
+        sweepers.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut mine = Vec::new();
+            loop {
+                let got = node.release_leases(LeaseRelease::Expired, t(5_000), 3).await.unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                mine.extend(got.into_iter().map(|l| l.id));
+            }
+        }));
+    }
+    let mut settlers = Vec::new();
+    for (n, (account, id)) in leases.iter().take(30).cloned().enumerate() {
+        let node = if n % 2 == 0 { s.clone() } else { twin.clone() };
+        let start = start.clone();
+        settlers.push(tokio::spawn(async move {
+            start.wait().await;
+            let r = node.finish_calls(&[settle(&account, id, 10, 7, n as i64)]).await;
+            match r {
+                Ok(()) => Some(id),
+                Err(StoreError::Invalid(_)) => None,
+                Err(e) => panic!("settlement failed otherwise: {e}"),
+            }
+        }));
+    }
+    let mut released = Vec::new();
+    for t in sweepers {
+        released.extend(t.await.unwrap());
+    }
+    let mut settled = Vec::new();
+    for t in settlers {
+        settled.extend(t.await.unwrap());
+    }
+    let mut all: Vec<LeaseId> = released.iter().chain(&settled).copied().collect();
+    all.sort_unstable();
+    let mut expected: Vec<LeaseId> = leases.iter().map(|(_, id)| *id).collect();
+    expected.sort_unstable();
+    assert_eq!(all, expected, "each lease released or settled, exactly once");
+    eprintln!(
+        "two sweepers and 30 settlements: {} leases released, {} settled",
+        released.len(),
+        settled.len()
+    );
+    let (mut used, mut reserved, mut abandoned, mut ok) = (0, 0, 0, 0);
+    for acc in [&a, &b] {
+        let (u, r) = credits(s.as_ref(), acc).await;
+        used += u;
+        reserved += r;
+        for e in call_outcomes(s.as_ref(), acc).await {
+            match e.outcome.as_str() {
+                "ok" => ok += 1,
+                "error:abandoned" => abandoned += 1,
+                other => panic!("unexpected outcome {other}"),
+            }
+        }
+        chain_ok(s.as_ref(), acc).await;
+    }
+    assert_eq!(reserved, 0);
+    assert_eq!(used, 7 * settled.len() as i64, "each settled call charged once");
+    assert_eq!((ok, abandoned), (settled.len(), released.len()), "one event per call");
+}
+
+macro_rules! leases {
+    ($backend:ident, $suite:ident) => {
+        mod $suite {
+            #[tokio::test]
+            async fn leases_are_taken_renewed_settled_and_released_once_expired() {
+                let Some(b) = super::$backend().await else { return };
+                super::leases_are_taken_renewed_settled_and_released_once_expired(b.store.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn a_node_releases_its_earlier_runs_and_no_other_nodes_leases() {
+                let Some(b) = super::$backend().await else { return };
+                super::a_node_releases_its_earlier_runs_and_no_other_nodes_leases(b.store.as_ref()).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn two_sweepers_and_settlements_end_each_lease_once() {
+                let Some(b) = super::$backend().await else { return };
+                super::two_sweepers_and_settlements_end_each_lease_once(b.store.clone(), b.twin.clone()).await;
+            }
+        }
+    };
+}
+
+leases!(sqlite, sqlite_leases);
+leases!(postgres, postgres_leases);
 
 /// What only the PostgreSQL backend has: a server to lose, connections to be cut, and a
 /// statement timeout bounding lock waits. Each maps to `Unavailable` (503), and the store

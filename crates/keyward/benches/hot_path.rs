@@ -154,6 +154,7 @@ fn record(account: &AccountId, n: i64) -> CallRecord {
         .request_id(Some(format!("req_{n}")))
         .tokens(9, 2)
         .feature(Some("drafting".into())),
+        lease: None,
     }
 }
 

@@ -10,6 +10,28 @@
 //! [`Upstream`]), and [`CallContext::settle`] or [`Engine::fail_call`] (the credits settled
 //! to the provider's usage and the `ai.request` event durable, before the answer is
 //! released). [`Engine::chat`] runs all three for `ai/messages`.
+//!
+//! Exact metering when a process dies mid-call. A call counts as *answered* when its
+//! client has the complete answer: a plain answer's body, or a stream's terminal event
+//! (`done` on `ai/messages`; the chunk with the provider's end marker on the pass-through).
+//! The order of operations makes "answered" and "charged" the same set of calls:
+//! - a shared call's reservation is a lease ([`super::leases`]): a row naming this node,
+//!   renewed while the call runs. If the gateway dies, the lease is released (at the node's
+//!   next start, or by any node once it expires): credits back, `error:abandoned` on record;
+//! - the settlement commits *before* the client can have the complete answer: a plain
+//!   answer is returned only after [`CallContext::settle`] returns, and a stream's terminal
+//!   event is sent only after it (text before it is passed on as it arrives);
+//! - settling and releasing are one conditional transition on the lease row: whichever
+//!   commits first deletes it, and the other finds it gone. A settlement that finds its
+//!   lease released fails, and the client gets `503 database_unavailable` instead of the
+//!   answer's end: abandoned calls are never charged, charged calls never abandoned.
+//!
+//! What remains: a gateway killed after the settlement commits but before the last bytes
+//! reach the client charges a call whose client never saw it end (the client may retry and
+//! pay again); and a stream abandoned mid-way leaves the client with the text it already
+//! received, uncharged. Both windows are bounded by one write to a local socket and by the
+//! stream's length respectively; no order of operations closes both, since the database
+//! and the client cannot commit together.
 
 use std::time::Instant;
 
@@ -19,7 +41,9 @@ use keyward_providers::{
     build_chat, parse_chat, ChatMessage, ChatRequest, Diagnosis, HttpCall, HttpMethod, ProviderFailure, StreamDecoder,
     StreamEvent, Usage,
 };
-use keyward_store::{AuditAction, AuditActor, CallKey, CallRecord, NewAuditEvent, StoredKey};
+use keyward_store::{
+    AuditAction, AuditActor, CallKey, CallRecord, LeaseRelease, LeasedCall, NewAuditEvent, NewLease, StoredKey,
+};
 use keyward_worker_protocol::protocol::{CallRequest, FailKind, Method};
 use keyward_worker_protocol::WorkerError;
 use tokio::sync::mpsc;
@@ -293,6 +317,8 @@ pub struct CallContext {
     pub started: Instant,
     /// Whether the provider bills the call (token counting is free: audited, never charged).
     pub billed: bool,
+    /// The lease holding the shared reservation (`reserved` credits), while the call runs.
+    pub lease: Option<std::sync::Arc<super::leases::HeldLease>>,
 }
 
 impl CallContext {
@@ -349,6 +375,7 @@ impl CallContext {
             input_tokens: audit.input_tokens.unwrap_or(0),
             output_tokens: audit.output_tokens.unwrap_or(0),
             audit,
+            lease: self.lease.as_ref().map(|l| l.id),
         };
         engine
             .metrics
@@ -358,15 +385,17 @@ impl CallContext {
             .observe_ai_latency(self.provider, self.choice.source, self.started.elapsed().as_secs_f64());
         if let Err(e) = engine.ledger.commit(record).await {
             tracing::error!(error = %e, "could not record an AI call");
-            // Give the reservation back (best effort): an unrecorded call must not keep
-            // the month's credits tied up.
-            if self.reserved > 0 {
+            // Give the reservation back now (best effort): an unrecorded call must not keep
+            // the month's credits tied up. Released as abandoned, so the call is on record
+            // after all; if this fails too, the lease expires and a sweep does it. (A lease
+            // already released, the reason the settlement was refused, is left as it is.)
+            if let Some(lease) = &self.lease {
                 if let Err(e) = engine
                     .store
-                    .release_credits(&self.account, &self.period, self.reserved)
+                    .release_leases(LeaseRelease::One(lease.id), engine.clock.now(), 1)
                     .await
                 {
-                    tracing::error!(error = %e, "could not release a reservation");
+                    tracing::error!(error = %e, "could not release a reservation lease; it is released when it expires");
                 }
             }
             return Err(ApiError::new(
@@ -556,6 +585,7 @@ impl Engine {
             on_behalf_of: actor.on_behalf_of.as_ref().map(ToString::to_string),
             started: Instant::now(),
             billed,
+            lease: None,
         };
         if ctx.choice.source == KeySource::Own && ctx.choice.key.reported_leaked_at.is_some() {
             // The provider blocked this key; the account chose it, so no fallback to the pool.
@@ -568,11 +598,24 @@ impl Engine {
             let estimate = ctx.model.credits_for(input_bytes as u64, u64::from(max_tokens)).max(1);
             let reserved = i64::try_from(estimate).unwrap_or(i64::MAX);
             let limit = actor.account().shared_credit_limit;
-            if !self
-                .store
-                .reserve_credits(account, &ctx.period, limit, reserved, self.clock.now())
-                .await?
-            {
+            let now = self.clock.now();
+            let lease = NewLease {
+                account_id: account.clone(),
+                period: ctx.period.clone(),
+                amount: reserved,
+                node: self.leases.node().to_owned(),
+                run: self.leases.run().to_owned(),
+                expires_at: self.leases.expiry(now),
+                call: LeasedCall {
+                    actor: ctx.actor.clone(),
+                    provider,
+                    model: ctx.model.id.clone(),
+                    key_source: ctx.choice.source,
+                    feature: ctx.feature.clone(),
+                    on_behalf_of: ctx.on_behalf_of.clone(),
+                },
+            };
+            let Some(id) = self.store.reserve_lease(&lease, limit, now).await? else {
                 let refusal = ApiError::new(
                     ErrorCode::SharedQuotaExhausted,
                     format!(
@@ -587,8 +630,12 @@ impl Engine {
                 );
                 self.refuse_on_record(&ctx, &recorded).await?;
                 return Err(refusal);
-            }
-            return Ok(CallContext { reserved, ..ctx });
+            };
+            return Ok(CallContext {
+                reserved,
+                lease: Some(std::sync::Arc::new(self.leases.hold(id))),
+                ..ctx
+            });
         }
         Ok(ctx)
     }

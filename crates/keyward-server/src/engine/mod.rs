@@ -11,7 +11,8 @@
 //! - [`provisioning`]: accounts, users and memberships keyed by the product's own ids.
 //! - [`keys`]: list, save or rotate, remove a key; switch its source.
 //! - [`calls`]: an AI call: choose the key, reserve shared credits, open the key in a
-//!   worker and call the provider, settle and audit.
+//!   worker and call the provider, settle and audit ([`leases`]: a shared reservation is a
+//!   lease, renewed while the call runs, released if its holder dies).
 //! - [`native`]: a native pass-through call (the provider's own request and answer).
 //! - [`probe`]: "Test key" ([`throttle`]: how often).
 //! - [`usage`]: the month's shared credits and counts.
@@ -28,6 +29,7 @@ pub mod audit;
 pub mod calls;
 pub mod identity;
 pub mod keys;
+pub mod leases;
 pub mod native;
 pub mod probe;
 pub mod provisioning;
@@ -64,6 +66,8 @@ pub struct EngineParts {
     pub purge: PurgeHandle,
     pub workers: Arc<WorkerPool>,
     pub ledger: Ledger,
+    /// This node's shared-pool reservation leases.
+    pub leases: Arc<leases::Leases>,
     pub probe_limiter: throttle::ProbeLimiter,
     /// Longest wait for a provider's answer to start, and between two chunks of it.
     pub provider_timeout_ms: u32,

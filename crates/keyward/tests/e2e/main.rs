@@ -24,6 +24,7 @@ mod concurrency;
 mod crypto;
 mod formats;
 mod kek;
+mod leases;
 mod lifecycle;
 mod multinode;
 mod oidc;
