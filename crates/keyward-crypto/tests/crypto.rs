@@ -475,11 +475,33 @@ fn loose_permissions_are_refused() {
     set_mode(&private, 0o600);
 
     let kek_dir = dir.path().join("kek");
+    // Root-owned and writable by root alone is the two-user layout (the gateway and the
+    // worker each list it; each file's owner and mode guard it); anyone else's dir must be
+    // private. Writable by group or others is refused either way.
+    let as_root = {
+        use std::os::unix::fs::MetadataExt;
+        // The test's own temp dir is owned by the user the test runs as.
+        dir.path().metadata().unwrap().uid() == 0
+    };
     set_mode(&kek_dir, 0o755);
-    assert!(matches!(
-        local::ensure_kek(dir.path()),
-        Err(CryptoError::Permissions { path }) if path == kek_dir
-    ));
+    if as_root {
+        local::ensure_kek(dir.path()).unwrap();
+    } else {
+        assert!(matches!(
+            local::ensure_kek(dir.path()),
+            Err(CryptoError::Permissions { path }) if path == kek_dir
+        ));
+    }
+    for loose in [0o775, 0o757] {
+        set_mode(&kek_dir, loose);
+        assert!(
+            matches!(
+                local::ensure_kek(dir.path()),
+                Err(CryptoError::Permissions { ref path }) if *path == kek_dir
+            ),
+            "kek dir mode {loose:o}"
+        );
+    }
     set_mode(&kek_dir, 0o700);
     local::ensure_kek(dir.path()).unwrap();
 }

@@ -29,9 +29,17 @@ pub enum NativeBody {
     /// A plain answer (or a provider's error), read whole: the call is on record already.
     Whole(Vec<u8>),
     /// A stream, chunk by chunk as the provider sends it; the chunk with the provider's end
-    /// marker comes only once the call is on record.
-    Stream(mpsc::Receiver<Vec<u8>>),
+    /// marker comes only once the call is on record. An `Err` ends it without that marker.
+    Stream(mpsc::Receiver<Result<Vec<u8>, StreamBroken>>),
 }
+
+/// A native stream that ended without the provider's end marker (the provider or worker
+/// went away mid-answer, or the call could not be put on record). The HTTP body is then
+/// aborted rather than ended: a clean end would look to an SDK like a complete, shorter
+/// answer, while an aborted one is an error it reports ("incomplete chunked read").
+#[derive(Debug, thiserror::Error)]
+#[error("the answer broke off before its end ({0})")]
+pub struct StreamBroken(pub &'static str);
 
 /// Which native call: the carried API, Google's model and whether to stream (from its
 /// path), and the product feature the call names (checked by the caller).
@@ -112,7 +120,7 @@ impl Engine {
             });
         }
 
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+        let (tx, rx) = mpsc::channel::<Result<Vec<u8>, StreamBroken>>(64);
         tokio::spawn(relay_stream(
             self.clone(),
             ctx,
@@ -136,7 +144,7 @@ async fn relay_stream(
     engine: Engine,
     ctx: CallContext,
     mut upstream: Upstream,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Result<Vec<u8>, StreamBroken>>,
     req_id: Option<String>,
     mut relay: NativeStream,
 ) {
@@ -148,7 +156,7 @@ async fn relay_stream(
                 if relay.is_complete() {
                     held.extend_from_slice(&visible);
                 } else if !visible.is_empty() {
-                    let _ = tx.send(visible).await;
+                    let _ = tx.send(Ok(visible)).await;
                 }
             }
             Ok(None) => break None,
@@ -167,18 +175,24 @@ async fn relay_stream(
                 .settle(&engine, Outcome::Ok, summary.usage, req_id, None)
                 .await
                 .is_ok()
-                && !held.is_empty()
             {
-                let _ = tx.send(held).await;
+                if !held.is_empty() {
+                    let _ = tx.send(Ok(held)).await;
+                }
+            } else {
+                let _ = tx.send(Err(StreamBroken("the call could not be put on record"))).await;
             }
         }
         Err(f) => {
             // The provider's own bytes (including its error event) went through as they
-            // came; what is left is the record.
+            // came; what is left is the record, and telling the client the answer is cut.
             let _ = engine.fail_call(&ctx, f, req_id).await;
             if !held.is_empty() {
-                let _ = tx.send(held).await;
+                let _ = tx.send(Ok(held)).await;
             }
+            let _ = tx
+                .send(Err(StreamBroken("the provider's stream did not reach its end")))
+                .await;
         }
     }
 }

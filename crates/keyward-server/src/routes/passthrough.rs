@@ -35,18 +35,17 @@ use keyward_providers::{
 use crate::engine::actor::Access;
 use crate::engine::calls::merge_feature;
 use crate::engine::identity::ON_BEHALF_OF_HEADER;
-use crate::engine::native::{NativeBody, NativeRoute};
+use crate::engine::native::{NativeBody, NativeRoute, StreamBroken};
 use crate::engine::Actor;
 use crate::error::ApiError;
 use crate::extract::AiBody;
 use crate::state::AppState;
 
-/// A response body fed by a channel: each chunk is sent on as it comes.
-fn channel_body(rx: tokio::sync::mpsc::Receiver<Vec<u8>>) -> axum::body::Body {
+/// A response body fed by a channel: each chunk is sent on as it comes; an `Err` aborts
+/// the body (no final chunk), which the client sees as a broken answer, not a short one.
+fn channel_body(rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, StreamBroken>>) -> axum::body::Body {
     axum::body::Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, std::convert::Infallible>(Bytes::from(b)), rx))
+        rx.recv().await.map(|b| (b.map(Bytes::from), rx))
     }))
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use keyward_fakes::{Behaviour, FakeProviders};
 use keyward_testkit::canary::{find_forms, random_string, ALNUM};
 use keyward_testkit::{Keyward, Resp};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::ai_support::*;
 use crate::common::*;
@@ -401,6 +401,71 @@ async fn a_worker_killed_mid_request_fails_that_call_fast_and_is_replaced() {
     );
     assert_eq!(outcomes[1], "ok", "{events:?}");
     assert_audit_ok(&kw, None);
+}
+
+/// The native pass-through has no keyward error event to send: a stream its worker died
+/// under must reach the client as broken (the body aborted, no final chunk), never as a
+/// clean end, which an SDK would take for a complete, shorter answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_on_the_native_route_breaks_the_body_off() {
+    let fake = FakeProviders::start().expect("start fakes");
+    let kw = start_on_fake(&fake, &[("KEYWARD_WORKERS", "1")]);
+    let (user, acc) = pro_owner(&kw, "kill-native@example.com");
+    let key = key_for("openai");
+    fake.set_key(
+        provider("openai"),
+        &key,
+        Behaviour::SlowStream(Duration::from_millis(400)),
+    );
+    save_key(&kw, &user.token, &acc, "openai", &key).await;
+    set_source(&kw, &user.token, &acc, "openai", "own").await;
+    let first = wait_workers(&kw, 1, &[], Duration::from_secs(10)).await;
+
+    let client = keyward_testkit::reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let mut resp = client
+        .post(format!(
+            "{}/v1/accounts/{acc}/providers/openai/v1/chat/completions",
+            kw.base_url()
+        ))
+        .bearer_auth(&user.token)
+        .json(
+            &json!({"model": "gpt-6-luna", "max_completion_tokens": 50, "stream": true,
+            "messages": [{"role": "user", "content": "Say hello"}]}),
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !text.contains("\"content\"") {
+            let c = resp
+                .chunk()
+                .await
+                .expect("chunk")
+                .expect("the stream ended before any text");
+            text.push_str(&String::from_utf8_lossy(&c));
+        }
+    })
+    .await
+    .expect("a first text within 10 s");
+    sigkill(first[0]);
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => text.push_str(&String::from_utf8_lossy(&c)),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the stream should end after its worker died");
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(end.is_err(), "a cut stream ended cleanly, as if complete: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
