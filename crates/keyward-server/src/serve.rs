@@ -88,6 +88,7 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtr
     // Registered before anything else: a SIGTERM that lands while the workers start is
     // held until the server is up, and then ends it cleanly instead of killing it mid-way.
     let stop = ShutdownSignal::install()?;
+    crate::process_guard::forbid_core_dumps_and_ptrace()?;
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
         _ => None,

@@ -17,6 +17,13 @@ use keyward_server::workers::WorkerCommand;
 use keyward_server::{admin, logging, serve, Config};
 
 mod demo;
+mod zero_on_free;
+
+/// Every block the binary frees is zeroed first, so a key that passed through a buffer
+/// (hyper's, serde's, a grown `Vec`) does not stay in freed memory: see `zero_on_free` for
+/// why and what it costs.
+#[global_allocator]
+static ALLOCATOR: zero_on_free::ZeroOnFree<std::alloc::System> = zero_on_free::ZeroOnFree::new(std::alloc::System);
 
 /// What every command's exit code means (shown at the end of `--help`).
 const EXIT_CODES: &str = "Exit codes:

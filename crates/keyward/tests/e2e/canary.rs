@@ -670,7 +670,7 @@ async fn other_request(kw: &Keyward, web: &crate::web::Web<'_>, t: &str, acc: &s
         ),
         5 => ("readyz", http.get("/readyz", None).await, 200),
         6 | 7 => {
-            let body = crate::ai_support::chat_body(p, n % 2 == 0, 20);
+            let body = crate::ai_support::chat_body(p, n.is_multiple_of(2), 20);
             ("AI call", crate::ai_support::ai_call(kw, t, acc, &body).await, 200)
         }
         // At most 10 key tests a minute per provider: past that, a clear 429.
@@ -728,7 +728,13 @@ async fn other_request(kw: &Keyward, web: &crate::web::Web<'_>, t: &str, acc: &s
     (r.status != want).then(|| format!("{what}: expected {want}, got {r}"))
 }
 
-/// Saves `key` for `provider`, through the API or (`csrf` given: the session's token) the
+/// Whether an answer closes its connection (so the gateway frees the buffer the request was
+/// read into).
+fn closes(r: &Resp) -> bool {
+    r.headers.get("connection").is_some_and(|v| v.as_bytes() == b"close")
+}
+
+/// Saves `key` for `provider` (the answer must close its connection), through the API or (`csrf` given: the session's token) the
 /// settings page's form.
 async fn save_one(
     kw: &Keyward,
@@ -746,13 +752,13 @@ async fn save_one(
         let r = web
             .post(&path, &[("csrf", csrf), ("account", acc), ("api_key", key)])
             .await;
-        (r.status != 303).then(|| format!("page save of {provider}: {r}"))
+        (r.status != 303 || !closes(&r)).then(|| format!("page save of {provider}: {r:?}"))
     } else {
         let r = kw
             .http()
             .put(&key_path(acc, provider), Some(t), &json!({ "api_key": key }))
             .await;
-        (r.status != 200).then(|| format!("API save of {provider}: {r}"))
+        (r.status != 200 || !closes(&r)).then(|| format!("API save of {provider}: {r:?}"))
     }
 }
 
@@ -805,7 +811,7 @@ async fn pasted_keys_are_not_left_in_the_gateways_memory() {
             let mut saves = mine.into_iter();
             for n in 0..per_lane {
                 wrong.extend(other_request(kw, web, t, acc, lane * per_lane + n).await);
-                if (n + 1) % run == 0 {
+                if (n + 1).is_multiple_of(run) {
                     if let Some((p, k, by_page)) = saves.next() {
                         wrong.extend(save_one(kw, web, t, acc, p, k, by_page.then_some(csrf.as_str())).await);
                     }
