@@ -3,6 +3,7 @@
 # binary on loopback. Usage:
 #   bench/run.sh [gateway] [--seconds S] [--runs N] [--rate R] [--connections 1,32,256] [--with-litellm] [--baseline REV]
 #   bench/run.sh save-list|nodes [--clients N] [--seconds S]
+#   bench/run.sh soak [--postgres URL] [--concurrency N] [--duration S] [--stream-ms MS] [--no-faults] [--json PATH]
 # `gateway` (the default) needs nginx (Debian nginx-light) for the fake provider; without it
 # keyward's own fake is used and the report says so. --with-litellm installs LiteLLM proxy
 # into bench/.venv-litellm (PyPI) and measures it in the same run. --baseline REV (a commit,
@@ -36,13 +37,23 @@ if [[ -n "$baseline" ]]; then
 fi
 if [[ -n "$litellm" ]]; then
   venv=bench/.venv-litellm
-  if [[ ! -x "$venv/bin/litellm" ]]; then
+  # One exact version, never a range: litellm 1.82.7 and 1.82.8 on PyPI were malicious
+  # uploads (March 2026; PyPI has since removed them) that a range like >=1.50,<2 took in.
+  # 1.110.2 was uploaded 2026-11-20 (pypi.org/pypi/litellm/json). Raise it by hand, after
+  # reading what changed; a venv holding another version is rebuilt.
+  litellm_version=1.110.2
+  if [[ ! -x "$venv/bin/litellm" ]] || ! "$venv/bin/pip" show litellm 2>/dev/null | grep -qx "Version: $litellm_version"; then
+    rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet 'litellm[proxy]>=1.50,<2'
+    "$venv/bin/pip" install --quiet "litellm[proxy]==$litellm_version"
   fi
   args+=(--litellm "$PWD/$venv/bin/litellm")
 fi
 cargo build --release -p keyward -p keyward-bench -p keyward-fakes
+# Every open stream holds descriptors in the client, the gateway, a worker and the fake: the
+# soak's thousands of them need the soft limit at the hard one (the processes started
+# below inherit it).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # How idle CPUs wait matters at 1 connection: in a VM, a halted vCPU takes tens of
 # microseconds to wake, and each hop of a call (client, gateway, worker, provider, audit
 # writer) may wake one; with halt polling (guest_halt_poll_ns > 0) it stays awake briefly.

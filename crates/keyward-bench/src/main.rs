@@ -5,6 +5,8 @@
 //! (PUT, a rotation after the first), then list (GET)" for S seconds against a fresh
 //! keyward on SQLite; prints saves/s and latency percentiles, plus the in-process time to
 //! seal and open one key and the sealed blob's size.
+//!
+//! `keyward-bench soak`: many long streaming calls at once, with faults (see `soak.rs`).
 #![allow(
     clippy::print_stdout,
     clippy::unwrap_used,
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 mod gateway;
 mod load;
 mod procs;
+mod soak;
 
 use keyward_crypto::{local, Binding};
 use keyward_testkit::{Http, Keyward, Options};
@@ -55,8 +58,9 @@ fn main() {
         Some("save-list") => save_list(&args),
         Some("nodes") => nodes(&args),
         Some("gateway") => gateway::gateway(&args),
+        Some("soak") => soak::soak(&args),
         _ => {
-            eprintln!("usage: keyward-bench gateway [--seconds S] [--runs N] [--rate R] [--connections 1,32,256] | save-list [--clients N] [--seconds S] | nodes");
+            eprintln!("usage: keyward-bench gateway [--seconds S] [--runs N] [--rate R] [--connections 1,32,256] | save-list [--clients N] [--seconds S] | nodes | soak [--concurrency N] [--duration S] [--postgres URL] [--stream-ms MS] [--timeout S] [--settle S] [--no-faults] [--json PATH]");
             std::process::exit(2);
         }
     }

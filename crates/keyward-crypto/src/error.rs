@@ -90,6 +90,15 @@ pub enum CryptoError {
         reason: String,
     },
 
+    /// The audit checkpoint signing key file could not be created, read or parsed.
+    #[error("audit checkpoint key file {}: {reason}", path.display())]
+    CheckpointKeyFile {
+        /// The file concerned.
+        path: PathBuf,
+        /// What went wrong (an I/O error message or a format problem; never key bytes).
+        reason: String,
+    },
+
     /// A secret key file, or the directory holding KEK files, is accessible by group or others.
     #[error(
         "{} is accessible by group or others; restrict it to its owner \

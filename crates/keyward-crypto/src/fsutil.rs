@@ -20,6 +20,7 @@ const GROUP_OTHER_BITS: u32 = 0o077;
 pub(crate) enum FileKind {
     Kek,
     AuditKey,
+    CheckpointKey,
 }
 
 impl FileKind {
@@ -29,6 +30,7 @@ impl FileKind {
         match self {
             FileKind::Kek => CryptoError::KekFile { path, reason },
             FileKind::AuditKey => CryptoError::AuditKeyFile { path, reason },
+            FileKind::CheckpointKey => CryptoError::CheckpointKeyFile { path, reason },
         }
     }
 
@@ -55,7 +57,14 @@ pub(crate) fn ensure_private_dir(dir: &Path, kind: FileKind) -> Result<(), Crypt
     if !meta.is_dir() {
         return Err(kind.err(dir, "not a directory"));
     }
-    if meta.permissions().mode() & GROUP_OTHER_BITS != 0 {
+    // A root-owned directory that nobody else may write is the two-user layout (keyward-server
+    // `users.rs`): the gateway and the worker both list it, each file's own owner and mode
+    // guard it (private halves: the worker's, 0400).
+    let two_user_layout = {
+        use std::os::unix::fs::MetadataExt;
+        meta.uid() == 0 && meta.mode() & 0o022 == 0
+    };
+    if meta.permissions().mode() & GROUP_OTHER_BITS != 0 && !two_user_layout {
         return Err(CryptoError::Permissions {
             path: dir.to_path_buf(),
         });

@@ -14,7 +14,8 @@
 //!   blob's kek id; re-wraps), the primary version, rotate, promote, retire, status.
 //! - [`SecretBytes`], the zeroize-on-drop, redacted holder of an opened key.
 //! - [`AuditChainKey`], the HMAC key that chains audit events (kept in a file, never in the
-//!   database).
+//!   database), and [`CheckpointSigningKey`], the Ed25519 key that signs audit checkpoints
+//!   (a file too).
 //!
 //! # What it must never do
 //! - Never log. This crate has no logging dependency and prints nothing; errors carry no key,
@@ -55,6 +56,7 @@ mod audit;
 pub mod awskms;
 mod backend;
 mod blob;
+mod checkpoint;
 mod envelope;
 mod error;
 mod fsutil;
@@ -73,6 +75,10 @@ pub use backend::{
     KekBackend, Retired, Rotated, ScheduledDeletion, VersionFact, VersionInfo, VersionList, WorkerKeyring,
 };
 pub use blob::{Binding, SealedKey};
+pub use checkpoint::{
+    verify_checkpoint_signature, CheckpointSigningKey, CHECKPOINT_KEY_FILE, CHECKPOINT_PUBLIC_KEY_LEN,
+    CHECKPOINT_SIGNATURE_LEN,
+};
 pub use envelope::{Opener, Sealer, BLOB_VERSION, HPKE_INFO};
 pub use error::CryptoError;
 pub use header::{BLOB_MAGIC, MAX_PLAINTEXT_LEN};

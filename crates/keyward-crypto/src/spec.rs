@@ -95,6 +95,31 @@ impl KekSpec {
     }
 }
 
+impl KekSpec {
+    /// Files only the worker may read (the PKCS#11 PIN, the worker's AWS credentials): a
+    /// root-started install gives them to the worker user.
+    pub fn worker_secret_files(&self) -> Vec<std::path::PathBuf> {
+        match &self.0 {
+            Spec::Local => Vec::new(),
+            #[cfg(feature = "pkcs11")]
+            Spec::Pkcs11(c) => vec![c.pin_file.clone()],
+            #[cfg(feature = "awskms")]
+            Spec::AwsKms(c) => c.worker_credentials_file.iter().cloned().collect(),
+        }
+    }
+
+    /// Files only the gateway reads (its encrypt-only AWS credentials).
+    pub fn gateway_secret_files(&self) -> Vec<std::path::PathBuf> {
+        match &self.0 {
+            Spec::Local => Vec::new(),
+            #[cfg(feature = "pkcs11")]
+            Spec::Pkcs11(_) => Vec::new(),
+            #[cfg(feature = "awskms")]
+            Spec::AwsKms(c) => c.gateway_credentials_file.iter().cloned().collect(),
+        }
+    }
+}
+
 impl Spec {
     pub(crate) fn name(&self) -> &'static str {
         match self {

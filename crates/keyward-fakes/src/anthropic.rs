@@ -403,5 +403,7 @@ fn answer(req: &MessagesRequest, n: u64) -> Answer {
     Answer::Stream {
         content_type: "text/event-stream; charset=utf-8",
         chunks,
+        // After message_start, content_block_start and ping.
+        text_from: 3,
     }
 }

@@ -411,6 +411,7 @@ fn answer(req: &GenerateRequest, model: &str, mode: Mode, n: u64) -> Answer {
                 Answer::Stream {
                     content_type: "text/event-stream",
                     chunks: values.iter().map(sse_data_crlf).collect(),
+                    text_from: 0,
                 }
             } else {
                 let count = values.len();
@@ -426,6 +427,7 @@ fn answer(req: &GenerateRequest, model: &str, mode: Mode, n: u64) -> Answer {
                 Answer::Stream {
                     content_type: JSON,
                     chunks,
+                    text_from: 0,
                 }
             }
         }

@@ -13,7 +13,8 @@
 //! [`FakeProviders::clear_requests`]) or over HTTP for tests in other languages:
 //! - `POST /_fake/keys` `{"key", "behaviour", "delay_ms"?, "provider"?}` → `200 {"ok": true}`;
 //!   `behaviour` is one of [`Behaviour::NAMES`]; `delay_ms` is the gap between chunks for
-//!   `slow_stream` (default 100); `provider` limits the key to one provider.
+//!   `slow_stream` (default 100) and the whole stream's length for `long_stream` (default
+//!   2000); `provider` limits the key to one provider.
 //! - `DELETE /_fake/keys` forgets every key.
 //! - `GET /_fake/requests` → `{"requests": [{"method", "path", "query", "headers": {name: value}, "body"}]}`
 //!   (`body` as UTF-8, lossy); `DELETE /_fake/requests` forgets them.
@@ -85,6 +86,10 @@ pub enum Behaviour {
     EchoKey,
     /// An `Ok` answer with this pause between stream chunks (a plain answer waits it once).
     SlowStream(Duration),
+    /// An `Ok` answer whose stream lasts this long, like a model writing: the chunks up to
+    /// the first text go at once, the rest are spread evenly over the duration (a plain
+    /// answer waits it once). For load that holds many streams open (the soak benchmark).
+    LongStream(Duration),
     /// Google: 403 "Your API key was reported as leaked"; Anthropic and OpenAI revoke a
     /// leaked key, so it gets their invalid-key error.
     Leaked,
@@ -97,7 +102,7 @@ pub enum Behaviour {
 
 impl Behaviour {
     /// The names the HTTP control API takes, in declaration order.
-    pub const NAMES: [&'static str; 16] = [
+    pub const NAMES: [&'static str; 17] = [
         "ok",
         "no_credit",
         "missing_permission",
@@ -114,10 +119,14 @@ impl Behaviour {
         "leaked",
         "suspended",
         "key_type_unsupported",
+        "long_stream",
     ];
 
     /// Default gap between chunks for `slow_stream` when `delay_ms` is not given.
     pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
+
+    /// Default length of a `long_stream` when `delay_ms` is not given.
+    pub const DEFAULT_LONG_STREAM: Duration = Duration::from_secs(2);
 
     pub fn name(self) -> &'static str {
         match self {
@@ -137,6 +146,7 @@ impl Behaviour {
             Behaviour::Leaked => "leaked",
             Behaviour::Suspended => "suspended",
             Behaviour::KeyTypeUnsupported => "key_type_unsupported",
+            Behaviour::LongStream(_) => "long_stream",
         }
     }
 
@@ -191,7 +201,8 @@ impl Behaviour {
         })
     }
 
-    /// Parses a control-API name; `delay_ms` only matters for `slow_stream`.
+    /// Parses a control-API name; `delay_ms` only matters for `slow_stream` (the gap) and
+    /// `long_stream` (the whole length).
     pub fn parse(name: &str, delay_ms: Option<u64>) -> Option<Behaviour> {
         Some(match name {
             "ok" => Behaviour::Ok,
@@ -210,6 +221,9 @@ impl Behaviour {
             "leaked" => Behaviour::Leaked,
             "suspended" => Behaviour::Suspended,
             "key_type_unsupported" => Behaviour::KeyTypeUnsupported,
+            "long_stream" => {
+                Behaviour::LongStream(delay_ms.map_or(Behaviour::DEFAULT_LONG_STREAM, Duration::from_millis))
+            }
             _ => return None,
         })
     }

@@ -497,6 +497,8 @@ fn answer(req: &ChatRequest, n: u64) -> Answer {
     Answer::Stream {
         content_type: "text/event-stream; charset=utf-8",
         chunks,
+        // After the role chunk.
+        text_from: 1,
     }
 }
 
@@ -718,6 +720,8 @@ fn response_answer(req: &ResponseRequest, n: u64) -> Answer {
     Answer::Stream {
         content_type: "text/event-stream; charset=utf-8",
         chunks,
+        // After created, in_progress, output_item.added and content_part.added.
+        text_from: 4,
     }
 }
 

@@ -41,6 +41,9 @@ pub(crate) enum Answer {
     Stream {
         content_type: &'static str,
         chunks: Vec<Bytes>,
+        /// The index of the first chunk that carries answer text (`long_stream` sends the
+        /// chunks before it at once).
+        text_from: usize,
     },
 }
 
@@ -99,8 +102,10 @@ pub(crate) enum Ending {
 struct Chunks {
     chunks: VecDeque<Bytes>,
     delay: Option<Duration>,
+    /// How many chunks go out before the first pause.
+    lead: usize,
+    sent: usize,
     ending: Ending,
-    started: bool,
     done: bool,
     shutdown: watch::Receiver<bool>,
 }
@@ -115,11 +120,17 @@ fn broken() -> io::Error {
 /// A chunked body sending `chunks` with `delay` between them, then ending cleanly or
 /// breaking the connection. Shutting the fake down breaks it at the next pause.
 pub(crate) fn chunked(shared: &Shared, chunks: Vec<Bytes>, delay: Option<Duration>, ending: Ending) -> Body {
+    paced(shared, chunks, delay, 1, ending)
+}
+
+/// [`chunked`], with the first `lead` chunks sent at once and `delay` before each later one.
+fn paced(shared: &Shared, chunks: Vec<Bytes>, delay: Option<Duration>, lead: usize, ending: Ending) -> Body {
     let state = Chunks {
         chunks: chunks.into(),
         delay,
+        lead,
+        sent: 0,
         ending,
-        started: false,
         done: false,
         shutdown: shared.shutdown.clone(),
     };
@@ -128,20 +139,20 @@ pub(crate) fn chunked(shared: &Shared, chunks: Vec<Bytes>, delay: Option<Duratio
             return None;
         }
         if let Some(chunk) = st.chunks.pop_front() {
-            if let (true, Some(delay)) = (st.started, st.delay) {
+            if let (true, Some(delay)) = (st.sent >= st.lead, st.delay) {
                 if !pause(delay, &mut st.shutdown).await {
                     st.done = true;
                     return Some((Err(broken()), st));
                 }
             }
-            st.started = true;
+            st.sent += 1;
             return Some((Ok(chunk), st));
         }
         st.done = true;
         match st.ending {
             Ending::Clean => None,
             Ending::Abort => {
-                if st.started {
+                if st.sent > 0 {
                     // Let hyper flush what was sent (it flushes when the body is pending),
                     // so the client really gets part of the answer before the break.
                     tokio::task::yield_now().await;
@@ -209,7 +220,7 @@ pub(crate) async fn deliver(shared: &Shared, answer: Answer, behaviour: Behaviou
                     chunked(shared, vec![half], None, Ending::Abort),
                 )
             }
-            Behaviour::SlowStream(delay) => {
+            Behaviour::SlowStream(delay) | Behaviour::LongStream(delay) => {
                 let mut shutdown = shared.shutdown.clone();
                 if !pause(delay, &mut shutdown).await {
                     return dropped(shared);
@@ -218,7 +229,11 @@ pub(crate) async fn deliver(shared: &Shared, answer: Answer, behaviour: Behaviou
             }
             _ => response(StatusCode::OK, "application/json", Body::from(bytes)),
         },
-        Answer::Stream { content_type, chunks } => {
+        Answer::Stream {
+            content_type,
+            chunks,
+            text_from,
+        } => {
             let half = (chunks.len() / 2).max(1);
             let body = match behaviour {
                 Behaviour::Truncated => chunked(shared, chunks.into_iter().take(half).collect(), None, Ending::Clean),
@@ -226,6 +241,12 @@ pub(crate) async fn deliver(shared: &Shared, answer: Answer, behaviour: Behaviou
                     chunked(shared, chunks.into_iter().take(half).collect(), None, Ending::Abort)
                 }
                 Behaviour::SlowStream(delay) => chunked(shared, chunks, Some(delay), Ending::Clean),
+                Behaviour::LongStream(total) => {
+                    // The pauses after the first text share `total` evenly.
+                    let lead = (text_from + 1).min(chunks.len());
+                    let pauses = u32::try_from(chunks.len().saturating_sub(lead).max(1)).unwrap_or(u32::MAX);
+                    paced(shared, chunks, Some(total / pauses), lead, Ending::Clean)
+                }
                 _ => chunked(shared, chunks, None, Ending::Clean),
             };
             let mut r = response(StatusCode::OK, content_type, body);

@@ -797,6 +797,36 @@ async fn slow_stream_spaces_its_chunks() {
 }
 
 #[tokio::test]
+async fn long_stream_sends_the_first_text_at_once_and_lasts_its_length() {
+    let fakes = FakeProviders::start().unwrap();
+    let length = Duration::from_millis(600);
+    for p in Provider::ALL {
+        let k = key(p, "long");
+        fakes.set_key(p, &k, Behaviour::LongStream(length));
+        let started = Instant::now();
+        let mut resp = send(&fakes, p, &build_chat(p, &chat(p, true, 100)), Some(&k)).await;
+        let mut decoder = StreamDecoder::new(p);
+        let (mut text, mut texts, mut first) = (String::new(), 0, None);
+        while let Some(bytes) = resp.chunk().await.unwrap() {
+            for ev in decoder.feed(&bytes) {
+                if let StreamEvent::Delta(t) = ev {
+                    first.get_or_insert_with(|| started.elapsed());
+                    text.push_str(&t);
+                    texts += 1;
+                }
+            }
+        }
+        let total = started.elapsed();
+        assert_eq!(text, format!("Hello from fake {p}."));
+        assert!(decoder.finish().is_ok());
+        assert!(texts >= 4, "{p}: {texts} text events");
+        let first = first.unwrap_or_else(|| panic!("{p}: no text"));
+        assert!(first < length / 3, "{p}: the first text came after {first:?}");
+        assert!(total >= length && total < length * 3, "{p}: the stream took {total:?}");
+    }
+}
+
+#[tokio::test]
 async fn model_lists_have_each_providers_shape() {
     let fakes = FakeProviders::start().unwrap();
     for p in Provider::ALL {
@@ -1222,6 +1252,7 @@ async fn behaviour_names_round_trip() {
         Behaviour::Leaked,
         Behaviour::Suspended,
         Behaviour::KeyTypeUnsupported,
+        Behaviour::LongStream(Duration::from_millis(7)),
     ];
     let names: Vec<&str> = all.iter().map(|b| b.name()).collect();
     assert_eq!(names, Behaviour::NAMES);
@@ -1231,6 +1262,10 @@ async fn behaviour_names_round_trip() {
     assert_eq!(
         Behaviour::parse("slow_stream", None),
         Some(Behaviour::SlowStream(Behaviour::DEFAULT_DELAY))
+    );
+    assert_eq!(
+        Behaviour::parse("long_stream", None),
+        Some(Behaviour::LongStream(Behaviour::DEFAULT_LONG_STREAM))
     );
     assert_eq!(Behaviour::parse("nope", None), None);
 }

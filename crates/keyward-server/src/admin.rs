@@ -1,8 +1,9 @@
 //! Administrative operations behind `keyward admin …` and the first start of `serve`.
-//! Each returns the JSON the CLI prints.
+//! Each returns the JSON the CLI prints. The platform's actions among them (a shared-pool
+//! key, a plan change) are also appended to the platform's audit chain, actor `cli`.
 
 use keyward_core::{AccountId, Email, Plan, Role, Scope, ServiceId, ServiceName, UserId};
-use keyward_store::Store;
+use keyward_store::{NewPlatformEvent, PlatformAction, Store};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
@@ -81,6 +82,18 @@ pub fn cli_actor() -> keyward_store::AuditActor {
     keyward_store::AuditActor("cli".to_owned())
 }
 
+/// Appends a platform action the CLI has just made to the platform's audit chain. The
+/// action is already done when this runs (a KEK file, a shared key): if the append fails,
+/// the command fails saying so, for the operator to record it by other means.
+pub async fn audit_platform(store: &dyn Store, event: &NewPlatformEvent) -> Result<(), RuntimeError> {
+    store.append_platform_audit(event).await.map_err(|e| {
+        bad(format!(
+            "{} was done, but could not be written to the platform's audit chain: {e}",
+            event.action.as_str()
+        ))
+    })
+}
+
 /// Changes the plan (and optionally the limit); audited as `account.plan_changed`, actor
 /// `cli`, when something changed.
 pub async fn set_plan(
@@ -95,8 +108,10 @@ pub async fn set_plan(
     if limit.is_some_and(|n| n < 0) {
         return Err(bad("--shared-credit-limit: must be 0 or more"));
     }
-    store
-        .set_plan(&account, plan, limit, &cli_actor(), clock.now())
+    let before = store.account(&account).await?;
+    let now = clock.now();
+    let changed = store
+        .set_plan(&account, plan, limit, &cli_actor(), now)
         .await
         .map_err(|e| match e {
             keyward_store::StoreError::NotFound => bad(format!("no account {account}")),
@@ -106,6 +121,17 @@ pub async fn set_plan(
         .account(&account)
         .await?
         .ok_or_else(|| bad(format!("no account {account}")))?;
+    if changed {
+        let mut event = NewPlatformEvent::new(now, &cli_actor(), PlatformAction::PlanChanged);
+        event.account_id = Some(account.clone());
+        event.detail = before.map(|b| {
+            format!(
+                "{} -> {}; shared_credit_limit {} -> {}",
+                b.plan, after.plan, b.shared_credit_limit, after.shared_credit_limit
+            )
+        });
+        audit_platform(store, &event).await?;
+    }
     Ok(json!({ "account_id": account, "plan": after.plan, "shared_credit_limit": after.shared_credit_limit }))
 }
 
@@ -210,6 +236,7 @@ pub async fn set_shared_key(
         .map_err(bad)?;
     let last4 = key.last4().clone();
     let kind = key.kind();
+    let now = clock.now();
     let rotated = store
         .save_shared_key(
             provider,
@@ -219,9 +246,18 @@ pub async fn set_shared_key(
                 last4: last4.clone(),
                 kind,
             },
-            clock.now(),
+            now,
         )
         .await?;
+    let action = if rotated {
+        PlatformAction::SharedKeyRotated
+    } else {
+        PlatformAction::SharedKeySaved
+    };
+    let mut event = NewPlatformEvent::new(now, &cli_actor(), action);
+    event.provider = Some(provider);
+    event.key_last4 = Some(last4.clone());
+    audit_platform(store, &event).await?;
     if rotated {
         // As for account keys: the old ciphertext goes from the database files now.
         store.purge_removed().await?;

@@ -216,6 +216,19 @@ pub struct Config {
     pub token_login: bool,
     #[serde(default)]
     pub oidc: OidcConfig,
+    /// The OS user (name or uid) `serve`, started as root, drops to after starting its
+    /// workers as `KEYWARD_WORKER_USER` (see `users.rs`). The CLI, run as root, leaves the
+    /// data dir's files owned as `serve` expects.
+    #[serde(default, deserialize_with = "some_text")]
+    pub user: Option<String>,
+    /// `1`: let `serve` run its key-opening workers as its own OS user (trying keyward,
+    /// development). Without it `serve` refuses that setup.
+    #[serde(default, deserialize_with = "flag")]
+    pub allow_same_user: bool,
+    /// The Ed25519 key that signs audit checkpoints (created, mode 0600, on first use); keep
+    /// it off the database host if you can. Default: `<data_dir>/audit-checkpoint.key`.
+    #[serde(default, deserialize_with = "some_path")]
+    pub audit_checkpoint_key: Option<PathBuf>,
 }
 
 /// `KEYWARD_OIDC_*`: single sign-on with OpenID Connect (off while `issuer` is unset).
@@ -368,12 +381,25 @@ pub struct WorkerSettings {
     /// Threads per worker process.
     #[serde(default = "default_worker_threads", deserialize_with = "within::<_, u16, 1, 16>")]
     pub threads: u16,
+    /// The OS user (name or uid) the workers run as when `serve` starts as root.
+    #[serde(default, deserialize_with = "some_text")]
+    pub user: Option<String>,
+    /// Sockets of workers run as their own service (`keyward worker --listen`),
+    /// comma-separated: `serve` connects to them instead of starting workers.
+    #[serde(default, deserialize_with = "path_list")]
+    pub sockets: Vec<PathBuf>,
+    /// `keyward worker --listen`: the gateway's OS user (name or uid), the only peer accepted.
+    #[serde(default, deserialize_with = "some_text")]
+    pub gateway_user: Option<String>,
 }
 
 impl Default for WorkerSettings {
     fn default() -> WorkerSettings {
         WorkerSettings {
             threads: default_worker_threads(),
+            user: None,
+            sockets: Vec::new(),
+            gateway_user: None,
         }
     }
 }
@@ -580,6 +606,13 @@ impl Config {
         Ok(())
     }
 
+    /// The audit checkpoint signing key: `KEYWARD_AUDIT_CHECKPOINT_KEY`, or in the data dir.
+    pub fn audit_checkpoint_key_path(&self) -> PathBuf {
+        self.audit_checkpoint_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(keyward_crypto::CHECKPOINT_KEY_FILE))
+    }
+
     /// The database: `KEYWARD_DATABASE_URL`, or SQLite in the data dir.
     pub fn database_url(&self) -> DatabaseUrl {
         self.database
@@ -624,17 +657,35 @@ impl Config {
 pub struct WorkerProcess {
     /// The socket to serve.
     pub socket: PathBuf,
-    /// The gateway that started it: the only peer it accepts, and the process it dies with.
-    pub parent: u32,
+    /// The process that started it, which it dies with. Without a gateway uid, also the
+    /// only peer it accepts. `None`: a worker run as its own service (`--listen`).
+    pub parent: Option<u32>,
 }
 
 impl WorkerProcess {
     pub const SOCKET_VAR: &'static str = "KEYWARD_WORKER_SOCKET";
     pub const PARENT_VAR: &'static str = "KEYWARD_WORKER_PARENT";
 
-    /// From the worker's environment (pass `std::env::vars()`).
-    pub fn from_env(env: impl IntoIterator<Item = (String, String)>) -> Result<WorkerProcess, ConfigError> {
+    /// From the worker's environment (pass `std::env::vars()`); `listen` (`keyward worker
+    /// --listen SOCKET`) names the socket, and the parent is then optional.
+    pub fn from_env(
+        env: impl IntoIterator<Item = (String, String)>,
+        listen: Option<&Path>,
+    ) -> Result<WorkerProcess, ConfigError> {
         let vars: BTreeMap<String, String> = env.into_iter().collect();
+        if let Some(socket) = listen {
+            let parent = match vars.get(Self::PARENT_VAR) {
+                Some(p) => Some(p.parse::<u32>().map_err(|_| ConfigError::Invalid {
+                    var: Self::PARENT_VAR.to_owned(),
+                    reason: "expected a process id".to_owned(),
+                })?),
+                None => None,
+            };
+            return Ok(WorkerProcess {
+                socket: socket.to_path_buf(),
+                parent,
+            });
+        }
         let missing = |var: &str| ConfigError::Invalid {
             var: var.to_owned(),
             reason: "the worker is started by `keyward serve`".to_owned(),
@@ -652,7 +703,10 @@ impl WorkerProcess {
                 var: Self::PARENT_VAR.to_owned(),
                 reason: "expected a process id".to_owned(),
             })?;
-        Ok(WorkerProcess { socket, parent })
+        Ok(WorkerProcess {
+            socket,
+            parent: Some(parent),
+        })
     }
 }
 
@@ -879,6 +933,23 @@ fn base_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 }
 
 /// Comma-separated http(s) URLs (empty: none).
+fn path_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    let raw = scalar(d)?;
+    raw.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            if p.starts_with('/') {
+                Ok(PathBuf::from(p))
+            } else {
+                Err(de::Error::custom(format!(
+                    "expected comma-separated absolute paths, got {p:?}"
+                )))
+            }
+        })
+        .collect()
+}
+
 fn url_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     let raw = scalar(d)?;
     raw.split(',')
@@ -1114,7 +1185,9 @@ mod tests {
         assert_eq!(
             vars,
             [
+                "KEYWARD_ALLOW_SAME_USER",
                 "KEYWARD_ANTHROPIC_BASE_URL",
+                "KEYWARD_AUDIT_CHECKPOINT_KEY",
                 "KEYWARD_CATALOGUE",
                 "KEYWARD_DATABASE_CONNECT_TIMEOUT_MS",
                 "KEYWARD_DATABASE_POOL_SIZE",
@@ -1146,6 +1219,7 @@ mod tests {
                 "KEYWARD_TLS_CERT",
                 "KEYWARD_TLS_KEY",
                 "KEYWARD_TOKEN_LOGIN",
+                "KEYWARD_USER",
                 "KEYWARD_WEBHOOK_POLL_MS",
                 "KEYWARD_WEBHOOK_RETRY_BASE_MS",
                 "KEYWARD_WEBHOOK_RETRY_FOR_SECS",
@@ -1153,7 +1227,10 @@ mod tests {
                 "KEYWARD_WEBHOOK_TIMEOUT_MS",
                 "KEYWARD_WEBHOOK_URLS",
                 "KEYWARD_WORKERS",
+                "KEYWARD_WORKER_GATEWAY_USER",
+                "KEYWARD_WORKER_SOCKETS",
                 "KEYWARD_WORKER_THREADS",
+                "KEYWARD_WORKER_USER",
             ]
         );
     }
@@ -1196,11 +1273,36 @@ mod tests {
         .unwrap();
         assert_eq!(c, Config::load(None, env(&[])).unwrap());
         // ... and read, checked, by the worker.
-        let w =
-            WorkerProcess::from_env(env(&[("KEYWARD_WORKER_SOCKET", "/s"), ("KEYWARD_WORKER_PARENT", "42")])).unwrap();
-        assert_eq!((w.socket, w.parent), (PathBuf::from("/s"), 42));
-        let err = WorkerProcess::from_env(env(&[("KEYWARD_WORKER_SOCKET", "/s")])).unwrap_err();
+        let w = WorkerProcess::from_env(
+            env(&[("KEYWARD_WORKER_SOCKET", "/s"), ("KEYWARD_WORKER_PARENT", "42")]),
+            None,
+        )
+        .unwrap();
+        assert_eq!((w.socket, w.parent), (PathBuf::from("/s"), Some(42)));
+        let err = WorkerProcess::from_env(env(&[("KEYWARD_WORKER_SOCKET", "/s")]), None).unwrap_err();
         assert!(err.to_string().starts_with("KEYWARD_WORKER_PARENT"), "{err}");
+        // Run as its own service: the socket from `--listen`, no parent needed.
+        let w = WorkerProcess::from_env(env(&[]), Some(Path::new("/l"))).unwrap();
+        assert_eq!((w.socket, w.parent), (PathBuf::from("/l"), None));
+        // The two-user settings.
+        let c = Config::load(
+            None,
+            env(&[
+                ("KEYWARD_USER", "kw"),
+                ("KEYWARD_WORKER_USER", "kwk"),
+                ("KEYWARD_WORKER_SOCKETS", "/a.sock, /b.sock"),
+                ("KEYWARD_WORKER_GATEWAY_USER", "1001"),
+                ("KEYWARD_ALLOW_SAME_USER", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.user.as_deref(), Some("kw"));
+        assert_eq!(c.worker.user.as_deref(), Some("kwk"));
+        assert_eq!(c.worker.sockets, [PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]);
+        assert_eq!(c.worker.gateway_user.as_deref(), Some("1001"));
+        assert!(c.allow_same_user);
+        let err = Config::load(None, env(&[("KEYWARD_WORKER_SOCKETS", "rel.sock")])).unwrap_err();
+        assert!(err.to_string().starts_with("KEYWARD_WORKER_SOCKETS"), "{err}");
     }
 
     #[test]

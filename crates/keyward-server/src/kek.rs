@@ -39,9 +39,11 @@
 //! plaintext key: the worker opens, re-seals and wipes.
 //!
 //! # Audit
-//! KEK actions are platform-level: no account's HMAC chain is theirs (as for the platform's
-//! shared keys). They are logged (`tracing`, target `keyward::kek`) and printed as JSON by
-//! the CLI; they are not in the database's audit log.
+//! KEK actions are platform-level: no account's HMAC chain is theirs. `keyward kek rotate`,
+//! `promote` and `retire` append `kek.rotated`, `kek.promoted` and `kek.retired` to the
+//! platform's audit chain ([`audit`]) once done; they are also logged (`tracing`, target
+//! `keyward::kek`) and printed as JSON by the CLI. A re-wrap moves no key between owners
+//! and is logged only.
 
 use std::collections::BTreeMap;
 
@@ -237,6 +239,36 @@ pub async fn retire(
     let destroyed = retired.destroyed;
     tracing::info!(target: "keyward::kek", kek_id = %id, destroyed, "kek.retired");
     Ok(serde_json::json!({ "retired": id, "destroyed": destroyed }))
+}
+
+/// Appends the platform event for a `keyward kek` action that `out` (its JSON answer)
+/// reports as done: `rotate` (`created`), `promote` (`primary`), `retire` (`retired`).
+pub async fn audit(store: &dyn Store, out: &serde_json::Value, now: keyward_core::UnixMillis) -> Result<(), KekError> {
+    use keyward_store::{NewPlatformEvent, PlatformAction};
+    let text = |k: &str| out[k].as_str().map(str::to_owned);
+    let (action, kek_id, detail) = if let Some(created) = text("created") {
+        let primary = text("primary");
+        let detail = if primary.as_deref() == Some(created.as_str()) {
+            "primary"
+        } else {
+            "staged"
+        };
+        (PlatformAction::KekRotated, created, Some(detail.to_owned()))
+    } else if let Some(retired) = text("retired") {
+        let detail = out["destroyed"]
+            .as_bool()
+            .map(|d| if d { "destroyed" } else { "retired" }.to_owned());
+        (PlatformAction::KekRetired, retired, detail)
+    } else if let Some(primary) = text("primary") {
+        (PlatformAction::KekPromoted, primary, None)
+    } else {
+        return Ok(());
+    };
+    let mut event = NewPlatformEvent::new(now, &crate::admin::cli_actor(), action);
+    event.kek_id = Some(kek_id);
+    event.detail = detail;
+    crate::admin::audit_platform(store, &event).await?;
+    Ok(())
 }
 
 /// Tuning for [`rewrap`].

@@ -5,6 +5,11 @@
 //! So calls hand their records to one writer task and wait: the writer takes everything
 //! queued, commits it in one transaction (one fsync), and wakes every waiter. Under load
 //! batches grow by themselves; a lone call commits at once.
+//!
+//! One bad record does not cost the others their commit: the store settles the rest of
+//! the batch and refuses only that record ([`Store::finish_calls_isolated`]), whose call is
+//! answered with the error, logged here by account, provider and batch position (a call
+//! record holds no secret; the error names no value of it).
 
 use keyward_store::{CallRecord, Store, StoreError};
 use std::sync::Arc;
@@ -62,12 +67,23 @@ async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<(CallRecord
                 Err(_) => break,
             }
         }
-        let result = store.finish_calls(&records).await.map_err(|e: StoreError| {
-            tracing::error!(error = %e, batch = records.len(), "audit batch failed");
-            e.to_string()
-        });
-        for w in waiters.drain(..) {
-            let _ = w.send(result.clone());
+        let results = store.finish_calls_isolated(&records).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            tracing::error!(batch = records.len(), failed, "audit batch: records not committed");
+        }
+        for (i, ((record, result), w)) in records.iter().zip(results).zip(waiters.drain(..)).enumerate() {
+            let answer = result.map_err(|e: StoreError| {
+                tracing::error!(
+                    error = %e,
+                    account = %record.account_id,
+                    provider = record.provider.as_str(),
+                    position = i,
+                    "call record refused; its call is answered with an error"
+                );
+                e.to_string()
+            });
+            let _ = w.send(answer);
         }
         records.clear();
     }

@@ -32,6 +32,7 @@ pub mod routes;
 pub mod runtime;
 pub mod serve;
 pub mod state;
+pub mod users;
 pub mod web;
 pub mod webhooks;
 pub mod wiped;

@@ -56,7 +56,11 @@ pub fn prepare_data_dir(config: &Config) -> Result<(), RuntimeError> {
     };
     std::fs::create_dir_all(dir).map_err(err)?;
     restrict_dir(dir).map_err(err)?;
-    kek_backend(config).prepare()?;
+    // Workers run as their own service (KEYWARD_WORKER_SOCKETS) hold the KEK's private half:
+    // this data dir has only the public halves, copied from theirs, and makes no key pair.
+    if config.worker.sockets.is_empty() {
+        kek_backend(config).prepare()?;
+    }
     AuditChainKey::ensure(dir)?;
     Ok(())
 }

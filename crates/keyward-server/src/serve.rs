@@ -70,6 +70,44 @@ pub type OnReady = Box<dyn FnOnce(&Ready<'_>) + Send>;
 pub struct ServeExtras {
     pub banner: Option<String>,
     pub on_ready: Option<OnReady>,
+    /// The data dir was prepared, and its files given to their owners, by the root-started
+    /// `serve` before it dropped to the gateway user (`users.rs`): leave its modes alone.
+    pub prepared_as_root: bool,
+    /// The gateway's secret files, read while still root (they may be readable by root only).
+    pub secrets: Option<Secrets>,
+}
+
+/// The files only the gateway reads, read before anything starts: the TLS certificate and
+/// key, the webhook secrets, the single sign-on client secret. A bad file stops `serve`.
+pub struct Secrets {
+    tls: Option<TlsAcceptor>,
+    webhook_endpoints: Vec<crate::webhooks::Endpoint>,
+    oidc: Option<Arc<crate::web::oidc::Oidc>>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets").finish_non_exhaustive()
+    }
+}
+
+impl Secrets {
+    pub fn read(config: &Config) -> Result<Secrets, RuntimeError> {
+        let tls = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        // Checked before anything starts: a bad secrets file must stop `serve`, not its events.
+        let webhook_endpoints =
+            crate::webhooks::load_endpoints(&config.webhook).map_err(|e| RuntimeError::Other(e.to_string()))?;
+        // Read (and the secret file's mode checked) before anything starts.
+        let oidc = crate::web::oidc::Oidc::from_config(&config.oidc).map_err(|e| RuntimeError::Other(e.to_string()))?;
+        Ok(Secrets {
+            tls,
+            webhook_endpoints,
+            oidc,
+        })
+    }
 }
 
 impl std::fmt::Debug for ServeExtras {
@@ -84,21 +122,35 @@ pub async fn serve(config: Config, worker: WorkerCommand) -> Result<(), RuntimeE
     serve_with(config, worker, ServeExtras::default()).await
 }
 
-pub async fn serve_with(config: Config, worker: WorkerCommand, extras: ServeExtras) -> Result<(), RuntimeError> {
+pub async fn serve_with(config: Config, worker: WorkerCommand, mut extras: ServeExtras) -> Result<(), RuntimeError> {
     // Registered before anything else: a SIGTERM that lands while the workers start is
     // held until the server is up, and then ends it cleanly instead of killing it mid-way.
     let stop = ShutdownSignal::install()?;
+    // Before anything secret is read; again after any change of user (main.rs).
     crate::process_guard::forbid_core_dumps_and_ptrace()?;
-    let tls = match (&config.tls.cert, &config.tls.key) {
-        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
-        _ => None,
+    // Workers this process starts run as its own user: refused unless allowed (`users.rs`).
+    if config.worker.sockets.is_empty() {
+        if !config.allow_same_user {
+            let why = crate::users::same_user_refusal();
+            tracing::error!("{why}");
+            return Err(RuntimeError::Other(why));
+        }
+        tracing::warn!(
+            uid = rustix::process::getuid().as_raw(),
+            "KEYWARD_ALLOW_SAME_USER=1: the workers that open keys run as the gateway's own OS user; a gateway that is taken over could read the KEK's private half"
+        );
+    }
+    let Secrets {
+        tls,
+        webhook_endpoints,
+        oidc,
+    } = match extras.secrets.take() {
+        Some(read_as_root) => read_as_root,
+        None => Secrets::read(&config)?,
     };
-    prepare_data_dir(&config)?;
-    // Checked before anything starts: a bad secrets file must stop `serve`, not its events.
-    let webhook_endpoints =
-        crate::webhooks::load_endpoints(&config.webhook).map_err(|e| RuntimeError::Other(e.to_string()))?;
-    // Read (and the secret file's mode checked) before anything starts.
-    let oidc = crate::web::oidc::Oidc::from_config(&config.oidc).map_err(|e| RuntimeError::Other(e.to_string()))?;
+    if !extras.prepared_as_root {
+        prepare_data_dir(&config)?;
+    }
     // Read before the sealer and the workers: the watcher starts from what they loaded.
     let kek_state = crate::runtime::kek_backend(&config).observe().ok();
     let sealer = Arc::new(crate::kek::SealerCell::new(load_sealer(&config)?));

@@ -4,6 +4,11 @@
 //! Each worker listens on its own socket under `<data_dir>/run/` and accepts only its
 //! parent. A connection carries one exchange at a time and is reused; the connections of
 //! a worker that died are dropped with it (each is tagged with the worker's generation).
+//!
+//! With `KEYWARD_WORKER_SOCKETS` (workers run as their own service, or by the supervisor a
+//! root-started `serve` leaves behind as the worker user: see `users.rs`), the pool starts
+//! nothing: it connects to those sockets, pings each worker, and counts a new worker pid
+//! behind a socket (SO_PEERCRED) as a restart.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -55,6 +60,13 @@ fn take_stale<T>(idle: &mut Vec<(u64, Instant, T)>, now: Instant, limit: Duratio
 pub struct WorkerCommand {
     pub exe: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Workers started by someone else (`KEYWARD_WORKER_SOCKETS`): connect, never spawn.
+    pub sockets: Vec<PathBuf>,
+    /// The root-started supervisor's stdin (`users.rs`): how the gateway asks it to restart
+    /// its workers, which it may not signal itself.
+    pub control: Option<Arc<Mutex<std::process::ChildStdin>>>,
+    /// `KEYWARD_ALLOW_SAME_USER`: a worker behind a socket may run as the gateway's own uid.
+    pub allow_same_user: bool,
 }
 
 impl std::fmt::Debug for WorkerCommand {
@@ -86,7 +98,13 @@ impl WorkerCommand {
         // What the backend's own library needs (PKCS#11: the module's setting, e.g.
         // SOFTHSM2_CONF, named in KEYWARD_KEK).
         env.extend(config.kek.worker_env());
-        WorkerCommand { exe, env }
+        WorkerCommand {
+            exe,
+            env,
+            sockets: config.worker.sockets.clone(),
+            control: None,
+            allow_same_user: config.allow_same_user,
+        }
     }
 
     /// Starts one worker listening on `socket`, as a child of this process (the only
@@ -110,7 +128,8 @@ impl WorkerCommand {
 pub struct SoloWorker {
     conn: WorkerConn,
     socket: PathBuf,
-    _child: tokio::process::Child,
+    /// `None`: a worker of `KEYWARD_WORKER_SOCKETS`, not ours to stop.
+    child: Option<tokio::process::Child>,
 }
 
 impl std::fmt::Debug for SoloWorker {
@@ -136,6 +155,21 @@ impl SoloWorker {
         data_dir: &std::path::Path,
         purpose: &str,
     ) -> Result<SoloWorker, String> {
+        if !command.sockets.is_empty() {
+            // Workers run by someone else: borrow one that answers.
+            for socket in &command.sockets {
+                if let Ok(mut conn) = WorkerConn::connect(socket).await {
+                    if conn.ping().await.is_ok() {
+                        return Ok(SoloWorker {
+                            conn,
+                            socket: socket.clone(),
+                            child: None,
+                        });
+                    }
+                }
+            }
+            return Err(format!("no worker answers on KEYWARD_WORKER_SOCKETS ({purpose})"));
+        }
         let run = data_dir.join("run");
         let err = |e: std::io::Error| e.to_string();
         std::fs::create_dir_all(&run).map_err(err)?;
@@ -154,7 +188,7 @@ impl SoloWorker {
                     return Ok(SoloWorker {
                         conn,
                         socket,
-                        _child: child,
+                        child: Some(child),
                     });
                 }
             }
@@ -217,13 +251,18 @@ impl SoloWorker {
 
 impl Drop for SoloWorker {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
+        if self.child.is_some() {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 
 #[derive(Debug)]
 pub struct WorkerPool {
     slots: Vec<Arc<Slot>>,
+    /// Workers behind `KEYWARD_WORKER_SOCKETS` (not started by this pool).
+    external: bool,
+    control: Option<Arc<Mutex<std::process::ChildStdin>>>,
     next: AtomicUsize,
     /// Signalled whenever a worker comes up.
     came_up: Arc<tokio::sync::Notify>,
@@ -291,6 +330,9 @@ impl WorkerPool {
         command: WorkerCommand,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Arc<WorkerPool>> {
+        if !command.sockets.is_empty() {
+            return Ok(WorkerPool::connect(command, metrics));
+        }
         std::fs::create_dir_all(&run_dir)?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -320,9 +362,47 @@ impl WorkerPool {
         }
         Ok(Arc::new(WorkerPool {
             slots,
+            external: false,
+            control: None,
             next: AtomicUsize::new(0),
             came_up,
         }))
+    }
+
+    /// A pool of the workers behind `command.sockets`, watched but never started.
+    fn connect(command: WorkerCommand, metrics: Arc<Metrics>) -> Arc<WorkerPool> {
+        let slots: Vec<Arc<Slot>> = command
+            .sockets
+            .iter()
+            .enumerate()
+            .map(|(index, socket)| {
+                Arc::new(Slot {
+                    index,
+                    socket: socket.clone(),
+                    up: AtomicBool::new(false),
+                    generation: AtomicU64::new(0),
+                    pid: AtomicU64::new(0),
+                    idle: Mutex::new(Vec::new()),
+                })
+            })
+            .collect();
+        let came_up = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(close_idle_connections(slots.clone()));
+        for slot in &slots {
+            tokio::spawn(watch_external(
+                slot.clone(),
+                metrics.clone(),
+                Arc::clone(&came_up),
+                command.allow_same_user,
+            ));
+        }
+        Arc::new(WorkerPool {
+            slots,
+            external: true,
+            control: command.control,
+            next: AtomicUsize::new(0),
+            came_up,
+        })
     }
 
     pub fn ready(&self) -> usize {
@@ -412,6 +492,9 @@ impl WorkerPool {
     /// retirement reaches running workers. Waits at most `timeout` per worker; returns whether
     /// every worker that was up came back (a worker that was down loads them when it starts).
     pub async fn recycle(&self, timeout: Duration) -> bool {
+        if self.external {
+            return self.recycle_external(timeout).await;
+        }
         let mut all_back = true;
         for slot in &self.slots {
             let deadline = Instant::now() + timeout;
@@ -450,6 +533,121 @@ impl WorkerPool {
             }
         }
         all_back
+    }
+}
+
+impl WorkerPool {
+    /// [`WorkerPool::recycle`] for workers this process did not start: the root-started
+    /// supervisor restarts them when asked on its control pipe; a separate worker service
+    /// must be restarted by its operator.
+    async fn recycle_external(&self, timeout: Duration) -> bool {
+        let Some(control) = &self.control else {
+            tracing::error!(
+                "the workers run as their own service (KEYWARD_WORKER_SOCKETS): restart it so they load the current KEK versions"
+            );
+            return false;
+        };
+        let before: Vec<u64> = self
+            .slots
+            .iter()
+            .map(|s| s.generation.load(Ordering::Acquire))
+            .collect();
+        let asked = control
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))
+            .and_then(|mut pipe| crate::users::request_recycle(&mut *pipe));
+        if let Err(e) = asked {
+            tracing::error!(error = %e, "could not ask the worker supervisor to restart the workers");
+            return false;
+        }
+        let mut all_back = true;
+        for (slot, generation) in self.slots.iter().zip(before) {
+            let deadline = Instant::now() + timeout;
+            while !(slot.up.load(Ordering::Acquire) && slot.generation.load(Ordering::Acquire) > generation)
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if !(slot.up.load(Ordering::Acquire) && slot.generation.load(Ordering::Acquire) > generation) {
+                tracing::warn!(
+                    worker = slot.index,
+                    "worker did not come back within the recycle timeout"
+                );
+                all_back = false;
+            }
+        }
+        all_back
+    }
+}
+
+/// How often a worker behind a socket is pinged: a dead one is noticed within this.
+const EXTERNAL_PING_EVERY: Duration = Duration::from_millis(100);
+
+/// Watches the worker behind `slot.socket`: up once it answers a ping, down when a ping
+/// fails; a new pid behind the socket is a new generation (a restart).
+async fn watch_external(
+    slot: Arc<Slot>,
+    metrics: Arc<Metrics>,
+    came_up: Arc<tokio::sync::Notify>,
+    allow_same_user: bool,
+) {
+    let me = rustix::process::getuid().as_raw();
+    let mut refused_pid = None;
+    let mut missing_logged = false;
+    loop {
+        let probe = async {
+            let mut conn = WorkerConn::connect(&slot.socket).await.map_err(|e| e.to_string())?;
+            conn.ping().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(conn)
+        };
+        let mut conn = match tokio::time::timeout(Duration::from_secs(2), probe).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                if !missing_logged {
+                    tracing::info!(worker = slot.index, socket = %slot.socket.display(), error = %e, "waiting for the worker");
+                    missing_logged = true;
+                }
+                tokio::time::sleep(EXTERNAL_PING_EVERY).await;
+                continue;
+            }
+            Err(_) => {
+                tokio::time::sleep(EXTERNAL_PING_EVERY).await;
+                continue;
+            }
+        };
+        missing_logged = false;
+        let (uid, pid) = conn.peer().unwrap_or((u32::MAX, 0));
+        if uid == me && !allow_same_user {
+            if refused_pid != Some(pid) {
+                tracing::error!(
+                    worker = slot.index,
+                    pid,
+                    uid,
+                    "NOT USING this worker: it runs as the gateway's own OS user, so a gateway that is taken over could read the KEK's private half; run it as its own user (or set KEYWARD_ALLOW_SAME_USER=1)"
+                );
+                refused_pid = Some(pid);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        slot.pid.store(u64::try_from(pid).unwrap_or(0), Ordering::Release);
+        slot.generation.fetch_add(1, Ordering::AcqRel);
+        slot.up.store(true, Ordering::Release);
+        came_up.notify_waiters();
+        tracing::info!(worker = slot.index, pid, uid, "worker ready");
+        loop {
+            tokio::time::sleep(EXTERNAL_PING_EVERY).await;
+            match tokio::time::timeout(Duration::from_secs(5), conn.ping()).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+        slot.up.store(false, Ordering::Release);
+        if let Ok(mut idle) = slot.idle.lock() {
+            idle.clear();
+        }
+        metrics.record_worker_restart();
+        tracing::warn!(worker = slot.index, pid, "worker gone; waiting for it to come back");
     }
 }
 

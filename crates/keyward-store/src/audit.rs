@@ -6,8 +6,13 @@
 //! the database, so whoever can write the database can delete or edit rows but cannot
 //! make a consistent chain again: an edited, deleted, reordered or truncated event
 //! breaks the chain at a place `verify_chain` names. (A writer who rolls the head back
-//! together with the tail is not detected here; an exported copy of the chain is the
-//! anchor against that.)
+//! together with the tail is not detected here; a signed checkpoint of every chain's head,
+//! `keyward audit checkpoint`, is the anchor against that.)
+//!
+//! The platform's own actions (the shared pool's keys, KEK versions, plan changes made by
+//! the CLI) form one more chain, [`PLATFORM_CHAIN`], built the same way with the same key
+//! ([`PlatformEvent`]); its canonical form has a label of its own, so no event can be moved
+//! between the platform's chain and an account's.
 
 use keyward_core::{AccountId, KeySource, Last4, Outcome, Provider, UnixMillis};
 use keyward_crypto::{AuditChainKey, GENESIS_MAC};
@@ -269,6 +274,151 @@ impl AuditEvent {
     }
 }
 
+/// The chain id of the platform's chain, in checkpoints and verification reports. Never an
+/// account id (those start `acc_`).
+pub const PLATFORM_CHAIN: &str = "platform";
+
+/// What the platform did (see [`PLATFORM_CHAIN`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformAction {
+    /// `keyward admin set-shared-key`: a shared-pool key saved where there was none.
+    SharedKeySaved,
+    /// `keyward admin set-shared-key`: a shared-pool key replaced.
+    SharedKeyRotated,
+    /// `keyward kek rotate`: a KEK version created (primary, or staged).
+    KekRotated,
+    /// `keyward kek promote`: a staged KEK version made primary.
+    KekPromoted,
+    /// `keyward kek retire`: a KEK version destroyed.
+    KekRetired,
+    /// `keyward admin set-plan`: an account's plan or shared-credit limit changed.
+    PlanChanged,
+}
+
+impl PlatformAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlatformAction::SharedKeySaved => "shared_key.saved",
+            PlatformAction::SharedKeyRotated => "shared_key.rotated",
+            PlatformAction::KekRotated => "kek.rotated",
+            PlatformAction::KekPromoted => "kek.promoted",
+            PlatformAction::KekRetired => "kek.retired",
+            PlatformAction::PlanChanged => "account.plan_changed",
+        }
+    }
+}
+
+/// A platform event to append; the store assigns `seq`, `id` and the MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPlatformEvent {
+    pub at: UnixMillis,
+    pub actor: String,
+    pub action: PlatformAction,
+    /// The shared-pool key's provider.
+    pub provider: Option<Provider>,
+    /// The shared-pool key's last four characters.
+    pub key_last4: Option<Last4>,
+    /// The account a plan change was for.
+    pub account_id: Option<AccountId>,
+    /// The KEK version acted on (`local-3`).
+    pub kek_id: Option<String>,
+    /// What else is worth knowing (`pro -> free`, `staged`, `destroyed`).
+    pub detail: Option<String>,
+}
+
+impl NewPlatformEvent {
+    /// `actor` did `action` at `at`; the fields it concerns are set directly.
+    pub fn new(at: UnixMillis, actor: &AuditActor, action: PlatformAction) -> NewPlatformEvent {
+        NewPlatformEvent {
+            at,
+            actor: actor.0.clone(),
+            action,
+            provider: None,
+            key_last4: None,
+            account_id: None,
+            kek_id: None,
+            detail: None,
+        }
+    }
+
+    /// The row this event becomes at position `seq` of the platform's chain.
+    pub fn into_event(self, seq: i64) -> PlatformEvent {
+        PlatformEvent {
+            id: 0,
+            seq,
+            at: self.at.as_i64(),
+            actor: self.actor,
+            action: self.action.as_str().to_owned(),
+            provider: self.provider.map(|p| p.as_str().to_owned()),
+            key_last4: self.key_last4.map(|l| l.as_str().to_owned()),
+            account_id: self.account_id.map(|a| a.as_str().to_owned()),
+            kek_id: self.kek_id,
+            detail: self.detail,
+            mac: Vec::new(),
+        }
+    }
+}
+
+/// A platform event as stored (raw column values, as for [`AuditEvent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlatformEvent {
+    pub id: i64,
+    pub seq: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub provider: Option<String>,
+    pub key_last4: Option<String>,
+    pub account_id: Option<String>,
+    pub kek_id: Option<String>,
+    pub detail: Option<String>,
+    pub mac: Vec<u8>,
+}
+
+impl PlatformEvent {
+    /// The bytes the MAC covers: every field but the row id and the MAC, tagged and
+    /// length-prefixed as an account event's are, under a label of its own.
+    pub fn canonical(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160);
+        out.extend_from_slice(b"keyward-platform-event-v1");
+        put_int(&mut out, Some(self.seq));
+        put_int(&mut out, Some(self.at));
+        put_str(&mut out, Some(&self.actor));
+        put_str(&mut out, Some(&self.action));
+        put_str(&mut out, self.provider.as_deref());
+        put_str(&mut out, self.key_last4.as_deref());
+        put_str(&mut out, self.account_id.as_deref());
+        put_str(&mut out, self.kek_id.as_deref());
+        put_str(&mut out, self.detail.as_deref());
+        out
+    }
+
+    /// Fills in `mac` as the link after `prev`.
+    pub fn seal_link(&mut self, key: &AuditChainKey, prev: &[u8; 32]) -> [u8; 32] {
+        let mac = key.chain(prev, &self.canonical());
+        self.mac = mac.to_vec();
+        mac
+    }
+}
+
+impl ChainLink for PlatformEvent {
+    fn row_id(&self) -> i64 {
+        self.id
+    }
+    fn seq(&self) -> i64 {
+        self.seq
+    }
+    fn chain_id(&self) -> &str {
+        PLATFORM_CHAIN
+    }
+    fn canonical(&self) -> Vec<u8> {
+        PlatformEvent::canonical(self)
+    }
+    fn mac(&self) -> &[u8] {
+        &self.mac
+    }
+}
+
 fn put_str(out: &mut Vec<u8>, v: Option<&str>) {
     match v {
         None => out.push(0),
@@ -300,6 +450,36 @@ pub struct ChainBreak {
     pub reason: String,
 }
 
+/// A stored link of a chain, as verification sees it.
+pub trait ChainLink {
+    /// The row id.
+    fn row_id(&self) -> i64;
+    fn seq(&self) -> i64;
+    /// The chain the row says it belongs to.
+    fn chain_id(&self) -> &str;
+    /// The bytes its MAC covers.
+    fn canonical(&self) -> Vec<u8>;
+    fn mac(&self) -> &[u8];
+}
+
+impl ChainLink for AuditEvent {
+    fn row_id(&self) -> i64 {
+        self.id
+    }
+    fn seq(&self) -> i64 {
+        self.seq
+    }
+    fn chain_id(&self) -> &str {
+        &self.account_id
+    }
+    fn canonical(&self) -> Vec<u8> {
+        AuditEvent::canonical(self)
+    }
+    fn mac(&self) -> &[u8] {
+        &self.mac
+    }
+}
+
 /// Checks one account's chain, oldest first. `Ok(n)` is the number of events verified.
 pub fn verify_chain(
     key: &AuditChainKey,
@@ -307,36 +487,56 @@ pub fn verify_chain(
     events: &[AuditEvent],
     head: Option<&ChainHead>,
 ) -> Result<usize, ChainBreak> {
+    verify_links(key, account_id, events, head)
+}
+
+/// Checks the platform's chain ([`PLATFORM_CHAIN`]), oldest first, as [`verify_chain`] does an
+/// account's.
+pub fn verify_platform_chain(
+    key: &AuditChainKey,
+    events: &[PlatformEvent],
+    head: Option<&ChainHead>,
+) -> Result<usize, ChainBreak> {
+    verify_links(key, PLATFORM_CHAIN, events, head)
+}
+
+/// Checks any chain, oldest first: each link's seq follows the one before, its MAC chains
+/// from the one before, and the head names the last link.
+pub fn verify_links<E: ChainLink>(
+    key: &AuditChainKey,
+    account_id: &str,
+    events: &[E],
+    head: Option<&ChainHead>,
+) -> Result<usize, ChainBreak> {
     let mut prev = GENESIS_MAC;
-    let broken = |event: &AuditEvent, reason: &str| ChainBreak {
+    let broken = |event: &E, reason: &str| ChainBreak {
         account_id: account_id.to_owned(),
-        event_id: Some(event.id),
-        seq: event.seq,
+        event_id: Some(event.row_id()),
+        seq: event.seq(),
         reason: reason.to_owned(),
     };
     for (i, event) in events.iter().enumerate() {
         let expected_seq = i as i64 + 1;
-        if event.account_id != account_id {
-            return Err(broken(event, "event belongs to another account"));
+        if event.chain_id() != account_id {
+            return Err(broken(event, "event belongs to another chain"));
         }
-        if event.seq != expected_seq {
+        if event.seq() != expected_seq {
             return Err(broken(
                 event,
                 &format!(
                     "expected seq {expected_seq}, found {}: an event was deleted or reordered",
-                    event.seq
+                    event.seq()
                 ),
             ));
         }
-        if !key.verify(&prev, &event.canonical(), &event.mac) {
+        if !key.verify(&prev, &event.canonical(), event.mac()) {
             return Err(broken(
                 event,
                 "MAC does not match: the event was edited, moved or forged",
             ));
         }
         prev = event
-            .mac
-            .as_slice()
+            .mac()
             .try_into()
             .map_err(|_| broken(event, "MAC has the wrong length"))?;
     }
@@ -459,6 +659,33 @@ mod tests {
         let err = verify_chain(&key(), &acc(), truncated, Some(&head)).unwrap_err();
         assert_eq!((err.event_id, err.seq), (None, 4));
         assert!(err.reason.contains("truncated"));
+    }
+
+    #[test]
+    fn platform_chain_verifies_and_an_edit_is_named() {
+        let mut prev = GENESIS_MAC;
+        let mut events = Vec::new();
+        for (i, action) in [PlatformAction::KekRotated, PlatformAction::SharedKeySaved]
+            .into_iter()
+            .enumerate()
+        {
+            let mut e =
+                NewPlatformEvent::new(UnixMillis(5), &AuditActor("cli".into()), action).into_event(i as i64 + 1);
+            e.id = i as i64 + 1;
+            prev = e.seal_link(&key(), &prev);
+            events.push(e);
+        }
+        let head = ChainHead {
+            seq: 2,
+            mac: prev.to_vec(),
+        };
+        assert_eq!(verify_platform_chain(&key(), &events, Some(&head)), Ok(2));
+        let mut edited = events.clone();
+        edited[0].kek_id = Some("local-9".into());
+        let err = verify_platform_chain(&key(), &edited, Some(&head)).unwrap_err();
+        assert_eq!((err.account_id.as_str(), err.event_id), (PLATFORM_CHAIN, Some(1)));
+        // An account event's MAC never verifies as a platform event's (distinct labels).
+        assert_ne!(events[0].canonical()[..20], chain(1).0[0].canonical()[..20]);
     }
 
     #[test]

@@ -33,14 +33,18 @@ use keyward_core::{
 };
 use keyward_crypto::SealedKey;
 
-pub use audit::{AuditAction, AuditActor, AuditEvent, ChainBreak, NewAuditEvent};
+pub use audit::{
+    AuditAction, AuditActor, AuditEvent, ChainBreak, ChainHead, NewAuditEvent, NewPlatformEvent, PlatformAction,
+    PlatformEvent, PLATFORM_CHAIN,
+};
 pub use kek::{BlobCursor, BlobOwner, KekStore, SealedBlobRow};
 pub use outbox::{AttemptOutcome, OutboxBacklog, OutboxRules, WebhookEvent, WebhookFilter, WebhookKind};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-/// What can go wrong in the store, in terms the server maps to stable API codes.
-#[derive(Debug, thiserror::Error)]
+/// What can go wrong in the store, in terms the server maps to stable API codes. `Clone`:
+/// one batch's failure is the answer to each of its records.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("not found")]
     NotFound,
@@ -729,6 +733,61 @@ pub trait Store: Send + Sync + 'static {
     /// returns. All or nothing: `Invalid` (naming the record) is checked before anything is
     /// written, so a caller can drop the bad record and retry the rest.
     async fn finish_calls(&self, records: &[CallRecord]) -> StoreResult<()>;
+    /// [`Store::finish_calls`] where a record the store refuses fails alone: one result per
+    /// record, in order. Each record is checked first (a malformed one is refused without a
+    /// transaction); the others commit in one transaction. If the database refuses that
+    /// transaction (a constraint, e.g. a call of an account deleted meanwhile), it rolled
+    /// back whole, and the batch is split in halves, left half first, until the refused
+    /// records stand alone: every other record commits exactly once, each account's events
+    /// keep their order, and a record's settlement and its event are never apart. A failure
+    /// that is not the records' (the database unavailable) fails every record not yet
+    /// committed, with nothing retried.
+    async fn finish_calls_isolated(&self, records: &[CallRecord]) -> Vec<StoreResult<()>> {
+        let mut results: Vec<Option<StoreResult<()>>> = vec![None; records.len()];
+        let mut good: Vec<CallRecord> = Vec::with_capacity(records.len());
+        let mut index: Vec<usize> = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            match check_record(r) {
+                Ok(()) => {
+                    good.push(r.clone());
+                    index.push(i);
+                }
+                Err(e) => results[i] = Some(Err(at_record(i, e))),
+            }
+        }
+        // Ranges of `good` still to commit, as a stack whose top is the leftmost.
+        let mut pending: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
+        pending.push(0..good.len());
+        while let Some(range) = pending.pop() {
+            let Some(batch) = good.get(range.clone()) else { continue };
+            if batch.is_empty() {
+                continue;
+            }
+            let outcome = self.finish_calls(batch).await;
+            let split = matches!(&outcome, Err(e) if batch.len() > 1 && !matches!(e, StoreError::Unavailable(_)));
+            if split {
+                let mid = range.start + batch.len() / 2;
+                pending.push(mid..range.end);
+                pending.push(range.start..mid);
+                continue;
+            }
+            let give_up = matches!(&outcome, Err(StoreError::Unavailable(_)));
+            for &i in index.get(range).unwrap_or_default() {
+                results[i] = Some(outcome.clone());
+            }
+            if give_up {
+                for rest in pending.drain(..) {
+                    for &i in index.get(rest).unwrap_or_default() {
+                        results[i] = Some(outcome.clone());
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Database("record left unsettled".to_owned()))))
+            .collect()
+    }
     /// Releases a reservation without charging (the call failed before a provider was reached).
     async fn release_credits(&self, account: &AccountId, period: &str, amount: i64) -> StoreResult<()>;
     /// Credits and usage counters of one period: zeros for a period with no calls.
@@ -742,6 +801,15 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_page(&self, account: &AccountId, limit: u32, before: Option<i64>) -> StoreResult<Vec<AuditEvent>>;
     /// The whole chain, oldest first, with its head: what `audit verify` and `export` read.
     async fn audit_chain(&self, account: &AccountId) -> StoreResult<(Vec<AuditEvent>, Option<audit::ChainHead>)>;
+    /// Appends one event to the platform's chain ([`PLATFORM_CHAIN`]) in its own
+    /// transaction: durable when this returns.
+    async fn append_platform_audit(&self, event: &NewPlatformEvent) -> StoreResult<()>;
+    /// The platform's whole chain, oldest first, with its head (one snapshot).
+    async fn platform_chain(&self) -> StoreResult<(Vec<PlatformEvent>, Option<audit::ChainHead>)>;
+    /// The head of every chain that has one, in one snapshot: each account's (deleted
+    /// accounts' included) by account id, and the platform's as [`PLATFORM_CHAIN`]. What a
+    /// checkpoint records.
+    async fn chain_heads(&self) -> StoreResult<Vec<(String, audit::ChainHead)>>;
 
     // ---- maintenance ----------------------------------------------------------------------
     /// Makes removed and overwritten ciphertext unrecoverable from the database files:

@@ -42,6 +42,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "sessions",
         sql: include_str!("../migrations/sqlite/0006_sessions.sql"),
     },
+    Migration {
+        version: 8,
+        name: "platform_audit",
+        sql: include_str!("../migrations/sqlite/0008_platform_audit.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -74,6 +79,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 6,
         name: "sessions",
         sql: include_str!("../migrations/postgres/0006_sessions.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "platform_audit",
+        sql: include_str!("../migrations/postgres/0008_platform_audit.sql"),
     },
 ];
 

@@ -39,7 +39,7 @@ use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 
-use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
+use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent, NewPlatformEvent, PlatformEvent};
 use crate::migrate::POSTGRES as MIGRATIONS;
 use crate::outbox::{
     self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
@@ -189,7 +189,7 @@ impl PgStore {
             .acquire_timeout(opts.connect_timeout)
             .connect_with(connect)
             .await
-            .map_err(map_err)?;
+            .map_err(map_connect_err)?;
         let store = PgStore {
             pool,
             chain_key: Arc::new(ChainCtx {
@@ -284,6 +284,29 @@ fn map_err(e: sqlx::Error) -> StoreError {
         | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
         _ => StoreError::Database(e.to_string()),
     }
+}
+
+/// A failed first connection, said so that an operator knows what to fix. TLS failures
+/// are the ones rustls words for a programmer (`invalid peer certificate: UnknownIssuer`).
+fn map_connect_err(e: sqlx::Error) -> StoreError {
+    // rustls's refusal reaches sqlx as an I/O error during the handshake, or as a TLS error.
+    let said = e.to_string();
+    if !matches!(e, sqlx::Error::Tls(_)) && !said.contains("invalid peer certificate") {
+        return map_err(e);
+    }
+    let said = said.trim_start_matches("error communicating with database: ");
+    let why = if said.contains("UnknownIssuer") {
+        "the server's certificate is not signed by the CA in sslrootcert (without sslrootcert, \
+         by none of the public web CAs)"
+    } else if said.contains("NotValidForName") || said.contains("not valid for name") {
+        "the server's certificate does not name the host in the URL (sslmode=verify-full \
+         checks the host name; connect by a name the certificate holds)"
+    } else if said.contains("Expired") {
+        "the server's certificate has expired"
+    } else {
+        "the TLS handshake failed"
+    };
+    StoreError::Unavailable(format!("TLS to PostgreSQL refused: {why} ({said})"))
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -2045,6 +2068,123 @@ impl Store for PgStore {
             })
             .transpose()?;
         Ok((events, head))
+    }
+
+    async fn append_platform_audit(&self, event: &NewPlatformEvent) -> StoreResult<()> {
+        transaction!(self, |conn| {
+            // As for an account's chain: the head row exists (the genesis link) and is locked
+            // before the newest link is read, so appends from any number of nodes form one chain.
+            sqlx::query("INSERT INTO platform_audit_head (id, seq, mac) VALUES (1, 0, $1) ON CONFLICT (id) DO NOTHING")
+                .bind(&GENESIS_MAC[..])
+                .execute(&mut *conn)
+                .await
+                .map_err(pg)?;
+            let head = sqlx::query("SELECT seq, mac FROM platform_audit_head WHERE id = 1 FOR UPDATE")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(pg)?;
+            let seq: i64 = get(&head, "seq")?;
+            let mac: Vec<u8> = get(&head, "mac")?;
+            let prev: [u8; 32] = mac
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("platform_audit_head.mac"))?;
+            let mut e = event.clone().into_event(seq + 1);
+            let mac = e.seal_link(&self.chain_key.key, &prev);
+            sqlx::query(
+                "INSERT INTO platform_audit_events (seq, at, actor, action, provider, key_last4, account_id, kek_id, detail, mac)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(e.seq)
+            .bind(e.at)
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.provider)
+            .bind(&e.key_last4)
+            .bind(&e.account_id)
+            .bind(&e.kek_id)
+            .bind(&e.detail)
+            .bind(&e.mac)
+            .execute(&mut *conn)
+            .await
+            .map_err(pg)?;
+            sqlx::query("UPDATE platform_audit_head SET seq = $1, mac = $2 WHERE id = 1")
+                .bind(e.seq)
+                .bind(&mac[..])
+                .execute(&mut *conn)
+                .await
+                .map_err(pg)?;
+            Finish::Commit(())
+        })
+    }
+
+    async fn platform_chain(&self) -> StoreResult<(Vec<PlatformEvent>, Option<ChainHead>)> {
+        let (rows, head) = transaction!(self, Some(BEGIN_SNAPSHOT), |conn| {
+            let rows = sqlx::query(
+                "SELECT id, seq, at, actor, action, provider, key_last4, account_id, kek_id, detail, mac
+                 FROM platform_audit_events ORDER BY seq, id",
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(pg)?;
+            let head = sqlx::query("SELECT seq, mac FROM platform_audit_head WHERE id = 1")
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(pg)?;
+            Finish::Commit((rows, head))
+        })?;
+        let events = rows
+            .iter()
+            .map(|r| {
+                Ok(PlatformEvent {
+                    id: get(r, "id")?,
+                    seq: get(r, "seq")?,
+                    at: get(r, "at")?,
+                    actor: get(r, "actor")?,
+                    action: get(r, "action")?,
+                    provider: get(r, "provider")?,
+                    key_last4: get(r, "key_last4")?,
+                    account_id: get(r, "account_id")?,
+                    kek_id: get(r, "kek_id")?,
+                    detail: get(r, "detail")?,
+                    mac: get(r, "mac")?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        let head = head
+            .map(|r| {
+                Ok::<_, StoreError>(ChainHead {
+                    seq: get(&r, "seq")?,
+                    mac: get(&r, "mac")?,
+                })
+            })
+            .transpose()?;
+        Ok((events, head))
+    }
+
+    async fn chain_heads(&self) -> StoreResult<Vec<(String, ChainHead)>> {
+        let rows = transaction!(self, Some(BEGIN_SNAPSHOT), |conn| {
+            let rows = sqlx::query(
+                "SELECT account_id AS chain, seq, mac FROM audit_heads
+                 UNION ALL SELECT $1, seq, mac FROM platform_audit_head WHERE id = 1",
+            )
+            .bind(crate::audit::PLATFORM_CHAIN)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(pg)?;
+            Finish::Commit(rows)
+        })?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    get::<String>(r, "chain")?,
+                    ChainHead {
+                        seq: get(r, "seq")?,
+                        mac: get(r, "mac")?,
+                    },
+                ))
+            })
+            .collect()
     }
 
     async fn purge_removed(&self) -> StoreResult<bool> {

@@ -22,7 +22,7 @@ use keyward_crypto::{AuditChainKey, SealedKey, GENESIS_MAC};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use sqlx::sqlite::SqliteConnectOptions;
 
-use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent};
+use crate::audit::{AuditAction, AuditEvent, ChainHead, NewAuditEvent, NewPlatformEvent, PlatformEvent};
 use crate::migrate::SQLITE as MIGRATIONS;
 use crate::outbox::{
     self, AttemptOutcome, CallHealth, OutboxBacklog, OutboxRules, Trigger, WebhookEvent, WebhookFilter, WebhookKind,
@@ -527,6 +527,22 @@ fn audit_from_row(row: &Row<'_>) -> StoreResult<AuditEvent> {
         output_tokens: get(row, "output_tokens")?,
         feature: get(row, "feature")?,
         on_behalf_of: get(row, "on_behalf_of")?,
+        mac: get(row, "mac")?,
+    })
+}
+
+fn platform_from_row(row: &Row<'_>) -> StoreResult<PlatformEvent> {
+    Ok(PlatformEvent {
+        id: get(row, "id")?,
+        seq: get(row, "seq")?,
+        at: get(row, "at")?,
+        actor: get(row, "actor")?,
+        action: get(row, "action")?,
+        provider: get(row, "provider")?,
+        key_last4: get(row, "key_last4")?,
+        account_id: get(row, "account_id")?,
+        kek_id: get(row, "kek_id")?,
+        detail: get(row, "detail")?,
         mac: get(row, "mac")?,
     })
 }
@@ -1846,6 +1862,102 @@ impl Store for SqliteStore {
                         },
                     )?;
                     Ok((events, head))
+                })
+            })
+            .await
+    }
+
+    async fn append_platform_audit(&self, event: &NewPlatformEvent) -> StoreResult<()> {
+        let (event, chain_key) = (event.clone(), Arc::clone(&self.chain_key));
+        self.writer
+            .transaction(move |tx| {
+                let (seq, prev) = read_one(tx, "SELECT seq, mac FROM platform_audit_head WHERE id = 1", (), |r| {
+                    let mac: Vec<u8> = get(r, "mac")?;
+                    let mac: [u8; 32] = mac
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| corrupt("platform_audit_head.mac"))?;
+                    Ok((get::<i64>(r, "seq")?, mac))
+                })?
+                .unwrap_or((0, GENESIS_MAC));
+                let mut e = event.into_event(seq + 1);
+                let mac = e.seal_link(&chain_key.key, &prev);
+                exec(
+                    tx,
+                    "INSERT INTO platform_audit_events (seq, at, actor, action, provider, key_last4, account_id, kek_id, detail, mac)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    rusqlite::params![
+                        e.seq,
+                        e.at,
+                        e.actor,
+                        e.action,
+                        e.provider,
+                        e.key_last4,
+                        e.account_id,
+                        e.kek_id,
+                        e.detail,
+                        e.mac
+                    ],
+                )?;
+                exec(
+                    tx,
+                    "INSERT INTO platform_audit_head (id, seq, mac) VALUES (1, ?1, ?2)
+                     ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, mac = excluded.mac",
+                    (e.seq, &mac[..]),
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn platform_chain(&self) -> StoreResult<(Vec<PlatformEvent>, Option<ChainHead>)> {
+        self.reader
+            .read_blocking(move |c| {
+                read_snapshot(c, |c| {
+                    let events = read_all(
+                        c,
+                        "SELECT * FROM platform_audit_events ORDER BY seq, id",
+                        (),
+                        platform_from_row,
+                    )?;
+                    let head = read_one(c, "SELECT seq, mac FROM platform_audit_head WHERE id = 1", (), |r| {
+                        Ok(ChainHead {
+                            seq: get(r, "seq")?,
+                            mac: get(r, "mac")?,
+                        })
+                    })?;
+                    Ok((events, head))
+                })
+            })
+            .await
+    }
+
+    async fn chain_heads(&self) -> StoreResult<Vec<(String, ChainHead)>> {
+        self.reader
+            .read_blocking(move |c| {
+                read_snapshot(c, |c| {
+                    let head = |r: &Row<'_>| {
+                        Ok((
+                            get::<String>(r, "chain")?,
+                            ChainHead {
+                                seq: get(r, "seq")?,
+                                mac: get(r, "mac")?,
+                            },
+                        ))
+                    };
+                    let mut heads = read_all(
+                        c,
+                        "SELECT account_id AS chain, seq, mac FROM audit_heads ORDER BY account_id",
+                        (),
+                        head,
+                    )?;
+                    heads.extend(read_one(
+                        c,
+                        "SELECT ?1 AS chain, seq, mac FROM platform_audit_head WHERE id = 1",
+                        (crate::audit::PLATFORM_CHAIN,),
+                        head,
+                    )?);
+                    Ok(heads)
                 })
             })
             .await

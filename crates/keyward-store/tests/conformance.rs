@@ -848,6 +848,130 @@ fn row(report: &keyward_store::UsageReport, provider: Provider, source: KeySourc
     (u.requests, u.input_tokens, u.output_tokens)
 }
 
+/// One bad record in a batch of 64: the other 63 commit, exactly once and in order, and only
+/// the bad one is answered with an error. Bad twice over: a call of an account deleted while
+/// it was in flight (the database refuses its settlement: the foreign key to the account),
+/// and a record the store's own checks refuse (negative tokens).
+async fn a_bad_record_fails_alone_and_the_rest_of_the_batch_commits(s: &dyn Store) {
+    let (_, a) = owner_with_account(s, 1, Plan::Pro).await;
+    let (_, gone) = owner_with_account(s, 2, Plan::Pro).await;
+    // Even records are shared calls (reserve 3, charge 2), odd ones own-key calls.
+    let record = |i: i64| {
+        if i % 2 == 0 {
+            call(&a, Provider::OpenAi, KeySource::Shared, 3, 2, i)
+        } else {
+            call(&a, Provider::Anthropic, KeySource::Own, 0, 0, i)
+        }
+    };
+    for _ in 0..64 {
+        assert!(s.reserve_credits(&a, PERIOD, 100_000, 3, t(1)).await.unwrap());
+    }
+    assert!(s.reserve_credits(&gone, PERIOD, 100_000, 3, t(1)).await.unwrap());
+    s.delete_account(&gone, &AuditActor("cli".into()), None, t(3))
+        .await
+        .unwrap();
+    let closed = chain_ok(s, &gone).await;
+
+    const BAD: usize = 37;
+    let mut batch: Vec<CallRecord> = (0..64).map(record).collect();
+    batch[BAD] = call(&gone, Provider::OpenAi, KeySource::Shared, 3, 2, BAD as i64);
+    let results = s.finish_calls_isolated(&batch).await;
+    assert_eq!(results.len(), 64);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.is_err(), i == BAD, "record {i}: {r:?}");
+    }
+    // The 63 good ones, once each, in batch order; nothing of the bad one.
+    let (events, _) = s.audit_chain(&a).await.unwrap();
+    assert_eq!(chain_ok(s, &a).await, 63);
+    let expected_at: Vec<i64> = (0..64).filter(|&i| i != BAD as i64).map(|i| 1_000 + i).collect();
+    assert_eq!(events.iter().map(|e| e.at).collect::<Vec<_>>(), expected_at);
+    let shared_good = (0..64).filter(|&i| i % 2 == 0 && i != BAD as i64).count() as i64;
+    let own_good = 63 - shared_good;
+    let usage = s.usage(&a, PERIOD).await.unwrap();
+    // 32 shared calls (BAD is odd, so all even ones are good): 32 × 2 charged, and the
+    // reservations of all 64 reserves minus the 32 settled ones still held.
+    assert_eq!(
+        (usage.credits_used, usage.credits_reserved),
+        (shared_good * 2, (64 - shared_good) * 3)
+    );
+    assert_eq!(row(&usage, Provider::OpenAi, KeySource::Shared).0, shared_good);
+    assert_eq!(row(&usage, Provider::Anthropic, KeySource::Own).0, own_good);
+    assert_eq!(
+        chain_ok(s, &gone).await,
+        closed,
+        "the deleted account's chain stays closed"
+    );
+
+    // A record the store's own checks refuse fails alone too.
+    let mut batch: Vec<CallRecord> = (100..164)
+        .map(|i| call(&a, Provider::Google, KeySource::Own, 0, 0, i))
+        .collect();
+    batch[5].input_tokens = -1;
+    let results = s.finish_calls_isolated(&batch).await;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.is_err(), i == 5, "record {i}: {r:?}");
+    }
+    assert!(
+        matches!(&results[5], Err(StoreError::Invalid(m)) if m.contains("call record 5")),
+        "{:?}",
+        results[5]
+    );
+    assert_eq!(chain_ok(s, &a).await, 63 + 63);
+    assert_eq!(
+        row(&s.usage(&a, PERIOD).await.unwrap(), Provider::Google, KeySource::Own).0,
+        63
+    );
+    // An empty batch is no work.
+    assert!(s.finish_calls_isolated(&[]).await.is_empty());
+}
+
+/// The platform's chain: appended in order, verified with the chain key, and its head listed
+/// with every account's.
+async fn platform_chain_appends_verifies_and_lists_heads(s: &dyn Store) {
+    use keyward_store::audit::verify_platform_chain;
+    use keyward_store::{NewPlatformEvent, PlatformAction, PLATFORM_CHAIN};
+    let key = AuditChainKey::from_bytes_for_tests(CHAIN_KEY);
+    let (events, head) = s.platform_chain().await.unwrap();
+    assert_eq!(verify_platform_chain(&key, &events, head.as_ref()), Ok(0));
+    let (_, a) = owner_with_account(s, 1, Plan::Pro).await;
+    s.save_key(
+        &a,
+        Provider::OpenAi,
+        new_key(1, "ab12"),
+        &AuditActor("usr_x".into()),
+        t(4),
+    )
+    .await
+    .unwrap();
+    let cli = AuditActor("cli".into());
+    let mut kek = NewPlatformEvent::new(t(5), &cli, PlatformAction::KekRotated);
+    kek.kek_id = Some("local-2".into());
+    let mut shared = NewPlatformEvent::new(t(6), &cli, PlatformAction::SharedKeySaved);
+    shared.provider = Some(Provider::Google);
+    shared.key_last4 = Some(Last4::from_stored("zz99").unwrap());
+    let mut plan = NewPlatformEvent::new(t(7), &cli, PlatformAction::PlanChanged);
+    plan.account_id = Some(a.clone());
+    plan.detail = Some("pro -> free".into());
+    for e in [&kek, &shared, &plan] {
+        s.append_platform_audit(e).await.unwrap();
+    }
+    let (events, head) = s.platform_chain().await.unwrap();
+    assert_eq!(verify_platform_chain(&key, &events, head.as_ref()), Ok(3));
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["kek.rotated", "shared_key.saved", "account.plan_changed"]);
+    assert_eq!(events[0].kek_id.as_deref(), Some("local-2"));
+    assert_eq!(events[1].provider.as_deref(), Some("google"));
+    assert_eq!(events[2].account_id.as_deref(), Some(a.as_str()));
+    let heads = s.chain_heads().await.unwrap();
+    let platform = heads.iter().find(|(c, _)| c == PLATFORM_CHAIN).unwrap();
+    assert_eq!(Some(&platform.1), head.as_ref());
+    let account = heads.iter().find(|(c, _)| c == a.as_str()).unwrap();
+    assert_eq!(account.1.seq, 1);
+    // Another key does not verify it.
+    let other = AuditChainKey::from_bytes_for_tests([1; 32]);
+    assert!(verify_platform_chain(&other, &events, head.as_ref()).is_err());
+}
+
 async fn finish_calls_settles_a_mixed_batch(s: &dyn Store) {
     let (_, a) = owner_with_account(s, 1, Plan::Pro).await;
     let (_, b) = owner_with_account(s, 2, Plan::Business).await;
@@ -2296,6 +2420,16 @@ macro_rules! conformance {
             async fn concurrent_reserves_hold_the_cap() {
                 let Some(b) = super::$backend().await else { return };
                 super::concurrent_reserves_hold_the_cap(b.store.clone(), b.twin.clone()).await;
+            }
+            #[tokio::test]
+            async fn a_bad_record_fails_alone_and_the_rest_of_the_batch_commits() {
+                let Some(b) = super::$backend().await else { return };
+                super::a_bad_record_fails_alone_and_the_rest_of_the_batch_commits(b.store.as_ref()).await;
+            }
+            #[tokio::test]
+            async fn platform_chain_appends_verifies_and_lists_heads() {
+                let Some(b) = super::$backend().await else { return };
+                super::platform_chain_appends_verifies_and_lists_heads(b.store.as_ref()).await;
             }
             #[tokio::test]
             async fn finish_calls_settles_a_mixed_batch() {

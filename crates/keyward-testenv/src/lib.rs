@@ -74,6 +74,8 @@ pub mod reasons {
         "axe-core: node and npm are not installed, so `npm ci --prefix tests/a11y` cannot fetch it (apt-get install -y nodejs npm)";
     pub const OIDC: &str =
         "oidc-provider: node and npm are not installed, so `npm ci --prefix tests/oidc` cannot fetch it (apt-get install -y nodejs npm)";
+    pub const POSTGRES_TLS: &str =
+        "PostgreSQL TLS: KEYWARD_TEST_POSTGRES_TLS_DIR is not set (as root on a test-only PostgreSQL: export KEYWARD_TEST_POSTGRES_TLS_DIR=$(scripts/pg-tls-setup))";
     pub const MOTO: &str =
         "moto: its server is not installed (pip install 'moto[server]', or KEYWARD_TEST_MOTO_PYTHON)";
 }

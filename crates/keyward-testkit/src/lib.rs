@@ -9,6 +9,8 @@
 //! - [`canary`]: random canary keys and every encoded form a leak could take.
 //! - [`files`]: every byte under a directory, for canary searches.
 //! - [`db`]: direct SQLite access to the database file, to read blobs and to tamper.
+//! - [`users`]: two OS users; with `KEYWARD_TEST_TWO_USERS=1` (as root) every instance runs
+//!   `serve` as root dropping to them. Otherwise instances set `KEYWARD_ALLOW_SAME_USER=1`.
 //!
 //! This crate is test support only: when the server cannot be started or a helper meets
 //! something it cannot work with, it panics with what it saw (the process output), because
@@ -25,6 +27,7 @@ pub mod db;
 pub mod files;
 pub mod http;
 pub mod pg;
+pub mod users;
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -255,6 +258,15 @@ impl Keyward {
             .env("KEYWARD_GOOGLE_BASE_URL", "http://127.0.0.1:9")
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "1");
+        match users::two_users_mode() {
+            Some((gateway, worker)) => {
+                cmd.env("KEYWARD_USER", gateway).env("KEYWARD_WORKER_USER", worker);
+            }
+            // The tests run the workers as their own user; `serve` refuses that unless told.
+            None => {
+                cmd.env("KEYWARD_ALLOW_SAME_USER", "1");
+            }
+        }
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }

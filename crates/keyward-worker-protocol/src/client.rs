@@ -51,6 +51,13 @@ impl WorkerConn {
         })
     }
 
+    /// The worker's uid and pid, as the kernel recorded them when it connected
+    /// (SO_PEERCRED): a restarted worker is a new pid, a worker of the wrong user is seen.
+    pub fn peer(&self) -> Option<(u32, i32)> {
+        let cred = self.stream.get_ref().peer_cred().ok()?;
+        Some((cred.uid(), cred.pid()?))
+    }
+
     async fn send(&mut self, msg: &ToWorker) -> Result<(), WorkerError> {
         let frame = msg.encode().map_err(|e| WorkerError::Gone(e.to_string()))?;
         self.stream

@@ -6,13 +6,23 @@
 //! caller wipes, and the read buffer is zeroed after every exchange. It also keeps the
 //! rules of the worker simple and visible: no redirects are ever followed (a 3xx is just
 //! an answer), every wait has a timeout, and connections are kept alive and reused.
+//!
+//! A request is sent at most once. A provider may act on a request it has read (a POST
+//! costs money and may have effects), so a request is tried again only when not one byte
+//! of it reached the socket: a kept-alive connection found closed before writing (the
+//! check in [`Upstream::send`]), or a write that failed before the kernel took a byte (the
+//! socket's own count, [`Counted`]). Once a byte is written, any failure is the caller's
+//! error, never a second attempt.
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
@@ -22,9 +32,94 @@ const MAX_HEAD: usize = 64 * 1024;
 /// The answer buffer's first size: a whole non-streaming answer of the usual size fits.
 const READ_CHUNK: usize = 4 * 1024;
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+/// A connection to a provider, plain or TLS, that can tell how many bytes it has written
+/// to its socket so far.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Bytes the kernel has accepted on the TCP socket (TLS records included).
+    fn socket_bytes_written(&self) -> u64;
+}
+
+impl Io for Counted {
+    fn socket_bytes_written(&self) -> u64 {
+        self.written
+    }
+}
+
+impl Io for TlsStream<Counted> {
+    fn socket_bytes_written(&self) -> u64 {
+        self.get_ref().0.written
+    }
+}
+
 type Conn = Box<dyn Io>;
+
+/// A TCP stream that counts the bytes its writes hand to the kernel. Under TLS it sits
+/// below rustls, so it counts what reached the socket, not what rustls buffered.
+struct Counted {
+    tcp: TcpStream,
+    written: u64,
+}
+
+impl Counted {
+    fn note(&mut self, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written += *n as u64;
+        }
+        r
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        this.note(r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        this.note(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// Whether an idle kept-alive connection can still take a request: nothing to read yet.
+/// End of stream (the provider closed it while idle), an error, or unasked-for bytes (a
+/// provider's `408` before closing) each mean it must not be used; nothing was written to
+/// it, so a fresh connection is taken instead.
+async fn still_open(conn: &mut Conn) -> bool {
+    let mut byte = [0u8; 1];
+    std::future::poll_fn(|cx| {
+        let mut buf = ReadBuf::new(&mut byte);
+        match Pin::new(&mut *conn).poll_read(cx, &mut buf) {
+            Poll::Pending => Poll::Ready(true),
+            Poll::Ready(_) => Poll::Ready(false),
+        }
+    })
+    .await
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -118,6 +213,7 @@ impl Upstream {
         .map_err(|_| HttpError::Timeout(ms))?
         .map_err(|e| HttpError::Connect(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
+        let tcp = Counted { tcp, written: 0 };
         match &self.tls {
             None => Ok(Box::new(tcp)),
             Some((connector, name)) => {
@@ -145,24 +241,25 @@ impl Upstream {
     /// Sends `head` (the request line and headers, written from the caller's locked page)
     /// and `body`, and reads the response head. `wait` bounds the time to the response
     /// head and each later pause.
+    ///
+    /// The request goes out once: an idle connection the provider closed is dropped before
+    /// anything is written to it, and a write that fails before a single byte reached the
+    /// socket moves on to another connection; after that, every failure is returned.
     pub async fn send(self: &Arc<Self>, head: &[u8], body: &[u8], wait: Duration) -> Result<Response, HttpError> {
-        // A reused connection may have been closed by the server while idle; if it fails
-        // before a single response byte arrives, the request was not processed: try once
-        // more on a fresh connection.
-        if let Some(conn) = self.checkout() {
+        while let Some(mut conn) = self.checkout() {
+            if !still_open(&mut conn).await {
+                continue;
+            }
             match self.exchange(conn, head, body, wait).await {
                 Ok(r) => return Ok(r),
-                Err(Attempt::Stale) => {}
+                Err(Attempt::NothingSent(_)) => {}
                 Err(Attempt::Failed(e)) => return Err(e),
             }
         }
         let conn = self.connect().await?;
         match self.exchange(conn, head, body, wait).await {
             Ok(r) => Ok(r),
-            Err(Attempt::Stale) => Err(HttpError::Io(
-                "the provider closed the connection without answering".into(),
-            )),
-            Err(Attempt::Failed(e)) => Err(e),
+            Err(Attempt::NothingSent(e) | Attempt::Failed(e)) => Err(e),
         }
     }
 
@@ -174,13 +271,21 @@ impl Upstream {
         wait: Duration,
     ) -> Result<Response, Attempt> {
         let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let before = conn.socket_bytes_written();
         let write = async {
             write_all_two(&mut conn, head, body).await?;
             conn.flush().await
         };
         match timeout(wait, write).await {
             Err(_) => return Err(Attempt::Failed(HttpError::Timeout(ms))),
-            Ok(Err(_)) => return Err(Attempt::Stale),
+            Ok(Err(e)) if conn.socket_bytes_written() == before => {
+                return Err(Attempt::NothingSent(HttpError::Io(e.to_string())))
+            }
+            Ok(Err(e)) => {
+                return Err(Attempt::Failed(HttpError::Io(format!(
+                    "{e} while sending the request; not sent again, as the provider may have read part of it"
+                ))))
+            }
             Ok(Ok(())) => {}
         }
         let mut reader = Reader {
@@ -191,12 +296,16 @@ impl Upstream {
         };
         loop {
             let got = reader.fill_head().await;
-            let n = match got {
-                Ok(n) => n,
-                Err(HttpError::Io(_)) if reader.buf.is_empty() => return Err(Attempt::Stale),
-                Err(e) => return Err(Attempt::Failed(e)),
-            };
-            let _ = n;
+            if let Err(e) = got {
+                return Err(Attempt::Failed(match e {
+                    // The whole request was written: the provider may have read and acted on it.
+                    HttpError::Io(why) if reader.buf.is_empty() => HttpError::Io(format!(
+                        "the provider closed the connection after the request was sent, without answering ({why}); \
+                         not sent again, as the provider may have acted on it"
+                    )),
+                    e => e,
+                }));
+            }
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut parsed = httparse::Response::new(&mut headers);
             let status = parsed.parse(&reader.buf);
@@ -266,8 +375,10 @@ impl Upstream {
 }
 
 enum Attempt {
-    /// The connection died before any answer: safe to retry on a new one.
-    Stale,
+    /// The connection failed before one byte of the request reached its socket: the
+    /// provider cannot have seen it, so another connection may carry it.
+    NothingSent(HttpError),
+    /// Anything else, including every failure after the first byte was written.
     Failed(HttpError),
 }
 
@@ -473,7 +584,7 @@ async fn write_all_two(conn: &mut Conn, head: &[u8], body: &[u8]) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     fn tls() -> Arc<ClientConfig> {
         Arc::new(
@@ -595,6 +706,141 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, HttpError::Protocol(_)), "{err}");
+    }
+
+    /// What the next request on a connection gets from [`counting_server`].
+    #[derive(Clone, Copy)]
+    enum Then {
+        /// `200` with a short body, connection kept alive.
+        Answer,
+        /// Nothing: the server closes the connection (having read the whole request).
+        Close,
+        /// `200`, then the server closes the connection while it is idle.
+        AnswerThenClose,
+    }
+
+    /// Reads one whole request (head and `Content-Length` body) from `s`; `None` at EOF.
+    async fn read_request(s: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + len {
+                    return Some(buf);
+                }
+            }
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A loopback provider that reads every request whole and counts them (per body, so a
+    /// request sent twice is counted twice); connection `i` treats its requests as
+    /// `plans[i]` says, later connections answer everything. Returns the base URL, the
+    /// bodies read, and the number of connections accepted.
+    async fn counting_server(plans: Vec<Vec<Then>>) -> (String, Arc<Mutex<Vec<String>>>, Arc<Mutex<usize>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(Mutex::new(0usize));
+        let (seen2, conns2) = (seen.clone(), conns.clone());
+        tokio::spawn(async move {
+            let mut plans = plans.into_iter();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                *conns2.lock().unwrap() += 1;
+                let mut plan = plans.next().unwrap_or_default().into_iter();
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    while let Some(req) = read_request(&mut s).await {
+                        let body = req.split(|b| *b == b'\n').next_back().unwrap_or_default().to_vec();
+                        seen.lock().unwrap().push(String::from_utf8(body).unwrap());
+                        match plan.next().unwrap_or(Then::Answer) {
+                            Then::Answer => s
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                                .await
+                                .unwrap(),
+                            Then::Close => return,
+                            Then::AnswerThenClose => {
+                                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                                    .await
+                                    .unwrap();
+                                // Let the client take its answer and pool the connection first.
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), seen, conns)
+    }
+
+    async fn post(up: &Arc<Upstream>, body: &str) -> Result<Vec<u8>, HttpError> {
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+        let mut r = up
+            .send(head.as_bytes(), body.as_bytes(), Duration::from_secs(2))
+            .await?;
+        Ok(body_of(&mut r).await)
+    }
+
+    #[tokio::test]
+    async fn a_post_the_provider_read_before_closing_a_kept_alive_connection_is_sent_once() {
+        // Connection 1 answers the first POST (so it is pooled and reused), then reads the
+        // second whole and closes without a word. Any later connection would answer.
+        let (url, seen, conns) = counting_server(vec![vec![Then::Answer, Then::Close]]).await;
+        let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
+        assert_eq!(post(&up, "first").await.unwrap(), b"ok");
+        let err = post(&up, "second").await.unwrap_err();
+        assert!(
+            matches!(&err, HttpError::Io(m) if m.contains("without answering") && m.contains("not sent again")),
+            "a clear error, not a retry: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen.iter().filter(|b| *b == "second").count(),
+            1,
+            "the provider read the second POST once: {seen:?}"
+        );
+        assert_eq!(*conns.lock().unwrap(), 1, "no second connection was opened for it");
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_closed_while_idle_is_replaced_before_writing() {
+        // Connection 1 answers, then the provider closes it while it sits in the pool: the
+        // next call sees it closed before writing, takes a new connection, and succeeds.
+        let (url, seen, conns) = counting_server(vec![vec![Then::AnswerThenClose]]).await;
+        let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
+        assert_eq!(post(&up, "first").await.unwrap(), b"ok");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(post(&up, "second").await.unwrap(), b"ok", "the call succeeds");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, ["first", "second"], "each POST read once");
+        assert_eq!(*conns.lock().unwrap(), 2, "a fresh connection carried the second");
+    }
+
+    #[tokio::test]
+    async fn a_post_on_a_fresh_connection_closed_without_an_answer_is_not_retried() {
+        let (url, seen, conns) = counting_server(vec![vec![Then::Close]]).await;
+        let up = Arc::new(Upstream::new(&url, tls(), Duration::from_secs(2)).unwrap());
+        let err = post(&up, "only").await.unwrap_err();
+        assert!(
+            matches!(&err, HttpError::Io(m) if m.contains("not sent again")),
+            "{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(seen.lock().unwrap().clone(), ["only"]);
+        assert_eq!(*conns.lock().unwrap(), 1);
     }
 
     #[test]

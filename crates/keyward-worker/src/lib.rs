@@ -10,7 +10,8 @@
 //! Must never: touch the database, write a file after start-up, log anything from a
 //! request but its id and timing, keep a plaintext key or DEK beyond the one call it was
 //! opened for, send a key to any host but its provider's configured base URL, follow a
-//! redirect, or accept a connection from any process but its parent.
+//! redirect, or accept a connection from any process but its parent (or, when configured,
+//! the gateway's uid: a gateway of its own OS user, or a worker run as its own service).
 
 pub mod http1;
 pub mod locked;

@@ -32,6 +32,9 @@ pub struct WorkerConfig {
     /// Paths the KEK backend still reads after start-up (a PKCS#11 module's state), added
     /// read-only to the sandbox's list.
     pub extra_read_only: Vec<PathBuf>,
+    /// The only peer uid accepted (a gateway running as another OS user, or a worker run as
+    /// its own service). `None`: only the parent process, as this worker's own user.
+    pub gateway_uid: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +69,10 @@ pub fn run(config: WorkerConfig, opener: Keyring) -> Result<(), WorkerError> {
     };
     let _ = std::fs::remove_file(&config.socket);
     let listener = std::os::unix::net::UnixListener::bind(&config.socket).map_err(socket_err)?;
-    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
+    // A gateway of another user must be able to connect: the socket is open to all, and
+    // the peer check below (SO_PEERCRED, set by the kernel) is what lets only it in.
+    let mode = if config.gateway_uid.is_some() { 0o666 } else { 0o600 };
+    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(mode)).map_err(socket_err)?;
     listener.set_nonblocking(true).map_err(socket_err)?;
 
     let tls = Arc::new(
@@ -93,7 +99,12 @@ pub fn run(config: WorkerConfig, opener: Keyring) -> Result<(), WorkerError> {
         .chain(extra.iter().map(String::as_str))
         .collect();
     let status = sandbox::apply(&read_only)?;
-    tracing::info!(landlock = status.landlock, pid = std::process::id(), "worker sandboxed");
+    tracing::info!(
+        landlock = status.landlock,
+        allowed_syscalls = sandbox::allow_list_size(),
+        pid = std::process::id(),
+        "worker sandboxed"
+    );
 
     let worker = Arc::new(Worker {
         opener,
@@ -116,6 +127,7 @@ pub fn run(config: WorkerConfig, opener: Keyring) -> Result<(), WorkerError> {
         let listener = UnixListener::from_std(listener).map_err(socket_err)?;
         let parent = rustix::process::getppid();
         let uid = rustix::process::getuid();
+        let gateway_uid = config.gateway_uid;
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
@@ -124,14 +136,32 @@ pub fn run(config: WorkerConfig, opener: Keyring) -> Result<(), WorkerError> {
                     continue;
                 }
             };
-            // The trust boundary: only our parent (the gateway that started us), as our user.
-            let allowed = stream.peer_cred().is_ok_and(|c| {
-                c.uid() == uid.as_raw()
-                    && c.pid()
-                        .is_some_and(|p| Some(p) == parent.map(|pp| pp.as_raw_nonzero().get()))
+            // The trust boundary: only the configured gateway uid; without one, only our
+            // parent (the gateway that started us), as our user.
+            let cred = stream.peer_cred().ok();
+            let allowed = cred.is_some_and(|c| match gateway_uid {
+                Some(gateway) => c.uid() == gateway,
+                None => {
+                    c.uid() == uid.as_raw()
+                        && c.pid()
+                            .is_some_and(|p| Some(p) == parent.map(|pp| pp.as_raw_nonzero().get()))
+                }
             });
             if !allowed {
-                tracing::warn!("refused a connection from a process that is not the gateway");
+                let (peer_uid, peer_pid) = cred.map_or((None, None), |c| (Some(c.uid()), c.pid()));
+                match gateway_uid {
+                    Some(gateway) => tracing::warn!(
+                        ?peer_uid,
+                        ?peer_pid,
+                        gateway_uid = gateway,
+                        "refused a connection: only the gateway's uid may connect (KEYWARD_WORKER_GATEWAY_USER)"
+                    ),
+                    None => tracing::warn!(
+                        ?peer_uid,
+                        ?peer_pid,
+                        "refused a connection from a process that is not the gateway"
+                    ),
+                }
                 continue;
             }
             let worker = worker.clone();

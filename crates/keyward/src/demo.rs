@@ -56,6 +56,10 @@ pub async fn run(mut config: Config, listen: SocketAddr, keep_data: bool) -> Res
     config.listen = listen;
     let fake_url = fakes.base_url();
     config.set_base_urls(&fake_url);
+    // A demo runs as whoever starts it, on throwaway keys for fake providers: one OS user
+    // is what it is for (`serve` refuses that without KEYWARD_ALLOW_SAME_USER=1).
+    config.allow_same_user = true;
+    config.worker.sockets.clear();
 
     prepare_data_dir(&config)?;
     let store = keyward_server::runtime::open_store(&config).await?;
@@ -87,6 +91,8 @@ pub async fn run(mut config: Config, listen: SocketAddr, keep_data: bool) -> Res
         on_ready: Some(Box::new(move |ready: &Ready<'_>| {
             print_guide(ready, &fake_url, &catalogue, &data_note);
         })),
+        prepared_as_root: false,
+        secrets: None,
     };
     let served = serve_with(config, worker, extras).await;
     drop(fakes);

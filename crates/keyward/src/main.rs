@@ -3,7 +3,7 @@
 //! environment is read (into `Config`).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use keyward_server::audit_ops::{self, Verdict};
 use keyward_server::clock::SystemClock;
 use keyward_server::runtime::{open_store, prepare_data_dir};
 use keyward_server::workers::WorkerCommand;
-use keyward_server::{admin, logging, serve, Config};
+use keyward_server::{admin, logging, process_guard, serve, users, Config};
 
 mod demo;
 mod zero_on_free;
@@ -73,13 +73,21 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
         listen: std::net::SocketAddr,
     },
-    /// The isolated worker. Started by `serve`, not by hand.
+    /// The isolated worker that opens keys. `serve` starts its own; `--listen SOCKET` runs
+    /// one as its own service (its own OS user and configuration), which accepts only
+    /// KEYWARD_WORKER_GATEWAY_USER; `serve` then connects with KEYWARD_WORKER_SOCKETS.
+    Worker {
+        /// Serve on this Unix socket as a service of its own.
+        #[arg(long, value_name = "SOCKET")]
+        listen: Option<PathBuf>,
+    },
+    /// Started by a root-started `serve` as KEYWARD_WORKER_USER: starts and restarts its workers.
     #[command(hide = true)]
-    Worker,
+    WorkerSupervisor,
     /// Applies the worker sandbox and tries something it must stop (for tests).
     #[command(hide = true)]
     WorkerSelftest {
-        /// `write` or `exec`.
+        /// `write`, `exec`, `fork`, `ptrace`, `process_vm_readv`, `raw_socket`, `thread` or `resolve`.
         probe: String,
     },
     /// Users, accounts, memberships, plans and the shared pool's keys.
@@ -260,17 +268,35 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the audit chain; exit 0 when intact, 1 naming the first broken event.
+    /// Check the audit chains (every account's and the platform's); exit 0 when intact, 1
+    /// naming the first broken event, or with --checkpoint every chain behind the checkpoint.
     Verify {
-        /// One account (acc_…); default: every account.
+        /// One account (acc_…); default: every account, and the platform's chain.
         #[arg(long, value_name = "ACCOUNT_ID")]
         account: Option<String>,
+        /// Also check that every chain still reaches where this checkpoint (written by `audit
+        /// checkpoint`, signed under KEYWARD_AUDIT_CHECKPOINT_KEY) saw it: a chain rolled back
+        /// or deleted since is named.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
     },
-    /// Print an account's events as JSON lines, oldest first.
+    /// Print an account's events, or the platform's (--platform), as JSON lines, oldest first.
     Export {
         /// The account (acc_…).
-        #[arg(long, value_name = "ACCOUNT_ID")]
-        account: String,
+        #[arg(long, value_name = "ACCOUNT_ID", required_unless_present = "platform")]
+        account: Option<String>,
+        /// The platform's chain: shared-pool keys, KEK rotate, promote and retire, plan changes
+        /// made by the CLI.
+        #[arg(long, conflicts_with = "account")]
+        platform: bool,
+    },
+    /// Write the head of every chain (seq and MAC) with the time, signed with Ed25519 under
+    /// KEYWARD_AUDIT_CHECKPOINT_KEY (created, mode 0600, on first use). Keep checkpoints
+    /// where whoever can write the database cannot.
+    Checkpoint {
+        /// Write it to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -341,39 +367,127 @@ fn check_data_dir(cli: &Cli, config: &Config) -> Result<(), ExitCode> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = Config::load(cli.config.as_deref(), settings(&cli)).context("configuration")?;
+    let mut config = Config::load(cli.config.as_deref(), settings(&cli)).context("configuration")?;
     if let Err(code) = check_data_dir(&cli, &config) {
         return Ok(code);
     }
     logging::init(&config.log, config.log_format).map_err(anyhow::Error::msg)?;
     if let Command::WorkerSelftest { probe } = &cli.command {
-        let probe = match probe.as_str() {
-            "write" => keyward_worker::sandbox::Probe::Write,
-            "exec" => keyward_worker::sandbox::Probe::Exec,
-            other => anyhow::bail!("unknown probe {other:?}: write or exec"),
+        let Some(probe) = keyward_worker::sandbox::Probe::parse(probe) else {
+            anyhow::bail!(
+                "unknown probe {probe:?}: one of {}",
+                keyward_worker::sandbox::Probe::NAMES.join(", ")
+            );
         };
         return Ok(ExitCode::from(
             u8::try_from(keyward_worker::sandbox::selftest(probe)).unwrap_or(1),
         ));
     }
-    if let Command::Worker = cli.command {
+    if let Command::Worker { listen } = &cli.command {
         // No async runtime yet: the sandbox must be in place before any thread starts.
-        let process = keyward_server::config::WorkerProcess::from_env(std::env::vars()).context("configuration")?;
+        let process = keyward_server::config::WorkerProcess::from_env(std::env::vars(), listen.as_deref())
+            .context("configuration")?;
         return run_worker(&config, &process);
     }
-    let worker_command = WorkerCommand::new(std::env::current_exe()?, &config);
+    let exe = std::env::current_exe()?;
+    if let Command::WorkerSupervisor = cli.command {
+        let parent = std::env::vars()
+            .find(|(k, _)| k == users::SUPERVISOR_PARENT_VAR)
+            .and_then(|(_, v)| v.parse::<u32>().ok())
+            .context("the worker supervisor is started by `keyward serve`")?;
+        users::run_supervisor(Path::new(users::SELF_EXE), &config.worker.sockets, parent)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Started as root with two users: everything that needs root happens here, while this
+    // process is still one thread, then it drops to the gateway user for good (`users.rs`).
+    let mut prepared_as_root = false;
+    let mut secrets = None;
+    let mut control = None;
+    let mut owners_after = None;
+    if let Command::Serve = cli.command {
+        // No core file of a process about to read secret files as root.
+        process_guard::forbid_core_dumps_and_ptrace()?;
+        let plan = users::root_plan(&config)?;
+        if plan.is_some() {
+            // Files root may read and the gateway user may not (TLS key, webhook and
+            // single sign-on secrets) are read now, before the drop.
+            secrets = Some(serve::Secrets::read(&config)?);
+        }
+        if let Some(plan @ users::RootPlan::GatewayOnly { .. }) = &plan {
+            // The workers are a service of their own: the data dir is the gateway's alone.
+            std::fs::create_dir_all(&config.data_dir).context("data dir")?;
+            plan.apply_ownership(&config)?;
+            users::drop_to(plan.gateway())?;
+            // The uid change resets dumpability: undumpable again (as below).
+            process_guard::forbid_core_dumps_and_ptrace()?;
+            tracing::info!(gateway = %plan.gateway().name, "the gateway dropped root; workers from KEYWARD_WORKER_SOCKETS");
+        }
+        if let Some(users::RootPlan::TwoUsers { gateway, worker }) = plan {
+            prepare_data_dir(&config)?;
+            users::apply_ownership(&config, &gateway, &worker)?;
+            let sockets = users::supervised_sockets(&config);
+            let env = WorkerCommand::new(exe.clone(), &config).env;
+            let mut supervisor =
+                users::start_supervisor(Path::new(users::SELF_EXE), &env, &sockets, &worker, &gateway)?;
+            control = supervisor.stdin.take();
+            users::drop_to(&gateway)?;
+            // The uid change above resets the dumpable flag: the gateway makes itself
+            // undumpable again (PR_SET_DUMPABLE 0, RLIMIT_CORE 0), before it serves.
+            process_guard::forbid_core_dumps_and_ptrace()?;
+            tracing::info!(
+                gateway = %gateway.name,
+                worker = %worker.name,
+                supervisor = supervisor.id(),
+                "two OS users: workers started as the worker user; the gateway dropped root"
+            );
+            config.worker.sockets = sockets;
+            prepared_as_root = true;
+            // The supervisor dies with this process (parent-death signal); nothing to keep.
+            drop(supervisor);
+        }
+    } else if !matches!(cli.command, Command::Demo { .. }) && users::is_root() {
+        // A command run as root on a two-user data dir gives its files back afterwards
+        // (a SQLite -wal created as root would lock the gateway out).
+        owners_after = users::root_plan(&config)?;
+    }
+    let mut worker_command = WorkerCommand::new(exe, &config);
+    worker_command.control = control.map(|c| Arc::new(std::sync::Mutex::new(c)));
+    let config_after = config.clone();
+    let out = run_command(cli, config, worker_command, prepared_as_root, secrets);
+    if let Some(plan) = owners_after {
+        if config_after.data_dir.is_dir() {
+            plan.apply_ownership(&config_after)?;
+        }
+    }
+    out
+}
+
+fn run_command(
+    cli: Cli,
+    config: Config,
+    worker_command: WorkerCommand,
+    prepared_as_root: bool,
+    secrets: Option<serve::Secrets>,
+) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Serve => {
-                serve::serve(config, worker_command).await?;
+                let extras = serve::ServeExtras {
+                    prepared_as_root,
+                    secrets,
+                    ..Default::default()
+                };
+                serve::serve_with(config, worker_command, extras).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Demo { listen } => {
                 demo::run(config, listen, cli.data_dir.is_some()).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Worker | Command::WorkerSelftest { .. } => Ok(ExitCode::FAILURE),
+            Command::Worker { .. } | Command::WorkerSelftest { .. } | Command::WorkerSupervisor => {
+                Ok(ExitCode::FAILURE)
+            }
             Command::Admin { command } => {
                 prepare_data_dir(&config)?;
                 let (store, kek_store) = keyward_server::runtime::open_stores(&config).await?;
@@ -499,10 +613,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Audit { command } => {
                 let store = open_store(&config).await?;
                 let key = AuditChainKey::load(&config.data_dir)?;
+                let checkpoint_key = config.audit_checkpoint_key_path();
                 match command {
-                    AuditCommand::Verify { account } => {
-                        let verdict = audit_ops::verify(store.as_ref(), &key, account.as_deref()).await?;
+                    AuditCommand::Verify { account, checkpoint } => {
+                        let verdict = match checkpoint {
+                            None => audit_ops::verify(store.as_ref(), &key, account.as_deref()).await?,
+                            Some(file) => {
+                                let text = std::fs::read_to_string(&file)
+                                    .with_context(|| format!("reading the checkpoint {}", file.display()))?;
+                                let signing = keyward_crypto::CheckpointSigningKey::load(&checkpoint_key)
+                                    .context("the checkpoint key (KEYWARD_AUDIT_CHECKPOINT_KEY)")?;
+                                audit_ops::verify_against_checkpoint(
+                                    store.as_ref(),
+                                    &key,
+                                    &signing,
+                                    &text,
+                                    account.as_deref(),
+                                )
+                                .await?
+                            }
+                        };
                         print_json(&verdict.to_json())?;
+                        let mut err = std::io::stderr();
                         match verdict {
                             Verdict::Intact { .. } => Ok(ExitCode::SUCCESS),
                             Verdict::Broken(b) => {
@@ -510,20 +642,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                     || format!("seq {}", b.seq),
                                     |id| format!("event {id} (seq {})", b.seq),
                                 );
-                                let _ = writeln!(
-                                    std::io::stderr(),
-                                    "keyward: audit chain of {} broken at {at}: {}",
-                                    b.account_id,
-                                    b.reason
-                                );
+                                let _ = writeln!(err, "keyward: audit chain of {} broken at {at}: {}", b.account_id, b.reason);
+                                Ok(ExitCode::from(1))
+                            }
+                            Verdict::BehindCheckpoint(behind) => {
+                                for b in behind {
+                                    let _ = writeln!(err, "keyward: audit chain of {} is behind the checkpoint: {}", b.account_id, b.reason);
+                                }
+                                Ok(ExitCode::from(1))
+                            }
+                            Verdict::CheckpointRefused(reason) => {
+                                let _ = writeln!(err, "keyward: checkpoint refused: {reason}");
                                 Ok(ExitCode::from(1))
                             }
                         }
                     }
-                    AuditCommand::Export { account } => {
+                    AuditCommand::Export { account, platform } => {
+                        let lines = match (account, platform) {
+                            (Some(account), false) => audit_ops::export(store.as_ref(), &account).await?,
+                            _ => audit_ops::export_platform(store.as_ref()).await?,
+                        };
                         let mut out = std::io::stdout().lock();
-                        for line in audit_ops::export(store.as_ref(), &account).await? {
+                        for line in lines {
                             writeln!(out, "{line}")?;
+                        }
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    AuditCommand::Checkpoint { out } => {
+                        let signing = keyward_crypto::CheckpointSigningKey::load_or_create(&checkpoint_key)
+                            .context("the checkpoint key (KEYWARD_AUDIT_CHECKPOINT_KEY)")?;
+                        let now = keyward_server::clock::Clock::now(&SystemClock);
+                        let checkpoint = audit_ops::checkpoint(store.as_ref(), &signing, now).await?;
+                        match out {
+                            None => print_json(&checkpoint)?,
+                            Some(file) => {
+                                std::fs::write(&file, format!("{checkpoint}\n"))
+                                    .with_context(|| format!("writing the checkpoint {}", file.display()))?;
+                                let chains = checkpoint["chains"].as_array().map_or(0, Vec::len);
+                                print_json(&serde_json::json!({ "checkpoint": file.display().to_string(), "chains": chains, "at": checkpoint["at"] }))?;
+                            }
                         }
                         Ok(ExitCode::SUCCESS)
                     }
@@ -555,6 +712,14 @@ async fn run_kek(
             .with_admin_credentials_file(path)
             .context("--credentials-file is for KEYWARD_KEK=awskms:…")?;
     }
+    // The actions the platform's audit chain records: the database is opened first, so one
+    // that cannot be reached stops the command before anything is done.
+    let audit_store = match command {
+        KekCommand::Rotate { .. } | KekCommand::Promote { .. } | KekCommand::Retire { .. } => {
+            Some(open_store(config).await?)
+        }
+        KekCommand::Status | KekCommand::Rewrap { .. } => None,
+    };
     let out = match command {
         KekCommand::Rotate { staged, .. } => kek::rotate(&backend, staged).await?,
         KekCommand::Promote { version } => kek::promote(&backend, version)?,
@@ -585,6 +750,10 @@ async fn run_kek(
         }
     };
     print_json(&out)?;
+    if let Some(store) = audit_store {
+        let now = keyward_server::clock::Clock::now(&keyward_server::clock::SystemClock);
+        kek::audit(store.as_ref(), &out, now).await?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -592,10 +761,19 @@ async fn run_kek(
 fn run_worker(config: &Config, process: &keyward_server::config::WorkerProcess) -> anyhow::Result<ExitCode> {
     // First of all: die with the gateway, and do not start at all if it is already gone
     // (a worker orphaned before this line would otherwise keep the KEK's private half).
-    keyward_worker::sandbox::die_with_parent()?;
-    if !keyward_worker::sandbox::parent_is(process.parent) {
-        anyhow::bail!("the gateway that started this worker is gone");
+    if let Some(parent) = process.parent {
+        keyward_worker::sandbox::die_with_parent()?;
+        if !keyward_worker::sandbox::parent_is(parent) {
+            anyhow::bail!("the gateway that started this worker is gone");
+        }
     }
+    // Who may connect: the configured gateway uid; a service without one accepts only its
+    // own user; a worker `serve` started accepts only that parent.
+    let gateway_uid = match (&config.worker.gateway_user, process.parent) {
+        (Some(user), _) => Some(users::resolve("KEYWARD_WORKER_GATEWAY_USER", user)?.uid),
+        (None, None) => Some(users::current_uid()),
+        (None, Some(_)) => None,
+    };
     // Every live KEK version, read now (the private halves, the PIN or the worker's own
     // credentials): after the sandbox the data dir is out of reach, so a rotation or
     // retirement reaches a worker when the gateway restarts it.
@@ -609,6 +787,7 @@ fn run_worker(config: &Config, process: &keyward_server::config::WorkerProcess) 
         connect_timeout: std::time::Duration::from_millis(u64::from(config.provider.connect_timeout_ms)),
         threads: usize::from(config.worker.threads),
         extra_read_only: keys.sandbox_read,
+        gateway_uid,
     };
     keyward_worker::run(worker_config, keys.keyring)?;
     Ok(ExitCode::SUCCESS)

@@ -370,20 +370,9 @@ pub async fn wait_refused(addr: std::net::SocketAddr) {
 }
 
 /// The children of process `pid` (every thread's `children` file).
+/// (Two OS users: the workers are the children of the worker supervisor, itself a child.)
 pub fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        let Ok(text) = std::fs::read_to_string(t.path().join("children")) else {
-            continue;
-        };
-        out.extend(text.split_whitespace().filter_map(|s| s.parse::<u32>().ok()));
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
+    keyward_testkit::users::workers_of(pid)
 }
 
 /// `/readyz` → `workers_ready`.

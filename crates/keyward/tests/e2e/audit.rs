@@ -419,3 +419,352 @@ async fn events_are_durable_before_the_answer_even_if_the_server_is_killed() {
     let v = assert_audit_ok(&kw, Some(&acc));
     assert_eq!(v["events"], 4, "{v}");
 }
+
+/// `audit export --platform`, as JSON lines.
+fn platform_events(kw: &Keyward) -> Vec<Value> {
+    let out = kw.cli(&["audit", "export", "--platform"]);
+    out.assert_success();
+    out.json_lines()
+}
+
+#[tokio::test]
+async fn platform_actions_are_chained_and_tampering_them_is_detected() {
+    let mut kw = start();
+    let acc = kw.owner_account().to_owned();
+    // The CLI's platform actions, with no gateway running (none has to be).
+    kw.stop();
+    let out = kw.cli(&["kek", "rotate", "--staged"]);
+    out.assert_success();
+    assert_eq!(out.json()["created"], "local-2", "{out}");
+    kw.cli(&["kek", "promote", "--version", "2"]).assert_success();
+    let (k1, k2) = (openai_key(), openai_key());
+    crate::ai_support::set_shared_key(&kw, "openai", &k1);
+    crate::ai_support::set_shared_key(&kw, "openai", &k2);
+    set_plan(&kw, &acc, "business");
+    // Unchanged: not an action, not audited.
+    set_plan(&kw, &acc, "business");
+    let out = kw.cli(&["kek", "retire", "--version", "1"]);
+    out.assert_success();
+
+    let events = platform_events(&kw);
+    let summary: Vec<(String, Value, Value, Value, Value, Value)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or_default().to_owned(),
+                e["kek_id"].clone(),
+                e["provider"].clone(),
+                e["key_last4"].clone(),
+                e["account_id"].clone(),
+                e["detail"].clone(),
+            )
+        })
+        .collect();
+    let n = Value::Null;
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "kek.rotated".into(),
+                json!("local-2"),
+                n.clone(),
+                n.clone(),
+                n.clone(),
+                json!("staged")
+            ),
+            (
+                "kek.promoted".into(),
+                json!("local-2"),
+                n.clone(),
+                n.clone(),
+                n.clone(),
+                n.clone()
+            ),
+            (
+                "shared_key.saved".into(),
+                n.clone(),
+                json!("openai"),
+                json!(last4(&k1)),
+                n.clone(),
+                n.clone()
+            ),
+            (
+                "shared_key.rotated".into(),
+                n.clone(),
+                json!("openai"),
+                json!(last4(&k2)),
+                n.clone(),
+                n.clone()
+            ),
+            (
+                "account.plan_changed".into(),
+                n.clone(),
+                n.clone(),
+                n.clone(),
+                json!(acc),
+                json!("pro -> business; shared_credit_limit 20000 -> 100000")
+            ),
+            (
+                "kek.retired".into(),
+                json!("local-1"),
+                n.clone(),
+                n.clone(),
+                n.clone(),
+                json!("destroyed")
+            ),
+        ],
+        "{events:?}"
+    );
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["seq"], i as i64 + 1, "{e}");
+        assert_eq!(e["actor"], "cli", "{e}");
+        assert!(e["mac"].as_str().is_some_and(|m| m.len() == 64), "{e}");
+    }
+    let v = assert_audit_ok(&kw, None);
+    assert_eq!(v["platform_events"], 6, "{v}");
+    // The account's own chain still has its plan change too.
+    let account_events = kw.cli(&["audit", "export", "--account", &acc]).json_lines();
+    assert_eq!(account_events.len(), 1, "{account_events:?}");
+    assert_eq!(account_events[0]["action"], "account.plan_changed");
+
+    // Tampering: an edited event, then a deleted newest event, each named on the platform chain.
+    let pool = kw.db().await;
+    let id = events[2]["id"].as_i64().unwrap();
+    sqlx::query("UPDATE platform_audit_events SET key_last4 = 'XXXX' WHERE id = ?1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let v = assert_verify_fails(&kw, None, "platform");
+    assert_eq!((v["event_id"].as_i64(), v["seq"].as_i64()), (Some(id), Some(3)), "{v}");
+    sqlx::query("UPDATE platform_audit_events SET key_last4 = ?2 WHERE id = ?1")
+        .bind(id)
+        .bind(last4(&k1))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_audit_ok(&kw, None);
+    sqlx::query("DELETE FROM platform_audit_events WHERE seq = 6")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let v = assert_verify_fails(&kw, None, "platform");
+    assert!(
+        v["event_id"].is_null() && v["reason"].as_str().unwrap().contains("truncated"),
+        "{v}"
+    );
+    // One account's verification does not read the platform's chain.
+    assert_audit_ok(&kw, Some(&acc));
+    pool.close().await;
+}
+
+/// Rolls `chain` back to `keep` events, head and tail together, as someone who can write the
+/// database (but has no chain key) would: the newest events deleted, the head set back to the
+/// last link kept. Returns the row ids deleted.
+async fn roll_back(pool: &sqlx::SqlitePool, chain: &str, keep: i64) -> usize {
+    let (events, heads, head_key) = if chain == "platform" {
+        ("platform_audit_events", "platform_audit_head", "id = 1")
+    } else {
+        ("audit_events", "audit_heads", "account_id = ?2")
+    };
+    let by_chain = if chain == "platform" {
+        "1 = 1"
+    } else {
+        "account_id = ?2"
+    };
+    let mac: Vec<u8> = sqlx::query_scalar(&format!("SELECT mac FROM {events} WHERE seq = ?1 AND {by_chain}"))
+        .bind(keep)
+        .bind(chain)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let deleted = sqlx::query(&format!("DELETE FROM {events} WHERE seq > ?1 AND {by_chain}"))
+        .bind(keep)
+        .bind(chain)
+        .execute(&mut *tx)
+        .await
+        .unwrap()
+        .rows_affected();
+    sqlx::query(&format!("UPDATE {heads} SET seq = ?1, mac = ?3 WHERE {head_key}"))
+        .bind(keep)
+        .bind(chain)
+        .bind(mac)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    deleted as usize
+}
+
+#[tokio::test]
+async fn a_checkpoint_catches_a_chain_rolled_back_head_and_tail() {
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_path = key_dir.path().join("keys/checkpoint.key");
+    let mut kw =
+        start_with(keyward_testkit::Options::default().env("KEYWARD_AUDIT_CHECKPOINT_KEY", key_path.to_str().unwrap()));
+    let (user, acc, _) = seven_events(&kw, "checkpoint@example.com").await;
+    let (_, other, _) = seven_events(&kw, "checkpoint-other@example.com").await;
+    set_plan(&kw, &other, "business");
+    set_plan(&kw, &acc, "business");
+
+    let cp = kw.data_dir().join("../checkpoint-1.json");
+    let out = kw.cli(&["audit", "checkpoint", "--out", cp.to_str().unwrap()]);
+    out.assert_success();
+    // The key was made on first use, outside the data dir, owner-only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(!kw.data_dir().join("audit-checkpoint.key").exists());
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+    let chains = file["chains"].as_array().unwrap();
+    let seq_of = |c: &str| chains.iter().find(|x| x["chain"] == c).map(|x| x["seq"].clone());
+    assert_eq!(seq_of(&acc), Some(json!(8)), "{file}");
+    assert_eq!(seq_of(&other), Some(json!(8)), "{file}");
+    assert_eq!(seq_of("platform"), Some(json!(2)), "{file}");
+    assert!(
+        file["at"].is_string() && file["signature"].as_str().is_some_and(|s| s.len() == 128),
+        "{file}"
+    );
+    // On standard output too.
+    let printed = kw.cli(&["audit", "checkpoint"]);
+    printed.assert_success();
+    assert_eq!(printed.json()["chains"].as_array().map(Vec::len), Some(chains.len()));
+
+    let verify_cp =
+        |kw: &Keyward, file: &std::path::Path| kw.cli(&["audit", "verify", "--checkpoint", file.to_str().unwrap()]);
+    let ok = verify_cp(&kw, &cp);
+    ok.assert_success();
+    assert_eq!(
+        ok.json()["checkpoint_chains"].as_u64(),
+        Some(chains.len() as u64),
+        "{ok}"
+    );
+    // Chains that grew since still reach it.
+    save_key(&kw, &user.token, &acc, "openai", &openai_key()).await;
+    set_plan(&kw, &acc, "pro");
+    verify_cp(&kw, &cp).assert_success();
+
+    // Roll back the account's chain and the platform's behind the checkpoint, head and tail.
+    kw.stop();
+    let pool = kw.db().await;
+    assert_eq!(roll_back(&pool, &acc, 5).await, 5);
+    assert_eq!(roll_back(&pool, "platform", 1).await, 2);
+    pool.close().await;
+    // The chains alone verify: nothing in them is inconsistent ...
+    let v = assert_audit_ok(&kw, None);
+    assert_eq!(v["platform_events"], 1, "{v}");
+    // ... and the checkpoint names both.
+    let bad = verify_cp(&kw, &cp);
+    assert_eq!(bad.code(), Some(1), "{bad}");
+    let v = bad.json();
+    assert_eq!(v["ok"], false, "{bad}");
+    let named: Vec<&str> = v["behind_checkpoint"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["chain"].as_str())
+        .collect();
+    assert_eq!(named.len(), 2, "{bad}");
+    assert!(named.contains(&acc.as_str()) && named.contains(&"platform"), "{bad}");
+    assert!(!named.contains(&other.as_str()), "{bad}");
+    assert!(bad.stderr.contains(&acc) && bad.stderr.contains("rolled back"), "{bad}");
+    // --account limits it to that chain.
+    let one = kw.cli(&[
+        "audit",
+        "verify",
+        "--account",
+        &other,
+        "--checkpoint",
+        cp.to_str().unwrap(),
+    ]);
+    one.assert_success();
+
+    // A checkpoint edited to match the rolled-back chain is refused: its signature fails.
+    let mut forged = file.clone();
+    for c in forged["chains"].as_array_mut().unwrap() {
+        if c["chain"] == acc.as_str() {
+            c["seq"] = json!(5);
+        }
+    }
+    let forged_path = kw.data_dir().join("../checkpoint-forged.json");
+    std::fs::write(&forged_path, forged.to_string()).unwrap();
+    let refused = verify_cp(&kw, &forged_path);
+    assert_eq!(refused.code(), Some(1), "{refused}");
+    assert_eq!(refused.json()["checkpoint"], "refused", "{refused}");
+    assert!(refused.stderr.contains("signature"), "{refused}");
+    // So is one whose signature bytes are damaged.
+    let mut damaged = file.clone();
+    let sig = damaged["signature"].as_str().unwrap().to_owned();
+    let flipped = if sig.starts_with('0') { "1" } else { "0" };
+    damaged["signature"] = json!(format!("{flipped}{}", &sig[1..]));
+    std::fs::write(&forged_path, damaged.to_string()).unwrap();
+    let refused = verify_cp(&kw, &forged_path);
+    assert_eq!(refused.code(), Some(1), "{refused}");
+    assert_eq!(refused.json()["checkpoint"], "refused", "{refused}");
+    // And one signed under another key (a checkpoint key the verifier does not hold).
+    let other_key = key_dir.path().join("keys/other.key");
+    let other_cp = kw.data_dir().join("../checkpoint-other.json");
+    let mut cmd = kw.cli_command();
+    let status = cmd
+        .env("KEYWARD_AUDIT_CHECKPOINT_KEY", &other_key)
+        .args(["audit", "checkpoint", "--out", other_cp.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let refused = verify_cp(&kw, &other_cp);
+    assert_eq!(refused.code(), Some(1), "{refused}");
+    assert!(refused.stderr.contains("another key"), "{refused}");
+
+    // A deleted account's chain is kept (closed by account.deleted) and checkpointed like
+    // any other; a chain removed whole afterwards is named.
+    kw.start_again();
+    let (_, svc) = crate::services::create_service(&kw, "provisioning", &["accounts:manage"]);
+    let r = kw
+        .http()
+        .put(
+            "/v1/external/accounts/org-gone",
+            Some(&svc),
+            &json!({"name": "Gone", "plan": "pro"}),
+        )
+        .await;
+    r.expect_status(200);
+    let gone = r.json()["account_id"].as_str().unwrap().to_owned();
+    set_plan(&kw, &gone, "business");
+    kw.http()
+        .delete("/v1/external/accounts/org-gone", Some(&svc))
+        .await
+        .expect_status(204);
+    let out = kw.cli(&["audit", "checkpoint", "--out", cp.to_str().unwrap()]);
+    out.assert_success();
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+    let closed = file["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["chain"] == gone.as_str())
+        .map(|c| c["seq"].clone());
+    assert!(
+        closed.as_ref().and_then(Value::as_i64).is_some_and(|n| n >= 2),
+        "at least the plan change and account.deleted: {file}"
+    );
+    verify_cp(&kw, &cp).assert_success();
+    kw.stop();
+    let pool = kw.db().await;
+    for table in ["audit_events", "audit_heads"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE account_id = ?1"))
+            .bind(&gone)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+    // Without its rows the deleted account is simply unknown to a plain verify ...
+    assert_audit_ok(&kw, None);
+    // ... but not to the checkpoint.
+    let bad = verify_cp(&kw, &cp);
+    assert_eq!(bad.code(), Some(1), "{bad}");
+    assert_eq!(bad.json()["chain"], gone.as_str(), "{bad}");
+    assert!(bad.stderr.contains("gone: deleted"), "{bad}");
+}

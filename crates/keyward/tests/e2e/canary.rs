@@ -896,43 +896,73 @@ async fn pasted_keys_are_not_left_in_the_gateways_memory() {
 
 /// Issue 24 (8): the gateway cannot be core-dumped (`RLIMIT_CORE` 0) or read by another
 /// process of its own user without `CAP_SYS_PTRACE` (`PR_SET_DUMPABLE` 0): opening
-/// `/proc/<pid>/mem` makes the same access check as `ptrace(PTRACE_ATTACH)`. Run as root
-/// here, the gateway, the probe and a control process are each started without any
-/// capability (`setpriv`), which is what an ordinary same-user process is; the control, an
-/// ordinary dumpable process of the same user, shows the probe can read what is not guarded.
+/// `/proc/<pid>/mem` makes the same access check as `ptrace(PTRACE_ATTACH)`. The probe runs
+/// as the gateway's uid without any capability, which is what an ordinary process of that
+/// user is: as the gateway user when the tests run with two OS users; run as root in one,
+/// the gateway, the probe and a control are all started without capabilities (`setpriv`).
+/// The control, an ordinary dumpable process of the same uid, shows the probe can read what
+/// is not guarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_cannot_be_core_dumped_or_attached_to() {
+    let root = keyward_testkit::users::is_root();
+    let two_users = keyward_testkit::users::two_users_mode().is_some();
     let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists());
-    let Some(setpriv) = setpriv else {
-        keyward_testenv::skip("setpriv: not installed (apt-get install -y util-linux)");
-        return;
+    let setpriv = match (root, setpriv) {
+        (false, _) => None,
+        (true, Some(s)) => Some(s),
+        (true, None) => {
+            keyward_testenv::skip("setpriv: not installed (apt-get install -y util-linux)");
+            return;
+        }
     };
     let capless = ["--bounding-set=-all", "--inh-caps=-all", "--"];
-    // The gateway, started through a wrapper that drops every capability.
     let dir = tempfile::tempdir().expect("tempdir");
-    let wrapper = dir.path().join("keyward-capless");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec {setpriv} {} {} \"$@\"\n",
-            capless.join(" "),
-            bin().display()
-        ),
-    )
-    .expect("write wrapper");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
-    }
-    let kw = Keyward::start(&wrapper, Options::default().log("info"));
+    let bin = match setpriv {
+        // Root in one: the gateway is started through a wrapper that drops every capability.
+        Some(setpriv) if !two_users => {
+            let wrapper = dir.path().join("keyward-capless");
+            let script = format!(
+                "#!/bin/sh\nexec {setpriv} {} {} \"$@\"\n",
+                capless.join(" "),
+                bin().display()
+            );
+            std::fs::write(&wrapper, script).expect("write wrapper");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
+            wrapper
+        }
+        _ => bin().to_owned(),
+    };
+    let kw = Keyward::start(&bin, Options::default().log("info"));
     let pid = kw.pid().expect("keyward is running");
     let caps = crate::ai_support::proc_status_field(pid, "CapEff").unwrap_or_default();
     assert_eq!(
         caps, "0000000000000000",
         "the gateway should run without capabilities here"
     );
+    // How to run a process as the gateway's uid, without capabilities.
+    let uid = keyward_testkit::users::ids(pid, "Uid:");
+    let gid = keyward_testkit::users::ids(pid, "Gid:");
+    let as_gateway: Vec<String> = match setpriv {
+        None => Vec::new(),
+        Some(setpriv) if two_users => vec![
+            setpriv.to_owned(),
+            format!("--reuid={}", uid[0]),
+            format!("--regid={}", gid[0]),
+            "--clear-groups".to_owned(),
+            "--".to_owned(),
+        ],
+        Some(setpriv) => std::iter::once(setpriv).chain(capless).map(str::to_owned).collect(),
+    };
+    let command = |args: &[&str]| {
+        let mut all: Vec<String> = as_gateway.clone();
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let mut cmd = std::process::Command::new(&all[0]);
+        cmd.args(&all[1..]);
+        cmd
+    };
 
     // No core file: the soft and hard limits are 0.
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
@@ -946,24 +976,18 @@ async fn the_gateway_cannot_be_core_dumped_or_attached_to() {
         problems.push(format!("core file size limit (soft, hard) is {core:?}, not 0 0"));
     }
 
-    // Not readable by a process of the same user without CAP_SYS_PTRACE.
-    let mut control = std::process::Command::new(setpriv)
-        .args(capless)
-        .args(["sleep", "60"])
-        .spawn()
-        .expect("start the control process");
+    // Not readable by a process of the same uid without CAP_SYS_PTRACE.
+    let mut control = command(&["sleep", "60"]).spawn().expect("start the control process");
     let probe = |target: u32| {
-        let out = std::process::Command::new(setpriv)
-            .args(capless)
-            .args([
-                "dd",
-                &format!("if=/proc/{target}/mem"),
-                "of=/dev/null",
-                "count=0",
-                "status=none",
-            ])
-            .output()
-            .expect("run the probe");
+        let out = command(&[
+            "dd",
+            &format!("if=/proc/{target}/mem"),
+            "of=/dev/null",
+            "count=0",
+            "status=none",
+        ])
+        .output()
+        .expect("run the probe");
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).trim().to_owned(),
@@ -975,11 +999,11 @@ async fn the_gateway_cannot_be_core_dumped_or_attached_to() {
     let _ = control.wait();
     assert!(
         control_read,
-        "the probe cannot open the memory of an ordinary process of its own user ({control_err}): it would prove nothing"
+        "the probe (uid {uid:?}) cannot open the memory of an ordinary process of its own uid ({control_err}): it would prove nothing"
     );
     if gateway_read {
         problems.push(format!(
-            "a process of the gateway's user without CAP_SYS_PTRACE opened /proc/{pid}/mem (the gateway is dumpable)"
+            "a process of the gateway's uid {uid:?} without CAP_SYS_PTRACE opened /proc/{pid}/mem (the gateway is dumpable)"
         ));
     } else if !gateway_err.contains("Permission denied") {
         problems.push(format!(

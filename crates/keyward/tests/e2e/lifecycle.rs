@@ -242,7 +242,14 @@ async fn first_start_creates_owner_prints_token_once_and_protects_key_files() {
     }
     for f in ["kek/local-1.key", "audit-chain.key"] {
         let mode = std::fs::metadata(dir.join(f)).expect("stat").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{f} has mode {mode:o}");
+        // Two OS users: the private half is the worker user's, read-only (README, Deployment).
+        let expected =
+            if f.ends_with(".key") && f.starts_with("kek/") && keyward_testkit::users::two_users_mode().is_some() {
+                0o400
+            } else {
+                0o600
+            };
+        assert_eq!(mode, expected, "{f} has mode {mode:o}");
     }
 
     // The token is shown once: a restart on the same data dir does not print it again.
@@ -286,7 +293,12 @@ fn children_of(pid: u32) -> Vec<u32> {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
         if ppid == Some(pid) {
-            out.push(child);
+            // Two OS users: the workers are the children of the worker supervisor.
+            if keyward_testkit::users::is_supervisor(child) {
+                out.extend(children_of(child));
+            } else {
+                out.push(child);
+            }
         }
     }
     out

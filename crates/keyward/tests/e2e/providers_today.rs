@@ -479,6 +479,7 @@ fn catalogue_show_prints_the_catalogue_and_a_bad_file_is_refused_at_start() {
         let data = dir.path().join(format!("data-{name}"));
         let mut child = cmd
             .args(["serve"])
+            .env("KEYWARD_ALLOW_SAME_USER", "1")
             .env("KEYWARD_DATA_DIR", &data)
             .env("KEYWARD_LISTEN", "127.0.0.1:0")
             .env("KEYWARD_CATALOGUE", &path)

@@ -746,6 +746,7 @@ fn start_tls(data: &Path, cert: &Path, key: &Path) -> (TlsServer, String) {
         }
     }
     cmd.arg("serve")
+        .env("KEYWARD_ALLOW_SAME_USER", "1")
         .env("KEYWARD_DATA_DIR", data)
         .env("KEYWARD_LISTEN", "127.0.0.1:0")
         .env("KEYWARD_TLS_CERT", cert)
