@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.max_ai_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), web::banner))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn(crate::wiped::close_after_secret_body))
         .layer(middleware::from_fn_with_state(state.clone(), web::transport_headers))
         .with_state(state.clone());
     if metrics_on_api {

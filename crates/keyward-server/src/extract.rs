@@ -3,7 +3,8 @@
 //! Handlers take the body as [`JsonBody`] (raw bytes, size-limited) and parse it with
 //! [`JsonBody::parse`] only after the caller's membership and role are checked, so a
 //! non-member learns nothing from how a body is judged. AI routes take [`AiBody`], whose
-//! limit is larger (prompts carry email threads).
+//! limit is larger (prompts carry email threads). A body that carries a key is a
+//! [`SecretJsonBody`]: the same checks, in a buffer wiped after parsing ([`crate::wiped`]).
 //!
 //! An oversized body is read to its end (up to a bound) and discarded before the 413 is
 //! sent: a client still writing its body would otherwise see a reset connection instead
@@ -20,9 +21,10 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::wiped::{read_wiped, Wiped};
 
 /// How much of an oversized body is read and thrown away before answering 413.
-const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+pub(crate) const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 
 /// Reads `body` up to `limit` bytes; past it, drains (bounded) and answers 413.
 pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -90,40 +92,84 @@ impl FromRequest<AppState> for AiJsonBody {
 
 impl JsonBody {
     async fn read(req: Request, limit: usize) -> Result<JsonBody, ApiError> {
-        let is_json = req
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        let is_json = is_json(&req);
         let bytes = read_limited(req.into_body(), limit).await?;
         Ok(JsonBody { is_json, bytes })
     }
 
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        if !self.is_json {
-            return Err(ApiError::new(
-                ErrorCode::UnsupportedMediaType,
-                "send the body as JSON with Content-Type: application/json",
-            ));
-        }
-        let mut de = serde_json::Deserializer::from_slice(&self.bytes);
-        let value = T::deserialize(&mut de).and_then(|v| de.end().map(|()| v));
-        value.map_err(|e| {
-            // serde_json's messages name fields and types, never values of strings.
-            use serde_json::error::Category;
-            match e.classify() {
-                Category::Syntax | Category::Eof | Category::Io => ApiError::new(
-                    ErrorCode::InvalidJson,
-                    format!("the body is not valid JSON (line {}, column {})", e.line(), e.column()),
-                ),
-                Category::Data => ApiError::validation(format!(
-                    "the body does not have the expected fields: {}",
-                    data_error_message(&e)
-                )),
-            }
-        })
+        parse_json(self.is_json, &self.bytes)
     }
+}
+
+/// Whether a request says its body is JSON.
+fn is_json(req: &Request) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A JSON body that carries a secret (a model key being saved): read, limited and judged
+/// exactly like [`JsonBody`], but into a buffer that is wiped when it drops, with every
+/// intermediate wiped too (see [`crate::wiped`]). Parse it into a type whose secret field
+/// is a `SecretString`. Never printed.
+pub struct SecretJsonBody {
+    is_json: bool,
+    bytes: Wiped,
+}
+
+impl std::fmt::Debug for SecretJsonBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretJsonBody")
+            .field("is_json", &self.is_json)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl FromRequest<AppState> for SecretJsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<SecretJsonBody, ApiError> {
+        let is_json = is_json(&req);
+        let bytes = read_wiped(req.into_body(), state.max_body_bytes).await?;
+        Ok(SecretJsonBody { is_json, bytes })
+    }
+}
+
+impl SecretJsonBody {
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        parse_json(self.is_json, self.bytes.as_slice())
+    }
+}
+
+/// Parses a JSON body into `T` (`415` unless it was sent as JSON): the one parse every JSON
+/// body goes through. Strings without escapes are copied straight from `bytes` into `T`.
+fn parse_json<T: DeserializeOwned>(is_json: bool, bytes: &[u8]) -> Result<T, ApiError> {
+    if !is_json {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "send the body as JSON with Content-Type: application/json",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = T::deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    value.map_err(|e| {
+        // serde_json's messages name fields and types, never values of strings.
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                ErrorCode::InvalidJson,
+                format!("the body is not valid JSON (line {}, column {})", e.line(), e.column()),
+            ),
+            Category::Data => ApiError::validation(format!(
+                "the body does not have the expected fields: {}",
+                data_error_message(&e)
+            )),
+        }
+    })
 }
 
 /// serde_json data errors look like "unknown field `x`, expected `api_key` at line 1

@@ -26,6 +26,7 @@ pub mod logging;
 pub mod metrics;
 pub mod openapi;
 pub mod outbound;
+pub mod process_guard;
 pub mod purge;
 pub mod routes;
 pub mod runtime;
@@ -34,6 +35,7 @@ pub mod state;
 pub mod users;
 pub mod web;
 pub mod webhooks;
+pub mod wiped;
 pub mod workers;
 
 pub use config::Config;

@@ -127,6 +127,8 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, mut extras: Serve
     // Registered before anything else: a SIGTERM that lands while the workers start is
     // held until the server is up, and then ends it cleanly instead of killing it mid-way.
     let stop = ShutdownSignal::install()?;
+    // Before anything secret is read; again after any change of user (main.rs).
+    crate::process_guard::forbid_core_dumps_and_ptrace()?;
     // Workers this process starts run as its own user: refused unless allowed (`users.rs`).
     if config.worker.sockets.is_empty() {
         if !config.allow_same_user {

@@ -92,6 +92,67 @@ pub fn find_forms(haystack: &[u8], secret: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// One place a form of a secret was found by a [`MultiSearch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// Index of the secret in the list the search was built from.
+    pub secret: usize,
+    /// Which form ([`forms`] names, or `raw piece A..B`).
+    pub form: String,
+    /// Offset of the match in the haystack.
+    pub offset: usize,
+}
+
+/// Every [`forms`] of many secrets, and every piece of `piece` characters of each, found in
+/// one pass over a haystack: what a search of a whole process's memory (megabytes, thousands
+/// of patterns) needs to stay fast. Pieces matter in memory: a freed buffer keeps most of a
+/// key even after the allocator wrote its own bookkeeping over the buffer's first bytes.
+#[derive(Debug)]
+pub struct MultiSearch {
+    automaton: aho_corasick::AhoCorasick,
+    /// For each pattern: (secret index, form name).
+    what: Vec<(usize, String)>,
+}
+
+impl MultiSearch {
+    /// A search for every form of each of `secrets`, and for each piece of `piece` bytes of
+    /// each (at every offset). A secret shorter than `piece` is looked for whole only.
+    pub fn new(secrets: &[&[u8]], piece: usize) -> MultiSearch {
+        assert!(piece >= 8, "pieces shorter than 8 bytes would match by chance");
+        let mut patterns: Vec<Vec<u8>> = Vec::new();
+        let mut what = Vec::new();
+        for (i, secret) in secrets.iter().enumerate() {
+            for f in forms(secret) {
+                patterns.push(f.bytes);
+                what.push((i, f.name));
+            }
+            if secret.len() > piece {
+                for (at, w) in secret.windows(piece).enumerate() {
+                    patterns.push(w.to_vec());
+                    what.push((i, format!("raw piece {at}..{}", at + piece)));
+                }
+            }
+        }
+        let automaton = aho_corasick::AhoCorasick::new(&patterns).expect("build the canary search");
+        MultiSearch { automaton, what }
+    }
+
+    /// Every match in `haystack`, overlapping ones included.
+    pub fn find(&self, haystack: &[u8]) -> Vec<Found> {
+        self.automaton
+            .find_overlapping_iter(haystack)
+            .filter_map(|m| {
+                let (secret, form) = self.what.get(m.pattern().as_usize())?;
+                Some(Found {
+                    secret: *secret,
+                    form: form.clone(),
+                    offset: m.start(),
+                })
+            })
+            .collect()
+    }
+}
+
 /// The first `len`-character window of `input` that occurs in `haystack`, if any. An input
 /// shorter than `len` has no such window.
 pub fn shared_chunk(haystack: &str, input: &str, len: usize) -> Option<String> {
@@ -126,6 +187,40 @@ mod tests {
             }
         }
         assert!(find_forms(b"nothing here", secret).is_empty());
+    }
+
+    #[test]
+    fn the_multi_search_finds_each_secret_in_each_form_and_nothing_else() {
+        let a = b"sk-ant-api03-CANARYcanary0123456789abcdefXYZ".as_slice();
+        let b = b"AQ.Ab8RN6CaNaRyOTHER0123456789.tail".as_slice();
+        let search = MultiSearch::new(&[a, b], 30);
+        let mut hay = b"junk ".to_vec();
+        hay.extend_from_slice(a);
+        hay.extend_from_slice(b" more ");
+        hay.extend_from_slice(URL_SAFE_NO_PAD.encode([b"xy".as_slice(), b].concat()).as_bytes());
+        hay.extend_from_slice(b" and ");
+        // What is left of `b` once an allocator wrote over its first 5 bytes.
+        hay.extend_from_slice(b"\0\0\0\0\0");
+        hay.extend_from_slice(&b[5..]);
+        let found = search.find(&hay);
+        let names = |i: usize| -> Vec<&str> {
+            let mut n: Vec<&str> = found
+                .iter()
+                .filter(|f| f.secret == i)
+                .map(|f| f.form.as_str())
+                .collect();
+            n.sort_unstable();
+            n.dedup();
+            n
+        };
+        assert!(names(0).contains(&"raw"), "{found:?}");
+        assert!(names(0).contains(&"raw piece 14..44"), "{found:?}");
+        assert_eq!(found.iter().find(|f| f.form == "raw").map(|f| f.offset), Some(5));
+        let b_forms = names(1);
+        assert!(b_forms.iter().any(|f| f.starts_with("base64")), "{found:?}");
+        let raw_b: Vec<&&str> = b_forms.iter().filter(|f| f.starts_with("raw")).collect();
+        assert_eq!(raw_b, [&"raw piece 5..35"], "{found:?}");
+        assert!(search.find(b"nothing of either here").is_empty());
     }
 
     #[test]

@@ -14,9 +14,16 @@ use keyward_server::audit_ops::{self, Verdict};
 use keyward_server::clock::SystemClock;
 use keyward_server::runtime::{open_store, prepare_data_dir};
 use keyward_server::workers::WorkerCommand;
-use keyward_server::{admin, logging, serve, users, Config};
+use keyward_server::{admin, logging, process_guard, serve, users, Config};
 
 mod demo;
+mod zero_on_free;
+
+/// Every block the binary frees is zeroed first, so a key that passed through a buffer
+/// (hyper's, serde's, a grown `Vec`) does not stay in freed memory: see `zero_on_free` for
+/// why and what it costs.
+#[global_allocator]
+static ALLOCATOR: zero_on_free::ZeroOnFree<std::alloc::System> = zero_on_free::ZeroOnFree::new(std::alloc::System);
 
 /// What every command's exit code means (shown at the end of `--help`).
 const EXIT_CODES: &str = "Exit codes:
@@ -398,6 +405,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut control = None;
     let mut owners_after = None;
     if let Command::Serve = cli.command {
+        // No core file of a process about to read secret files as root.
+        process_guard::forbid_core_dumps_and_ptrace()?;
         let plan = users::root_plan(&config)?;
         if plan.is_some() {
             // Files root may read and the gateway user may not (TLS key, webhook and
@@ -409,7 +418,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::fs::create_dir_all(&config.data_dir).context("data dir")?;
             plan.apply_ownership(&config)?;
             users::drop_to(plan.gateway())?;
-            // NO-DUMPS CALL SITE (as below).
+            // The uid change resets dumpability: undumpable again (as below).
+            process_guard::forbid_core_dumps_and_ptrace()?;
             tracing::info!(gateway = %plan.gateway().name, "the gateway dropped root; workers from KEYWARD_WORKER_SOCKETS");
         }
         if let Some(users::RootPlan::TwoUsers { gateway, worker }) = plan {
@@ -421,9 +431,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 users::start_supervisor(Path::new(users::SELF_EXE), &env, &sockets, &worker, &gateway)?;
             control = supervisor.stdin.take();
             users::drop_to(&gateway)?;
-            // NO-DUMPS CALL SITE: making the gateway undumpable (PR_SET_DUMPABLE 0,
-            // RLIMIT_CORE 0) belongs here or later, never before: the uid change above
-            // resets the dumpable flag.
+            // The uid change above resets the dumpable flag: the gateway makes itself
+            // undumpable again (PR_SET_DUMPABLE 0, RLIMIT_CORE 0), before it serves.
+            process_guard::forbid_core_dumps_and_ptrace()?;
             tracing::info!(
                 gateway = %gateway.name,
                 worker = %worker.name,

@@ -20,7 +20,7 @@ use crate::engine::actor::Access;
 use crate::engine::keys::{parse_provider, parse_source};
 use crate::engine::probe::test_findings;
 use crate::error::ApiResult;
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, SecretJsonBody};
 use crate::state::AppState;
 
 /// The API's view of one provider (API.md `ProviderState`).
@@ -92,7 +92,7 @@ pub async fn save(
     State(state): State<AppState>,
     caller: Caller,
     Path((account, provider)): Path<(String, String)>,
-    body: JsonBody,
+    body: SecretJsonBody,
 ) -> ApiResult<Json<ProviderStateBody>> {
     let actor = caller.in_account(&state, &account, Access::ManageKeys).await?;
     let provider = parse_provider(&provider)?;

@@ -19,8 +19,8 @@ use zeroize::Zeroizing;
 use super::pages;
 use super::sessions::{self, SessionView};
 use crate::error::ApiError;
-use crate::extract::read_limited;
 use crate::state::AppState;
+use crate::wiped::{parse_form, read_wiped};
 
 /// The settings page's address.
 pub const SETTINGS_PATH: &str = "/settings/ai/model-keys";
@@ -188,7 +188,7 @@ pub fn unavailable_page(e: &ApiError) -> Response {
 }
 
 /// A form body (`application/x-www-form-urlencoded`), within the API's body limit. The raw
-/// bytes are zeroed once parsed (a form may carry a key).
+/// bytes and every decoded field are wiped once parsed (a form may carry a key or a token).
 pub async fn read_form<T: DeserializeOwned>(state: &AppState, body: Body) -> Result<T, Response> {
     let bad = || {
         html(
@@ -200,9 +200,9 @@ pub async fn read_form<T: DeserializeOwned>(state: &AppState, body: Body) -> Res
             ),
         )
     };
-    let bytes = read_limited(body, state.max_body_bytes).await.map_err(|_| bad())?;
-    let raw = Zeroizing::new(Vec::from(bytes));
-    serde_urlencoded::from_bytes::<T>(&raw).map_err(|_| bad())
+    // Forms can carry a pasted key or a login token: read and parsed without unwiped copies.
+    let raw = read_wiped(body, state.max_body_bytes).await.map_err(|_| bad())?;
+    parse_form::<T>(raw.as_slice()).map_err(|_| bad())
 }
 
 #[cfg(test)]

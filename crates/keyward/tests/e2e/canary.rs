@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use keyward_fakes::{Behaviour, FakeProviders};
-use keyward_testkit::canary::{find_forms, random_string, ALNUM};
+use keyward_testkit::canary::{find_forms, random_string, MultiSearch, ALNUM};
 use keyward_testkit::files::contains;
 use keyward_testkit::http::RawRequest;
 use keyward_testkit::reqwest::Method;
@@ -641,4 +641,374 @@ async fn the_cli_takes_keys_on_stdin_only_and_never_prints_one() {
             .filter(|l| !l.starts_with("CLI output")),
     );
     assert!(leaks.is_empty(), "{} leaks:\n{}", leaks.len(), leaks.join("\n"));
+}
+
+/// The key saves of the gateway-memory test, and the other requests around them.
+const SAVES: usize = 20;
+const OTHER_REQUESTS: usize = 1_000;
+/// Requests run in this many concurrent lanes, so several kept-alive connections are in use.
+const LANES: usize = 4;
+
+/// One of the gateway-memory test's background requests: reads, AI calls and key tests,
+/// and bad requests. Returns what it was and whether the answer was the expected one.
+async fn other_request(kw: &Keyward, web: &crate::web::Web<'_>, t: &str, acc: &str, n: usize) -> Option<String> {
+    let http = kw.http();
+    let p = PROVIDERS[n % PROVIDERS.len()];
+    let (what, r, want) = match n % 16 {
+        0 => ("list keys", http.get(&keys_path(acc), Some(t)).await, 200),
+        1 => ("me", http.get("/v1/me", Some(t)).await, 200),
+        2 => (
+            "usage",
+            http.get(&crate::ai_support::usage_path(acc), Some(t)).await,
+            200,
+        ),
+        3 => ("audit", http.get(&audit_path(acc), Some(t)).await, 200),
+        4 => (
+            "settings page",
+            web.get(&format!("{}?account={acc}", crate::web::SETTINGS)).await,
+            200,
+        ),
+        5 => ("readyz", http.get("/readyz", None).await, 200),
+        6 | 7 => {
+            let body = crate::ai_support::chat_body(p, n.is_multiple_of(2), 20);
+            ("AI call", crate::ai_support::ai_call(kw, t, acc, &body).await, 200)
+        }
+        // At most 10 key tests a minute per provider: past that, a clear 429.
+        8 => {
+            let r = crate::ai_support::key_test(kw, t, acc, p).await;
+            let want = if r.status == 429 { 429 } else { 200 };
+            ("key test", r, want)
+        }
+        9 => (
+            "invalid JSON",
+            http.raw(
+                RawRequest::new(Method::PUT, &key_path(acc, p))
+                    .token(t)
+                    .json_bytes("{\"api_key\": "),
+            )
+            .await,
+            400,
+        ),
+        10 => (
+            "bad token",
+            http.get(&keys_path(acc), Some("kw_not_a_token")).await,
+            401,
+        ),
+        11 => (
+            "unknown provider",
+            http.put(&key_path(acc, "mistral"), Some(t), &json!({"api_key": "x"}))
+                .await,
+            404,
+        ),
+        12 => (
+            "text/plain",
+            http.raw(
+                RawRequest::new(Method::PUT, &key_path(acc, p))
+                    .token(t)
+                    .content_type("text/plain")
+                    .body("api_key"),
+            )
+            .await,
+            415,
+        ),
+        13 => (
+            "bad source",
+            http.put(&source_path(acc, p), Some(t), &json!({"source": "nobody"}))
+                .await,
+            422,
+        ),
+        14 => (
+            "bad key format",
+            http.put(&key_path(acc, p), Some(t), &json!({"api_key": "sk-short"}))
+                .await,
+            422,
+        ),
+        _ => ("no such route", http.get("/v1/no-such-route", Some(t)).await, 404),
+    };
+    (r.status != want).then(|| format!("{what}: expected {want}, got {r}"))
+}
+
+/// Whether an answer closes its connection (so the gateway frees the buffer the request was
+/// read into).
+fn closes(r: &Resp) -> bool {
+    r.headers.get("connection").is_some_and(|v| v.as_bytes() == b"close")
+}
+
+/// Saves `key` for `provider` (the answer must close its connection), through the API or (`csrf` given: the session's token) the
+/// settings page's form.
+async fn save_one(
+    kw: &Keyward,
+    web: &crate::web::Web<'_>,
+    t: &str,
+    acc: &str,
+    provider: &str,
+    key: &str,
+    csrf: Option<&str>,
+) -> Option<String> {
+    if let Some(csrf) = csrf {
+        // The outcome is a flash on the session, which the other lanes' page reads may take:
+        // the audit events, counted at the end, say whether each save landed.
+        let path = format!("{}/{provider}/save", crate::web::SETTINGS);
+        let r = web
+            .post(&path, &[("csrf", csrf), ("account", acc), ("api_key", key)])
+            .await;
+        (r.status != 303 || !closes(&r)).then(|| format!("page save of {provider}: {r:?}"))
+    } else {
+        let r = kw
+            .http()
+            .put(&key_path(acc, provider), Some(t), &json!({ "api_key": key }))
+            .await;
+        (r.status != 200 || !closes(&r)).then(|| format!("API save of {provider}: {r:?}"))
+    }
+}
+
+/// Issue 24 (8): a key pasted into the gateway, through the API or the settings page, is not
+/// left in the gateway's memory. 20 saves of distinct keys (API and page alternating, the
+/// three providers in turn): half of them among 1,000 other requests (reads, AI calls and key
+/// tests, bad requests) in four concurrent lanes, the other half at the end; one second later the gateway's whole writable memory
+/// (heap, stacks, anonymous and writable mappings, read from `/proc/<pid>/mem`) is searched
+/// for every key: whole, any piece of 24 characters of it, hex and base64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pasted_keys_are_not_left_in_the_gateways_memory() {
+    let fake = FakeProviders::start().expect("start fakes");
+    let kw = crate::ai_support::start_on_fake(&fake, &[]);
+    let (user, acc) = pro_owner(&kw, "memory@example.com");
+    let t = user.token.clone();
+    let web = crate::web::login_with_token(&kw, &user.token).await;
+    let csrf = web.csrf().await;
+    let mut canaries = Canaries::default();
+    // The keys, made up front: save i is of provider i % 3, by the page when i is odd.
+    let keys: Vec<(&str, String, bool)> = (0..SAVES)
+        .map(|i| {
+            let p = PROVIDERS[i % PROVIDERS.len()];
+            let k = match p {
+                "anthropic" => canaries.anthropic(),
+                "openai" => canaries.openai(),
+                _ => canaries.google(),
+            };
+            fake.set_key(crate::ai_support::provider(p), &k, Behaviour::Ok);
+            (p, k, i % 2 == 1)
+        })
+        .collect();
+    // A first key of each provider, then own keys pay for the calls.
+    let mut wrong = Vec::new();
+    for (p, k, by_page) in keys.iter().take(PROVIDERS.len()) {
+        wrong.extend(save_one(&kw, &web, &t, &acc, p, k, by_page.then_some(csrf.as_str())).await);
+        set_source(&kw, &t, &acc, p, "own").await;
+    }
+    // Half the saves among the 1,000 other requests, in concurrent lanes; the other half
+    // last, one after another: the hardest case, as no later request reuses the buffers
+    // those saves freed.
+    let per_lane = OTHER_REQUESTS / LANES;
+    let (during, last) = keys.split_at(SAVES / 2);
+    let during: Vec<&(&str, String, bool)> = during.iter().skip(PROVIDERS.len()).collect();
+    let lanes = (0..LANES).map(|lane| {
+        let (kw, web, t, acc, csrf) = (&kw, &web, &t, &acc, &csrf);
+        let mine: Vec<&(&str, String, bool)> = during.iter().copied().skip(lane).step_by(LANES).collect();
+        async move {
+            let mut wrong = Vec::new();
+            let run = per_lane / (mine.len() + 1);
+            let mut saves = mine.into_iter();
+            for n in 0..per_lane {
+                wrong.extend(other_request(kw, web, t, acc, lane * per_lane + n).await);
+                if (n + 1).is_multiple_of(run) {
+                    if let Some((p, k, by_page)) = saves.next() {
+                        wrong.extend(save_one(kw, web, t, acc, p, k, by_page.then_some(csrf.as_str())).await);
+                    }
+                }
+            }
+            wrong
+        }
+    });
+    for w in futures_util::future::join_all(lanes).await {
+        wrong.extend(w);
+    }
+    for (p, k, by_page) in last {
+        wrong.extend(save_one(&kw, &web, &t, &acc, p, k, by_page.then_some(csrf.as_str())).await);
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} unexpected answers:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = kw.pid().expect("keyward is running");
+    let (regions, unread) = crate::ai_support::read_private_memory(pid);
+    let total: usize = regions.iter().map(|r| r.bytes.len()).sum();
+    // Positive control: the gateway keeps the providers' base URL (its configuration) for as
+    // long as it runs; a search that cannot see it sees nothing.
+    let marker = fake.base_url();
+    let seen = regions
+        .iter()
+        .any(|r| !crate::ai_support::find_all(&r.bytes, marker.as_bytes()).is_empty());
+    assert!(
+        seen,
+        "the memory search cannot see the provider URL {marker} ({total} bytes read; unreadable: {unread:?})"
+    );
+    let secrets: Vec<&[u8]> = keys.iter().map(|(_, k, _)| k.as_bytes()).collect();
+    // Any 24-character piece of a key (11 or more random characters in it) counts as a copy.
+    let search = MultiSearch::new(&secrets, 24);
+    let mut hits: std::collections::BTreeMap<usize, Vec<String>> = std::collections::BTreeMap::new();
+    for r in &regions {
+        for f in search.find(&r.bytes) {
+            hits.entry(f.secret).or_default().push(format!(
+                "{} at {:#x} in `{}`",
+                f.form,
+                r.start + f.offset as u64,
+                r.line
+            ));
+        }
+    }
+    eprintln!(
+        "gateway memory canary: {} of {SAVES} pasted keys found ({} MB of memory searched, {} mappings unreadable)",
+        hits.len(),
+        total / (1024 * 1024),
+        unread.len()
+    );
+    let report: Vec<String> = hits
+        .iter()
+        .map(|(i, where_)| {
+            let (p, _, by_page) = &keys[*i];
+            let how = if *by_page { "page" } else { "API" };
+            format!(
+                "save {i} ({p}, by the {how}): {} matches, e.g. {}",
+                where_.len(),
+                where_[..where_.len().min(3)].join("; ")
+            )
+        })
+        .collect();
+    // Every save landed (one audit event each): asked only now, so that no request after
+    // the last saves reuses what they freed before the search.
+    let saved = key_events(&kw, &t, &acc)
+        .await
+        .iter()
+        .filter(|e| matches!(e["action"].as_str(), Some("key.saved" | "key.rotated")))
+        .count();
+    assert_eq!(saved, SAVES, "audited key saves");
+    assert!(
+        hits.is_empty(),
+        "{} of {SAVES} pasted keys are in the gateway's memory:\n{}",
+        hits.len(),
+        report.join("\n")
+    );
+}
+
+/// Issue 24 (8): the gateway cannot be core-dumped (`RLIMIT_CORE` 0) or read by another
+/// process of its own user without `CAP_SYS_PTRACE` (`PR_SET_DUMPABLE` 0): opening
+/// `/proc/<pid>/mem` makes the same access check as `ptrace(PTRACE_ATTACH)`. The probe runs
+/// as the gateway's uid without any capability, which is what an ordinary process of that
+/// user is: as the gateway user when the tests run with two OS users; run as root in one,
+/// the gateway, the probe and a control are all started without capabilities (`setpriv`).
+/// The control, an ordinary dumpable process of the same uid, shows the probe can read what
+/// is not guarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_cannot_be_core_dumped_or_attached_to() {
+    let root = keyward_testkit::users::is_root();
+    let two_users = keyward_testkit::users::two_users_mode().is_some();
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let setpriv = match (root, setpriv) {
+        (false, _) => None,
+        (true, Some(s)) => Some(s),
+        (true, None) => {
+            keyward_testenv::skip("setpriv: not installed (apt-get install -y util-linux)");
+            return;
+        }
+    };
+    let capless = ["--bounding-set=-all", "--inh-caps=-all", "--"];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = match setpriv {
+        // Root in one: the gateway is started through a wrapper that drops every capability.
+        Some(setpriv) if !two_users => {
+            let wrapper = dir.path().join("keyward-capless");
+            let script = format!(
+                "#!/bin/sh\nexec {setpriv} {} {} \"$@\"\n",
+                capless.join(" "),
+                bin().display()
+            );
+            std::fs::write(&wrapper, script).expect("write wrapper");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
+            wrapper
+        }
+        _ => bin().to_owned(),
+    };
+    let kw = Keyward::start(&bin, Options::default().log("info"));
+    let pid = kw.pid().expect("keyward is running");
+    let caps = crate::ai_support::proc_status_field(pid, "CapEff").unwrap_or_default();
+    assert_eq!(
+        caps, "0000000000000000",
+        "the gateway should run without capabilities here"
+    );
+    // How to run a process as the gateway's uid, without capabilities.
+    let uid = keyward_testkit::users::ids(pid, "Uid:");
+    let gid = keyward_testkit::users::ids(pid, "Gid:");
+    let as_gateway: Vec<String> = match setpriv {
+        None => Vec::new(),
+        Some(setpriv) if two_users => vec![
+            setpriv.to_owned(),
+            format!("--reuid={}", uid[0]),
+            format!("--regid={}", gid[0]),
+            "--clear-groups".to_owned(),
+            "--".to_owned(),
+        ],
+        Some(setpriv) => std::iter::once(setpriv).chain(capless).map(str::to_owned).collect(),
+    };
+    let command = |args: &[&str]| {
+        let mut all: Vec<String> = as_gateway.clone();
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let mut cmd = std::process::Command::new(&all[0]);
+        cmd.args(&all[1..]);
+        cmd
+    };
+
+    // No core file: the soft and hard limits are 0.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let core: Vec<&str> = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max core file size"))
+        .map(|rest| rest.split_whitespace().take(2).collect())
+        .unwrap_or_default();
+    let mut problems = Vec::new();
+    if core != ["0", "0"] {
+        problems.push(format!("core file size limit (soft, hard) is {core:?}, not 0 0"));
+    }
+
+    // Not readable by a process of the same uid without CAP_SYS_PTRACE.
+    let mut control = command(&["sleep", "60"]).spawn().expect("start the control process");
+    let probe = |target: u32| {
+        let out = command(&[
+            "dd",
+            &format!("if=/proc/{target}/mem"),
+            "of=/dev/null",
+            "count=0",
+            "status=none",
+        ])
+        .output()
+        .expect("run the probe");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        )
+    };
+    let (control_read, control_err) = probe(control.id());
+    let (gateway_read, gateway_err) = probe(pid);
+    let _ = control.kill();
+    let _ = control.wait();
+    assert!(
+        control_read,
+        "the probe (uid {uid:?}) cannot open the memory of an ordinary process of its own uid ({control_err}): it would prove nothing"
+    );
+    if gateway_read {
+        problems.push(format!(
+            "a process of the gateway's uid {uid:?} without CAP_SYS_PTRACE opened /proc/{pid}/mem (the gateway is dumpable)"
+        ));
+    } else if !gateway_err.contains("Permission denied") {
+        problems.push(format!(
+            "the probe failed for another reason than the access check: {gateway_err}"
+        ));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
