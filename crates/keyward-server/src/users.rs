@@ -520,9 +520,6 @@ pub fn run_supervisor(exe: &Path, sockets: &[PathBuf], parent: u32) -> Result<()
             Ok(Control::Recycle) => {
                 // One at a time, each new one bound before the next goes: the pool keeps serving.
                 for (i, (slot, socket)) in slots.iter_mut().zip(sockets).enumerate() {
-                    let before = std::fs::metadata(socket)
-                        .ok()
-                        .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
                     if let Some(mut old) = slot.child.take() {
                         let _ = rustix::process::kill_process(
                             rustix::process::Pid::from_child(&old),
@@ -537,13 +534,12 @@ pub fn run_supervisor(exe: &Path, sockets: &[PathBuf], parent: u32) -> Result<()
                         }
                         Err(e) => tracing::error!(worker = i, error = %e, "could not start worker"),
                     }
+                    // The old worker is gone (waited for), so a socket listening at the
+                    // path is the new one. (Not its socket file's inode: a new file may get
+                    // the old number back. Not a test connection: the worker would log the
+                    // supervisor's uid as a refused peer.)
                     let deadline = Instant::now() + Duration::from_secs(10);
-                    while Instant::now() < deadline
-                        && std::fs::metadata(socket)
-                            .ok()
-                            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                            == before
-                    {
+                    while Instant::now() < deadline && !listening_at(socket) {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                 }
@@ -560,6 +556,20 @@ pub fn run_supervisor(exe: &Path, sockets: &[PathBuf], parent: u32) -> Result<()
             Err(_) => {}
         }
     }
+}
+
+/// Whether a Unix socket listens at `path` (the kernel's table, `/proc/net/unix`: the
+/// flags column holds `__SO_ACCEPTCON`, 0x10000, for a listening socket).
+fn listening_at(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.as_os_str().to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let flags = f.get(3).and_then(|x| u32::from_str_radix(x, 16).ok()).unwrap_or(0);
+        flags & 0x1_0000 != 0 && f.get(7).is_some_and(|p| *p == want)
+    })
 }
 
 /// Asks the supervisor behind `control` to restart its workers one by one.

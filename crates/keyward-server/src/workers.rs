@@ -140,6 +140,10 @@ impl std::fmt::Debug for SoloWorker {
     }
 }
 
+/// How long a one-off job (a re-wrap, a KEK check) waits for a worker it did not start
+/// to answer on one of `KEYWARD_WORKER_SOCKETS`.
+const SOLO_WAIT_FOR_A_WORKER: Duration = Duration::from_secs(15);
+
 /// A provider's whole answer, as a worker relayed it.
 #[derive(Debug)]
 pub struct SoloAnswer {
@@ -156,19 +160,26 @@ impl SoloWorker {
         purpose: &str,
     ) -> Result<SoloWorker, String> {
         if !command.sockets.is_empty() {
-            // Workers run by someone else: borrow one that answers.
-            for socket in &command.sockets {
-                if let Ok(mut conn) = WorkerConn::connect(socket).await {
-                    if conn.ping().await.is_ok() {
-                        return Ok(SoloWorker {
-                            conn,
-                            socket: socket.clone(),
-                            child: None,
-                        });
+            // Workers run by someone else: borrow one that answers. At start (the start-up
+            // re-wrap) they may still be coming up, as after a restart of their service.
+            let deadline = Instant::now() + SOLO_WAIT_FOR_A_WORKER;
+            loop {
+                for socket in &command.sockets {
+                    if let Ok(mut conn) = WorkerConn::connect(socket).await {
+                        if conn.ping().await.is_ok() {
+                            return Ok(SoloWorker {
+                                conn,
+                                socket: socket.clone(),
+                                child: None,
+                            });
+                        }
                     }
                 }
+                if Instant::now() >= deadline {
+                    return Err(format!("no worker answers on KEYWARD_WORKER_SOCKETS ({purpose})"));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            return Err(format!("no worker answers on KEYWARD_WORKER_SOCKETS ({purpose})"));
         }
         let run = data_dir.join("run");
         let err = |e: std::io::Error| e.to_string();
