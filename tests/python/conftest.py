@@ -320,6 +320,8 @@ def keyward(fakes: Fakes):
     env.update(
         KEYWARD_DATA_DIR=data_dir,
         KEYWARD_LISTEN="127.0.0.1:0",
+        # One OS user for gateway and workers, as on a developer's machine (README, Deployment).
+        KEYWARD_ALLOW_SAME_USER="1",
         KEYWARD_LOG=os.environ.get("KEYWARD_SDK_LOG", "info"),
         KEYWARD_ANTHROPIC_BASE_URL=fakes.base_url,
         KEYWARD_OPENAI_BASE_URL=fakes.base_url,
