@@ -530,20 +530,27 @@ impl WorkerPool {
                 tracing::warn!(worker = slot.index, error = %e, "could not stop worker");
                 continue;
             }
-            while !(slot.up.load(Ordering::Acquire) && slot.generation.load(Ordering::Acquire) > generation)
-                && Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            if !(slot.up.load(Ordering::Acquire) && slot.generation.load(Ordering::Acquire) > generation) {
-                tracing::warn!(
-                    worker = slot.index,
-                    "worker did not come back within the recycle timeout"
-                );
-                all_back = false;
-            }
+            all_back &= slot.back_after(generation, deadline).await;
         }
         all_back
+    }
+}
+
+impl Slot {
+    /// Waits until this worker is up again in a generation after `generation`, at most
+    /// until `deadline`; says so when it is not.
+    async fn back_after(&self, generation: u64, deadline: Instant) -> bool {
+        let back = || self.up.load(Ordering::Acquire) && self.generation.load(Ordering::Acquire) > generation;
+        while !back() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !back() {
+            tracing::warn!(
+                worker = self.index,
+                "worker did not come back within the recycle timeout"
+            );
+        }
+        back()
     }
 }
 
@@ -573,19 +580,7 @@ impl WorkerPool {
         }
         let mut all_back = true;
         for (slot, generation) in self.slots.iter().zip(before) {
-            let deadline = Instant::now() + timeout;
-            while !(slot.up.load(Ordering::Acquire) && slot.generation.load(Ordering::Acquire) > generation)
-                && Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            if !(slot.up.load(Ordering::Acquire) && slot.generation.load(Ordering::Acquire) > generation) {
-                tracing::warn!(
-                    worker = slot.index,
-                    "worker did not come back within the recycle timeout"
-                );
-                all_back = false;
-            }
+            all_back &= slot.back_after(generation, Instant::now() + timeout).await;
         }
         all_back
     }
