@@ -1826,17 +1826,8 @@ impl Store for SqliteStore {
                     for ((account, period), (release, charge)) in credits {
                         settle_in_tx(tx, account, period, release, charge, announce_at)?;
                     }
-                    for ((account, period, provider, source), (requests, input, output)) in counters {
-                        exec(
-                            tx,
-                            "INSERT INTO usage_counters (account_id, period, provider, source, requests, input_tokens, output_tokens)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                             ON CONFLICT (account_id, period, provider, source) DO UPDATE SET
-                               requests = usage_counters.requests + excluded.requests,
-                               input_tokens = usage_counters.input_tokens + excluded.input_tokens,
-                               output_tokens = usage_counters.output_tokens + excluded.output_tokens",
-                            (account, period, provider, source, requests, input, output),
-                        )?;
+                    for (key, (requests, input, output)) in counters {
+                        count_calls(tx, key, requests, input, output)?;
                     }
                     Ok(())
                 })
