@@ -180,14 +180,6 @@ fn raise_nofile(concurrency: usize) -> u64 {
     now
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Keys the fake knows, in each provider's format.
 fn fake_key(provider: Provider, shared: bool) -> String {
     let tag = if shared { "sharedpool" } else { "ownkey0000" };
@@ -808,7 +800,7 @@ pub fn soak(args: &[String]) {
     let db = pg_server
         .as_deref()
         .map(|url| rt.block_on(keyward_testkit::pg::TempDatabase::create(url)));
-    let port = free_port();
+    let port = crate::gateway::free_port();
     let mut options = Options::default()
         .log("warn")
         .env("KEYWARD_LISTEN", &format!("127.0.0.1:{port}"))
