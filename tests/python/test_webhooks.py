@@ -130,6 +130,40 @@ class Receiver:
         raise AssertionError(f"receiver never saw {what}; got {[e['type'] for _, e in self.events()]}")
 
 
+class Stalling:
+    """Takes the receiver's port, accepts each connection, reads and never answers: a
+    delivery that reaches it stays in flight (its event claimed) until keyward's timeout."""
+
+    def __init__(self, port: int):
+        self._sock = socket.create_server(("127.0.0.1", port))
+        self.requests = 0
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            try:
+                if conn.recv(65536):
+                    self.requests += 1
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        # shutdown wakes the accept() blocked in the thread; close alone leaves the port bound.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        for c in self._conns:
+            c.close()
+
+
 class Node:
     """One `keyward serve` with webhooks on, on a data dir that outlives restarts."""
 
@@ -343,6 +377,35 @@ def test_kill_9_between_commit_and_delivery_loses_no_event(webhook_env, keyward:
     receiver.wait_for(lambda ev: {i for i, _ in ev} >= want or None, "the events committed before kill -9")
     assert {i for i, _ in receiver.events()} == want
     print(f"\nkill -9: 3 events committed, {len(want)} delivered after restart")
+
+
+def test_kill_9_mid_delivery_frees_the_claim_at_restart(webhook_env, keyward: Keyward):
+    """The dead run's claim on an event would hold it for timeout + 30 s (50 s here); the
+    restarted node frees its own earlier runs' claims at once."""
+    receiver, node = webhook_env
+    n = node(KEYWARD_WEBHOOK_TIMEOUT_MS="20000")
+    stalling = Stalling(receiver.port)
+    try:
+        kw = n.start()
+        assert kw.api("PUT", f"/v1/accounts/{kw.owner_account}/model-keys/openai", {"api_key": random_key("openai", "stall")}).status == 200
+        deadline = time.monotonic() + WAIT
+        while stalling.requests == 0:
+            assert time.monotonic() < deadline, "the delivery never reached the receiver's port"
+            time.sleep(0.02)
+        # Claimed and in flight: kill -9 now.
+        n.kill9()
+    finally:
+        stalling.stop()
+    committed = list_events(kw)
+    assert [(e["status"], e["attempts"]) for e in committed] == [("pending", 0)], committed
+    receiver.start()
+    restarted = time.monotonic()
+    kw = n.start()
+    want = {e["event_id"] for e in committed}
+    receiver.wait_for(lambda ev: {i for i, _ in ev} >= want or None, "the event claimed by the dead run", timeout=15.0)
+    took = time.monotonic() - restarted
+    assert {i for i, _ in receiver.events()} == want
+    print(f"\nkill -9 mid-delivery: delivered {took * 1000:.0f} ms after the restart (the dead claim's lease: 50 s)")
 
 
 def test_a_key_failing_n_times_in_a_row_sends_one_key_failing(webhook_env, keyward: Keyward):

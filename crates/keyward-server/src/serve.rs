@@ -167,7 +167,6 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, mut extras: Serve
         clock.clone(),
         node_id(addr),
     )));
-    let node = node_id(addr);
     reporter.lock().await.tick(&sealer).await;
     if tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "serving plain HTTP on a non-loopback address: keys pasted into keyward would cross the network unencrypted; set KEYWARD_TLS_CERT/KEYWARD_TLS_KEY or keep it on loopback behind a TLS proxy");
@@ -205,14 +204,21 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, mut extras: Serve
     }
 
     let metrics = Arc::new(Metrics::default());
+    // This node's stable id and this run's: reservation leases and webhook claims name both.
+    let leases = Leases::for_data_dir(
+        &config.data_dir,
+        Duration::from_secs(u64::from(config.reservation_lease_secs)),
+    )
+    .map_err(|e| RuntimeError::Other(format!("node id: {e}")))?;
     let deliverer = if webhook_endpoints.is_empty() {
         None
     } else {
+        crate::webhooks::free_claims_of_earlier_runs(store.as_ref(), &leases).await;
         let deliverer = crate::webhooks::Deliverer::new(
             store.clone(),
             webhook_endpoints,
             &config.webhook,
-            node,
+            leases.holder(),
             clock.clone(),
             metrics.clone(),
         )
@@ -230,11 +236,6 @@ pub async fn serve_with(config: Config, worker: WorkerCommand, mut extras: Serve
     let purge = PurgeHandle::default();
     // Reservations this node held when it last stopped died with it: released before the
     // first call (their credits back, each call audited as abandoned).
-    let leases = Leases::for_data_dir(
-        &config.data_dir,
-        Duration::from_secs(u64::from(config.reservation_lease_secs)),
-    )
-    .map_err(|e| RuntimeError::Other(format!("node id: {e}")))?;
     match leases::release_earlier_runs(store.as_ref(), &leases, &clock, &metrics).await {
         Ok(0) => {}
         Ok(n) => tracing::warn!(

@@ -9,7 +9,8 @@
 //! backoff and jitter for `KEYWARD_WEBHOOK_RETRY_FOR_SECS` (24 h), then kept as dead for
 //! `keyward webhooks list --failed` and `replay`. The outbox is in the database, so retries
 //! survive restarts and a node that dies mid-delivery only delays its events until its
-//! lease runs out.
+//! lease runs out, or until it starts again: then it frees its earlier runs' claims at once
+//! ([`free_claims_of_earlier_runs`]).
 //!
 //! Must never: read a secret from anywhere but its 0600 file, log a secret or a body, or
 //! follow a redirect (an endpoint is exactly the configured URL).
@@ -160,6 +161,22 @@ impl fmt::Debug for Deliverer {
             .field("endpoints", &self.endpoints.len())
             .field("node", &self.node)
             .finish_non_exhaustive()
+    }
+}
+
+/// Frees, at start, the claims this node's earlier runs held: they died with their process,
+/// and their events go out now instead of when the dead claims' leases run out (up to
+/// `KEYWARD_WEBHOOK_TIMEOUT_MS` × endpoints + 30 s later).
+pub async fn free_claims_of_earlier_runs(store: &dyn Store, leases: &crate::engine::leases::Leases) {
+    let Some(prefix) = leases.earlier_runs_prefix() else {
+        return;
+    };
+    match store.release_webhook_claims(&prefix).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(freed = n, "freed the webhook claims this node's last run held"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not free the last run's webhook claims; they are taken again when they expire")
+        }
     }
 }
 

@@ -874,6 +874,10 @@ pub trait Store: Send + Sync + 'static {
         outcome: &AttemptOutcome,
         now: UnixMillis,
     ) -> StoreResult<bool>;
+    /// Frees every claim held by a node whose name starts with `holder_prefix`: at start, a
+    /// node's earlier runs died with their process, and their events are due again now
+    /// rather than when the dead claim's lease runs out. Returns how many were freed.
+    async fn release_webhook_claims(&self, holder_prefix: &str) -> StoreResult<u64>;
     /// Newest first.
     async fn webhook_events(&self, filter: WebhookFilter, limit: u32) -> StoreResult<Vec<WebhookEvent>>;
     /// Sends an event again from scratch: due now, no attempts, no endpoint done, not dead.

@@ -2475,6 +2475,18 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn release_webhook_claims(&self, holder_prefix: &str) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE webhook_outbox SET claimed_by = NULL, claimed_until = NULL
+             WHERE claimed_by IS NOT NULL AND starts_with(claimed_by, $1)",
+        )
+        .bind(holder_prefix)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
     async fn webhook_events(&self, filter: WebhookFilter, limit: u32) -> StoreResult<Vec<WebhookEvent>> {
         let sql = match filter {
             WebhookFilter::All => "SELECT * FROM webhook_outbox ORDER BY id DESC LIMIT $1",

@@ -2254,6 +2254,22 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn release_webhook_claims(&self, holder_prefix: &str) -> StoreResult<u64> {
+        let prefix = holder_prefix.to_owned();
+        self.writer
+            .transaction(move |tx| {
+                // substr, not LIKE: a node name may hold `%` or `_`.
+                let n = exec(
+                    tx,
+                    "UPDATE webhook_outbox SET claimed_by = NULL, claimed_until = NULL
+                     WHERE claimed_by IS NOT NULL AND substr(claimed_by, 1, length(?1)) = ?1",
+                    (prefix.as_str(),),
+                )?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
+
     async fn webhook_events(&self, filter: WebhookFilter, limit: u32) -> StoreResult<Vec<WebhookEvent>> {
         let sql = match filter {
             WebhookFilter::All => "SELECT * FROM webhook_outbox ORDER BY id DESC LIMIT ?1",

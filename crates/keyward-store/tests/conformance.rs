@@ -1622,6 +1622,47 @@ async fn outbox_hands_out_each_accounts_events_in_order_under_a_lease(s: &dyn St
     assert!(left.iter().all(|e| e.id != a1.id) && left.iter().any(|e| e.id == held[0].id));
 }
 
+async fn outbox_claims_of_a_nodes_dead_runs_are_freed_at_its_start(s: &dyn Store, twin: &dyn Store) {
+    let (user, a) = owner_with_account(s, 1, Plan::Pro).await;
+    let (_, b) = owner_with_account(s, 2, Plan::Pro).await;
+    let actor = AuditActor(user.to_string());
+    s.save_key(&a, Provider::OpenAi, new_key(10, "aaaa"), &actor, t(10))
+        .await
+        .unwrap();
+    s.save_key(&b, Provider::Google, new_key(20, "bbbb"), &actor, t(20))
+        .await
+        .unwrap();
+    // Run 1 of node x holds a's event, node y holds b's; both until t(10_000).
+    let x1 = s.claim_webhooks("node_x/run_1", t(100), t(10_000), 1).await.unwrap();
+    let y1 = twin.claim_webhooks("node_y/run_1", t(100), t(10_000), 1).await.unwrap();
+    assert_eq!(
+        (x1.len(), y1.len(), x1[0].account_id.as_str(), y1[0].account_id.as_str()),
+        (1, 1, a.as_str(), b.as_str())
+    );
+    // Node x restarts (run 1 died): only its own claims are freed, a prefix is not a LIKE.
+    assert_eq!(s.release_webhook_claims("node_%/").await.unwrap(), 0);
+    assert_eq!(s.release_webhook_claims("node_x/").await.unwrap(), 1);
+    let x2 = s.claim_webhooks("node_x/run_2", t(200), t(10_000), 10).await.unwrap();
+    assert_eq!(
+        x2.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [x1[0].id],
+        "a's event at once, long before the dead claim's lease; b's is still node y's"
+    );
+    // The dead run's claim is no longer its to record.
+    assert!(!s
+        .record_webhook_attempt(x1[0].id, "node_x/run_1", &[0], &AttemptOutcome::Delivered, t(201))
+        .await
+        .unwrap());
+    assert!(s
+        .record_webhook_attempt(x1[0].id, "node_x/run_2", &[0], &AttemptOutcome::Delivered, t(201))
+        .await
+        .unwrap());
+    assert!(twin
+        .record_webhook_attempt(y1[0].id, "node_y/run_1", &[0], &AttemptOutcome::Delivered, t(202))
+        .await
+        .unwrap());
+}
+
 async fn failing_key_streak_sends_one_event_per_streak(s: &dyn Store) {
     let (user, account) = owner_with_account(s, 1, Plan::Pro).await;
     let actor = AuditActor(user.to_string());
@@ -2350,6 +2391,12 @@ macro_rules! conformance {
             async fn outbox_hands_out_each_accounts_events_in_order_under_a_lease() {
                 let Some(b) = super::$backend().await else { return };
                 super::outbox_hands_out_each_accounts_events_in_order_under_a_lease(b.store.as_ref(), b.twin.as_ref())
+                    .await;
+            }
+            #[tokio::test]
+            async fn outbox_claims_of_a_nodes_dead_runs_are_freed_at_its_start() {
+                let Some(b) = super::$backend().await else { return };
+                super::outbox_claims_of_a_nodes_dead_runs_are_freed_at_its_start(b.store.as_ref(), b.twin.as_ref())
                     .await;
             }
             #[tokio::test]

@@ -109,6 +109,18 @@ impl Leases {
         &self.run
     }
 
+    /// This run's name where it holds something other than a lease (a webhook claim):
+    /// `<node>/<run>`.
+    pub fn holder(&self) -> String {
+        format!("{}/{}", self.node, self.run)
+    }
+
+    /// The start of every name [`Leases::holder`] gave this node's runs, when the node is
+    /// this process's alone (see [`release_earlier_runs`]); `None` otherwise.
+    pub fn earlier_runs_prefix(&self) -> Option<String> {
+        self.owns_node.then(|| format!("{}/", self.node))
+    }
+
     /// When a lease taken or renewed at `now` expires.
     pub fn expiry(&self, now: UnixMillis) -> UnixMillis {
         let ms = i64::try_from(self.length.as_millis()).unwrap_or(i64::MAX);
