@@ -978,6 +978,16 @@ async fn the_gateway_cannot_be_core_dumped_or_attached_to() {
 
     // Not readable by a process of the same uid without CAP_SYS_PTRACE.
     let mut control = command(&["sleep", "60"]).spawn().expect("start the control process");
+    // Probed only once it is `sleep`: before its exec it is still setpriv, with the
+    // capabilities the probe lacks, and the kernel would refuse the probe for that alone.
+    let exec_deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while crate::ai_support::proc_status_field(control.id(), "Name").as_deref() != Some("sleep") {
+        assert!(
+            std::time::Instant::now() < exec_deadline,
+            "the control process never became sleep"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let probe = |target: u32| {
         let out = command(&[
             "dd",
