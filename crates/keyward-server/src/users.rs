@@ -242,6 +242,24 @@ fn own(path: &Path, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), UsersEr
     Ok(())
 }
 
+/// [`own`] for a file found by listing a directory: one that is gone by now needs no owner
+/// (SQLite removes its -wal and -shm when the last connection closes, and `serve` may be
+/// running while a CLI command fixes owners).
+fn own_listed(path: &Path, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), UsersError> {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    match std::os::unix::fs::lchown(path, Some(uid), Some(gid)) {
+        Err(e) if gone(&e) => return Ok(()),
+        r => r.map_err(|e| file_err(path, e))?,
+    }
+    if let Some(mode) = mode {
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            Err(e) if gone(&e) => {}
+            r => r.map_err(|e| file_err(path, e))?,
+        }
+    }
+    Ok(())
+}
+
 /// Gives the data dir's files (and the KEK backend's secret files) to their owners, as the
 /// module doc lays out. Run as root, by `serve` before it drops and by CLI commands after
 /// they ran.
@@ -253,12 +271,15 @@ pub fn apply_ownership(config: &Config, gateway: &OsUser, worker: &OsUser) -> Re
         let entry = entry.map_err(|e| file_err(dir, e))?;
         let path = entry.path();
         let name = entry.file_name();
-        let is_dir = entry.file_type().map_err(|e| file_err(&path, e))?.is_dir();
+        let is_dir = match entry.file_type() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            r => r.map_err(|e| file_err(&path, e))?.is_dir(),
+        };
         match name.to_str() {
             Some("kek") if is_dir => own_kek_dir(&path, gateway, worker)?,
             // The live sockets stay as they are (a CLI run fixes owners while serve runs);
             // a worker replaces a stale one itself, the directory being its own.
-            Some("run") if is_dir => own(&path, worker.uid, worker.gid, Some(0o711))?,
+            Some("run") if is_dir => own_listed(&path, worker.uid, worker.gid, Some(0o711))?,
             _ => own_tree(&path, gateway)?,
         }
     }
@@ -276,29 +297,40 @@ fn own_kek_dir(kek: &Path, gateway: &OsUser, worker: &OsUser) -> Result<(), User
     for entry in std::fs::read_dir(kek).map_err(|e| file_err(kek, e))? {
         let entry = entry.map_err(|e| file_err(kek, e))?;
         let path = entry.path();
-        if entry.file_type().map_err(|e| file_err(&path, e))?.is_dir() {
-            own(&path, 0, 0, Some(0o755))?;
+        let is_dir = match entry.file_type() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            r => r.map_err(|e| file_err(&path, e))?.is_dir(),
+        };
+        if is_dir {
+            own_listed(&path, 0, 0, Some(0o755))?;
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.ends_with(".key") {
-            own(&path, worker.uid, worker.gid, Some(0o400))?;
+            own_listed(&path, worker.uid, worker.gid, Some(0o400))?;
         } else if name.ends_with(".pub") {
-            own(&path, gateway.uid, gateway.gid, Some(0o644))?;
+            own_listed(&path, gateway.uid, gateway.gid, Some(0o644))?;
         } else if name == ".lock" || name.starts_with('.') {
-            own(&path, 0, 0, Some(0o600))?;
+            own_listed(&path, 0, 0, Some(0o600))?;
         } else {
-            own(&path, 0, 0, Some(0o644))?;
+            own_listed(&path, 0, 0, Some(0o644))?;
         }
     }
     Ok(())
 }
 
 fn own_tree(path: &Path, user: &OsUser) -> Result<(), UsersError> {
-    own(path, user.uid, user.gid, None)?;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| file_err(path, e))?;
+    own_listed(path, user.uid, user.gid, None)?;
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        r => r.map_err(|e| file_err(path, e))?,
+    };
     if meta.is_dir() {
-        for entry in std::fs::read_dir(path).map_err(|e| file_err(path, e))?.flatten() {
+        let entries = match std::fs::read_dir(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            r => r.map_err(|e| file_err(path, e))?,
+        };
+        for entry in entries.flatten() {
             own_tree(&entry.path(), user)?;
         }
     }
@@ -576,4 +608,38 @@ fn listening_at(path: &Path) -> bool {
 pub fn request_recycle(control: &mut impl Write) -> std::io::Result<()> {
     control.write_all(b"r\n")?;
     control.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_listed_file_gone_before_its_owner_is_set_is_skipped_and_a_named_one_is_an_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let meta = std::fs::metadata(dir.path()).expect("stat");
+        let (uid, gid) = (meta.uid(), meta.gid());
+        // As a SQLite -wal is, after a directory listing named it and before its lchown.
+        let wal = dir.path().join("keyward.db-wal");
+        assert!(own_listed(&wal, uid, gid, Some(0o600)).is_ok());
+        assert!(
+            own(&wal, uid, gid, Some(0o600)).is_err(),
+            "a configured file that is missing stays an error"
+        );
+        let tree = dir.path().join("gone");
+        assert!(own_tree(
+            &tree,
+            &OsUser {
+                name: "test".into(),
+                uid,
+                gid
+            }
+        )
+        .is_ok());
+        // A present one still gets its mode.
+        std::fs::write(&wal, b"").expect("write");
+        own_listed(&wal, uid, gid, Some(0o600)).expect("own a present file");
+        assert_eq!(std::fs::metadata(&wal).expect("stat").mode() & 0o777, 0o600);
+    }
 }
