@@ -234,30 +234,32 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> UsersError {
     }
 }
 
-fn own(path: &Path, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), UsersError> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| file_err(path, e))?;
+fn set_owner(path: &Path, uid: u32, gid: u32, mode: Option<u32>) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
     if let Some(mode) = mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| file_err(path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
 }
 
-/// [`own`] for a file found by listing a directory: one that is gone by now needs no owner
-/// (SQLite removes its -wal and -shm when the last connection closes, and `serve` may be
-/// running while a CLI command fixes owners).
+fn own(path: &Path, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), UsersError> {
+    set_owner(path, uid, gid, mode).map_err(|e| file_err(path, e))
+}
+
+/// [`own`] for a file found by listing a directory: one that is gone by now needs no owner.
 fn own_listed(path: &Path, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), UsersError> {
-    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-    match std::os::unix::fs::lchown(path, Some(uid), Some(gid)) {
-        Err(e) if gone(&e) => return Ok(()),
-        r => r.map_err(|e| file_err(path, e))?,
+    unless_gone(path, set_owner(path, uid, gid, mode)).map(drop)
+}
+
+/// `None` for a file that is gone: one a directory listing named may vanish before it is
+/// reached (SQLite removes its -wal and -shm when the last connection closes, and `serve`
+/// may be running while a CLI command fixes owners).
+fn unless_gone<T>(path: &Path, r: std::io::Result<T>) -> Result<Option<T>, UsersError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(file_err(path, e)),
     }
-    if let Some(mode) = mode {
-        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
-            Err(e) if gone(&e) => {}
-            r => r.map_err(|e| file_err(path, e))?,
-        }
-    }
-    Ok(())
 }
 
 /// Gives the data dir's files (and the KEK backend's secret files) to their owners, as the
@@ -271,10 +273,10 @@ pub fn apply_ownership(config: &Config, gateway: &OsUser, worker: &OsUser) -> Re
         let entry = entry.map_err(|e| file_err(dir, e))?;
         let path = entry.path();
         let name = entry.file_name();
-        let is_dir = match entry.file_type() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            r => r.map_err(|e| file_err(&path, e))?.is_dir(),
+        let Some(file_type) = unless_gone(&path, entry.file_type())? else {
+            continue;
         };
+        let is_dir = file_type.is_dir();
         match name.to_str() {
             Some("kek") if is_dir => own_kek_dir(&path, gateway, worker)?,
             // The live sockets stay as they are (a CLI run fixes owners while serve runs);
@@ -297,10 +299,10 @@ fn own_kek_dir(kek: &Path, gateway: &OsUser, worker: &OsUser) -> Result<(), User
     for entry in std::fs::read_dir(kek).map_err(|e| file_err(kek, e))? {
         let entry = entry.map_err(|e| file_err(kek, e))?;
         let path = entry.path();
-        let is_dir = match entry.file_type() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            r => r.map_err(|e| file_err(&path, e))?.is_dir(),
+        let Some(file_type) = unless_gone(&path, entry.file_type())? else {
+            continue;
         };
+        let is_dir = file_type.is_dir();
         if is_dir {
             own_listed(&path, 0, 0, Some(0o755))?;
             continue;
@@ -321,14 +323,12 @@ fn own_kek_dir(kek: &Path, gateway: &OsUser, worker: &OsUser) -> Result<(), User
 
 fn own_tree(path: &Path, user: &OsUser) -> Result<(), UsersError> {
     own_listed(path, user.uid, user.gid, None)?;
-    let meta = match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        r => r.map_err(|e| file_err(path, e))?,
+    let Some(meta) = unless_gone(path, std::fs::symlink_metadata(path))? else {
+        return Ok(());
     };
     if meta.is_dir() {
-        let entries = match std::fs::read_dir(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            r => r.map_err(|e| file_err(path, e))?,
+        let Some(entries) = unless_gone(path, std::fs::read_dir(path))? else {
+            return Ok(());
         };
         for entry in entries.flatten() {
             own_tree(&entry.path(), user)?;

@@ -152,6 +152,13 @@ pub struct SoloAnswer {
     pub body: Vec<u8>,
 }
 
+/// A connection to the worker at `socket` that has answered a ping.
+async fn answering(socket: &std::path::Path) -> Result<WorkerConn, String> {
+    let mut conn = WorkerConn::connect(socket).await.map_err(|e| e.to_string())?;
+    conn.ping().await.map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
 impl SoloWorker {
     /// Starts a worker on `<data_dir>/run/<purpose>-<pid>-<n>.sock` and waits for its pong.
     pub async fn start(
@@ -165,14 +172,12 @@ impl SoloWorker {
             let deadline = Instant::now() + SOLO_WAIT_FOR_A_WORKER;
             loop {
                 for socket in &command.sockets {
-                    if let Ok(mut conn) = WorkerConn::connect(socket).await {
-                        if conn.ping().await.is_ok() {
-                            return Ok(SoloWorker {
-                                conn,
-                                socket: socket.clone(),
-                                child: None,
-                            });
-                        }
+                    if let Ok(conn) = answering(socket).await {
+                        return Ok(SoloWorker {
+                            conn,
+                            socket: socket.clone(),
+                            child: None,
+                        });
                     }
                 }
                 if Instant::now() >= deadline {
@@ -194,14 +199,12 @@ impl SoloWorker {
         let socket = run.join(format!("{purpose}-{}-{n}.sock", std::process::id()));
         let mut child = command.spawn_worker(&socket).map_err(err)?;
         for _ in 0..500 {
-            if let Ok(mut conn) = WorkerConn::connect(&socket).await {
-                if conn.ping().await.is_ok() {
-                    return Ok(SoloWorker {
-                        conn,
-                        socket,
-                        child: Some(child),
-                    });
-                }
+            if let Ok(conn) = answering(&socket).await {
+                return Ok(SoloWorker {
+                    conn,
+                    socket,
+                    child: Some(child),
+                });
             }
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!(
@@ -601,12 +604,7 @@ async fn watch_external(
     let mut refused_pid = None;
     let mut missing_logged = false;
     loop {
-        let probe = async {
-            let mut conn = WorkerConn::connect(&slot.socket).await.map_err(|e| e.to_string())?;
-            conn.ping().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(conn)
-        };
-        let mut conn = match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        let mut conn = match tokio::time::timeout(Duration::from_secs(2), answering(&slot.socket)).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => {
                 if !missing_logged {
@@ -703,10 +701,8 @@ async fn supervise(slot: Arc<Slot>, command: WorkerCommand, metrics: Arc<Metrics
         // Up once it answers a ping on its socket.
         let ready = async {
             for _ in 0..500 {
-                if let Ok(mut c) = WorkerConn::connect(&slot.socket).await {
-                    if c.ping().await.is_ok() {
-                        return true;
-                    }
+                if answering(&slot.socket).await.is_ok() {
+                    return true;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

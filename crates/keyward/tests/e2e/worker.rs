@@ -296,13 +296,14 @@ fn worker_connections(data_dir: &std::path::Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_opens_no_more_worker_connections_than_calls_in_flight() {
     let fake = FakeProviders::start().expect("start fakes");
-    let kw = start_on_fake(&fake, &[("KEYWARD_WORKERS", "2")]);
+    let workers = 2;
+    let kw = start_on_fake(&fake, &[("KEYWARD_WORKERS", &workers.to_string())]);
     let (user, acc) = own_openai_account(&fake, &kw, "conns@example.com").await;
-    wait_workers(&kw, 2, &[], Duration::from_secs(10)).await;
+    wait_workers(&kw, workers, &[], Duration::from_secs(10)).await;
     // Workers the gateway did not start itself (two OS users, KEYWARD_WORKER_SOCKETS) are
     // watched over one ping connection each, held open; calls never use those.
     let watching = if keyward_testkit::users::two_users_mode().is_some() {
-        2
+        workers
     } else {
         0
     };
